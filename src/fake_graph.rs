@@ -1,0 +1,1 @@
+//! The simulated Graph API used by the demo, tests and benches.

@@ -1,0 +1,1 @@
+//! Field-expansion parsing and canonical form.

@@ -1,0 +1,1 @@
+//! Parsing of Meta usage headers and error classification.
