@@ -1,1 +1,235 @@
-fn main() {}
+//! The `graphgate` command: serve, demo, check-config, fake-graph.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use graphgate::config::{Config, LogFormat};
+use graphgate::fake_graph::{self, FakeGraph, FakeGraphConfig};
+use graphgate::server;
+
+#[derive(Parser)]
+#[command(name = "graphgate", version, about = "A caching, quota-aware gateway in front of Meta's Graph API")]
+struct Cli {
+    /// Configuration file (else $GRAPHGATE_CONFIG, else config/graphgate.toml, else defaults).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Serve,
+    /// Run the simulated Graph API and graphgate in front of it, and print curl lines to try.
+    Demo {
+        /// Address for graphgate.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Address for the admin listener (/metrics, /healthz).
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin_listen: SocketAddr,
+        /// Address for the simulated Graph API (port 0 = any free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        graph_listen: SocketAddr,
+    },
+    /// Validate a configuration file and print it with secrets redacted.
+    CheckConfig,
+    /// Run only the simulated Graph API.
+    FakeGraph {
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+        /// Added latency per reply, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Calls per Page per window before code 80001.
+        #[arg(long)]
+        page_calls: Option<u32>,
+        /// Length of the Page rate window, in seconds.
+        #[arg(long)]
+        page_window_s: Option<u64>,
+    },
+}
+
+fn env(key: &str) -> Option<String> {
+    std::env::var(key).ok()
+}
+
+/// Finds the configuration: --config, $GRAPHGATE_CONFIG, config/graphgate.toml, defaults.
+fn load_config(explicit: Option<&Path>) -> Result<Config, String> {
+    let path = explicit
+        .map(Path::to_path_buf)
+        .or_else(|| env("GRAPHGATE_CONFIG").map(PathBuf::from))
+        .or_else(|| {
+            let p = PathBuf::from("config/graphgate.toml");
+            p.exists().then_some(p)
+        });
+    match path {
+        Some(p) => Config::from_file(&p, env).map_err(|e| format!("{}: {e}", p.display())),
+        None => Config::from_toml("", env).map_err(|e| e.to_string()),
+    }
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(cli.config.as_deref()).await,
+        Command::CheckConfig => check_config(cli.config.as_deref()),
+        Command::Demo {
+            listen,
+            admin_listen,
+            graph_listen,
+        } => demo(listen, admin_listen, graph_listen).await,
+        Command::FakeGraph {
+            listen,
+            latency_ms,
+            page_calls,
+            page_window_s,
+        } => run_fake_graph(listen, latency_ms, page_calls, page_window_s).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("graphgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config_path: Option<&Path>) -> Result<(), String> {
+    let config = load_config(config_path)?;
+    init_logging(config.log.format, &config.log.level);
+    let running = server::start(config).await.map_err(|e| e.to_string())?;
+    running.run_until(shutdown_signal()).await;
+    Ok(())
+}
+
+fn check_config(config_path: Option<&Path>) -> Result<(), String> {
+    let config = load_config(config_path)?;
+    println!("configuration is valid (secrets redacted):\n{config:#?}");
+    Ok(())
+}
+
+async fn run_fake_graph(
+    listen: SocketAddr,
+    latency_ms: u64,
+    page_calls: Option<u32>,
+    page_window_s: Option<u64>,
+) -> Result<(), String> {
+    init_logging(LogFormat::Text, "info");
+    let mut cfg = FakeGraphConfig {
+        latency: std::time::Duration::from_millis(latency_ms),
+        ..FakeGraphConfig::default()
+    };
+    if let Some(n) = page_calls {
+        cfg.page_calls_limit = n;
+    }
+    if let Some(s) = page_window_s {
+        cfg.page_window = std::time::Duration::from_secs(s);
+    }
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| e.to_string())?;
+    eprintln!("simulated Graph API on http://{listen}");
+    fake_graph::serve(listener, cfg, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Demo credentials: the simulated Graph API accepts exactly these.
+const DEMO_KEY: &str = "demo-client-key";
+const DEMO_READER_KEY: &str = "demo-reader-key";
+
+async fn demo(listen: SocketAddr, admin_listen: SocketAddr, graph_listen: SocketAddr) -> Result<(), String> {
+    init_logging(LogFormat::Text, "info");
+    let graph_cfg = FakeGraphConfig::default();
+    let token = graph_cfg.system_user_tokens.first().cloned().unwrap_or_default();
+    let secret = graph_cfg.app_secret.clone().unwrap_or_default();
+    let graph = FakeGraph::start(graph_cfg, graph_listen)
+        .await
+        .map_err(|e| format!("cannot start the simulated Graph API: {e}"))?;
+    let toml = format!(
+        r#"
+[server]
+listen = "{listen}"
+admin_listen = "{admin_listen}"
+[upstream]
+url = "{graph_url}"
+timeout_ms = 5000
+[credentials]
+system_user_token = "{token}"
+app_secret = "{secret}"
+[[clients]]
+name = "demo"
+key = "{DEMO_KEY}"
+pages = ["*"]
+write = true
+[[clients]]
+name = "reader"
+key = "{DEMO_READER_KEY}"
+pages = ["1001"]
+"#,
+        graph_url = graph.url(),
+    );
+    let config = Config::from_toml(&toml, |_| None).map_err(|e| e.to_string())?;
+    let running = server::start(config)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let base = running.url();
+    println!(
+        r#"
+graphgate demo is running.
+  graphgate:          {base}      (client keys: {DEMO_KEY} = read/write all Pages, {DEMO_READER_KEY} = read Page 1001)
+  admin/metrics:      {admin}/metrics
+  simulated Graph:    {graph}      (the upstream; graphgate injects its token)
+
+Try:
+  curl -s '{base}/v21.0/1001?fields=id,name,fan_count&access_token={DEMO_KEY}'
+  curl -s -i '{base}/v21.0/1001?fields=name,id&access_token={DEMO_KEY}' | grep -i -E 'x-cache|cache-status|age'
+  curl -s '{base}/v21.0/1001/feed?limit=2&access_token={DEMO_KEY}'            # paging.next points back at graphgate
+  curl -s -i '{base}/v21.0/1001/feed?limit=2&access_token={DEMO_KEY}' | grep -i -E 'business-use-case|ratelimit'
+  curl -s -X POST '{base}/v21.0/1001/feed' -d message=hello -d access_token={DEMO_KEY}
+  curl -s '{base}/v21.0/1002?access_token={DEMO_READER_KEY}'                 # 403: not this client's Page
+  curl -s '{admin}/metrics' | grep ^graphgate_
+
+Ctrl-C stops it."#,
+        admin = running.admin_url(),
+        graph = graph.url(),
+    );
+    running.run_until(shutdown_signal()).await;
+    graph.shutdown();
+    Ok(())
+}

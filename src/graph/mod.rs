@@ -1,3 +1,4 @@
-//! The Graph request model: paths, fields, parameters.
+//! The Graph request model: paths, parameters, fields, usage headers and error codes.
 pub mod fields;
+pub mod request;
 pub mod usage;

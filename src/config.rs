@@ -1,0 +1,638 @@
+//! Configuration: TOML as written by operators (`Raw*`, strict, unknown keys rejected) turned
+//! into a validated [`Config`]. Secrets live in [`Secret`], whose `Debug` never shows them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A value that must never be printed: tokens, app secret, client keys, admin token.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself: call only where it is sent or compared, never to log.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("\"\"")
+        } else {
+            f.write_str("\"[redacted]\"")
+        }
+    }
+}
+
+/// Why a configuration was refused; the message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("invalid value for `{key}`: {why}")]
+    Invalid { key: String, why: String },
+}
+
+fn invalid(key: &str, why: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        why: why.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw TOML shape. `deny_unknown_fields` makes a typo an error that names the key.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    server: RawServer,
+    upstream: RawUpstream,
+    credentials: RawCredentials,
+    clients: Vec<RawClient>,
+    cache: RawCache,
+    redis: RawRedis,
+    quota: RawQuota,
+    log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawServer {
+    listen: String,
+    public_url: Option<String>,
+    admin_listen: String,
+    admin_token: Option<Secret>,
+    header_read_timeout_ms: u64,
+    max_header_bytes: usize,
+    max_body_bytes: usize,
+    shutdown_grace_ms: u64,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: "127.0.0.1:8080".into(),
+            public_url: None,
+            admin_listen: "127.0.0.1:9090".into(),
+            admin_token: None,
+            header_read_timeout_ms: 10_000,
+            max_header_bytes: 16 * 1024,
+            max_body_bytes: 1024 * 1024,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawUpstream {
+    url: String,
+    timeout_ms: u64,
+    connect_timeout_ms: u64,
+    max_get_url_bytes: usize,
+    max_response_bytes: usize,
+    default_version: String,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        RawUpstream {
+            url: "https://graph.facebook.com".into(),
+            timeout_ms: 30_000,
+            connect_timeout_ms: 5_000,
+            max_get_url_bytes: 2000,
+            max_response_bytes: 16 * 1024 * 1024,
+            default_version: "v21.0".into(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawCredentials {
+    system_user_token: Option<Secret>,
+    app_secret: Option<Secret>,
+    page_tokens: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClient {
+    name: String,
+    key: Secret,
+    #[serde(default)]
+    pages: Vec<String>,
+    #[serde(default)]
+    write: bool,
+    #[serde(default)]
+    priority: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawCache {
+    max_bytes: u64,
+    default_ttl_s: u64,
+    stale_while_revalidate_s: u64,
+    stale_if_error_s: u64,
+    rules: Vec<RawCacheRule>,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        RawCache {
+            max_bytes: 256 * 1024 * 1024,
+            default_ttl_s: 60,
+            stale_while_revalidate_s: 30,
+            stale_if_error_s: 600,
+            rules: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCacheRule {
+    #[serde(rename = "match")]
+    pattern: String,
+    ttl_s: u64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRedis {
+    url: Option<Secret>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawQuota {
+    page_calls: u32,
+    page_window_s: u64,
+    queue_timeout_ms: u64,
+    max_queue_depth: usize,
+    pages: Vec<RawQuotaPage>,
+}
+
+impl Default for RawQuota {
+    fn default() -> Self {
+        RawQuota {
+            page_calls: 4800,
+            page_window_s: 3600,
+            queue_timeout_ms: 10_000,
+            max_queue_depth: 1000,
+            pages: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuotaPage {
+    id: String,
+    page_calls: u32,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    format: Option<String>,
+    level: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated configuration.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub credentials: Credentials,
+    pub clients: Vec<ClientConfig>,
+    pub cache: CacheConfig,
+    pub redis: RedisConfig,
+    pub quota: QuotaConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Base URL clients use to reach graphgate; paging links are rewritten to it.
+    pub public_url: String,
+    pub admin_listen: SocketAddr,
+    pub admin_token: Option<Secret>,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_body_bytes: usize,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Scheme + authority, no trailing slash, e.g. `https://graph.facebook.com`.
+    pub url: String,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_get_url_bytes: usize,
+    pub max_response_bytes: usize,
+    pub default_version: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub system_user_token: Secret,
+    pub app_secret: Option<Secret>,
+    pub page_tokens: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    Interactive,
+    Batch,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub name: String,
+    pub key: Secret,
+    /// Page ids this client may touch; `None` means every Page ("*").
+    pub pages: Option<Vec<String>>,
+    pub write: bool,
+    pub priority: Priority,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheRule {
+    /// A path pattern such as `/*/feed` or `/{page}`: see `cache::policy`.
+    pub pattern: String,
+    pub ttl: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub max_bytes: u64,
+    pub default_ttl: Duration,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+    pub rules: Vec<CacheRule>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub url: Option<Secret>,
+}
+
+#[derive(Debug, Clone)]
+pub struct QuotaConfig {
+    pub page_calls: u32,
+    pub page_window: Duration,
+    pub queue_timeout: Duration,
+    pub max_queue_depth: usize,
+    pub pages: Vec<(String, u32)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+/// Environment variables that override secrets, so they need not sit in files.
+pub const ENV_SYSTEM_USER_TOKEN: &str = "GRAPHGATE_SYSTEM_USER_TOKEN";
+pub const ENV_APP_SECRET: &str = "GRAPHGATE_APP_SECRET";
+
+impl Config {
+    /// Parses TOML text and validates it; `env` supplies secret overrides (pass
+    /// `|k| std::env::var(k).ok()` in production, a map in tests).
+    pub fn from_toml(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        Config::validate(raw, env)
+    }
+
+    pub fn from_file(path: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text, env)
+    }
+
+    fn validate(raw: RawConfig, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let s = raw.server;
+        let listen: SocketAddr = s
+            .listen
+            .parse()
+            .map_err(|e| invalid("server.listen", format!("{e} (expected host:port)")))?;
+        let admin_listen: SocketAddr = s
+            .admin_listen
+            .parse()
+            .map_err(|e| invalid("server.admin_listen", format!("{e} (expected host:port)")))?;
+        let public_url = match s.public_url {
+            Some(u) => validate_base_url("server.public_url", &u)?,
+            None => format!("http://{listen}"),
+        };
+        if s.max_header_bytes < 1024 {
+            return Err(invalid("server.max_header_bytes", "must be at least 1024"));
+        }
+        if s.max_body_bytes == 0 {
+            return Err(invalid("server.max_body_bytes", "must be positive"));
+        }
+        if s.header_read_timeout_ms == 0 {
+            return Err(invalid("server.header_read_timeout_ms", "must be positive"));
+        }
+        let admin_token = s.admin_token.filter(|t| !t.is_empty());
+
+        let u = raw.upstream;
+        let upstream_url = validate_base_url("upstream.url", &u.url)?;
+        if u.timeout_ms == 0 {
+            return Err(invalid("upstream.timeout_ms", "must be positive"));
+        }
+        if u.max_get_url_bytes < 64 {
+            return Err(invalid("upstream.max_get_url_bytes", "must be at least 64"));
+        }
+        if !is_version(&u.default_version) {
+            return Err(invalid(
+                "upstream.default_version",
+                format!("`{}` is not a Graph version like v21.0", u.default_version),
+            ));
+        }
+
+        let c = raw.credentials;
+        let system_user_token = env(ENV_SYSTEM_USER_TOKEN)
+            .map(Secret::new)
+            .or(c.system_user_token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                invalid(
+                    "credentials.system_user_token",
+                    format!("required (or set {ENV_SYSTEM_USER_TOKEN})"),
+                )
+            })?;
+        let app_secret = env(ENV_APP_SECRET)
+            .map(Secret::new)
+            .or(c.app_secret)
+            .filter(|t| !t.is_empty());
+
+        let mut clients = Vec::with_capacity(raw.clients.len());
+        for (i, rc) in raw.clients.into_iter().enumerate() {
+            let key_name = |k: &str| format!("clients[{i}].{k}");
+            if rc.name.trim().is_empty() {
+                return Err(invalid(&key_name("name"), "must not be empty"));
+            }
+            if rc.key.expose().len() < 8 {
+                return Err(invalid(&key_name("key"), "must be at least 8 characters"));
+            }
+            if rc.key.expose() == system_user_token.expose() {
+                return Err(invalid(&key_name("key"), "must differ from the system user token"));
+            }
+            if clients.iter().any(|c: &ClientConfig| c.key == rc.key) {
+                return Err(invalid(&key_name("key"), "duplicate key"));
+            }
+            let pages = if rc.pages.iter().any(|p| p == "*") {
+                None
+            } else {
+                for p in &rc.pages {
+                    if p.is_empty() || !p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                        return Err(invalid(&key_name("pages"), format!("`{p}` is not a Page id or \"*\"")));
+                    }
+                }
+                Some(rc.pages)
+            };
+            let priority = match rc.priority.as_deref() {
+                None | Some("interactive") => Priority::Interactive,
+                Some("batch") => Priority::Batch,
+                Some(other) => {
+                    return Err(invalid(
+                        &key_name("priority"),
+                        format!("`{other}` is not \"interactive\" or \"batch\""),
+                    ))
+                }
+            };
+            clients.push(ClientConfig {
+                name: rc.name,
+                key: rc.key,
+                pages,
+                write: rc.write,
+                priority,
+            });
+        }
+
+        let ca = raw.cache;
+        let mut rules = Vec::with_capacity(ca.rules.len());
+        for (i, r) in ca.rules.into_iter().enumerate() {
+            if !r.pattern.starts_with('/') {
+                return Err(invalid(&format!("cache.rules[{i}].match"), "must start with `/`"));
+            }
+            rules.push(CacheRule {
+                pattern: r.pattern,
+                ttl: Duration::from_secs(r.ttl_s),
+            });
+        }
+
+        let q = raw.quota;
+        if q.page_calls == 0 {
+            return Err(invalid("quota.page_calls", "must be positive"));
+        }
+        if q.page_window_s == 0 {
+            return Err(invalid("quota.page_window_s", "must be positive"));
+        }
+        for (i, p) in q.pages.iter().enumerate() {
+            if p.page_calls == 0 {
+                return Err(invalid(&format!("quota.pages[{i}].page_calls"), "must be positive"));
+            }
+        }
+
+        let format = match raw.log.format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => return Err(invalid("log.format", format!("`{other}` is not \"text\" or \"json\""))),
+        };
+
+        Ok(Config {
+            server: ServerConfig {
+                listen,
+                public_url,
+                admin_listen,
+                admin_token,
+                header_read_timeout: Duration::from_millis(s.header_read_timeout_ms),
+                max_header_bytes: s.max_header_bytes,
+                max_body_bytes: s.max_body_bytes,
+                shutdown_grace: Duration::from_millis(s.shutdown_grace_ms),
+            },
+            upstream: UpstreamConfig {
+                url: upstream_url,
+                timeout: Duration::from_millis(u.timeout_ms),
+                connect_timeout: Duration::from_millis(u.connect_timeout_ms.max(1)),
+                max_get_url_bytes: u.max_get_url_bytes,
+                max_response_bytes: u.max_response_bytes.max(1024),
+                default_version: u.default_version,
+            },
+            credentials: Credentials {
+                system_user_token,
+                app_secret,
+                page_tokens: c.page_tokens,
+            },
+            clients,
+            cache: CacheConfig {
+                max_bytes: ca.max_bytes,
+                default_ttl: Duration::from_secs(ca.default_ttl_s),
+                stale_while_revalidate: Duration::from_secs(ca.stale_while_revalidate_s),
+                stale_if_error: Duration::from_secs(ca.stale_if_error_s),
+                rules,
+            },
+            redis: RedisConfig {
+                url: raw.redis.url.filter(|u| !u.is_empty()),
+            },
+            quota: QuotaConfig {
+                page_calls: q.page_calls,
+                page_window: Duration::from_secs(q.page_window_s),
+                queue_timeout: Duration::from_millis(q.queue_timeout_ms),
+                max_queue_depth: q.max_queue_depth,
+                pages: q.pages.into_iter().map(|p| (p.id, p.page_calls)).collect(),
+            },
+            log: LogConfig {
+                format,
+                level: raw.log.level.unwrap_or_else(|| "info".into()),
+            },
+        })
+    }
+}
+
+/// `vNN.N`, the shape of a Graph API version path segment.
+pub fn is_version(s: &str) -> bool {
+    let Some(rest) = s.strip_prefix('v') else {
+        return false;
+    };
+    let mut parts = rest.splitn(2, '.');
+    let major = parts.next().unwrap_or("");
+    let minor = parts.next().unwrap_or("");
+    !major.is_empty()
+        && !minor.is_empty()
+        && major.bytes().all(|b| b.is_ascii_digit())
+        && minor.bytes().all(|b| b.is_ascii_digit())
+}
+
+fn validate_base_url(key: &str, url: &str) -> Result<String, ConfigError> {
+    let trimmed = url.trim_end_matches('/');
+    let uri: http::Uri = trimmed
+        .parse()
+        .map_err(|e| invalid(key, format!("`{url}` is not a URL: {e}")))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err(invalid(key, format!("`{url}` must start with http:// or https://"))),
+    }
+    if uri.authority().is_none() {
+        return Err(invalid(key, format!("`{url}` has no host")));
+    }
+    if uri.query().is_some() {
+        return Err(invalid(key, "must not have a query"));
+    }
+    Ok(trimmed.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    const MIN: &str = r#"
+        [credentials]
+        system_user_token = "EAAB-system-token-secret"
+        app_secret = "shh-app-secret"
+        [[clients]]
+        name = "reports"
+        key = "client-key-reports"
+        pages = ["1001"]
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::from_toml(MIN, no_env).unwrap();
+        assert_eq!(c.upstream.url, "https://graph.facebook.com");
+        assert_eq!(c.upstream.max_get_url_bytes, 2000);
+        assert_eq!(c.server.public_url, "http://127.0.0.1:8080");
+        assert_eq!(c.clients[0].pages.as_deref(), Some(&["1001".to_string()][..]));
+        assert!(!c.clients[0].write);
+    }
+
+    #[test]
+    fn debug_output_never_shows_secrets() {
+        let c = Config::from_toml(MIN, no_env).unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("EAAB-system-token-secret"), "{dbg}");
+        assert!(!dbg.contains("shh-app-secret"));
+        assert!(!dbg.contains("client-key-reports"));
+        assert!(dbg.contains("[redacted]"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml("[server]\nlisten_addr = \"x\"\n", no_env).unwrap_err();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn invalid_value_says_which_and_why() {
+        let text = format!("{MIN}\n[upstream]\nurl = \"ftp://x\"\n");
+        let err = Config::from_toml(&text, no_env).unwrap_err().to_string();
+        assert!(err.contains("upstream.url") && err.contains("http"), "{err}");
+    }
+
+    #[test]
+    fn secrets_come_from_env() {
+        let text = "[[clients]]\nname='a'\nkey='client-key-aaaa'\npages=['*']\n";
+        let env = |k: &str| match k {
+            ENV_SYSTEM_USER_TOKEN => Some("from-env-token".to_string()),
+            ENV_APP_SECRET => Some("from-env-secret".to_string()),
+            _ => None,
+        };
+        let c = Config::from_toml(text, env).unwrap();
+        assert_eq!(c.credentials.system_user_token.expose(), "from-env-token");
+        assert_eq!(c.credentials.app_secret.unwrap().expose(), "from-env-secret");
+        assert!(c.clients[0].pages.is_none());
+    }
+
+    #[test]
+    fn missing_token_is_an_error() {
+        let err = Config::from_toml("", no_env).unwrap_err().to_string();
+        assert!(err.contains("credentials.system_user_token"), "{err}");
+    }
+
+    #[test]
+    fn versions() {
+        assert!(is_version("v21.0"));
+        assert!(!is_version("v21"));
+        assert!(!is_version("21.0"));
+        assert!(!is_version("vx.0"));
+    }
+}

@@ -1,0 +1,190 @@
+//! The one error type of the request path. Every failure a client can see is a variant here,
+//! mapped in one place to an HTTP status, a Graph-style JSON body (so SDKs raise their usual
+//! exceptions) and a short metric label.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+use serde_json::json;
+
+/// Subcodes of graphgate's own errors, so callers can tell them from Meta's.
+pub mod subcode {
+    pub const NO_KEY: i64 = 2_446_001;
+    pub const UNKNOWN_KEY: i64 = 2_446_002;
+    pub const FORBIDDEN_PAGE: i64 = 2_446_003;
+    pub const FORBIDDEN_WRITE: i64 = 2_446_004;
+    pub const FORBIDDEN_FIELD: i64 = 2_446_005;
+    pub const QUEUE_TIMEOUT: i64 = 2_446_010;
+    pub const QUEUE_FULL: i64 = 2_446_011;
+    pub const UPSTREAM: i64 = 2_446_020;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("An access token (a graphgate client key) is required to request this resource.")]
+    MissingKey,
+    #[error("Invalid OAuth access token - the graphgate client key is not known.")]
+    UnknownKey,
+    #[error("(#10) This client may not access object `{0}` through graphgate.")]
+    ForbiddenPage(String),
+    #[error("(#200) This client is read-only in graphgate and may not {0}.")]
+    ForbiddenWrite(String),
+    #[error("(#200) graphgate does not hand out Meta tokens: field `{0}` may not be requested.")]
+    ForbiddenField(String),
+    #[error("(#100) {0}")]
+    BadRequest(String),
+    #[error("(#100) Unsupported method {0}.")]
+    MethodNotAllowed(String),
+    #[error("Request body is larger than {0} bytes.")]
+    BodyTooLarge(usize),
+    #[error("Request headers are larger than {0} bytes.")]
+    HeadersTooLarge(usize),
+    #[error("The Graph API could not be reached: {0}")]
+    UpstreamConnect(String),
+    #[error("The Graph API did not answer within {0} ms.")]
+    UpstreamTimeout(u64),
+    #[error("The Graph API sent a reply graphgate cannot use: {0}")]
+    UpstreamBadResponse(String),
+    #[error("(#80001) graphgate is holding calls to `{page}` to stay within its rate limit. Retry after {retry_after_s} s.")]
+    Throttled {
+        page: String,
+        retry_after_s: u64,
+        queue_full: bool,
+    },
+    #[error("graphgate is shutting down.")]
+    ShuttingDown,
+    #[error("Not found.")]
+    NotFound,
+    #[error("graphgate internal error: {0}")]
+    Internal(String),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        use ProxyError::*;
+        match self {
+            MissingKey | UnknownKey => StatusCode::UNAUTHORIZED,
+            ForbiddenPage(_) | ForbiddenWrite(_) | ForbiddenField(_) => StatusCode::FORBIDDEN,
+            BadRequest(_) => StatusCode::BAD_REQUEST,
+            MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            UpstreamConnect(_) | UpstreamBadResponse(_) => StatusCode::BAD_GATEWAY,
+            UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            NotFound => StatusCode::NOT_FOUND,
+            Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// (Graph error type, code, subcode) as SDKs expect them.
+    fn graph_code(&self) -> (&'static str, i64, Option<i64>) {
+        use ProxyError::*;
+        match self {
+            MissingKey => ("OAuthException", 190, Some(subcode::NO_KEY)),
+            UnknownKey => ("OAuthException", 190, Some(subcode::UNKNOWN_KEY)),
+            ForbiddenPage(_) => ("OAuthException", 10, Some(subcode::FORBIDDEN_PAGE)),
+            ForbiddenWrite(_) => ("OAuthException", 200, Some(subcode::FORBIDDEN_WRITE)),
+            ForbiddenField(_) => ("OAuthException", 200, Some(subcode::FORBIDDEN_FIELD)),
+            BadRequest(_) | MethodNotAllowed(_) | BodyTooLarge(_) | HeadersTooLarge(_) => {
+                ("GraphMethodException", 100, None)
+            }
+            UpstreamConnect(_) | UpstreamTimeout(_) | UpstreamBadResponse(_) => {
+                ("GraphgateException", 2, Some(subcode::UPSTREAM))
+            }
+            Throttled { queue_full, .. } => (
+                "OAuthException",
+                80001,
+                Some(if *queue_full {
+                    subcode::QUEUE_FULL
+                } else {
+                    subcode::QUEUE_TIMEOUT
+                }),
+            ),
+            ShuttingDown => ("GraphgateException", 2, None),
+            NotFound => ("GraphMethodException", 803, None),
+            Internal(_) => ("GraphgateException", 1, None),
+        }
+    }
+
+    /// Short, bounded label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        use ProxyError::*;
+        match self {
+            MissingKey | UnknownKey => "unauthorized",
+            ForbiddenPage(_) | ForbiddenWrite(_) | ForbiddenField(_) => "forbidden",
+            BadRequest(_) | MethodNotAllowed(_) | NotFound => "bad_request",
+            BodyTooLarge(_) | HeadersTooLarge(_) => "too_large",
+            UpstreamConnect(_) => "upstream_connect",
+            UpstreamTimeout(_) => "upstream_timeout",
+            UpstreamBadResponse(_) => "upstream_bad_response",
+            Throttled { .. } => "throttled",
+            ShuttingDown => "shutting_down",
+            Internal(_) => "internal",
+        }
+    }
+
+    /// Graph-style JSON body: `{"error":{"message","type","code","error_subcode","fbtrace_id"}}`.
+    pub fn body(&self, trace_id: &str) -> Bytes {
+        let (kind, code, sub) = self.graph_code();
+        let mut err = json!({
+            "message": self.to_string(),
+            "type": kind,
+            "code": code,
+            "fbtrace_id": trace_id,
+        });
+        if let Some(sub) = sub {
+            err["error_subcode"] = json!(sub);
+        }
+        if matches!(self, ProxyError::Throttled { .. } | ProxyError::UpstreamTimeout(_)) {
+            err["is_transient"] = json!(true);
+        }
+        Bytes::from(json!({ "error": err }).to_string())
+    }
+
+    pub fn into_response(self, trace_id: &str) -> Response<Full<Bytes>> {
+        let mut resp = Response::new(Full::new(self.body(trace_id)));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=UTF-8"));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if matches!(self, ProxyError::MissingKey | ProxyError::UnknownKey) {
+            h.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("OAuth \"graphgate\" \"invalid_token\" \"client key required\""),
+            );
+        }
+        if let ProxyError::Throttled { retry_after_s, .. } = &self {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_graph_shaped() {
+        let body = ProxyError::UnknownKey.body("gg-1");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], 190);
+        assert_eq!(v["error"]["type"], "OAuthException");
+        assert_eq!(v["error"]["fbtrace_id"], "gg-1");
+        assert!(v["error"]["message"].as_str().unwrap().contains("client key"));
+    }
+
+    #[test]
+    fn throttled_has_retry_after() {
+        let r = ProxyError::Throttled {
+            page: "1001".into(),
+            retry_after_s: 7,
+            queue_full: false,
+        }
+        .into_response("t");
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "7");
+    }
+}

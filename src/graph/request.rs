@@ -1,0 +1,416 @@
+//! What a client asked for, parsed strictly enough to authorize, cache and attribute it:
+//! the path (version, node, edges), ordered parameters, the effective method and batch
+//! operations. Bad input becomes [`ProxyError::BadRequest`] with a message that says what.
+
+use percent_encoding::percent_decode_str;
+use serde_json::Value;
+
+use crate::config::is_version;
+use crate::error::ProxyError;
+
+/// Longest id/edge segment accepted; Graph ids are far shorter.
+const MAX_SEGMENT_LEN: usize = 256;
+/// Graph's own limit for `ids=` and batch operations.
+pub const MAX_IDS: usize = 50;
+pub const MAX_BATCH_OPS: usize = 50;
+
+/// Query or form parameters in their original order (duplicates kept).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Params(Vec<(String, String)>);
+
+impl Params {
+    pub fn new() -> Self {
+        Params(Vec::new())
+    }
+
+    /// Parses `a=1&b=2` strictly: percent-escapes must decode to UTF-8.
+    pub fn parse(s: &str) -> Result<Params, ProxyError> {
+        let mut out = Vec::new();
+        for pair in s.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let k = decode_component(k)?;
+            if k.is_empty() {
+                return Err(ProxyError::BadRequest("Empty parameter name in query.".into()));
+            }
+            out.push((k, decode_component(v)?));
+        }
+        Ok(Params(out))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.0.iter().filter(move |(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.iter().any(|(k, _)| k == name)
+    }
+
+    /// Removes every occurrence of `name`.
+    pub fn remove(&mut self, name: &str) {
+        self.0.retain(|(k, _)| k != name);
+    }
+
+    /// Sets `name` to one value, replacing any others.
+    pub fn set(&mut self, name: &str, value: impl Into<String>) {
+        self.remove(name);
+        self.0.push((name.to_string(), value.into()));
+    }
+
+    pub fn push(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        self.0.push((name.into(), value.into()));
+    }
+
+    pub fn extend(&mut self, other: Params) {
+        self.0.extend(other.0);
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// `application/x-www-form-urlencoded` text.
+    pub fn encode(&self) -> String {
+        let mut ser = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in &self.0 {
+            ser.append_pair(k, v);
+        }
+        ser.finish()
+    }
+}
+
+fn decode_component(s: &str) -> Result<String, ProxyError> {
+    let plus_decoded = s.replace('+', " ");
+    percent_decode_str(&plus_decoded)
+        .decode_utf8()
+        .map(|c| c.into_owned())
+        .map_err(|_| ProxyError::BadRequest("Query parameters must be valid percent-encoded UTF-8.".into()))
+}
+
+/// `/v21.0/1001/feed` → version `v21.0`, segments `["1001", "feed"]`. Root `/` has no segments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GraphPath {
+    pub version: Option<String>,
+    pub segments: Vec<String>,
+}
+
+impl GraphPath {
+    pub fn parse(path: &str) -> Result<GraphPath, ProxyError> {
+        let bad = |why: &str| ProxyError::BadRequest(format!("Malformed path: {why}."));
+        let Some(rest) = path.strip_prefix('/') else {
+            return Err(bad("it must start with /"));
+        };
+        let decoded = percent_decode_str(rest)
+            .decode_utf8()
+            .map_err(|_| bad("it is not valid UTF-8"))?;
+        let trimmed = decoded.strip_suffix('/').unwrap_or(&decoded);
+        let mut segments: Vec<String> = Vec::new();
+        let mut version = None;
+        if !trimmed.is_empty() {
+            for (i, seg) in trimmed.split('/').enumerate() {
+                if seg.is_empty() {
+                    return Err(bad("empty path segment"));
+                }
+                if i == 0 && is_version(seg) {
+                    version = Some(seg.to_string());
+                    continue;
+                }
+                if seg.len() > MAX_SEGMENT_LEN {
+                    return Err(bad("path segment too long"));
+                }
+                if seg == "." || seg == ".." || !seg.bytes().all(is_segment_byte) {
+                    return Err(ProxyError::BadRequest(format!(
+                        "Malformed path: `{}` is not a Graph node id or edge.",
+                        truncate(seg, 64)
+                    )));
+                }
+                segments.push(seg.to_string());
+            }
+        }
+        if segments.len() > 4 {
+            return Err(bad("too many path segments"));
+        }
+        Ok(GraphPath { version, segments })
+    }
+
+    /// The node the call addresses (`1001`, `me`, `1001_7`), `None` at the root.
+    pub fn node(&self) -> Option<&str> {
+        self.segments.first().map(String::as_str)
+    }
+
+    /// The edge after the node (`feed`), if any.
+    pub fn edge(&self) -> Option<&str> {
+        self.segments.get(1).map(String::as_str)
+    }
+
+    /// Path as sent upstream, with an explicit version when the client gave one.
+    pub fn to_upstream_path(&self) -> String {
+        let mut p = String::with_capacity(32);
+        if let Some(v) = &self.version {
+            p.push('/');
+            p.push_str(v);
+        }
+        for s in &self.segments {
+            p.push('/');
+            p.push_str(s);
+        }
+        if p.is_empty() {
+            p.push('/');
+        }
+        p
+    }
+}
+
+fn is_segment_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@')
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// The Page a node belongs to when that can be read off the id itself: a numeric id may be a
+/// Page; `PAGEID_POSTID` belongs to `PAGEID`. Anything else (`me`, `act_1`) is unknown here.
+pub fn page_of_node(node: &str) -> Option<&str> {
+    let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if all_digits(node) {
+        return Some(node);
+    }
+    match node.split_once('_') {
+        Some((page, post)) if all_digits(page) && all_digits(post) => Some(page),
+        _ => None,
+    }
+}
+
+/// GET, POST or DELETE after applying Graph's `method=` override.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GraphMethod {
+    Get,
+    Post,
+    Delete,
+}
+
+impl GraphMethod {
+    pub fn from_http(m: &http::Method) -> Result<GraphMethod, ProxyError> {
+        match *m {
+            http::Method::GET | http::Method::HEAD => Ok(GraphMethod::Get),
+            http::Method::POST => Ok(GraphMethod::Post),
+            http::Method::DELETE => Ok(GraphMethod::Delete),
+            ref other => Err(ProxyError::MethodNotAllowed(other.to_string())),
+        }
+    }
+
+    fn from_param(s: &str) -> Result<GraphMethod, ProxyError> {
+        match s.to_ascii_uppercase().as_str() {
+            "GET" => Ok(GraphMethod::Get),
+            "POST" => Ok(GraphMethod::Post),
+            "DELETE" => Ok(GraphMethod::Delete),
+            _ => Err(ProxyError::BadRequest(format!(
+                "Unsupported method override `{}`.",
+                truncate(s, 16)
+            ))),
+        }
+    }
+
+    pub fn is_write(self) -> bool {
+        !matches!(self, GraphMethod::Get)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GraphMethod::Get => "GET",
+            GraphMethod::Post => "POST",
+            GraphMethod::Delete => "DELETE",
+        }
+    }
+}
+
+/// The method Graph will execute: the `method=` parameter wins over the HTTP method.
+pub fn effective_method(http: GraphMethod, params: &Params) -> Result<GraphMethod, ProxyError> {
+    match params.get("method") {
+        Some(m) => GraphMethod::from_param(m),
+        None => Ok(http),
+    }
+}
+
+/// The ids of an `ids=a,b,c` read.
+pub fn parse_ids(params: &Params) -> Result<Vec<String>, ProxyError> {
+    let Some(raw) = params.get("ids") else {
+        return Ok(Vec::new());
+    };
+    let ids: Vec<String> = raw
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    if ids.len() > MAX_IDS {
+        return Err(ProxyError::BadRequest(format!("Too many ids: at most {MAX_IDS}.")));
+    }
+    for id in &ids {
+        if id.len() > MAX_SEGMENT_LEN || !id.bytes().all(is_segment_byte) {
+            return Err(ProxyError::BadRequest(format!(
+                "`{}` is not a valid id in ids=.",
+                truncate(id, 64)
+            )));
+        }
+    }
+    Ok(ids)
+}
+
+/// One operation of a batch request, with its relative URL split into path and parameters.
+#[derive(Debug, Clone)]
+pub struct BatchOp {
+    pub method: GraphMethod,
+    pub path: GraphPath,
+    pub query: Params,
+    pub body: Params,
+    /// The operation as the client sent it; fields we do not interpret pass through.
+    pub raw: serde_json::Map<String, Value>,
+}
+
+impl BatchOp {
+    /// The operation's own token, from its relative_url or body, if it carries one.
+    pub fn own_token(&self) -> Option<&str> {
+        self.query.get("access_token").or_else(|| self.body.get("access_token"))
+    }
+
+    /// Parameters of the op merged (query then body), for reading `ids`, `fields`, `method`.
+    pub fn all_params(&self) -> Params {
+        let mut p = self.query.clone();
+        p.extend(self.body.clone());
+        p
+    }
+}
+
+/// Parses the `batch` form field.
+pub fn parse_batch(json: &str) -> Result<Vec<BatchOp>, ProxyError> {
+    let bad = |why: String| ProxyError::BadRequest(format!("Invalid batch: {why}"));
+    let value: Value = serde_json::from_str(json).map_err(|e| bad(format!("not JSON ({e})")))?;
+    let Value::Array(items) = value else {
+        return Err(bad("must be a JSON array".into()));
+    };
+    if items.is_empty() || items.len() > MAX_BATCH_OPS {
+        return Err(bad(format!("must have 1 to {MAX_BATCH_OPS} operations")));
+    }
+    let mut ops = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let Value::Object(raw) = item else {
+            return Err(bad(format!("operation {i} is not an object")));
+        };
+        let http_method = match raw.get("method") {
+            None => GraphMethod::Get,
+            Some(Value::String(m)) => GraphMethod::from_param(m)?,
+            Some(_) => return Err(bad(format!("operation {i}: method must be a string"))),
+        };
+        let Some(Value::String(rel)) = raw.get("relative_url") else {
+            return Err(bad(format!("operation {i} has no relative_url")));
+        };
+        let rel = if rel.starts_with('/') {
+            rel.clone()
+        } else {
+            format!("/{rel}")
+        };
+        let (path, query) = rel.split_once('?').unwrap_or((rel.as_str(), ""));
+        let path = GraphPath::parse(path)?;
+        let query = Params::parse(query)?;
+        let body = match raw.get("body") {
+            None => Params::new(),
+            Some(Value::String(b)) => Params::parse(b)?,
+            Some(_) => return Err(bad(format!("operation {i}: body must be a url-encoded string"))),
+        };
+        let mut merged = query.clone();
+        merged.extend(body.clone());
+        let method = effective_method(http_method, &merged)?;
+        ops.push(BatchOp {
+            method,
+            path,
+            query,
+            body,
+            raw,
+        });
+    }
+    Ok(ops)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_roundtrip_and_strictness() {
+        let p = Params::parse("fields=id%2Cname&limit=5&x=a+b").unwrap();
+        assert_eq!(p.get("fields"), Some("id,name"));
+        assert_eq!(p.get("x"), Some("a b"));
+        assert_eq!(Params::parse(&p.encode()).unwrap(), p);
+        assert!(Params::parse("a=%FF%FE").is_err());
+        assert!(Params::parse("=x").is_err());
+    }
+
+    #[test]
+    fn paths() {
+        let p = GraphPath::parse("/v21.0/1001/feed").unwrap();
+        assert_eq!(p.version.as_deref(), Some("v21.0"));
+        assert_eq!(p.node(), Some("1001"));
+        assert_eq!(p.edge(), Some("feed"));
+        assert_eq!(p.to_upstream_path(), "/v21.0/1001/feed");
+        assert_eq!(GraphPath::parse("/").unwrap().segments.len(), 0);
+        assert_eq!(GraphPath::parse("/v21.0/").unwrap().to_upstream_path(), "/v21.0");
+        for bad in ["/1001//feed", "/../etc", "/1001/<script>", "feed", "/a/b/c/d/e"] {
+            assert!(GraphPath::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn pages_from_ids() {
+        assert_eq!(page_of_node("1001"), Some("1001"));
+        assert_eq!(page_of_node("1001_55"), Some("1001"));
+        assert_eq!(page_of_node("me"), None);
+        assert_eq!(page_of_node("act_123"), None);
+    }
+
+    #[test]
+    fn method_override() {
+        let p = Params::parse("method=delete").unwrap();
+        assert_eq!(effective_method(GraphMethod::Post, &p).unwrap(), GraphMethod::Delete);
+        let p = Params::parse("method=GET").unwrap();
+        assert_eq!(effective_method(GraphMethod::Post, &p).unwrap(), GraphMethod::Get);
+        assert!(effective_method(GraphMethod::Get, &Params::parse("method=PATCH").unwrap()).is_err());
+    }
+
+    #[test]
+    fn batch_ops() {
+        let ops = parse_batch(
+            r#"[{"method":"GET","relative_url":"1001?fields=id"},
+                {"method":"POST","relative_url":"1001/feed","body":"message=hi&access_token=k"}]"#,
+        )
+        .unwrap();
+        assert_eq!(ops.len(), 2);
+        assert_eq!(ops[1].method, GraphMethod::Post);
+        assert_eq!(ops[1].own_token(), Some("k"));
+        assert!(parse_batch("{}").is_err());
+        assert!(parse_batch("[]").is_err());
+        assert!(parse_batch(r#"[{"method":"GET"}]"#).is_err());
+    }
+
+    #[test]
+    fn ids_limits() {
+        let many = (0..51).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+        assert!(parse_ids(&Params::parse(&format!("ids={many}")).unwrap()).is_err());
+        assert_eq!(parse_ids(&Params::parse("ids=1,2").unwrap()).unwrap(), vec!["1", "2"]);
+    }
+}

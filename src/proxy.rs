@@ -1,0 +1,498 @@
+//! The request pipeline, one named phase after another:
+//! limits → parse → authenticate → authorize → choose token → send upstream → learn →
+//! prepare body (paging links, scrubbing) → respond.
+//! Every failure is a [`ProxyError`] answered in Graph's error shape.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
+use http_body_util::{BodyExt, Full, Limited};
+
+use crate::auth::{self, Client, ClientRegistry};
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::graph::fields::Fields;
+use crate::graph::request::{effective_method, page_of_node, parse_batch, parse_ids, BatchOp, GraphMethod, GraphPath, Params};
+use crate::graph::usage::ErrorClass;
+use crate::metrics::Metrics;
+use crate::rewrite;
+use crate::tokens::{Injected, Tokens};
+use crate::upstream::{Reply, Upstream, UpstreamRequest, FORWARDED_REQUEST_HEADERS};
+
+/// Shared state of one running gateway: configuration and the handles every request uses.
+pub struct Gateway {
+    pub config: Arc<Config>,
+    /// Base URL clients reach graphgate at; paging links point here.
+    public_url: String,
+    clients: ClientRegistry,
+    pub tokens: Tokens,
+    pub upstream: Upstream,
+    pub metrics: Arc<Metrics>,
+    draining: AtomicBool,
+    trace_prefix: u32,
+    trace_seq: AtomicU64,
+}
+
+/// A client request, parsed.
+#[derive(Debug)]
+pub struct Call {
+    /// The method Graph will execute (after `method=`).
+    pub method: GraphMethod,
+    http_method: GraphMethod,
+    pub path: GraphPath,
+    /// Query and form parameters together, query first.
+    pub params: Params,
+    /// Where the parameters came from matters for nothing but the key: kept for that.
+    query: Params,
+    form: Params,
+    opaque_body: Option<(HeaderValue, Bytes)>,
+    pub ids: Vec<String>,
+    pub batch: Option<Vec<BatchOp>>,
+    forwarded: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Call {
+    /// Bounded label for metrics and logs.
+    pub fn route(&self) -> &'static str {
+        if self.batch.is_some() {
+            "batch"
+        } else if !self.ids.is_empty() {
+            "ids"
+        } else if self.path.edge().is_some() {
+            "edge"
+        } else if self.path.node().is_some() {
+            "node"
+        } else {
+            "root"
+        }
+    }
+
+    /// The Page this call is charged to and may use a Page token for, when it is one Page.
+    pub fn page(&self) -> Option<&str> {
+        if self.batch.is_some() || !self.ids.is_empty() {
+            return None;
+        }
+        self.path.node().and_then(page_of_node)
+    }
+}
+
+/// What the handler produced, with the labels the request log and metrics need.
+struct Outcome {
+    response: Response<Full<Bytes>>,
+    route: &'static str,
+    cache: &'static str,
+    client: Option<Arc<Client>>,
+    upstream_ms: Option<u128>,
+}
+
+impl Gateway {
+    pub fn new(config: Config, public_url: String, metrics: Arc<Metrics>) -> Result<Gateway, ProxyError> {
+        let upstream = Upstream::new(&config.upstream, metrics.clone())?;
+        Ok(Gateway {
+            clients: ClientRegistry::new(&config.clients),
+            tokens: Tokens::new(&config.credentials, metrics.clone()),
+            upstream,
+            public_url,
+            metrics,
+            draining: AtomicBool::new(false),
+            trace_prefix: fastrand::u32(..),
+            trace_seq: AtomicU64::new(0),
+            config: Arc::new(config),
+        })
+    }
+
+    pub fn public_url(&self) -> &str {
+        &self.public_url
+    }
+
+    /// Marks the gateway as shutting down: /readyz fails so load balancers stop sending.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    fn next_trace_id(&self) -> String {
+        let n = self.trace_seq.fetch_add(1, Ordering::Relaxed);
+        format!("gg{:08x}{:x}", self.trace_prefix, n)
+    }
+
+    /// Answers one client request. Never fails: errors become Graph-style replies.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let started = Instant::now();
+        let trace_id = self.next_trace_id();
+        let method = req.method().clone();
+        let outcome = match self.process(req, &trace_id).await {
+            Ok(o) => o,
+            Err((e, route, client)) => {
+                self.metrics.rejections.with_label_values(&[e.label()]).inc();
+                Outcome {
+                    response: e.into_response(&trace_id),
+                    route,
+                    cache: "none",
+                    client,
+                    upstream_ms: None,
+                }
+            }
+        };
+        let status = outcome.response.status();
+        let took = started.elapsed();
+        let method_label = match method {
+            http::Method::GET | http::Method::HEAD => "GET",
+            http::Method::POST => "POST",
+            http::Method::DELETE => "DELETE",
+            _ => "OTHER",
+        };
+        self.metrics
+            .observe_request(outcome.route, method_label, status.as_u16(), outcome.cache, took);
+        let fbtrace = outcome
+            .response
+            .headers()
+            .get("x-fb-trace-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        tracing::info!(
+            trace_id = %trace_id,
+            method = method_label,
+            route = outcome.route,
+            status = status.as_u16(),
+            cache = outcome.cache,
+            client = outcome.client.as_ref().map(|c| c.name.as_str()).unwrap_or("-"),
+            upstream_ms = outcome.upstream_ms.map(|m| m as i64).unwrap_or(-1),
+            total_us = took.as_micros() as u64,
+            fbtrace_id = fbtrace,
+            "request"
+        );
+        let mut response = outcome.response;
+        if let Ok(v) = HeaderValue::from_str(&trace_id) {
+            response.headers_mut().insert("x-graphgate-trace-id", v);
+        }
+        response
+    }
+
+    async fn process<B>(
+        &self,
+        req: Request<B>,
+        trace_id: &str,
+    ) -> Result<Outcome, (ProxyError, &'static str, Option<Arc<Client>>)>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let fail = |e: ProxyError| (e, "invalid", None);
+        if self.is_draining() {
+            return Err(fail(ProxyError::ShuttingDown));
+        }
+        // Phase: limits and parsing.
+        check_header_size(&req, self.config.server.max_header_bytes).map_err(fail)?;
+        let (parts, body) = req.into_parts();
+        let body = read_body(body, &parts.headers, self.config.server.max_body_bytes)
+            .await
+            .map_err(fail)?;
+        let call = parse_call(&parts.method, &parts.uri, &parts.headers, body).map_err(fail)?;
+        let route = call.route();
+
+        // Phase: authenticate and authorize.
+        let key = auth::presented_key(&parts.headers, &call.query, &call.form).map_err(|e| (e, route, None))?;
+        let client = self.clients.lookup(&key).map_err(|e| (e, route, None))?;
+        let with_client = |e: ProxyError| (e, route, Some(client.clone()));
+        self.authorize(&client, &call).map_err(with_client)?;
+
+        // Phase: choose the token and send upstream.
+        let version = call
+            .path
+            .version
+            .clone()
+            .unwrap_or_else(|| self.config.upstream.default_version.clone());
+        let upstream_started = Instant::now();
+        let (reply, injected) = self.forward(&call, &version).await.map_err(with_client)?;
+        let upstream_ms = upstream_started.elapsed().as_millis();
+
+        // Phase: prepare the body for this client and answer.
+        let prepared = rewrite::prepare(
+            reply.body.clone(),
+            call.batch.is_some(),
+            &self.public_url,
+            &self.tokens.secrets_for(&injected),
+        );
+        let body = rewrite::finalize(&prepared, key.as_str());
+        let response = build_response(&reply, body, trace_id);
+        Ok(Outcome {
+            response,
+            route,
+            cache: "bypass",
+            client: Some(client),
+            upstream_ms: Some(upstream_ms),
+        })
+    }
+
+    /// Checks the call and, for a batch, every operation: one forbidden operation rejects
+    /// the whole batch before anything goes upstream.
+    fn authorize(&self, client: &Client, call: &Call) -> Result<(), ProxyError> {
+        check_fields(&call.params)?;
+        if let Some(ops) = &call.batch {
+            if call.method != GraphMethod::Post || call.path.node().is_some() {
+                return Err(ProxyError::BadRequest("A batch is a POST to the root path `/`.".into()));
+            }
+            for op in ops {
+                let op_client;
+                let who = match op.own_token() {
+                    Some(k) => {
+                        op_client = self.clients.lookup(k)?;
+                        &op_client
+                    }
+                    None => client,
+                };
+                let op_params = op.all_params();
+                check_fields(&op_params)?;
+                let ids = parse_ids(&op_params)?;
+                auth::authorize(who, op.method, op.path.node(), &ids)?;
+            }
+            return Ok(());
+        }
+        auth::authorize(client, call.method, call.path.node(), &call.ids)
+    }
+
+    /// Sends the call upstream with the injected token. A Page token Graph rejects (190) is
+    /// minted again and the call retried once: a rejected call was not executed.
+    async fn forward(&self, call: &Call, version: &str) -> Result<(Reply, Injected), ProxyError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let injected = self.tokens.for_page(call.page(), version, &self.upstream).await?;
+            let request = self.upstream_request(call, &injected)?;
+            let reply = self.upstream.send(request).await?;
+            if let Some(err) = reply.graph_error() {
+                if err.class() == ErrorClass::Auth {
+                    self.metrics.token_last_invalid.set(unix_now());
+                    tracing::warn!(
+                        token = %injected.identity,
+                        code = err.code,
+                        subcode = err.subcode.unwrap_or(0),
+                        "Graph rejected the injected token"
+                    );
+                    if &*injected.identity != "system" && attempt == 1 {
+                        self.tokens.forget(&injected.identity);
+                        continue;
+                    }
+                }
+            }
+            return Ok((reply, injected));
+        }
+    }
+
+    /// The upstream form of a call: client key out, injected token and proof in.
+    fn upstream_request(&self, call: &Call, injected: &Injected) -> Result<UpstreamRequest, ProxyError> {
+        let mut params = call.params.clone();
+        injected.apply(&mut params);
+        let method = match (call.method, call.http_method) {
+            (GraphMethod::Get, _) => {
+                params.remove("method");
+                GraphMethod::Get
+            }
+            (_, GraphMethod::Delete) => GraphMethod::Delete,
+            _ => GraphMethod::Post,
+        };
+        if let Some(ops) = &call.batch {
+            params.set("batch", self.upstream_batch(ops)?);
+        }
+        Ok(UpstreamRequest {
+            method,
+            path: call.path.to_upstream_path(),
+            params,
+            headers: call.forwarded.clone(),
+            opaque_body: call.opaque_body.clone(),
+        })
+    }
+
+    /// Batch operations with their own token (a client key) get the system token and its
+    /// proof instead.
+    fn upstream_batch(&self, ops: &[BatchOp]) -> Result<String, ProxyError> {
+        let system = self.tokens.system();
+        let out: Vec<serde_json::Value> = ops
+            .iter()
+            .map(|op| {
+                let mut raw = op.raw.clone();
+                if op.own_token().is_some() {
+                    let mut query = op.query.clone();
+                    let mut body = op.body.clone();
+                    if query.contains("access_token") {
+                        query.remove("access_token");
+                        system.apply(&mut query);
+                    }
+                    if body.contains("access_token") {
+                        body.remove("access_token");
+                        system.apply(&mut body);
+                    }
+                    let path = op.path.to_upstream_path();
+                    let rel = if query.is_empty() {
+                        path.trim_start_matches('/').to_string()
+                    } else {
+                        format!("{}?{}", path.trim_start_matches('/'), query.encode())
+                    };
+                    raw.insert("relative_url".into(), rel.into());
+                    if !body.is_empty() {
+                        raw.insert("body".into(), body.encode().into());
+                    }
+                }
+                serde_json::Value::Object(raw)
+            })
+            .collect();
+        serde_json::to_string(&out).map_err(|e| ProxyError::Internal(e.to_string()))
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Graph parameters must not ask for a token (`fields=access_token`, at any depth, e.g.
+/// `accounts{access_token}`): graphgate never hands Meta tokens out, so such requests are
+/// refused rather than silently scrubbed. Malformed `fields` are refused here too.
+fn check_fields(params: &Params) -> Result<(), ProxyError> {
+    for raw in params.get_all("fields") {
+        let fields = Fields::parse(raw).map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
+        if fields.contains_at_any_depth("access_token") {
+            return Err(ProxyError::ForbiddenField("access_token".into()));
+        }
+    }
+    Ok(())
+}
+
+/// Total size of the request head as the client sent it (approximately: names, values,
+/// separators, request line).
+fn check_header_size<B>(req: &Request<B>, max: usize) -> Result<(), ProxyError> {
+    let head: usize = req
+        .headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + req.uri().to_string().len()
+        + 16;
+    if head > max {
+        return Err(ProxyError::HeadersTooLarge(max));
+    }
+    Ok(())
+}
+
+async fn read_body<B>(body: B, headers: &HeaderMap, max: usize) -> Result<Bytes, ProxyError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(ProxyError::BodyTooLarge(max));
+    }
+    match Limited::new(body, max).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ProxyError::BodyTooLarge(max)),
+        Err(e) => Err(ProxyError::BadRequest(format!("Could not read the request body: {e}"))),
+    }
+}
+
+/// Parses method, path, query and body into a [`Call`].
+pub fn parse_call(method: &http::Method, uri: &http::Uri, headers: &HeaderMap, body: Bytes) -> Result<Call, ProxyError> {
+    let http_method = GraphMethod::from_http(method)?;
+    let path = GraphPath::parse(uri.path())?;
+    let query = Params::parse(uri.query().unwrap_or(""))?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let mut form = Params::new();
+    let mut opaque_body = None;
+    if !body.is_empty() {
+        if content_type.starts_with("application/x-www-form-urlencoded") || content_type.is_empty() {
+            let text = std::str::from_utf8(&body)
+                .map_err(|_| ProxyError::BadRequest("The form body is not UTF-8.".into()))?;
+            form = Params::parse(text)?;
+        } else if content_type.starts_with("application/json") {
+            form = json_body_params(&body)?;
+        } else if let Some(ct) = headers.get(header::CONTENT_TYPE) {
+            // Multipart uploads and other bodies pass through untouched; the key must then
+            // come from the query or Authorization.
+            opaque_body = Some((ct.clone(), body));
+        }
+    }
+    let mut params = query.clone();
+    params.extend(form.clone());
+    let method = effective_method(http_method, &params)?;
+    params.remove("access_token");
+    params.remove("appsecret_proof");
+    let ids = parse_ids(&params)?;
+    let batch = match params.get("batch") {
+        Some(b) => Some(parse_batch(b)?),
+        None => None,
+    };
+    let forwarded = headers
+        .iter()
+        .filter(|(n, _)| FORWARDED_REQUEST_HEADERS.contains(&n.as_str()))
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    Ok(Call {
+        method,
+        http_method,
+        path,
+        params,
+        query,
+        form,
+        opaque_body,
+        ids,
+        batch,
+        forwarded,
+    })
+}
+
+/// A JSON object body as Graph parameters: strings as they are, other values as JSON text
+/// (the encoding Graph SDKs use for structured form values).
+fn json_body_params(body: &[u8]) -> Result<Params, ProxyError> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ProxyError::BadRequest(format!("The JSON body is invalid: {e}")))?;
+    let serde_json::Value::Object(map) = value else {
+        return Err(ProxyError::BadRequest("The JSON body must be an object.".into()));
+    };
+    let mut params = Params::new();
+    for (k, v) in map {
+        match v {
+            serde_json::Value::String(s) => params.push(k, s),
+            other => params.push(k, other.to_string()),
+        }
+    }
+    Ok(params)
+}
+
+fn build_response(reply: &Reply, body: Bytes, _trace_id: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = reply.status;
+    let h = response.headers_mut();
+    for (n, v) in &reply.headers {
+        h.append(n.clone(), v.clone());
+    }
+    if !h.contains_key(header::CONTENT_TYPE) {
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=UTF-8"),
+        );
+    }
+    response
+}
+
+/// How long a draining gateway waits, at most, used by callers that need a default.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(10);

@@ -1,0 +1,197 @@
+//! The Meta tokens graphgate injects: the system user token, or (with `page_tokens = true`)
+//! a Page token minted once with `GET /{page}?fields=access_token` and reused until Graph
+//! rejects it with code 190, after which it is minted again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::config::{Credentials, Secret};
+use crate::error::ProxyError;
+use crate::graph::request::{GraphMethod, Params};
+use crate::metrics::Metrics;
+use crate::upstream::{Upstream, UpstreamRequest};
+
+/// The token chosen for one call and its proof. `identity` names the token without
+/// revealing it (`system`, `page:1001`): cache keys include it, since different tokens may
+/// see different data.
+#[derive(Clone)]
+pub struct Injected {
+    pub token: Secret,
+    pub proof: Option<String>,
+    pub identity: Arc<str>,
+}
+
+impl std::fmt::Debug for Injected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Injected").field("identity", &self.identity).finish()
+    }
+}
+
+impl Injected {
+    /// Puts `access_token` and `appsecret_proof` into `params`, replacing whatever was there.
+    pub fn apply(&self, params: &mut Params) {
+        params.remove("appsecret_proof");
+        params.set("access_token", self.token.expose());
+        if let Some(p) = &self.proof {
+            params.set("appsecret_proof", p.clone());
+        }
+    }
+}
+
+pub struct Tokens {
+    system: Injected,
+    app_secret: Option<Secret>,
+    page_tokens: bool,
+    minted: RwLock<HashMap<String, Injected>>,
+    /// Serializes minting so a burst of calls to a new Page mints one token.
+    mint_lock: tokio::sync::Mutex<()>,
+    metrics: Arc<Metrics>,
+}
+
+/// Lowercase hex HMAC-SHA256(key = app secret, message = token), as Graph expects.
+pub fn appsecret_proof(app_secret: &str, token: &str) -> String {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(app_secret.as_bytes()).expect("HMAC takes keys of any length");
+    mac.update(token.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+impl Tokens {
+    pub fn new(creds: &Credentials, metrics: Arc<Metrics>) -> Tokens {
+        let proof = creds
+            .app_secret
+            .as_ref()
+            .map(|s| appsecret_proof(s.expose(), creds.system_user_token.expose()));
+        Tokens {
+            system: Injected {
+                token: creds.system_user_token.clone(),
+                proof,
+                identity: Arc::from("system"),
+            },
+            app_secret: creds.app_secret.clone(),
+            page_tokens: creds.page_tokens,
+            minted: RwLock::new(HashMap::new()),
+            mint_lock: tokio::sync::Mutex::new(()),
+            metrics,
+        }
+    }
+
+    pub fn system(&self) -> &Injected {
+        &self.system
+    }
+
+    /// The token for a call attributed to `page` (or the system token).
+    pub async fn for_page(&self, page: Option<&str>, version: &str, upstream: &Upstream) -> Result<Injected, ProxyError> {
+        let Some(page) = page.filter(|_| self.page_tokens) else {
+            return Ok(self.system.clone());
+        };
+        if let Some(t) = self.cached(page) {
+            return Ok(t);
+        }
+        let _guard = self.mint_lock.lock().await;
+        if let Some(t) = self.cached(page) {
+            return Ok(t);
+        }
+        let token = self.mint(page, version, upstream).await?;
+        let injected = Injected {
+            proof: self.app_secret.as_ref().map(|s| appsecret_proof(s.expose(), &token)),
+            token: Secret::new(token),
+            identity: Arc::from(format!("page:{page}")),
+        };
+        if let Ok(mut map) = self.minted.write() {
+            map.insert(page.to_string(), injected.clone());
+        }
+        self.metrics.page_tokens_minted.inc();
+        Ok(injected)
+    }
+
+    fn cached(&self, page: &str) -> Option<Injected> {
+        self.minted.read().ok().and_then(|m| m.get(page).cloned())
+    }
+
+    /// Forgets a Page token Graph rejected (code 190), so the next call mints a new one.
+    pub fn forget(&self, identity: &str) {
+        if let Some(page) = identity.strip_prefix("page:") {
+            if let Ok(mut map) = self.minted.write() {
+                map.remove(page);
+            }
+        }
+    }
+
+    async fn mint(&self, page: &str, version: &str, upstream: &Upstream) -> Result<String, ProxyError> {
+        let mut params = Params::new();
+        params.push("fields", "access_token");
+        self.system.apply(&mut params);
+        let reply = upstream
+            .send(UpstreamRequest {
+                method: GraphMethod::Get,
+                path: format!("/{version}/{page}"),
+                params,
+                headers: Vec::new(),
+                opaque_body: None,
+            })
+            .await?;
+        let parsed: Option<String> = serde_json::from_slice::<serde_json::Value>(&reply.body)
+            .ok()
+            .and_then(|v| v.get("access_token").and_then(|t| t.as_str()).map(str::to_string));
+        match parsed {
+            Some(t) if reply.status.is_success() && !t.is_empty() => Ok(t),
+            _ => {
+                let why = reply
+                    .graph_error()
+                    .map(|e| format!("code {}: {}", e.code, e.message))
+                    .unwrap_or_else(|| format!("HTTP {}", reply.status));
+                Err(ProxyError::UpstreamBadResponse(format!(
+                    "could not obtain a Page token for {page} ({why})"
+                )))
+            }
+        }
+    }
+
+    /// Secrets that must never appear in anything graphgate sends to clients.
+    pub fn secrets_for<'a>(&'a self, used: &'a Injected) -> [&'a str; 3] {
+        [
+            self.system.token.expose(),
+            self.app_secret.as_ref().map(Secret::expose).unwrap_or(""),
+            used.token.expose(),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proof_matches_known_vector() {
+        // HMAC-SHA256(key="key", msg="The quick brown fox jumps over the lazy dog").
+        assert_eq!(
+            appsecret_proof("key", "The quick brown fox jumps over the lazy dog"),
+            "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8"
+        );
+    }
+
+    #[test]
+    fn debug_hides_token() {
+        let t = Tokens::new(
+            &Credentials {
+                system_user_token: Secret::new("SYSTEM-TOKEN-XYZ"),
+                app_secret: Some(Secret::new("APPSECRET")),
+                page_tokens: false,
+            },
+            Arc::new(Metrics::new()),
+        );
+        let dbg = format!("{:?}", t.system());
+        assert!(!dbg.contains("SYSTEM-TOKEN-XYZ"));
+        let mut p = Params::new();
+        p.push("access_token", "client-key");
+        t.system().apply(&mut p);
+        assert_eq!(p.get("access_token"), Some("SYSTEM-TOKEN-XYZ"));
+        assert_eq!(
+            p.get("appsecret_proof").map(str::to_string),
+            Some(appsecret_proof("APPSECRET", "SYSTEM-TOKEN-XYZ"))
+        );
+    }
+}

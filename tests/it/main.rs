@@ -1,0 +1,5 @@
+//! End-to-end tests: graphgate and the simulated Graph API on real loopback sockets.
+//! One test binary (faster to build and link); each module covers one capability.
+mod support;
+
+mod core;

@@ -1,0 +1,235 @@
+//! Test harness: starts the simulated Graph API and a graphgate in front of it on free
+//! ports, and a plain HTTP client whose every response is checked for leaked secrets.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use graphgate::config::Config;
+use graphgate::fake_graph::{FakeGraph, FakeGraphConfig};
+use graphgate::server::{self, Running};
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+
+pub const SYSTEM_TOKEN: &str = "EAAG-test-system-user-token-0001";
+pub const APP_SECRET: &str = "test-app-secret-0001";
+/// Read/write, every Page.
+pub const ADMIN_KEY: &str = "key-admin-all-pages";
+/// Read-only, Page 1001 only.
+pub const READER_KEY: &str = "key-reader-1001";
+
+pub struct Stack {
+    pub graph: FakeGraph,
+    pub gw: Running,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    /// The Graph error code of an error reply.
+    pub fn error_code(&self) -> i64 {
+        self.json()["error"]["code"].as_i64().unwrap_or(-1)
+    }
+}
+
+pub fn graph_config() -> FakeGraphConfig {
+    FakeGraphConfig {
+        system_user_tokens: vec![SYSTEM_TOKEN.to_string()],
+        app_secret: Some(APP_SECRET.to_string()),
+        ..FakeGraphConfig::default()
+    }
+}
+
+/// graphgate configuration for a test: free ports, the given upstream, two clients, plus
+/// `extra` TOML appended (sections not already present).
+pub fn gateway_toml(upstream: &str, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+admin_token = "test-admin-token"
+{server_extra}
+[upstream]
+url = "{upstream}"
+timeout_ms = 3000
+{upstream_extra}
+[credentials]
+system_user_token = "{SYSTEM_TOKEN}"
+app_secret = "{APP_SECRET}"
+{cred_extra}
+[[clients]]
+name = "admin"
+key = "{ADMIN_KEY}"
+pages = ["*"]
+write = true
+[[clients]]
+name = "reader"
+key = "{READER_KEY}"
+pages = ["1001"]
+{rest}
+"#,
+        server_extra = section(extra, "server"),
+        upstream_extra = section(extra, "upstream"),
+        cred_extra = section(extra, "credentials"),
+        rest = section(extra, ""),
+    )
+}
+
+/// Lines of `extra` under `[name]` (or, for "", everything after the known sections).
+/// Lets tests write `[upstream]\ntimeout_ms = 200` without duplicating headers.
+fn section(extra: &str, name: &str) -> String {
+    let mut out = String::new();
+    let mut current = String::new();
+    for line in extra.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            current = t.trim_matches(|c| c == '[' || c == ']').to_string();
+            if name.is_empty() && !matches!(current.as_str(), "server" | "upstream" | "credentials") {
+                out.push_str(line);
+                out.push('\n');
+            }
+            continue;
+        }
+        let known = matches!(current.as_str(), "server" | "upstream" | "credentials");
+        if (name.is_empty() && !known) || current == name {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        Stack::start_with(graph_config(), "").await
+    }
+
+    pub async fn start_with(graph_cfg: FakeGraphConfig, extra: &str) -> Stack {
+        let graph = FakeGraph::start(graph_cfg, "127.0.0.1:0".parse().unwrap())
+            .await
+            .expect("fake graph starts");
+        let toml = gateway_toml(&graph.url(), extra);
+        let config = Config::from_toml(&toml, |_| None).expect("test config is valid");
+        let gw = server::start(config).await.expect("graphgate starts");
+        Stack { graph, gw, http: client() }
+    }
+
+    pub async fn get(&self, path_and_query: &str) -> Reply {
+        self.request(Method::GET, path_and_query, &[], Bytes::new()).await
+    }
+
+    pub async fn post_form(&self, path: &str, form: &str) -> Reply {
+        self.request(
+            Method::POST,
+            path,
+            &[("content-type", "application/x-www-form-urlencoded")],
+            Bytes::from(form.to_string()),
+        )
+        .await
+    }
+
+    pub async fn request(&self, method: Method, path_and_query: &str, headers: &[(&str, &str)], body: Bytes) -> Reply {
+        let url = if path_and_query.starts_with("http") {
+            path_and_query.to_string()
+        } else {
+            format!("{}{}", self.gw.url(), path_and_query)
+        };
+        send(&self.http, method, &url, headers, body, &self.secrets()).await
+    }
+
+    pub async fn admin_get(&self, path: &str) -> Reply {
+        let url = format!("{}{}", self.gw.admin_url(), path);
+        send(&self.http, Method::GET, &url, &[], Bytes::new(), &self.secrets()).await
+    }
+
+    /// Every secret that must never reach a client.
+    pub fn secrets(&self) -> Vec<String> {
+        vec![
+            SYSTEM_TOKEN.to_string(),
+            APP_SECRET.to_string(),
+            self.graph.page_token("1001"),
+            self.graph.page_token("1002"),
+        ]
+    }
+
+    pub async fn stop(self) {
+        self.gw.shutdown().await;
+        self.graph.shutdown();
+    }
+}
+
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(5))
+        .build_http()
+}
+
+/// Sends a request and asserts no secret appears in the status line, headers or body:
+/// every response in the suite passes through this check.
+pub async fn send(
+    http: &Client<HttpConnector, Full<Bytes>>,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+    secrets: &[String],
+) -> Reply {
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(body)).expect("valid request");
+    let resp = tokio::time::timeout(Duration::from_secs(20), http.request(req))
+        .await
+        .expect("response within 20 s")
+        .expect("request succeeds at the HTTP level");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    let reply = Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    };
+    assert_no_secrets(&reply, secrets);
+    reply
+}
+
+pub fn assert_no_secrets(reply: &Reply, secrets: &[String]) {
+    let text = String::from_utf8_lossy(&reply.body);
+    for s in secrets {
+        assert!(!text.contains(s.as_str()), "a secret leaked into a response body: {text}");
+        for (name, value) in &reply.headers {
+            let v = String::from_utf8_lossy(value.as_bytes());
+            assert!(!v.contains(s.as_str()), "a secret leaked into header {name}: {v}");
+        }
+    }
+}
+
+/// Reads a counter or gauge value from Prometheus text, summing all label sets that
+/// contain every `label_filter` (e.g. `outcome="ok"`).
+pub fn metric_value(text: &str, name: &str, label_filter: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| label_filter.iter().all(|f| l.contains(f)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
