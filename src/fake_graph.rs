@@ -1,1 +1,0 @@
-//! The simulated Graph API used by the demo, tests and benches.

@@ -1,0 +1,722 @@
+//! The simulated Graph API used by the demo, tests and benches.
+//!
+//! A real HTTP server (HTTP/1.1 and h2c on the same port) that mimics graph.facebook.com as
+//! described in `graph-api-facts.md`: tokens and `appsecret_proof`, field selection with nested
+//! edges, cursor paging with absolute links that embed the caller's token, `ids=` lookups,
+//! batches, writes, `method=GET` overrides, over-long GET failures, per-Page (BUC) and app
+//! sliding-window rate limits with usage headers, ETags and Graph's `\/`-escaped JSON.
+//! Everything is deterministic except timing, and faults can be injected at runtime.
+
+mod encode;
+mod engine;
+mod fields;
+mod state;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use engine::{etag, Call, Engine, GraphError, IdGen, Params, Verb};
+use state::State;
+
+pub use state::appsecret_proof;
+
+/// Largest request body accepted (batches of 50 operations fit easily).
+const MAX_BODY: usize = 16 * 1024 * 1024;
+/// Graph's `x-fb-rev` header; constant so replies are reproducible.
+const FB_REV: &str = "1019999999";
+const JSON_CONTENT_TYPE: &str = "application/json; charset=UTF-8";
+const CACHE_OK: &str = "private, no-cache, no-store, must-revalidate";
+
+/// Configuration of a fake Graph server.
+#[derive(Debug, Clone)]
+pub struct FakeGraphConfig {
+    /// Tokens accepted as the system user.
+    pub system_user_tokens: Vec<String>,
+    /// `Some` => `appsecret_proof` is required and verified for every token.
+    pub app_secret: Option<String>,
+    /// BUC limit: calls per Page per sliding window.
+    pub page_calls_limit: u32,
+    /// Length of the sliding window (used for the app-level window too).
+    pub page_window: Duration,
+    /// Platform app limit for non-Page calls per window.
+    pub app_calls_limit: u32,
+    /// Added before every reply; see [`FakeGraph::set_latency`].
+    pub latency: Duration,
+    /// GET request-targets longer than this get HTTP 500 / Graph code 1.
+    pub max_get_url_bytes: usize,
+    /// Base of absolute paging links.
+    pub link_base: String,
+    /// Version used for unversioned calls (header and links).
+    pub default_version: String,
+    /// Seeded Pages.
+    pub pages: Vec<FakePage>,
+}
+
+impl Default for FakeGraphConfig {
+    fn default() -> Self {
+        FakeGraphConfig {
+            system_user_tokens: vec!["demo-system-user-token".to_string()],
+            app_secret: Some("demo-app-secret".to_string()),
+            page_calls_limit: 200,
+            page_window: Duration::from_secs(60),
+            app_calls_limit: 1000,
+            latency: Duration::ZERO,
+            max_get_url_bytes: 2000,
+            link_base: "https://graph.facebook.com".to_string(),
+            default_version: "v21.0".to_string(),
+            pages: vec![
+                FakePage {
+                    id: "1001".to_string(),
+                    name: "Acme Coffee".to_string(),
+                    about: "Small-batch roasts \u{2014} open 7/7".to_string(),
+                    category: "Coffee Shop".to_string(),
+                    fan_count: 12_345,
+                    posts: 60,
+                },
+                FakePage {
+                    id: "1002".to_string(),
+                    name: "Globex News".to_string(),
+                    about: "Headlines from Globex/Cypress Creek".to_string(),
+                    category: "Media/News Company".to_string(),
+                    fan_count: 67_890,
+                    posts: 60,
+                },
+            ],
+        }
+    }
+}
+
+/// A seeded Page. Post `n` (1-based) has id `{id}_{n}` and was created `n - 1` hours after
+/// 2026-01-01T00:00:00+0000.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakePage {
+    pub id: String,
+    pub name: String,
+    pub about: String,
+    pub category: String,
+    pub fan_count: u64,
+    /// How many posts to seed.
+    pub posts: usize,
+}
+
+/// A post as currently stored (see [`FakeGraph::posts_of`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakePost {
+    pub id: String,
+    pub message: String,
+    pub created_time: String,
+}
+
+/// A snapshot of the server's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FakeGraphStats {
+    /// HTTP requests received.
+    pub requests: u64,
+    /// Graph calls charged to a quota (each `ids=` id and batch op is one call; calls failing
+    /// authentication are not charged).
+    pub calls: u64,
+    pub calls_by_page: BTreeMap<String, u64>,
+    /// Calls answered with a throttle code (for `ids=`, the ids whose quota was exceeded).
+    pub throttled: u64,
+    pub throttled_by_page: BTreeMap<String, u64>,
+    /// Error replies: HTTP replies with status >= 400 plus failed batch operations.
+    pub errors: u64,
+    /// POSTs (including batch operations) carrying `method=GET`.
+    pub post_method_get: u64,
+    pub max_in_flight: u64,
+    /// 304 replies.
+    pub not_modified: u64,
+}
+
+/// One HTTP request as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedRequest {
+    pub method: String,
+    pub path: String,
+    pub query: Vec<(String, String)>,
+    pub form: Vec<(String, String)>,
+    /// Lower-case names; values decoded lossily.
+    pub headers: Vec<(String, String)>,
+    /// From the query, form body or `Authorization` header.
+    pub access_token: Option<String>,
+    pub appsecret_proof: Option<String>,
+}
+
+/// Global fault injection; applies to every request while set.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Fault {
+    #[default]
+    None,
+    /// A plain HTTP error with an HTML body, as a load balancer would send.
+    Status(u16),
+    /// A Graph error with this code and HTTP status (e.g. code 2 / 500).
+    GraphError { code: i64, http_status: u16 },
+    /// Never answer (until shutdown).
+    Hang,
+    /// HTTP 200 with truncated JSON.
+    Garbage,
+    /// Drop the connection without a reply.
+    CloseConnection,
+}
+
+/// Handle to a running fake Graph server. Cloning shares the server.
+#[derive(Clone)]
+pub struct FakeGraph {
+    inner: Arc<Inner>,
+    addr: SocketAddr,
+}
+
+impl std::fmt::Debug for FakeGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeGraph")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl FakeGraph {
+    /// Binds `listen` (port 0 picks a free port), spawns the server and returns its handle.
+    pub async fn start(cfg: FakeGraphConfig, listen: SocketAddr) -> std::io::Result<FakeGraph> {
+        let listener = TcpListener::bind(listen).await?;
+        let mut addr = listener.local_addr()?;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        }
+        let inner = Arc::new(Inner::new(cfg));
+        tokio::spawn(accept_loop(inner.clone(), listener));
+        Ok(FakeGraph { inner, addr })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`, without a trailing slash.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn config(&self) -> &FakeGraphConfig {
+        &self.inner.cfg
+    }
+
+    pub fn stats(&self) -> FakeGraphStats {
+        self.inner.stats()
+    }
+
+    /// Zeroes the counters (rate-limit windows are Graph state and are kept; see
+    /// [`FakeGraph::reset_limits`]).
+    pub fn reset_stats(&self) {
+        self.inner.requests.store(0, Ordering::Relaxed);
+        self.inner.max_in_flight.store(
+            self.inner.in_flight.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        self.inner.lock().counters = Default::default();
+    }
+
+    /// Forgets all rate-limit history, so every quota starts empty.
+    pub fn reset_limits(&self) {
+        self.inner.lock().reset_windows();
+    }
+
+    /// Every request received, oldest first (bounded; see [`FakeGraph::set_record_limit`]).
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.inner.lock().recorded.iter().cloned().collect()
+    }
+
+    /// Bounds the request log (default 10 000); 0 disables recording, e.g. for benchmarks.
+    pub fn set_record_limit(&self, limit: usize) {
+        let mut st = self.inner.lock();
+        st.record_limit = limit;
+        while st.recorded.len() > limit {
+            st.recorded.pop_front();
+        }
+    }
+
+    pub fn clear_requests(&self) {
+        self.inner.lock().recorded.clear();
+    }
+
+    pub fn set_latency(&self, d: Duration) {
+        self.inner.set_latency(d);
+    }
+
+    pub fn set_fault(&self, f: Fault) {
+        *self.inner.fault.lock().unwrap_or_else(|e| e.into_inner()) = f;
+    }
+
+    /// The Page token the fake hands out for `page_id` (via `fields=access_token` and
+    /// `/me/accounts`); valid for that Page's calls.
+    pub fn page_token(&self, page_id: &str) -> String {
+        state::page_token_for(page_id)
+    }
+
+    /// `appsecret_proof` for `token` under the configured secret, if one is set.
+    pub fn proof_for(&self, token: &str) -> Option<String> {
+        self.inner
+            .cfg
+            .app_secret
+            .as_deref()
+            .map(|s| appsecret_proof(s, token))
+    }
+
+    /// Later calls with `token` get code 190, subcode 463 (expired).
+    pub fn revoke_token(&self, token: &str) {
+        self.inner.lock().revoke(token);
+    }
+
+    /// The posts currently stored for `page_id`, newest first.
+    pub fn posts_of(&self, page_id: &str) -> Vec<FakePost> {
+        let st = self.inner.lock();
+        st.page(page_id)
+            .map(|p| {
+                p.posts
+                    .iter()
+                    .rev()
+                    .map(|(n, post)| FakePost {
+                        id: format!("{page_id}_{n}"),
+                        message: post.message.clone(),
+                        created_time: encode::graph_time(post.created),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Stops accepting and closes every connection, including hung requests. Idempotent.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+    }
+}
+
+/// Serves the fake on `listener` until `shutdown` resolves (used by `graphgate fake-graph`).
+pub async fn serve(
+    listener: TcpListener,
+    cfg: FakeGraphConfig,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let inner = Arc::new(Inner::new(cfg));
+    tokio::select! {
+        () = accept_loop(inner.clone(), listener) => {}
+        () = shutdown => {}
+    }
+    inner.shutdown.send_replace(true);
+    Ok(())
+}
+
+/// Shared server state behind the handle.
+struct Inner {
+    cfg: FakeGraphConfig,
+    state: Mutex<State>,
+    ids: IdGen,
+    latency_nanos: AtomicU64,
+    fault: Mutex<Fault>,
+    requests: AtomicU64,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Inner {
+    fn new(cfg: FakeGraphConfig) -> Inner {
+        let inner = Inner {
+            state: Mutex::new(State::new(&cfg)),
+            ids: IdGen::default(),
+            latency_nanos: AtomicU64::new(0),
+            fault: Mutex::new(Fault::None),
+            requests: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
+            shutdown: watch::Sender::new(false),
+            cfg,
+        };
+        inner.set_latency(inner.cfg.latency);
+        inner
+    }
+
+    /// The state lock. A panic while holding it cannot leave a half-applied call visible in a
+    /// way that matters for a test double, so poisoning is ignored.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_latency(&self, d: Duration) {
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.latency_nanos.store(nanos, Ordering::Relaxed);
+    }
+
+    fn latency(&self) -> Duration {
+        Duration::from_nanos(self.latency_nanos.load(Ordering::Relaxed))
+    }
+
+    fn stats(&self) -> FakeGraphStats {
+        let requests = self.requests.load(Ordering::Relaxed);
+        let max = self.max_in_flight.load(Ordering::Relaxed);
+        self.lock().counters.snapshot(requests, max)
+    }
+
+    async fn wait_shutdown(&self) {
+        let mut rx = self.shutdown.subscribe();
+        // Err means the sender is gone, i.e. the server is being torn down anyway.
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+}
+
+/// Counts a request as in flight for as long as it lives.
+struct InFlight<'a>(&'a Inner);
+
+impl<'a> InFlight<'a> {
+    fn enter(inner: &'a Inner) -> Self {
+        let now = inner.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        inner.max_in_flight.fetch_max(now, Ordering::Relaxed);
+        InFlight(inner)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Usually EMFILE under load: back off briefly instead of spinning.
+                    tracing::debug!(error = %e, "fake graph accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            () = inner.wait_shutdown() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(serve_connection(inner.clone(), stream));
+    }
+}
+
+async fn serve_connection(inner: Arc<Inner>, stream: tokio::net::TcpStream) {
+    let svc_inner = inner.clone();
+    let svc = service_fn(move |req| handle(svc_inner.clone(), req));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new());
+    builder.http2().timer(TokioTimer::new());
+    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    tokio::select! {
+        _ = conn => {}
+        () = inner.wait_shutdown() => {}
+    }
+}
+
+/// Returned by the service to make hyper drop the connection without answering.
+#[derive(Debug)]
+struct DropConnection;
+
+impl std::fmt::Display for DropConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("fake graph dropped the connection")
+    }
+}
+
+impl std::error::Error for DropConnection {}
+
+type Reply = Response<Full<Bytes>>;
+
+/// What to do with a request once it has been processed.
+enum Action {
+    Reply(Reply),
+    Hang,
+    Close,
+}
+
+async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Reply, DropConnection> {
+    inner.requests.fetch_add(1, Ordering::Relaxed);
+    let _flight = InFlight::enter(&inner);
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => Some(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => None,
+        // The client went away mid-body; nobody is left to answer.
+        Err(_) => return Err(DropConnection),
+    };
+    let action = respond(&inner, &parts, body);
+    let latency = inner.latency();
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    match action {
+        Action::Reply(reply) => Ok(reply),
+        Action::Close => Err(DropConnection),
+        Action::Hang => {
+            inner.wait_shutdown().await;
+            Err(DropConnection)
+        }
+    }
+}
+
+/// Processes one HTTP request synchronously (no awaits while the state lock is held).
+fn respond(inner: &Inner, parts: &http::request::Parts, body: Option<Bytes>) -> Action {
+    let mut query = Params::default();
+    query.extend_urlencoded(parts.uri.query().unwrap_or("").as_bytes());
+    let form = body
+        .as_deref()
+        .map(|b| parse_body(&parts.headers, b))
+        .unwrap_or_default();
+    let mut params = query.clone();
+    params.0.extend(form.0.iter().cloned());
+    let token = params
+        .get("access_token")
+        .map(str::to_string)
+        .or_else(|| header_token(&parts.headers));
+    let proof = params.get("appsecret_proof").map(str::to_string);
+    let (version, segments) = engine::split_path(parts.uri.path());
+    let version_str = version
+        .clone()
+        .unwrap_or_else(|| inner.cfg.default_version.clone());
+
+    let mut st = inner.lock();
+    st.record(RecordedRequest {
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_string(),
+        query: query.0,
+        form: form.0,
+        headers: parts
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        access_token: token.clone(),
+        appsecret_proof: proof.clone(),
+    });
+
+    let fault = inner.fault.lock().map(|f| f.clone()).unwrap_or_default();
+    match fault {
+        Fault::None => {}
+        Fault::Hang => return Action::Hang,
+        Fault::CloseConnection => return Action::Close,
+        Fault::Garbage => {
+            let mut reply = Response::new(Full::new(Bytes::from_static(b"{\"data\": [")));
+            set_header(&mut reply, "content-type", JSON_CONTENT_TYPE);
+            return Action::Reply(reply);
+        }
+        Fault::Status(code) => {
+            st.counters.errors += 1;
+            return Action::Reply(html_error(code));
+        }
+        Fault::GraphError { code, http_status } => {
+            st.counters.errors += 1;
+            let e = match code {
+                1 => GraphError::unknown(),
+                2 => GraphError::service(),
+                _ => GraphError::new(
+                    400,
+                    code,
+                    "OAuthException",
+                    format!("(#{code}) Simulated Graph error"),
+                ),
+            };
+            let e = GraphError {
+                status: http_status,
+                ..e
+            };
+            let (trace, request_id) = inner.ids.next();
+            return Action::Reply(error_reply(&e, &version_str, &trace, &request_id));
+        }
+    }
+
+    let early_error = if body.is_none() {
+        Some(GraphError::param("The request body is too large"))
+    } else if parts.method == Method::GET
+        && parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len())
+            > inner.cfg.max_get_url_bytes
+    {
+        // Graph's servers reject very long GETs; the documented fix is POST + method=GET.
+        Some(GraphError::unknown())
+    } else {
+        None
+    };
+    let verb = match parts.method {
+        Method::GET | Method::HEAD => Some(Verb::Get),
+        Method::POST => Some(engine::override_verb(
+            &params,
+            &mut st.counters.post_method_get,
+        )),
+        Method::DELETE => Some(Verb::Delete),
+        _ => None,
+    };
+    let early_error = early_error.or_else(|| {
+        verb.is_none()
+            .then(|| GraphError::param(format!("Unsupported HTTP method {}", parts.method)))
+    });
+    if let Some(e) = early_error {
+        st.counters.errors += 1;
+        let (trace, request_id) = inner.ids.next();
+        return Action::Reply(error_reply(&e, &version_str, &trace, &request_id));
+    }
+
+    let call = Call {
+        verb: verb.unwrap_or(Verb::Get),
+        version,
+        segments,
+        params,
+        token,
+        proof,
+        in_batch: false,
+    };
+    let outcome = Engine {
+        cfg: &inner.cfg,
+        st: &mut st,
+        now: Instant::now(),
+        ids: &inner.ids,
+    }
+    .execute(&call);
+
+    let body = encode::graph_json(&outcome.body);
+    let mut reply = match &outcome.error {
+        Some(e) => {
+            st.counters.errors += 1;
+            error_reply(e, &version_str, &outcome.trace_id, &outcome.request_id)
+        }
+        None => {
+            let tag = etag(&body);
+            let fresh = outcome.cacheable && if_none_match(&parts.headers, &tag);
+            let mut reply = if fresh {
+                st.counters.not_modified += 1;
+                let mut r = Response::new(Full::new(Bytes::new()));
+                *r.status_mut() = StatusCode::NOT_MODIFIED;
+                r
+            } else {
+                Response::new(Full::new(Bytes::from(body)))
+            };
+            common_headers(
+                &mut reply,
+                &version_str,
+                &outcome.trace_id,
+                &outcome.request_id,
+            );
+            set_header(&mut reply, "cache-control", CACHE_OK);
+            if outcome.cacheable {
+                set_header(&mut reply, "etag", &tag);
+            }
+            reply
+        }
+    };
+    for (name, value) in outcome.usage.headers() {
+        set_header(&mut reply, name, &value);
+    }
+    Action::Reply(reply)
+}
+
+/// Form parameters from the body: url-encoded (the Graph norm) or a JSON object.
+fn parse_body(headers: &HeaderMap, body: &[u8]) -> Params {
+    let mut out = Params::default();
+    if body.is_empty() {
+        return out;
+    }
+    let content_type = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if content_type.starts_with("application/json") {
+        if let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) {
+            for (k, v) in map {
+                let v = match v {
+                    Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                out.0.push((k, v));
+            }
+        }
+    } else if !content_type.starts_with("multipart/") {
+        out.extend_urlencoded(body);
+    }
+    out
+}
+
+/// `Authorization: Bearer <t>` or `Authorization: OAuth <t>`.
+fn header_token(headers: &HeaderMap) -> Option<String> {
+    let value = headers
+        .get(http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .trim();
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("oauth"))
+        .then(|| token.to_string())
+        .filter(|t| !t.is_empty())
+}
+
+fn if_none_match(headers: &HeaderMap, tag: &str) -> bool {
+    headers
+        .get_all(http::header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().trim_start_matches("W/"))
+        .any(|t| t == tag || t == "*")
+}
+
+fn set_header(reply: &mut Reply, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        reply.headers_mut().insert(HeaderName::from_static(name), v);
+    }
+}
+
+fn common_headers(reply: &mut Reply, version: &str, trace: &str, request_id: &str) {
+    set_header(reply, "content-type", JSON_CONTENT_TYPE);
+    set_header(reply, "facebook-api-version", version);
+    set_header(reply, "x-fb-trace-id", trace);
+    set_header(reply, "x-fb-request-id", request_id);
+    set_header(reply, "x-fb-rev", FB_REV);
+}
+
+fn error_reply(e: &GraphError, version: &str, trace: &str, request_id: &str) -> Reply {
+    let body = encode::graph_json(&e.to_json(trace));
+    let mut reply = Response::new(Full::new(Bytes::from(body)));
+    *reply.status_mut() = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST);
+    common_headers(&mut reply, version, trace, request_id);
+    set_header(&mut reply, "cache-control", "no-store");
+    if let Some(auth) = e.www_authenticate() {
+        set_header(&mut reply, "www-authenticate", &auth);
+    }
+    reply
+}
+
+fn html_error(code: u16) -> Reply {
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
+    let text =
+        format!("<html><head><title>{status}</title></head><body><h1>{status}</h1></body></html>");
+    let mut reply = Response::new(Full::new(Bytes::from(text)));
+    *reply.status_mut() = status;
+    set_header(&mut reply, "content-type", "text/html; charset=utf-8");
+    reply
+}
