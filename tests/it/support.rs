@@ -57,24 +57,21 @@ pub fn graph_config() -> FakeGraphConfig {
     }
 }
 
-/// graphgate configuration for a test: free ports, the given upstream, two clients, plus
-/// `extra` TOML appended (sections not already present).
+/// graphgate configuration for a test: free ports, the given upstream, two clients, with
+/// `extra` TOML merged over it key by key (so tests can write `[upstream]\ntimeout_ms = 200`).
 pub fn gateway_toml(upstream: &str, extra: &str) -> String {
-    format!(
+    let base = format!(
         r#"
 [server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 admin_token = "test-admin-token"
-{server_extra}
 [upstream]
 url = "{upstream}"
 timeout_ms = 3000
-{upstream_extra}
 [credentials]
 system_user_token = "{SYSTEM_TOKEN}"
 app_secret = "{APP_SECRET}"
-{cred_extra}
 [[clients]]
 name = "admin"
 key = "{ADMIN_KEY}"
@@ -84,37 +81,23 @@ write = true
 name = "reader"
 key = "{READER_KEY}"
 pages = ["1001"]
-{rest}
-"#,
-        server_extra = section(extra, "server"),
-        upstream_extra = section(extra, "upstream"),
-        cred_extra = section(extra, "credentials"),
-        rest = section(extra, ""),
-    )
+"#
+    );
+    let mut table: toml::Table = base.parse().expect("base config is TOML");
+    let extra: toml::Table = extra.parse().expect("extra config is TOML");
+    merge(&mut table, extra);
+    table.to_string()
 }
 
-/// Lines of `extra` under `[name]` (or, for "", everything after the known sections).
-/// Lets tests write `[upstream]\ntimeout_ms = 200` without duplicating headers.
-fn section(extra: &str, name: &str) -> String {
-    let mut out = String::new();
-    let mut current = String::new();
-    for line in extra.lines() {
-        let t = line.trim();
-        if t.starts_with('[') {
-            current = t.trim_matches(|c| c == '[' || c == ']').to_string();
-            if name.is_empty() && !matches!(current.as_str(), "server" | "upstream" | "credentials") {
-                out.push_str(line);
-                out.push('\n');
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (_, v) => {
+                into.insert(k, v);
             }
-            continue;
-        }
-        let known = matches!(current.as_str(), "server" | "upstream" | "credentials");
-        if (name.is_empty() && !known) || current == name {
-            out.push_str(line);
-            out.push('\n');
         }
     }
-    out
 }
 
 impl Stack {
