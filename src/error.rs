@@ -137,7 +137,10 @@ impl ProxyError {
         if let Some(sub) = sub {
             err["error_subcode"] = json!(sub);
         }
-        if matches!(self, ProxyError::Throttled { .. } | ProxyError::UpstreamTimeout(_)) {
+        if matches!(
+            self,
+            ProxyError::Throttled { .. } | ProxyError::UpstreamTimeout(_)
+        ) {
             err["is_transient"] = json!(true);
         }
         Bytes::from(json!({ "error": err }).to_string())
@@ -147,12 +150,17 @@ impl ProxyError {
         let mut resp = Response::new(Full::new(self.body(trace_id)));
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=UTF-8"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=UTF-8"),
+        );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if matches!(self, ProxyError::MissingKey | ProxyError::UnknownKey) {
             h.insert(
                 header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("OAuth \"graphgate\" \"invalid_token\" \"client key required\""),
+                HeaderValue::from_static(
+                    "OAuth \"graphgate\" \"invalid_token\" \"client key required\"",
+                ),
             );
         }
         if let ProxyError::Throttled { retry_after_s, .. } = &self {
@@ -173,7 +181,10 @@ mod tests {
         assert_eq!(v["error"]["code"], 190);
         assert_eq!(v["error"]["type"], "OAuthException");
         assert_eq!(v["error"]["fbtrace_id"], "gg-1");
-        assert!(v["error"]["message"].as_str().unwrap().contains("client key"));
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("client key"));
     }
 
     #[test]
