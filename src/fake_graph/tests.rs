@@ -237,6 +237,10 @@ async fn field_selection_and_headers() {
     assert_eq!(r.json()["error"]["type"], "GraphMethodException");
     let r = get(&fg, &format!("/1001/photos?{c}")).await;
     assert_eq!(r.code(), 2500);
+    let r = get(&fg, &format!("/1001/photos?suppress_http_code=1&{c}")).await;
+    assert_eq!((r.status, r.code()), (200, 2500));
+    let r = get(&fg, &format!("/1001?debug=all&{c}")).await;
+    assert!(r.json()["__debug__"]["messages"].is_array());
     fg.shutdown();
 }
 
@@ -893,5 +897,45 @@ async fn records_requests() {
     fg.set_record_limit(0);
     get(&fg, "/me").await;
     assert!(fg.requests().is_empty());
+    fg.shutdown();
+}
+
+/// Rough throughput check: `cargo test --release --lib fake_graph -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn throughput_smoke() {
+    use http_body_util::BodyExt;
+    use hyper_util::client::legacy::Client;
+
+    let fg = start(FakeGraphConfig {
+        page_calls_limit: u32::MAX,
+        app_calls_limit: u32::MAX,
+        ..Default::default()
+    })
+    .await;
+    fg.set_record_limit(0);
+    let client: Client<_, http_body_util::Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let uri: http::Uri = format!("{}/1001/feed?limit=10&{}", fg.url(), creds(&fg, SYS))
+        .parse()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (client, uri) = (client.clone(), uri.clone());
+            tokio::spawn(async move {
+                for _ in 0..2000 {
+                    let resp = client.get(uri.clone()).await.unwrap();
+                    assert_eq!(resp.status(), 200);
+                    resp.into_body().collect().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!("{:.0} req/s", 16_000.0 / secs);
     fg.shutdown();
 }
