@@ -264,10 +264,10 @@ impl FakeGraph {
         *self.inner.fault.lock().unwrap_or_else(|e| e.into_inner()) = f;
     }
 
-    /// The Page token the fake hands out for `page_id` (via `fields=access_token` and
+    /// The Page token the fake currently hands out for `page_id` (via `fields=access_token` and
     /// `/me/accounts`); valid for that Page's calls.
     pub fn page_token(&self, page_id: &str) -> String {
-        state::page_token_for(page_id)
+        self.inner.lock().current_page_token(page_id)
     }
 
     /// `appsecret_proof` for `token` under the configured secret, if one is set.
