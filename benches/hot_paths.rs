@@ -1,0 +1,89 @@
+//! Criterion benches for the per-request hot paths that need no sockets: request parsing,
+//! fields canonicalisation, paging-link rewrite of a 100 KB feed page, usage-header parsing.
+//! See benches/README.md for what each measures and the figures on the project machine.
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use graphgate::graph::fields::canonicalize;
+use graphgate::graph::usage::{parse_app_usage, parse_buc_usage};
+use graphgate::proxy::parse_call;
+use graphgate::rewrite;
+use std::hint::black_box;
+
+fn request_parsing(c: &mut Criterion) {
+    let uri: http::Uri = "/v21.0/1001?fields=name,id,about,fan_count,feed.limit(5){message,created_time}&access_token=key-reader-1001"
+        .parse()
+        .expect("valid uri");
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        "user-agent",
+        "facebook-python-business-sdk".parse().expect("ascii"),
+    );
+    c.bench_function("parse_call GET node with fields", |b| {
+        b.iter(|| {
+            parse_call(&http::Method::GET, black_box(&uri), &headers, Bytes::new()).expect("parses")
+        })
+    });
+    let fields = "name,id,about,fan_count,feed.limit(5){message,created_time,comments.limit(3){from,message}},id";
+    c.bench_function("fields canonicalise (nested, 9 fields)", |b| {
+        b.iter(|| canonicalize(black_box(fields)).expect("valid"))
+    });
+}
+
+/// A feed page like Graph's: 100 posts, ~100 KB, escaped slashes, a token-bearing next link.
+fn feed_page() -> Bytes {
+    let posts: Vec<String> = (0..100)
+        .map(|i| {
+            format!(
+                r#"{{"id":"1001_{i}","message":"{}","created_time":"2026-01-01T00:00:00+0000","permalink_url":"https:\/\/www.facebook.com\/1001\/posts\/{i}"}}"#,
+                "lorem ipsum dolor sit amet ".repeat(36)
+            )
+        })
+        .collect();
+    Bytes::from(format!(
+        r#"{{"data":[{}],"paging":{{"cursors":{{"before":"QVFIUm","after":"QVFIUn"}},"next":"https:\/\/graph.facebook.com\/v21.0\/1001\/feed?access_token=EAAGsystemtoken123&appsecret_proof=abcdef&limit=100&after=QVFIUn"}}}}"#,
+        posts.join(",")
+    ))
+}
+
+fn paging_rewrite(c: &mut Criterion) {
+    let body = feed_page();
+    let secrets = ["EAAGsystemtoken123", "app-secret-xyz", "EAAGsystemtoken123"];
+    let mut g = c.benchmark_group("paging rewrite");
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    g.bench_function("prepare 100 KB feed page", |b| {
+        b.iter_batched(
+            || body.clone(),
+            |body| rewrite::prepare(body, false, "http://graphgate.internal:8080", &secrets),
+            BatchSize::SmallInput,
+        )
+    });
+    let prepared = rewrite::prepare(
+        body.clone(),
+        false,
+        "http://graphgate.internal:8080",
+        &secrets,
+    );
+    g.bench_function("finalize (insert client key)", |b| {
+        b.iter(|| rewrite::finalize(black_box(&prepared), "key-reader-1001"))
+    });
+    let plain = Bytes::from(r#"{"id":"1001","name":"Acme Coffee","fan_count":12345}"#);
+    g.bench_function("prepare small node reply (no paging)", |b| {
+        b.iter(|| rewrite::prepare(black_box(plain.clone()), false, "http://g", &secrets))
+    });
+    g.finish();
+}
+
+fn usage_headers(c: &mut Criterion) {
+    let buc = r#"{"1001":[{"type":"pages","call_count":12,"total_cputime":3,"total_time":4,"estimated_time_to_regain_access":0}],"1002":[{"type":"pages","call_count":80,"total_cputime":40,"total_time":41,"estimated_time_to_regain_access":0}]}"#;
+    let app = r#"{"call_count":28,"total_time":25,"total_cputime":25}"#;
+    c.bench_function("parse X-Business-Use-Case-Usage (2 Pages)", |b| {
+        b.iter(|| parse_buc_usage(black_box(buc)))
+    });
+    c.bench_function("parse X-App-Usage", |b| {
+        b.iter(|| parse_app_usage(black_box(app)))
+    });
+}
+
+criterion_group!(benches, request_parsing, paging_rewrite, usage_headers);
+criterion_main!(benches);
