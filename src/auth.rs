@@ -1,13 +1,22 @@
 //! Client keys and what each client may touch. A client key is worthless outside graphgate:
-//! it is looked up by its SHA-256 digest, compared in constant time, and never sent upstream.
+//! it is looked up by its SHA-256 digest and never sent upstream.
+//!
+//! Timing: the presented key is hashed before anything is compared, so the only comparisons
+//! that depend on secret data are between SHA-256 digests. Learning how many leading bytes of
+//! `SHA-256(guess)` match a stored digest does not help find a key (that would need a
+//! preimage), so the lookup is safe against timing attacks without a constant-time compare.
+//! The configuration may hold only the digest (`key_sha256`), so a leaked file leaks no key.
+//!
+//! The registry is swapped atomically on a configuration reload ([`ClientRegistry::replace`]);
+//! a lookup is one atomic load, no lock.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use http::HeaderMap;
-use sha2::{Digest, Sha256};
 
-use crate::config::{ClientConfig, Priority, Secret};
+use crate::config::{ClientConfig, KeyDigest, Priority};
 use crate::error::ProxyError;
 use crate::graph::request::{page_of_node, GraphMethod, Params};
 
@@ -19,15 +28,9 @@ pub struct Client {
     pages: Option<HashSet<String>>,
     pub write: bool,
     pub priority: Priority,
-    key: Secret,
 }
 
 impl Client {
-    /// The key this client presented; used to put it back into rewritten paging links.
-    pub fn key(&self) -> &Secret {
-        &self.key
-    }
-
     /// May this client touch `node`? Unrestricted clients may touch anything. Restricted
     /// clients may touch their Pages and `PAGEID_POSTID` objects of them; other nodes (`me`,
     /// objects whose Page cannot be read off the id) are refused, since they could reach
@@ -44,41 +47,105 @@ impl Client {
     }
 }
 
+/// The clients of one configuration, by key digest and by certificate subject.
 #[derive(Debug, Default)]
-pub struct ClientRegistry {
-    by_digest: HashMap<[u8; 32], Arc<Client>>,
+struct Clients {
+    by_digest: HashMap<KeyDigest, Arc<Client>>,
+    by_subject: HashMap<String, Arc<Client>>,
 }
 
-fn digest(key: &str) -> [u8; 32] {
-    Sha256::digest(key.as_bytes()).into()
+/// Every known client; replaced as a whole on reload.
+#[derive(Debug, Default)]
+pub struct ClientRegistry {
+    current: ArcSwap<Clients>,
+}
+
+impl Clients {
+    fn new(clients: &[ClientConfig]) -> Clients {
+        let mut out = Clients::default();
+        for c in clients {
+            let client = Arc::new(Client {
+                name: c.name.clone(),
+                pages: c.pages.as_ref().map(|p| p.iter().cloned().collect()),
+                write: c.write,
+                priority: c.priority,
+            });
+            if let Some(d) = c.key_sha256 {
+                out.by_digest.insert(d, client.clone());
+            }
+            if let Some(subject) = &c.cert_subject {
+                out.by_subject.insert(subject.clone(), client);
+            }
+        }
+        out
+    }
 }
 
 impl ClientRegistry {
     pub fn new(clients: &[ClientConfig]) -> ClientRegistry {
-        let by_digest = clients
-            .iter()
-            .map(|c| {
-                let client = Client {
-                    name: c.name.clone(),
-                    pages: c.pages.as_ref().map(|p| p.iter().cloned().collect()),
-                    write: c.write,
-                    priority: c.priority,
-                    key: c.key.clone(),
-                };
-                (digest(c.key.expose()), Arc::new(client))
-            })
-            .collect();
-        ClientRegistry { by_digest }
+        ClientRegistry {
+            current: ArcSwap::from_pointee(Clients::new(clients)),
+        }
     }
 
-    /// Finds the client for a presented key. The map is keyed by digest, so lookup time does
-    /// not depend on how much of a guessed key matches a real one.
+    /// Swaps in the clients of a new configuration. Requests already past authentication
+    /// keep the `Arc<Client>` they hold; later lookups see only the new set.
+    pub fn replace(&self, clients: &[ClientConfig]) {
+        self.current.store(Arc::new(Clients::new(clients)));
+    }
+
+    /// Finds the client for a presented key (by its digest; see the module docs on timing).
     pub fn lookup(&self, key: &str) -> Result<Arc<Client>, ProxyError> {
-        self.by_digest
-            .get(&digest(key))
+        self.current
+            .load()
+            .by_digest
+            .get(&KeyDigest::of(key))
             .cloned()
             .ok_or(ProxyError::UnknownKey)
     }
+
+    /// Finds the client a verified TLS client certificate names (subject CN or a DNS SAN).
+    pub fn lookup_subject<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Option<Arc<Client>> {
+        let current = self.current.load();
+        names
+            .into_iter()
+            .find_map(|n| current.by_subject.get(n).cloned())
+    }
+
+    /// Authenticates a request: by the key it presents, else by the verified client
+    /// certificate of its connection ([`PeerCertificate`] in the request extensions). Returns
+    /// the client and the key to put into rewritten paging links (empty for a certificate).
+    pub fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        extensions: &http::Extensions,
+        query: &Params,
+        form: &Params,
+    ) -> Result<(Arc<Client>, String), ProxyError> {
+        match presented_key(headers, query, form) {
+            Ok(key) => Ok((self.lookup(&key)?, key)),
+            Err(ProxyError::MissingKey) => {
+                let peer = extensions
+                    .get::<PeerCertificate>()
+                    .ok_or(ProxyError::MissingKey)?;
+                let client = self
+                    .lookup_subject(peer.names.iter().map(String::as_str))
+                    .ok_or(ProxyError::UnknownKey)?;
+                Ok((client, String::new()))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The names of a verified TLS client certificate (subject CN first, then DNS SANs), put
+/// into each request's extensions by the server.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerCertificate {
+    pub names: Vec<String>,
 }
 
 /// The single key a request presents: from `access_token` in the query or form body, or
@@ -162,14 +229,16 @@ mod tests {
         ClientRegistry::new(&[
             ClientConfig {
                 name: "reader".into(),
-                key: Secret::new("key-reader-1"),
+                key_sha256: Some(KeyDigest::of("key-reader-1")),
+                cert_subject: None,
                 pages: Some(vec!["1001".into()]),
                 write: false,
                 priority: Priority::Interactive,
             },
             ClientConfig {
                 name: "admin".into(),
-                key: Secret::new("key-admin-1"),
+                key_sha256: Some(KeyDigest::of("key-admin-1")),
+                cert_subject: Some("admin.example".into()),
                 pages: None,
                 write: true,
                 priority: Priority::Batch,
@@ -182,6 +251,51 @@ mod tests {
         let r = registry();
         assert_eq!(r.lookup("key-reader-1").unwrap().name, "reader");
         assert!(matches!(r.lookup("nope"), Err(ProxyError::UnknownKey)));
+    }
+
+    #[test]
+    fn replace_swaps_the_whole_set() {
+        let r = registry();
+        r.replace(&[ClientConfig {
+            name: "new".into(),
+            key_sha256: Some(KeyDigest::of("key-new-00")),
+            cert_subject: None,
+            pages: None,
+            write: false,
+            priority: Priority::Interactive,
+        }]);
+        assert!(r.lookup("key-reader-1").is_err());
+        assert_eq!(r.lookup("key-new-00").unwrap().name, "new");
+        assert!(r.lookup_subject(["admin.example"]).is_none());
+    }
+
+    #[test]
+    fn certificate_subjects_authenticate_without_a_key() {
+        let r = registry();
+        let mut ext = http::Extensions::new();
+        let none = Params::new();
+        assert!(matches!(
+            r.authenticate(&HeaderMap::new(), &ext, &none, &none),
+            Err(ProxyError::MissingKey)
+        ));
+        ext.insert(PeerCertificate {
+            names: vec!["other".into(), "admin.example".into()],
+        });
+        let (c, key) = r
+            .authenticate(&HeaderMap::new(), &ext, &none, &none)
+            .unwrap();
+        assert_eq!((c.name.as_str(), key.as_str()), ("admin", ""));
+        // A presented key wins over the certificate.
+        let q = Params::parse("access_token=key-reader-1").unwrap();
+        let (c, _) = r.authenticate(&HeaderMap::new(), &ext, &q, &none).unwrap();
+        assert_eq!(c.name, "reader");
+        ext.insert(PeerCertificate {
+            names: vec!["nobody".into()],
+        });
+        assert!(matches!(
+            r.authenticate(&HeaderMap::new(), &ext, &none, &none),
+            Err(ProxyError::UnknownKey)
+        ));
     }
 
     #[test]

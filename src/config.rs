@@ -36,6 +36,31 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// SHA-256 of a client key. Clients are looked up by it, so the configuration may hold the
+/// digest instead of the key (`key_sha256`). `Debug` does not show it: a digest of a short key
+/// can be brute-forced.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyDigest(pub [u8; 32]);
+
+impl KeyDigest {
+    pub fn of(key: &str) -> KeyDigest {
+        use sha2::{Digest, Sha256};
+        KeyDigest(Sha256::digest(key.as_bytes()).into())
+    }
+
+    pub fn from_hex(hex_digest: &str) -> Option<KeyDigest> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(hex_digest.trim(), &mut out).ok()?;
+        Some(KeyDigest(out))
+    }
+}
+
+impl fmt::Debug for KeyDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"[sha256 redacted]\"")
+    }
+}
+
 /// Why a configuration was refused; the message names the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -85,6 +110,13 @@ struct RawServer {
     max_header_bytes: usize,
     max_body_bytes: usize,
     shutdown_grace_ms: u64,
+    // Hardening: connection and load limits, inbound TLS.
+    max_connections: usize,
+    idle_timeout_ms: u64,
+    max_in_flight: usize,
+    tls_cert_file: Option<String>,
+    tls_key_file: Option<String>,
+    tls_client_ca_file: Option<String>,
 }
 
 impl Default for RawServer {
@@ -98,6 +130,12 @@ impl Default for RawServer {
             max_header_bytes: 16 * 1024,
             max_body_bytes: 1024 * 1024,
             shutdown_grace_ms: 10_000,
+            max_connections: 10_000,
+            idle_timeout_ms: 60_000,
+            max_in_flight: 2048,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_ca_file: None,
         }
     }
 }
@@ -111,6 +149,13 @@ struct RawUpstream {
     max_get_url_bytes: usize,
     max_response_bytes: usize,
     default_version: String,
+    // Hardening: retries of idempotent reads and the circuit breaker.
+    retries: u32,
+    retry_budget_percent: u32,
+    retry_budget_min_per_s: u32,
+    retry_backoff_ms: u64,
+    breaker_failures: u32,
+    breaker_cooldown_ms: u64,
 }
 
 impl Default for RawUpstream {
@@ -122,6 +167,12 @@ impl Default for RawUpstream {
             max_get_url_bytes: 2000,
             max_response_bytes: 16 * 1024 * 1024,
             default_version: "v21.0".into(),
+            retries: 2,
+            retry_budget_percent: 20,
+            retry_budget_min_per_s: 3,
+            retry_backoff_ms: 50,
+            breaker_failures: 5,
+            breaker_cooldown_ms: 5_000,
         }
     }
 }
@@ -138,7 +189,14 @@ struct RawCredentials {
 #[serde(deny_unknown_fields)]
 struct RawClient {
     name: String,
-    key: Secret,
+    #[serde(default)]
+    key: Option<Secret>,
+    /// Lowercase or uppercase hex SHA-256 of the key, in place of `key`.
+    #[serde(default)]
+    key_sha256: Option<String>,
+    /// Subject CN (or DNS SAN) of a TLS client certificate that authenticates this client.
+    #[serde(default)]
+    cert_subject: Option<String>,
     #[serde(default)]
     pages: Vec<String>,
     #[serde(default)]
@@ -246,6 +304,22 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     pub max_body_bytes: usize,
     pub shutdown_grace: Duration,
+    /// Open client connections on the public listener; beyond it new ones are closed at once.
+    pub max_connections: usize,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// Requests handled at once; beyond it requests are shed with 503 + Retry-After.
+    pub max_in_flight: usize,
+    pub tls: Option<TlsConfig>,
+}
+
+/// Inbound TLS: PEM files, read at start and on every reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub cert_file: std::path::PathBuf,
+    pub key_file: std::path::PathBuf,
+    /// Client certificates signed by this CA authenticate `[[clients]]` with `cert_subject`.
+    pub client_ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -257,6 +331,23 @@ pub struct UpstreamConfig {
     pub max_get_url_bytes: usize,
     pub max_response_bytes: usize,
     pub default_version: String,
+    pub retry: RetryConfig,
+}
+
+/// Retries of idempotent reads and the circuit breaker in front of Graph.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryConfig {
+    /// Extra attempts after the first; 0 disables retries.
+    pub retries: u32,
+    /// Retries may add at most this share of recent requests...
+    pub budget_percent: u32,
+    /// ...plus this many per second.
+    pub budget_min_per_s: u32,
+    /// Base of the exponential backoff; each wait is uniform in [0, base * 2^n).
+    pub backoff: Duration,
+    /// Consecutive failures that open the breaker; 0 disables it.
+    pub breaker_failures: u32,
+    pub breaker_cooldown: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -275,7 +366,11 @@ pub enum Priority {
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     pub name: String,
-    pub key: Secret,
+    /// SHA-256 of the client key (from `key` or `key_sha256`); `None` for a client that
+    /// authenticates only by TLS client certificate.
+    pub key_sha256: Option<KeyDigest>,
+    /// Subject CN or DNS SAN of the client certificate that authenticates this client.
+    pub cert_subject: Option<String>,
     /// Page ids this client may touch; `None` means every Page ("*").
     pub pages: Option<Vec<String>>,
     pub write: bool,
@@ -365,6 +460,7 @@ impl Config {
             .map_err(|e| invalid("server.admin_listen", format!("{e} (expected host:port)")))?;
         let public_url = match s.public_url {
             Some(u) => validate_base_url("server.public_url", &u)?,
+            None if s.tls_cert_file.is_some() => format!("https://{listen}"),
             None => format!("http://{listen}"),
         };
         if s.max_header_bytes < 1024 {
@@ -377,6 +473,41 @@ impl Config {
             return Err(invalid("server.header_read_timeout_ms", "must be positive"));
         }
         let admin_token = s.admin_token.filter(|t| !t.is_empty());
+        if s.max_connections == 0 || s.max_connections > 1_000_000 {
+            return Err(invalid("server.max_connections", "must be 1..=1000000"));
+        }
+        if s.max_in_flight == 0 || s.max_in_flight > 1_000_000 {
+            return Err(invalid("server.max_in_flight", "must be 1..=1000000"));
+        }
+        if s.idle_timeout_ms == 0 {
+            return Err(invalid("server.idle_timeout_ms", "must be positive"));
+        }
+        let tls = match (&s.tls_cert_file, &s.tls_key_file) {
+            (Some(cert), Some(key)) => Some(TlsConfig {
+                cert_file: cert.into(),
+                key_file: key.into(),
+                client_ca_file: s.tls_client_ca_file.as_ref().map(Into::into),
+            }),
+            (None, None) if s.tls_client_ca_file.is_some() => {
+                return Err(invalid(
+                    "server.tls_client_ca_file",
+                    "needs server.tls_cert_file and server.tls_key_file",
+                ))
+            }
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    "server.tls_key_file",
+                    "required with tls_cert_file",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "server.tls_cert_file",
+                    "required with tls_key_file",
+                ))
+            }
+        };
 
         let u = raw.upstream;
         let upstream_url = validate_base_url("upstream.url", &u.url)?;
@@ -385,6 +516,12 @@ impl Config {
         }
         if u.max_get_url_bytes < 64 {
             return Err(invalid("upstream.max_get_url_bytes", "must be at least 64"));
+        }
+        if u.retry_budget_percent > 100 {
+            return Err(invalid("upstream.retry_budget_percent", "must be 0..=100"));
+        }
+        if u.retries > 10 {
+            return Err(invalid("upstream.retries", "must be 0..=10"));
         }
         if !is_version(&u.default_version) {
             return Err(invalid(
@@ -415,18 +552,65 @@ impl Config {
             if rc.name.trim().is_empty() {
                 return Err(invalid(&key_name("name"), "must not be empty"));
             }
-            if rc.key.expose().len() < 8 {
-                return Err(invalid(&key_name("key"), "must be at least 8 characters"));
+            let key_sha256 = match (&rc.key, &rc.key_sha256) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        &key_name("key"),
+                        "give either `key` or `key_sha256`, not both",
+                    ))
+                }
+                (Some(k), None) => {
+                    if k.expose().len() < 8 {
+                        return Err(invalid(&key_name("key"), "must be at least 8 characters"));
+                    }
+                    Some(KeyDigest::of(k.expose()))
+                }
+                (None, Some(hex)) => Some(KeyDigest::from_hex(hex).ok_or_else(|| {
+                    invalid(&key_name("key_sha256"), "must be 64 hex digits (a SHA-256)")
+                })?),
+                (None, None) if rc.cert_subject.is_some() => None,
+                (None, None) => {
+                    return Err(invalid(
+                        &key_name("key"),
+                        "required: `key` or `key_sha256` (or `cert_subject` for TLS client certificates)",
+                    ))
+                }
+            };
+            if let Some(d) = &key_sha256 {
+                if *d == KeyDigest::of(system_user_token.expose()) {
+                    return Err(invalid(
+                        &key_name("key"),
+                        "must differ from the system user token",
+                    ));
+                }
+                if clients
+                    .iter()
+                    .any(|c: &ClientConfig| c.key_sha256.as_ref() == Some(d))
+                {
+                    return Err(invalid(&key_name("key"), "duplicate key"));
+                }
             }
-            if rc.key.expose() == system_user_token.expose() {
-                return Err(invalid(
-                    &key_name("key"),
-                    "must differ from the system user token",
-                ));
-            }
-            if clients.iter().any(|c: &ClientConfig| c.key == rc.key) {
-                return Err(invalid(&key_name("key"), "duplicate key"));
-            }
+            let cert_subject = match rc.cert_subject {
+                Some(cn) if cn.trim().is_empty() => {
+                    return Err(invalid(&key_name("cert_subject"), "must not be empty"))
+                }
+                Some(cn) => {
+                    if s.tls_client_ca_file.is_none() {
+                        return Err(invalid(
+                            &key_name("cert_subject"),
+                            "needs server.tls_client_ca_file (client certificates are verified against it)",
+                        ));
+                    }
+                    if clients
+                        .iter()
+                        .any(|c: &ClientConfig| c.cert_subject.as_deref() == Some(cn.as_str()))
+                    {
+                        return Err(invalid(&key_name("cert_subject"), "duplicate subject"));
+                    }
+                    Some(cn)
+                }
+                None => None,
+            };
             let pages = if rc.pages.iter().any(|p| p == "*") {
                 None
             } else {
@@ -452,7 +636,8 @@ impl Config {
             };
             clients.push(ClientConfig {
                 name: rc.name,
-                key: rc.key,
+                key_sha256,
+                cert_subject,
                 pages,
                 write: rc.write,
                 priority,
@@ -511,6 +696,10 @@ impl Config {
                 max_header_bytes: s.max_header_bytes,
                 max_body_bytes: s.max_body_bytes,
                 shutdown_grace: Duration::from_millis(s.shutdown_grace_ms),
+                max_connections: s.max_connections,
+                idle_timeout: Duration::from_millis(s.idle_timeout_ms),
+                max_in_flight: s.max_in_flight,
+                tls,
             },
             upstream: UpstreamConfig {
                 url: upstream_url,
@@ -519,6 +708,14 @@ impl Config {
                 max_get_url_bytes: u.max_get_url_bytes,
                 max_response_bytes: u.max_response_bytes.max(1024),
                 default_version: u.default_version,
+                retry: RetryConfig {
+                    retries: u.retries,
+                    budget_percent: u.retry_budget_percent,
+                    budget_min_per_s: u.retry_budget_min_per_s,
+                    backoff: Duration::from_millis(u.retry_backoff_ms),
+                    breaker_failures: u.breaker_failures,
+                    breaker_cooldown: Duration::from_millis(u.breaker_cooldown_ms.max(1)),
+                },
             },
             credentials: Credentials {
                 system_user_token,

@@ -17,6 +17,9 @@ pub mod subcode {
     pub const QUEUE_TIMEOUT: i64 = 2_446_010;
     pub const QUEUE_FULL: i64 = 2_446_011;
     pub const UPSTREAM: i64 = 2_446_020;
+    pub const UPSTREAM_TOO_LARGE: i64 = 2_446_021;
+    pub const BREAKER_OPEN: i64 = 2_446_022;
+    pub const OVERLOADED: i64 = 2_446_030;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +48,12 @@ pub enum ProxyError {
     UpstreamTimeout(u64),
     #[error("The Graph API sent a reply graphgate cannot use: {0}")]
     UpstreamBadResponse(String),
+    #[error("The Graph API reply is larger than graphgate accepts ({0} bytes).")]
+    UpstreamTooLarge(usize),
+    #[error("The Graph API is failing; graphgate is not sending calls for {retry_after_s} s.")]
+    UpstreamUnavailable { retry_after_s: u64 },
+    #[error("graphgate is overloaded; retry after {retry_after_s} s.")]
+    Overloaded { retry_after_s: u64 },
     #[error("(#80001) graphgate is holding calls to `{page}` to stay within its rate limit. Retry after {retry_after_s} s.")]
     Throttled {
         page: String,
@@ -69,7 +78,10 @@ impl ProxyError {
             MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            UpstreamConnect(_) | UpstreamBadResponse(_) => StatusCode::BAD_GATEWAY,
+            UpstreamConnect(_) | UpstreamBadResponse(_) | UpstreamTooLarge(_) => {
+                StatusCode::BAD_GATEWAY
+            }
+            UpstreamUnavailable { .. } | Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -93,6 +105,9 @@ impl ProxyError {
             UpstreamConnect(_) | UpstreamTimeout(_) | UpstreamBadResponse(_) => {
                 ("GraphgateException", 2, Some(subcode::UPSTREAM))
             }
+            UpstreamTooLarge(_) => ("GraphgateException", 1, Some(subcode::UPSTREAM_TOO_LARGE)),
+            UpstreamUnavailable { .. } => ("GraphgateException", 2, Some(subcode::BREAKER_OPEN)),
+            Overloaded { .. } => ("GraphgateException", 2, Some(subcode::OVERLOADED)),
             Throttled { queue_full, .. } => (
                 "OAuthException",
                 80001,
@@ -119,6 +134,9 @@ impl ProxyError {
             UpstreamConnect(_) => "upstream_connect",
             UpstreamTimeout(_) => "upstream_timeout",
             UpstreamBadResponse(_) => "upstream_bad_response",
+            UpstreamTooLarge(_) => "upstream_too_large",
+            UpstreamUnavailable { .. } => "breaker_open",
+            Overloaded { .. } => "overloaded",
             Throttled { .. } => "throttled",
             ShuttingDown => "shutting_down",
             Internal(_) => "internal",
@@ -139,7 +157,10 @@ impl ProxyError {
         }
         if matches!(
             self,
-            ProxyError::Throttled { .. } | ProxyError::UpstreamTimeout(_)
+            ProxyError::Throttled { .. }
+                | ProxyError::UpstreamTimeout(_)
+                | ProxyError::UpstreamUnavailable { .. }
+                | ProxyError::Overloaded { .. }
         ) {
             err["is_transient"] = json!(true);
         }
@@ -163,8 +184,13 @@ impl ProxyError {
                 ),
             );
         }
-        if let ProxyError::Throttled { retry_after_s, .. } = &self {
-            h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
+        match &self {
+            ProxyError::Throttled { retry_after_s, .. }
+            | ProxyError::UpstreamUnavailable { retry_after_s }
+            | ProxyError::Overloaded { retry_after_s } => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
+            }
+            _ => {}
         }
         resp
     }

@@ -14,5 +14,6 @@ pub mod metrics;
 pub mod proxy;
 pub mod rewrite;
 pub mod server;
+pub mod tls;
 pub mod tokens;
 pub mod upstream;

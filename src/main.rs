@@ -140,9 +140,53 @@ async fn main() -> ExitCode {
 async fn serve(config_path: Option<&Path>) -> Result<(), String> {
     let config = load_config(config_path)?;
     init_logging(config.log.format, &config.log.level);
+    // Installed before listening, so a SIGHUP can never hit the default action (exit).
+    let mut reloads = reload_signal()?;
     let running = server::start(config).await.map_err(|e| e.to_string())?;
-    running.run_until(shutdown_signal()).await;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            () = reloads.next() => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                match load_config(config_path) {
+                    // `reload` logs and counts either way.
+                    Ok(config) => { let _ = running.reload(config); }
+                    Err(why) => running.reject_reload(&why),
+                }
+            }
+        }
+    }
+    tracing::info!("shutting down: draining in-flight requests");
+    running.shutdown().await;
     Ok(())
+}
+
+/// SIGHUP, as a stream of reload requests (never fires on platforms without it).
+struct ReloadSignal {
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
+}
+
+impl ReloadSignal {
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        {
+            if self.hup.recv().await.is_some() {
+                return;
+            }
+        }
+        std::future::pending::<()>().await
+    }
+}
+
+fn reload_signal() -> Result<ReloadSignal, String> {
+    Ok(ReloadSignal {
+        #[cfg(unix)]
+        hup: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| format!("cannot handle SIGHUP: {e}"))?,
+    })
 }
 
 fn check_config(config_path: Option<&Path>) -> Result<(), String> {

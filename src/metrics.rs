@@ -36,6 +36,97 @@ pub struct Metrics {
     /// Connections currently open on the public listener.
     pub open_connections: IntGauge,
     pub build_info: IntGaugeVec,
+    /// Retries, circuit breaker, connection and load limits, config reloads, TLS.
+    pub hardening: HardeningMetrics,
+}
+
+/// The hardening metrics, one block so they stay together.
+pub struct HardeningMetrics {
+    /// Upstream attempts repeated, by reason (connect, reset, graph_transient, http_502,
+    /// http_503).
+    pub retries: IntCounterVec,
+    /// Retries that were due but not made, by reason (budget, deadline, breaker).
+    pub retries_skipped: IntCounterVec,
+    /// 0 closed, 1 half-open (probing), 2 open.
+    pub breaker_state: IntGauge,
+    pub breaker_opened: IntCounter,
+    /// Calls failed fast because the breaker was open.
+    pub breaker_rejections: IntCounter,
+    /// Connections closed at once because `server.max_connections` were open.
+    pub connections_refused: IntCounter,
+    /// Connections closed after `server.idle_timeout_ms` without a request.
+    pub connections_idle_closed: IntCounter,
+    pub requests_in_flight: IntGauge,
+    /// Requests answered 503 because `server.max_in_flight` were being handled.
+    pub load_shed: IntCounter,
+    /// Configuration reloads by result (ok, rejected).
+    pub config_reloads: IntCounterVec,
+    pub tls_handshake_failures: IntCounter,
+}
+
+impl HardeningMetrics {
+    fn new(r: &Registry) -> HardeningMetrics {
+        HardeningMetrics {
+            retries: counter_vec(
+                r,
+                "graphgate_upstream_retries_total",
+                "Upstream attempts repeated for idempotent reads, by reason.",
+                &["reason"],
+            ),
+            retries_skipped: counter_vec(
+                r,
+                "graphgate_upstream_retries_skipped_total",
+                "Retries not made (retry budget spent, deadline near, breaker open), by reason.",
+                &["reason"],
+            ),
+            breaker_state: gauge(
+                r,
+                "graphgate_upstream_breaker_state",
+                "Circuit breaker in front of Graph: 0 closed, 1 half-open, 2 open.",
+            ),
+            breaker_opened: counter(
+                r,
+                "graphgate_upstream_breaker_opened_total",
+                "Times the circuit breaker opened.",
+            ),
+            breaker_rejections: counter(
+                r,
+                "graphgate_upstream_breaker_rejections_total",
+                "Calls failed fast with 503 because the circuit breaker was open.",
+            ),
+            connections_refused: counter(
+                r,
+                "graphgate_connections_refused_total",
+                "Client connections closed at once because server.max_connections were open.",
+            ),
+            connections_idle_closed: counter(
+                r,
+                "graphgate_connections_idle_closed_total",
+                "Client connections closed after server.idle_timeout_ms without a request.",
+            ),
+            requests_in_flight: gauge(
+                r,
+                "graphgate_requests_in_flight",
+                "Requests being handled on the public listener.",
+            ),
+            load_shed: counter(
+                r,
+                "graphgate_load_shed_total",
+                "Requests answered 503 because server.max_in_flight requests were in flight.",
+            ),
+            config_reloads: counter_vec(
+                r,
+                "graphgate_config_reloads_total",
+                "Configuration reloads (SIGHUP), by result.",
+                &["result"],
+            ),
+            tls_handshake_failures: counter(
+                r,
+                "graphgate_tls_handshake_failures_total",
+                "Inbound TLS handshakes that failed or timed out.",
+            ),
+        }
+    }
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -149,6 +240,7 @@ impl Metrics {
                 "Client connections currently open.",
             ),
             build_info,
+            hardening: HardeningMetrics::new(&r),
             registry: r,
         }
     }

@@ -29,7 +29,7 @@ pub struct Gateway {
     pub config: Arc<Config>,
     /// Base URL clients reach graphgate at; paging links point here.
     public_url: String,
-    clients: ClientRegistry,
+    pub clients: ClientRegistry,
     pub tokens: Tokens,
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
@@ -216,9 +216,10 @@ impl Gateway {
         let route = call.route();
 
         // Phase: authenticate and authorize.
-        let key = auth::presented_key(&parts.headers, &call.query, &call.form)
+        let (client, key) = self
+            .clients
+            .authenticate(&parts.headers, &parts.extensions, &call.query, &call.form)
             .map_err(|e| (e, route, None))?;
-        let client = self.clients.lookup(&key).map_err(|e| (e, route, None))?;
         let with_client = |e: ProxyError| (e, route, Some(client.clone()));
         self.authorize(&client, &call).map_err(with_client)?;
 
@@ -290,7 +291,8 @@ impl Gateway {
                 .for_page(call.page(), version, &self.upstream)
                 .await?;
             let request = self.upstream_request(call, &injected)?;
-            let reply = self.upstream.send(request).await?;
+            let idempotent = call.method == GraphMethod::Get && call.batch.is_none();
+            let reply = self.upstream.send_with_policy(request, idempotent).await?;
             if let Some(err) = reply.graph_error() {
                 if err.class() == ErrorClass::Auth {
                     self.metrics.token_last_invalid.set(unix_now());

@@ -1,12 +1,26 @@
-//! Sockets: the public listener (HTTP/1.1 and h2c through hyper-util's auto builder) and the
-//! admin listener, header-read timeout and head-size limits, and graceful shutdown that
-//! stops accepting, fails /readyz, and drains in-flight requests up to a deadline.
+//! Sockets: the public listener (HTTP/1.1 and h2c through hyper-util's auto builder, or TLS
+//! with HTTP/2 and HTTP/1.1 by ALPN) and the admin listener, header-read timeout and head-size
+//! limits, and graceful shutdown that stops accepting, fails /readyz, and drains in-flight
+//! requests up to a deadline.
+//!
+//! Protection against load and abuse lives here:
+//! - `server.max_connections`: a connection beyond it is closed as soon as it is accepted;
+//! - `server.idle_timeout_ms`: a connection with no request in flight for that long is closed
+//!   gracefully (HTTP/2 gets a GOAWAY); HTTP/1 heads must also arrive within
+//!   `header_read_timeout_ms` (slowloris), and TLS handshakes within the same time;
+//! - `server.max_in_flight`: requests beyond it are not queued but answered at once with 503,
+//!   `Retry-After` and a Graph-style error (load shedding).
+//!
+//! [`Running::reload`] applies a new configuration without a restart (clients, TLS
+//! certificates); see its docs for what needs a restart.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -16,28 +30,34 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::admin;
+use crate::auth::PeerCertificate;
 use crate::config::{Config, ServerConfig};
+use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
+use crate::tls;
 
 /// A running graphgate: both listeners bound, serving until [`Running::shutdown`].
 pub struct Running {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub gateway: Arc<Gateway>,
+    tls: Option<Arc<tls::Reloadable>>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
 impl Running {
-    /// `http://127.0.0.1:PORT` of the public listener.
+    /// `http://127.0.0.1:PORT` (`https://` with TLS) of the public listener.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn admin_url(&self) -> String {
@@ -57,6 +77,107 @@ impl Running {
         tracing::info!("shutting down: draining in-flight requests");
         self.shutdown().await;
     }
+
+    /// Applies a new (already validated) configuration without a restart, or refuses it and
+    /// keeps the current one. Reloaded: `[[clients]]` (keys, digests, certificate subjects,
+    /// Pages, write permission) and the TLS certificate, key and client CA files (read again
+    /// even if their paths did not change). Everything else (listeners, limits, upstream,
+    /// credentials, cache, quota, log) needs a restart: changes there are logged and ignored.
+    /// Turning TLS on or off is refused. Counted in `graphgate_config_reloads_total{result}`.
+    pub fn reload(&self, config: Config) -> Result<(), String> {
+        match self.apply(config) {
+            Ok(ignored) => {
+                self.gateway
+                    .metrics
+                    .hardening
+                    .config_reloads
+                    .with_label_values(&["ok"])
+                    .inc();
+                if !ignored.is_empty() {
+                    tracing::warn!(
+                        sections = ?ignored,
+                        "configuration reloaded; changes in these sections need a restart and were ignored"
+                    );
+                }
+                tracing::info!("configuration reloaded");
+                Ok(())
+            }
+            Err(why) => {
+                self.reject_reload(&why);
+                Err(why)
+            }
+        }
+    }
+
+    /// Records a reload that failed before [`Running::reload`] (e.g. the file did not parse):
+    /// the running configuration stays.
+    pub fn reject_reload(&self, why: &str) {
+        self.gateway
+            .metrics
+            .hardening
+            .config_reloads
+            .with_label_values(&["rejected"])
+            .inc();
+        tracing::error!(
+            reason = why,
+            "configuration reload rejected; keeping the running configuration"
+        );
+    }
+
+    /// Validates everything that can fail first, then swaps. Returns the sections whose
+    /// changes were ignored.
+    fn apply(&self, config: Config) -> Result<Vec<&'static str>, String> {
+        let new_tls = match (&self.tls, &config.server.tls) {
+            (Some(_), Some(t)) => Some(tls::server_config(t)?),
+            (None, None) => None,
+            _ => return Err("turning TLS on or off needs a restart".into()),
+        };
+        let ignored = needs_restart(&self.gateway.config, &config);
+        if let (Some(current), Some(new)) = (&self.tls, new_tls) {
+            current.replace(new);
+        }
+        self.gateway.clients.replace(&config.clients);
+        Ok(ignored)
+    }
+}
+
+/// Sections that differ between two configurations but are not reloadable.
+fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+    fn differs(a: &impl std::fmt::Debug, b: &impl std::fmt::Debug) -> bool {
+        format!("{a:?}") != format!("{b:?}")
+    }
+    let expose = |s: &Option<crate::config::Secret>| s.as_ref().map(|s| s.expose().to_string());
+    let mut out = Vec::new();
+    let mut old_server = old.server.clone();
+    old_server.tls = new.server.tls.clone();
+    if differs(&old_server, &new.server)
+        || expose(&old.server.admin_token) != expose(&new.server.admin_token)
+    {
+        out.push("server");
+    }
+    if differs(&old.upstream, &new.upstream) {
+        out.push("upstream");
+    }
+    let (a, b) = (&old.credentials, &new.credentials);
+    if a.system_user_token.expose() != b.system_user_token.expose()
+        || expose(&a.app_secret) != expose(&b.app_secret)
+        || a.page_tokens != b.page_tokens
+    {
+        out.push("credentials");
+    }
+    if differs(&old.cache, &new.cache) {
+        out.push("cache");
+    }
+    if expose(&old.redis.url) != expose(&new.redis.url) {
+        out.push("redis");
+    }
+    if differs(&old.quota, &new.quota) {
+        out.push("quota");
+    }
+    if differs(&old.log, &new.log) {
+        out.push("log");
+    }
+    out
 }
 
 /// Binds both listeners and starts serving. A `server.listen` port of 0 picks a free port;
@@ -66,9 +187,16 @@ pub async fn start(config: Config) -> io::Result<Running> {
     let admin_listener = TcpListener::bind(config.server.admin_listen).await?;
     let addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
+    let tls = match &config.server.tls {
+        Some(t) => Some(Arc::new(
+            tls::Reloadable::load(t).map_err(io::Error::other)?,
+        )),
+        None => None,
+    };
     let public_url = if config.server.listen.port() == 0 && config.server.public_url.ends_with(":0")
     {
-        format!("http://{addr}")
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{addr}")
     } else {
         config.server.public_url.clone()
     };
@@ -78,18 +206,22 @@ pub async fn start(config: Config) -> io::Result<Running> {
         Gateway::new(config, public_url, metrics).map_err(|e| io::Error::other(e.to_string()))?,
     );
     let (stop, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(serve(
-        listener,
-        admin_listener,
-        gateway.clone(),
-        server_cfg,
-        stop_rx,
-    ));
+    let shared = Arc::new(Shared {
+        builder: builder(&server_cfg),
+        gateway: gateway.clone(),
+        connections: Arc::new(Semaphore::new(server_cfg.max_connections)),
+        in_flight: Arc::new(Semaphore::new(server_cfg.max_in_flight)),
+        tls: tls.clone(),
+        stop: stop_rx,
+        cfg: server_cfg,
+    });
+    let task = tokio::spawn(serve(listener, admin_listener, shared));
     tracing::info!(%addr, %admin_addr, public_url = gateway.public_url(), "graphgate listening");
     Ok(Running {
         addr,
         admin_addr,
         gateway,
+        tls,
         stop,
         task,
     })
@@ -110,38 +242,39 @@ fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
     b
 }
 
-async fn serve(
-    listener: TcpListener,
-    admin_listener: TcpListener,
+/// What every connection task of the public listener needs.
+struct Shared {
+    builder: auto::Builder<TokioExecutor>,
     gateway: Arc<Gateway>,
     cfg: ServerConfig,
-    mut stop: watch::Receiver<bool>,
-) {
-    let builder = builder(&cfg);
-    let graceful = GracefulShutdown::new();
+    /// One permit per open public connection (`server.max_connections`).
+    connections: Arc<Semaphore>,
+    /// One permit per request being handled (`server.max_in_flight`).
+    in_flight: Arc<Semaphore>,
+    tls: Option<Arc<tls::Reloadable>>,
+    stop: watch::Receiver<bool>,
+}
+
+async fn serve(listener: TcpListener, admin_listener: TcpListener, shared: Arc<Shared>) {
+    let gateway = shared.gateway.clone();
+    let cfg = shared.cfg.clone();
+    let mut stop = shared.stop.clone();
     let admin_graceful = GracefulShutdown::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else {
                     // Out of fds or similar: back off briefly instead of spinning.
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
-                let _ = stream.set_nodelay(true);
-                let gw = gateway.clone();
-                let service = service_fn(move |req: Request<Incoming>| {
-                    let gw = gw.clone();
-                    async move { Ok::<_, Infallible>(gw.handle(req).await) }
-                });
-                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let conn = graceful.watch(conn);
-                let metrics = gateway.metrics.clone();
-                metrics.open_connections.inc();
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                    metrics.open_connections.dec();
-                });
+                let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
+                    // At the connection limit: close at once rather than let it wait unserved.
+                    gateway.metrics.hardening.connections_refused.inc();
+                    drop(stream);
+                    continue;
+                };
+                tokio::spawn(serve_public(shared.clone(), stream, permit));
             }
             accepted = admin_listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
@@ -150,7 +283,7 @@ async fn serve(
                     let gw = gw.clone();
                     async move { Ok::<Response<Full<Bytes>>, Infallible>(admin::handle(&gw, req).await) }
                 });
-                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                let conn = shared.builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let conn = admin_graceful.watch(conn);
                 tokio::spawn(async move {
                     let _ = conn.await;
@@ -161,16 +294,176 @@ async fn serve(
     }
     drop(listener);
     gateway.set_draining();
+    // Every open public connection holds a permit: having them all back means all closed.
+    let all = u32::try_from(cfg.max_connections).unwrap_or(u32::MAX);
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections drained"),
+        _ = shared.connections.acquire_many(all) => tracing::info!("all connections drained"),
         _ = tokio::time::sleep(cfg.shutdown_grace) => {
             tracing::warn!(grace_ms = cfg.shutdown_grace.as_millis() as u64, "shutdown deadline reached with requests still in flight");
         }
     }
     drop(admin_listener);
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_millis(100),
-        admin_graceful.shutdown(),
-    )
-    .await;
+    let _ = tokio::time::timeout(Duration::from_millis(100), admin_graceful.shutdown()).await;
+}
+
+/// Counts an open public connection for as long as it lives.
+struct OpenConnection(Arc<Metrics>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open_connections.dec();
+    }
+}
+
+/// One public connection: TLS handshake (bounded by the header read timeout) if configured,
+/// then HTTP.
+async fn serve_public(shared: Arc<Shared>, stream: TcpStream, _permit: OwnedSemaphorePermit) {
+    let _ = stream.set_nodelay(true);
+    let metrics = shared.gateway.metrics.clone();
+    metrics.open_connections.inc();
+    let _open = OpenConnection(metrics.clone());
+    match &shared.tls {
+        None => serve_http(&shared, TokioIo::new(stream), None).await,
+        Some(tls) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+            let handshake =
+                tokio::time::timeout(shared.cfg.header_read_timeout, acceptor.accept(stream));
+            match handshake.await {
+                Ok(Ok(stream)) => {
+                    let peer = tls::peer_certificate(stream.get_ref().1);
+                    serve_http(&shared, TokioIo::new(stream), peer).await;
+                }
+                Ok(Err(e)) => {
+                    metrics.hardening.tls_handshake_failures.inc();
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    metrics.hardening.tls_handshake_failures.inc();
+                    tracing::debug!("TLS handshake timed out");
+                }
+            }
+        }
+    }
+}
+
+/// When a connection last finished a request, and how many it is handling now.
+struct Activity {
+    opened: Instant,
+    busy: AtomicUsize,
+    /// Milliseconds after `opened` that the last request finished.
+    last_ms: AtomicU64,
+}
+
+/// Marks a connection busy while a request is handled.
+struct Busy(Arc<Activity>);
+
+impl Activity {
+    fn enter(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        Busy(self.clone())
+    }
+
+    /// When the connection becomes idle-expired if nothing happens before.
+    fn deadline(&self, idle: Duration) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        if self.busy.load(Ordering::SeqCst) > 0 {
+            return now + idle;
+        }
+        let last = self.opened + Duration::from_millis(self.last_ms.load(Ordering::SeqCst));
+        tokio::time::Instant::from_std(last + idle).max(now)
+    }
+
+    fn is_idle_for(&self, idle: Duration) -> bool {
+        self.busy.load(Ordering::SeqCst) == 0
+            && self
+                .opened
+                .elapsed()
+                .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::SeqCst)))
+                >= idle
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let ms = u64::try_from(self.0.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.0.last_ms.store(ms, Ordering::SeqCst);
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Serves HTTP on one connection until the client closes it, it idles out, or the server
+/// shuts down (both of which close it gracefully: in-flight requests finish).
+async fn serve_http<I>(shared: &Arc<Shared>, io: TokioIo<I>, peer: Option<PeerCertificate>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Arc::new(Activity {
+        opened: Instant::now(),
+        busy: AtomicUsize::new(0),
+        last_ms: AtomicU64::new(0),
+    });
+    let service = {
+        let shared = shared.clone();
+        let activity = activity.clone();
+        service_fn(move |mut req: Request<Incoming>| {
+            if let Some(p) = &peer {
+                req.extensions_mut().insert(p.clone());
+            }
+            let busy = activity.enter();
+            let shared = shared.clone();
+            async move {
+                let _busy = busy;
+                Ok::<_, Infallible>(handle_limited(&shared, req).await)
+            }
+        })
+    };
+    let conn = shared.builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let mut stop = shared.stop.clone();
+    let idle = shared.cfg.idle_timeout;
+    let mut closing = *stop.borrow();
+    if closing {
+        conn.as_mut().graceful_shutdown();
+    }
+    loop {
+        let idle_at = activity.deadline(idle);
+        tokio::select! {
+            _ = conn.as_mut() => break,
+            _ = stop.changed(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = tokio::time::sleep_until(idle_at), if !closing => {
+                if activity.is_idle_for(idle) {
+                    shared.gateway.metrics.hardening.connections_idle_closed.inc();
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+}
+
+/// Handles a request if fewer than `server.max_in_flight` are being handled, else sheds it:
+/// 503 with `Retry-After` at once, never a queue.
+async fn handle_limited(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let gw = &shared.gateway;
+    let h = &gw.metrics.hardening;
+    match shared.in_flight.clone().try_acquire_owned() {
+        Ok(permit) => {
+            h.requests_in_flight.inc();
+            let response = gw.handle(req).await;
+            h.requests_in_flight.dec();
+            drop(permit);
+            response
+        }
+        Err(_) => {
+            h.load_shed.inc();
+            gw.metrics
+                .rejections
+                .with_label_values(&["overloaded"])
+                .inc();
+            ProxyError::Overloaded { retry_after_s: 1 }.into_response("gg-shed")
+        }
+    }
 }

@@ -1,6 +1,23 @@
 //! The connection to Graph: a pooled hyper client over rustls (HTTP/1.1 and HTTP/2 by ALPN),
 //! request building (large GET → POST with `method=GET`), and reading replies into a
 //! [`Reply`] with only the headers worth passing on.
+//!
+//! Every call goes through [`Upstream::send_with_policy`], the one place that decides about
+//! retries ([`retry`]) and the circuit breaker ([`breaker`]):
+//! - the breaker fails calls fast (503) while Graph keeps failing, and probes after a
+//!   cool-down;
+//! - only idempotent reads are retried, only on transient failures (connect error, connection
+//!   reset before a complete reply, Graph code 1/2 or `is_transient`, HTTP 502/503 without a
+//!   Graph error), with full-jitter backoff, within the retry budget and within the one
+//!   deadline of `upstream.timeout_ms` for all attempts together;
+//! - timeouts are not retried (the deadline is spent), nor throttles (the quota's business),
+//!   nor replies that are too large or not JSON.
+//!
+//! A 2xx reply whose body is not JSON is unusable for every client and SDK: it becomes a 502
+//! Graph-style error rather than passing through.
+
+mod breaker;
+mod retry;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +30,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config::UpstreamConfig;
+use crate::config::{RetryConfig, UpstreamConfig};
 use crate::error::ProxyError;
 use crate::graph::request::{GraphMethod, Params};
 use crate::graph::usage::{ErrorClass, GraphErrorInfo};
@@ -103,6 +120,62 @@ pub struct Upstream {
     max_get_url_bytes: usize,
     max_response_bytes: usize,
     metrics: Arc<Metrics>,
+    retry: RetryConfig,
+    budget: retry::RetryBudget,
+    breaker: breaker::Breaker,
+}
+
+/// An HTTP request to Graph, kept so it can be sent again.
+struct Prepared {
+    method: Method,
+    uri: http::Uri,
+    headers: http::HeaderMap,
+    body: Bytes,
+}
+
+impl Prepared {
+    fn to_request(&self) -> Request<Full<Bytes>> {
+        let mut r = Request::new(Full::new(self.body.clone()));
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
+}
+
+/// How one attempt failed, for the retry and breaker decisions.
+struct Failed {
+    error: ProxyError,
+    /// Why this failure may be retried (a metric label), if it may.
+    retry: Option<&'static str>,
+    /// Does it say Graph is unhealthy (counts toward opening the breaker)?
+    unhealthy: bool,
+}
+
+/// Retry reason and health of a reply Graph sent.
+fn judge_reply(reply: &Reply) -> (Option<&'static str>, bool) {
+    match reply.graph_error().map(|e| e.class()) {
+        Some(ErrorClass::Transient) => (Some("graph_transient"), true),
+        Some(_) => (None, false),
+        None => match reply.status.as_u16() {
+            502 => (Some("http_502"), true),
+            503 => (Some("http_503"), true),
+            s if s >= 500 => (None, true),
+            _ => (None, false),
+        },
+    }
+}
+
+/// Is a successful body something clients can use? Graph answers JSON (older endpoints say
+/// `text/javascript`); other content types (images) are not checked.
+fn body_is_usable(reply: &Reply) -> bool {
+    if !reply.status.is_success() || reply.body.is_empty() {
+        return true;
+    }
+    let json_like = reply
+        .header("content-type")
+        .is_none_or(|ct| ct.contains("json") || ct.contains("javascript"));
+    !json_like || serde_json::from_slice::<serde::de::IgnoredAny>(&reply.body).is_ok()
 }
 
 impl Upstream {
@@ -130,13 +203,20 @@ impl Upstream {
             timeout: cfg.timeout,
             max_get_url_bytes: cfg.max_get_url_bytes,
             max_response_bytes: cfg.max_response_bytes,
+            retry: cfg.retry.clone(),
+            budget: retry::RetryBudget::new(cfg.retry.budget_percent, cfg.retry.budget_min_per_s),
+            breaker: breaker::Breaker::new(
+                cfg.retry.breaker_failures,
+                cfg.retry.breaker_cooldown,
+                metrics.clone(),
+            ),
             metrics,
         })
     }
 
     /// Builds the HTTP request, rewriting a GET whose target would be too long into
     /// POST + `method=GET` with the parameters in a form body.
-    fn build(&self, req: UpstreamRequest) -> Result<Request<Full<Bytes>>, ProxyError> {
+    fn build(&self, req: UpstreamRequest) -> Result<Prepared, ProxyError> {
         let query = req.params.encode();
         let target_len = req.path.len() + 1 + query.len();
         let (method, uri, body, content_type) = match (req.method, req.opaque_body) {
@@ -180,44 +260,131 @@ impl Upstream {
                 )),
             ),
         };
-        let mut builder = Request::builder().method(method).uri(uri);
-        if let Some(h) = builder.headers_mut() {
-            for (n, v) in req.headers {
-                h.append(n, v);
-            }
-            if let Some(ct) = content_type {
-                h.insert(header::CONTENT_TYPE, ct);
-            }
+        let uri: http::Uri = uri
+            .parse()
+            .map_err(|e| ProxyError::Internal(format!("cannot build upstream request: {e}")))?;
+        let mut headers = http::HeaderMap::new();
+        for (n, v) in req.headers {
+            headers.append(n, v);
         }
-        builder
-            .body(Full::new(body))
-            .map_err(|e| ProxyError::Internal(format!("cannot build upstream request: {e}")))
+        if let Some(ct) = content_type {
+            headers.insert(header::CONTENT_TYPE, ct);
+        }
+        Ok(Prepared {
+            method,
+            uri,
+            headers,
+            body,
+        })
     }
 
-    /// Sends one request and buffers the reply (bounded by `max_response_bytes`), all within
-    /// the upstream timeout.
+    /// [`Upstream::send_with_policy`] for a call that must not be repeated.
     pub async fn send(&self, req: UpstreamRequest) -> Result<Reply, ProxyError> {
-        let http_req = self.build(req)?;
-        let started = Instant::now();
-        let result = tokio::time::timeout(self.timeout, self.exchange(http_req)).await;
-        let result = match result {
-            Ok(r) => r,
-            Err(_) => Err(ProxyError::UpstreamTimeout(self.timeout.as_millis() as u64)),
+        self.send_with_policy(req, false).await
+    }
+
+    /// Sends a call through the circuit breaker, retrying transient failures when
+    /// `idempotent` (an effective GET, never a write or a batch). All attempts together finish
+    /// within `upstream.timeout_ms`. See the module docs for what is retried.
+    pub async fn send_with_policy(
+        &self,
+        req: UpstreamRequest,
+        idempotent: bool,
+    ) -> Result<Reply, ProxyError> {
+        let prepared = self.build(req)?;
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        self.budget.deposit();
+        let h = &self.metrics.hardening;
+        let mut attempt: u32 = 0;
+        let mut permit = match self.breaker.admit() {
+            Ok(p) => p,
+            Err(wait) => {
+                h.breaker_rejections.inc();
+                return Err(ProxyError::UpstreamUnavailable {
+                    retry_after_s: wait.as_secs_f64().ceil().max(1.0) as u64,
+                });
+            }
         };
+        loop {
+            let result = self.attempt(&prepared, deadline).await;
+            let (retry_reason, healthy) = match &result {
+                Ok(reply) => {
+                    let (reason, unhealthy) = judge_reply(reply);
+                    (reason, !unhealthy)
+                }
+                Err(f) => (f.retry, !f.unhealthy),
+            };
+            permit.record(healthy);
+            let give_up = |result: Result<Reply, Failed>| result.map_err(|f| f.error);
+            let Some(reason) = retry_reason else {
+                return give_up(result);
+            };
+            if !idempotent || attempt >= self.retry.retries {
+                return give_up(result);
+            }
+            let wait = retry::backoff(self.retry.backoff, attempt);
+            // Leave the next attempt a fair share of the deadline, not just the backoff.
+            if tokio::time::Instant::now() + wait + self.timeout / 10 >= deadline {
+                h.retries_skipped.with_label_values(&["deadline"]).inc();
+                return give_up(result);
+            }
+            if !self.budget.try_withdraw() {
+                h.retries_skipped.with_label_values(&["budget"]).inc();
+                return give_up(result);
+            }
+            tokio::time::sleep(wait).await;
+            permit = match self.breaker.admit() {
+                Ok(p) => p,
+                Err(_) => {
+                    h.retries_skipped.with_label_values(&["breaker"]).inc();
+                    return give_up(result);
+                }
+            };
+            h.retries.with_label_values(&[reason]).inc();
+            attempt += 1;
+            tracing::debug!(attempt, reason, "retrying an idempotent read");
+        }
+    }
+
+    /// One exchange, bounded by `deadline`, counted in the upstream metrics.
+    async fn attempt(
+        &self,
+        prepared: &Prepared,
+        deadline: tokio::time::Instant,
+    ) -> Result<Reply, Failed> {
+        let started = Instant::now();
+        let result =
+            match tokio::time::timeout_at(deadline, self.exchange(prepared.to_request())).await {
+                Ok(r) => r,
+                Err(_) => Err(Failed {
+                    error: ProxyError::UpstreamTimeout(self.timeout.as_millis() as u64),
+                    retry: None,
+                    unhealthy: true,
+                }),
+            };
         let outcome = match &result {
             Ok(reply) => reply.outcome(),
-            Err(e) => e.label(),
+            Err(f) => f.error.label(),
         };
         self.metrics.observe_upstream(outcome, started.elapsed());
         result
     }
 
-    async fn exchange(&self, req: Request<Full<Bytes>>) -> Result<Reply, ProxyError> {
+    async fn exchange(&self, req: Request<Full<Bytes>>) -> Result<Reply, Failed> {
         let resp = self.client.request(req).await.map_err(|e| {
             if e.is_connect() {
-                ProxyError::UpstreamConnect(describe_error(&e))
+                Failed {
+                    error: ProxyError::UpstreamConnect(describe_error(&e)),
+                    retry: Some("connect"),
+                    unhealthy: true,
+                }
             } else {
-                ProxyError::UpstreamBadResponse(describe_error(&e))
+                // Reset or closed before a complete head.
+                Failed {
+                    error: ProxyError::UpstreamBadResponse(describe_error(&e)),
+                    retry: Some("reset"),
+                    unhealthy: true,
+                }
             }
         })?;
         let (parts, body) = resp.into_parts();
@@ -226,12 +393,21 @@ impl Upstream {
             .await
             .map_err(|e| {
                 if e.is::<http_body_util::LengthLimitError>() {
-                    ProxyError::UpstreamBadResponse(format!(
-                        "reply larger than {} bytes",
-                        self.max_response_bytes
-                    ))
+                    // Graph answered; the reply is just too big for us. Not a health signal.
+                    Failed {
+                        error: ProxyError::UpstreamTooLarge(self.max_response_bytes),
+                        retry: None,
+                        unhealthy: false,
+                    }
                 } else {
-                    ProxyError::UpstreamBadResponse(format!("reply body failed: {e}"))
+                    Failed {
+                        error: ProxyError::UpstreamBadResponse(format!(
+                            "reply body failed: {}",
+                            describe_error(e.as_ref())
+                        )),
+                        retry: Some("reset"),
+                        unhealthy: true,
+                    }
                 }
             })?
             .to_bytes();
@@ -241,11 +417,22 @@ impl Upstream {
             .filter(|(n, _)| PASSED_RESPONSE_HEADERS.contains(&n.as_str()))
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect();
-        Ok(Reply {
+        let reply = Reply {
             status: parts.status,
             headers,
             body,
-        })
+        };
+        if !body_is_usable(&reply) {
+            return Err(Failed {
+                error: ProxyError::UpstreamBadResponse(format!(
+                    "HTTP {} with a body that is not valid JSON",
+                    reply.status.as_u16()
+                )),
+                retry: None,
+                unhealthy: true,
+            });
+        }
+        Ok(reply)
     }
 }
 

@@ -1,0 +1,173 @@
+//! Inbound TLS: the public listener's certificate and key (PEM), HTTP/2 and HTTP/1.1 by ALPN,
+//! rustls with the ring provider. The server configuration sits behind an atomic pointer so a
+//! reload (SIGHUP) swaps in new certificates for new connections without touching open ones.
+//!
+//! With `tls_client_ca_file`, clients may present a certificate signed by that CA; its
+//! subject CN and DNS SANs are handed to authentication ([`PeerCertificate`]), which maps them
+//! to a `[[clients]]` entry with that `cert_subject`. A certificate is optional: clients
+//! without one authenticate with their key as usual; a certificate that does not verify
+//! fails the handshake.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig, ServerConnection};
+
+use crate::auth::PeerCertificate;
+use crate::config::TlsConfig;
+
+/// The current rustls server configuration; replaced on reload.
+pub struct Reloadable {
+    current: ArcSwap<ServerConfig>,
+}
+
+impl Reloadable {
+    pub fn load(cfg: &TlsConfig) -> Result<Reloadable, String> {
+        Ok(Reloadable {
+            current: ArcSwap::new(server_config(cfg)?),
+        })
+    }
+
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.current.load_full()
+    }
+
+    pub fn replace(&self, config: Arc<ServerConfig>) {
+        self.current.store(config);
+    }
+}
+
+fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{what} {}: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{what} {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{what} {}: no certificate found", path.display()));
+    }
+    Ok(certs)
+}
+
+/// Reads the PEM files and builds a rustls server configuration.
+pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, String> {
+    let certs = read_certs(&cfg.cert_file, "server.tls_cert_file")?;
+    let key = PrivateKeyDer::from_pem_file(&cfg.key_file)
+        .map_err(|e| format!("server.tls_key_file {}: {e}", cfg.key_file.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+        .map_err(|e| format!("TLS: {e}"))?;
+    let builder = match &cfg.client_ca_file {
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in read_certs(ca, "server.tls_client_ca_file")? {
+                roots
+                    .add(c)
+                    .map_err(|e| format!("server.tls_client_ca_file {}: {e}", ca.display()))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| format!("server.tls_client_ca_file {}: {e}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("server.tls_cert_file/tls_key_file: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The names of the verified client certificate of a connection, if it presented one: the
+/// subject's common names, then the DNS subject alternative names.
+pub fn peer_certificate(conn: &ServerConnection) -> Option<PeerCertificate> {
+    let cert = conn.peer_certificates()?.first()?;
+    let parsed = webpki::EndEntityCert::try_from(cert).ok()?;
+    let mut names = common_names(parsed.subject());
+    names.extend(parsed.valid_dns_names().map(str::to_string));
+    Some(PeerCertificate { names })
+}
+
+/// Common names (OID 2.5.4.3) in the contents of a DER `Name` (a SEQUENCE OF RDN SETs of
+/// AttributeTypeAndValue SEQUENCEs). Anything unexpected is skipped, never panics.
+fn common_names(mut name: &[u8]) -> Vec<String> {
+    const CN_OID: &[u8] = &[0x55, 0x04, 0x03];
+    let mut out = Vec::new();
+    while let Some((tag, rdn, rest)) = der_next(name) {
+        name = rest;
+        if tag != 0x31 {
+            continue;
+        }
+        let mut set = rdn;
+        while let Some((tag, atv, rest)) = der_next(set) {
+            set = rest;
+            if tag != 0x30 {
+                continue;
+            }
+            let Some((0x06, oid, value)) = der_next(atv) else {
+                continue;
+            };
+            if oid != CN_OID {
+                continue;
+            }
+            // UTF8String, PrintableString, TeletexString, IA5String.
+            if let Some((0x0c | 0x13 | 0x14 | 0x16, v, _)) = der_next(value) {
+                if let Ok(s) = std::str::from_utf8(v) {
+                    out.push(s.to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// One DER TLV: (tag, contents, rest). Definite lengths up to 4 bytes.
+fn der_next(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&len0, rest) = rest.split_first()?;
+    let (len, rest) = if len0 < 0x80 {
+        (usize::from(len0), rest)
+    } else {
+        let n = usize::from(len0 & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+        (len, &rest[n..])
+    };
+    if rest.len() < len {
+        return None;
+    }
+    Some((tag, &rest[..len], &rest[len..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn common_names_from_der() {
+        // SET { SEQ { OID 2.5.4.6, PrintableString "NL" } }, SET { SEQ { OID 2.5.4.3, UTF8 "svc-a" } }
+        let name = [
+            0x31, 0x0b, 0x30, 0x09, 0x06, 0x03, 0x55, 0x04, 0x06, 0x13, 0x02, b'N', b'L', 0x31,
+            0x0e, 0x30, 0x0c, 0x06, 0x03, 0x55, 0x04, 0x03, 0x0c, 0x05, b's', b'v', b'c', b'-',
+            b'a',
+        ];
+        assert_eq!(common_names(&name), vec!["svc-a".to_string()]);
+    }
+
+    #[test]
+    fn malformed_der_yields_nothing() {
+        assert!(common_names(&[0x31, 0x7f, 0x30]).is_empty());
+        assert!(common_names(&[0x31, 0x84, 0xff, 0xff, 0xff, 0xff]).is_empty());
+        assert!(common_names(&[]).is_empty());
+    }
+}
