@@ -50,6 +50,10 @@ pub enum ProxyError {
         page: String,
         retry_after_s: u64,
         queue_full: bool,
+        /// RateLimit-Policy of the bucket: its name (`page`/`app`), calls per window, window.
+        policy: &'static str,
+        limit: u32,
+        window_s: u64,
     },
     #[error("graphgate is shutting down.")]
     ShuttingDown,
@@ -155,8 +159,19 @@ impl ProxyError {
                 HeaderValue::from_static("OAuth \"graphgate\" \"invalid_token\" \"client key required\""),
             );
         }
-        if let ProxyError::Throttled { retry_after_s, .. } = &self {
+        if let ProxyError::Throttled {
+            retry_after_s,
+            policy,
+            limit,
+            window_s,
+            ..
+        } = &self
+        {
             h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
+            // draft-ietf-httpapi-ratelimit-headers: nothing left until Retry-After.
+            for (name, value) in crate::quota::rate_limit_pair(policy, *limit, *window_s, 0, *retry_after_s) {
+                h.insert(name, value);
+            }
         }
         resp
     }
@@ -182,9 +197,27 @@ mod tests {
             page: "1001".into(),
             retry_after_s: 7,
             queue_full: false,
+            policy: "page",
+            limit: 98,
+            window_s: 3600,
         }
         .into_response("t");
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(r.headers()[header::RETRY_AFTER], "7");
+        assert_eq!(r.headers()["ratelimit-policy"], "\"page\";q=98;w=3600");
+        assert_eq!(r.headers()["ratelimit"], "\"page\";r=0;t=7");
+        let v: serde_json::Value = serde_json::from_slice(&ProxyError::Throttled {
+            page: "1001".into(),
+            retry_after_s: 7,
+            queue_full: true,
+            policy: "page",
+            limit: 98,
+            window_s: 3600,
+        }
+        .body("t"))
+        .unwrap();
+        assert_eq!(v["error"]["code"], 80001);
+        assert_eq!(v["error"]["error_subcode"], subcode::QUEUE_FULL);
+        assert_eq!(v["error"]["is_transient"], true);
     }
 }
