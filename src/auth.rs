@@ -74,14 +74,21 @@ impl ClientRegistry {
     /// Finds the client for a presented key. The map is keyed by digest, so lookup time does
     /// not depend on how much of a guessed key matches a real one.
     pub fn lookup(&self, key: &str) -> Result<Arc<Client>, ProxyError> {
-        self.by_digest.get(&digest(key)).cloned().ok_or(ProxyError::UnknownKey)
+        self.by_digest
+            .get(&digest(key))
+            .cloned()
+            .ok_or(ProxyError::UnknownKey)
     }
 }
 
 /// The single key a request presents: from `access_token` in the query or form body, or
 /// `Authorization: Bearer|OAuth`. The same key may appear more than once (an SDK adding its
 /// token to a paging link that already carries it); different keys are refused.
-pub fn presented_key(headers: &HeaderMap, query: &Params, form: &Params) -> Result<String, ProxyError> {
+pub fn presented_key(
+    headers: &HeaderMap,
+    query: &Params,
+    form: &Params,
+) -> Result<String, ProxyError> {
     let mut found: Option<String> = None;
     let mut offer = |k: &str| -> Result<(), ProxyError> {
         let k = k.trim();
@@ -118,7 +125,12 @@ pub fn presented_key(headers: &HeaderMap, query: &Params, form: &Params) -> Resu
 }
 
 /// Checks one Graph call (path node, `ids=`, method) against the client's permissions.
-pub fn authorize(client: &Client, method: GraphMethod, node: Option<&str>, ids: &[String]) -> Result<(), ProxyError> {
+pub fn authorize(
+    client: &Client,
+    method: GraphMethod,
+    node: Option<&str>,
+    ids: &[String],
+) -> Result<(), ProxyError> {
     if method.is_write() && !client.write {
         let what = match method {
             GraphMethod::Delete => "delete objects",
@@ -185,7 +197,10 @@ mod tests {
             Err(ProxyError::MissingKey)
         ));
         let form = Params::parse("access_token=k3").unwrap();
-        assert_eq!(presented_key(&HeaderMap::new(), &Params::new(), &form).unwrap(), "k3");
+        assert_eq!(
+            presented_key(&HeaderMap::new(), &Params::new(), &form).unwrap(),
+            "k3"
+        );
     }
 
     #[test]
@@ -196,7 +211,13 @@ mod tests {
         assert!(authorize(&reader, GraphMethod::Get, Some("1001_5"), &[]).is_ok());
         assert!(authorize(&reader, GraphMethod::Get, Some("1002"), &[]).is_err());
         assert!(authorize(&reader, GraphMethod::Get, Some("me"), &[]).is_err());
-        assert!(authorize(&reader, GraphMethod::Get, None, &["1001".into(), "1002".into()]).is_err());
+        assert!(authorize(
+            &reader,
+            GraphMethod::Get,
+            None,
+            &["1001".into(), "1002".into()]
+        )
+        .is_err());
         assert!(matches!(
             authorize(&reader, GraphMethod::Post, Some("1001"), &[]),
             Err(ProxyError::ForbiddenWrite(_))

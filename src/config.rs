@@ -349,12 +349,18 @@ pub const ENV_APP_SECRET: &str = "GRAPHGATE_APP_SECRET";
 impl Config {
     /// Parses TOML text and validates it; `env` supplies secret overrides (pass
     /// `|k| std::env::var(k).ok()` in production, a map in tests).
-    pub fn from_toml(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    pub fn from_toml(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         Config::validate(raw, env)
     }
 
-    pub fn from_file(path: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    pub fn from_file(
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
@@ -362,7 +368,10 @@ impl Config {
         Config::from_toml(&text, env)
     }
 
-    fn validate(raw: RawConfig, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    fn validate(
+        raw: RawConfig,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let s = raw.server;
         let listen: SocketAddr = s
             .listen
@@ -428,7 +437,10 @@ impl Config {
                 return Err(invalid(&key_name("key"), "must be at least 8 characters"));
             }
             if rc.key.expose() == system_user_token.expose() {
-                return Err(invalid(&key_name("key"), "must differ from the system user token"));
+                return Err(invalid(
+                    &key_name("key"),
+                    "must differ from the system user token",
+                ));
             }
             if clients.iter().any(|c: &ClientConfig| c.key == rc.key) {
                 return Err(invalid(&key_name("key"), "duplicate key"));
@@ -438,7 +450,10 @@ impl Config {
             } else {
                 for p in &rc.pages {
                     if p.is_empty() || !p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-                        return Err(invalid(&key_name("pages"), format!("`{p}` is not a Page id or \"*\"")));
+                        return Err(invalid(
+                            &key_name("pages"),
+                            format!("`{p}` is not a Page id or \"*\""),
+                        ));
                     }
                 }
                 Some(rc.pages)
@@ -466,7 +481,10 @@ impl Config {
         let mut rules = Vec::with_capacity(ca.rules.len());
         for (i, r) in ca.rules.into_iter().enumerate() {
             if !r.pattern.starts_with('/') {
-                return Err(invalid(&format!("cache.rules[{i}].match"), "must start with `/`"));
+                return Err(invalid(
+                    &format!("cache.rules[{i}].match"),
+                    "must start with `/`",
+                ));
             }
             rules.push(CacheRule {
                 pattern: r.pattern,
@@ -483,10 +501,16 @@ impl Config {
         }
         for (i, p) in q.pages.iter().enumerate() {
             if p.page_calls == Some(0) {
-                return Err(invalid(&format!("quota.pages[{i}].page_calls"), "must be positive"));
+                return Err(invalid(
+                    &format!("quota.pages[{i}].page_calls"),
+                    "must be positive",
+                ));
             }
             if p.id.is_empty() || !p.id.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(invalid(&format!("quota.pages[{i}].id"), format!("`{}` is not a Page id", p.id)));
+                return Err(invalid(
+                    &format!("quota.pages[{i}].id"),
+                    format!("`{}` is not a Page id", p.id),
+                ));
             }
         }
         if q.max_queue_depth == 0 {
@@ -505,7 +529,12 @@ impl Config {
         let format = match raw.log.format.as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
-            Some(other) => return Err(invalid("log.format", format!("`{other}` is not \"text\" or \"json\""))),
+            Some(other) => {
+                return Err(invalid(
+                    "log.format",
+                    format!("`{other}` is not \"text\" or \"json\""),
+                ))
+            }
         };
 
         Ok(Config {
@@ -587,7 +616,12 @@ fn validate_base_url(key: &str, url: &str) -> Result<String, ConfigError> {
         .map_err(|e| invalid(key, format!("`{url}` is not a URL: {e}")))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
-        _ => return Err(invalid(key, format!("`{url}` must start with http:// or https://"))),
+        _ => {
+            return Err(invalid(
+                key,
+                format!("`{url}` must start with http:// or https://"),
+            ))
+        }
     }
     if uri.authority().is_none() {
         return Err(invalid(key, format!("`{url}` has no host")));
@@ -622,7 +656,10 @@ mod tests {
         assert_eq!(c.upstream.url, "https://graph.facebook.com");
         assert_eq!(c.upstream.max_get_url_bytes, 2000);
         assert_eq!(c.server.public_url, "http://127.0.0.1:8080");
-        assert_eq!(c.clients[0].pages.as_deref(), Some(&["1001".to_string()][..]));
+        assert_eq!(
+            c.clients[0].pages.as_deref(),
+            Some(&["1001".to_string()][..])
+        );
         assert!(!c.clients[0].write);
     }
 
@@ -646,7 +683,10 @@ mod tests {
     fn invalid_value_says_which_and_why() {
         let text = format!("{MIN}\n[upstream]\nurl = \"ftp://x\"\n");
         let err = Config::from_toml(&text, no_env).unwrap_err().to_string();
-        assert!(err.contains("upstream.url") && err.contains("http"), "{err}");
+        assert!(
+            err.contains("upstream.url") && err.contains("http"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -659,7 +699,10 @@ mod tests {
         };
         let c = Config::from_toml(text, env).unwrap();
         assert_eq!(c.credentials.system_user_token.expose(), "from-env-token");
-        assert_eq!(c.credentials.app_secret.unwrap().expose(), "from-env-secret");
+        assert_eq!(
+            c.credentials.app_secret.unwrap().expose(),
+            "from-env-secret"
+        );
         assert!(c.clients[0].pages.is_none());
     }
 
@@ -678,9 +721,16 @@ mod tests {
         assert_eq!(c.quota.app_calls, 4800);
         let text = format!("{MIN}\n[quota]\npage_calls = 10\n[[quota.pages]]\nid = \"1001\"\n[[quota.pages]]\nid = \"1002\"\npage_calls = 5\n");
         let c = Config::from_toml(&text, no_env).unwrap();
-        assert_eq!(c.quota.pages, [("1001".to_string(), 10), ("1002".to_string(), 5)]);
+        assert_eq!(
+            c.quota.pages,
+            [("1001".to_string(), 10), ("1002".to_string(), 5)]
+        );
         assert_eq!(c.quota.app_calls, 10);
-        for bad in ["slowdown_threshold_pct = 0", "headroom_pct = 50", "max_queue_depth = 0"] {
+        for bad in [
+            "slowdown_threshold_pct = 0",
+            "headroom_pct = 50",
+            "max_queue_depth = 0",
+        ] {
             let text = format!("{MIN}\n[quota]\n{bad}\n");
             let err = Config::from_toml(&text, no_env).unwrap_err().to_string();
             assert!(err.contains("quota."), "{bad}: {err}");

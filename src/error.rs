@@ -141,7 +141,10 @@ impl ProxyError {
         if let Some(sub) = sub {
             err["error_subcode"] = json!(sub);
         }
-        if matches!(self, ProxyError::Throttled { .. } | ProxyError::UpstreamTimeout(_)) {
+        if matches!(
+            self,
+            ProxyError::Throttled { .. } | ProxyError::UpstreamTimeout(_)
+        ) {
             err["is_transient"] = json!(true);
         }
         Bytes::from(json!({ "error": err }).to_string())
@@ -151,12 +154,17 @@ impl ProxyError {
         let mut resp = Response::new(Full::new(self.body(trace_id)));
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=UTF-8"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=UTF-8"),
+        );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if matches!(self, ProxyError::MissingKey | ProxyError::UnknownKey) {
             h.insert(
                 header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("OAuth \"graphgate\" \"invalid_token\" \"client key required\""),
+                HeaderValue::from_static(
+                    "OAuth \"graphgate\" \"invalid_token\" \"client key required\"",
+                ),
             );
         }
         if let ProxyError::Throttled {
@@ -169,7 +177,9 @@ impl ProxyError {
         {
             h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
             // draft-ietf-httpapi-ratelimit-headers: nothing left until Retry-After.
-            for (name, value) in crate::quota::rate_limit_pair(policy, *limit, *window_s, 0, *retry_after_s) {
+            for (name, value) in
+                crate::quota::rate_limit_pair(policy, *limit, *window_s, 0, *retry_after_s)
+            {
                 h.insert(name, value);
             }
         }
@@ -188,7 +198,10 @@ mod tests {
         assert_eq!(v["error"]["code"], 190);
         assert_eq!(v["error"]["type"], "OAuthException");
         assert_eq!(v["error"]["fbtrace_id"], "gg-1");
-        assert!(v["error"]["message"].as_str().unwrap().contains("client key"));
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("client key"));
     }
 
     #[test]
@@ -206,15 +219,17 @@ mod tests {
         assert_eq!(r.headers()[header::RETRY_AFTER], "7");
         assert_eq!(r.headers()["ratelimit-policy"], "\"page\";q=98;w=3600");
         assert_eq!(r.headers()["ratelimit"], "\"page\";r=0;t=7");
-        let v: serde_json::Value = serde_json::from_slice(&ProxyError::Throttled {
-            page: "1001".into(),
-            retry_after_s: 7,
-            queue_full: true,
-            policy: "page",
-            limit: 98,
-            window_s: 3600,
-        }
-        .body("t"))
+        let v: serde_json::Value = serde_json::from_slice(
+            &ProxyError::Throttled {
+                page: "1001".into(),
+                retry_after_s: 7,
+                queue_full: true,
+                policy: "page",
+                limit: 98,
+                window_s: 3600,
+            }
+            .body("t"),
+        )
         .unwrap();
         assert_eq!(v["error"]["code"], 80001);
         assert_eq!(v["error"]["error_subcode"], subcode::QUEUE_FULL);

@@ -10,7 +10,11 @@ use graphgate::fake_graph::{self, FakeGraph, FakeGraphConfig};
 use graphgate::server;
 
 #[derive(Parser)]
-#[command(name = "graphgate", version, about = "A caching, quota-aware gateway in front of Meta's Graph API")]
+#[command(
+    name = "graphgate",
+    version,
+    about = "A caching, quota-aware gateway in front of Meta's Graph API"
+)]
 struct Cli {
     /// Configuration file (else $GRAPHGATE_CONFIG, else config/graphgate.toml, else defaults).
     #[arg(long, global = true)]
@@ -75,7 +79,9 @@ fn load_config(explicit: Option<&Path>) -> Result<Config, String> {
 fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
@@ -162,7 +168,9 @@ async fn run_fake_graph(
     if let Some(s) = page_window_s {
         cfg.page_window = std::time::Duration::from_secs(s);
     }
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| e.to_string())?;
     eprintln!("simulated Graph API on http://{listen}");
     fake_graph::serve(listener, cfg, shutdown_signal())
         .await
@@ -173,10 +181,18 @@ async fn run_fake_graph(
 const DEMO_KEY: &str = "demo-client-key";
 const DEMO_READER_KEY: &str = "demo-reader-key";
 
-async fn demo(listen: SocketAddr, admin_listen: SocketAddr, graph_listen: SocketAddr) -> Result<(), String> {
+async fn demo(
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+    graph_listen: SocketAddr,
+) -> Result<(), String> {
     init_logging(LogFormat::Text, "info");
     let graph_cfg = FakeGraphConfig::default();
-    let token = graph_cfg.system_user_tokens.first().cloned().unwrap_or_default();
+    let token = graph_cfg
+        .system_user_tokens
+        .first()
+        .cloned()
+        .unwrap_or_default();
     let secret = graph_cfg.app_secret.clone().unwrap_or_default();
     let graph = FakeGraph::start(graph_cfg, graph_listen)
         .await

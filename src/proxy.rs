@@ -15,7 +15,9 @@ use crate::auth::{self, Client, ClientRegistry};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::graph::fields::Fields;
-use crate::graph::request::{effective_method, page_of_node, parse_batch, parse_ids, BatchOp, GraphMethod, GraphPath, Params};
+use crate::graph::request::{
+    effective_method, page_of_node, parse_batch, parse_ids, BatchOp, GraphMethod, GraphPath, Params,
+};
 use crate::graph::usage::ErrorClass;
 use crate::metrics::Metrics;
 use crate::quota::{self, Scheduler};
@@ -94,7 +96,11 @@ struct Outcome {
 }
 
 impl Gateway {
-    pub fn new(config: Config, public_url: String, metrics: Arc<Metrics>) -> Result<Gateway, ProxyError> {
+    pub fn new(
+        config: Config,
+        public_url: String,
+        metrics: Arc<Metrics>,
+    ) -> Result<Gateway, ProxyError> {
         let upstream = Upstream::new(&config.upstream, metrics.clone())?;
         Ok(Gateway {
             clients: ClientRegistry::new(&config.clients),
@@ -140,7 +146,10 @@ impl Gateway {
         let outcome = match self.process(req, &trace_id).await {
             Ok(o) => o,
             Err((e, route, client)) => {
-                self.metrics.rejections.with_label_values(&[e.label()]).inc();
+                self.metrics
+                    .rejections
+                    .with_label_values(&[e.label()])
+                    .inc();
                 Outcome {
                     response: e.into_response(&trace_id),
                     route,
@@ -158,8 +167,13 @@ impl Gateway {
             http::Method::DELETE => "DELETE",
             _ => "OTHER",
         };
-        self.metrics
-            .observe_request(outcome.route, method_label, status.as_u16(), outcome.cache, took);
+        self.metrics.observe_request(
+            outcome.route,
+            method_label,
+            status.as_u16(),
+            outcome.cache,
+            took,
+        );
         let fbtrace = outcome
             .response
             .headers()
@@ -208,7 +222,8 @@ impl Gateway {
         let route = call.route();
 
         // Phase: authenticate and authorize.
-        let key = auth::presented_key(&parts.headers, &call.query, &call.form).map_err(|e| (e, route, None))?;
+        let key = auth::presented_key(&parts.headers, &call.query, &call.form)
+            .map_err(|e| (e, route, None))?;
         let client = self.clients.lookup(&key).map_err(|e| (e, route, None))?;
         let with_client = |e: ProxyError| (e, route, Some(client.clone()));
         self.authorize(&client, &call).map_err(with_client)?;
@@ -220,7 +235,10 @@ impl Gateway {
             .clone()
             .unwrap_or_else(|| self.config.upstream.default_version.clone());
         let upstream_started = Instant::now();
-        let (reply, injected) = self.forward(&call, &client, &version).await.map_err(with_client)?;
+        let (reply, injected) = self
+            .forward(&call, &client, &version)
+            .await
+            .map_err(with_client)?;
         let upstream_ms = upstream_started.elapsed().as_millis();
 
         // Phase: prepare the body for this client and answer.
@@ -247,7 +265,9 @@ impl Gateway {
         check_fields(&call.params)?;
         if let Some(ops) = &call.batch {
             if call.method != GraphMethod::Post || call.path.node().is_some() {
-                return Err(ProxyError::BadRequest("A batch is a POST to the root path `/`.".into()));
+                return Err(ProxyError::BadRequest(
+                    "A batch is a POST to the root path `/`.".into(),
+                ));
             }
             for op in ops {
                 let op_client;
@@ -274,15 +294,27 @@ impl Gateway {
     /// A GET that Graph throttles is re-queued (its Page is now paused) while its deadline
     /// allows; writes are never re-sent. A Page token Graph rejects (190) is minted again and
     /// the call retried once: a rejected call was not executed.
-    async fn forward(&self, call: &Call, client: &Client, version: &str) -> Result<(Reply, Injected), ProxyError> {
-        let page_header = call.quota_hints.page.as_deref().filter(|p| client.may_touch(p));
+    async fn forward(
+        &self,
+        call: &Call,
+        client: &Client,
+        version: &str,
+    ) -> Result<(Reply, Injected), ProxyError> {
+        let page_header = call
+            .quota_hints
+            .page
+            .as_deref()
+            .filter(|p| client.may_touch(p));
         let charge = self.quota.charge_for(&quota::call_units(call), page_header);
         let deadline = self.quota.deadline(call.quota_hints.max_wait);
         let may_requeue = call.method == GraphMethod::Get && call.batch.is_none();
         let mut token_retried = false;
         let mut requeues = 0;
         loop {
-            let injected = self.tokens.for_page(call.page(), version, &self.upstream).await?;
+            let injected = self
+                .tokens
+                .for_page(call.page(), version, &self.upstream)
+                .await?;
             let request = self.upstream_request(call, &injected)?;
             let admission = self.quota.admit(&charge, client.priority, deadline).await?;
             let reply = self.upstream.send(request).await?;
@@ -316,7 +348,11 @@ impl Gateway {
     }
 
     /// The upstream form of a call: client key out, injected token and proof in.
-    fn upstream_request(&self, call: &Call, injected: &Injected) -> Result<UpstreamRequest, ProxyError> {
+    fn upstream_request(
+        &self,
+        call: &Call,
+        injected: &Injected,
+    ) -> Result<UpstreamRequest, ProxyError> {
         let mut params = call.params.clone();
         injected.apply(&mut params);
         let method = match (call.method, call.http_method) {
@@ -391,7 +427,8 @@ fn unix_now() -> i64 {
 /// refused rather than silently scrubbed. Malformed `fields` are refused here too.
 fn check_fields(params: &Params) -> Result<(), ProxyError> {
     for raw in params.get_all("fields") {
-        let fields = Fields::parse(raw).map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
+        let fields = Fields::parse(raw)
+            .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
         if fields.contains_at_any_depth("access_token") {
             return Err(ProxyError::ForbiddenField("access_token".into()));
         }
@@ -430,12 +467,19 @@ where
     match Limited::new(body, max).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ProxyError::BodyTooLarge(max)),
-        Err(e) => Err(ProxyError::BadRequest(format!("Could not read the request body: {e}"))),
+        Err(e) => Err(ProxyError::BadRequest(format!(
+            "Could not read the request body: {e}"
+        ))),
     }
 }
 
 /// Parses method, path, query and body into a [`Call`].
-pub fn parse_call(method: &http::Method, uri: &http::Uri, headers: &HeaderMap, body: Bytes) -> Result<Call, ProxyError> {
+pub fn parse_call(
+    method: &http::Method,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Call, ProxyError> {
     let http_method = GraphMethod::from_http(method)?;
     let path = GraphPath::parse(uri.path())?;
     let query = Params::parse(uri.query().unwrap_or(""))?;
@@ -447,7 +491,8 @@ pub fn parse_call(method: &http::Method, uri: &http::Uri, headers: &HeaderMap, b
     let mut form = Params::new();
     let mut opaque_body = None;
     if !body.is_empty() {
-        if content_type.starts_with("application/x-www-form-urlencoded") || content_type.is_empty() {
+        if content_type.starts_with("application/x-www-form-urlencoded") || content_type.is_empty()
+        {
             let text = std::str::from_utf8(&body)
                 .map_err(|_| ProxyError::BadRequest("The form body is not UTF-8.".into()))?;
             form = Params::parse(text)?;
@@ -495,7 +540,9 @@ fn json_body_params(body: &[u8]) -> Result<Params, ProxyError> {
     let value: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| ProxyError::BadRequest(format!("The JSON body is invalid: {e}")))?;
     let serde_json::Value::Object(map) = value else {
-        return Err(ProxyError::BadRequest("The JSON body must be an object.".into()));
+        return Err(ProxyError::BadRequest(
+            "The JSON body must be an object.".into(),
+        ));
     };
     let mut params = Params::new();
     for (k, v) in map {

@@ -44,7 +44,8 @@ pub fn prepare(body: Bytes, is_batch: bool, public_url: &str, secrets: &[&str]) 
             rewrite_value(&mut value, public_url, &mut changed);
             if changed {
                 if let Ok(out) = serde_json::to_vec(&value) {
-                    prepared.has_key_placeholder = memmem::find(&out, KEY_PLACEHOLDER.as_bytes()).is_some();
+                    prepared.has_key_placeholder =
+                        memmem::find(&out, KEY_PLACEHOLDER.as_bytes()).is_some();
                     prepared.bytes = Bytes::from(out);
                 }
             }
@@ -197,11 +198,19 @@ mod tests {
     #[test]
     fn escaped_slashes_nested_paging_and_tokens() {
         let body = br#"{"data":[{"id":"1","comments":{"data":[],"paging":{"next":"https:\/\/graph.facebook.com\/v21.0\/1\/comments?access_token=SYSTOK&after=A"}}}],"paging":{"previous":"https:\/\/graph.facebook.com\/1001\/feed?access_token=SYSTOK&before=B"},"access_token":"PAGETOK"}"#;
-        let p = prepare(Bytes::from_static(body), false, PUBLIC, &["SYSTOK", "PAGETOK"]);
+        let p = prepare(
+            Bytes::from_static(body),
+            false,
+            PUBLIC,
+            &["SYSTOK", "PAGETOK"],
+        );
         assert!(p.has_key_placeholder);
         let out = finalize(&p, "client key/1");
         let text = std::str::from_utf8(&out).unwrap();
-        assert!(!text.contains("SYSTOK") && !text.contains("PAGETOK"), "{text}");
+        assert!(
+            !text.contains("SYSTOK") && !text.contains("PAGETOK"),
+            "{text}"
+        );
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(
             v["paging"]["previous"],
@@ -217,12 +226,16 @@ mod tests {
     #[test]
     fn batch_bodies_are_rewritten() {
         let inner = r#"{"data":[],"paging":{"next":"https://graph.facebook.com/1001/feed?access_token=SYSTOK&after=A"}}"#;
-        let body = serde_json::to_vec(&serde_json::json!([{"code":200,"body":inner}, null])).unwrap();
+        let body =
+            serde_json::to_vec(&serde_json::json!([{"code":200,"body":inner}, null])).unwrap();
         let p = prepare(Bytes::from(body), true, PUBLIC, &["SYSTOK"]);
         let out = finalize(&p, "k1");
         let v: Value = serde_json::from_slice(&out).unwrap();
         let inner: Value = serde_json::from_str(v[0]["body"].as_str().unwrap()).unwrap();
-        assert_eq!(inner["paging"]["next"], format!("{PUBLIC}/1001/feed?access_token=k1&after=A"));
+        assert_eq!(
+            inner["paging"]["next"],
+            format!("{PUBLIC}/1001/feed?access_token=k1&after=A")
+        );
         assert!(v[1].is_null());
     }
 
@@ -231,7 +244,12 @@ mod tests {
         let body = Bytes::from_static(br#"{"id":"1001","name":"Acme"}"#);
         let p = prepare(body.clone(), false, PUBLIC, &["SYSTOK"]);
         assert_eq!(p.bytes.as_ptr(), body.as_ptr());
-        let leaked = prepare(Bytes::from_static(b"oops SYSTOK here"), false, PUBLIC, &["SYSTOK"]);
+        let leaked = prepare(
+            Bytes::from_static(b"oops SYSTOK here"),
+            false,
+            PUBLIC,
+            &["SYSTOK"],
+        );
         assert_eq!(&leaked.bytes[..], b"oops [redacted] here");
     }
 }

@@ -66,7 +66,8 @@ pub async fn start(config: Config) -> io::Result<Running> {
     let admin_listener = TcpListener::bind(config.server.admin_listen).await?;
     let addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
-    let public_url = if config.server.listen.port() == 0 && config.server.public_url.ends_with(":0") {
+    let public_url = if config.server.listen.port() == 0 && config.server.public_url.ends_with(":0")
+    {
         format!("http://{addr}")
     } else {
         config.server.public_url.clone()
@@ -77,7 +78,13 @@ pub async fn start(config: Config) -> io::Result<Running> {
         Gateway::new(config, public_url, metrics).map_err(|e| io::Error::other(e.to_string()))?,
     );
     let (stop, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(serve(listener, admin_listener, gateway.clone(), server_cfg, stop_rx));
+    let task = tokio::spawn(serve(
+        listener,
+        admin_listener,
+        gateway.clone(),
+        server_cfg,
+        stop_rx,
+    ));
     tracing::info!(%addr, %admin_addr, public_url = gateway.public_url(), "graphgate listening");
     Ok(Running {
         addr,
@@ -161,5 +168,9 @@ async fn serve(
         }
     }
     drop(admin_listener);
-    let _ = tokio::time::timeout(std::time::Duration::from_millis(100), admin_graceful.shutdown()).await;
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_millis(100),
+        admin_graceful.shutdown(),
+    )
+    .await;
 }

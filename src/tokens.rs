@@ -26,7 +26,9 @@ pub struct Injected {
 
 impl std::fmt::Debug for Injected {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Injected").field("identity", &self.identity).finish()
+        f.debug_struct("Injected")
+            .field("identity", &self.identity)
+            .finish()
     }
 }
 
@@ -53,7 +55,8 @@ pub struct Tokens {
 
 /// Lowercase hex HMAC-SHA256(key = app secret, message = token), as Graph expects.
 pub fn appsecret_proof(app_secret: &str, token: &str) -> String {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(app_secret.as_bytes()).expect("HMAC takes keys of any length");
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(app_secret.as_bytes())
+        .expect("HMAC takes keys of any length");
     mac.update(token.as_bytes());
     hex::encode(mac.finalize().into_bytes())
 }
@@ -83,7 +86,12 @@ impl Tokens {
     }
 
     /// The token for a call attributed to `page` (or the system token).
-    pub async fn for_page(&self, page: Option<&str>, version: &str, upstream: &Upstream) -> Result<Injected, ProxyError> {
+    pub async fn for_page(
+        &self,
+        page: Option<&str>,
+        version: &str,
+        upstream: &Upstream,
+    ) -> Result<Injected, ProxyError> {
         let Some(page) = page.filter(|_| self.page_tokens) else {
             return Ok(self.system.clone());
         };
@@ -96,7 +104,10 @@ impl Tokens {
         }
         let token = self.mint(page, version, upstream).await?;
         let injected = Injected {
-            proof: self.app_secret.as_ref().map(|s| appsecret_proof(s.expose(), &token)),
+            proof: self
+                .app_secret
+                .as_ref()
+                .map(|s| appsecret_proof(s.expose(), &token)),
             token: Secret::new(token),
             identity: Arc::from(format!("page:{page}")),
         };
@@ -120,7 +131,12 @@ impl Tokens {
         }
     }
 
-    async fn mint(&self, page: &str, version: &str, upstream: &Upstream) -> Result<String, ProxyError> {
+    async fn mint(
+        &self,
+        page: &str,
+        version: &str,
+        upstream: &Upstream,
+    ) -> Result<String, ProxyError> {
         let mut params = Params::new();
         params.push("fields", "access_token");
         self.system.apply(&mut params);
@@ -135,7 +151,11 @@ impl Tokens {
             .await?;
         let parsed: Option<String> = serde_json::from_slice::<serde_json::Value>(&reply.body)
             .ok()
-            .and_then(|v| v.get("access_token").and_then(|t| t.as_str()).map(str::to_string));
+            .and_then(|v| {
+                v.get("access_token")
+                    .and_then(|t| t.as_str())
+                    .map(str::to_string)
+            });
         match parsed {
             Some(t) if reply.status.is_success() && !t.is_empty() => Ok(t),
             _ => {

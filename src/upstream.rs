@@ -41,7 +41,8 @@ const PASSED_RESPONSE_HEADERS: &[&str] = &[
 
 /// Request headers from the client that may reach Graph. Credentials, cookies and
 /// Accept-Encoding (replies must stay readable for paging rewrite) are not among them.
-pub const FORWARDED_REQUEST_HEADERS: &[&str] = &["accept", "accept-language", "user-agent", "if-none-match"];
+pub const FORWARDED_REQUEST_HEADERS: &[&str] =
+    &["accept", "accept-language", "user-agent", "if-none-match"];
 
 /// A buffered reply from Graph (or from the cache, which stores the same thing).
 #[derive(Debug, Clone)]
@@ -153,7 +154,9 @@ impl Upstream {
                     Method::POST,
                     join_target(&self.base, &req.path, ""),
                     Bytes::from(params.encode()),
-                    Some(HeaderValue::from_static("application/x-www-form-urlencoded")),
+                    Some(HeaderValue::from_static(
+                        "application/x-www-form-urlencoded",
+                    )),
                 )
             }
             (GraphMethod::Get, None) => (
@@ -172,7 +175,9 @@ impl Upstream {
                 Method::POST,
                 join_target(&self.base, &req.path, ""),
                 Bytes::from(query),
-                Some(HeaderValue::from_static("application/x-www-form-urlencoded")),
+                Some(HeaderValue::from_static(
+                    "application/x-www-form-urlencoded",
+                )),
             ),
         };
         let mut builder = Request::builder().method(method).uri(uri);

@@ -435,7 +435,20 @@ impl Engine<'_> {
     pub fn execute(&mut self, call: &Call) -> Outcome {
         let (trace_id, request_id) = self.ids.next();
         let mut usage = Usage::default();
-        let result = self.route(call, &mut usage);
+        let mut result = self.route(call, &mut usage);
+        if let (Ok(Value::Object(body)), Some("all" | "info" | "warning")) =
+            (&mut result, call.params.get("debug"))
+        {
+            // Graph's debug mode: a `__debug__` object next to the data.
+            body.insert(
+                "__debug__".into(),
+                json!({"messages": [{
+                    "link": "https://developers.facebook.com/docs/graph-api/using-graph-api/",
+                    "message": "Debug mode is enabled (simulated Graph API).",
+                    "type": "info",
+                }]}),
+            );
+        }
         let cacheable = call.verb == Verb::Get && result.is_ok();
         match result {
             Ok(body) => Outcome {
@@ -827,15 +840,15 @@ impl Engine<'_> {
             if !wanted.contains(&id) {
                 wanted.push(id);
             }
+            // Stop early: deduplication is quadratic and the request fails anyway.
+            if wanted.len() > MAX_IDS {
+                return Err(GraphError::param(format!(
+                    "Too many IDs. Maximum: {MAX_IDS}. Provided: more than {MAX_IDS}."
+                )));
+            }
         }
         if wanted.is_empty() {
             return Err(GraphError::param("The parameter ids is required"));
-        }
-        if wanted.len() > MAX_IDS {
-            return Err(GraphError::param(format!(
-                "Too many IDs. Maximum: {MAX_IDS}. Provided: {}.",
-                wanted.len()
-            )));
         }
         let resolved: Vec<Option<Node>> = wanted
             .iter()

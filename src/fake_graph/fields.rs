@@ -60,11 +60,7 @@ pub(crate) fn to_text(sels: &[FieldSel]) -> String {
 
 /// Parses a whole `fields=` value. The error is the Graph message (without the `(#100)` prefix).
 pub(crate) fn parse(input: &str) -> Result<Vec<FieldSel>, String> {
-    let mut p = Parser {
-        src: input,
-        chars: input.char_indices().collect(),
-        pos: 0,
-    };
+    let mut p = Parser { src: input, pos: 0 };
     let list = p.list(0)?;
     match p.peek() {
         None => Ok(list),
@@ -72,19 +68,19 @@ pub(crate) fn parse(input: &str) -> Result<Vec<FieldSel>, String> {
     }
 }
 
+/// Works on bytes: every delimiter is ASCII, so slicing at them never splits a character.
 struct Parser<'a> {
     src: &'a str,
-    chars: Vec<(usize, char)>,
     pos: usize,
 }
 
 impl Parser<'_> {
     fn peek(&self) -> Option<char> {
-        self.chars.get(self.pos).map(|&(_, c)| c)
+        self.src.as_bytes().get(self.pos).map(|&b| char::from(b))
     }
 
     fn skip_ws(&mut self) {
-        while self.peek().is_some_and(char::is_whitespace) {
+        while self.peek().is_some_and(|c| c.is_ascii_whitespace()) {
             self.pos += 1;
         }
     }
@@ -151,10 +147,7 @@ impl Parser<'_> {
                     if self.peek().is_none() {
                         return Err(self.error("Expected \")\" instead of end of string."));
                     }
-                    let arg: String = self.chars[start..self.pos]
-                        .iter()
-                        .map(|&(_, c)| c)
-                        .collect();
+                    let arg = self.src.get(start..self.pos).unwrap_or_default();
                     self.pos += 1;
                     sel.modifiers.push((m, arg.trim().to_string()));
                 }
@@ -176,14 +169,14 @@ impl Parser<'_> {
         let start = self.pos;
         while self
             .peek()
-            .is_some_and(|c| !c.is_whitespace() && !",.{}()".contains(c))
+            .is_some_and(|c| !c.is_ascii_whitespace() && !",.{}()".contains(c))
         {
             self.pos += 1;
         }
-        self.chars[start..self.pos]
-            .iter()
-            .map(|&(_, c)| c)
-            .collect()
+        self.src
+            .get(start..self.pos)
+            .unwrap_or_default()
+            .to_string()
     }
 }
 
@@ -209,5 +202,10 @@ mod tests {
         assert!(parse(&"a{".repeat(100)).is_err());
         assert_eq!(parse("").unwrap(), vec![]);
         assert_eq!(parse("id,,name,").unwrap().len(), 2);
+        // Non-ASCII never splits a character.
+        let f = parse("n\u{e4}me.as(\u{1F600}){\u{e9}},\u{3000}x").unwrap();
+        assert_eq!(f[0].key(), "\u{1F600}");
+        assert_eq!(f[1].name, "\u{3000}x");
+        assert!(parse("\u{e9}}").is_err());
     }
 }

@@ -206,8 +206,25 @@ impl State {
         self.revoked.contains(token)
     }
 
+    /// Revokes `token`. A revoked Page token is replaced by a new one, as Meta issues a fresh
+    /// token when a Page token is minted again after expiry.
     pub fn revoke(&mut self, token: &str) {
         self.revoked.insert(token.to_string());
+        if let Some(page_id) = self.page_tokens.get(token).cloned() {
+            let generation = self.revoked.len();
+            let fresh = format!("{}g{generation}", page_token_for(&page_id));
+            self.page_tokens.insert(fresh.clone(), page_id.clone());
+            if let Some(page) = self.page_mut(&page_id) {
+                page.token = fresh;
+            }
+        }
+    }
+
+    /// The Page token currently handed out for `page_id`.
+    pub fn current_page_token(&self, page_id: &str) -> String {
+        self.page(page_id)
+            .map(|p| p.token.clone())
+            .unwrap_or_else(|| page_token_for(page_id))
     }
 
     /// The principal of a token that exists (revocation is checked separately).

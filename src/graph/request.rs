@@ -30,7 +30,9 @@ impl Params {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let k = decode_component(k)?;
             if k.is_empty() {
-                return Err(ProxyError::BadRequest("Empty parameter name in query.".into()));
+                return Err(ProxyError::BadRequest(
+                    "Empty parameter name in query.".into(),
+                ));
             }
             out.push((k, decode_component(v)?));
         }
@@ -38,11 +40,17 @@ impl Params {
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.0.iter().filter(move |(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .filter(move |(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -95,7 +103,9 @@ fn decode_component(s: &str) -> Result<String, ProxyError> {
     percent_decode_str(&plus_decoded)
         .decode_utf8()
         .map(|c| c.into_owned())
-        .map_err(|_| ProxyError::BadRequest("Query parameters must be valid percent-encoded UTF-8.".into()))
+        .map_err(|_| {
+            ProxyError::BadRequest("Query parameters must be valid percent-encoded UTF-8.".into())
+        })
 }
 
 /// `/v21.0/1001/feed` → version `v21.0`, segments `["1001", "feed"]`. Root `/` has no segments.
@@ -259,7 +269,9 @@ pub fn parse_ids(params: &Params) -> Result<Vec<String>, ProxyError> {
         .map(str::to_string)
         .collect();
     if ids.len() > MAX_IDS {
-        return Err(ProxyError::BadRequest(format!("Too many ids: at most {MAX_IDS}.")));
+        return Err(ProxyError::BadRequest(format!(
+            "Too many ids: at most {MAX_IDS}."
+        )));
     }
     for id in &ids {
         if id.len() > MAX_SEGMENT_LEN || !id.bytes().all(is_segment_byte) {
@@ -286,7 +298,9 @@ pub struct BatchOp {
 impl BatchOp {
     /// The operation's own token, from its relative_url or body, if it carries one.
     pub fn own_token(&self) -> Option<&str> {
-        self.query.get("access_token").or_else(|| self.body.get("access_token"))
+        self.query
+            .get("access_token")
+            .or_else(|| self.body.get("access_token"))
     }
 
     /// Parameters of the op merged (query then body), for reading `ids`, `fields`, `method`.
@@ -331,7 +345,11 @@ pub fn parse_batch(json: &str) -> Result<Vec<BatchOp>, ProxyError> {
         let body = match raw.get("body") {
             None => Params::new(),
             Some(Value::String(b)) => Params::parse(b)?,
-            Some(_) => return Err(bad(format!("operation {i}: body must be a url-encoded string"))),
+            Some(_) => {
+                return Err(bad(format!(
+                    "operation {i}: body must be a url-encoded string"
+                )))
+            }
         };
         let mut merged = query.clone();
         merged.extend(body.clone());
@@ -369,8 +387,17 @@ mod tests {
         assert_eq!(p.edge(), Some("feed"));
         assert_eq!(p.to_upstream_path(), "/v21.0/1001/feed");
         assert_eq!(GraphPath::parse("/").unwrap().segments.len(), 0);
-        assert_eq!(GraphPath::parse("/v21.0/").unwrap().to_upstream_path(), "/v21.0");
-        for bad in ["/1001//feed", "/../etc", "/1001/<script>", "feed", "/a/b/c/d/e"] {
+        assert_eq!(
+            GraphPath::parse("/v21.0/").unwrap().to_upstream_path(),
+            "/v21.0"
+        );
+        for bad in [
+            "/1001//feed",
+            "/../etc",
+            "/1001/<script>",
+            "feed",
+            "/a/b/c/d/e",
+        ] {
             assert!(GraphPath::parse(bad).is_err(), "{bad}");
         }
     }
@@ -386,10 +413,18 @@ mod tests {
     #[test]
     fn method_override() {
         let p = Params::parse("method=delete").unwrap();
-        assert_eq!(effective_method(GraphMethod::Post, &p).unwrap(), GraphMethod::Delete);
+        assert_eq!(
+            effective_method(GraphMethod::Post, &p).unwrap(),
+            GraphMethod::Delete
+        );
         let p = Params::parse("method=GET").unwrap();
-        assert_eq!(effective_method(GraphMethod::Post, &p).unwrap(), GraphMethod::Get);
-        assert!(effective_method(GraphMethod::Get, &Params::parse("method=PATCH").unwrap()).is_err());
+        assert_eq!(
+            effective_method(GraphMethod::Post, &p).unwrap(),
+            GraphMethod::Get
+        );
+        assert!(
+            effective_method(GraphMethod::Get, &Params::parse("method=PATCH").unwrap()).is_err()
+        );
     }
 
     #[test]
@@ -411,6 +446,9 @@ mod tests {
     fn ids_limits() {
         let many = (0..51).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
         assert!(parse_ids(&Params::parse(&format!("ids={many}")).unwrap()).is_err());
-        assert_eq!(parse_ids(&Params::parse("ids=1,2").unwrap()).unwrap(), vec!["1", "2"]);
+        assert_eq!(
+            parse_ids(&Params::parse("ids=1,2").unwrap()).unwrap(),
+            vec!["1", "2"]
+        );
     }
 }

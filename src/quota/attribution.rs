@@ -157,9 +157,18 @@ mod tests {
     fn call(method: Method, uri: &str, body: &str) -> Call {
         let mut h = HeaderMap::new();
         if !body.is_empty() {
-            h.insert("content-type", "application/x-www-form-urlencoded".parse().unwrap());
+            h.insert(
+                "content-type",
+                "application/x-www-form-urlencoded".parse().unwrap(),
+            );
         }
-        parse_call(&method, &uri.parse().unwrap(), &h, Bytes::from(body.to_string())).unwrap()
+        parse_call(
+            &method,
+            &uri.parse().unwrap(),
+            &h,
+            Bytes::from(body.to_string()),
+        )
+        .unwrap()
     }
 
     fn keys(c: &Charge) -> Vec<(String, u32)> {
@@ -170,11 +179,20 @@ mod tests {
     fn path_node_post_id_and_app() {
         let learned = NodePages::new(10);
         let c = call(Method::GET, "/v21.0/1001/feed", "");
-        assert_eq!(keys(&charge(&call_units(&c), None, &learned)), [("1001".into(), 1)]);
+        assert_eq!(
+            keys(&charge(&call_units(&c), None, &learned)),
+            [("1001".into(), 1)]
+        );
         let c = call(Method::GET, "/1002_7?fields=id", "");
-        assert_eq!(keys(&charge(&call_units(&c), None, &learned)), [("1002".into(), 1)]);
+        assert_eq!(
+            keys(&charge(&call_units(&c), None, &learned)),
+            [("1002".into(), 1)]
+        );
         let c = call(Method::GET, "/me/accounts", "");
-        assert_eq!(keys(&charge(&call_units(&c), None, &learned)), [("app".into(), 1)]);
+        assert_eq!(
+            keys(&charge(&call_units(&c), None, &learned)),
+            [("app".into(), 1)]
+        );
     }
 
     #[test]
@@ -185,7 +203,10 @@ mod tests {
         assert_eq!(keys(&charge(&units, None, &learned)), [("app".into(), 1)]);
         learned.learn("acmecoffee", "1001");
         assert_eq!(keys(&charge(&units, None, &learned)), [("1001".into(), 1)]);
-        assert_eq!(keys(&charge(&units, Some("1002"), &learned)), [("1002".into(), 1)]);
+        assert_eq!(
+            keys(&charge(&units, Some("1002"), &learned)),
+            [("1002".into(), 1)]
+        );
     }
 
     #[test]

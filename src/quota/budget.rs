@@ -117,7 +117,9 @@ impl Budget {
     /// Effective calls per window at the current rate (for status and RateLimit-Policy).
     pub fn effective_calls(&self, now: Instant) -> u32 {
         let f = self.factor(now);
-        (f64::from(self.limits.calls) * (1.0 - self.limits.headroom) * f).floor().max(1.0) as u32
+        (f64::from(self.limits.calls) * (1.0 - self.limits.headroom) * f)
+            .floor()
+            .max(1.0) as u32
     }
 
     pub fn paused_until(&self, now: Instant) -> Option<Instant> {
@@ -306,7 +308,10 @@ mod tests {
             assert!(max_in_window(&times, l.window) <= calls, "calls={calls}");
             // And uses the budget: 3 windows' worth takes 3 windows plus the headroom.
             let span = times.last().unwrap().0 - t0;
-            assert!(span < l.window.mul_f64(3.0 * 1.03), "calls={calls}: {span:?}");
+            assert!(
+                span < l.window.mul_f64(3.0 * 1.03),
+                "calls={calls}: {span:?}"
+            );
         }
     }
 
@@ -319,7 +324,10 @@ mod tests {
         assert!(b.try_admit(1, t0).is_ok());
         let next = b.try_admit(1, t0).unwrap_err();
         assert_eq!(next - t0, l.base_interval());
-        assert!(l.base_interval() > Duration::from_millis(200), "headroom widens the interval");
+        assert!(
+            l.base_interval() > Duration::from_millis(200),
+            "headroom widens the interval"
+        );
     }
 
     #[test]

@@ -38,7 +38,12 @@ pub struct Hints {
 
 impl Hints {
     pub fn from_headers(headers: &HeaderMap) -> Hints {
-        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+        let text = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+        };
         Hints {
             page: text(PAGE_HEADER)
                 .filter(|p| !p.is_empty() && p.len() <= 64 && p.bytes().all(|b| b.is_ascii_digit()))

@@ -56,7 +56,8 @@ impl State {
     /// One call at a time near the limit, so every reply's reading is seen before the next
     /// call leaves; otherwise no cap.
     fn in_flight_cap(&self, now: Instant) -> u32 {
-        if self.budget.cautious(now) || self.budget.reading(now).is_some_and(|r| r.max_pct >= 100.0) {
+        if self.budget.cautious(now) || self.budget.reading(now).is_some_and(|r| r.max_pct >= 100.0)
+        {
             1
         } else {
             u32::MAX
@@ -156,7 +157,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 fn unix(at: Instant, now: Instant) -> u64 {
     let wall = SystemTime::now() + at.saturating_duration_since(now);
-    wall.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    wall.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn ceil_secs(d: Duration) -> u64 {
@@ -215,7 +218,12 @@ impl Scheduler {
     /// Waits until every bucket of `charge` admits the call, or fails with
     /// [`ProxyError::Throttled`] when the deadline cannot be met or a queue is full.
     /// Buckets are taken in key order; units taken before a failure are given back.
-    pub async fn admit(&self, charge: &Charge, priority: Priority, deadline: Instant) -> Result<Admission, ProxyError> {
+    pub async fn admit(
+        &self,
+        charge: &Charge,
+        priority: Priority,
+        deadline: Instant,
+    ) -> Result<Admission, ProxyError> {
         let started = Instant::now();
         let mut admission = Admission {
             held: Vec::with_capacity(charge.0.len()),
@@ -247,7 +255,9 @@ impl Scheduler {
             .with_label_values(&["admitted"])
             .observe(admission.waited.as_secs_f64());
         for (b, _) in &admission.held {
-            m.quota_dispatches.with_label_values(&[b.key.policy_name()]).inc();
+            m.quota_dispatches
+                .with_label_values(&[b.key.policy_name()])
+                .inc();
         }
         Ok(admission)
     }
@@ -271,7 +281,9 @@ impl Scheduler {
                     (a, b) => a.or(b),
                 };
             }
-            if let (Some(node), 1, [(_, 1)]) = (node, per_id.len(), admission.units_per_bucket().as_slice()) {
+            if let (Some(node), 1, [(_, 1)]) =
+                (node, per_id.len(), admission.units_per_bucket().as_slice())
+            {
                 if let Some(id) = per_id.keys().next() {
                     lock(&inner.learned).learn(node, id);
                 }
@@ -320,7 +332,11 @@ impl Scheduler {
                 .inc();
             let app_held = admission.held.iter().any(|(b, _)| b.key == BucketKey::App);
             if scope == ThrottleScope::App && !app_held {
-                inner.bucket(&BucketKey::App).lock().budget.observe_throttle(None, now);
+                inner
+                    .bucket(&BucketKey::App)
+                    .lock()
+                    .budget
+                    .observe_throttle(None, now);
             }
             tracing::warn!(
                 buckets = %admission.held.iter().map(|(b, _)| b.key.to_string()).collect::<Vec<_>>().join(","),
@@ -407,7 +423,13 @@ impl Admission {
 }
 
 /// The two IETF RateLimit headers for one policy.
-pub fn rate_limit_pair(name: &str, q: u32, w: u64, r: u32, t: u64) -> Vec<(HeaderName, HeaderValue)> {
+pub fn rate_limit_pair(
+    name: &str,
+    q: u32,
+    w: u64,
+    r: u32,
+    t: u64,
+) -> Vec<(HeaderName, HeaderValue)> {
     let mut out = Vec::with_capacity(2);
     if let Ok(v) = HeaderValue::from_str(&format!("\"{name}\";q={q};w={w}")) {
         out.push((HeaderName::from_static("ratelimit-policy"), v));
@@ -462,9 +484,23 @@ impl Inner {
         b
     }
 
-    fn throttled(&self, key: &BucketKey, limits: &Limits, q: u32, wait: Duration, queue_full: bool) -> ProxyError {
-        let reason = if queue_full { "queue_full" } else { "queue_timeout" };
-        self.metrics.quota_rejections.with_label_values(&[reason]).inc();
+    fn throttled(
+        &self,
+        key: &BucketKey,
+        limits: &Limits,
+        q: u32,
+        wait: Duration,
+        queue_full: bool,
+    ) -> ProxyError {
+        let reason = if queue_full {
+            "queue_full"
+        } else {
+            "queue_timeout"
+        };
+        self.metrics
+            .quota_rejections
+            .with_label_values(&[reason])
+            .inc();
         ProxyError::Throttled {
             page: key.to_string(),
             retry_after_s: ceil_secs(wait),
@@ -475,11 +511,20 @@ impl Inner {
         }
     }
 
-    async fn admit_one(self: &Arc<Self>, bucket: &Arc<Bucket>, units: u32, prio: usize, deadline: Instant) -> Result<(), ProxyError> {
+    async fn admit_one(
+        self: &Arc<Self>,
+        bucket: &Arc<Bucket>,
+        units: u32,
+        prio: usize,
+        deadline: Instant,
+    ) -> Result<(), ProxyError> {
         let rx = {
             let now = Instant::now();
             let mut st = bucket.lock();
-            if !st.queued() && st.in_flight < st.in_flight_cap(now) && st.budget.try_admit(units, now).is_ok() {
+            if !st.queued()
+                && st.in_flight < st.in_flight_cap(now)
+                && st.budget.try_admit(units, now).is_ok()
+            {
                 st.in_flight += 1;
                 return Ok(());
             }
@@ -528,7 +573,9 @@ impl Inner {
                 }
                 let now = Instant::now();
                 let st = bucket.lock();
-                let wait = st.budget.predicted_wait(st.waiting_units[INTERACTIVE], units, now);
+                let wait = st
+                    .budget
+                    .predicted_wait(st.waiting_units[INTERACTIVE], units, now);
                 let (limits, q) = (st.budget.limits, st.budget.effective_calls(now));
                 drop(st);
                 Err(self.throttled(&bucket.key, &limits, q, wait, false))
@@ -553,15 +600,25 @@ impl Inner {
             };
             match &b.key {
                 BucketKey::App => {
-                    for (k, v) in ["call_count", "total_time", "total_cputime"].iter().zip(pcts(reading)) {
+                    for (k, v) in ["call_count", "total_time", "total_cputime"]
+                        .iter()
+                        .zip(pcts(reading))
+                    {
                         m.quota_app_usage.with_label_values(&[k]).set(v);
                     }
                 }
                 BucketKey::Page(p) if self.settings.tracked.contains(p) => {
-                    for (k, v) in ["call_count", "total_time", "total_cputime"].iter().zip(pcts(reading)) {
-                        m.quota_page_usage.with_label_values(&[p.as_str(), k]).set(v);
+                    for (k, v) in ["call_count", "total_time", "total_cputime"]
+                        .iter()
+                        .zip(pcts(reading))
+                    {
+                        m.quota_page_usage
+                            .with_label_values(&[p.as_str(), k])
+                            .set(v);
                     }
-                    m.quota_page_queue_depth.with_label_values(&[p]).set(st.depth as i64);
+                    m.quota_page_queue_depth
+                        .with_label_values(&[p])
+                        .set(st.depth as i64);
                     m.quota_page_rate_factor
                         .with_label_values(&[p])
                         .set(st.budget.factor(now));

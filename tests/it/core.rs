@@ -14,7 +14,9 @@ use crate::support::*;
 async fn reads_go_upstream_with_the_system_token_and_proof_never_the_key() {
     let s = Stack::start().await;
     let r = s
-        .get(&format!("/v21.0/1001?fields=id,name&access_token={ADMIN_KEY}"))
+        .get(&format!(
+            "/v21.0/1001?fields=id,name&access_token={ADMIN_KEY}"
+        ))
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.json()["id"], "1001");
@@ -32,7 +34,10 @@ async fn reads_go_upstream_with_the_system_token_and_proof_never_the_key() {
         Some(appsecret_proof(APP_SECRET, SYSTEM_TOKEN).as_str())
     );
     let upstream_text = format!("{:?}", seen[0]);
-    assert!(!upstream_text.contains(ADMIN_KEY), "client key went upstream: {upstream_text}");
+    assert!(
+        !upstream_text.contains(ADMIN_KEY),
+        "client key went upstream: {upstream_text}"
+    );
     s.stop().await;
 }
 
@@ -42,13 +47,21 @@ async fn the_key_is_accepted_wherever_sdks_put_a_token() {
     for scheme in ["Bearer", "OAuth"] {
         let auth = format!("{scheme} {READER_KEY}");
         let r = s
-            .request(Method::GET, "/1001?fields=id", &[("authorization", &auth)], Bytes::new())
+            .request(
+                Method::GET,
+                "/1001?fields=id",
+                &[("authorization", &auth)],
+                Bytes::new(),
+            )
             .await;
         assert_eq!(r.status, StatusCode::OK, "{scheme}: {}", r.text());
     }
     // In a form body, as POST with method=GET (a read, allowed for a read-only client).
     let r = s
-        .post_form("/1001", &format!("method=GET&fields=id,name&access_token={READER_KEY}"))
+        .post_form(
+            "/1001",
+            &format!("method=GET&fields=id,name&access_token={READER_KEY}"),
+        )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.json()["id"], "1001");
@@ -116,10 +129,26 @@ async fn pages_and_writes_are_checked_before_anything_goes_upstream() {
     }
     // Writes by a read-only client, in every spelling.
     let attempts: Vec<(Method, String, String)> = vec![
-        (Method::POST, "/1001/feed".into(), format!("message=hi&access_token={READER_KEY}")),
-        (Method::DELETE, format!("/1001_1?access_token={READER_KEY}"), String::new()),
-        (Method::POST, "/1001_1".into(), format!("method=delete&access_token={READER_KEY}")),
-        (Method::GET, format!("/1001/feed?method=post&message=x&access_token={READER_KEY}"), String::new()),
+        (
+            Method::POST,
+            "/1001/feed".into(),
+            format!("message=hi&access_token={READER_KEY}"),
+        ),
+        (
+            Method::DELETE,
+            format!("/1001_1?access_token={READER_KEY}"),
+            String::new(),
+        ),
+        (
+            Method::POST,
+            "/1001_1".into(),
+            format!("method=delete&access_token={READER_KEY}"),
+        ),
+        (
+            Method::GET,
+            format!("/1001/feed?method=post&message=x&access_token={READER_KEY}"),
+            String::new(),
+        ),
     ];
     for (method, path, body) in attempts {
         let r = s
@@ -130,7 +159,12 @@ async fn pages_and_writes_are_checked_before_anything_goes_upstream() {
                 Bytes::from(body),
             )
             .await;
-        assert_eq!(r.status, StatusCode::FORBIDDEN, "{method} {path}: {}", r.text());
+        assert_eq!(
+            r.status,
+            StatusCode::FORBIDDEN,
+            "{method} {path}: {}",
+            r.text()
+        );
         assert_eq!(r.error_code(), 200);
     }
     assert_eq!(s.graph.stats().requests, 0);
@@ -141,15 +175,25 @@ async fn pages_and_writes_are_checked_before_anything_goes_upstream() {
 async fn writes_by_a_writer_reach_graph() {
     let s = Stack::start().await;
     let r = s
-        .post_form("/v21.0/1001/feed", &format!("message=hello+world&access_token={ADMIN_KEY}"))
+        .post_form(
+            "/v21.0/1001/feed",
+            &format!("message=hello+world&access_token={ADMIN_KEY}"),
+        )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     let id = r.json()["id"].as_str().unwrap().to_string();
     assert!(id.starts_with("1001_"));
-    let r = s.get(&format!("/{id}?fields=message&access_token={ADMIN_KEY}")).await;
+    let r = s
+        .get(&format!("/{id}?fields=message&access_token={ADMIN_KEY}"))
+        .await;
     assert_eq!(r.json()["message"], "hello world");
     let r = s
-        .request(Method::DELETE, &format!("/{id}?access_token={ADMIN_KEY}"), &[], Bytes::new())
+        .request(
+            Method::DELETE,
+            &format!("/{id}?access_token={ADMIN_KEY}"),
+            &[],
+            Bytes::new(),
+        )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.json()["success"], true);
@@ -160,15 +204,15 @@ async fn writes_by_a_writer_reach_graph() {
 async fn batches_are_checked_per_operation_and_tokens_replaced_in_each() {
     let s = Stack::start().await;
     let forbidden = r#"[{"method":"GET","relative_url":"1001?fields=id"},{"method":"GET","relative_url":"1002?fields=id"}]"#;
-    let form = format!(
-        "batch={}&access_token={READER_KEY}",
-        urlencode(forbidden)
-    );
+    let form = format!("batch={}&access_token={READER_KEY}", urlencode(forbidden));
     let r = s.post_form("/", &form).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text());
     let write_op = r#"[{"method":"POST","relative_url":"1001/feed","body":"message=x"}]"#;
     let r = s
-        .post_form("/", &format!("batch={}&access_token={READER_KEY}", urlencode(write_op)))
+        .post_form(
+            "/",
+            &format!("batch={}&access_token={READER_KEY}", urlencode(write_op)),
+        )
         .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text());
     assert_eq!(s.graph.stats().requests, 0, "nothing went upstream");
@@ -178,7 +222,10 @@ async fn batches_are_checked_per_operation_and_tokens_replaced_in_each() {
         r#"[{{"method":"GET","relative_url":"1001?fields=id,name&access_token={READER_KEY}"}},{{"method":"GET","relative_url":"v21.0/1001/feed?limit=2"}}]"#
     );
     let r = s
-        .post_form("/", &format!("batch={}&access_token={READER_KEY}", urlencode(&ops)))
+        .post_form(
+            "/",
+            &format!("batch={}&access_token={READER_KEY}", urlencode(&ops)),
+        )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     let arr = r.json();
@@ -186,12 +233,24 @@ async fn batches_are_checked_per_operation_and_tokens_replaced_in_each() {
     assert_eq!(arr[0]["code"], 200);
     let inner: serde_json::Value = serde_json::from_str(arr[1]["body"].as_str().unwrap()).unwrap();
     let next = inner["paging"]["next"].as_str().unwrap();
-    assert!(next.starts_with(&s.gw.url()), "batch paging link rewritten: {next}");
+    assert!(
+        next.starts_with(&s.gw.url()),
+        "batch paging link rewritten: {next}"
+    );
     assert!(next.contains(READER_KEY));
     let seen = s.graph.requests();
     let last = seen.last().unwrap();
-    let batch_text = last.form.iter().find(|(k, _)| k == "batch").unwrap().1.clone();
-    assert!(!batch_text.contains(READER_KEY), "client key inside upstream batch: {batch_text}");
+    let batch_text = last
+        .form
+        .iter()
+        .find(|(k, _)| k == "batch")
+        .unwrap()
+        .1
+        .clone();
+    assert!(
+        !batch_text.contains(READER_KEY),
+        "client key inside upstream batch: {batch_text}"
+    );
     assert!(batch_text.contains(SYSTEM_TOKEN));
     assert!(batch_text.contains(&appsecret_proof(APP_SECRET, SYSTEM_TOKEN)));
     s.stop().await;
@@ -212,7 +271,10 @@ async fn oversized_headers_and_bodies_get_graph_style_errors() {
     assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     assert_eq!(r.error_code(), 100);
 
-    let body = format!("message={}&access_token={ADMIN_KEY}", "y".repeat(2 * 1024 * 1024));
+    let body = format!(
+        "message={}&access_token={ADMIN_KEY}",
+        "y".repeat(2 * 1024 * 1024)
+    );
     let r = s.post_form("/1001/feed", &body).await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(r.error_code(), 100);
@@ -240,14 +302,23 @@ async fn malformed_input_gets_400_and_nothing_goes_upstream() {
             Method::POST,
             "/1001/feed",
             &[("content-type", "application/json")],
-            Bytes::from(format!("{{\"message\": \"x\", \"access_token\": \"{ADMIN_KEY}\"")),
+            Bytes::from(format!(
+                "{{\"message\": \"x\", \"access_token\": \"{ADMIN_KEY}\""
+            )),
         )
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
-    let r = s.post_form("/", &format!("batch=not-json&access_token={ADMIN_KEY}")).await;
+    let r = s
+        .post_form("/", &format!("batch=not-json&access_token={ADMIN_KEY}"))
+        .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     let r = s
-        .request(Method::PUT, &format!("/1001?access_token={ADMIN_KEY}"), &[], Bytes::new())
+        .request(
+            Method::PUT,
+            &format!("/1001?access_token={ADMIN_KEY}"),
+            &[],
+            Bytes::new(),
+        )
         .await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(s.graph.stats().requests, 0);
@@ -265,7 +336,9 @@ async fn tokens_are_never_handed_out() {
         assert_eq!(r.status, StatusCode::FORBIDDEN, "{path}: {}", r.text());
     }
     // /me/accounts returns Page tokens from Graph: they are removed from the reply.
-    let r = s.get(&format!("/me/accounts?access_token={ADMIN_KEY}")).await;
+    let r = s
+        .get(&format!("/me/accounts?access_token={ADMIN_KEY}"))
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert!(!r.text().contains("access_token\""), "{}", r.text());
     assert!(r.json()["data"].as_array().is_some_and(|d| !d.is_empty()));
@@ -279,16 +352,24 @@ async fn long_gets_are_sent_as_post_with_method_get() {
     // make the URL exceed 2000 bytes.
     let fields = vec!["id,name,about,category,fan_count,link"; 80].join(",");
     let r = s
-        .get(&format!("/v21.0/1001?fields={fields}&access_token={ADMIN_KEY}"))
+        .get(&format!(
+            "/v21.0/1001?fields={fields}&access_token={ADMIN_KEY}"
+        ))
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.json()["id"], "1001");
     let seen = s.graph.requests();
     assert_eq!(seen[0].method, "POST");
-    assert!(seen[0].form.iter().any(|(k, v)| k == "method" && v == "GET"));
+    assert!(seen[0]
+        .form
+        .iter()
+        .any(|(k, v)| k == "method" && v == "GET"));
     assert_eq!(s.graph.stats().post_method_get, 1);
     let m = s.admin_get("/metrics").await.text();
-    assert_eq!(metric_value(&m, "graphgate_large_get_rewrites_total", &[]), 1.0);
+    assert_eq!(
+        metric_value(&m, "graphgate_large_get_rewrites_total", &[]),
+        1.0
+    );
     s.stop().await;
 }
 
@@ -303,12 +384,23 @@ async fn paging_links_lead_back_through_graphgate_with_the_clients_key() {
         assert_eq!(r.status, StatusCode::OK, "{url}: {}", r.text());
         let v = r.json();
         for post in v["data"].as_array().unwrap() {
-            assert!(seen_ids.insert(post["id"].as_str().unwrap().to_string()), "duplicate post");
+            assert!(
+                seen_ids.insert(post["id"].as_str().unwrap().to_string()),
+                "duplicate post"
+            );
         }
         pages += 1;
-        let Some(next) = v["paging"]["next"].as_str() else { break };
-        assert!(next.starts_with(&s.gw.url()), "next link points at graphgate: {next}");
-        assert!(next.contains(&format!("access_token={READER_KEY}")), "{next}");
+        let Some(next) = v["paging"]["next"].as_str() else {
+            break;
+        };
+        assert!(
+            next.starts_with(&s.gw.url()),
+            "next link points at graphgate: {next}"
+        );
+        assert!(
+            next.contains(&format!("access_token={READER_KEY}")),
+            "{next}"
+        );
         assert!(!next.contains("appsecret_proof"), "{next}");
         if let Some(prev) = v["paging"]["previous"].as_str() {
             assert!(prev.starts_with(&s.gw.url()), "{prev}");
@@ -322,9 +414,14 @@ async fn paging_links_lead_back_through_graphgate_with_the_clients_key() {
 
     // Nested edges and ids= replies carry rewritten links too.
     let r = s
-        .get(&format!("/1001?fields=feed.limit(2)%7Bid%7D&access_token={READER_KEY}"))
+        .get(&format!(
+            "/1001?fields=feed.limit(2)%7Bid%7D&access_token={READER_KEY}"
+        ))
         .await;
-    let next = r.json()["feed"]["paging"]["next"].as_str().unwrap().to_string();
+    let next = r.json()["feed"]["paging"]["next"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(next.starts_with(&s.gw.url()), "{next}");
     s.stop().await;
 }
@@ -335,10 +432,12 @@ async fn upstream_unreachable_is_502_and_timeout_is_504() {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead_url = format!("http://{}", dead.local_addr().unwrap());
     drop(dead);
-    let graph = graphgate::fake_graph::FakeGraph::start(graph_config(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let config = graphgate::config::Config::from_toml(&gateway_toml(&dead_url, ""), |_| None).unwrap();
+    let graph =
+        graphgate::fake_graph::FakeGraph::start(graph_config(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+    let config =
+        graphgate::config::Config::from_toml(&gateway_toml(&dead_url, ""), |_| None).unwrap();
     let gw = graphgate::server::start(config).await.unwrap();
     let http = client();
     let secrets = vec![SYSTEM_TOKEN.to_string(), APP_SECRET.to_string()];
@@ -352,7 +451,10 @@ async fn upstream_unreachable_is_502_and_timeout_is_504() {
     )
     .await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
-    assert!(r.json()["error"]["message"].as_str().unwrap().contains("could not be reached"));
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("could not be reached"));
     gw.shutdown().await;
     graph.shutdown();
 
@@ -368,7 +470,8 @@ async fn upstream_unreachable_is_502_and_timeout_is_504() {
 #[tokio::test]
 async fn upstream_garbage_is_502() {
     let s = Stack::start().await;
-    s.graph.set_fault(graphgate::fake_graph::Fault::CloseConnection);
+    s.graph
+        .set_fault(graphgate::fake_graph::Fault::CloseConnection);
     let r = s.get(&format!("/1001?access_token={ADMIN_KEY}")).await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
     s.graph.set_fault(graphgate::fake_graph::Fault::None);
@@ -399,7 +502,9 @@ async fn http2_cleartext_clients_work() {
 #[tokio::test]
 async fn page_tokens_are_minted_used_and_reminted_after_190() {
     let s = Stack::start_with(graph_config(), "[credentials]\npage_tokens = true\n").await;
-    let r = s.get(&format!("/1001?fields=id,name&access_token={ADMIN_KEY}")).await;
+    let r = s
+        .get(&format!("/1001?fields=id,name&access_token={ADMIN_KEY}"))
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     let page_token = s.graph.page_token("1001");
     let seen = s.graph.requests();
@@ -412,11 +517,14 @@ async fn page_tokens_are_minted_used_and_reminted_after_190() {
         Some(appsecret_proof(APP_SECRET, &page_token).as_str())
     );
     // Reused.
-    s.get(&format!("/1001?fields=id&access_token={ADMIN_KEY}")).await;
+    s.get(&format!("/1001?fields=id&access_token={ADMIN_KEY}"))
+        .await;
     assert_eq!(s.graph.requests().len(), 3);
     // Revoked: the call is retried once with a freshly minted token and succeeds.
     s.graph.revoke_token(&page_token);
-    let r = s.get(&format!("/1001?fields=name&access_token={ADMIN_KEY}")).await;
+    let r = s
+        .get(&format!("/1001?fields=name&access_token={ADMIN_KEY}"))
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     let m = s.admin_get("/metrics").await.text();
     assert!(metric_value(&m, "graphgate_page_tokens_minted_total", &[]) >= 2.0);
@@ -439,13 +547,27 @@ async fn admin_listener_serves_health_readiness_and_metrics() {
         1.0
     );
     assert_eq!(
-        metric_value(&text, "graphgate_rejections_total", &["reason=\"unauthorized\""]),
+        metric_value(
+            &text,
+            "graphgate_rejections_total",
+            &["reason=\"unauthorized\""]
+        ),
         1.0
     );
-    assert_eq!(metric_value(&text, "graphgate_upstream_requests_total", &["outcome=\"ok\""]), 1.0);
+    assert_eq!(
+        metric_value(
+            &text,
+            "graphgate_upstream_requests_total",
+            &["outcome=\"ok\""]
+        ),
+        1.0
+    );
     assert!(text.contains("graphgate_build_info"));
     assert!(!text.contains(ADMIN_KEY));
-    assert_eq!(s.admin_get("/admin/anything").await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        s.admin_get("/admin/anything").await.status,
+        StatusCode::UNAUTHORIZED
+    );
     s.stop().await;
 }
 
@@ -468,7 +590,12 @@ async fn shutdown_drains_in_flight_requests() {
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
     let _ = admin;
     let r = in_flight.await.unwrap();
-    assert_eq!(r.status, StatusCode::OK, "in-flight request completed: {}", r.text());
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "in-flight request completed: {}",
+        r.text()
+    );
     stopping.await.unwrap();
     graph.shutdown();
 }
@@ -477,7 +604,9 @@ async fn shutdown_drains_in_flight_requests() {
 async fn slow_headers_are_cut_off() {
     let s = Stack::start_with(graph_config(), "[server]\nheader_read_timeout_ms = 300\n").await;
     let mut conn = tokio::net::TcpStream::connect(s.gw.addr).await.unwrap();
-    conn.write_all(b"GET /1001 HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    conn.write_all(b"GET /1001 HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     let mut buf = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut buf)).await;
     assert!(read.is_ok(), "connection closed by the header read timeout");

@@ -2,4 +2,5 @@
 //! One test binary (faster to build and link); each module covers one capability.
 mod support;
 
+mod cli;
 mod core;

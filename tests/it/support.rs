@@ -112,11 +112,16 @@ impl Stack {
         let toml = gateway_toml(&graph.url(), extra);
         let config = Config::from_toml(&toml, |_| None).expect("test config is valid");
         let gw = server::start(config).await.expect("graphgate starts");
-        Stack { graph, gw, http: client() }
+        Stack {
+            graph,
+            gw,
+            http: client(),
+        }
     }
 
     pub async fn get(&self, path_and_query: &str) -> Reply {
-        self.request(Method::GET, path_and_query, &[], Bytes::new()).await
+        self.request(Method::GET, path_and_query, &[], Bytes::new())
+            .await
     }
 
     pub async fn post_form(&self, path: &str, form: &str) -> Reply {
@@ -129,7 +134,13 @@ impl Stack {
         .await
     }
 
-    pub async fn request(&self, method: Method, path_and_query: &str, headers: &[(&str, &str)], body: Bytes) -> Reply {
+    pub async fn request(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Reply {
         let url = if path_and_query.starts_with("http") {
             path_and_query.to_string()
         } else {
@@ -140,7 +151,15 @@ impl Stack {
 
     pub async fn admin_get(&self, path: &str) -> Reply {
         let url = format!("{}{}", self.gw.admin_url(), path);
-        send(&self.http, Method::GET, &url, &[], Bytes::new(), &self.secrets()).await
+        send(
+            &self.http,
+            Method::GET,
+            &url,
+            &[],
+            Bytes::new(),
+            &self.secrets(),
+        )
+        .await
     }
 
     /// Every secret that must never reach a client.
@@ -198,10 +217,16 @@ pub async fn send(
 pub fn assert_no_secrets(reply: &Reply, secrets: &[String]) {
     let text = String::from_utf8_lossy(&reply.body);
     for s in secrets {
-        assert!(!text.contains(s.as_str()), "a secret leaked into a response body: {text}");
+        assert!(
+            !text.contains(s.as_str()),
+            "a secret leaked into a response body: {text}"
+        );
         for (name, value) in &reply.headers {
             let v = String::from_utf8_lossy(value.as_bytes());
-            assert!(!v.contains(s.as_str()), "a secret leaked into header {name}: {v}");
+            assert!(
+                !v.contains(s.as_str()),
+                "a secret leaked into header {name}: {v}"
+            );
         }
     }
 }
