@@ -33,6 +33,9 @@ const MAX_LEARNED_NODES: usize = 10_000;
 /// The pump re-checks at least this often, so no lost wake-up can strand a waiter.
 const PUMP_MAX_SLEEP: Duration = Duration::from_millis(500);
 
+/// See [`State::in_flight_cap`].
+const ASSUMED_MAX_PCT_PER_CALL: f64 = 10.0;
+
 const INTERACTIVE: usize = 0;
 const BATCH: usize = 1;
 
@@ -53,15 +56,21 @@ struct State {
 }
 
 impl State {
-    /// One call at a time near the limit, so every reply's reading is seen before the next
-    /// call leaves; otherwise no cap.
+    /// How many calls may be in flight: usage readings only arrive with replies, so calls
+    /// already in flight are calls sent blind. One at a time until the first reading (a new
+    /// or resumed bucket probes before it bursts) and above the slowdown threshold; below
+    /// it, as many as fit under the threshold if each call moved usage by
+    /// [`ASSUMED_MAX_PCT_PER_CALL`] points. Real Page budgets move far less per call, so this
+    /// is conservative, and it bounds the overshoot when `page_calls` is set far too high.
     fn in_flight_cap(&self, now: Instant) -> u32 {
-        if self.budget.cautious(now) || self.budget.reading(now).is_some_and(|r| r.max_pct >= 100.0)
-        {
-            1
-        } else {
-            u32::MAX
+        let Some(r) = self.budget.reading(now) else {
+            return 1;
+        };
+        let threshold = self.budget.limits.slowdown_threshold_pct.min(100.0);
+        if r.max_pct >= threshold {
+            return 1;
         }
+        (((threshold - r.max_pct) / ASSUMED_MAX_PCT_PER_CALL).floor() as u32).max(1)
     }
 
     fn head(&mut self) -> Option<&Waiter> {
