@@ -467,3 +467,94 @@ fn page_row<'a>(status: &'a serde_json::Value, id: &str) -> &'a serde_json::Valu
         .and_then(|rows| rows.iter().find(|r| r["id"] == id))
         .unwrap_or(&serde_json::Value::Null)
 }
+
+/// Load report (not a pass/fail test): utilisation of the static budget under overload, and
+/// the scheduler's cost per admitted call. Run with
+/// `cargo test --release --test it quota::load_report -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn load_report() {
+    // (true limit per 2 s, page_calls, slowdown threshold)
+    for (true_limit, page_calls, threshold) in [(100, 70, 75), (100, 100, 100), (100, 100, 75)] {
+        let graph = FakeGraphConfig {
+            page_calls_limit: true_limit,
+            page_window: WINDOW,
+            ..graph_config()
+        };
+        let toml = format!(
+            "[quota]\npage_calls = {page_calls}\npage_window_s = 2\nqueue_timeout_ms = 1000\n\
+             max_queue_depth = 10000\nslowdown_threshold_pct = {threshold}\nthrottle_backoff_ms = 2000\n"
+        );
+        let s = Arc::new(Stack::start_with(graph, &toml).await);
+        let run = Duration::from_secs(8);
+        let started = Instant::now();
+        let mut set = JoinSet::new();
+        for w in 0..32u32 {
+            let s = s.clone();
+            set.spawn(async move {
+                let mut n = w;
+                while started.elapsed() < run {
+                    let post = n % 60 + 1;
+                    s.get(&format!("/1001_{post}?fields=id&access_token={ADMIN_KEY}"))
+                        .await;
+                    n += 32;
+                }
+            });
+        }
+        // Steady state only: from the end of the first window to the end of the run.
+        tokio::time::sleep_until((started + WINDOW).into()).await;
+        let ok = |st: &graphgate::fake_graph::FakeGraphStats| st.calls - st.throttled;
+        let (s1, t1) = (s.graph.stats(), Instant::now());
+        tokio::time::sleep_until((started + run).into()).await;
+        let (s2, t2) = (s.graph.stats(), Instant::now());
+        while set.join_next().await.is_some() {}
+        let span = (t2 - t1).as_secs_f64();
+        let calls = ok(&s2) - ok(&s1);
+        let budget = f64::from(page_calls) * span / WINDOW.as_secs_f64();
+        println!(
+            "true limit {true_limit}/2s, page_calls {page_calls}/2s, threshold {threshold}%: \
+             {calls} calls in {span:.1} s of steady state = {:.1}% of the static budget, {} throttled in the whole run",
+            100.0 * calls as f64 / budget,
+            s.graph.stats().throttled
+        );
+        stop(s).await;
+    }
+
+    // Admission overhead: the inline path (budget available, nothing queued) plus learning.
+    let cfg = graphgate::config::Config::from_toml(
+        &gateway_toml(
+            "http://127.0.0.1:9",
+            "[quota]\npage_calls = 1000000000\npage_window_s = 1\n",
+        ),
+        |_| None,
+    )
+    .expect("config");
+    let sched =
+        graphgate::quota::Scheduler::new(&cfg.quota, Arc::new(graphgate::metrics::Metrics::new()));
+    let reply = graphgate::upstream::Reply {
+        status: StatusCode::OK,
+        headers: vec![(
+            http::HeaderName::from_static("x-business-use-case-usage"),
+            http::HeaderValue::from_static(
+                r#"{"1001":[{"type":"pages","call_count":5,"total_cputime":1,"total_time":1,"estimated_time_to_regain_access":0}]}"#,
+            ),
+        )],
+        body: Bytes::from_static(b"{}"),
+    };
+    let n = 200_000;
+    let units = vec![Some("1001_1".to_string())];
+    let t = Instant::now();
+    for _ in 0..n {
+        let charge = sched.charge_for(&units, None);
+        let deadline = sched.deadline(None);
+        let adm = sched
+            .admit(&charge, graphgate::config::Priority::Interactive, deadline)
+            .await
+            .expect("admitted");
+        sched.learn(&adm, &reply, Some("1001_1"));
+    }
+    println!(
+        "admission + learning: {:.0} ns per call",
+        t.elapsed().as_nanos() as f64 / f64::from(n)
+    );
+}
