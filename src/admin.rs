@@ -1,5 +1,6 @@
 //! The admin listener: `/healthz` (process alive), `/readyz` (accepting traffic; fails while
-//! draining), `/metrics` (Prometheus text). Endpoints under `/admin/` require the admin token
+//! draining), `/metrics` (Prometheus text), `/admin/pages` (quota status of every known Page).
+//! Endpoints under `/admin/` require the admin token
 //! (`Authorization: Bearer <server.admin_token>`) and are refused when none is configured.
 
 use bytes::Bytes;
@@ -62,6 +63,9 @@ pub async fn handle<B>(gw: &Gateway, req: Request<B>) -> Response<Full<Bytes>> {
                     StatusCode::UNAUTHORIZED,
                     serde_json::json!({"error": {"message": "admin token required", "type": "OAuthException", "code": 190}}),
                 );
+            }
+            if req.method() == http::Method::GET && path == "/admin/pages" {
+                return json(StatusCode::OK, gw.quota.status());
             }
             json(
                 StatusCode::NOT_FOUND,

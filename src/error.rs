@@ -59,6 +59,10 @@ pub enum ProxyError {
         page: String,
         retry_after_s: u64,
         queue_full: bool,
+        /// RateLimit-Policy of the bucket: its name (`page`/`app`), calls per window, window.
+        policy: &'static str,
+        limit: u32,
+        window_s: u64,
     },
     #[error("graphgate is shutting down.")]
     ShuttingDown,
@@ -185,8 +189,22 @@ impl ProxyError {
             );
         }
         match &self {
-            ProxyError::Throttled { retry_after_s, .. }
-            | ProxyError::UpstreamUnavailable { retry_after_s }
+            ProxyError::Throttled {
+                retry_after_s,
+                policy,
+                limit,
+                window_s,
+                ..
+            } => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
+                // draft-ietf-httpapi-ratelimit-headers: nothing left until Retry-After.
+                for (name, value) in
+                    crate::quota::rate_limit_pair(policy, *limit, *window_s, 0, *retry_after_s)
+                {
+                    h.insert(name, value);
+                }
+            }
+            ProxyError::UpstreamUnavailable { retry_after_s }
             | ProxyError::Overloaded { retry_after_s } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
             }
@@ -219,9 +237,29 @@ mod tests {
             page: "1001".into(),
             retry_after_s: 7,
             queue_full: false,
+            policy: "page",
+            limit: 98,
+            window_s: 3600,
         }
         .into_response("t");
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(r.headers()[header::RETRY_AFTER], "7");
+        assert_eq!(r.headers()["ratelimit-policy"], "\"page\";q=98;w=3600");
+        assert_eq!(r.headers()["ratelimit"], "\"page\";r=0;t=7");
+        let v: serde_json::Value = serde_json::from_slice(
+            &ProxyError::Throttled {
+                page: "1001".into(),
+                retry_after_s: 7,
+                queue_full: true,
+                policy: "page",
+                limit: 98,
+                window_s: 3600,
+            }
+            .body("t"),
+        )
+        .unwrap();
+        assert_eq!(v["error"]["code"], 80001);
+        assert_eq!(v["error"]["error_subcode"], subcode::QUEUE_FULL);
+        assert_eq!(v["error"]["is_transient"], true);
     }
 }

@@ -12,6 +12,7 @@ pub mod fake_graph;
 pub mod graph;
 pub mod metrics;
 pub mod proxy;
+pub mod quota;
 pub mod rewrite;
 pub mod server;
 pub mod tls;

@@ -3,11 +3,12 @@
 //! Labels are bounded by construction: route classes, outcomes and status classes are fixed
 //! sets; no token, key or raw path ever becomes a label.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Latency buckets in seconds, from a cache hit (~50 µs) to a slow Graph call (30 s).
@@ -38,6 +39,33 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     /// Retries, circuit breaker, connection and load limits, config reloads, TLS.
     pub hardening: HardeningMetrics,
+
+    // --- Quota scheduler (src/quota). Per-Page series only for Pages listed in
+    // `[[quota.pages]]`, so label cardinality is bounded by configuration. ---
+    /// Calls waiting for budget, all buckets.
+    pub quota_queue_depth: IntGauge,
+    /// Time from arrival at the scheduler to admission or rejection, by outcome.
+    pub quota_queue_wait: HistogramVec,
+    /// Calls admitted upstream, by bucket kind (page, app).
+    pub quota_dispatches: IntCounterVec,
+    /// Calls refused by the scheduler, by reason (queue_timeout, queue_full).
+    pub quota_rejections: IntCounterVec,
+    /// Throttled GETs put back into their queue instead of answered.
+    pub quota_requeues: IntCounter,
+    /// Throttle codes received from Graph, by scope (page, app, user, custom, buc).
+    pub quota_throttles: IntCounterVec,
+    /// Buckets currently paused after a throttle code or 100 % usage.
+    pub quota_paused_buckets: IntGauge,
+    /// Last X-App-Usage percentages, by metric (call_count, total_time, total_cputime).
+    pub quota_app_usage: GaugeVec,
+    /// Last X-Business-Use-Case-Usage percentages of listed Pages, by page and metric.
+    pub quota_page_usage: GaugeVec,
+    /// Queue depth of listed Pages.
+    pub quota_page_queue_depth: IntGaugeVec,
+    /// Current rate multiplier (1 = full static budget) of listed Pages.
+    pub quota_page_rate_factor: GaugeVec,
+    /// Refreshes the time-dependent quota gauges just before a scrape.
+    quota_refresh: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 /// The hardening metrics, one block so they stay together.
@@ -127,6 +155,22 @@ impl HardeningMetrics {
             ),
         }
     }
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+fn int_gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -241,6 +285,66 @@ impl Metrics {
             ),
             build_info,
             hardening: HardeningMetrics::new(&r),
+            quota_queue_depth: gauge(&r, "graphgate_quota_queue_depth", "Calls waiting for quota budget."),
+            quota_queue_wait: histogram_vec(
+                &r,
+                "graphgate_quota_queue_wait_seconds",
+                "Time calls spent waiting for quota budget, by outcome (admitted, rejected).",
+                &["outcome"],
+            ),
+            quota_dispatches: counter_vec(
+                &r,
+                "graphgate_quota_dispatches_total",
+                "Calls admitted upstream by the quota scheduler, by bucket kind.",
+                &["bucket"],
+            ),
+            quota_rejections: counter_vec(
+                &r,
+                "graphgate_quota_rejections_total",
+                "Calls refused with 429 by the quota scheduler, by reason.",
+                &["reason"],
+            ),
+            quota_requeues: counter(
+                &r,
+                "graphgate_quota_requeues_total",
+                "Throttled GETs re-queued instead of answered.",
+            ),
+            quota_throttles: counter_vec(
+                &r,
+                "graphgate_quota_throttles_total",
+                "Throttle error codes received from Graph, by scope.",
+                &["scope"],
+            ),
+            quota_paused_buckets: gauge(
+                &r,
+                "graphgate_quota_paused_buckets",
+                "Quota buckets (Pages, app) currently paused.",
+            ),
+            quota_app_usage: gauge_vec(
+                &r,
+                "graphgate_quota_app_usage_percent",
+                "Last X-App-Usage reading.",
+                &["metric"],
+            ),
+            quota_page_usage: gauge_vec(
+                &r,
+                "graphgate_quota_page_usage_percent",
+                "Last X-Business-Use-Case-Usage reading of Pages listed in [[quota.pages]].",
+                &["page", "metric"],
+            ),
+            quota_page_queue_depth: int_gauge_vec(
+                &r,
+                "graphgate_quota_page_queue_depth",
+                "Calls waiting for budget, for Pages listed in [[quota.pages]].",
+                &["page"],
+            ),
+            quota_page_rate_factor: gauge_vec(
+                &r,
+                "graphgate_quota_page_rate_factor",
+                "Rate multiplier from usage headers (1 = full budget), for Pages listed in [[quota.pages]].",
+                &["page"],
+            ),
+            quota_refresh: OnceLock::new(),
             registry: r,
         }
     }
@@ -275,8 +379,16 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// Installs the quota scheduler's gauge refresh (once per registry).
+    pub fn set_quota_refresh(&self, f: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.quota_refresh.set(f);
+    }
+
     /// Prometheus text exposition of everything registered.
     pub fn render(&self) -> String {
+        if let Some(refresh) = self.quota_refresh.get() {
+            refresh();
+        }
         let mut buf = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metric families.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);

@@ -20,6 +20,7 @@ use crate::graph::request::{
 };
 use crate::graph::usage::ErrorClass;
 use crate::metrics::Metrics;
+use crate::quota::{self, Scheduler};
 use crate::rewrite;
 use crate::tokens::{Injected, Tokens};
 use crate::upstream::{Reply, Upstream, UpstreamRequest, FORWARDED_REQUEST_HEADERS};
@@ -32,6 +33,8 @@ pub struct Gateway {
     pub clients: ClientRegistry,
     pub tokens: Tokens,
     pub upstream: Upstream,
+    /// Per-Page quota: every call that goes upstream is admitted here first.
+    pub quota: Scheduler,
     pub metrics: Arc<Metrics>,
     draining: AtomicBool,
     trace_prefix: u32,
@@ -54,6 +57,8 @@ pub struct Call {
     pub ids: Vec<String>,
     pub batch: Option<Vec<BatchOp>>,
     forwarded: Vec<(HeaderName, HeaderValue)>,
+    /// `X-Graphgate-Page` / `X-Graphgate-Max-Wait-Ms`.
+    pub quota_hints: quota::Hints,
 }
 
 impl Call {
@@ -101,6 +106,7 @@ impl Gateway {
             clients: ClientRegistry::new(&config.clients),
             tokens: Tokens::new(&config.credentials, metrics.clone()),
             upstream,
+            quota: Scheduler::new(&config.quota, metrics.clone()),
             public_url,
             metrics,
             draining: AtomicBool::new(false),
@@ -230,7 +236,10 @@ impl Gateway {
             .clone()
             .unwrap_or_else(|| self.config.upstream.default_version.clone());
         let upstream_started = Instant::now();
-        let (reply, injected) = self.forward(&call, &version).await.map_err(with_client)?;
+        let (reply, injected) = self
+            .forward(&call, &client, &version)
+            .await
+            .map_err(with_client)?;
         let upstream_ms = upstream_started.elapsed().as_millis();
 
         // Phase: prepare the body for this client and answer.
@@ -280,19 +289,43 @@ impl Gateway {
         auth::authorize(client, call.method, call.path.node(), &call.ids)
     }
 
-    /// Sends the call upstream with the injected token. A Page token Graph rejects (190) is
-    /// minted again and the call retried once: a rejected call was not executed.
-    async fn forward(&self, call: &Call, version: &str) -> Result<(Reply, Injected), ProxyError> {
-        let mut attempt = 0;
+    /// Sends the call upstream with the injected token, within the quota.
+    ///
+    /// Every attempt is admitted by the quota scheduler first and its reply taught back to it.
+    /// A GET that Graph throttles is re-queued (its Page is now paused) while its deadline
+    /// allows; writes are never re-sent. A Page token Graph rejects (190) is minted again and
+    /// the call retried once: a rejected call was not executed.
+    async fn forward(
+        &self,
+        call: &Call,
+        client: &Client,
+        version: &str,
+    ) -> Result<(Reply, Injected), ProxyError> {
+        let page_header = call
+            .quota_hints
+            .page
+            .as_deref()
+            .filter(|p| client.may_touch(p));
+        let charge = self.quota.charge_for(&quota::call_units(call), page_header);
+        let deadline = self.quota.deadline(call.quota_hints.max_wait);
+        let may_requeue = call.method == GraphMethod::Get && call.batch.is_none();
+        let mut token_retried = false;
+        let mut requeues = 0;
         loop {
-            attempt += 1;
             let injected = self
                 .tokens
                 .for_page(call.page(), version, &self.upstream)
                 .await?;
             let request = self.upstream_request(call, &injected)?;
-            let idempotent = call.method == GraphMethod::Get && call.batch.is_none();
-            let reply = self.upstream.send_with_policy(request, idempotent).await?;
+            let admission = self.quota.admit(&charge, client.priority, deadline).await?;
+            let reply = self.upstream.send_with_policy(request, may_requeue).await?;
+            let learned = self.quota.learn(&admission, &reply, call.path.node());
+            drop(admission);
+            if learned.throttled && may_requeue && requeues < MAX_REQUEUES {
+                requeues += 1;
+                self.metrics.quota_requeues.inc();
+                continue;
+            }
             if let Some(err) = reply.graph_error() {
                 if err.class() == ErrorClass::Auth {
                     self.metrics.token_last_invalid.set(unix_now());
@@ -302,12 +335,15 @@ impl Gateway {
                         subcode = err.subcode.unwrap_or(0),
                         "Graph rejected the injected token"
                     );
-                    if &*injected.identity != "system" && attempt == 1 {
+                    if &*injected.identity != "system" && !token_retried {
+                        token_retried = true;
                         self.tokens.forget(&injected.identity);
                         continue;
                     }
                 }
             }
+            let mut reply = reply;
+            reply.headers.extend(self.quota.rate_limit_headers(&charge));
             return Ok((reply, injected));
         }
     }
@@ -376,6 +412,9 @@ impl Gateway {
         serde_json::to_string(&out).map_err(|e| ProxyError::Internal(e.to_string()))
     }
 }
+
+/// Re-queues of one throttled GET; each waits out a pause, so the deadline ends it sooner.
+const MAX_REQUEUES: u32 = 8;
 
 fn unix_now() -> i64 {
     SystemTime::now()
@@ -492,6 +531,7 @@ pub fn parse_call(
         ids,
         batch,
         forwarded,
+        quota_hints: quota::Hints::from_headers(headers),
     })
 }
 

@@ -1,0 +1,78 @@
+//! The per-Page quota scheduler: calls that must go to Graph wait here for budget instead of
+//! being throttled by Meta.
+//!
+//! - [`attribution`]: which bucket (a Page, or the app) each call unit is charged to;
+//! - [`budget`]: one bucket's smooth rate (GCRA), adaptive factor and pause, with an
+//!   injected clock;
+//! - [`scheduler`]: per-bucket queues (interactive before batch), admission with deadlines,
+//!   learning from replies, status and RateLimit headers.
+//!
+//! Cache hits never reach the scheduler: only `Gateway::forward` calls it.
+
+pub mod attribution;
+pub mod budget;
+pub mod scheduler;
+
+use std::time::Duration;
+
+use http::HeaderMap;
+
+pub use attribution::{call_units, BucketKey, Charge};
+pub use scheduler::{rate_limit_pair, Admission, Learned, Scheduler};
+
+/// Client header naming the Page a call should be charged to.
+pub const PAGE_HEADER: &str = "x-graphgate-page";
+/// Client header capping how long a call may wait for budget, in milliseconds.
+pub const MAX_WAIT_HEADER: &str = "x-graphgate-max-wait-ms";
+/// Response headers that describe the quota at answer time; a cache must not replay them.
+pub const RESPONSE_HEADERS: &[&str] = &["ratelimit", "ratelimit-policy"];
+
+/// What the client asked of the scheduler through headers. Unreadable values are ignored:
+/// they are hints, and a wrong one must not fail the call.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hints {
+    /// A Page id (digits only); honoured only if the client may touch it.
+    pub page: Option<String>,
+    pub max_wait: Option<Duration>,
+}
+
+impl Hints {
+    pub fn from_headers(headers: &HeaderMap) -> Hints {
+        let text = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+        };
+        Hints {
+            page: text(PAGE_HEADER)
+                .filter(|p| !p.is_empty() && p.len() <= 64 && p.bytes().all(|b| b.is_ascii_digit()))
+                .map(str::to_string),
+            max_wait: text(MAX_WAIT_HEADER)
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(Duration::from_millis),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_are_read_leniently() {
+        let mut h = HeaderMap::new();
+        h.insert(PAGE_HEADER, "1001".parse().unwrap());
+        h.insert(MAX_WAIT_HEADER, " 250 ".parse().unwrap());
+        assert_eq!(
+            Hints::from_headers(&h),
+            Hints {
+                page: Some("1001".into()),
+                max_wait: Some(Duration::from_millis(250)),
+            }
+        );
+        h.insert(PAGE_HEADER, "me".parse().unwrap());
+        h.insert(MAX_WAIT_HEADER, "soon".parse().unwrap());
+        assert_eq!(Hints::from_headers(&h), Hints::default());
+    }
+}
