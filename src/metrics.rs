@@ -36,6 +36,22 @@ pub struct Metrics {
     /// Connections currently open on the public listener.
     pub open_connections: IntGauge,
     pub build_info: IntGaugeVec,
+
+    // --- Read cache (issue 3) ---
+    /// Cache lookups by tier and result (hit, miss, stale, bypass).
+    pub cache_lookups: IntCounterVec,
+    /// Requests that waited on another request's identical upstream call.
+    pub cache_coalesced: IntCounter,
+    /// Entries and weighted bytes per tier (refreshed when /metrics is read).
+    pub cache_entries: IntGaugeVec,
+    pub cache_bytes: IntGaugeVec,
+    /// Entries leaving a tier, by cause (size, expired, explicit, replaced).
+    pub cache_evictions: IntCounterVec,
+    /// Entries dropped by writes or admin purges.
+    pub cache_invalidations: IntCounterVec,
+    /// Stale entries served, by reason (revalidate = stale-while-revalidate, error =
+    /// stale-if-error).
+    pub cache_stale_served: IntCounterVec,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -71,6 +87,12 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     registry
         .register(Box::new(g.clone()))
         .expect("metric registered once");
+    g
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
+    registry.register(Box::new(g.clone())).expect("metric registered once");
     g
 }
 
@@ -147,6 +169,42 @@ impl Metrics {
                 &r,
                 "graphgate_open_connections",
                 "Client connections currently open.",
+            ),
+            cache_lookups: counter_vec(
+                &r,
+                "graphgate_cache_lookups_total",
+                "Cache lookups by tier and result (hit, miss, stale, bypass).",
+                &["tier", "result"],
+            ),
+            cache_coalesced: counter(
+                &r,
+                "graphgate_cache_coalesced_total",
+                "Requests answered by another request's in-flight upstream call.",
+            ),
+            cache_entries: gauge_vec(&r, "graphgate_cache_entries", "Entries in the cache tier.", &["tier"]),
+            cache_bytes: gauge_vec(
+                &r,
+                "graphgate_cache_bytes",
+                "Weighted size of the cache tier in bytes (bodies, headers, keys).",
+                &["tier"],
+            ),
+            cache_evictions: counter_vec(
+                &r,
+                "graphgate_cache_evictions_total",
+                "Entries removed from a cache tier, by cause.",
+                &["tier", "cause"],
+            ),
+            cache_invalidations: counter_vec(
+                &r,
+                "graphgate_cache_invalidations_total",
+                "Cache entries dropped by writes (reason=write) or the admin API (reason=purge).",
+                &["reason"],
+            ),
+            cache_stale_served: counter_vec(
+                &r,
+                "graphgate_cache_stale_served_total",
+                "Stale entries served, by reason (revalidate, error).",
+                &["reason"],
             ),
             build_info,
             registry: r,

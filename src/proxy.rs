@@ -1,5 +1,6 @@
 //! The request pipeline, one named phase after another:
-//! limits → parse → authenticate → authorize → choose token → send upstream → learn →
+//! limits → parse → authenticate → authorize → cache (lookup, coalesced fill; see
+//! [`cached`]) → choose token → send upstream → learn → invalidate after writes →
 //! prepare body (paging links, scrubbing) → respond.
 //! Every failure is a [`ProxyError`] answered in Graph's error shape.
 
@@ -11,7 +12,10 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Full, Limited};
 
+mod cached;
+
 use crate::auth::{self, Client, ClientRegistry};
+use crate::cache::Cache;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::graph::fields::Fields;
@@ -33,13 +37,14 @@ pub struct Gateway {
     pub tokens: Tokens,
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
+    pub cache: Cache,
     draining: AtomicBool,
     trace_prefix: u32,
     trace_seq: AtomicU64,
 }
 
-/// A client request, parsed.
-#[derive(Debug)]
+/// A client request, parsed. Clone: a cache fill takes its own copy into its task.
+#[derive(Debug, Clone)]
 pub struct Call {
     /// The method Graph will execute (after `method=`).
     pub method: GraphMethod,
@@ -102,6 +107,7 @@ impl Gateway {
             tokens: Tokens::new(&config.credentials, metrics.clone()),
             upstream,
             public_url,
+            cache: Cache::new(&config.cache, metrics.clone()),
             metrics,
             draining: AtomicBool::new(false),
             trace_prefix: fastrand::u32(..),
@@ -129,7 +135,7 @@ impl Gateway {
     }
 
     /// Answers one client request. Never fails: errors become Graph-style replies.
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
+    pub async fn handle<B>(self: &Arc<Self>, req: Request<B>) -> Response<Full<Bytes>>
     where
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -194,7 +200,7 @@ impl Gateway {
     }
 
     async fn process<B>(
-        &self,
+        self: &Arc<Self>,
         req: Request<B>,
         trace_id: &str,
     ) -> Result<Outcome, (ProxyError, &'static str, Option<Arc<Client>>)>
@@ -222,15 +228,36 @@ impl Gateway {
         let with_client = |e: ProxyError| (e, route, Some(client.clone()));
         self.authorize(&client, &call).map_err(with_client)?;
 
-        // Phase: choose the token and send upstream.
         let version = call
             .path
             .version
             .clone()
             .unwrap_or_else(|| self.config.upstream.default_version.clone());
+
+        // Phase: cache. Cacheable reads end here (hit, stale, or one coalesced fill).
+        if let Some(served) = self
+            .cached_read(&call, &version, &parts.headers, key.as_str())
+            .await
+            .map_err(with_client)?
+        {
+            return Ok(Outcome {
+                response: served.response,
+                route,
+                cache: served.cache,
+                client: Some(client),
+                upstream_ms: served.upstream_ms,
+            });
+        }
+
+        // Phase: choose the token and send upstream.
         let upstream_started = Instant::now();
         let (reply, injected) = self.forward(&call, &version).await.map_err(with_client)?;
         let upstream_ms = upstream_started.elapsed().as_millis();
+
+        // Phase: a successful write makes cached reads of its node stale.
+        if reply.status.is_success() {
+            self.invalidate_after_write(&call).await;
+        }
 
         // Phase: prepare the body for this client and answer.
         let prepared = rewrite::prepare(
@@ -240,7 +267,8 @@ impl Gateway {
             &self.tokens.secrets_for(&injected),
         );
         let body = rewrite::finalize(&prepared, key.as_str());
-        let response = build_response(&reply, body, trace_id);
+        let mut response = build_response(&reply, body, trace_id);
+        cached::mark_uncached(&mut response, &call);
         Ok(Outcome {
             response,
             route,
