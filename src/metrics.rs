@@ -92,7 +92,9 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
 
 fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
-    registry.register(Box::new(g.clone())).expect("metric registered once");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("metric registered once");
     g
 }
 
@@ -181,7 +183,12 @@ impl Metrics {
                 "graphgate_cache_coalesced_total",
                 "Requests answered by another request's in-flight upstream call.",
             ),
-            cache_entries: gauge_vec(&r, "graphgate_cache_entries", "Entries in the cache tier.", &["tier"]),
+            cache_entries: gauge_vec(
+                &r,
+                "graphgate_cache_entries",
+                "Entries in the cache tier.",
+                &["tier"],
+            ),
             cache_bytes: gauge_vec(
                 &r,
                 "graphgate_cache_bytes",

@@ -86,7 +86,10 @@ impl<T> Drop for Flight<T> {
     fn drop(&mut self) {
         let mut map = lock(&self.inflight);
         // Remove only our own flight: never a newer one under the same key.
-        if map.get(&self.key).is_some_and(|rx| rx.same_channel(&self.tx.subscribe())) {
+        if map
+            .get(&self.key)
+            .is_some_and(|rx| rx.same_channel(&self.tx.subscribe()))
+        {
             map.remove(&self.key);
         }
     }
@@ -143,12 +146,22 @@ mod tests {
     #[tokio::test]
     async fn abandoned_and_slow_fills_do_not_hang_waiters() {
         let c: Coalescer<u32> = Coalescer::default();
-        let Role::Leader(flight, w) = c.join(KeyId(1)) else { panic!() };
+        let Role::Leader(flight, w) = c.join(KeyId(1)) else {
+            panic!()
+        };
         drop(flight);
-        assert_eq!(w.wait(Duration::from_secs(5)).await, Err(WaitError::Abandoned));
+        assert_eq!(
+            w.wait(Duration::from_secs(5)).await,
+            Err(WaitError::Abandoned)
+        );
         assert_eq!(c.in_flight(), 0);
 
-        let Role::Leader(_flight, w) = c.join(KeyId(2)) else { panic!() };
-        assert_eq!(w.wait(Duration::from_millis(20)).await, Err(WaitError::TimedOut));
+        let Role::Leader(_flight, w) = c.join(KeyId(2)) else {
+            panic!()
+        };
+        assert_eq!(
+            w.wait(Duration::from_millis(20)).await,
+            Err(WaitError::TimedOut)
+        );
     }
 }

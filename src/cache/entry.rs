@@ -133,7 +133,12 @@ impl Entry {
             .iter()
             .map(|(n, v)| n.as_str().len() + v.len() + 32)
             .sum();
-        let total = self.body.bytes.len() + headers + self.readable.len() * 2 + 16 + std::mem::size_of::<Entry>() + 64;
+        let total = self.body.bytes.len()
+            + headers
+            + self.readable.len() * 2
+            + 16
+            + std::mem::size_of::<Entry>()
+            + 64;
         u32::try_from(total).unwrap_or(u32::MAX)
     }
 
@@ -162,7 +167,10 @@ mod tests {
             StatusCode::OK,
             vec![
                 (header::ETAG, HeaderValue::from_static("\"abc\"")),
-                (HeaderName::from_static("x-app-usage"), HeaderValue::from_static("{}")),
+                (
+                    HeaderName::from_static("x-app-usage"),
+                    HeaderValue::from_static("{}"),
+                ),
             ],
             PreparedBody {
                 bytes: Bytes::from_static(b"{}"),
@@ -178,8 +186,14 @@ mod tests {
         let s = Duration::from_secs;
         let t0 = e.stored_at;
         assert_eq!(e.freshness(t0 + s(5), s(5), s(20)), Freshness::Fresh);
-        assert_eq!(e.freshness(t0 + s(12), s(5), s(20)), Freshness::StaleRevalidate);
-        assert_eq!(e.freshness(t0 + s(20), s(5), s(20)), Freshness::StaleIfError);
+        assert_eq!(
+            e.freshness(t0 + s(12), s(5), s(20)),
+            Freshness::StaleRevalidate
+        );
+        assert_eq!(
+            e.freshness(t0 + s(20), s(5), s(20)),
+            Freshness::StaleIfError
+        );
         assert_eq!(e.freshness(t0 + s(31), s(5), s(20)), Freshness::Expired);
         assert_eq!(e.ttl_left_s(t0 + s(12)), -2);
     }

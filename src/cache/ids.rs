@@ -20,11 +20,13 @@ pub fn unique(ids: &[String]) -> Vec<String> {
 
 /// Splits a prepared `ids=` reply into per-id bodies. `None` when it is not a JSON object.
 pub fn split(body: &PreparedBody) -> Option<Vec<(String, PreparedBody)>> {
-    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&body.bytes).ok()?;
+    let map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&body.bytes).ok()?;
     let mut out = Vec::with_capacity(map.len());
     for (id, value) in map {
         let bytes = serde_json::to_vec(&value).ok()?;
-        let has_key_placeholder = body.has_key_placeholder && memmem::find(&bytes, KEY_PLACEHOLDER.as_bytes()).is_some();
+        let has_key_placeholder =
+            body.has_key_placeholder && memmem::find(&bytes, KEY_PLACEHOLDER.as_bytes()).is_some();
         out.push((
             id,
             PreparedBody {
@@ -39,7 +41,10 @@ pub fn split(body: &PreparedBody) -> Option<Vec<(String, PreparedBody)>> {
 /// Joins per-id bodies into `{"a":…,"b":…}` in the given order, without re-parsing them.
 /// Ids are Graph ids (`[A-Za-z0-9_.:@-]`, checked by the request parser) and need no escaping.
 pub fn assemble(parts: &[(&str, &PreparedBody)]) -> PreparedBody {
-    let len: usize = parts.iter().map(|(id, b)| id.len() + b.bytes.len() + 4).sum();
+    let len: usize = parts
+        .iter()
+        .map(|(id, b)| id.len() + b.bytes.len() + 4)
+        .sum();
     let mut out = BytesMut::with_capacity(len + 2);
     out.put_u8(b'{');
     for (i, (id, body)) in parts.iter().enumerate() {
@@ -70,13 +75,17 @@ mod tests {
         };
         let parts = split(&body).unwrap();
         assert_eq!(parts.len(), 2);
-        let refs: Vec<(&str, &PreparedBody)> = parts.iter().rev().map(|(i, b)| (i.as_str(), b)).collect();
+        let refs: Vec<(&str, &PreparedBody)> =
+            parts.iter().rev().map(|(i, b)| (i.as_str(), b)).collect();
         let joined = assemble(&refs);
         let v: serde_json::Value = serde_json::from_slice(&joined.bytes).unwrap();
         assert_eq!(v["1001"]["name"], "A");
         assert_eq!(v["1002"]["id"], "1002");
         assert!(joined.bytes.starts_with(b"{\"1002\""));
-        assert_eq!(unique(&["a".into(), "b".into(), "a".into()]), vec!["a", "b"]);
+        assert_eq!(
+            unique(&["a".into(), "b".into(), "a".into()]),
+            vec!["a", "b"]
+        );
         assert!(split(&PreparedBody {
             bytes: Bytes::from_static(b"[1]"),
             has_key_placeholder: false

@@ -39,10 +39,13 @@ impl NodeIndex {
     }
 
     pub fn add(&self, node: &Arc<str>, key: KeyId, generation: u64, has_edge: bool) {
-        self.map()
-            .entry(node.clone())
-            .or_default()
-            .insert(key, Member { generation, has_edge });
+        self.map().entry(node.clone()).or_default().insert(
+            key,
+            Member {
+                generation,
+                has_edge,
+            },
+        );
     }
 
     /// Forgets `key` under `node` if it still refers to the entry of `generation` (a newer

@@ -38,7 +38,12 @@ pub struct CacheKey {
 
 /// Builds the key of a GET of `segments` with `params` under `identity`. Fails only when
 /// `fields` is malformed (the proxy rejects those with 400 before asking).
-pub fn build(version: &str, segments: &[String], params: &Params, identity: &str) -> Result<CacheKey, FieldsError> {
+pub fn build(
+    version: &str,
+    segments: &[String],
+    params: &Params,
+    identity: &str,
+) -> Result<CacheKey, FieldsError> {
     let mut pairs: Vec<(&str, std::borrow::Cow<'_, str>)> = Vec::with_capacity(params.len());
     for (k, v) in params.iter() {
         if IGNORED_PARAMS.contains(&k) {

@@ -39,7 +39,12 @@ pub struct L1 {
 }
 
 impl L1 {
-    pub fn new(max_bytes: u64, stale_window: Duration, index: Arc<NodeIndex>, metrics: Arc<Metrics>) -> L1 {
+    pub fn new(
+        max_bytes: u64,
+        stale_window: Duration,
+        index: Arc<NodeIndex>,
+        metrics: Arc<Metrics>,
+    ) -> L1 {
         let cache = Moka::builder()
             .max_capacity(max_bytes)
             .weigher(|_k: &KeyId, v: &Arc<Entry>| v.weight())
@@ -51,7 +56,10 @@ impl L1 {
                     RemovalCause::Explicit => "explicit",
                     RemovalCause::Replaced => "replaced",
                 };
-                metrics.cache_evictions.with_label_values(&["l1", label]).inc();
+                metrics
+                    .cache_evictions
+                    .with_label_values(&["l1", label])
+                    .inc();
                 // A replaced entry's key is still live (indexed under the new generation).
                 if cause != RemovalCause::Replaced {
                     if let Some(node) = &v.node {

@@ -70,7 +70,12 @@ impl Cache {
     pub fn new(cfg: &CacheConfig, metrics: Arc<Metrics>) -> Cache {
         let policy = Policy::new(cfg);
         let index = Arc::new(NodeIndex::default());
-        let l1 = L1::new(cfg.max_bytes, policy.stale_window(), index.clone(), metrics.clone());
+        let l1 = L1::new(
+            cfg.max_bytes,
+            policy.stale_window(),
+            index.clone(),
+            metrics.clone(),
+        );
         Cache {
             policy,
             l1,
@@ -89,12 +94,19 @@ impl Cache {
 
     /// Counts one lookup: `hit`, `miss`, `stale` or `bypass`.
     pub fn count(&self, result: &str) {
-        self.metrics.cache_lookups.with_label_values(&["l1", result]).inc();
+        self.metrics
+            .cache_lookups
+            .with_label_values(&["l1", result])
+            .inc();
     }
 
     /// Write epoch of the key's node, read before a fill starts.
     pub fn epoch(&self, key: &CacheKey) -> u64 {
-        let node = key.node.as_deref().map(|n| self.index.epoch(n)).unwrap_or(0);
+        let node = key
+            .node
+            .as_deref()
+            .map(|n| self.index.epoch(n))
+            .unwrap_or(0);
         node.wrapping_add(self.global_epoch.load(Ordering::Acquire))
     }
 

@@ -134,7 +134,12 @@ mod tests {
 
     #[test]
     fn first_matching_rule_wins_else_default() {
-        let p = policy(&[("/*/feed", 15), ("/1001", 3600), ("/{page}", 300), ("/*/insights", 0)]);
+        let p = policy(&[
+            ("/*/feed", 15),
+            ("/1001", 3600),
+            ("/{page}", 300),
+            ("/*/insights", 0),
+        ]);
         assert_eq!(p.ttl_for("/1001/feed"), Duration::from_secs(15));
         assert_eq!(p.ttl_for("/1001"), Duration::from_secs(3600));
         assert_eq!(p.ttl_for("/1002"), Duration::from_secs(300));

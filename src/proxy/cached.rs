@@ -65,7 +65,10 @@ impl Gateway {
         };
         if !call.ids.is_empty() {
             if call.path.segments.is_empty() {
-                return self.ids_read(call, version, directive, &caller).await.map(Some);
+                return self
+                    .ids_read(call, version, directive, &caller)
+                    .await
+                    .map(Some);
             }
             // `/{edge}?ids=` spans nodes in a way invalidation cannot follow: not cached.
             return Ok(None);
@@ -85,7 +88,11 @@ impl Gateway {
         let now = Instant::now();
         if directive == Directive::Normal {
             if let Some(e) = &found {
-                match e.freshness(now, self.cache.policy.stale_while_revalidate, self.cache.policy.stale_if_error) {
+                match e.freshness(
+                    now,
+                    self.cache.policy.stale_while_revalidate,
+                    self.cache.policy.stale_if_error,
+                ) {
                     Freshness::Fresh => {
                         self.cache.count("hit");
                         let status = format!("graphgate; hit; ttl={}", e.ttl_left_s(now));
@@ -97,10 +104,20 @@ impl Gateway {
                     }
                     Freshness::StaleRevalidate => {
                         self.cache.count("stale");
-                        self.metrics.cache_stale_served.with_label_values(&["revalidate"]).inc();
+                        self.metrics
+                            .cache_stale_served
+                            .with_label_values(&["revalidate"])
+                            .inc();
                         // One refresh: if one is already running for this key, join nothing.
                         if let Role::Leader(flight, _) = self.cache.flights.join(key.id) {
-                            self.spawn_fill(flight, call.clone(), version, key.clone(), ttl, Some(e.clone()));
+                            self.spawn_fill(
+                                flight,
+                                call.clone(),
+                                version,
+                                key.clone(),
+                                ttl,
+                                Some(e.clone()),
+                            );
                         }
                         let status = format!(
                             "graphgate; hit; ttl={}; detail=stale-while-revalidate",
@@ -127,7 +144,13 @@ impl Gateway {
         let started = Instant::now();
         let (fill, collapsed) = self.fill_coalesced(call, version, &key, ttl, found).await?;
         let upstream_ms = Some(started.elapsed().as_millis());
-        Ok(Some(self.served_from_fill(&fill, &caller, fwd, collapsed, upstream_ms)))
+        Ok(Some(self.served_from_fill(
+            &fill,
+            &caller,
+            fwd,
+            collapsed,
+            upstream_ms,
+        )))
     }
 
     /// Joins (or leads) the fill for `key` and waits for it within the fill deadline.
@@ -151,8 +174,12 @@ impl Gateway {
         };
         match waiter.wait(self.fill_deadline()).await {
             Ok(result) => result.map(|f| (f, collapsed)),
-            Err(WaitError::TimedOut) => Err(ProxyError::UpstreamTimeout(self.fill_deadline().as_millis() as u64)),
-            Err(WaitError::Abandoned) => Err(ProxyError::Internal("the upstream call for this read was abandoned".into())),
+            Err(WaitError::TimedOut) => Err(ProxyError::UpstreamTimeout(
+                self.fill_deadline().as_millis() as u64,
+            )),
+            Err(WaitError::Abandoned) => Err(ProxyError::Internal(
+                "the upstream call for this read was abandoned".into(),
+            )),
         }
     }
 
@@ -266,7 +293,10 @@ impl Gateway {
         let collapsed = if collapsed { "; collapsed" } else { "" };
         let (x_cache, label, status, age) = match fill.kind {
             FillKind::StaleOnError(why) => {
-                self.metrics.cache_stale_served.with_label_values(&["error"]).inc();
+                self.metrics
+                    .cache_stale_served
+                    .with_label_values(&["error"])
+                    .inc();
                 (
                     "STALE",
                     "stale",
@@ -329,10 +359,10 @@ impl Gateway {
             let k = key::build(version, std::slice::from_ref(id), &node_params, &identity)
                 .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
             let hit = if directive == Directive::Normal {
-                self.cache
-                    .get(&k)
-                    .await
-                    .filter(|e| e.status.is_success() && e.freshness(now, Duration::ZERO, Duration::ZERO) == Freshness::Fresh)
+                self.cache.get(&k).await.filter(|e| {
+                    e.status.is_success()
+                        && e.freshness(now, Duration::ZERO, Duration::ZERO) == Freshness::Fresh
+                })
             } else {
                 None
             };
@@ -350,7 +380,9 @@ impl Gateway {
                 .filter_map(|(id, e)| e.as_ref().map(|e| (id.as_str(), &e.body)))
                 .collect();
             let first = have.iter().flatten().next().cloned();
-            let headers = first.map(|e| e.headers.clone()).unwrap_or_else(|| Vec::new().into());
+            let headers = first
+                .map(|e| e.headers.clone())
+                .unwrap_or_else(|| Vec::new().into());
             let entry = assembled_entry(headers, ids::assemble(&parts));
             let status = format!("graphgate; hit; detail=\"ids {hits}/{}\"", wanted.len());
             return Ok(Served {
@@ -386,17 +418,28 @@ impl Gateway {
         let fill = match waiter.wait(self.fill_deadline()).await {
             Ok(r) => r?,
             Err(WaitError::TimedOut) => {
-                return Err(ProxyError::UpstreamTimeout(self.fill_deadline().as_millis() as u64))
+                return Err(ProxyError::UpstreamTimeout(
+                    self.fill_deadline().as_millis() as u64,
+                ))
             }
             Err(WaitError::Abandoned) => {
-                return Err(ProxyError::Internal("the upstream call for this read was abandoned".into()))
+                return Err(ProxyError::Internal(
+                    "the upstream call for this read was abandoned".into(),
+                ))
             }
         };
         let upstream_ms = Some(started.elapsed().as_millis());
         let collapsed = if collapsed { "; collapsed" } else { "" };
-        let Some(pieces) = fill.pieces.as_ref().filter(|_| fill.entry.status.is_success()) else {
+        let Some(pieces) = fill
+            .pieces
+            .as_ref()
+            .filter(|_| fill.entry.status.is_success())
+        else {
             // Graph's error (one bad id fails the whole request) is handed on as it is.
-            let status = format!("graphgate; fwd=miss; fwd-status={}{collapsed}", fill.entry.status.as_u16());
+            let status = format!(
+                "graphgate; fwd=miss; fwd-status={}{collapsed}",
+                fill.entry.status.as_u16()
+            );
             return Ok(Served {
                 response: reply_from(&fill.entry, caller, "MISS", &status, None),
                 cache: "miss",
@@ -457,7 +500,9 @@ impl Gateway {
             .collect();
         if let Some(pieces) = &pieces {
             for (k, epoch) in node_keys.iter().zip(epochs) {
-                let Some(node) = k.node.as_deref() else { continue };
+                let Some(node) = k.node.as_deref() else {
+                    continue;
+                };
                 let Some((_, body)) = pieces.iter().find(|(id, _)| id == node) else {
                     continue;
                 };
@@ -475,7 +520,12 @@ impl Gateway {
             FillKind::Passed
         };
         Ok(Fill {
-            entry: Arc::new(Entry::new(reply.status, reply.headers, prepared, Duration::ZERO)),
+            entry: Arc::new(Entry::new(
+                reply.status,
+                reply.headers,
+                prepared,
+                Duration::ZERO,
+            )),
             kind,
             pieces: pieces.map(Arc::new),
         })
@@ -499,7 +549,11 @@ impl Gateway {
 
 fn assembled_entry(headers: Arc<[(HeaderName, HeaderValue)]>, body: PreparedBody) -> Entry {
     // An assembled reply has no single ETag.
-    let headers: Vec<_> = headers.iter().filter(|(n, _)| *n != header::ETAG).cloned().collect();
+    let headers: Vec<_> = headers
+        .iter()
+        .filter(|(n, _)| *n != header::ETAG)
+        .cloned()
+        .collect();
     Entry::new(StatusCode::OK, headers, body, Duration::ZERO)
 }
 
@@ -535,7 +589,8 @@ fn reply_from(
     cache_status: &str,
     age_at: Option<Instant>,
 ) -> Response<Full<Bytes>> {
-    let not_modified = entry.status.is_success() && entry.matches_if_none_match(caller.if_none_match);
+    let not_modified =
+        entry.status.is_success() && entry.matches_if_none_match(caller.if_none_match);
     let body = if not_modified {
         Bytes::new()
     } else {

@@ -2,5 +2,6 @@
 //! One test binary (faster to build and link); each module covers one capability.
 mod support;
 
+mod cache;
 mod cli;
 mod core;
