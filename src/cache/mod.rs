@@ -1,8 +1,9 @@
 //! The read cache: keys ([`key`]), TTL rules and client directives ([`policy`]), entries and
 //! their freshness ([`entry`]), the in-process tier ([`l1`]), collapsing of concurrent misses
-//! ([`coalesce`]), node index and write epochs ([`invalidate`]) and `ids=` reassembly
-//! ([`ids`]). The request-path glue that calls Graph lives in `proxy::cached`.
+//! ([`coalesce`]), node index and write epochs ([`invalidate`]), `ids=` reassembly ([`ids`])
+//! and batch reads from per-operation entries ([`batch`]). The request-path glue that calls Graph lives in `proxy::cached`.
 
+pub mod batch;
 pub mod coalesce;
 pub mod entry;
 pub mod ids;

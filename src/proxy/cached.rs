@@ -15,7 +15,7 @@ use crate::cache::coalesce::{Flight, Role, WaitError};
 use crate::cache::entry::{Entry, Freshness};
 use crate::cache::key::{self, CacheKey};
 use crate::cache::policy::{request_directive, Directive};
-use crate::cache::{ids, Fill, FillKind, FillResult};
+use crate::cache::{batch, ids, Fill, FillKind, FillResult};
 use crate::error::ProxyError;
 use crate::graph::request::GraphMethod;
 use crate::graph::usage::ErrorClass;
@@ -51,7 +51,8 @@ impl Gateway {
         headers: &HeaderMap,
         client_key: &str,
     ) -> Result<Option<Served>, ProxyError> {
-        if call.method != GraphMethod::Get || call.batch.is_some() || call.opaque_body.is_some() {
+        let batch_read = call.batch.as_deref().is_some_and(batch::cacheable);
+        if (call.method != GraphMethod::Get && !batch_read) || call.opaque_body.is_some() {
             return Ok(None);
         }
         let directive = request_directive(headers);
@@ -63,6 +64,15 @@ impl Gateway {
             key: client_key,
             if_none_match: headers.get(header::IF_NONE_MATCH),
         };
+        if batch_read {
+            return self
+                .batch_read(call, version, directive, &caller)
+                .await
+                .map(Some);
+        }
+        if call.batch.is_some() {
+            return Ok(None);
+        }
         if !call.ids.is_empty() {
             if call.path.segments.is_empty() {
                 return self
@@ -531,6 +541,140 @@ impl Gateway {
         })
     }
 
+    /// A read-only batch: operations with a fresh entry are answered locally, the rest go
+    /// upstream as one smaller batch (not coalesced: batches rarely repeat exactly), whose
+    /// successful operations are stored per operation; elements are merged in request order.
+    async fn batch_read(
+        &self,
+        call: &Call,
+        version: &str,
+        directive: Directive,
+        caller: &Caller<'_>,
+    ) -> Result<Served, ProxyError> {
+        let ops = call.batch.as_deref().unwrap_or_default();
+        let include_headers = call.params.get("include_headers") != Some("false");
+        // Batch operations run with the system token (see `upstream_batch`).
+        let identity = self.tokens.identity_for(None);
+        let now = Instant::now();
+        let mut keys = Vec::with_capacity(ops.len());
+        let mut have: Vec<Option<PreparedBody>> = Vec::with_capacity(ops.len());
+        for op in ops {
+            let op_version = op.path.version.as_deref().unwrap_or(version);
+            let k = key::build(op_version, &op.path.segments, &op.all_params(), &identity)
+                .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
+            let ttl = self.cache.policy.ttl_for(&k.rule_path);
+            let hit = if directive == Directive::Normal && !ttl.is_zero() {
+                self.cache
+                    .get(&k)
+                    .await
+                    .filter(|e| {
+                        e.freshness(now, Duration::ZERO, Duration::ZERO) == Freshness::Fresh
+                    })
+                    .and_then(|e| batch::element(&e, include_headers))
+            } else {
+                None
+            };
+            self.cache.count(if hit.is_some() { "hit" } else { "miss" });
+            have.push(hit);
+            keys.push((k, ttl));
+        }
+        let missing: Vec<usize> = (0..ops.len()).filter(|&i| have[i].is_none()).collect();
+        let hits = ops.len() - missing.len();
+        let detail = format!("detail=\"batch {hits}/{}\"", ops.len());
+        if missing.is_empty() {
+            let parts: Vec<&PreparedBody> = have.iter().flatten().collect();
+            let entry = assembled_entry(Vec::new().into(), batch::assemble(&parts));
+            return Ok(Served {
+                response: reply_from(
+                    &entry,
+                    caller,
+                    "HIT",
+                    &format!("graphgate; hit; {detail}"),
+                    None,
+                ),
+                cache: "hit",
+                upstream_ms: None,
+            });
+        }
+
+        let mut sub = call.clone();
+        sub.batch = Some(missing.iter().map(|&i| ops[i].clone()).collect());
+        let epochs: Vec<u64> = missing
+            .iter()
+            .map(|&i| self.cache.epoch(&keys[i].0))
+            .collect();
+        let started = Instant::now();
+        let (reply, injected) = self.forward(&sub, version).await?;
+        let upstream_ms = Some(started.elapsed().as_millis());
+        let prepared = rewrite::prepare(
+            reply.body.clone(),
+            true,
+            &self.public_url,
+            &self.tokens.secrets_for(&injected),
+        );
+        let status = reply.status;
+        let parts = if status.is_success() {
+            batch::split(&prepared).filter(|p| p.len() == missing.len())
+        } else {
+            None
+        };
+        let Some(parts) = parts else {
+            if status.is_success() {
+                return Err(ProxyError::UpstreamBadResponse(
+                    "the batch reply does not match the operations sent".into(),
+                ));
+            }
+            // A whole-batch error from Graph is handed on as it is.
+            let entry = Entry::new(status, reply.headers, prepared, Duration::ZERO);
+            let cs = format!("graphgate; fwd=miss; fwd-status={}", status.as_u16());
+            return Ok(Served {
+                response: reply_from(&entry, caller, "MISS", &cs, None),
+                cache: "miss",
+                upstream_ms,
+            });
+        };
+        for ((&i, part), epoch) in missing.iter().zip(&parts).zip(epochs) {
+            let (k, ttl) = &keys[i];
+            if let Some((body, etag)) = &part.ok_body {
+                if !ttl.is_zero() {
+                    let e = Entry::new(
+                        StatusCode::OK,
+                        batch::entry_headers(etag.clone()),
+                        body.clone(),
+                        *ttl,
+                    );
+                    self.cache.store(k, &e, epoch).await;
+                }
+            }
+        }
+        let mut fetched = parts.iter();
+        let mut elements: Vec<&PreparedBody> = Vec::with_capacity(ops.len());
+        for hit in &have {
+            match hit {
+                Some(e) => elements.push(e),
+                None => match fetched.next() {
+                    Some(p) => elements.push(&p.element),
+                    None => {
+                        return Err(ProxyError::Internal(
+                            "batch merge ran out of replies".into(),
+                        ))
+                    }
+                },
+            }
+        }
+        let entry = assembled_entry(reply.headers.into(), batch::assemble(&elements));
+        let fwd = if hits > 0 { "partial" } else { "miss" };
+        let cs = format!(
+            "graphgate; fwd={fwd}; fwd-status={}; stored; {detail}",
+            status.as_u16()
+        );
+        Ok(Served {
+            response: reply_from(&entry, caller, "MISS", &cs, None),
+            cache: "miss",
+            upstream_ms,
+        })
+    }
+
     /// After a successful write: drop what it made stale (its node; a post's Page edges).
     pub(super) async fn invalidate_after_write(&self, call: &Call) {
         if let Some(ops) = &call.batch {
@@ -547,8 +691,8 @@ impl Gateway {
     }
 }
 
+/// A reply merged from several sources (`ids=`, batch) has no single ETag.
 fn assembled_entry(headers: Arc<[(HeaderName, HeaderValue)]>, body: PreparedBody) -> Entry {
-    // An assembled reply has no single ETag.
     let headers: Vec<_> = headers
         .iter()
         .filter(|(n, _)| *n != header::ETAG)

@@ -524,3 +524,75 @@ async fn a_leader_that_hangs_up_does_not_fail_its_followers() {
     }
     assert_eq!(s.graph.stats().requests, 1);
 }
+
+fn batch_form(ops: &serde_json::Value) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .append_pair("batch", &ops.to_string())
+        .append_pair("access_token", ADMIN_KEY)
+        .finish()
+}
+
+#[tokio::test]
+async fn read_batches_answer_cached_operations_locally() {
+    let s = Stack::start().await;
+    let single = s.get(&q("/1001?fields=id,name")).await;
+    s.graph.clear_requests();
+    let ops = serde_json::json!([
+        {"method": "GET", "relative_url": "1001?fields=name,id"},
+        {"method": "GET", "relative_url": "1002?fields=id,name"},
+        {"method": "GET", "relative_url": "1001/feed?limit=1"},
+    ]);
+    let r = s.post_form("/", &batch_form(&ops)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert!(r.header("cache-status").unwrap().contains("fwd=partial"));
+    let v = r.json();
+    let items = v.as_array().unwrap();
+    assert_eq!(items.len(), 3);
+    let body = |i: usize| -> serde_json::Value {
+        serde_json::from_str(items[i]["body"].as_str().unwrap()).unwrap()
+    };
+    assert_eq!(
+        body(0),
+        single.json(),
+        "the cached operation carries the GET's body"
+    );
+    assert_eq!(body(1)["name"], "Globex News");
+    let next = body(2)["paging"]["next"].as_str().unwrap().to_string();
+    assert!(next.contains(ADMIN_KEY), "{next}");
+    // Only the two missing operations went upstream, as one batch.
+    let seen = s.graph.requests();
+    assert_eq!(seen.len(), 1);
+    let sent = seen[0]
+        .form
+        .iter()
+        .find(|(k, _)| k == "batch")
+        .map(|(_, v)| v.clone())
+        .unwrap();
+    let sent: serde_json::Value = serde_json::from_str(&sent).unwrap();
+    assert_eq!(sent.as_array().unwrap().len(), 2, "{sent}");
+
+    // Everything is cached now, also for plain GETs; the merged reply keeps request order.
+    let again = s.post_form("/", &batch_form(&ops)).await;
+    assert_eq!(again.header("x-cache"), Some("HIT"));
+    assert_eq!(again.json().as_array().unwrap().len(), 3);
+    assert_eq!(
+        s.get(&q("/1002?fields=name,id")).await.header("x-cache"),
+        Some("HIT")
+    );
+    assert_eq!(s.graph.requests().len(), 1);
+
+    // A batch with a write goes upstream whole and invalidates.
+    let write = serde_json::json!([
+        {"method": "GET", "relative_url": "1002?fields=id,name"},
+        {"method": "POST", "relative_url": "1002/feed", "body": "message=hello"},
+    ]);
+    let w = s.post_form("/", &batch_form(&write)).await;
+    assert_eq!(w.status, StatusCode::OK, "{}", w.text());
+    assert_eq!(w.header("x-cache"), Some("BYPASS"));
+    assert_eq!(s.graph.requests().len(), 2);
+    assert_eq!(
+        s.get(&q("/1002?fields=name,id")).await.header("x-cache"),
+        Some("MISS")
+    );
+    s.stop().await;
+}
