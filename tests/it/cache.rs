@@ -596,3 +596,59 @@ async fn read_batches_answer_cached_operations_locally() {
     );
     s.stop().await;
 }
+
+/// Rough figures, not a benchmark (issue 7 adds criterion benches): key building and
+/// sequential/concurrent cache hits through real sockets. Run with
+/// `cargo test --release --test it cache::rough_hit_path_figures -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn rough_hit_path_figures() {
+    use graphgate::cache::key;
+    use graphgate::graph::request::Params;
+    let params = Params::parse("fields=name,id,fan_count,about&limit=5&access_token=k").unwrap();
+    let segs = vec!["1001".to_string()];
+    let n = 200_000;
+    let t = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(key::build("v21.0", &segs, &params, "system").unwrap());
+    }
+    println!(
+        "key::build: {:.0} ns/op",
+        t.elapsed().as_nanos() as f64 / n as f64
+    );
+
+    let s = Arc::new(Stack::start().await);
+    s.graph.set_record_limit(0);
+    let url = q("/1001?fields=id,name,about,fan_count");
+    s.get(&url).await;
+    let mut lat = Vec::new();
+    for _ in 0..5000 {
+        let t = Instant::now();
+        let r = s.get(&url).await;
+        lat.push(t.elapsed());
+        assert_eq!(r.header("x-cache"), Some("HIT"));
+    }
+    lat.sort();
+    println!(
+        "sequential hits over loopback: p50 {:?} p99 {:?}",
+        lat[lat.len() / 2],
+        lat[lat.len() * 99 / 100]
+    );
+    let t = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let s = s.clone();
+        let url = url.clone();
+        tasks.spawn(async move {
+            for _ in 0..500 {
+                s.get(&url).await;
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    println!(
+        "32 concurrent clients: {:.0} hits/s",
+        16_000.0 / t.elapsed().as_secs_f64()
+    );
+    assert_eq!(s.graph.stats().requests, 1);
+}
