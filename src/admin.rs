@@ -1,7 +1,8 @@
 //! The admin listener: `/healthz` (process alive), `/readyz` (accepting traffic; fails while
-//! draining), `/metrics` (Prometheus text), `/admin/pages` (quota status of every known Page).
-//! Endpoints under `/admin/` require the admin token
-//! (`Authorization: Bearer <server.admin_token>`) and are refused when none is configured.
+//! draining), `/metrics` (Prometheus text). Endpoints under `/admin/` require the admin token
+//! (`Authorization: Bearer <server.admin_token>`) and are refused when none is configured:
+//! - `GET /admin/pages`: quota status of every known Page;
+//! - `POST /admin/cache/purge?node=ID | ?prefix=READABLE_KEY_PREFIX | ?all=true` → `{"purged": N}`.
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
@@ -52,11 +53,15 @@ pub async fn handle<B>(gw: &Gateway, req: Request<B>) -> Response<Full<Bytes>> {
                 text(StatusCode::OK, "ready\n", "text/plain")
             }
         }
-        (&http::Method::GET, "/metrics") => text(
-            StatusCode::OK,
-            gw.metrics.render(),
-            "text/plain; version=0.0.4; charset=utf-8",
-        ),
+        (&http::Method::GET, "/metrics") => {
+            // Entry and byte gauges are read from moka after its pending maintenance.
+            gw.cache.settle().await;
+            text(
+                StatusCode::OK,
+                gw.metrics.render(),
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
+        }
         (_, path) if path.starts_with("/admin/") => {
             if !is_admin(gw, req.headers()) {
                 return json(
@@ -66,6 +71,9 @@ pub async fn handle<B>(gw: &Gateway, req: Request<B>) -> Response<Full<Bytes>> {
             }
             if req.method() == http::Method::GET && path == "/admin/pages" {
                 return json(StatusCode::OK, gw.quota.status());
+            }
+            if req.method() == http::Method::POST && path == "/admin/cache/purge" {
+                return purge(gw, req.uri().query().unwrap_or("")).await;
             }
             json(
                 StatusCode::NOT_FOUND,
@@ -77,4 +85,28 @@ pub async fn handle<B>(gw: &Gateway, req: Request<B>) -> Response<Full<Bytes>> {
             serde_json::json!({"error": {"message": "not found", "type": "GraphMethodException", "code": 803}}),
         ),
     }
+}
+
+/// `POST /admin/cache/purge` with exactly one of `node=`, `prefix=` or `all=true`.
+async fn purge(gw: &Gateway, query: &str) -> Response<Full<Bytes>> {
+    let bad = |msg: &str| {
+        json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": {"message": msg, "type": "GraphMethodException", "code": 100}}),
+        )
+    };
+    let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    let [(name, value)] = params.as_slice() else {
+        return bad("give exactly one of node=, prefix= or all=true");
+    };
+    let purged = match (name.as_str(), value.as_str()) {
+        ("node", node) if !node.is_empty() => gw.cache.purge_node(node).await,
+        ("prefix", prefix) if !prefix.is_empty() => gw.cache.purge_prefix(prefix).await,
+        ("all", "true") => gw.cache.purge_all().await,
+        _ => return bad("give exactly one of node=, prefix= or all=true"),
+    };
+    tracing::info!(target: "graphgate::admin", purged, by = name.as_str(), "cache purge");
+    json(StatusCode::OK, serde_json::json!({ "purged": purged }))
 }

@@ -365,8 +365,9 @@ pub struct Credentials {
     pub page_tokens: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Priority {
+    #[default]
     Interactive,
     Batch,
 }

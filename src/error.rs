@@ -22,7 +22,8 @@ pub mod subcode {
     pub const OVERLOADED: i64 = 2_446_030;
 }
 
-#[derive(Debug, thiserror::Error)]
+/// Clone: one coalesced upstream failure is handed to every waiting request.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProxyError {
     #[error("An access token (a graphgate client key) is required to request this resource.")]
     MissingKey,

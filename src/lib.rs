@@ -6,6 +6,7 @@
 //! metrics, [`fake_graph`] simulates Graph for the demo, tests and benches.
 pub mod admin;
 pub mod auth;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod fake_graph;

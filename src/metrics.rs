@@ -66,6 +66,22 @@ pub struct Metrics {
     pub quota_page_rate_factor: GaugeVec,
     /// Refreshes the time-dependent quota gauges just before a scrape.
     quota_refresh: OnceLock<Box<dyn Fn() + Send + Sync>>,
+
+    // --- Read cache (issue 3) ---
+    /// Cache lookups by tier and result (hit, miss, stale, bypass).
+    pub cache_lookups: IntCounterVec,
+    /// Requests that waited on another request's identical upstream call.
+    pub cache_coalesced: IntCounter,
+    /// Entries and weighted bytes per tier (refreshed when /metrics is read).
+    pub cache_entries: IntGaugeVec,
+    pub cache_bytes: IntGaugeVec,
+    /// Entries leaving a tier, by cause (size, expired, explicit, replaced).
+    pub cache_evictions: IntCounterVec,
+    /// Entries dropped by writes or admin purges.
+    pub cache_invalidations: IntCounterVec,
+    /// Stale entries served, by reason (revalidate = stale-while-revalidate, error =
+    /// stale-if-error).
+    pub cache_stale_served: IntCounterVec,
 }
 
 /// The hardening metrics, one block so they stay together.
@@ -282,6 +298,47 @@ impl Metrics {
                 &r,
                 "graphgate_open_connections",
                 "Client connections currently open.",
+            ),
+            cache_lookups: counter_vec(
+                &r,
+                "graphgate_cache_lookups_total",
+                "Cache lookups by tier and result (hit, miss, stale, bypass).",
+                &["tier", "result"],
+            ),
+            cache_coalesced: counter(
+                &r,
+                "graphgate_cache_coalesced_total",
+                "Requests answered by another request's in-flight upstream call.",
+            ),
+            cache_entries: int_gauge_vec(
+                &r,
+                "graphgate_cache_entries",
+                "Entries in the cache tier.",
+                &["tier"],
+            ),
+            cache_bytes: int_gauge_vec(
+                &r,
+                "graphgate_cache_bytes",
+                "Weighted size of the cache tier in bytes (bodies, headers, keys).",
+                &["tier"],
+            ),
+            cache_evictions: counter_vec(
+                &r,
+                "graphgate_cache_evictions_total",
+                "Entries removed from a cache tier, by cause.",
+                &["tier", "cause"],
+            ),
+            cache_invalidations: counter_vec(
+                &r,
+                "graphgate_cache_invalidations_total",
+                "Cache entries dropped by writes (reason=write) or the admin API (reason=purge).",
+                &["reason"],
+            ),
+            cache_stale_served: counter_vec(
+                &r,
+                "graphgate_cache_stale_served_total",
+                "Stale entries served, by reason (revalidate, error).",
+                &["reason"],
             ),
             build_info,
             hardening: HardeningMetrics::new(&r),

@@ -1,5 +1,6 @@
 //! The request pipeline, one named phase after another:
-//! limits → parse → authenticate → authorize → choose token → send upstream → learn →
+//! limits → parse → authenticate → authorize → cache (lookup, coalesced fill; see
+//! [`cached`]) → choose token → send upstream → learn → invalidate after writes →
 //! prepare body (paging links, scrubbing) → respond.
 //! Every failure is a [`ProxyError`] answered in Graph's error shape.
 
@@ -11,7 +12,10 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Full, Limited};
 
+mod cached;
+
 use crate::auth::{self, Client, ClientRegistry};
+use crate::cache::Cache;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::graph::fields::Fields;
@@ -36,13 +40,14 @@ pub struct Gateway {
     /// Per-Page quota: every call that goes upstream is admitted here first.
     pub quota: Scheduler,
     pub metrics: Arc<Metrics>,
+    pub cache: Cache,
     draining: AtomicBool,
     trace_prefix: u32,
     trace_seq: AtomicU64,
 }
 
-/// A client request, parsed.
-#[derive(Debug)]
+/// A client request, parsed. Clone: a cache fill takes its own copy into its task.
+#[derive(Debug, Clone)]
 pub struct Call {
     /// The method Graph will execute (after `method=`).
     pub method: GraphMethod,
@@ -108,6 +113,7 @@ impl Gateway {
             upstream,
             quota: Scheduler::new(&config.quota, metrics.clone()),
             public_url,
+            cache: Cache::new(&config.cache, metrics.clone()),
             metrics,
             draining: AtomicBool::new(false),
             trace_prefix: fastrand::u32(..),
@@ -135,7 +141,7 @@ impl Gateway {
     }
 
     /// Answers one client request. Never fails: errors become Graph-style replies.
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
+    pub async fn handle<B>(self: &Arc<Self>, req: Request<B>) -> Response<Full<Bytes>>
     where
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -200,7 +206,7 @@ impl Gateway {
     }
 
     async fn process<B>(
-        &self,
+        self: &Arc<Self>,
         req: Request<B>,
         trace_id: &str,
     ) -> Result<Outcome, (ProxyError, &'static str, Option<Arc<Client>>)>
@@ -218,7 +224,7 @@ impl Gateway {
         let body = read_body(body, &parts.headers, self.config.server.max_body_bytes)
             .await
             .map_err(fail)?;
-        let call = parse_call(&parts.method, &parts.uri, &parts.headers, body).map_err(fail)?;
+        let mut call = parse_call(&parts.method, &parts.uri, &parts.headers, body).map_err(fail)?;
         let route = call.route();
 
         // Phase: authenticate and authorize.
@@ -228,19 +234,41 @@ impl Gateway {
             .map_err(|e| (e, route, None))?;
         let with_client = |e: ProxyError| (e, route, Some(client.clone()));
         self.authorize(&client, &call).map_err(with_client)?;
+        call.quota_hints.bind_to(&client);
 
-        // Phase: choose the token and send upstream.
         let version = call
             .path
             .version
             .clone()
             .unwrap_or_else(|| self.config.upstream.default_version.clone());
+
+        // Phase: cache. Cacheable reads end here (hit, stale, or one coalesced fill).
+        if let Some(served) = self
+            .cached_read(&call, &version, &parts.headers, key.as_str())
+            .await
+            .map_err(with_client)?
+        {
+            return Ok(Outcome {
+                response: served.response,
+                route,
+                cache: served.cache,
+                client: Some(client),
+                upstream_ms: served.upstream_ms,
+            });
+        }
+
+        // Phase: choose the token and send upstream.
         let upstream_started = Instant::now();
         let (reply, injected) = self
-            .forward(&call, &client, &version)
+            .forward(&call, &version, true)
             .await
             .map_err(with_client)?;
         let upstream_ms = upstream_started.elapsed().as_millis();
+
+        // Phase: a successful write makes cached reads of its node stale.
+        if reply.status.is_success() {
+            self.invalidate_after_write(&call).await;
+        }
 
         // Phase: prepare the body for this client and answer.
         let prepared = rewrite::prepare(
@@ -250,7 +278,8 @@ impl Gateway {
             &self.tokens.secrets_for(&injected),
         );
         let body = rewrite::finalize(&prepared, key.as_str());
-        let response = build_response(&reply, body, trace_id);
+        let mut response = build_response(&reply, body, trace_id);
+        cached::mark_uncached(&mut response, &call);
         Ok(Outcome {
             response,
             route,
@@ -295,18 +324,18 @@ impl Gateway {
     /// A GET that Graph throttles is re-queued (its Page is now paused) while its deadline
     /// allows; writes are never re-sent. A Page token Graph rejects (190) is minted again and
     /// the call retried once: a rejected call was not executed.
+    ///
+    /// `requeue_throttled` is false when the caller has a stale copy to serve instead: a
+    /// throttled Page then answers at once rather than after waiting out the pause.
     async fn forward(
         &self,
         call: &Call,
-        client: &Client,
         version: &str,
+        requeue_throttled: bool,
     ) -> Result<(Reply, Injected), ProxyError> {
-        let page_header = call
-            .quota_hints
-            .page
-            .as_deref()
-            .filter(|p| client.may_touch(p));
-        let charge = self.quota.charge_for(&quota::call_units(call), page_header);
+        let charge = self
+            .quota
+            .charge_for(&quota::call_units(call), call.quota_hints.page.as_deref());
         let deadline = self.quota.deadline(call.quota_hints.max_wait);
         let may_requeue = call.method == GraphMethod::Get && call.batch.is_none();
         let mut token_retried = false;
@@ -317,11 +346,14 @@ impl Gateway {
                 .for_page(call.page(), version, &self.upstream)
                 .await?;
             let request = self.upstream_request(call, &injected)?;
-            let admission = self.quota.admit(&charge, client.priority, deadline).await?;
+            let admission = self
+                .quota
+                .admit(&charge, call.quota_hints.priority, deadline)
+                .await?;
             let reply = self.upstream.send_with_policy(request, may_requeue).await?;
             let learned = self.quota.learn(&admission, &reply, call.path.node());
             drop(admission);
-            if learned.throttled && may_requeue && requeues < MAX_REQUEUES {
+            if learned.throttled && may_requeue && requeue_throttled && requeues < MAX_REQUEUES {
                 requeues += 1;
                 self.metrics.quota_requeues.inc();
                 continue;

@@ -85,6 +85,15 @@ impl Tokens {
         &self.system
     }
 
+    /// The identity [`Tokens::for_page`] will use for `page`, known before any minting: cache
+    /// keys need it before the call goes upstream. Must agree with `for_page`.
+    pub fn identity_for(&self, page: Option<&str>) -> Arc<str> {
+        match page.filter(|_| self.page_tokens) {
+            Some(page) => Arc::from(format!("page:{page}")),
+            None => self.system.identity.clone(),
+        }
+    }
+
     /// The token for a call attributed to `page` (or the system token).
     pub async fn for_page(
         &self,

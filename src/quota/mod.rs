@@ -17,6 +17,9 @@ use std::time::Duration;
 
 use http::HeaderMap;
 
+use crate::auth::Client;
+use crate::config::Priority;
+
 pub use attribution::{call_units, BucketKey, Charge};
 pub use scheduler::{rate_limit_pair, Admission, Learned, Scheduler};
 
@@ -34,6 +37,8 @@ pub struct Hints {
     /// A Page id (digits only); honoured only if the client may touch it.
     pub page: Option<String>,
     pub max_wait: Option<Duration>,
+    /// The authenticated client's priority (set by [`Hints::bind_to`]).
+    pub priority: Priority,
 }
 
 impl Hints {
@@ -51,7 +56,18 @@ impl Hints {
             max_wait: text(MAX_WAIT_HEADER)
                 .and_then(|v| v.parse::<u64>().ok())
                 .map(Duration::from_millis),
+            priority: Priority::default(),
         }
+    }
+
+    /// Applies what only the authenticated client decides: a Page header naming a Page the
+    /// client may not touch is ignored, and the client's priority is taken. Done once after
+    /// authentication, so fills running for coalesced callers carry it with the call.
+    pub fn bind_to(&mut self, client: &Client) {
+        if self.page.as_deref().is_some_and(|p| !client.may_touch(p)) {
+            self.page = None;
+        }
+        self.priority = client.priority;
     }
 }
 
@@ -69,6 +85,7 @@ mod tests {
             Hints {
                 page: Some("1001".into()),
                 max_wait: Some(Duration::from_millis(250)),
+                priority: Priority::Interactive,
             }
         );
         h.insert(PAGE_HEADER, "me".parse().unwrap());

@@ -1,0 +1,212 @@
+//! A cached (or just fetched) reply and its age arithmetic.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{header, HeaderName, HeaderValue, StatusCode};
+
+use crate::rewrite::PreparedBody;
+
+/// Headers kept in a stored entry. Per-call headers such as usage reports are not replayed:
+/// they describe a call that happened long ago and would mislead SDKs that pace themselves
+/// by them.
+const STORED_HEADERS: &[&str] = &[
+    "content-type",
+    "facebook-api-version",
+    "x-fb-trace-id",
+    "x-fb-request-id",
+    "x-fb-rev",
+    "etag",
+    "last-modified",
+];
+
+/// One reply as served from the cache: the prepared body (with the client-key placeholder,
+/// finalized per client) and the headers worth replaying.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub status: StatusCode,
+    pub headers: Arc<[(HeaderName, HeaderValue)]>,
+    pub body: PreparedBody,
+    pub etag: Option<HeaderValue>,
+    pub stored_at: Instant,
+    pub ttl: Duration,
+    /// Readable key, for prefix purge and debugging.
+    pub readable: Arc<str>,
+    pub node: Option<Arc<str>>,
+    pub has_edge: bool,
+    /// Store generation: lets the node index tell this entry from a later one under the
+    /// same key (eviction notices arrive late).
+    pub generation: u64,
+}
+
+/// Where an entry stands at a given moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    Fresh,
+    /// Past TTL but within `stale_while_revalidate`.
+    StaleRevalidate,
+    /// Past TTL and the revalidate window, but within `stale_if_error`.
+    StaleIfError,
+    /// Too old to serve at all.
+    Expired,
+}
+
+impl Entry {
+    pub fn new(
+        status: StatusCode,
+        headers: Vec<(HeaderName, HeaderValue)>,
+        body: PreparedBody,
+        ttl: Duration,
+    ) -> Entry {
+        let etag = headers
+            .iter()
+            .find(|(n, _)| *n == header::ETAG)
+            .map(|(_, v)| v.clone());
+        Entry {
+            status,
+            headers: headers.into(),
+            body,
+            etag,
+            stored_at: Instant::now(),
+            ttl,
+            readable: Arc::from(""),
+            node: None,
+            has_edge: false,
+            generation: 0,
+        }
+    }
+
+    /// A copy fit for storing: only the replayable headers.
+    pub fn for_storage(&self) -> Entry {
+        let headers: Vec<_> = self
+            .headers
+            .iter()
+            .filter(|(n, _)| STORED_HEADERS.contains(&n.as_str()))
+            .cloned()
+            .collect();
+        Entry {
+            headers: headers.into(),
+            ..self.clone()
+        }
+    }
+
+    /// The same content, fresh again (after a 304 from Graph).
+    pub fn renewed(&self, ttl: Duration) -> Entry {
+        Entry {
+            stored_at: Instant::now(),
+            ttl,
+            ..self.clone()
+        }
+    }
+
+    pub fn age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.stored_at)
+    }
+
+    /// Seconds of freshness left; negative once stale (RFC 9211 `ttl`).
+    pub fn ttl_left_s(&self, now: Instant) -> i64 {
+        self.ttl.as_secs() as i64 - self.age(now).as_secs() as i64
+    }
+
+    pub fn freshness(&self, now: Instant, swr: Duration, sie: Duration) -> Freshness {
+        let age = self.age(now);
+        if age < self.ttl {
+            Freshness::Fresh
+        } else if age < self.ttl + swr {
+            Freshness::StaleRevalidate
+        } else if age < self.ttl + sie {
+            Freshness::StaleIfError
+        } else {
+            Freshness::Expired
+        }
+    }
+
+    /// Whether a stale copy may stand in for a failed refresh.
+    pub fn usable_on_error(&self, now: Instant, sie: Duration) -> bool {
+        self.age(now) < self.ttl + sie
+    }
+
+    /// Bytes this entry holds, for the byte-bounded cache.
+    pub fn weight(&self) -> u32 {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 32)
+            .sum();
+        let total = self.body.bytes.len()
+            + headers
+            + self.readable.len() * 2
+            + 16
+            + std::mem::size_of::<Entry>()
+            + 64;
+        u32::try_from(total).unwrap_or(u32::MAX)
+    }
+
+    /// Does the client's `If-None-Match` match this entry's ETag (weak comparison)?
+    pub fn matches_if_none_match(&self, inm: Option<&HeaderValue>) -> bool {
+        let (Some(inm), Some(etag)) = (inm, &self.etag) else {
+            return false;
+        };
+        let (Ok(inm), Ok(etag)) = (inm.to_str(), etag.to_str()) else {
+            return false;
+        };
+        let etag = etag.trim_start_matches("W/");
+        inm.split(',')
+            .map(|t| t.trim().trim_start_matches("W/"))
+            .any(|t| t == "*" || t == etag)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn entry(ttl: u64) -> Entry {
+        Entry::new(
+            StatusCode::OK,
+            vec![
+                (header::ETAG, HeaderValue::from_static("\"abc\"")),
+                (
+                    HeaderName::from_static("x-app-usage"),
+                    HeaderValue::from_static("{}"),
+                ),
+            ],
+            PreparedBody {
+                bytes: Bytes::from_static(b"{}"),
+                has_key_placeholder: false,
+            },
+            Duration::from_secs(ttl),
+        )
+    }
+
+    #[test]
+    fn freshness_windows() {
+        let e = entry(10);
+        let s = Duration::from_secs;
+        let t0 = e.stored_at;
+        assert_eq!(e.freshness(t0 + s(5), s(5), s(20)), Freshness::Fresh);
+        assert_eq!(
+            e.freshness(t0 + s(12), s(5), s(20)),
+            Freshness::StaleRevalidate
+        );
+        assert_eq!(
+            e.freshness(t0 + s(20), s(5), s(20)),
+            Freshness::StaleIfError
+        );
+        assert_eq!(e.freshness(t0 + s(31), s(5), s(20)), Freshness::Expired);
+        assert_eq!(e.ttl_left_s(t0 + s(12)), -2);
+    }
+
+    #[test]
+    fn etags_and_storage() {
+        let e = entry(10);
+        assert!(e.matches_if_none_match(Some(&HeaderValue::from_static("W/\"abc\", \"x\""))));
+        assert!(e.matches_if_none_match(Some(&HeaderValue::from_static("*"))));
+        assert!(!e.matches_if_none_match(Some(&HeaderValue::from_static("\"x\""))));
+        assert!(!e.matches_if_none_match(None));
+        let stored = e.for_storage();
+        assert_eq!(stored.headers.len(), 1);
+        assert!(stored.weight() > 2);
+    }
+}

@@ -1,0 +1,129 @@
+//! Which entries belong to which node, so a write can drop exactly those, and per-node
+//! epochs so a fill that raced a write does not store what the write made stale.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::key::KeyId;
+
+/// Epoch buckets: nodes hash into these. A collision only costs a skipped store.
+const EPOCH_BUCKETS: usize = 1024;
+
+#[derive(Debug, Clone, Copy)]
+struct Member {
+    generation: u64,
+    has_edge: bool,
+}
+
+/// Secondary index node → keys of live entries, plus write epochs.
+pub struct NodeIndex {
+    by_node: Mutex<HashMap<Arc<str>, HashMap<KeyId, Member>>>,
+    epochs: Box<[AtomicU64]>,
+}
+
+impl Default for NodeIndex {
+    fn default() -> Self {
+        NodeIndex {
+            by_node: Mutex::new(HashMap::new()),
+            epochs: (0..EPOCH_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl NodeIndex {
+    /// The map lock; a panic while holding it cannot leave it inconsistent in a way that
+    /// matters more than a missed invalidation, so poisoning is ignored.
+    fn map(&self) -> MutexGuard<'_, HashMap<Arc<str>, HashMap<KeyId, Member>>> {
+        self.by_node.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn add(&self, node: &Arc<str>, key: KeyId, generation: u64, has_edge: bool) {
+        self.map().entry(node.clone()).or_default().insert(
+            key,
+            Member {
+                generation,
+                has_edge,
+            },
+        );
+    }
+
+    /// Forgets `key` under `node` if it still refers to the entry of `generation` (a newer
+    /// entry under the same key stays indexed).
+    pub fn remove(&self, node: &str, key: KeyId, generation: u64) {
+        let mut map = self.map();
+        if let Some(keys) = map.get_mut(node) {
+            if keys.get(&key).is_some_and(|m| m.generation == generation) {
+                keys.remove(&key);
+            }
+            if keys.is_empty() {
+                map.remove(node);
+            }
+        }
+    }
+
+    /// Takes the keys of `node` (only its edges when `edges_only`) out of the index.
+    pub fn take(&self, node: &str, edges_only: bool) -> Vec<KeyId> {
+        let mut map = self.map();
+        let Some(keys) = map.get_mut(node) else {
+            return Vec::new();
+        };
+        let taken: Vec<KeyId> = keys
+            .iter()
+            .filter(|(_, m)| !edges_only || m.has_edge)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &taken {
+            keys.remove(k);
+        }
+        if keys.is_empty() {
+            map.remove(node);
+        }
+        taken
+    }
+
+    pub fn clear(&self) {
+        self.map().clear();
+    }
+
+    fn bucket(&self, node: &str) -> &AtomicU64 {
+        // FNV-1a: cheap, stable, good enough to spread node ids.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in node.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        &self.epochs[(h % EPOCH_BUCKETS as u64) as usize]
+    }
+
+    /// Write epoch of `node`: read before a fill, compared before storing.
+    pub fn epoch(&self, node: &str) -> u64 {
+        self.bucket(node).load(Ordering::Acquire)
+    }
+
+    pub fn bump(&self, node: &str) {
+        self.bucket(node).fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_tracks_generations_and_edges() {
+        let idx = NodeIndex::default();
+        let n: Arc<str> = Arc::from("1001");
+        idx.add(&n, KeyId(1), 1, false);
+        idx.add(&n, KeyId(2), 2, true);
+        // A late notice about an older generation does not drop the live entry.
+        idx.add(&n, KeyId(1), 3, false);
+        idx.remove("1001", KeyId(1), 1);
+        assert_eq!(idx.take("1001", true), vec![KeyId(2)]);
+        assert_eq!(idx.take("1001", false), vec![KeyId(1)]);
+        assert!(idx.take("1001", false).is_empty());
+        let e = idx.epoch("1001");
+        idx.bump("1001");
+        assert_ne!(idx.epoch("1001"), e);
+    }
+}

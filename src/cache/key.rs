@@ -1,0 +1,170 @@
+//! The cache key of a read: what makes two Graph calls return the same bytes.
+//!
+//! Readable form: `{version}/{node}[/{edge}]?{params sorted by name}#{token identity}`, with
+//! `fields` in canonical form and everything that does not change the reply removed
+//! (`access_token`, `appsecret_proof`, `method`, JSONP `callback`, `_` cache-busters). The
+//! token identity (`system`, `page:1001`) is part of the key because different tokens may
+//! see different data; it names the token without revealing it, so the readable form is safe
+//! to log and to match in the purge API. The map key is a 128-bit SHA-256 prefix of it.
+
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use crate::graph::fields::{canonicalize, FieldsError};
+use crate::graph::request::Params;
+
+/// Parameters that never change what Graph answers (or that graphgate strips anyway).
+const IGNORED_PARAMS: &[&str] = &["access_token", "appsecret_proof", "method", "callback", "_"];
+
+/// Digest of a readable key: the moka map key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyId(pub u128);
+
+/// A computed key with what invalidation and TTL rules need to know about it.
+#[derive(Debug, Clone)]
+pub struct CacheKey {
+    pub id: KeyId,
+    /// Safe to log: carries no token or client key.
+    pub readable: Arc<str>,
+    /// First path segment (`1001`, `1001_7`, `me`), for invalidation by node.
+    pub node: Option<Arc<str>>,
+    /// Whether the path goes past the node (`/1001/feed`): a new post on a Page drops
+    /// the Page's edges.
+    pub has_edge: bool,
+    /// `/node/edge` without the version, matched against `[[cache.rules]]`.
+    pub rule_path: String,
+}
+
+/// Builds the key of a GET of `segments` with `params` under `identity`. Fails only when
+/// `fields` is malformed (the proxy rejects those with 400 before asking).
+pub fn build(
+    version: &str,
+    segments: &[String],
+    params: &Params,
+    identity: &str,
+) -> Result<CacheKey, FieldsError> {
+    let mut pairs: Vec<(&str, std::borrow::Cow<'_, str>)> = Vec::with_capacity(params.len());
+    for (k, v) in params.iter() {
+        if IGNORED_PARAMS.contains(&k) {
+            continue;
+        }
+        let v = if k == "fields" {
+            std::borrow::Cow::Owned(canonicalize(v)?)
+        } else {
+            std::borrow::Cow::Borrowed(v)
+        };
+        pairs.push((k, v));
+    }
+    // Stable sort by name: the relative order of repeated parameters is kept, since Graph
+    // may read only the first or last of them.
+    pairs.sort_by(|a, b| a.0.cmp(b.0));
+
+    let mut rule_path = String::with_capacity(32);
+    for s in segments {
+        rule_path.push('/');
+        rule_path.push_str(s);
+    }
+    if rule_path.is_empty() {
+        rule_path.push('/');
+    }
+    let mut readable = String::with_capacity(version.len() + rule_path.len() + 64);
+    readable.push_str(version);
+    readable.push_str(&rule_path);
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in &pairs {
+        query.append_pair(k, v);
+    }
+    let query = query.finish();
+    if !query.is_empty() {
+        readable.push('?');
+        readable.push_str(&query);
+    }
+    readable.push('#');
+    readable.push_str(identity);
+
+    let digest = Sha256::digest(readable.as_bytes());
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&digest[..16]);
+    Ok(CacheKey {
+        id: KeyId(u128::from_be_bytes(first)),
+        readable: Arc::from(readable),
+        node: segments.first().map(|s| Arc::from(s.as_str())),
+        has_edge: segments.len() > 1,
+        rule_path,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key(path: &[&str], query: &str) -> CacheKey {
+        let segs: Vec<String> = path.iter().map(|s| s.to_string()).collect();
+        build("v21.0", &segs, &Params::parse(query).unwrap(), "system").unwrap()
+    }
+
+    #[test]
+    fn equivalent_fields_share_a_key_and_different_ones_do_not() {
+        let a = key(&["1001"], "fields=id,name");
+        assert_eq!(a.id, key(&["1001"], "fields=name,id").id);
+        assert_eq!(a.id, key(&["1001"], "fields=id,name,id").id);
+        assert_ne!(a.id, key(&["1001"], "fields=id").id);
+        assert_ne!(a.id, key(&["1002"], "fields=id,name").id);
+        assert_eq!(&*a.readable, "v21.0/1001?fields=id%2Cname#system");
+    }
+
+    #[test]
+    fn tokens_and_noise_are_not_part_of_the_key() {
+        let a = key(&["1001", "feed"], "limit=5&fields=message");
+        let b = key(
+            &["1001", "feed"],
+            "access_token=secret-key&fields=message&appsecret_proof=p&callback=cb&_=123&method=GET&limit=5",
+        );
+        assert_eq!(a.id, b.id);
+        assert!(!b.readable.contains("secret-key"));
+        assert_eq!(a.node.as_deref(), Some("1001"));
+        assert!(a.has_edge);
+        assert_eq!(a.rule_path, "/1001/feed");
+    }
+
+    #[test]
+    fn identity_version_and_values_matter() {
+        let segs = vec!["1001".to_string()];
+        let p = Params::parse("fields=id").unwrap();
+        let sys = build("v21.0", &segs, &p, "system").unwrap();
+        assert_ne!(sys.id, build("v21.0", &segs, &p, "page:1001").unwrap().id);
+        assert_ne!(sys.id, build("v20.0", &segs, &p, "system").unwrap().id);
+        assert_ne!(key(&["1001"], "limit=1").id, key(&["1001"], "limit=2").id);
+    }
+
+    #[test]
+    fn malformed_fields_are_an_error() {
+        let p = Params::parse("fields=a%7Bb").unwrap();
+        assert!(build("v21.0", &["1".to_string()], &p, "system").is_err());
+    }
+
+    proptest! {
+        /// Parameter order never changes the key (names distinct, so no repeated-parameter
+        /// order is involved).
+        #[test]
+        fn prop_param_order_does_not_matter(
+            params in prop::collection::btree_map("[a-z]{1,6}", "[a-zA-Z0-9 ,]{0,8}", 0..8),
+            seed in any::<u64>(),
+        ) {
+            let mut pairs: Vec<(String, String)> = params.into_iter().filter(|(k, _)| k != "fields").collect();
+            let mut a = Params::new();
+            for (k, v) in &pairs { a.push(k.clone(), v.clone()); }
+            let mut rng = fastrand::Rng::with_seed(seed);
+            rng.shuffle(&mut pairs);
+            let mut b = Params::new();
+            for (k, v) in &pairs { b.push(k.clone(), v.clone()); }
+            let segs = vec!["1001".to_string()];
+            let ka = build("v21.0", &segs, &a, "system").unwrap();
+            let kb = build("v21.0", &segs, &b, "system").unwrap();
+            prop_assert_eq!(ka.id, kb.id);
+            prop_assert_eq!(ka.readable, kb.readable);
+        }
+    }
+}

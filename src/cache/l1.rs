@@ -1,0 +1,108 @@
+//! The in-process tier: a moka future cache bounded in bytes. Each entry carries its own
+//! lifetime (TTL + the longer stale window) through moka's `Expiry`, so stale copies stay
+//! available for stale-while-revalidate and stale-if-error and then go away by themselves.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moka::future::Cache as Moka;
+use moka::notification::RemovalCause;
+use moka::Expiry;
+
+use super::entry::Entry;
+use super::invalidate::NodeIndex;
+use super::key::KeyId;
+use crate::metrics::Metrics;
+
+struct EntryExpiry {
+    stale_window: Duration,
+}
+
+impl Expiry<KeyId, Arc<Entry>> for EntryExpiry {
+    fn expire_after_create(&self, _k: &KeyId, v: &Arc<Entry>, _at: Instant) -> Option<Duration> {
+        Some(v.ttl + self.stale_window)
+    }
+
+    fn expire_after_update(
+        &self,
+        _k: &KeyId,
+        v: &Arc<Entry>,
+        _at: Instant,
+        _left: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(v.ttl + self.stale_window)
+    }
+}
+
+pub struct L1 {
+    cache: Moka<KeyId, Arc<Entry>>,
+}
+
+impl L1 {
+    pub fn new(
+        max_bytes: u64,
+        stale_window: Duration,
+        index: Arc<NodeIndex>,
+        metrics: Arc<Metrics>,
+    ) -> L1 {
+        let cache = Moka::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_k: &KeyId, v: &Arc<Entry>| v.weight())
+            .expire_after(EntryExpiry { stale_window })
+            .eviction_listener(move |k: Arc<KeyId>, v: Arc<Entry>, cause| {
+                let label = match cause {
+                    RemovalCause::Size => "size",
+                    RemovalCause::Expired => "expired",
+                    RemovalCause::Explicit => "explicit",
+                    RemovalCause::Replaced => "replaced",
+                };
+                metrics
+                    .cache_evictions
+                    .with_label_values(&["l1", label])
+                    .inc();
+                // A replaced entry's key is still live (indexed under the new generation).
+                if cause != RemovalCause::Replaced {
+                    if let Some(node) = &v.node {
+                        index.remove(node, *k, v.generation);
+                    }
+                }
+            })
+            .build();
+        L1 { cache }
+    }
+
+    pub async fn get(&self, key: KeyId) -> Option<Arc<Entry>> {
+        self.cache.get(&key).await
+    }
+
+    pub async fn insert(&self, key: KeyId, entry: Arc<Entry>) {
+        self.cache.insert(key, entry).await;
+    }
+
+    /// Removes `key`; true if an entry was there.
+    pub async fn remove(&self, key: KeyId) -> bool {
+        self.cache.remove(&key).await.is_some()
+    }
+
+    /// Keys whose readable form starts with `prefix`.
+    pub fn keys_with_prefix(&self, prefix: &str) -> Vec<KeyId> {
+        self.cache
+            .iter()
+            .filter(|(_, v)| v.readable.starts_with(prefix))
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
+    /// Drops everything; returns how many entries there were.
+    pub fn clear(&self) -> usize {
+        let n = self.cache.iter().count();
+        self.cache.invalidate_all();
+        n
+    }
+
+    /// Applies pending evictions, then reports (entries, weighted bytes).
+    pub async fn settle(&self) -> (u64, u64) {
+        self.cache.run_pending_tasks().await;
+        (self.cache.entry_count(), self.cache.weighted_size())
+    }
+}

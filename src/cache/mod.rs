@@ -1,0 +1,215 @@
+//! The read cache: keys ([`key`]), TTL rules and client directives ([`policy`]), entries and
+//! their freshness ([`entry`]), the in-process tier ([`l1`]), collapsing of concurrent misses
+//! ([`coalesce`]), node index and write epochs ([`invalidate`]), `ids=` reassembly ([`ids`])
+//! and batch reads from per-operation entries ([`batch`]). The request-path glue that calls Graph lives in `proxy::cached`.
+
+pub mod batch;
+pub mod coalesce;
+pub mod entry;
+pub mod ids;
+pub mod invalidate;
+pub mod key;
+pub mod l1;
+pub mod policy;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::config::CacheConfig;
+use crate::error::ProxyError;
+use crate::graph::request::page_of_node;
+use crate::metrics::Metrics;
+use crate::rewrite::PreparedBody;
+
+use coalesce::Coalescer;
+use entry::Entry;
+use invalidate::NodeIndex;
+use key::{CacheKey, KeyId};
+use l1::L1;
+use policy::Policy;
+
+/// How a fill ended, which decides the reply's cache headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillKind {
+    /// A 2xx reply, now in the cache.
+    Stored,
+    /// A 2xx reply not stored (a write to the node raced it, or it is too large).
+    Fetched,
+    /// Graph answered 304 to our If-None-Match: the stale entry was renewed.
+    Revalidated,
+    /// Graph failed or throttled; a stale copy stands in. Holds the status we would have sent.
+    StaleOnError(u16),
+    /// An error reply from Graph, handed on and never stored.
+    Passed,
+}
+
+/// The result of one fill, shared by the leader and every follower.
+#[derive(Debug, Clone)]
+pub struct Fill {
+    pub entry: Arc<Entry>,
+    pub kind: FillKind,
+    /// For an `ids=` fill: each returned node's prepared body, by id.
+    pub pieces: Option<Arc<Vec<(String, PreparedBody)>>>,
+}
+
+pub type FillResult = Result<Fill, ProxyError>;
+
+/// The cache of one gateway.
+pub struct Cache {
+    pub policy: Policy,
+    l1: L1,
+    index: Arc<NodeIndex>,
+    pub flights: Coalescer<FillResult>,
+    generation: AtomicU64,
+    /// Bumped by purge-all; part of every node's epoch.
+    global_epoch: AtomicU64,
+    max_bytes: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl Cache {
+    pub fn new(cfg: &CacheConfig, metrics: Arc<Metrics>) -> Cache {
+        let policy = Policy::new(cfg);
+        let index = Arc::new(NodeIndex::default());
+        let l1 = L1::new(
+            cfg.max_bytes,
+            policy.stale_window(),
+            index.clone(),
+            metrics.clone(),
+        );
+        Cache {
+            policy,
+            l1,
+            index,
+            flights: Coalescer::default(),
+            generation: AtomicU64::new(1),
+            global_epoch: AtomicU64::new(0),
+            max_bytes: cfg.max_bytes,
+            metrics,
+        }
+    }
+
+    pub async fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
+        self.l1.get(key.id).await
+    }
+
+    /// Counts one lookup: `hit`, `miss`, `stale` or `bypass`.
+    pub fn count(&self, result: &str) {
+        self.metrics
+            .cache_lookups
+            .with_label_values(&["l1", result])
+            .inc();
+    }
+
+    /// Write epoch of the key's node, read before a fill starts.
+    pub fn epoch(&self, key: &CacheKey) -> u64 {
+        let node = key
+            .node
+            .as_deref()
+            .map(|n| self.index.epoch(n))
+            .unwrap_or(0);
+        node.wrapping_add(self.global_epoch.load(Ordering::Acquire))
+    }
+
+    /// Stores `entry` under `key` unless a write to its node (or a purge) happened since
+    /// `epoch`. Returns whether it is in the cache.
+    pub async fn store(&self, key: &CacheKey, entry: &Entry, epoch: u64) -> bool {
+        if self.epoch(key) != epoch {
+            return false;
+        }
+        let mut stored = entry.for_storage();
+        stored.readable = key.readable.clone();
+        stored.node = key.node.clone();
+        stored.has_edge = key.has_edge;
+        stored.generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        if u64::from(stored.weight()) > self.max_bytes {
+            return false;
+        }
+        let generation = stored.generation;
+        self.l1.insert(key.id, Arc::new(stored)).await;
+        if let Some(node) = &key.node {
+            self.index.add(node, key.id, generation, key.has_edge);
+        }
+        // A write that bumped the epoch after our first check may have swept the index
+        // before we were in it: undo, rather than keep what it made stale.
+        if self.epoch(key) != epoch {
+            self.l1.remove(key.id).await;
+            return false;
+        }
+        true
+    }
+
+    /// After a successful write to `node`: drop its entries and, for a post
+    /// (`PAGEID_POSTID`), its Page's edges (`/PAGEID/feed`). Returns entries dropped.
+    pub async fn invalidate_after_write(&self, node: &str) -> usize {
+        let mut keys = self.take_node(node, false);
+        if node.contains('_') {
+            if let Some(page) = page_of_node(node) {
+                keys.extend(self.take_node(page, true));
+            }
+        }
+        self.drop_keys(keys, "write").await
+    }
+
+    /// Admin purge of everything cached for `node` (itself and its edges).
+    pub async fn purge_node(&self, node: &str) -> usize {
+        let keys = self.take_node(node, false);
+        self.drop_keys(keys, "purge").await
+    }
+
+    /// Admin purge of every entry whose readable key starts with `prefix`.
+    pub async fn purge_prefix(&self, prefix: &str) -> usize {
+        self.global_epoch.fetch_add(1, Ordering::AcqRel);
+        let keys = self.l1.keys_with_prefix(prefix);
+        self.drop_keys(keys, "purge").await
+    }
+
+    pub async fn purge_all(&self) -> usize {
+        self.global_epoch.fetch_add(1, Ordering::AcqRel);
+        let n = self.l1.clear();
+        self.index.clear();
+        self.metrics
+            .cache_invalidations
+            .with_label_values(&["purge"])
+            .inc_by(n as u64);
+        n
+    }
+
+    fn take_node(&self, node: &str, edges_only: bool) -> Vec<KeyId> {
+        self.index.bump(node);
+        self.index.take(node, edges_only)
+    }
+
+    async fn drop_keys(&self, keys: Vec<KeyId>, reason: &str) -> usize {
+        let mut n = 0;
+        for k in keys {
+            if self.l1.remove(k).await {
+                n += 1;
+            }
+        }
+        self.metrics
+            .cache_invalidations
+            .with_label_values(&[reason])
+            .inc_by(n as u64);
+        n
+    }
+
+    /// Runs moka's pending maintenance (evictions, listeners) and refreshes the entry and
+    /// byte gauges. Returns (entries, bytes).
+    pub async fn settle(&self) -> (u64, u64) {
+        let (entries, bytes) = self.l1.settle().await;
+        self.metrics
+            .cache_entries
+            .with_label_values(&["l1"])
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+        self.metrics
+            .cache_bytes
+            .with_label_values(&["l1"])
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        (entries, bytes)
+    }
+
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+}

@@ -1,0 +1,780 @@
+//! The cache phase of the pipeline: lookup → (hit | stale + background refresh | coalesced
+//! fill) → reply with `X-Cache`, `Cache-Status` (RFC 9211) and `Age`; and invalidation after
+//! writes. The fill runs in its own task through [`Gateway::forward`], so a client that hangs
+//! up never cancels a fill others are waiting for.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+
+use super::{Call, Gateway};
+use crate::cache::coalesce::{Flight, Role, WaitError};
+use crate::cache::entry::{Entry, Freshness};
+use crate::cache::key::{self, CacheKey};
+use crate::cache::policy::{request_directive, Directive};
+use crate::cache::{batch, ids, Fill, FillKind, FillResult};
+use crate::error::ProxyError;
+use crate::graph::request::GraphMethod;
+use crate::graph::usage::ErrorClass;
+use crate::rewrite::{self, PreparedBody};
+use crate::upstream::Reply;
+
+const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+/// Extra time a waiter gives a fill beyond the upstream timeout (token minting, queuing).
+const FILL_MARGIN: Duration = Duration::from_secs(1);
+
+/// A reply produced by the cache phase.
+pub(super) struct Served {
+    pub response: Response<Full<Bytes>>,
+    /// `hit`, `miss` or `stale`: the request metric's and log's cache label.
+    pub cache: &'static str,
+    pub upstream_ms: Option<u128>,
+}
+
+/// Values the reply builder needs about the calling client.
+struct Caller<'a> {
+    key: &'a str,
+    if_none_match: Option<&'a HeaderValue>,
+}
+
+impl Gateway {
+    /// Answers a cacheable read, or `None` when the call is not one (writes, batches,
+    /// `no-store`, TTL 0), which then goes upstream uncached.
+    pub(super) async fn cached_read(
+        self: &Arc<Self>,
+        call: &Call,
+        version: &str,
+        headers: &HeaderMap,
+        client_key: &str,
+    ) -> Result<Option<Served>, ProxyError> {
+        let batch_read = call.batch.as_deref().is_some_and(batch::cacheable);
+        if (call.method != GraphMethod::Get && !batch_read) || call.opaque_body.is_some() {
+            return Ok(None);
+        }
+        let directive = request_directive(headers);
+        if directive == Directive::Bypass {
+            self.cache.count("bypass");
+            return Ok(None);
+        }
+        let caller = Caller {
+            key: client_key,
+            if_none_match: headers.get(header::IF_NONE_MATCH),
+        };
+        if batch_read {
+            return self
+                .batch_read(call, version, directive, &caller)
+                .await
+                .map(Some);
+        }
+        if call.batch.is_some() {
+            return Ok(None);
+        }
+        if !call.ids.is_empty() {
+            if call.path.segments.is_empty() {
+                return self
+                    .ids_read(call, version, directive, &caller)
+                    .await
+                    .map(Some);
+            }
+            // `/{edge}?ids=` spans nodes in a way invalidation cannot follow: not cached.
+            return Ok(None);
+        }
+        if call.path.segments.is_empty() {
+            return Ok(None);
+        }
+        let identity = self.tokens.identity_for(call.page());
+        let key = key::build(version, &call.path.segments, &call.params, &identity)
+            .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
+        let ttl = self.cache.policy.ttl_for(&key.rule_path);
+        if ttl.is_zero() {
+            self.cache.count("bypass");
+            return Ok(None);
+        }
+        let found = self.cache.get(&key).await;
+        let now = Instant::now();
+        if directive == Directive::Normal {
+            if let Some(e) = &found {
+                match e.freshness(
+                    now,
+                    self.cache.policy.stale_while_revalidate,
+                    self.cache.policy.stale_if_error,
+                ) {
+                    Freshness::Fresh => {
+                        self.cache.count("hit");
+                        let status = format!("graphgate; hit; ttl={}", e.ttl_left_s(now));
+                        return Ok(Some(Served {
+                            response: reply_from(e, &caller, "HIT", &status, Some(now)),
+                            cache: "hit",
+                            upstream_ms: None,
+                        }));
+                    }
+                    Freshness::StaleRevalidate => {
+                        self.cache.count("stale");
+                        self.metrics
+                            .cache_stale_served
+                            .with_label_values(&["revalidate"])
+                            .inc();
+                        // One refresh: if one is already running for this key, join nothing.
+                        if let Role::Leader(flight, _) = self.cache.flights.join(key.id) {
+                            self.spawn_fill(
+                                flight,
+                                call.clone(),
+                                version,
+                                key.clone(),
+                                ttl,
+                                Some(e.clone()),
+                            );
+                        }
+                        let status = format!(
+                            "graphgate; hit; ttl={}; detail=stale-while-revalidate",
+                            e.ttl_left_s(now)
+                        );
+                        return Ok(Some(Served {
+                            response: reply_from(e, &caller, "STALE", &status, Some(now)),
+                            cache: "stale",
+                            upstream_ms: None,
+                        }));
+                    }
+                    Freshness::StaleIfError | Freshness::Expired => {}
+                }
+            }
+        }
+        self.cache.count("miss");
+        let fwd = if directive == Directive::Revalidate {
+            "request"
+        } else if found.is_some() {
+            "stale"
+        } else {
+            "miss"
+        };
+        let started = Instant::now();
+        let (fill, collapsed) = self.fill_coalesced(call, version, &key, ttl, found).await?;
+        let upstream_ms = Some(started.elapsed().as_millis());
+        Ok(Some(self.served_from_fill(
+            &fill,
+            &caller,
+            fwd,
+            collapsed,
+            upstream_ms,
+        )))
+    }
+
+    /// Joins (or leads) the fill for `key` and waits for it within the fill deadline.
+    async fn fill_coalesced(
+        self: &Arc<Self>,
+        call: &Call,
+        version: &str,
+        key: &CacheKey,
+        ttl: Duration,
+        stale: Option<Arc<Entry>>,
+    ) -> Result<(Fill, bool), ProxyError> {
+        let (waiter, collapsed) = match self.cache.flights.join(key.id) {
+            Role::Leader(flight, waiter) => {
+                self.spawn_fill(flight, call.clone(), version, key.clone(), ttl, stale);
+                (waiter, false)
+            }
+            Role::Follower(waiter) => {
+                self.metrics.cache_coalesced.inc();
+                (waiter, true)
+            }
+        };
+        match waiter.wait(self.fill_deadline()).await {
+            Ok(result) => result.map(|f| (f, collapsed)),
+            Err(WaitError::TimedOut) => Err(ProxyError::UpstreamTimeout(
+                self.fill_deadline().as_millis() as u64,
+            )),
+            Err(WaitError::Abandoned) => Err(ProxyError::Internal(
+                "the upstream call for this read was abandoned".into(),
+            )),
+        }
+    }
+
+    /// How long any request waits for a fill: its own deadline, whoever leads. A fill may
+    /// wait for quota budget before its upstream call, so the queue deadline counts too.
+    fn fill_deadline(&self) -> Duration {
+        self.config.upstream.timeout + self.config.quota.queue_timeout + FILL_MARGIN
+    }
+
+    fn spawn_fill(
+        self: &Arc<Self>,
+        flight: Flight<FillResult>,
+        call: Call,
+        version: &str,
+        key: CacheKey,
+        ttl: Duration,
+        stale: Option<Arc<Entry>>,
+    ) {
+        let gw = self.clone();
+        let version = version.to_string();
+        tokio::spawn(async move {
+            let result = gw.fill(call, &version, &key, ttl, stale).await;
+            flight.complete(result);
+        });
+    }
+
+    /// One upstream call for `key`: stores a 2xx reply, renews the stale entry on a 304,
+    /// serves the stale entry when Graph fails or throttles, hands anything else on unstored.
+    async fn fill(
+        &self,
+        mut call: Call,
+        version: &str,
+        key: &CacheKey,
+        ttl: Duration,
+        stale: Option<Arc<Entry>>,
+    ) -> FillResult {
+        let epoch = self.cache.epoch(key);
+        // The client's own validator is answered from our entry; upstream we validate ours.
+        call.forwarded.retain(|(n, _)| *n != header::IF_NONE_MATCH);
+        if let Some(tag) = stale.as_ref().and_then(|e| e.etag.clone()) {
+            call.forwarded.push((header::IF_NONE_MATCH, tag));
+        }
+        let sie = self.cache.policy.stale_if_error;
+        let fallback = |why: u16| {
+            stale
+                .as_ref()
+                .filter(|e| e.usable_on_error(Instant::now(), sie))
+                .map(|e| Fill {
+                    entry: e.clone(),
+                    kind: FillKind::StaleOnError(why),
+                    pieces: None,
+                })
+        };
+        let (reply, injected) = match self.forward(&call, version, stale.is_none()).await {
+            Ok(r) => r,
+            Err(e) => {
+                if error_allows_stale(&e) {
+                    if let Some(f) = fallback(e.status().as_u16()) {
+                        return Ok(f);
+                    }
+                }
+                return Err(e);
+            }
+        };
+        if reply.status == StatusCode::NOT_MODIFIED {
+            if let Some(old) = &stale {
+                let renewed = old.renewed(ttl);
+                self.cache.store(key, &renewed, epoch).await;
+                return Ok(Fill {
+                    entry: Arc::new(renewed),
+                    kind: FillKind::Revalidated,
+                    pieces: None,
+                });
+            }
+        }
+        if !reply.status.is_success() && reply_allows_stale(&reply) {
+            if let Some(f) = fallback(reply.status.as_u16()) {
+                return Ok(f);
+            }
+        }
+        let prepared = rewrite::prepare(
+            reply.body.clone(),
+            false,
+            &self.public_url,
+            &self.tokens.secrets_for(&injected),
+        );
+        let entry = Entry::new(reply.status, reply.headers, prepared, ttl);
+        let kind = if !entry.status.is_success() {
+            FillKind::Passed
+        } else if self.cache.store(key, &entry, epoch).await {
+            FillKind::Stored
+        } else {
+            FillKind::Fetched
+        };
+        Ok(Fill {
+            entry: Arc::new(entry),
+            kind,
+            pieces: None,
+        })
+    }
+
+    /// The reply for one waiter of a fill.
+    fn served_from_fill(
+        &self,
+        fill: &Fill,
+        caller: &Caller<'_>,
+        fwd: &str,
+        collapsed: bool,
+        upstream_ms: Option<u128>,
+    ) -> Served {
+        let now = Instant::now();
+        let collapsed = if collapsed { "; collapsed" } else { "" };
+        let (x_cache, label, status, age) = match fill.kind {
+            FillKind::StaleOnError(why) => {
+                self.metrics
+                    .cache_stale_served
+                    .with_label_values(&["error"])
+                    .inc();
+                (
+                    "STALE",
+                    "stale",
+                    format!(
+                        "graphgate; fwd={fwd}; fwd-status={why}; ttl={}; detail=stale-if-error{collapsed}",
+                        fill.entry.ttl_left_s(now)
+                    ),
+                    Some(now),
+                )
+            }
+            FillKind::Revalidated => (
+                "MISS",
+                "miss",
+                format!("graphgate; fwd={fwd}; fwd-status=304; stored{collapsed}"),
+                Some(now),
+            ),
+            FillKind::Stored => (
+                "MISS",
+                "miss",
+                format!(
+                    "graphgate; fwd={fwd}; fwd-status={}; stored{collapsed}",
+                    fill.entry.status.as_u16()
+                ),
+                Some(now),
+            ),
+            FillKind::Fetched | FillKind::Passed => (
+                "MISS",
+                "miss",
+                format!(
+                    "graphgate; fwd={fwd}; fwd-status={}{collapsed}",
+                    fill.entry.status.as_u16()
+                ),
+                None,
+            ),
+        };
+        Served {
+            response: reply_from(&fill.entry, caller, x_cache, &status, age),
+            cache: label,
+            upstream_ms,
+        }
+    }
+
+    /// `GET /?ids=a,b,c`: ids with a fresh per-node entry are answered locally, the rest go
+    /// upstream as one `ids=` call whose members are stored per node.
+    async fn ids_read(
+        self: &Arc<Self>,
+        call: &Call,
+        version: &str,
+        directive: Directive,
+        caller: &Caller<'_>,
+    ) -> Result<Served, ProxyError> {
+        let wanted = ids::unique(&call.ids);
+        let mut node_params = call.params.clone();
+        node_params.remove("ids");
+        let identity = self.tokens.identity_for(None);
+        let now = Instant::now();
+        let mut keys = Vec::with_capacity(wanted.len());
+        let mut have: Vec<Option<Arc<Entry>>> = Vec::with_capacity(wanted.len());
+        for id in &wanted {
+            let k = key::build(version, std::slice::from_ref(id), &node_params, &identity)
+                .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
+            let hit = if directive == Directive::Normal {
+                self.cache.get(&k).await.filter(|e| {
+                    e.status.is_success()
+                        && e.freshness(now, Duration::ZERO, Duration::ZERO) == Freshness::Fresh
+                })
+            } else {
+                None
+            };
+            self.cache.count(if hit.is_some() { "hit" } else { "miss" });
+            have.push(hit);
+            keys.push(k);
+        }
+        let missing: Vec<usize> = (0..wanted.len()).filter(|&i| have[i].is_none()).collect();
+        let hits = wanted.len() - missing.len();
+
+        if missing.is_empty() {
+            let parts: Vec<(&str, &PreparedBody)> = wanted
+                .iter()
+                .zip(&have)
+                .filter_map(|(id, e)| e.as_ref().map(|e| (id.as_str(), &e.body)))
+                .collect();
+            let first = have.iter().flatten().next().cloned();
+            let headers = first
+                .map(|e| e.headers.clone())
+                .unwrap_or_else(|| Vec::new().into());
+            let entry = assembled_entry(headers, ids::assemble(&parts));
+            let status = format!("graphgate; hit; detail=\"ids {hits}/{}\"", wanted.len());
+            return Ok(Served {
+                response: reply_from(&entry, caller, "HIT", &status, None),
+                cache: "hit",
+                upstream_ms: None,
+            });
+        }
+
+        // One upstream call for the missing ids, coalesced with identical ones.
+        let missing_ids: Vec<&str> = missing.iter().map(|&i| wanted[i].as_str()).collect();
+        let mut sub = call.clone();
+        sub.params.set("ids", missing_ids.join(","));
+        let sub_key = key::build(version, &[], &sub.params, &identity)
+            .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
+        let node_keys: Vec<CacheKey> = missing.iter().map(|&i| keys[i].clone()).collect();
+        let started = Instant::now();
+        let (waiter, collapsed) = match self.cache.flights.join(sub_key.id) {
+            Role::Leader(flight, waiter) => {
+                let gw = self.clone();
+                let version = version.to_string();
+                tokio::spawn(async move {
+                    let result = gw.fill_ids(sub, &version, node_keys).await;
+                    flight.complete(result);
+                });
+                (waiter, false)
+            }
+            Role::Follower(waiter) => {
+                self.metrics.cache_coalesced.inc();
+                (waiter, true)
+            }
+        };
+        let fill = match waiter.wait(self.fill_deadline()).await {
+            Ok(r) => r?,
+            Err(WaitError::TimedOut) => {
+                return Err(ProxyError::UpstreamTimeout(
+                    self.fill_deadline().as_millis() as u64,
+                ))
+            }
+            Err(WaitError::Abandoned) => {
+                return Err(ProxyError::Internal(
+                    "the upstream call for this read was abandoned".into(),
+                ))
+            }
+        };
+        let upstream_ms = Some(started.elapsed().as_millis());
+        let collapsed = if collapsed { "; collapsed" } else { "" };
+        let Some(pieces) = fill
+            .pieces
+            .as_ref()
+            .filter(|_| fill.entry.status.is_success())
+        else {
+            // Graph's error (one bad id fails the whole request) is handed on as it is.
+            let status = format!(
+                "graphgate; fwd=miss; fwd-status={}{collapsed}",
+                fill.entry.status.as_u16()
+            );
+            return Ok(Served {
+                response: reply_from(&fill.entry, caller, "MISS", &status, None),
+                cache: "miss",
+                upstream_ms,
+            });
+        };
+        let mut parts: Vec<(&str, &PreparedBody)> = Vec::with_capacity(wanted.len());
+        for (id, hit) in wanted.iter().zip(&have) {
+            let body = match hit {
+                Some(e) => &e.body,
+                None => match pieces.iter().find(|(pid, _)| pid == id) {
+                    Some((_, b)) => b,
+                    None => {
+                        return Err(ProxyError::UpstreamBadResponse(format!(
+                            "the ids= reply has no member for a requested id ({} of {})",
+                            missing.len(),
+                            wanted.len()
+                        )))
+                    }
+                },
+            };
+            parts.push((id.as_str(), body));
+        }
+        let entry = assembled_entry(fill.entry.headers.clone(), ids::assemble(&parts));
+        let fwd = if hits > 0 { "partial" } else { "miss" };
+        let status = format!(
+            "graphgate; fwd={fwd}; fwd-status=200; stored; detail=\"ids {hits}/{}\"{collapsed}",
+            wanted.len()
+        );
+        Ok(Served {
+            response: reply_from(&entry, caller, "MISS", &status, None),
+            cache: "miss",
+            upstream_ms,
+        })
+    }
+
+    /// The upstream `ids=` call for missing ids; each member is stored under its node's key.
+    async fn fill_ids(&self, call: Call, version: &str, node_keys: Vec<CacheKey>) -> FillResult {
+        let epochs: Vec<u64> = node_keys.iter().map(|k| self.cache.epoch(k)).collect();
+        let (reply, injected) = self.forward(&call, version, true).await?;
+        let prepared = rewrite::prepare(
+            reply.body.clone(),
+            false,
+            &self.public_url,
+            &self.tokens.secrets_for(&injected),
+        );
+        let pieces = if reply.status.is_success() {
+            ids::split(&prepared)
+        } else {
+            None
+        };
+        // Per-node entries replay only what describes the content.
+        let node_headers: Vec<(HeaderName, HeaderValue)> = reply
+            .headers
+            .iter()
+            .filter(|(n, _)| *n == header::CONTENT_TYPE || n.as_str() == "facebook-api-version")
+            .cloned()
+            .collect();
+        if let Some(pieces) = &pieces {
+            for (k, epoch) in node_keys.iter().zip(epochs) {
+                let Some(node) = k.node.as_deref() else {
+                    continue;
+                };
+                let Some((_, body)) = pieces.iter().find(|(id, _)| id == node) else {
+                    continue;
+                };
+                let ttl = self.cache.policy.ttl_for(&k.rule_path);
+                if ttl.is_zero() {
+                    continue;
+                }
+                let e = Entry::new(reply.status, node_headers.clone(), body.clone(), ttl);
+                self.cache.store(k, &e, epoch).await;
+            }
+        }
+        let kind = if reply.status.is_success() {
+            FillKind::Fetched
+        } else {
+            FillKind::Passed
+        };
+        Ok(Fill {
+            entry: Arc::new(Entry::new(
+                reply.status,
+                reply.headers,
+                prepared,
+                Duration::ZERO,
+            )),
+            kind,
+            pieces: pieces.map(Arc::new),
+        })
+    }
+
+    /// A read-only batch: operations with a fresh entry are answered locally, the rest go
+    /// upstream as one smaller batch (not coalesced: batches rarely repeat exactly), whose
+    /// successful operations are stored per operation; elements are merged in request order.
+    async fn batch_read(
+        &self,
+        call: &Call,
+        version: &str,
+        directive: Directive,
+        caller: &Caller<'_>,
+    ) -> Result<Served, ProxyError> {
+        let ops = call.batch.as_deref().unwrap_or_default();
+        let include_headers = call.params.get("include_headers") != Some("false");
+        // Batch operations run with the system token (see `upstream_batch`).
+        let identity = self.tokens.identity_for(None);
+        let now = Instant::now();
+        let mut keys = Vec::with_capacity(ops.len());
+        let mut have: Vec<Option<PreparedBody>> = Vec::with_capacity(ops.len());
+        for op in ops {
+            let op_version = op.path.version.as_deref().unwrap_or(version);
+            let k = key::build(op_version, &op.path.segments, &op.all_params(), &identity)
+                .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
+            let ttl = self.cache.policy.ttl_for(&k.rule_path);
+            let hit = if directive == Directive::Normal && !ttl.is_zero() {
+                self.cache
+                    .get(&k)
+                    .await
+                    .filter(|e| {
+                        e.freshness(now, Duration::ZERO, Duration::ZERO) == Freshness::Fresh
+                    })
+                    .and_then(|e| batch::element(&e, include_headers))
+            } else {
+                None
+            };
+            self.cache.count(if hit.is_some() { "hit" } else { "miss" });
+            have.push(hit);
+            keys.push((k, ttl));
+        }
+        let missing: Vec<usize> = (0..ops.len()).filter(|&i| have[i].is_none()).collect();
+        let hits = ops.len() - missing.len();
+        let detail = format!("detail=\"batch {hits}/{}\"", ops.len());
+        if missing.is_empty() {
+            let parts: Vec<&PreparedBody> = have.iter().flatten().collect();
+            let entry = assembled_entry(Vec::new().into(), batch::assemble(&parts));
+            return Ok(Served {
+                response: reply_from(
+                    &entry,
+                    caller,
+                    "HIT",
+                    &format!("graphgate; hit; {detail}"),
+                    None,
+                ),
+                cache: "hit",
+                upstream_ms: None,
+            });
+        }
+
+        let mut sub = call.clone();
+        sub.batch = Some(missing.iter().map(|&i| ops[i].clone()).collect());
+        let epochs: Vec<u64> = missing
+            .iter()
+            .map(|&i| self.cache.epoch(&keys[i].0))
+            .collect();
+        let started = Instant::now();
+        let (reply, injected) = self.forward(&sub, version, true).await?;
+        let upstream_ms = Some(started.elapsed().as_millis());
+        let prepared = rewrite::prepare(
+            reply.body.clone(),
+            true,
+            &self.public_url,
+            &self.tokens.secrets_for(&injected),
+        );
+        let status = reply.status;
+        let parts = if status.is_success() {
+            batch::split(&prepared).filter(|p| p.len() == missing.len())
+        } else {
+            None
+        };
+        let Some(parts) = parts else {
+            if status.is_success() {
+                return Err(ProxyError::UpstreamBadResponse(
+                    "the batch reply does not match the operations sent".into(),
+                ));
+            }
+            // A whole-batch error from Graph is handed on as it is.
+            let entry = Entry::new(status, reply.headers, prepared, Duration::ZERO);
+            let cs = format!("graphgate; fwd=miss; fwd-status={}", status.as_u16());
+            return Ok(Served {
+                response: reply_from(&entry, caller, "MISS", &cs, None),
+                cache: "miss",
+                upstream_ms,
+            });
+        };
+        for ((&i, part), epoch) in missing.iter().zip(&parts).zip(epochs) {
+            let (k, ttl) = &keys[i];
+            if let Some((body, etag)) = &part.ok_body {
+                if !ttl.is_zero() {
+                    let e = Entry::new(
+                        StatusCode::OK,
+                        batch::entry_headers(etag.clone()),
+                        body.clone(),
+                        *ttl,
+                    );
+                    self.cache.store(k, &e, epoch).await;
+                }
+            }
+        }
+        let mut fetched = parts.iter();
+        let mut elements: Vec<&PreparedBody> = Vec::with_capacity(ops.len());
+        for hit in &have {
+            match hit {
+                Some(e) => elements.push(e),
+                None => match fetched.next() {
+                    Some(p) => elements.push(&p.element),
+                    None => {
+                        return Err(ProxyError::Internal(
+                            "batch merge ran out of replies".into(),
+                        ))
+                    }
+                },
+            }
+        }
+        let entry = assembled_entry(reply.headers.into(), batch::assemble(&elements));
+        let fwd = if hits > 0 { "partial" } else { "miss" };
+        let cs = format!(
+            "graphgate; fwd={fwd}; fwd-status={}; stored; {detail}",
+            status.as_u16()
+        );
+        Ok(Served {
+            response: reply_from(&entry, caller, "MISS", &cs, None),
+            cache: "miss",
+            upstream_ms,
+        })
+    }
+
+    /// After a successful write: drop what it made stale (its node; a post's Page edges).
+    pub(super) async fn invalidate_after_write(&self, call: &Call) {
+        if let Some(ops) = &call.batch {
+            for op in ops.iter().filter(|op| op.method.is_write()) {
+                if let Some(node) = op.path.node() {
+                    self.cache.invalidate_after_write(node).await;
+                }
+            }
+        } else if call.method.is_write() {
+            if let Some(node) = call.path.node() {
+                self.cache.invalidate_after_write(node).await;
+            }
+        }
+    }
+}
+
+/// A reply merged from several sources (`ids=`, batch) has no single ETag.
+fn assembled_entry(headers: Arc<[(HeaderName, HeaderValue)]>, body: PreparedBody) -> Entry {
+    let headers: Vec<_> = headers
+        .iter()
+        .filter(|(n, _)| *n != header::ETAG)
+        .cloned()
+        .collect();
+    Entry::new(StatusCode::OK, headers, body, Duration::ZERO)
+}
+
+/// Transport-level failures worth hiding behind a stale copy.
+fn error_allows_stale(e: &ProxyError) -> bool {
+    matches!(
+        e,
+        ProxyError::UpstreamConnect(_)
+            | ProxyError::UpstreamTimeout(_)
+            | ProxyError::UpstreamBadResponse(_)
+            | ProxyError::Throttled { .. }
+    )
+}
+
+/// Graph replies worth hiding behind a stale copy: 5xx, transient codes 1/2, throttling.
+fn reply_allows_stale(reply: &Reply) -> bool {
+    if reply.status.is_server_error() {
+        return true;
+    }
+    matches!(
+        reply.graph_error().map(|e| e.class()),
+        Some(ErrorClass::Transient | ErrorClass::Throttle(_))
+    )
+}
+
+/// Builds the client's reply from an entry: 304 when the client's validator matches, else
+/// the body finalized for this client (a shared `Bytes` unless it carries the key
+/// placeholder). `age_at` adds `Age`.
+fn reply_from(
+    entry: &Entry,
+    caller: &Caller<'_>,
+    x_cache: &'static str,
+    cache_status: &str,
+    age_at: Option<Instant>,
+) -> Response<Full<Bytes>> {
+    let not_modified =
+        entry.status.is_success() && entry.matches_if_none_match(caller.if_none_match);
+    let body = if not_modified {
+        Bytes::new()
+    } else {
+        rewrite::finalize(&entry.body, caller.key)
+    };
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = if not_modified {
+        StatusCode::NOT_MODIFIED
+    } else {
+        entry.status
+    };
+    let h = response.headers_mut();
+    for (n, v) in entry.headers.iter() {
+        h.append(n.clone(), v.clone());
+    }
+    if !h.contains_key(header::CONTENT_TYPE) {
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=UTF-8"),
+        );
+    }
+    h.insert(X_CACHE, HeaderValue::from_static(x_cache));
+    if let Ok(v) = HeaderValue::from_str(cache_status) {
+        h.insert(CACHE_STATUS, v);
+    }
+    if let Some(at) = age_at {
+        h.insert(header::AGE, HeaderValue::from(entry.age(at).as_secs()));
+    }
+    response
+}
+
+/// Marks a reply that did not involve the cache (writes, batches, `no-store`, TTL 0).
+pub(super) fn mark_uncached(response: &mut Response<Full<Bytes>>, call: &Call) {
+    let fwd = if call.method.is_write() || call.batch.is_some() {
+        "graphgate; fwd=method"
+    } else {
+        "graphgate; fwd=bypass"
+    };
+    let h = response.headers_mut();
+    h.insert(X_CACHE, HeaderValue::from_static("BYPASS"));
+    h.insert(CACHE_STATUS, HeaderValue::from_static(fwd));
+}
