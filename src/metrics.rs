@@ -67,6 +67,12 @@ pub struct Metrics {
     /// Refreshes the time-dependent quota gauges just before a scrape.
     quota_refresh: OnceLock<Box<dyn Fn() + Send + Sync>>,
 
+    // --- Observability (issue 6): per-Page throttle state for alerting, listed Pages only. ---
+    /// 1 while a Page listed in `[[quota.pages]]` is paused (throttle code or 100 % usage).
+    pub quota_page_paused: IntGaugeVec,
+    /// Throttle codes Graph returned for calls charged to a Page listed in `[[quota.pages]]`.
+    pub quota_page_throttles: IntCounterVec,
+
     // --- Read cache (issue 3) ---
     /// Cache lookups by tier and result (hit, miss, stale, bypass).
     pub cache_lookups: IntCounterVec,
@@ -227,6 +233,12 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
 
 impl Metrics {
     pub fn new() -> Metrics {
+        let m = Metrics::unset();
+        m.preinit();
+        m
+    }
+
+    fn unset() -> Metrics {
         let r = Registry::new();
         let build_info = IntGaugeVec::new(
             Opts::new("graphgate_build_info", "Build information; always 1."),
@@ -259,7 +271,7 @@ impl Metrics {
                 &r,
                 "graphgate_request_duration_seconds",
                 "Time from request head to response head.",
-                &["route", "cache"],
+                &["route", "method", "status_class", "cache"],
             ),
             upstream_requests: counter_vec(
                 &r,
@@ -402,6 +414,18 @@ impl Metrics {
                 &["page"],
             ),
             quota_refresh: OnceLock::new(),
+            quota_page_paused: int_gauge_vec(
+                &r,
+                "graphgate_quota_page_paused",
+                "1 while the Page is paused after a throttle code or 100 % usage, for Pages listed in [[quota.pages]].",
+                &["page"],
+            ),
+            quota_page_throttles: counter_vec(
+                &r,
+                "graphgate_quota_page_throttles_total",
+                "Throttle codes Graph returned for calls charged to the Page, for Pages listed in [[quota.pages]].",
+                &["page"],
+            ),
             registry: r,
         }
     }
@@ -432,8 +456,84 @@ impl Metrics {
             .with_label_values(&[route, method, class, cache])
             .inc();
         self.request_duration
-            .with_label_values(&[route, cache])
+            .with_label_values(&[route, method, class, cache])
             .observe(took.as_secs_f64());
+    }
+
+    /// Creates the series of every known label value of the sparse counters at 0, so
+    /// Prometheus sees the first event as an increase and dashboards show 0, not "no data".
+    /// Per-route request series are left out (their label combinations multiply).
+    fn preinit(&self) {
+        const UPSTREAM_OUTCOMES: &[&str] = &[
+            "ok",
+            "throttled",
+            "auth_error",
+            "transient_error",
+            "graph_error",
+            "http_4xx",
+            "http_5xx",
+            "upstream_timeout",
+            "upstream_connect",
+            "upstream_bad_response",
+            "upstream_too_large",
+        ];
+        const REJECTIONS: &[&str] = &[
+            "unauthorized",
+            "forbidden",
+            "bad_request",
+            "too_large",
+            "upstream_connect",
+            "upstream_timeout",
+            "upstream_bad_response",
+            "upstream_too_large",
+            "breaker_open",
+            "overloaded",
+            "throttled",
+            "shutting_down",
+            "internal",
+        ];
+        let touch = |c: &IntCounterVec, values: &[&[&str]]| {
+            for v in values {
+                c.with_label_values(v);
+            }
+        };
+        for o in UPSTREAM_OUTCOMES {
+            self.upstream_requests.with_label_values(&[o]);
+        }
+        for r in REJECTIONS {
+            self.rejections.with_label_values(&[r]);
+        }
+        for result in ["hit", "miss", "stale", "bypass"] {
+            self.cache_lookups.with_label_values(&["l1", result]);
+        }
+        for cause in ["size", "expired", "explicit", "replaced"] {
+            self.cache_evictions.with_label_values(&["l1", cause]);
+        }
+        touch(&self.cache_invalidations, &[&["write"], &["purge"]]);
+        touch(&self.cache_stale_served, &[&["revalidate"], &["error"]]);
+        touch(
+            &self.quota_rejections,
+            &[&["queue_timeout"], &["queue_full"]],
+        );
+        touch(&self.quota_dispatches, &[&["page"], &["app"]]);
+        for scope in ["app", "user", "page", "custom", "buc"] {
+            self.quota_throttles.with_label_values(&[scope]);
+        }
+        let h = &self.hardening;
+        for reason in [
+            "connect",
+            "reset",
+            "graph_transient",
+            "http_502",
+            "http_503",
+        ] {
+            h.retries.with_label_values(&[reason]);
+        }
+        touch(
+            &h.retries_skipped,
+            &[&["budget"], &["deadline"], &["breaker"]],
+        );
+        touch(&h.config_reloads, &[&["ok"], &["rejected"]]);
     }
 
     /// Installs the quota scheduler's gauge refresh (once per registry).

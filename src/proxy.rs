@@ -64,6 +64,42 @@ pub struct Call {
     forwarded: Vec<(HeaderName, HeaderValue)>,
     /// `X-Graphgate-Page` / `X-Graphgate-Max-Wait-Ms`.
     pub quota_hints: quota::Hints,
+    /// What the upstream phase learned for the request log; shared with a fill's copy.
+    pub stats: Arc<CallStats>,
+}
+
+/// Per-request facts recorded while the call is forwarded, for the request log line.
+#[derive(Debug, Default)]
+pub struct CallStats {
+    /// Microseconds spent waiting for quota budget, plus one (0 = never reached the
+    /// scheduler).
+    queue_us: AtomicU64,
+    /// The Page the scheduler charged, when the call went to exactly one Page.
+    charged_page: std::sync::OnceLock<String>,
+}
+
+impl CallStats {
+    /// Time waited for quota budget, if the call reached the scheduler.
+    pub fn queue_wait(&self) -> Option<Duration> {
+        match self.queue_us.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(Duration::from_micros(n - 1)),
+        }
+    }
+
+    pub fn charged_page(&self) -> Option<&str> {
+        self.charged_page.get().map(String::as_str)
+    }
+
+    fn add_queue_wait(&self, waited: Duration) {
+        let us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX / 2);
+        // First wait also sets the "reached the scheduler" bit (the +1).
+        let _ = self
+            .queue_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.max(1).saturating_add(us))
+            });
+    }
 }
 
 impl Call {
@@ -98,6 +134,10 @@ struct Outcome {
     cache: &'static str,
     client: Option<Arc<Client>>,
     upstream_ms: Option<u128>,
+    /// The Page charged upstream, else the Page the call names (logs only).
+    page: Option<String>,
+    /// Time waited for quota budget (logs only).
+    queue_wait: Option<Duration>,
 }
 
 impl Gateway {
@@ -162,6 +202,8 @@ impl Gateway {
                     cache: "none",
                     client,
                     upstream_ms: None,
+                    page: None,
+                    queue_wait: None,
                 }
             }
         };
@@ -186,14 +228,21 @@ impl Gateway {
             .get("x-fb-trace-id")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
+        // Only bounded labels, ids and numbers: no key, token or query string is a field, so
+        // nothing secret can reach the log (redacted by construction).
         tracing::info!(
             trace_id = %trace_id,
             method = method_label,
             route = outcome.route,
             status = status.as_u16(),
             cache = outcome.cache,
+            page = outcome.page.as_deref().unwrap_or("-"),
             client = outcome.client.as_ref().map(|c| c.name.as_str()).unwrap_or("-"),
             upstream_ms = outcome.upstream_ms.map(|m| m as i64).unwrap_or(-1),
+            queue_ms = outcome
+                .queue_wait
+                .map(|d| d.as_secs_f64() * 1000.0)
+                .unwrap_or(-1.0),
             total_us = took.as_micros() as u64,
             fbtrace_id = fbtrace,
             "request"
@@ -254,6 +303,8 @@ impl Gateway {
                 cache: served.cache,
                 client: Some(client),
                 upstream_ms: served.upstream_ms,
+                page: log_page(&call),
+                queue_wait: call.stats.queue_wait(),
             });
         }
 
@@ -286,6 +337,8 @@ impl Gateway {
             cache: "bypass",
             client: Some(client),
             upstream_ms: Some(upstream_ms),
+            page: log_page(&call),
+            queue_wait: call.stats.queue_wait(),
         })
     }
 
@@ -336,6 +389,9 @@ impl Gateway {
         let charge = self
             .quota
             .charge_for(&quota::call_units(call), call.quota_hints.page.as_deref());
+        if let Some(quota::BucketKey::Page(p)) = charge.single() {
+            let _ = call.stats.charged_page.set(p.clone());
+        }
         let deadline = self.quota.deadline(call.quota_hints.max_wait);
         let may_requeue = call.method == GraphMethod::Get && call.batch.is_none();
         let mut token_retried = false;
@@ -350,6 +406,7 @@ impl Gateway {
                 .quota
                 .admit(&charge, call.quota_hints.priority, deadline)
                 .await?;
+            call.stats.add_queue_wait(admission.waited);
             let reply = self.upstream.send_with_policy(request, may_requeue).await?;
             let learned = self.quota.learn(&admission, &reply, call.path.node());
             drop(admission);
@@ -443,6 +500,15 @@ impl Gateway {
             .collect();
         serde_json::to_string(&out).map_err(|e| ProxyError::Internal(e.to_string()))
     }
+}
+
+/// The Page a request log line names: the one charged upstream, else the one the call names.
+fn log_page(call: &Call) -> Option<String> {
+    call.stats
+        .charged_page()
+        .or(call.quota_hints.page.as_deref())
+        .or_else(|| call.page())
+        .map(str::to_string)
 }
 
 /// Re-queues of one throttled GET; each waits out a pause, so the deadline ends it sooner.
@@ -564,6 +630,7 @@ pub fn parse_call(
         batch,
         forwarded,
         quota_hints: quota::Hints::from_headers(headers),
+        stats: Arc::default(),
     })
 }
 

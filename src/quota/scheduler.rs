@@ -195,6 +195,16 @@ impl Scheduler {
             queue_timeout: cfg.queue_timeout,
             max_queue_depth: cfg.max_queue_depth,
         };
+        // Listed Pages have their series from the start (0), so alerts and dashboards see
+        // them before the first call.
+        for page in &settings.tracked {
+            metrics.quota_page_paused.with_label_values(&[page]).set(0);
+            metrics.quota_page_throttles.with_label_values(&[page]);
+            metrics
+                .quota_page_queue_depth
+                .with_label_values(&[page])
+                .set(0);
+        }
         let inner = Arc::new(Inner {
             settings,
             buckets: Mutex::new(HashMap::new()),
@@ -325,7 +335,16 @@ impl Scheduler {
             let mut st = b.lock();
             if throttled {
                 let mins = match &b.key {
-                    BucketKey::Page(p) => regain.get(p).copied().flatten(),
+                    BucketKey::Page(p) => {
+                        if inner.settings.tracked.contains(p) {
+                            inner
+                                .metrics
+                                .quota_page_throttles
+                                .with_label_values(&[p.as_str()])
+                                .inc();
+                        }
+                        regain.get(p).copied().flatten()
+                    }
                     BucketKey::App => None,
                 };
                 st.budget.observe_throttle(mins, now);
@@ -600,7 +619,8 @@ impl Inner {
         let m = &self.metrics;
         for b in buckets {
             let st = b.lock();
-            if st.budget.paused_until(now).is_some() {
+            let is_paused = st.budget.paused_until(now).is_some();
+            if is_paused {
                 paused += 1;
             }
             let reading = st.budget.reading(now);
@@ -631,6 +651,9 @@ impl Inner {
                     m.quota_page_rate_factor
                         .with_label_values(&[p])
                         .set(st.budget.factor(now));
+                    m.quota_page_paused
+                        .with_label_values(&[p])
+                        .set(i64::from(is_paused));
                 }
                 BucketKey::Page(_) => {}
             }
