@@ -6,4 +6,5 @@ mod cache;
 mod cli;
 mod core;
 mod hardening;
+mod observability;
 mod quota;
