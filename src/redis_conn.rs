@@ -28,6 +28,8 @@ const FAILURES_TO_DOWN: u32 = 3;
 /// Prober backoff bounds while Redis is down.
 const PROBE_MIN: Duration = Duration::from_millis(50);
 const PROBE_MAX: Duration = Duration::from_secs(2);
+/// Health check interval while up.
+const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// A shared handle to Redis with fast failure and automatic recovery.
 pub struct RedisConn {
@@ -91,6 +93,7 @@ impl RedisConn {
     /// First contact: waits (briefly) for Redis so a replica starts sharing at once, and
     /// starts the prober if Redis is not there yet. Never fails.
     pub async fn start(self: &Arc<Self>) {
+        self.spawn_heartbeat();
         let wait = (self.timeout * 10).max(Duration::from_millis(500));
         let mut c = self.manager.clone();
         let cmd = redis::cmd("PING");
@@ -104,6 +107,25 @@ impl RedisConn {
                 self.spawn_prober();
             }
         }
+    }
+
+    /// Pings every [`HEARTBEAT`] while up, so an outage shows in `graphgate_redis_up` (and
+    /// the prober starts) even when no request happens to need Redis.
+    fn spawn_heartbeat(&self) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let me = self.me.clone();
+        handle.spawn(async move {
+            loop {
+                tokio::time::sleep(HEARTBEAT).await;
+                let Some(conn) = me.upgrade() else { return };
+                conn.run("ping", |mut c| async move {
+                    redis::cmd("PING").query_async::<String>(&mut c).await
+                })
+                .await;
+            }
+        });
     }
 
     pub fn is_up(&self) -> bool {
