@@ -625,3 +625,44 @@ async fn without_redis_at_start_a_replica_serves_and_joins_when_redis_appears() 
     );
     f.stop().await;
 }
+
+#[tokio::test]
+async fn a_full_redis_costs_sharing_never_a_reply() {
+    let redis = RedisServer::start();
+    let f = Fleet::start(&redis, graph_config(), "").await;
+    // Every write is now refused with OOM (reads still work).
+    let out = Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "CONFIG",
+            "SET",
+            "maxmemory",
+            "1",
+        ])
+        .output()
+        .expect("redis-cli");
+    assert!(out.status.success());
+    for via in [&f.a, &f.b, &f.a, &f.b] {
+        let r = f.get(via, "/1001_5?fields=id,message").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    }
+    let r = f.post(&f.a, "/1001_5", "message=still+fine").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let ma = f.metrics(&f.a).await;
+    // Still "up": a full Redis is not an outage, each refused write falls back on its own.
+    assert_eq!(metric_value(&ma, "graphgate_redis_up", &[]), 1.0);
+    assert!(metric_value(&ma, "graphgate_redis_errors_total", &["op=\"lease\""]) >= 1.0);
+    assert!(
+        metric_value(
+            &ma,
+            "graphgate_quota_admission_decisions_total",
+            &["source=\"local\""]
+        ) >= 1.0
+    );
+    assert_eq!(
+        metric_value(&ma, "graphgate_requests_total", &["status_class=\"5xx\""]),
+        0.0
+    );
+    f.stop().await;
+}
