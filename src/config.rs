@@ -987,6 +987,29 @@ mod tests {
     }
 
     #[test]
+    fn redis_keys_have_defaults_and_are_checked() {
+        let c = Config::from_toml(MIN, no_env).unwrap();
+        assert!(c.redis.url.is_none());
+        assert_eq!(c.redis.key_prefix, "gg:");
+        assert_eq!(c.redis.timeout, Duration::from_millis(50));
+        assert_eq!(c.redis.local_budget_fraction, 0.5);
+        let text = format!("{MIN}\n[redis]\nurl = \"redis://:pw-secret@redis:6379\"\n");
+        let c = Config::from_toml(&text, no_env).unwrap();
+        assert!(!format!("{c:?}").contains("pw-secret"));
+        for bad in [
+            "timeout_ms = 0",
+            "local_budget_fraction = 0.0",
+            "local_budget_fraction = 1.5",
+            "key_prefix = \"a{b}\"",
+            "url = \"http://redis:6379\"",
+        ] {
+            let text = format!("{MIN}\n[redis]\n{bad}\n");
+            let err = Config::from_toml(&text, no_env).unwrap_err().to_string();
+            assert!(err.contains("redis."), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn versions() {
         assert!(is_version("v21.0"));
         assert!(!is_version("v21"));
