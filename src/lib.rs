@@ -14,6 +14,7 @@ pub mod graph;
 pub mod metrics;
 pub mod proxy;
 pub mod quota;
+pub mod redis_conn;
 pub mod rewrite;
 pub mod server;
 pub mod tls;

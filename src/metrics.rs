@@ -39,6 +39,8 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     /// Retries, circuit breaker, connection and load limits, config reloads, TLS.
     pub hardening: HardeningMetrics,
+    /// Scale-out on Redis: link health, errors, leases, shared admissions.
+    pub redis: RedisMetrics,
 
     // --- Quota scheduler (src/quota). Per-Page series only for Pages listed in
     // `[[quota.pages]]`, so label cardinality is bounded by configuration. ---
@@ -174,6 +176,59 @@ impl HardeningMetrics {
                 r,
                 "graphgate_tls_handshake_failures_total",
                 "Inbound TLS handshakes that failed or timed out.",
+            ),
+        }
+    }
+}
+
+/// The Redis scale-out metrics (issue 5), one block so they stay together. Every label is a
+/// fixed set chosen in code.
+pub struct RedisMetrics {
+    /// 1 while Redis answers, 0 while graphgate runs on local state only.
+    pub up: IntGauge,
+    /// Failed Redis operations, by op (get, store, invalidate, publish, lease, admit, pause,
+    /// refund, ping, subscribe, purge).
+    pub errors: IntCounterVec,
+    /// Invalidations received from other replicas and applied to the local tier.
+    pub invalidations_received: IntCounter,
+    /// Misses that found another replica filling the key, by outcome (filled: its entry
+    /// arrived; took_over: its lease ran out and this replica called Graph; gave_up: Redis
+    /// failed while waiting, so this replica called Graph).
+    pub lease_waits: IntCounterVec,
+    /// Quota admission decisions by where they were made (redis, local).
+    pub admissions: IntCounterVec,
+}
+
+impl RedisMetrics {
+    fn new(r: &Registry) -> RedisMetrics {
+        RedisMetrics {
+            up: gauge(
+                r,
+                "graphgate_redis_up",
+                "1 while Redis answers; 0 while running on local state (L1 only, local budgets).",
+            ),
+            errors: counter_vec(
+                r,
+                "graphgate_redis_errors_total",
+                "Redis operations that failed or timed out, by operation.",
+                &["op"],
+            ),
+            invalidations_received: counter(
+                r,
+                "graphgate_redis_invalidations_received_total",
+                "Invalidation messages from other replicas applied to the local cache tier.",
+            ),
+            lease_waits: counter_vec(
+                r,
+                "graphgate_cache_lease_waits_total",
+                "Misses that waited for another replica's fill, by outcome (filled, took_over, gave_up).",
+                &["outcome"],
+            ),
+            admissions: counter_vec(
+                r,
+                "graphgate_quota_admission_decisions_total",
+                "Quota admission decisions, by where they were made (redis, local).",
+                &["source"],
             ),
         }
     }
@@ -354,6 +409,7 @@ impl Metrics {
             ),
             build_info,
             hardening: HardeningMetrics::new(&r),
+            redis: RedisMetrics::new(&r),
             quota_queue_depth: gauge(&r, "graphgate_quota_queue_depth", "Calls waiting for quota budget."),
             quota_queue_wait: histogram_vec(
                 &r,

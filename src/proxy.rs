@@ -13,6 +13,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Full, Limited};
 
 mod cached;
+mod fleet;
 
 use crate::auth::{self, Client, ClientRegistry};
 use crate::cache::Cache;
@@ -25,6 +26,7 @@ use crate::graph::request::{
 use crate::graph::usage::ErrorClass;
 use crate::metrics::Metrics;
 use crate::quota::{self, Scheduler};
+use crate::redis_conn::RedisConn;
 use crate::rewrite;
 use crate::tokens::{Injected, Tokens};
 use crate::upstream::{Reply, Upstream, UpstreamRequest, FORWARDED_REQUEST_HEADERS};
@@ -147,13 +149,24 @@ impl Gateway {
         metrics: Arc<Metrics>,
     ) -> Result<Gateway, ProxyError> {
         let upstream = Upstream::new(&config.upstream, metrics.clone())?;
+        // Scale-out: with `[redis] url`, cache, budgets and invalidations are shared.
+        let redis = match &config.redis.url {
+            Some(_) => {
+                Some(RedisConn::new(&config.redis, metrics.clone()).map_err(ProxyError::Internal)?)
+            }
+            None => None,
+        };
+        let mut cache = Cache::new(&config.cache, metrics.clone());
+        if let Some(conn) = &redis {
+            cache = cache.with_redis(conn.clone());
+        }
         Ok(Gateway {
             clients: ClientRegistry::new(&config.clients),
             tokens: Tokens::new(&config.credentials, metrics.clone()),
             upstream,
-            quota: Scheduler::new(&config.quota, metrics.clone()),
+            quota: Scheduler::with_redis(&config.quota, metrics.clone(), redis, &config.redis),
             public_url,
-            cache: Cache::new(&config.cache, metrics.clone()),
+            cache,
             metrics,
             draining: AtomicBool::new(false),
             trace_prefix: fastrand::u32(..),

@@ -168,7 +168,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     if differs(&old.cache, &new.cache) {
         out.push("cache");
     }
-    if expose(&old.redis.url) != expose(&new.redis.url) {
+    if expose(&old.redis.url) != expose(&new.redis.url) || differs(&old.redis, &new.redis) {
         out.push("redis");
     }
     if differs(&old.quota, &new.quota) {
@@ -205,6 +205,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
     let gateway = Arc::new(
         Gateway::new(config, public_url, metrics).map_err(|e| io::Error::other(e.to_string()))?,
     );
+    gateway.start_fleet().await;
     let (stop, stop_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
         builder: builder(&server_cfg),

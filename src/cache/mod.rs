@@ -2,14 +2,20 @@
 //! their freshness ([`entry`]), the in-process tier ([`l1`]), collapsing of concurrent misses
 //! ([`coalesce`]), node index and write epochs ([`invalidate`]), `ids=` reassembly ([`ids`])
 //! and batch reads from per-operation entries ([`batch`]). The request-path glue that calls Graph lives in `proxy::cached`.
+//!
+//! With `[redis] url`, the shared pieces join in: the Redis tier ([`l2`]), fill leases across
+//! replicas ([`lease`]) and the invalidation bus ([`bus`]).
 
 pub mod batch;
+pub mod bus;
 pub mod coalesce;
 pub mod entry;
 pub mod ids;
 pub mod invalidate;
 pub mod key;
 pub mod l1;
+pub mod l2;
+pub mod lease;
 pub mod policy;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,13 +25,16 @@ use crate::config::CacheConfig;
 use crate::error::ProxyError;
 use crate::graph::request::page_of_node;
 use crate::metrics::Metrics;
+use crate::redis_conn::RedisConn;
 use crate::rewrite::PreparedBody;
 
+use bus::{Bus, Invalidation};
 use coalesce::Coalescer;
 use entry::Entry;
 use invalidate::NodeIndex;
 use key::{CacheKey, KeyId};
 use l1::L1;
+use l2::L2;
 use policy::Policy;
 
 /// How a fill ended, which decides the reply's cache headers.
@@ -37,6 +46,10 @@ pub enum FillKind {
     Fetched,
     /// Graph answered 304 to our If-None-Match: the stale entry was renewed.
     Revalidated,
+    /// Found fresh in the Redis tier (and promoted into L1): no upstream call.
+    L2Hit,
+    /// Another replica held the fill lease; its entry arrived through the Redis tier.
+    Remote,
     /// Graph failed or throttled; a stale copy stands in. Holds the status we would have sent.
     StaleOnError(u16),
     /// An error reply from Graph, handed on and never stored.
@@ -65,6 +78,14 @@ pub struct Cache {
     global_epoch: AtomicU64,
     max_bytes: u64,
     metrics: Arc<Metrics>,
+    /// The Redis tier and bus, when `[redis] url` is set.
+    shared: Option<Shared>,
+}
+
+/// What replicas share through Redis.
+pub struct Shared {
+    pub l2: L2,
+    pub bus: Bus,
 }
 
 impl Cache {
@@ -86,7 +107,74 @@ impl Cache {
             global_epoch: AtomicU64::new(0),
             max_bytes: cfg.max_bytes,
             metrics,
+            shared: None,
         }
+    }
+
+    /// Adds the Redis tier and the invalidation bus.
+    pub fn with_redis(mut self, conn: Arc<RedisConn>) -> Cache {
+        self.shared = Some(Shared {
+            l2: L2::new(conn.clone()),
+            bus: Bus::new(conn),
+        });
+        self
+    }
+
+    pub fn shared(&self) -> Option<&Shared> {
+        self.shared.as_ref()
+    }
+
+    /// Counts one lookup in `tier` (`l1`, `l2`).
+    pub fn count_tier(&self, tier: &str, result: &str) {
+        self.metrics
+            .cache_lookups
+            .with_label_values(&[tier, result])
+            .inc();
+    }
+
+    /// Writes `entry` to the Redis tier unless a write to its node (on any replica) moved the
+    /// node's epoch since `l2_epoch` was read.
+    pub async fn store_shared(&self, key: &CacheKey, entry: &Entry, l2_epoch: &str) -> bool {
+        let Some(sh) = &self.shared else {
+            return false;
+        };
+        let mut stored = entry.for_storage();
+        stored.readable = key.readable.clone();
+        stored.node = key.node.clone();
+        stored.has_edge = key.has_edge;
+        if u64::from(stored.weight()) > self.max_bytes {
+            return false;
+        }
+        sh.l2
+            .store(key, &stored, l2_epoch, self.policy.stale_window())
+            .await
+    }
+
+    /// Applies an invalidation another replica published, to L1 only (the sender already
+    /// dealt with Redis).
+    pub async fn apply_remote(&self, inv: Invalidation) -> usize {
+        self.metrics.redis.invalidations_received.inc();
+        match inv {
+            Invalidation::Write(node) => self.invalidate_local(&node).await,
+            Invalidation::Node(node) => self.purge_node_local(&node).await,
+            Invalidation::Prefix(p) => self.purge_prefix_local(&p).await,
+            Invalidation::All => self.purge_all_local().await,
+        }
+    }
+
+    /// Deletes the Redis entries of `node` (and, for a post, its Page's edges) and tells
+    /// the other replicas. Redis trouble only costs sharing: TTLs remain the backstop.
+    async fn share_invalidation(&self, node: &str, edges_of_page: bool, inv: Invalidation) {
+        let Some(sh) = &self.shared else {
+            return;
+        };
+        sh.l2.invalidate_node(node, false).await;
+        if edges_of_page && node.contains('_') {
+            if let Some(page) = page_of_node(node) {
+                sh.l2.invalidate_node(page, true).await;
+            }
+        }
+        sh.bus.invalidate(inv).await;
     }
 
     pub async fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
@@ -142,6 +230,13 @@ impl Cache {
     /// After a successful write to `node`: drop its entries and, for a post
     /// (`PAGEID_POSTID`), its Page's edges (`/PAGEID/feed`). Returns entries dropped.
     pub async fn invalidate_after_write(&self, node: &str) -> usize {
+        let n = self.invalidate_local(node).await;
+        self.share_invalidation(node, true, Invalidation::Write(node.to_string()))
+            .await;
+        n
+    }
+
+    async fn invalidate_local(&self, node: &str) -> usize {
         let mut keys = self.take_node(node, false);
         if node.contains('_') {
             if let Some(page) = page_of_node(node) {
@@ -153,18 +248,50 @@ impl Cache {
 
     /// Admin purge of everything cached for `node` (itself and its edges).
     pub async fn purge_node(&self, node: &str) -> usize {
+        let n = self.purge_node_local(node).await;
+        self.share_invalidation(node, false, Invalidation::Node(node.to_string()))
+            .await;
+        n
+    }
+
+    async fn purge_node_local(&self, node: &str) -> usize {
         let keys = self.take_node(node, false);
         self.drop_keys(keys, "purge").await
     }
 
     /// Admin purge of every entry whose readable key starts with `prefix`.
     pub async fn purge_prefix(&self, prefix: &str) -> usize {
+        let n = self.purge_prefix_local(prefix).await;
+        if let Some(sh) = &self.shared {
+            let l2 = sh.l2.purge(prefix).await;
+            tracing::info!(l2_deleted = l2, "cache purge by prefix in the Redis tier");
+            sh.bus
+                .invalidate(Invalidation::Prefix(prefix.to_string()))
+                .await;
+        }
+        n
+    }
+
+    async fn purge_prefix_local(&self, prefix: &str) -> usize {
         self.global_epoch.fetch_add(1, Ordering::AcqRel);
         let keys = self.l1.keys_with_prefix(prefix);
         self.drop_keys(keys, "purge").await
     }
 
     pub async fn purge_all(&self) -> usize {
+        let n = self.purge_all_local().await;
+        if let Some(sh) = &self.shared {
+            let l2 = sh.l2.purge("").await;
+            tracing::info!(
+                l2_deleted = l2,
+                "cache purge of everything in the Redis tier"
+            );
+            sh.bus.invalidate(Invalidation::All).await;
+        }
+        n
+    }
+
+    async fn purge_all_local(&self) -> usize {
         self.global_epoch.fetch_add(1, Ordering::AcqRel);
         let n = self.l1.clear();
         self.index.clear();

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
+use super::fleet::FleetStart;
 use super::{Call, Gateway};
 use crate::cache::coalesce::{Flight, Role, WaitError};
 use crate::cache::entry::{Entry, Freshness};
@@ -120,14 +121,13 @@ impl Gateway {
                             .inc();
                         // One refresh: if one is already running for this key, join nothing.
                         if let Role::Leader(flight, _) = self.cache.flights.join(key.id) {
-                            self.spawn_fill(
-                                flight,
-                                call.clone(),
-                                version,
-                                key.clone(),
+                            let job = Job {
+                                key: key.clone(),
                                 ttl,
-                                Some(e.clone()),
-                            );
+                                stale: Some(e.clone()),
+                                shared: true,
+                            };
+                            self.spawn_fill(flight, call.clone(), version, job);
                         }
                         let status = format!(
                             "graphgate; hit; ttl={}; detail=stale-while-revalidate",
@@ -152,7 +152,13 @@ impl Gateway {
             "miss"
         };
         let started = Instant::now();
-        let (fill, collapsed) = self.fill_coalesced(call, version, &key, ttl, found).await?;
+        let job = Job {
+            key,
+            ttl,
+            stale: found,
+            shared: directive == Directive::Normal,
+        };
+        let (fill, collapsed) = self.fill_coalesced(call, version, job).await?;
         let upstream_ms = Some(started.elapsed().as_millis());
         Ok(Some(self.served_from_fill(
             &fill,
@@ -168,13 +174,11 @@ impl Gateway {
         self: &Arc<Self>,
         call: &Call,
         version: &str,
-        key: &CacheKey,
-        ttl: Duration,
-        stale: Option<Arc<Entry>>,
+        job: Job,
     ) -> Result<(Fill, bool), ProxyError> {
-        let (waiter, collapsed) = match self.cache.flights.join(key.id) {
+        let (waiter, collapsed) = match self.cache.flights.join(job.key.id) {
             Role::Leader(flight, waiter) => {
-                self.spawn_fill(flight, call.clone(), version, key.clone(), ttl, stale);
+                self.spawn_fill(flight, call.clone(), version, job);
                 (waiter, false)
             }
             Role::Follower(waiter) => {
@@ -204,29 +208,33 @@ impl Gateway {
         flight: Flight<FillResult>,
         call: Call,
         version: &str,
-        key: CacheKey,
-        ttl: Duration,
-        stale: Option<Arc<Entry>>,
+        job: Job,
     ) {
         let gw = self.clone();
         let version = version.to_string();
         tokio::spawn(async move {
-            let result = gw.fill(call, &version, &key, ttl, stale).await;
+            let result = gw.fill(call, &version, job).await;
             flight.complete(result);
         });
     }
 
     /// One upstream call for `key`: stores a 2xx reply, renews the stale entry on a 304,
     /// serves the stale entry when Graph fails or throttles, hands anything else on unstored.
-    async fn fill(
-        &self,
-        mut call: Call,
-        version: &str,
-        key: &CacheKey,
-        ttl: Duration,
-        stale: Option<Arc<Entry>>,
-    ) -> FillResult {
+    /// With Redis, the shared tier and the other replicas' fills come first (see
+    /// [`super::fleet`]).
+    async fn fill(&self, mut call: Call, version: &str, job: Job) -> FillResult {
+        let Job {
+            key,
+            ttl,
+            mut stale,
+            shared,
+        } = job;
+        let key = &key;
         let epoch = self.cache.epoch(key);
+        let fleet = match self.before_fill(key, shared, &mut stale, epoch).await {
+            FleetStart::Served(fill) => return Ok(fill),
+            FleetStart::Fetch(f) => f,
+        };
         // The client's own validator is answered from our entry; upstream we validate ours.
         call.forwarded.retain(|(n, _)| *n != header::IF_NONE_MATCH);
         if let Some(tag) = stale.as_ref().and_then(|e| e.etag.clone()) {
@@ -257,7 +265,8 @@ impl Gateway {
         if reply.status == StatusCode::NOT_MODIFIED {
             if let Some(old) = &stale {
                 let renewed = old.renewed(ttl);
-                self.cache.store(key, &renewed, epoch).await;
+                let stored = self.cache.store(key, &renewed, epoch).await;
+                self.after_fill(key, &renewed, stored, fleet).await;
                 return Ok(Fill {
                     entry: Arc::new(renewed),
                     kind: FillKind::Revalidated,
@@ -284,6 +293,8 @@ impl Gateway {
         } else {
             FillKind::Fetched
         };
+        self.after_fill(key, &entry, kind == FillKind::Stored, fleet)
+            .await;
         Ok(Fill {
             entry: Arc::new(entry),
             kind,
@@ -318,6 +329,24 @@ impl Gateway {
                     Some(now),
                 )
             }
+            FillKind::L2Hit => (
+                "HIT",
+                "hit",
+                format!(
+                    "graphgate; hit; ttl={}; detail=l2{collapsed}",
+                    fill.entry.ttl_left_s(now)
+                ),
+                Some(now),
+            ),
+            FillKind::Remote => (
+                "HIT",
+                "hit",
+                format!(
+                    "graphgate; hit; ttl={}; detail=l2; collapsed",
+                    fill.entry.ttl_left_s(now)
+                ),
+                Some(now),
+            ),
             FillKind::Revalidated => (
                 "MISS",
                 "miss",
@@ -690,6 +719,16 @@ impl Gateway {
             }
         }
     }
+}
+
+/// What a single-key fill needs to know: the key, its TTL, the stale copy (if any), and
+/// whether an entry from the shared tier may answer (not when the client asked to
+/// revalidate).
+pub(super) struct Job {
+    pub key: CacheKey,
+    pub ttl: Duration,
+    pub stale: Option<Arc<Entry>>,
+    pub shared: bool,
 }
 
 /// A reply merged from several sources (`ids=`, batch) has no single ETag.

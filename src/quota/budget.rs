@@ -211,6 +211,17 @@ impl Budget {
         self.paused_until = Some(self.paused_until.map_or(until, |p| p.max(until)));
     }
 
+    /// Adopts the fleet's state from a shared (Redis) decision: the schedule runs `ahead`
+    /// past now, and the bucket is paused for `paused` (zero: not paused). Keeps status,
+    /// wait estimates and RateLimit headers true to the fleet, and gives the local fallback
+    /// a current starting point.
+    pub fn mirror_shared(&mut self, ahead: Duration, paused: Duration, now: Instant) {
+        self.tat = Some(now + ahead);
+        if !paused.is_zero() {
+            self.pause_for(paused, now);
+        }
+    }
+
     /// Units the bucket has committed ahead of now (for the RateLimit header).
     pub fn committed_units(&self, now: Instant) -> u32 {
         match self.tat {

@@ -5,13 +5,15 @@
 //! - [`budget`]: one bucket's smooth rate (GCRA), adaptive factor and pause, with an
 //!   injected clock;
 //! - [`scheduler`]: per-bucket queues (interactive before batch), admission with deadlines,
-//!   learning from replies, status and RateLimit headers.
+//!   learning from replies, status and RateLimit headers;
+//! - [`shared`]: with Redis, the admission decision made for the whole fleet.
 //!
 //! Cache hits never reach the scheduler: only `Gateway::forward` calls it.
 
 pub mod attribution;
 pub mod budget;
 pub mod scheduler;
+pub mod shared;
 
 use std::time::Duration;
 

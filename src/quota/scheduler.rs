@@ -20,10 +20,12 @@ use tokio::sync::{oneshot, Notify};
 
 use super::attribution::{BucketKey, Charge, NodePages};
 use super::budget::{Budget, Limits};
-use crate::config::{Priority, QuotaConfig};
+use super::shared::{Decision, SharedBudgets};
+use crate::config::{Priority, QuotaConfig, RedisConfig};
 use crate::error::ProxyError;
 use crate::graph::usage::{parse_app_usage, parse_buc_usage, ErrorClass, ThrottleScope, Usage};
 use crate::metrics::Metrics;
+use crate::redis_conn::RedisConn;
 use crate::upstream::Reply;
 
 /// Beyond this many buckets, idle ones are forgotten (they hold nothing worth keeping).
@@ -53,9 +55,35 @@ struct State {
     depth: usize,
     in_flight: u32,
     pump_running: bool,
+    /// The bucket's configured limits; with Redis configured but unable to decide, the
+    /// local budget runs at `redis.local_budget_fraction` of them (see [`State::set_mode`]).
+    full_limits: Limits,
 }
 
 impl State {
+    /// Limits for the decision about to be made: the full budget when Redis decides (the
+    /// local budget then only mirrors the fleet), a fraction when this replica decides alone
+    /// while sharing is configured, so replicas cut off from Redis together stay near one
+    /// budget.
+    fn set_mode(&mut self, local_fraction: Option<f64>) {
+        self.budget.limits = match local_fraction {
+            None => self.full_limits,
+            Some(f) => Limits {
+                calls: ((f64::from(self.full_limits.calls) * f).floor() as u32).max(1),
+                ..self.full_limits
+            },
+        };
+    }
+
+    /// Takes the first live waiter, with its priority.
+    fn pop_head(&mut self) -> Option<(usize, Waiter)> {
+        self.head()?;
+        self.queues
+            .iter_mut()
+            .enumerate()
+            .find_map(|(p, q)| q.pop_front().map(|w| (p, w)))
+    }
+
     /// How many calls may be in flight: usage readings only arrive with replies, so calls
     /// already in flight are calls sent blind. One at a time until the first reading (a new
     /// or resumed bucket probes before it bursts) and above the slowdown threshold; below
@@ -124,6 +152,8 @@ struct Settings {
 
 struct Inner {
     settings: Settings,
+    /// Fleet-wide admission through Redis, when `[redis] url` is set.
+    shared: Option<Arc<SharedBudgets>>,
     buckets: Mutex<HashMap<BucketKey, Arc<Bucket>>>,
     learned: Mutex<NodePages>,
     metrics: Arc<Metrics>,
@@ -177,6 +207,27 @@ fn ceil_secs(d: Duration) -> u64 {
 
 impl Scheduler {
     pub fn new(cfg: &QuotaConfig, metrics: Arc<Metrics>) -> Scheduler {
+        Scheduler::build(cfg, metrics, None)
+    }
+
+    /// A scheduler whose admission decisions are made in Redis (shared by every replica)
+    /// when `redis` is given, with local budgets at `local_budget_fraction` as the fallback.
+    pub fn with_redis(
+        cfg: &QuotaConfig,
+        metrics: Arc<Metrics>,
+        redis: Option<Arc<RedisConn>>,
+        redis_cfg: &RedisConfig,
+    ) -> Scheduler {
+        let shared =
+            redis.map(|conn| Arc::new(SharedBudgets::new(conn, redis_cfg.local_budget_fraction)));
+        Scheduler::build(cfg, metrics, shared)
+    }
+
+    fn build(
+        cfg: &QuotaConfig,
+        metrics: Arc<Metrics>,
+        shared: Option<Arc<SharedBudgets>>,
+    ) -> Scheduler {
         let page = Limits {
             calls: cfg.page_calls,
             window: cfg.page_window,
@@ -207,6 +258,7 @@ impl Scheduler {
         }
         let inner = Arc::new(Inner {
             settings,
+            shared,
             buckets: Mutex::new(HashMap::new()),
             learned: Mutex::new(NodePages::new(MAX_LEARNED_NODES)),
             metrics: metrics.clone(),
@@ -260,7 +312,12 @@ impl Scheduler {
                 Err(e) => {
                     let now = Instant::now();
                     for (b, u) in &admission.held {
-                        b.lock().budget.refund(*u, now);
+                        let interval = {
+                            let mut st = b.lock();
+                            st.budget.refund(*u, now);
+                            st.budget.interval(now)
+                        };
+                        self.inner.share_refund(&b.key, *u, interval);
                     }
                     m.quota_queue_wait
                         .with_label_values(&["rejected"])
@@ -312,7 +369,7 @@ impl Scheduler {
                     continue;
                 }
                 let b = inner.bucket(&BucketKey::Page(id.clone()));
-                b.lock().budget.observe_usage(usage, mins, now);
+                inner.observe(&b, now, |bu| bu.observe_usage(usage, mins, now));
                 b.wake.notify_one();
                 regain.insert(id, mins);
             }
@@ -320,19 +377,18 @@ impl Scheduler {
         if let Some(u) = reply.header("x-page-usage").and_then(parse_app_usage) {
             if let [(b, _)] = admission.held.as_slice() {
                 if matches!(b.key, BucketKey::Page(_)) {
-                    b.lock().budget.observe_usage(u, None, now);
+                    inner.observe(b, now, |bu| bu.observe_usage(u, None, now));
                 }
             }
         }
         if let Some(u) = reply.header("x-app-usage").and_then(parse_app_usage) {
             let b = inner.bucket(&BucketKey::App);
-            b.lock().budget.observe_usage(u, None, now);
+            inner.observe(&b, now, |bu| bu.observe_usage(u, None, now));
             b.wake.notify_one();
         }
         let class = reply.graph_error().map(|e| e.class());
         let throttled = matches!(class, Some(ErrorClass::Throttle(_)));
         for (b, _) in &admission.held {
-            let mut st = b.lock();
             if throttled {
                 let mins = match &b.key {
                     BucketKey::Page(p) => {
@@ -347,9 +403,9 @@ impl Scheduler {
                     }
                     BucketKey::App => None,
                 };
-                st.budget.observe_throttle(mins, now);
+                inner.observe(b, now, |bu| bu.observe_throttle(mins, now));
             } else {
-                st.budget.observe_ok();
+                b.lock().budget.observe_ok();
             }
         }
         if let Some(ErrorClass::Throttle(scope)) = class {
@@ -360,11 +416,8 @@ impl Scheduler {
                 .inc();
             let app_held = admission.held.iter().any(|(b, _)| b.key == BucketKey::App);
             if scope == ThrottleScope::App && !app_held {
-                inner
-                    .bucket(&BucketKey::App)
-                    .lock()
-                    .budget
-                    .observe_throttle(None, now);
+                let app = inner.bucket(&BucketKey::App);
+                inner.observe(&app, now, |bu| bu.observe_throttle(None, now));
             }
             tracing::warn!(
                 buckets = %admission.held.iter().map(|(b, _)| b.key.to_string()).collect::<Vec<_>>().join(","),
@@ -469,6 +522,35 @@ pub fn rate_limit_pair(
 }
 
 impl Inner {
+    /// Applies a lesson to a bucket's budget; a pause it starts (or lengthens) is written to
+    /// Redis so every replica honours it.
+    fn observe(&self, b: &Bucket, now: Instant, f: impl FnOnce(&mut Budget)) {
+        let mut st = b.lock();
+        let before = st.budget.paused_until(now);
+        f(&mut st.budget);
+        let after = st.budget.paused_until(now);
+        drop(st);
+        if let (Some(until), Some(shared)) = (after.filter(|a| Some(*a) != before), &self.shared) {
+            let (shared, key) = (shared.clone(), b.key.clone());
+            let d = until.saturating_duration_since(now);
+            tokio::spawn(async move { shared.pause(&key, d).await });
+        }
+    }
+
+    /// Gives units back in Redis too (a multi-bucket call that failed part-way).
+    fn share_refund(&self, key: &BucketKey, units: u32, interval: Duration) {
+        if let Some(shared) = self.shared.clone().filter(|s| s.is_up()) {
+            let key = key.clone();
+            tokio::spawn(async move { shared.refund(&key, units, interval).await });
+        }
+    }
+
+    /// The fraction the local budget runs at for this decision: `None` (full budget) without
+    /// Redis configured; with it, the configured fraction (Redis could not decide).
+    fn local_fraction(&self) -> Option<f64> {
+        self.shared.as_ref().map(|s| s.local_fraction)
+    }
+
     fn limits_for(&self, key: &BucketKey) -> Limits {
         match key {
             BucketKey::App => self.settings.app,
@@ -505,6 +587,7 @@ impl Inner {
                 depth: 0,
                 in_flight: 0,
                 pump_running: false,
+                full_limits: self.limits_for(key),
             }),
             wake: Notify::new(),
         });
@@ -546,14 +629,24 @@ impl Inner {
         prio: usize,
         deadline: Instant,
     ) -> Result<(), ProxyError> {
+        // With Redis deciding, every call goes through the pump: one admission at a time per
+        // bucket keeps the order fair and Redis round trips out of the lock.
+        let redis_decides = self.shared.as_ref().is_some_and(|s| s.is_up());
         let rx = {
             let now = Instant::now();
             let mut st = bucket.lock();
-            if !st.queued()
+            if !redis_decides {
+                st.set_mode(self.local_fraction());
+            }
+            if !redis_decides
+                && !st.queued()
                 && st.in_flight < st.in_flight_cap(now)
                 && st.budget.try_admit(units, now).is_ok()
             {
                 st.in_flight += 1;
+                if let Some(s) = &self.shared {
+                    s.count("local");
+                }
                 return Ok(());
             }
             // Interactive calls only wait behind interactive ones; batch calls behind all.
@@ -579,7 +672,7 @@ impl Inner {
             self.metrics.quota_queue_depth.inc();
             if !st.pump_running {
                 st.pump_running = true;
-                tokio::spawn(pump(bucket.clone()));
+                tokio::spawn(pump(bucket.clone(), self.shared.clone()));
             }
             rx
         };
@@ -682,33 +775,116 @@ impl Drop for Leave<'_> {
     }
 }
 
-/// Releases a bucket's waiters as its budget allows; exits when the queues are empty.
-async fn pump(bucket: Arc<Bucket>) {
+/// What the pump does next.
+enum Step {
+    Sleep(Instant),
+    /// Ask Redis about this waiter (popped; put back at the front if it must wait).
+    AskRedis {
+        prio: usize,
+        waiter: Waiter,
+        interval: Duration,
+        tolerance: Duration,
+    },
+}
+
+/// Releases a bucket's waiters as its budget allows; exits when the queues are empty. With
+/// Redis up, each release is a shared decision ([`SharedBudgets::admit`]); otherwise (or
+/// when one Redis call fails) the local budget decides, at the configured fraction when
+/// sharing is configured.
+async fn pump(bucket: Arc<Bucket>, shared: Option<Arc<SharedBudgets>>) {
+    let fraction = shared.as_ref().map(|s| s.local_fraction);
+    let mut force_local = false;
     loop {
-        let sleep_until = {
+        let step = {
             let now = Instant::now();
             let mut st = bucket.lock();
             let Some(units) = st.head().map(|w| w.units) else {
                 st.pump_running = false;
                 return;
             };
+            let remote = shared.as_ref().is_some_and(|s| s.is_up()) && !force_local;
+            st.set_mode(if remote { None } else { fraction });
             if st.in_flight >= st.in_flight_cap(now) {
                 // Woken when a call in flight finishes.
-                now + PUMP_MAX_SLEEP
+                Step::Sleep(now + PUMP_MAX_SLEEP)
+            } else if let Some(p) = st.budget.paused_until(now).filter(|_| remote) {
+                // A pause already known (from Redis or learned here): no need to ask.
+                Step::Sleep(p.min(now + PUMP_MAX_SLEEP))
+            } else if remote {
+                let interval = st.budget.interval(now);
+                let tolerance = interval * st.budget.limits.burst();
+                match st.pop_head() {
+                    Some((prio, waiter)) => Step::AskRedis {
+                        prio,
+                        waiter,
+                        interval,
+                        tolerance,
+                    },
+                    None => continue,
+                }
             } else {
+                force_local = false;
                 match st.budget.earliest(units, now) {
                     at if at <= now => {
-                        let Some(w) = st.queues.iter_mut().find_map(|q| q.pop_front()) else {
+                        let Some((_, w)) = st.pop_head() else {
                             continue;
                         };
                         if w.tx.send(()).is_ok() {
                             // Cannot fail: `earliest` said now.
                             let _ = st.budget.try_admit(w.units, now);
                             st.in_flight += 1;
+                            if let Some(s) = &shared {
+                                s.count("local");
+                            }
                         }
                         continue;
                     }
-                    at => at.min(now + PUMP_MAX_SLEEP),
+                    at => Step::Sleep(at.min(now + PUMP_MAX_SLEEP)),
+                }
+            }
+        };
+        let sleep_until = match step {
+            Step::Sleep(at) => at,
+            Step::AskRedis {
+                prio,
+                waiter,
+                interval,
+                tolerance,
+            } => {
+                let Some(s) = &shared else { continue };
+                let decision = s
+                    .admit(&bucket.key, waiter.units, interval, tolerance)
+                    .await;
+                let now = Instant::now();
+                let mut st = bucket.lock();
+                match decision {
+                    Some(Decision::Granted { ahead }) => {
+                        st.budget.mirror_shared(ahead, Duration::ZERO, now);
+                        if waiter.tx.send(()).is_ok() {
+                            st.in_flight += 1;
+                            s.count("redis");
+                        } else {
+                            // The waiter gave up while Redis decided: give the units back.
+                            let (s, key, units) = (s.clone(), bucket.key.clone(), waiter.units);
+                            tokio::spawn(async move { s.refund(&key, units, interval).await });
+                        }
+                        continue;
+                    }
+                    Some(Decision::Wait {
+                        wait,
+                        ahead,
+                        paused,
+                    }) => {
+                        st.budget.mirror_shared(ahead, paused, now);
+                        st.queues[prio].push_front(waiter);
+                        now + wait.min(PUMP_MAX_SLEEP)
+                    }
+                    None => {
+                        // Redis could not decide this once: the local budget decides next.
+                        st.queues[prio].push_front(waiter);
+                        force_local = true;
+                        continue;
+                    }
                 }
             }
         };

@@ -8,3 +8,4 @@ mod core;
 mod hardening;
 mod observability;
 mod quota;
+mod redis;

@@ -1,0 +1,534 @@
+//! The shared tier: cache entries in Redis, so a reply fetched by one replica serves all.
+//!
+//! Layout, per cache node (hash tag `{n:NODE}`, one Redis Cluster slot per node):
+//! - `…{n:NODE}:c:HEX` the entry (HEX = the 128-bit key digest), a compact binary value
+//!   (see [`encode`]); it expires at `ttl + stale window` after it was stored, like L1;
+//! - `…{n:NODE}:kn` / `:ke` sets of the entry digests of the node itself / of its edges, so
+//!   a write can delete exactly those entries;
+//! - `…{n:NODE}:e` the node's write epoch. A fill reads it with its lookup and stores only if
+//!   no write bumped it meanwhile (the store script checks): a fill that raced a write on
+//!   another replica can never put pre-write data back.
+//!
+//! Nothing secret is stored: bodies are prepared (paging links carry the client-key
+//! placeholder, injected tokens scrubbed) exactly as in L1, and keys name tokens by identity.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, StatusCode};
+use redis::Script;
+
+use super::entry::Entry;
+use super::key::{CacheKey, KeyId};
+use crate::redis_conn::RedisConn;
+use crate::rewrite::PreparedBody;
+
+/// First byte of every stored value. A reader that does not know the version treats the
+/// value as a miss, so a format change never serves garbage.
+pub const FORMAT_VERSION: u8 = 1;
+/// A write epoch lives this long after its last bump: far longer than any fill takes.
+const EPOCH_TTL: Duration = Duration::from_secs(600);
+/// Admin purges by prefix or of everything walk the keyspace for at most this long.
+const PURGE_BUDGET: Duration = Duration::from_secs(10);
+
+const STORE: &str = r"
+local cur = redis.call('GET', KEYS[2]) or '0'
+if cur ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[4])
+if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[3]) then
+  redis.call('PEXPIRE', KEYS[3], ARGV[3])
+end
+return 1
+";
+
+const INVALIDATE: &str = r"
+redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local n = 0
+local function drop(set)
+  for _, h in ipairs(redis.call('SMEMBERS', set)) do
+    n = n + redis.call('DEL', ARGV[2] .. h)
+  end
+  redis.call('DEL', set)
+end
+drop(KEYS[3])
+if ARGV[1] == '0' then drop(KEYS[2]) end
+return n
+";
+
+/// What a lookup found: the entry (if any, decodable and of a known version) and the node's
+/// write epoch at that moment, which a later store must still see.
+#[derive(Debug)]
+pub struct Lookup {
+    pub entry: Option<Entry>,
+    pub epoch: String,
+}
+
+/// The Redis tier of one gateway.
+pub struct L2 {
+    conn: Arc<RedisConn>,
+    store: Script,
+    invalidate: Script,
+}
+
+/// The hash-tagged key stem of a node: `{prefix}{n:NODE}`. Node ids are digits, underscores
+/// and names like `me`; anything that could break the tag is hashed instead.
+fn tag(prefix: &str, node: Option<&str>) -> String {
+    match node {
+        Some(n) if n.len() <= 128 && !n.contains(['{', '}']) => format!("{prefix}{{n:{n}}}"),
+        Some(n) => {
+            use sha2::{Digest, Sha256};
+            let d = Sha256::digest(n.as_bytes());
+            format!("{prefix}{{n:#{}}}", hex::encode(&d[..8]))
+        }
+        None => format!("{prefix}{{n:-}}"),
+    }
+}
+
+fn hex_id(id: KeyId) -> String {
+    format!("{:032x}", id.0)
+}
+
+impl L2 {
+    pub fn new(conn: Arc<RedisConn>) -> L2 {
+        L2 {
+            conn,
+            store: Script::new(STORE),
+            invalidate: Script::new(INVALIDATE),
+        }
+    }
+
+    pub fn conn(&self) -> &Arc<RedisConn> {
+        &self.conn
+    }
+
+    /// Key of the fill lease for `key` (see [`super::lease`]): in the node's slot.
+    pub fn lease_key(&self, key: &CacheKey) -> String {
+        format!(
+            "{}:l:{}",
+            tag(self.conn.prefix(), key.node.as_deref()),
+            hex_id(key.id)
+        )
+    }
+
+    /// The entry and the node's epoch in one round trip (same slot, so `MGET` is fine on a
+    /// cluster). `None` when Redis is unavailable.
+    pub async fn lookup(&self, key: &CacheKey) -> Option<Lookup> {
+        let t = tag(self.conn.prefix(), key.node.as_deref());
+        let keys = [format!("{t}:c:{}", hex_id(key.id)), format!("{t}:e")];
+        let (value, epoch): (Option<Vec<u8>>, Option<String>) = self
+            .conn
+            .run("get", |mut c| async move {
+                redis::cmd("MGET").arg(&keys).query_async(&mut c).await
+            })
+            .await?;
+        let entry = value.and_then(|v| decode(&v, key));
+        Some(Lookup {
+            entry,
+            epoch: epoch.unwrap_or_else(|| "0".into()),
+        })
+    }
+
+    /// Stores `entry` (already in storage form) unless the node's epoch moved since `epoch`.
+    /// Expires with the same lifetime as in L1: TTL plus the longer stale window, counted
+    /// from when the entry was fetched.
+    pub async fn store(
+        &self,
+        key: &CacheKey,
+        entry: &Entry,
+        epoch: &str,
+        stale_window: Duration,
+    ) -> bool {
+        let left = (entry.ttl + stale_window).saturating_sub(entry.age(Instant::now()));
+        let px = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+        if px == 0 {
+            return false;
+        }
+        let t = tag(self.conn.prefix(), key.node.as_deref());
+        let value = encode(entry);
+        let set = if key.has_edge { "ke" } else { "kn" };
+        let keys = [
+            format!("{t}:c:{}", hex_id(key.id)),
+            format!("{t}:e"),
+            format!("{t}:{set}"),
+        ];
+        let member = hex_id(key.id);
+        let epoch = epoch.to_string();
+        let script = &self.store;
+        self.conn
+            .run("store", |mut c| async move {
+                let mut inv = script.prepare_invoke();
+                for k in &keys {
+                    inv.key(k);
+                }
+                inv.arg(value)
+                    .arg(epoch)
+                    .arg(px)
+                    .arg(member)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await
+            == Some(1)
+    }
+
+    /// Deletes the node's entries (only its edges' with `edges_only`) and bumps its epoch.
+    /// Returns how many entries were deleted (`None`: Redis unavailable).
+    pub async fn invalidate_node(&self, node: &str, edges_only: bool) -> Option<u64> {
+        let t = tag(self.conn.prefix(), Some(node));
+        let keys = [format!("{t}:e"), format!("{t}:kn"), format!("{t}:ke")];
+        let entry_prefix = format!("{t}:c:");
+        let ttl = EPOCH_TTL.as_millis() as u64;
+        let script = &self.invalidate;
+        self.conn
+            .run("invalidate", |mut c| async move {
+                let mut inv = script.prepare_invoke();
+                for k in &keys {
+                    inv.key(k);
+                }
+                inv.arg(if edges_only { "1" } else { "0" })
+                    .arg(entry_prefix)
+                    .arg(ttl)
+                    .invoke_async::<u64>(&mut c)
+                    .await
+            })
+            .await
+    }
+
+    /// Admin purge: deletes every entry whose readable key starts with `readable_prefix`
+    /// (all entries when empty). Walks the keyspace with `SCAN`, bounded in time; returns
+    /// entries deleted.
+    pub async fn purge(&self, readable_prefix: &str) -> u64 {
+        let pattern = format!("{}{{n:*}}:c:*", glob_escape(self.conn.prefix()));
+        let started = Instant::now();
+        let mut cursor: u64 = 0;
+        let mut deleted = 0;
+        loop {
+            let pattern = pattern.clone();
+            let Some((next, keys)) = self
+                .conn
+                .run("purge", |mut c| async move {
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(500)
+                        .query_async::<(u64, Vec<String>)>(&mut c)
+                        .await
+                })
+                .await
+            else {
+                break;
+            };
+            let doomed = if readable_prefix.is_empty() || keys.is_empty() {
+                keys
+            } else {
+                let ks = keys.clone();
+                let values: Vec<Option<Vec<u8>>> = self
+                    .conn
+                    .run("purge", |mut c| async move {
+                        redis::cmd("MGET").arg(&ks).query_async(&mut c).await
+                    })
+                    .await
+                    .unwrap_or_default();
+                keys.into_iter()
+                    .zip(values)
+                    .filter(|(_, v)| {
+                        v.as_deref()
+                            .and_then(readable_of)
+                            .is_some_and(|r| r.starts_with(readable_prefix))
+                    })
+                    .map(|(k, _)| k)
+                    .collect()
+            };
+            for k in doomed {
+                // One key per command: keys of different nodes live in different slots.
+                let n = self
+                    .conn
+                    .run("purge", |mut c| async move {
+                        redis::cmd("UNLINK").arg(k).query_async::<u64>(&mut c).await
+                    })
+                    .await
+                    .unwrap_or(0);
+                deleted += n;
+            }
+            cursor = next;
+            if cursor == 0 || started.elapsed() > PURGE_BUDGET {
+                break;
+            }
+        }
+        deleted
+    }
+}
+
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for ch in s.chars() {
+        if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+fn unix_ms(at: Instant) -> u64 {
+    let now = Instant::now();
+    let wall = SystemTime::now() - now.saturating_duration_since(at);
+    wall.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn instant_of(ms: u64) -> Instant {
+    let now_ms = unix_ms(Instant::now());
+    let age = Duration::from_millis(now_ms.saturating_sub(ms));
+    Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
+}
+
+const FLAG_PLACEHOLDER: u8 = 1;
+const FLAG_EDGE: u8 = 2;
+const FLAG_NODE: u8 = 4;
+
+/// Version 1 layout, big-endian: version u8, stored-at unix ms u64, ttl ms u64, status u16,
+/// flags u8, readable (u32 len + bytes), node (u32 len + bytes, when flagged), header count
+/// u16 and per header name (u16 len) and value (u32 len), then the body (u32 len + bytes).
+/// The readable key sits early so a purge by prefix reads it without decoding the rest.
+pub fn encode(e: &Entry) -> Vec<u8> {
+    let headers: usize = e
+        .headers
+        .iter()
+        .map(|(n, v)| 6 + n.as_str().len() + v.len())
+        .sum();
+    let mut out = Vec::with_capacity(
+        32 + e.readable.len()
+            + e.node.as_deref().map_or(0, str::len)
+            + headers
+            + e.body.bytes.len(),
+    );
+    out.push(FORMAT_VERSION);
+    out.extend_from_slice(&unix_ms(e.stored_at).to_be_bytes());
+    out.extend_from_slice(&(e.ttl.as_millis() as u64).to_be_bytes());
+    out.extend_from_slice(&e.status.as_u16().to_be_bytes());
+    let mut flags = 0;
+    if e.body.has_key_placeholder {
+        flags |= FLAG_PLACEHOLDER;
+    }
+    if e.has_edge {
+        flags |= FLAG_EDGE;
+    }
+    if e.node.is_some() {
+        flags |= FLAG_NODE;
+    }
+    out.push(flags);
+    put(&mut out, e.readable.as_bytes());
+    if let Some(n) = &e.node {
+        put(&mut out, n.as_bytes());
+    }
+    let count = u16::try_from(e.headers.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&count.to_be_bytes());
+    for (n, v) in e.headers.iter().take(usize::from(count)) {
+        let name = n.as_str().as_bytes();
+        out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        out.extend_from_slice(name);
+        put(&mut out, v.as_bytes());
+    }
+    put(&mut out, &e.body.bytes);
+    out
+}
+
+fn put(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+    out.extend_from_slice(b);
+}
+
+/// A bounds-checked reader: every read is `None` past the end.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Some(u64::from_be_bytes(a))
+    }
+    fn chunk(&mut self) -> Option<&'a [u8]> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+}
+
+/// The readable key of a stored value, without decoding the rest.
+fn readable_of(v: &[u8]) -> Option<&str> {
+    let mut r = Reader(v);
+    if r.u8()? != FORMAT_VERSION {
+        return None;
+    }
+    r.take(8 + 8 + 2 + 1)?;
+    std::str::from_utf8(r.chunk()?).ok()
+}
+
+/// Decodes a stored value for `key`. Anything unexpected (unknown version, truncation, bad
+/// header bytes, an entry of another key) is a miss.
+pub fn decode(v: &[u8], key: &CacheKey) -> Option<Entry> {
+    let mut r = Reader(v);
+    if r.u8()? != FORMAT_VERSION {
+        return None;
+    }
+    let stored_ms = r.u64()?;
+    let ttl = Duration::from_millis(r.u64()?);
+    let status = StatusCode::from_u16(r.u16()?).ok()?;
+    let flags = r.u8()?;
+    let readable = std::str::from_utf8(r.chunk()?).ok()?;
+    if readable != &*key.readable {
+        // A digest collision or a foreign writer: never serve another key's reply.
+        return None;
+    }
+    if flags & FLAG_NODE != 0 {
+        r.chunk()?;
+    }
+    let count = r.u16()?;
+    let mut headers = Vec::with_capacity(usize::from(count));
+    for _ in 0..count {
+        let n = usize::from(r.u16()?);
+        let name = HeaderName::from_bytes(r.take(n)?).ok()?;
+        let value = HeaderValue::from_bytes(r.chunk()?).ok()?;
+        headers.push((name, value));
+    }
+    let body = Bytes::copy_from_slice(r.chunk()?);
+    if !r.0.is_empty() {
+        return None;
+    }
+    let mut e = Entry::new(
+        status,
+        headers,
+        PreparedBody {
+            bytes: body,
+            has_key_placeholder: flags & FLAG_PLACEHOLDER != 0,
+        },
+        ttl,
+    );
+    e.stored_at = instant_of(stored_ms);
+    e.readable = key.readable.clone();
+    e.node = key.node.clone();
+    e.has_edge = flags & FLAG_EDGE != 0;
+    Some(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::request::Params;
+
+    fn key() -> CacheKey {
+        super::super::key::build(
+            "v21.0",
+            &["1001".to_string(), "feed".to_string()],
+            &Params::parse("fields=id").unwrap(),
+            "system",
+        )
+        .unwrap()
+    }
+
+    fn entry(k: &CacheKey) -> Entry {
+        let mut e = Entry::new(
+            StatusCode::OK,
+            vec![
+                (http::header::ETAG, HeaderValue::from_static("\"abc\"")),
+                (
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                ),
+            ],
+            PreparedBody {
+                bytes: Bytes::from_static(b"{\"data\":[]}"),
+                has_key_placeholder: true,
+            },
+            Duration::from_secs(60),
+        );
+        e.readable = k.readable.clone();
+        e.node = k.node.clone();
+        e.has_edge = k.has_edge;
+        e
+    }
+
+    #[test]
+    fn round_trip_keeps_what_a_reply_needs() {
+        let k = key();
+        let e = entry(&k);
+        let v = encode(&e);
+        assert_eq!(v[0], FORMAT_VERSION);
+        assert_eq!(readable_of(&v), Some(&*k.readable));
+        let d = decode(&v, &k).expect("decodes");
+        assert_eq!(d.status, e.status);
+        assert_eq!(d.body, e.body);
+        assert_eq!(&*d.headers, &*e.headers);
+        assert_eq!(d.etag, e.etag);
+        assert_eq!(d.ttl, e.ttl);
+        assert!(d.has_edge);
+        assert!(d.age(Instant::now()) < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn unknown_versions_truncation_and_foreign_keys_are_misses() {
+        let k = key();
+        let v = encode(&entry(&k));
+        let mut other = v.clone();
+        other[0] = 2;
+        assert!(decode(&other, &k).is_none());
+        for n in 0..v.len() {
+            assert!(decode(&v[..n], &k).is_none(), "truncated at {n}");
+        }
+        let mut longer = v.clone();
+        longer.push(0);
+        assert!(decode(&longer, &k).is_none());
+        let other_key = super::super::key::build(
+            "v21.0",
+            &["1002".to_string()],
+            &Params::parse("fields=id").unwrap(),
+            "system",
+        )
+        .unwrap();
+        assert!(decode(&v, &other_key).is_none());
+    }
+
+    #[test]
+    fn tags_keep_a_node_in_one_slot_and_never_break() {
+        assert_eq!(tag("gg:", Some("1001")), "gg:{n:1001}");
+        assert_eq!(tag("gg:", None), "gg:{n:-}");
+        let odd = tag("gg:", Some("a}b"));
+        assert!(odd.starts_with("gg:{n:#") && odd.matches('}').count() == 1);
+        assert_eq!(glob_escape("a*b?"), "a\\*b\\?");
+    }
+
+    proptest::proptest! {
+        /// Random bytes never panic the decoder.
+        #[test]
+        fn prop_decode_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let k = key();
+            let _ = decode(&bytes, &k);
+            let _ = readable_of(&bytes);
+        }
+    }
+}

@@ -1,0 +1,668 @@
+//! Scale-out on Redis: two graphgate replicas, one simulated Graph API and a real
+//! `redis-server` that each test starts on its own free port (never the machine's Redis on
+//! 6379, never a mock) and kills at the end. The replicas share cache entries, Page budgets,
+//! invalidations and fill leases; killing Redis degrades them to local behaviour without a
+//! client ever seeing an error, and restarting it restores sharing.
+
+use std::net::TcpListener as StdListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use graphgate::config::Config;
+use graphgate::fake_graph::{FakeGraph, FakeGraphConfig};
+use graphgate::server::{self, Running};
+use http::{Method, StatusCode};
+use tokio::task::JoinSet;
+
+use crate::support::*;
+
+/// A `redis-server` owned by one test: its own port and directory, no persistence.
+pub struct RedisServer {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let port = StdListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let dir = std::env::temp_dir().join(format!(
+            "graphgate-redis-{}-{port}-{}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut r = RedisServer {
+            port,
+            dir,
+            child: None,
+        };
+        r.restart();
+        r
+    }
+
+    /// Starts (again) on the same port and waits until it accepts connections.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed to run these tests (.ci/run installs it)");
+        self.child = Some(child);
+        let until = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < until, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL: no goodbye to the clients, as in a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Two replicas in front of one fake Graph, sharing one Redis.
+struct Fleet {
+    graph: FakeGraph,
+    a: Running,
+    b: Running,
+    http: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<Bytes>,
+    >,
+}
+
+/// A timeout generous enough for a loaded 2-core machine running debug builds (the default
+/// is 50 ms); the degradation test still sees Redis vanish at once (connections drop).
+fn redis_toml(redis: &RedisServer, extra: &str) -> String {
+    format!(
+        "[redis]\nurl = \"{}\"\ntimeout_ms = 250\nkey_prefix = \"t:\"\n{extra}",
+        redis.url()
+    )
+}
+
+impl Fleet {
+    async fn start(redis: &RedisServer, graph_cfg: FakeGraphConfig, extra: &str) -> Fleet {
+        let graph = FakeGraph::start(graph_cfg, "127.0.0.1:0".parse().unwrap())
+            .await
+            .expect("fake graph starts");
+        let toml = gateway_toml(&graph.url(), &redis_toml(redis, extra));
+        let a = server::start(Config::from_toml(&toml, |_| None).expect("valid config"))
+            .await
+            .expect("replica a starts");
+        let b = server::start(Config::from_toml(&toml, |_| None).expect("valid config"))
+            .await
+            .expect("replica b starts");
+        Fleet {
+            graph,
+            a,
+            b,
+            http: client(),
+        }
+    }
+
+    fn secrets(&self) -> Vec<String> {
+        vec![
+            SYSTEM_TOKEN.to_string(),
+            APP_SECRET.to_string(),
+            self.graph.page_token("1001"),
+            self.graph.page_token("1002"),
+        ]
+    }
+
+    async fn get(&self, via: &Running, path: &str) -> Reply {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let url = format!("{}{path}{sep}access_token={ADMIN_KEY}", via.url());
+        send(
+            &self.http,
+            Method::GET,
+            &url,
+            &[],
+            Bytes::new(),
+            &self.secrets(),
+        )
+        .await
+    }
+
+    async fn post(&self, via: &Running, path: &str, form: &str) -> Reply {
+        let url = format!("{}{path}", via.url());
+        send(
+            &self.http,
+            Method::POST,
+            &url,
+            &[("content-type", "application/x-www-form-urlencoded")],
+            Bytes::from(format!("{form}&access_token={ADMIN_KEY}")),
+            &self.secrets(),
+        )
+        .await
+    }
+
+    async fn metrics(&self, via: &Running) -> String {
+        let url = format!("{}/metrics", via.admin_url());
+        send(&self.http, Method::GET, &url, &[], Bytes::new(), &[])
+            .await
+            .text()
+    }
+
+    async fn stop(self) {
+        self.a.shutdown().await;
+        self.b.shutdown().await;
+        self.graph.shutdown();
+    }
+}
+
+async fn wait_until_redis_up(f: &Fleet, via: &Running, within: Duration) -> bool {
+    let until = Instant::now() + within;
+    while Instant::now() < until {
+        if metric_value(&f.metrics(via).await, "graphgate_redis_up", &[]) == 1.0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_read_through_one_replica_is_a_hit_on_the_other() {
+    let redis = RedisServer::start();
+    let f = Fleet::start(&redis, graph_config(), "").await;
+    let path = "/1001?fields=id,name,fan_count";
+    let first = f.get(&f.a, path).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text());
+    assert_eq!(first.header("x-cache"), Some("MISS"));
+
+    let second = f.get(&f.b, path).await;
+    assert_eq!(second.status, StatusCode::OK);
+    assert_eq!(second.header("x-cache"), Some("HIT"));
+    let cs = second.header("cache-status").unwrap_or_default();
+    assert!(
+        cs.starts_with("graphgate; hit;") && cs.contains("detail=l2"),
+        "{cs}"
+    );
+    assert_eq!(second.body, first.body);
+    assert_eq!(second.header("etag"), first.header("etag"));
+    assert!(second.header("age").is_some());
+    assert_eq!(
+        f.graph.stats().requests,
+        1,
+        "one upstream call for the fleet"
+    );
+
+    // Promoted into B's L1: the next read does not even ask Redis.
+    let third = f.get(&f.b, path).await;
+    assert_eq!(third.header("x-cache"), Some("HIT"));
+    assert!(!third
+        .header("cache-status")
+        .unwrap_or_default()
+        .contains("l2"));
+    let mb = f.metrics(&f.b).await;
+    assert_eq!(
+        metric_value(
+            &mb,
+            "graphgate_cache_lookups_total",
+            &["tier=\"l2\"", "result=\"hit\""]
+        ),
+        1.0
+    );
+    assert_eq!(metric_value(&mb, "graphgate_redis_up", &[]), 1.0);
+    assert_eq!(metric_value(&mb, "graphgate_redis_errors_total", &[]), 0.0);
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn no_meta_token_or_client_key_reaches_redis() {
+    let redis = RedisServer::start();
+    let f = Fleet::start(&redis, graph_config(), "").await;
+    // A feed page with paging links (which carried the token upstream) and a Page read with
+    // a Page token injected.
+    assert_eq!(
+        f.get(&f.a, "/1001/feed?fields=id,message&limit=2")
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        f.get(&f.a, "/1001?fields=id,name").await.status,
+        StatusCode::OK
+    );
+    let out = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "--no-raw", "KEYS", "*"])
+        .output();
+    let Ok(out) = out else {
+        panic!("redis-cli comes with redis-server and is needed to inspect the keyspace");
+    };
+    let keys = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(keys.contains(":c:"), "entries were stored: {keys}");
+    let mut dump = keys.clone();
+    for k in keys.lines() {
+        let k = k.split_once(") ").map_or(k, |(_, k)| k).trim_matches('"');
+        let v = Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string(), "GET", k])
+            .output()
+            .expect("redis-cli");
+        dump.push_str(&String::from_utf8_lossy(&v.stdout));
+    }
+    for secret in f.secrets().iter().chain([&ADMIN_KEY.to_string()]) {
+        assert!(!dump.contains(secret.as_str()), "a secret reached Redis");
+    }
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn a_flood_through_both_replicas_stays_within_one_page_budget() {
+    const LIMIT: u32 = 10;
+    let redis = RedisServer::start();
+    let graph = FakeGraphConfig {
+        page_calls_limit: LIMIT,
+        page_window: Duration::from_secs(2),
+        ..graph_config()
+    };
+    let f = Arc::new(
+        Fleet::start(
+            &redis,
+            graph,
+            "[quota]\npage_calls = 10\npage_window_s = 2\nqueue_timeout_ms = 4000\nthrottle_backoff_ms = 500\n",
+        )
+        .await,
+    );
+    let started = Instant::now();
+    let mut set = JoinSet::new();
+    for n in 1..=30u32 {
+        let f = f.clone();
+        set.spawn(async move {
+            let via = if n % 2 == 0 { &f.a } else { &f.b };
+            f.get(via, &format!("/v21.0/1001_{n}?fields=id")).await
+        });
+    }
+    let mut ok = 0;
+    while let Some(r) = set.join_next().await {
+        let r = r.expect("request task");
+        match r.status {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert!(r.header("retry-after").is_some());
+                assert_eq!(r.error_code(), 80001);
+            }
+            other => panic!("unexpected {other}: {}", r.text()),
+        }
+    }
+    let took = started.elapsed();
+    let stats = f.graph.stats();
+    assert_eq!(
+        stats.throttled, 0,
+        "no call over the Page's limit: {stats:?}"
+    );
+    assert!(ok >= LIMIT, "only {ok} of 30 went through");
+    let (ma, mb) = (f.metrics(&f.a).await, f.metrics(&f.b).await);
+    let dispatched =
+        |m: &str| metric_value(m, "graphgate_quota_dispatches_total", &["bucket=\"page\""]);
+    let (da, db) = (dispatched(&ma), dispatched(&mb));
+    assert!(da > 0.0 && db > 0.0, "both replicas dispatched: {da} {db}");
+    // Two independent replicas would each have used the full budget.
+    let budget = f64::from(LIMIT) * (took.as_secs_f64() / 2.0 + 1.0);
+    assert!(
+        da + db <= budget,
+        "{da} + {db} dispatches in {took:?} exceed {budget}"
+    );
+    assert_eq!(
+        (da + db) as u64,
+        stats.calls,
+        "every dispatch reached Graph"
+    );
+    for m in [&ma, &mb] {
+        assert!(
+            metric_value(
+                m,
+                "graphgate_quota_admission_decisions_total",
+                &["source=\"redis\""]
+            ) > 0.0
+        );
+    }
+    if let Ok(f) = Arc::try_unwrap(f) {
+        f.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_pause_learned_by_one_replica_holds_the_other() {
+    let redis = RedisServer::start();
+    let f = Fleet::start(
+        &redis,
+        graph_config(),
+        "[quota]\nqueue_timeout_ms = 300\nthrottle_backoff_ms = 5000\n",
+    )
+    .await;
+    // Graph throttles A's call (80001, no regain time): A pauses Page 1001 for 5 s.
+    f.graph.set_fault(graphgate::fake_graph::Fault::GraphError {
+        code: 80001,
+        http_status: 400,
+    });
+    let r = f.get(&f.a, "/1001_1?fields=id").await;
+    assert_ne!(r.status, StatusCode::OK);
+    f.graph.set_fault(graphgate::fake_graph::Fault::None);
+    let before = f.graph.stats().requests;
+    // B never saw a throttle, yet refuses to send for the paused Page (429 within its
+    // 300 ms deadline) instead of calling Graph.
+    let until = Instant::now() + Duration::from_secs(1);
+    let mut held = false;
+    while Instant::now() < until && !held {
+        let r = f.get(&f.b, "/1001_2?fields=id").await;
+        held = r.status == StatusCode::TOO_MANY_REQUESTS;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(held, "B did not honour A's pause");
+    assert_eq!(f.graph.stats().requests, before, "B sent nothing upstream");
+    // Another Page is not affected.
+    assert_eq!(
+        f.get(&f.b, "/1002_1?fields=id").await.status,
+        StatusCode::OK
+    );
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn a_write_through_one_replica_is_seen_by_the_other_within_a_second() {
+    let redis = RedisServer::start();
+    let f = Fleet::start(&redis, graph_config(), "").await;
+    let post = "/1001_60?fields=message";
+    let feed = "/1001/feed?fields=id,message&limit=3";
+    for path in [post, feed] {
+        f.get(&f.a, path).await;
+        // B holds its own copy in L1 (promoted from L2).
+        f.get(&f.b, path).await;
+        assert_eq!(f.get(&f.b, path).await.header("x-cache"), Some("HIT"));
+    }
+    let w = f.post(&f.a, "/1001_60", "message=edited+via+A").await;
+    assert_eq!(w.status, StatusCode::OK, "{}", w.text());
+    let written = Instant::now();
+    let mut fresh = false;
+    while written.elapsed() < Duration::from_secs(1) {
+        let p = f.get(&f.b, post).await;
+        if p.json()["message"] == "edited via A" {
+            fresh = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        fresh,
+        "B still served the old post a second after the write"
+    );
+    // The Page's feed was dropped on B too (a post edit invalidates its Page's edges).
+    let fb = f.get(&f.b, feed).await;
+    assert_ne!(fb.header("x-cache"), Some("HIT"), "{:?}", fb.headers);
+
+    // A new post via B; A's feed follows.
+    f.get(&f.a, feed).await;
+    let w = f.post(&f.b, "/1001/feed", "message=posted+via+B").await;
+    assert_eq!(w.status, StatusCode::OK, "{}", w.text());
+    let written = Instant::now();
+    let mut seen = false;
+    while written.elapsed() < Duration::from_secs(1) {
+        if f.get(&f.a, feed).await.json()["data"][0]["message"] == "posted via B" {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(seen, "A did not see B's new post within a second");
+    let ma = f.metrics(&f.a).await;
+    assert!(metric_value(&ma, "graphgate_redis_invalidations_received_total", &[]) >= 1.0);
+
+    // An admin purge on A empties B's L1 as well.
+    f.get(&f.b, "/1002?fields=name").await;
+    let url = format!("{}/admin/cache/purge?all=true", f.a.admin_url());
+    let r = send(
+        &f.http,
+        Method::POST,
+        &url,
+        &[("authorization", "Bearer test-admin-token")],
+        Bytes::new(),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let until = Instant::now() + Duration::from_secs(1);
+    let mut purged = false;
+    while Instant::now() < until && !purged {
+        purged = f.get(&f.b, "/1002?fields=name").await.header("x-cache") == Some("MISS");
+        if !purged {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert!(purged, "B kept an entry A's purge-all dropped");
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_miss_on_both_replicas_makes_one_upstream_call() {
+    let redis = RedisServer::start();
+    let f = Arc::new(Fleet::start(&redis, graph_config(), "").await);
+    f.graph.set_latency(Duration::from_millis(300));
+    let mut set = JoinSet::new();
+    for i in 0..100 {
+        let f = f.clone();
+        set.spawn(async move {
+            let via = if i % 2 == 0 { &f.a } else { &f.b };
+            f.get(via, "/1002?fields=id,name,about").await
+        });
+    }
+    let mut replies = Vec::new();
+    while let Some(r) = set.join_next().await {
+        replies.push(r.expect("request task"));
+    }
+    assert_eq!(
+        f.graph.stats().requests,
+        1,
+        "one Graph call for 100 reads on 2 replicas"
+    );
+    for r in &replies {
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert_eq!(r.body, replies[0].body);
+    }
+    // One replica filled; the other waited on its lease and got the entry through Redis.
+    let mut waited = 0.0;
+    for via in [&f.a, &f.b] {
+        let m = f.metrics(via).await;
+        waited += metric_value(
+            &m,
+            "graphgate_cache_lease_waits_total",
+            &["outcome=\"filled\""],
+        );
+    }
+    assert_eq!(waited, 1.0);
+    let remote = replies
+        .iter()
+        .filter(|r| {
+            r.header("cache-status")
+                .is_some_and(|v| v.contains("detail=l2"))
+        })
+        .count();
+    assert!(
+        remote >= 1,
+        "the other replica's requests were answered from Redis"
+    );
+    if let Ok(f) = Arc::try_unwrap(f) {
+        f.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_redis_mid_flood_loses_nothing_and_a_restart_restores_sharing() {
+    let mut redis = RedisServer::start();
+    let graph = FakeGraphConfig {
+        page_calls_limit: 100_000,
+        ..graph_config()
+    };
+    let f = Arc::new(
+        Fleet::start(
+            &redis,
+            graph,
+            "[quota]\npage_calls = 100000\npage_window_s = 60\nqueue_timeout_ms = 5000\n",
+        )
+        .await,
+    );
+    f.graph.set_latency(Duration::from_millis(20));
+    let mut set = JoinSet::new();
+    for i in 0..240u32 {
+        let f = f.clone();
+        set.spawn(async move {
+            // Spread over ~1.2 s: Redis dies in the middle.
+            tokio::time::sleep(Duration::from_millis(u64::from(i) * 5)).await;
+            let via = if i % 2 == 0 { &f.a } else { &f.b };
+            // Repeated keys (shared hits, coalescing) and distinct ones (budget admissions).
+            let path = if i % 3 == 0 {
+                format!("/1001_{}?fields=id,message", i % 7 + 1)
+            } else {
+                format!("/1002_{}?fields=id", i % 60 + 1)
+            };
+            f.get(via, &path).await
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    redis.kill();
+    let mut count = 0;
+    while let Some(r) = set.join_next().await {
+        let r = r.expect("request task");
+        assert!(
+            r.status == StatusCode::OK || r.status == StatusCode::TOO_MANY_REQUESTS,
+            "{}: {}",
+            r.status,
+            r.text()
+        );
+        count += 1;
+    }
+    assert_eq!(count, 240, "every request was answered");
+    for via in [&f.a, &f.b] {
+        // A replica that needed Redis noticed at once; an idle one at its next heartbeat.
+        let until = Instant::now() + Duration::from_secs(3);
+        while metric_value(&f.metrics(via).await, "graphgate_redis_up", &[]) != 0.0 {
+            assert!(Instant::now() < until, "redis_up stayed 1 after Redis died");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let m = f.metrics(via).await;
+        assert_eq!(
+            metric_value(&m, "graphgate_requests_total", &["status_class=\"5xx\""]),
+            0.0
+        );
+    }
+    // Alone, each replica still serves (L1, local budget).
+    assert_eq!(
+        f.get(&f.a, "/1002?fields=id,fan_count").await.status,
+        StatusCode::OK
+    );
+
+    redis.restart();
+    assert!(wait_until_redis_up(&f, &f.a, Duration::from_secs(10)).await);
+    assert!(wait_until_redis_up(&f, &f.b, Duration::from_secs(10)).await);
+    let before = f.graph.stats().requests;
+    let path = "/1001?fields=id,about,category";
+    assert_eq!(f.get(&f.a, path).await.header("x-cache"), Some("MISS"));
+    let b = f.get(&f.b, path).await;
+    assert_eq!(b.header("x-cache"), Some("HIT"), "{:?}", b.headers);
+    assert_eq!(f.graph.stats().requests, before + 1, "sharing is back");
+    // Invalidations flow again once the subscriber is back.
+    let mut seen = false;
+    let until = Instant::now() + Duration::from_secs(5);
+    while !seen && Instant::now() < until {
+        let w = f.post(&f.a, "/1001", "about=after+restart").await;
+        assert_eq!(w.status, StatusCode::OK, "{}", w.text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        seen = f.get(&f.b, path).await.json()["about"] == "after restart";
+    }
+    assert!(seen, "B did not see A's write after Redis came back");
+    if let Ok(f) = Arc::try_unwrap(f) {
+        f.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn without_redis_at_start_a_replica_serves_and_joins_when_redis_appears() {
+    let mut redis = RedisServer::start();
+    redis.kill();
+    let f = Fleet::start(&redis, graph_config(), "").await;
+    let r = f.get(&f.a, "/1001?fields=id").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(
+        metric_value(&f.metrics(&f.a).await, "graphgate_redis_up", &[]),
+        0.0
+    );
+    redis.restart();
+    assert!(wait_until_redis_up(&f, &f.a, Duration::from_secs(10)).await);
+    assert!(wait_until_redis_up(&f, &f.b, Duration::from_secs(10)).await);
+    f.get(&f.a, "/1002?fields=id").await;
+    assert_eq!(
+        f.get(&f.b, "/1002?fields=id").await.header("x-cache"),
+        Some("HIT")
+    );
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_redis_costs_sharing_never_a_reply() {
+    let redis = RedisServer::start();
+    let f = Fleet::start(&redis, graph_config(), "").await;
+    // Every write is now refused with OOM (reads still work).
+    let out = Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "CONFIG",
+            "SET",
+            "maxmemory",
+            "1",
+        ])
+        .output()
+        .expect("redis-cli");
+    assert!(out.status.success());
+    for via in [&f.a, &f.b, &f.a, &f.b] {
+        let r = f.get(via, "/1001_5?fields=id,message").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    }
+    let r = f.post(&f.a, "/1001_5", "message=still+fine").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let ma = f.metrics(&f.a).await;
+    // Still "up": a full Redis is not an outage, each refused write falls back on its own.
+    assert_eq!(metric_value(&ma, "graphgate_redis_up", &[]), 1.0);
+    assert!(metric_value(&ma, "graphgate_redis_errors_total", &["op=\"lease\""]) >= 1.0);
+    assert!(
+        metric_value(
+            &ma,
+            "graphgate_quota_admission_decisions_total",
+            &["source=\"local\""]
+        ) >= 1.0
+    );
+    assert_eq!(
+        metric_value(&ma, "graphgate_requests_total", &["status_class=\"5xx\""]),
+        0.0
+    );
+    f.stop().await;
+}
