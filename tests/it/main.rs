@@ -7,3 +7,4 @@ mod cli;
 mod core;
 mod hardening;
 mod quota;
+mod security;
