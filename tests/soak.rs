@@ -222,7 +222,7 @@ level = "warn"
         "graphgate_cache_evictions_total",
         &["cause=\"size\""],
     );
-    let t = tally.lock().unwrap();
+    let t = std::mem::take(&mut *tally.lock().unwrap());
     let total: u64 = t.by_kind_status.values().sum();
     let count =
         |kind: &str, status: u16| t.by_kind_status.get(&(kind, status)).copied().unwrap_or(0);
@@ -277,6 +277,10 @@ level = "warn"
         );
     }
     drop(t);
+    stop(s).await;
+}
+
+async fn stop(s: Arc<Stack>) {
     if let Ok(s) = Arc::try_unwrap(s) {
         s.stop().await;
     }
