@@ -114,6 +114,7 @@ struct RawServer {
     max_connections: usize,
     idle_timeout_ms: u64,
     max_in_flight: usize,
+    body_read_timeout_ms: u64,
     tls_cert_file: Option<String>,
     tls_key_file: Option<String>,
     tls_client_ca_file: Option<String>,
@@ -133,6 +134,7 @@ impl Default for RawServer {
             max_connections: 10_000,
             idle_timeout_ms: 60_000,
             max_in_flight: 2048,
+            body_read_timeout_ms: 10_000,
             tls_cert_file: None,
             tls_key_file: None,
             tls_client_ca_file: None,
@@ -333,6 +335,9 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Requests handled at once; beyond it requests are shed with 503 + Retry-After.
     pub max_in_flight: usize,
+    /// The whole request body must arrive within this time after the head (a slow body
+    /// would otherwise hold an in-flight slot); 408 otherwise.
+    pub body_read_timeout: Duration,
     pub tls: Option<TlsConfig>,
 }
 
@@ -522,6 +527,9 @@ impl Config {
         }
         if s.max_in_flight == 0 || s.max_in_flight > 1_000_000 {
             return Err(invalid("server.max_in_flight", "must be 1..=1000000"));
+        }
+        if s.body_read_timeout_ms == 0 {
+            return Err(invalid("server.body_read_timeout_ms", "must be positive"));
         }
         if s.idle_timeout_ms == 0 {
             return Err(invalid("server.idle_timeout_ms", "must be positive"));
@@ -784,6 +792,7 @@ impl Config {
                 max_connections: s.max_connections,
                 idle_timeout: Duration::from_millis(s.idle_timeout_ms),
                 max_in_flight: s.max_in_flight,
+                body_read_timeout: Duration::from_millis(s.body_read_timeout_ms),
                 tls,
             },
             upstream: UpstreamConfig {

@@ -43,6 +43,8 @@ pub enum ProxyError {
     BodyTooLarge(usize),
     #[error("Request headers are larger than {0} bytes.")]
     HeadersTooLarge(usize),
+    #[error("The request body did not arrive within {0} ms.")]
+    BodyTimeout(u64),
     #[error("The Graph API could not be reached: {0}")]
     UpstreamConnect(String),
     #[error("The Graph API did not answer within {0} ms.")]
@@ -83,6 +85,7 @@ impl ProxyError {
             MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             UpstreamConnect(_) | UpstreamBadResponse(_) | UpstreamTooLarge(_) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -104,9 +107,8 @@ impl ProxyError {
             ForbiddenPage(_) => ("OAuthException", 10, Some(subcode::FORBIDDEN_PAGE)),
             ForbiddenWrite(_) => ("OAuthException", 200, Some(subcode::FORBIDDEN_WRITE)),
             ForbiddenField(_) => ("OAuthException", 200, Some(subcode::FORBIDDEN_FIELD)),
-            BadRequest(_) | MethodNotAllowed(_) | BodyTooLarge(_) | HeadersTooLarge(_) => {
-                ("GraphMethodException", 100, None)
-            }
+            BadRequest(_) | MethodNotAllowed(_) | BodyTooLarge(_) | HeadersTooLarge(_)
+            | BodyTimeout(_) => ("GraphMethodException", 100, None),
             UpstreamConnect(_) | UpstreamTimeout(_) | UpstreamBadResponse(_) => {
                 ("GraphgateException", 2, Some(subcode::UPSTREAM))
             }
@@ -136,6 +138,7 @@ impl ProxyError {
             ForbiddenPage(_) | ForbiddenWrite(_) | ForbiddenField(_) => "forbidden",
             BadRequest(_) | MethodNotAllowed(_) | NotFound => "bad_request",
             BodyTooLarge(_) | HeadersTooLarge(_) => "too_large",
+            BodyTimeout(_) => "body_timeout",
             UpstreamConnect(_) => "upstream_connect",
             UpstreamTimeout(_) => "upstream_timeout",
             UpstreamBadResponse(_) => "upstream_bad_response",

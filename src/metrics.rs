@@ -114,6 +114,9 @@ pub struct HardeningMetrics {
     /// Configuration reloads by result (ok, rejected).
     pub config_reloads: IntCounterVec,
     pub tls_handshake_failures: IntCounter,
+    /// 1 while Graph accepts the injected token of each kind (`system`, `page`), 0 after a
+    /// 190/102 until the next call with that kind of token succeeds: the alertable state.
+    pub token_valid: IntGaugeVec,
 }
 
 impl HardeningMetrics {
@@ -177,6 +180,17 @@ impl HardeningMetrics {
                 "graphgate_tls_handshake_failures_total",
                 "Inbound TLS handshakes that failed or timed out.",
             ),
+            token_valid: {
+                let g = int_gauge_vec(
+                    r,
+                    "graphgate_token_valid",
+                    "1 while Graph accepts the injected token of this kind (system, page); 0 after code 190/102 until a call with it succeeds.",
+                    &["token"],
+                );
+                g.with_label_values(&["system"]).set(1);
+                g.with_label_values(&["page"]).set(1);
+                g
+            },
         }
     }
 }

@@ -6,7 +6,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
@@ -283,9 +283,18 @@ impl Gateway {
         // Phase: limits and parsing.
         check_header_size(&req, self.config.server.max_header_bytes).map_err(fail)?;
         let (parts, body) = req.into_parts();
-        let body = read_body(body, &parts.headers, self.config.server.max_body_bytes)
-            .await
-            .map_err(fail)?;
+        let body_timeout = self.config.server.body_read_timeout;
+        let body = tokio::time::timeout(
+            body_timeout,
+            read_body(body, &parts.headers, self.config.server.max_body_bytes),
+        )
+        .await
+        .map_err(|_| {
+            fail(ProxyError::BodyTimeout(
+                u64::try_from(body_timeout.as_millis()).unwrap_or(u64::MAX),
+            ))
+        })?
+        .map_err(fail)?;
         let mut call = parse_call(&parts.method, &parts.uri, &parts.headers, body).map_err(fail)?;
         let route = call.route();
 
@@ -428,10 +437,21 @@ impl Gateway {
                 self.metrics.quota_requeues.inc();
                 continue;
             }
-            if let Some(err) = reply.graph_error() {
+            let graph_error = reply.graph_error();
+            // A reply that is not an auth error shows Graph accepted the token; 5xx without a
+            // Graph error says nothing about it.
+            match &graph_error {
+                Some(e) => self
+                    .tokens
+                    .observe(&injected.identity, e.class() != ErrorClass::Auth),
+                None if reply.status.is_success() || reply.status.is_redirection() => {
+                    self.tokens.observe(&injected.identity, true)
+                }
+                None => {}
+            }
+            if let Some(err) = graph_error {
                 if err.class() == ErrorClass::Auth {
-                    self.metrics.token_last_invalid.set(unix_now());
-                    tracing::warn!(
+                    tracing::debug!(
                         token = %injected.identity,
                         code = err.code,
                         subcode = err.subcode.unwrap_or(0),
@@ -526,13 +546,6 @@ fn log_page(call: &Call) -> Option<String> {
 
 /// Re-queues of one throttled GET; each waits out a pause, so the deadline ends it sooner.
 const MAX_REQUEUES: u32 = 8;
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
 
 /// Graph parameters must not ask for a token (`fields=access_token`, at any depth, e.g.
 /// `accounts{access_token}`): graphgate never hands Meta tokens out, so such requests are

@@ -64,16 +64,83 @@ pub fn finalize(body: &PreparedBody, client_key: &str) -> Bytes {
     replace_all(&body.bytes, KEY_PLACEHOLDER.as_bytes(), key.as_bytes())
 }
 
-/// Replaces every occurrence of each non-empty secret. Returns the input untouched (no copy)
-/// when none occurs, which is the normal case.
+/// Removes every occurrence of each secret (of 4 bytes or more). Returns the input untouched
+/// (no copy) in the normal case: no secret in the bytes and no escape that could hide one.
+///
+/// A JSON body is scrubbed as JSON: strings, keys and numbers that hold a secret once decoded
+/// are redacted, and the body is re-serialized, so the result stays valid JSON. This matters
+/// because a secret may be split by an escape (`"\uE31EAAG…"` holds the bytes `EAAG…` though
+/// no decoded string does; a blind byte replace would cut the escape and break the JSON), or
+/// hidden by one (`\u0045AAG…` decodes to `EAAG…`). Found by the `rewrite` fuzz target.
+/// Anything else (not JSON) is scrubbed byte-wise.
 pub fn scrub(body: Bytes, secrets: &[&str]) -> Bytes {
+    let secrets: Vec<&str> = secrets.iter().copied().filter(|s| s.len() >= 4).collect();
+    let in_bytes = secrets
+        .iter()
+        .any(|s| memmem::find(&body, s.as_bytes()).is_some());
+    // Secrets are ASCII: only `\u00XX` escapes of ASCII (never sent by Graph, which escapes
+    // `/` as `\/` and non-ASCII as `\uXXXX`) or `\/`-style ones could hide one.
+    let escapes_may_hide = memmem::find_iter(&body, b"\\u00")
+        .any(|at| body.get(at + 4).is_some_and(|b| (b'0'..=b'7').contains(b)))
+        || (memchr::memchr(b'\\', &body).is_some()
+            && secrets.iter().any(|s| s.contains(['/', '\\', '"'])));
+    if !in_bytes && !escapes_may_hide {
+        return body;
+    }
     let mut body = body;
-    for s in secrets.iter().filter(|s| s.len() >= 4) {
+    if let Ok(mut value) = serde_json::from_slice::<Value>(&body) {
+        let mut changed = false;
+        scrub_value(&mut value, &secrets, &mut changed);
+        if changed || in_bytes {
+            if let Ok(out) = serde_json::to_vec(&value) {
+                body = Bytes::from(out);
+            }
+        }
+    }
+    // Not JSON, or a secret that survives re-serialization: bytes, whatever that does to
+    // the syntax (secrecy wins).
+    for s in &secrets {
         if memmem::find(&body, s.as_bytes()).is_some() {
             body = replace_all(&body, s.as_bytes(), REDACTED);
         }
     }
     body
+}
+
+fn scrub_value(value: &mut Value, secrets: &[&str], changed: &mut bool) {
+    let holds = |t: &str| secrets.iter().any(|s| t.contains(s));
+    let redact = |t: &str| {
+        let mut out = t.to_string();
+        for s in secrets {
+            out = out.replace(s, "[redacted]");
+        }
+        out
+    };
+    match value {
+        Value::String(t) if holds(t) => {
+            *t = redact(t);
+            *changed = true;
+        }
+        Value::Number(n) if holds(&n.to_string()) => {
+            *value = Value::String("[redacted]".into());
+            *changed = true;
+        }
+        Value::Array(items) => items
+            .iter_mut()
+            .for_each(|v| scrub_value(v, secrets, changed)),
+        Value::Object(map) => {
+            if map.keys().any(|k| holds(k)) {
+                let old = std::mem::take(map);
+                for (k, v) in old {
+                    map.insert(if holds(&k) { redact(&k) } else { k }, v);
+                }
+                *changed = true;
+            }
+            map.values_mut()
+                .for_each(|v| scrub_value(v, secrets, changed));
+        }
+        _ => {}
+    }
 }
 
 fn replace_all(hay: &[u8], needle: &[u8], with: &[u8]) -> Bytes {
@@ -251,5 +318,34 @@ mod tests {
             &["SYSTOK"],
         );
         assert_eq!(&leaked.bytes[..], b"oops [redacted] here");
+    }
+
+    /// Fuzz finding (rewrite target): a secret whose first byte ended a `\u` escape was
+    /// replaced byte-wise, cutting the escape and breaking the JSON.
+    #[test]
+    fn a_secret_split_by_an_escape_keeps_the_json_valid() {
+        let body = Bytes::from_static(b"\"\\uE31EAAGpagetoken10016\"");
+        let out = scrub(body, &["EAAGpagetoken1001"]);
+        let v: Value = serde_json::from_slice(&out).expect("still JSON");
+        assert!(
+            memmem::find(&out, b"EAAGpagetoken1001").is_none(),
+            "{out:?}"
+        );
+        assert_eq!(v.as_str().unwrap(), "\u{e31e}AAGpagetoken10016");
+    }
+
+    #[test]
+    fn a_secret_hidden_by_escapes_is_redacted_once_decoded() {
+        let body = Bytes::from_static(br#"{"a":"x\u0045AAGtok1","\u0045AAGtok1":1,"n":123456789}"#);
+        let out = scrub(body, &["EAAGtok1", "345678"]);
+        let v: Value = serde_json::from_slice(&out).expect("still JSON");
+        let text = v.to_string();
+        assert!(
+            !text.contains("EAAGtok1") && !text.contains("345678"),
+            "{text}"
+        );
+        assert_eq!(v["a"], "x[redacted]");
+        assert_eq!(v["[redacted]"], 1);
+        assert_eq!(v["n"], "[redacted]");
     }
 }

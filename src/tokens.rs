@@ -3,7 +3,9 @@
 //! rejects it with code 190, after which it is minted again.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -11,6 +13,7 @@ use sha2::Sha256;
 use crate::config::{Credentials, Secret};
 use crate::error::ProxyError;
 use crate::graph::request::{GraphMethod, Params};
+use crate::graph::usage::ErrorClass;
 use crate::metrics::Metrics;
 use crate::upstream::{Upstream, UpstreamRequest};
 
@@ -51,6 +54,9 @@ pub struct Tokens {
     /// Serializes minting so a burst of calls to a new Page mints one token.
     mint_lock: tokio::sync::Mutex<()>,
     metrics: Arc<Metrics>,
+    /// Whether Graph last accepted the system token / a Page token (see [`Tokens::observe`]).
+    system_valid: AtomicBool,
+    page_valid: AtomicBool,
 }
 
 /// Lowercase hex HMAC-SHA256(key = app secret, message = token), as Graph expects.
@@ -78,6 +84,8 @@ impl Tokens {
             minted: RwLock::new(HashMap::new()),
             mint_lock: tokio::sync::Mutex::new(()),
             metrics,
+            system_valid: AtomicBool::new(true),
+            page_valid: AtomicBool::new(true),
         }
     }
 
@@ -140,6 +148,40 @@ impl Tokens {
         }
     }
 
+    /// Records whether Graph accepted the token named by `identity` (`system`, `page:ID`):
+    /// `accepted = false` after a 190/102, `true` after any reply that shows the token was
+    /// accepted. Drives `graphgate_token_valid{token}` and the last-invalid timestamp, and
+    /// logs one warning per change of state (not one per failing call).
+    pub fn observe(&self, identity: &str, accepted: bool) {
+        let (kind, flag) = if identity.starts_with("page:") {
+            ("page", &self.page_valid)
+        } else {
+            ("system", &self.system_valid)
+        };
+        if !accepted {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            self.metrics.token_last_invalid.set(now);
+        }
+        self.metrics
+            .hardening
+            .token_valid
+            .with_label_values(&[kind])
+            .set(i64::from(accepted));
+        if flag.swap(accepted, Ordering::SeqCst) != accepted {
+            if accepted {
+                tracing::warn!(token = kind, "Graph accepts the {kind} token again");
+            } else {
+                tracing::warn!(
+                    token = kind,
+                    "Graph rejects the {kind} token (code 190/102): calls with it fail until it is replaced"
+                );
+            }
+        }
+    }
+
     async fn mint(
         &self,
         page: &str,
@@ -158,6 +200,12 @@ impl Tokens {
                 opaque_body: None,
             })
             .await?;
+        match reply.graph_error() {
+            Some(e) if e.class() == ErrorClass::Auth => self.observe("system", false),
+            Some(_) => {}
+            None if reply.status.is_success() => self.observe("system", true),
+            None => {}
+        }
         let parsed: Option<String> = serde_json::from_slice::<serde_json::Value>(&reply.body)
             .ok()
             .and_then(|v| {

@@ -284,6 +284,12 @@ impl FakeGraph {
         self.inner.lock().revoke(token);
     }
 
+    /// Undoes [`FakeGraph::revoke_token`]: `token` is accepted again (a renewed system user
+    /// token, in tests of recovery).
+    pub fn restore_token(&self, token: &str) {
+        self.inner.lock().restore(token);
+    }
+
     /// The posts currently stored for `page_id`, newest first.
     pub fn posts_of(&self, page_id: &str) -> Vec<FakePost> {
         let st = self.inner.lock();

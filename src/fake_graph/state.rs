@@ -220,6 +220,10 @@ impl State {
         }
     }
 
+    pub fn restore(&mut self, token: &str) {
+        self.revoked.remove(token);
+    }
+
     /// The Page token currently handed out for `page_id`.
     pub fn current_page_token(&self, page_id: &str) -> String {
         self.page(page_id)

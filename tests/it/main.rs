@@ -9,3 +9,4 @@ mod hardening;
 mod observability;
 mod quota;
 mod redis;
+mod security;
