@@ -7,8 +7,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Latency buckets in seconds, from a cache hit (~50 µs) to a slow Graph call (30 s).
@@ -497,10 +497,7 @@ impl Metrics {
             ("l1", Some(i)) => self.hot.l1_lookups[i]
                 .get_or_init(|| self.cache_lookups.with_label_values(&["l1", result]))
                 .inc(),
-            _ => self
-                .cache_lookups
-                .with_label_values(&[tier, result])
-                .inc(),
+            _ => self.cache_lookups.with_label_values(&[tier, result]).inc(),
         }
     }
 

@@ -464,14 +464,28 @@ mod tests {
     #[test]
     fn simple_lists_take_the_short_path_with_the_same_result() {
         for s in [
-            "id", "id,name", "name,id,name", " id , name ", "a_b:c-d,id", "fan_count,id,about",
+            "id",
+            "id,name",
+            "name,id,name",
+            " id , name ",
+            "a_b:c-d,id",
+            "fan_count,id,about",
         ] {
             let full = Fields::parse(s).unwrap();
             let names = simple_list(s).expect("flat list");
             assert_eq!(names, full.top_level_names().collect::<Vec<_>>(), "{s}");
             assert_eq!(canonicalize(s).unwrap(), full.canonical(), "{s}");
         }
-        for s in ["", "id,", ",id", "a b", "feed{id}", "feed.limit(1)", "id,,name", "a.as(b)"] {
+        for s in [
+            "",
+            "id,",
+            ",id",
+            "a b",
+            "feed{id}",
+            "feed.limit(1)",
+            "id,,name",
+            "a.as(b)",
+        ] {
             assert!(simple_list(s).is_none(), "{s:?}");
         }
     }

@@ -497,8 +497,10 @@ async fn load_report() {
                     let post = n % 60 + 1;
                     // A distinct key per request: repeated reads would be cache hits and
                     // never reach the scheduler.
-                    s.get(&format!("/1001_{post}?fields=id&n={n}&access_token={ADMIN_KEY}"))
-                        .await;
+                    s.get(&format!(
+                        "/1001_{post}?fields=id&n={n}&access_token={ADMIN_KEY}"
+                    ))
+                    .await;
                     n += 32;
                 }
             });
