@@ -228,7 +228,7 @@ start_fake() { # port logfile -> pid
 }
 
 echo "starting servers..." >&2
-"$NGINX" -c "$WORK/nginx.conf" -p "$WORK" >"$WORK/logs/nginx.out" 2>&1 &
+"$NGINX" -e "$WORK/logs/nginx-error.log" -c "$WORK/nginx.conf" -p "$WORK" >"$WORK/logs/nginx.out" 2>&1 &
 NGINX_PID=$!; PIDS+=("$NGINX_PID")
 "$VARNISHD" -F -n "$WORK/v1" -a "127.0.0.1:$P_VARNISH" -f "$WORK/static.vcl" -s malloc,1g >"$WORK/logs/v1.out" 2>&1 &
 VARNISH_PID=$!; PIDS+=("$VARNISH_PID")
