@@ -1,10 +1,13 @@
 //! Criterion benches for the per-request hot paths that need no sockets: request parsing,
-//! fields canonicalisation, paging-link rewrite of a 100 KB feed page, usage-header parsing.
+//! fields canonicalisation, cache key building, paging-link rewrite of a 100 KB feed page,
+//! usage-header parsing.
 //! See benches/README.md for what each measures and the figures on the project machine.
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use graphgate::cache::key;
 use graphgate::graph::fields::canonicalize;
+use graphgate::graph::request::Params;
 use graphgate::graph::usage::{parse_app_usage, parse_buc_usage};
 use graphgate::proxy::parse_call;
 use graphgate::rewrite;
@@ -27,6 +30,24 @@ fn request_parsing(c: &mut Criterion) {
     let fields = "name,id,about,fan_count,feed.limit(5){message,created_time,comments.limit(3){from,message}},id";
     c.bench_function("fields canonicalise (nested, 9 fields)", |b| {
         b.iter(|| canonicalize(black_box(fields)).expect("valid"))
+    });
+    // The cache key of a parsed call: filter, canonicalise `fields`, sort, serialise, SHA-256.
+    let params = Params::parse(
+        "fields=name,id,about,fan_count,feed.limit(5){message,created_time}&limit=5&access_token=k",
+    )
+    .expect("params");
+    let segs = vec!["1001".to_string()];
+    c.bench_function(
+        "cache key build (node, 5 fields + nested edge, 1 param)",
+        |b| {
+            b.iter(|| {
+                key::build("v21.0", black_box(&segs), black_box(&params), "system").expect("key")
+            })
+        },
+    );
+    let simple = Params::parse("fields=id,name&access_token=k").expect("params");
+    c.bench_function("cache key build (node, fields=id,name)", |b| {
+        b.iter(|| key::build("v21.0", black_box(&segs), black_box(&simple), "system").expect("key"))
     });
 }
 

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use graphgate::config::{Config, LogFormat};
-use graphgate::fake_graph::{self, FakeGraph, FakeGraphConfig};
+use graphgate::fake_graph::{FakeGraph, FakeGraphConfig};
 use graphgate::server;
 
 #[derive(Parser)]
@@ -212,13 +212,20 @@ async fn run_fake_graph(
     if let Some(s) = page_window_s {
         cfg.page_window = std::time::Duration::from_secs(s);
     }
-    let listener = tokio::net::TcpListener::bind(listen)
+    let graph = FakeGraph::start(cfg, listen)
         .await
         .map_err(|e| e.to_string())?;
-    eprintln!("simulated Graph API on http://{listen}");
-    fake_graph::serve(listener, cfg, shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())
+    graph.set_record_limit(0);
+    eprintln!("simulated Graph API on {}", graph.url());
+    shutdown_signal().await;
+    graph.shutdown();
+    // One line for scripts that count upstream calls (benches/load/compare.sh).
+    let st = graph.stats();
+    eprintln!(
+        "simulated Graph API stopped: requests={} calls={} throttled={}",
+        st.requests, st.calls, st.throttled
+    );
+    Ok(())
 }
 
 /// Demo credentials: the simulated Graph API accepts exactly these.

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -17,8 +17,43 @@ const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0,
 ];
 
+/// Label values of the per-request series, for [`HotSeries`] indexing.
+const ROUTES: [&str; 6] = ["node", "edge", "ids", "batch", "root", "invalid"];
+const METHODS: [&str; 4] = ["GET", "POST", "DELETE", "OTHER"];
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+const CACHE_LABELS: [&str; 5] = ["hit", "miss", "stale", "bypass", "none"];
+const LOOKUP_RESULTS: [&str; 4] = ["hit", "miss", "stale", "bypass"];
+
+fn index_of(set: &[&str], v: &str) -> Option<usize> {
+    set.iter().position(|s| *s == v)
+}
+
+/// The per-request series, resolved on first use and kept: `with_label_values` hashes every
+/// label value and takes the vector's lock, three times per request on the hit path. A
+/// series appears in /metrics only once used, exactly as before. Label values outside the
+/// known sets take the ordinary lookup.
+struct HotSeries {
+    requests: Box<[OnceLock<IntCounter>]>,
+    durations: Box<[OnceLock<Histogram>]>,
+    l1_lookups: [OnceLock<IntCounter>; LOOKUP_RESULTS.len()],
+}
+
+impl HotSeries {
+    fn new() -> HotSeries {
+        fn cells<T>(n: usize) -> Box<[OnceLock<T>]> {
+            (0..n).map(|_| OnceLock::new()).collect()
+        }
+        HotSeries {
+            requests: cells(ROUTES.len() * METHODS.len() * CLASSES.len() * CACHE_LABELS.len()),
+            durations: cells(ROUTES.len() * METHODS.len() * CLASSES.len() * CACHE_LABELS.len()),
+            l1_lookups: Default::default(),
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
+    hot: HotSeries,
     /// Requests answered, by route class, method, status class and cache result.
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
@@ -496,6 +531,7 @@ impl Metrics {
                 "Throttle codes Graph returned for calls charged to the Page, for Pages listed in [[quota.pages]].",
                 &["page"],
             ),
+            hot: HotSeries::new(),
             registry: r,
         }
     }
@@ -522,12 +558,44 @@ impl Metrics {
             400..=499 => "4xx",
             _ => "5xx",
         };
-        self.requests
-            .with_label_values(&[route, method, class, cache])
+        let idx = (
+            index_of(&ROUTES, route),
+            index_of(&METHODS, method),
+            index_of(&CLASSES, class),
+            index_of(&CACHE_LABELS, cache),
+        );
+        let (Some(r), Some(m), Some(k), Some(c)) = idx else {
+            self.requests
+                .with_label_values(&[route, method, class, cache])
+                .inc();
+            self.request_duration
+                .with_label_values(&[route, method, class, cache])
+                .observe(took.as_secs_f64());
+            return;
+        };
+        let i = ((r * METHODS.len() + m) * CLASSES.len() + k) * CACHE_LABELS.len() + c;
+        self.hot.requests[i]
+            .get_or_init(|| {
+                self.requests
+                    .with_label_values(&[route, method, class, cache])
+            })
             .inc();
-        self.request_duration
-            .with_label_values(&[route, method, class, cache])
+        self.hot.durations[i]
+            .get_or_init(|| {
+                self.request_duration
+                    .with_label_values(&[route, method, class, cache])
+            })
             .observe(took.as_secs_f64());
+    }
+
+    /// Counts one cache lookup by tier and result (`graphgate_cache_lookups_total`).
+    pub fn cache_lookup(&self, tier: &str, result: &str) {
+        match (tier, index_of(&LOOKUP_RESULTS, result)) {
+            ("l1", Some(i)) => self.hot.l1_lookups[i]
+                .get_or_init(|| self.cache_lookups.with_label_values(&["l1", result]))
+                .inc(),
+            _ => self.cache_lookups.with_label_values(&[tier, result]).inc(),
+        }
     }
 
     /// Creates the series of every known label value of the sparse counters at 0, so

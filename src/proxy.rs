@@ -552,6 +552,13 @@ const MAX_REQUEUES: u32 = 8;
 /// refused rather than silently scrubbed. Malformed `fields` are refused here too.
 fn check_fields(params: &Params) -> Result<(), ProxyError> {
     for raw in params.get_all("fields") {
+        // A flat list of names (the usual case) needs no tree to check.
+        if let Some(names) = crate::graph::fields::simple_list(raw) {
+            if names.iter().any(|n| n.eq_ignore_ascii_case("access_token")) {
+                return Err(ProxyError::ForbiddenField("access_token".into()));
+            }
+            continue;
+        }
         let fields = Fields::parse(raw)
             .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
         if fields.contains_at_any_depth("access_token") {
@@ -564,12 +571,18 @@ fn check_fields(params: &Params) -> Result<(), ProxyError> {
 /// Total size of the request head as the client sent it (approximately: names, values,
 /// separators, request line).
 fn check_header_size<B>(req: &Request<B>, max: usize) -> Result<(), ProxyError> {
+    // The request-target's length from its parts: formatting the URI to measure it was a
+    // per-request allocation.
+    let uri = req.uri();
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(1, |pq| pq.as_str().len());
     let head: usize = req
         .headers()
         .iter()
         .map(|(n, v)| n.as_str().len() + v.len() + 4)
         .sum::<usize>()
-        + req.uri().to_string().len()
+        + target
         + 16;
     if head > max {
         return Err(ProxyError::HeadersTooLarge(max));
@@ -608,14 +621,14 @@ pub fn parse_call(
     let http_method = GraphMethod::from_http(method)?;
     let path = GraphPath::parse(uri.path())?;
     let query = Params::parse(uri.query().unwrap_or(""))?;
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
     let mut form = Params::new();
     let mut opaque_body = None;
     if !body.is_empty() {
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_ascii_lowercase();
         if content_type.starts_with("application/x-www-form-urlencoded") || content_type.is_empty()
         {
             let text = std::str::from_utf8(&body)
@@ -683,6 +696,8 @@ fn json_body_params(body: &[u8]) -> Result<Params, ProxyError> {
 fn build_response(reply: &Reply, body: Bytes, _trace_id: &str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = reply.status;
+    // Sized once for the replayed headers plus those graphgate adds (no regrowth).
+    *response.headers_mut() = HeaderMap::with_capacity(reply.headers.len() + 6);
     let h = response.headers_mut();
     for (n, v) in &reply.headers {
         h.append(n.clone(), v.clone());

@@ -39,6 +39,13 @@ pub struct Entry {
     pub generation: u64,
 }
 
+/// A header value in its own exact-size buffer (see [`Entry::for_storage`]).
+fn own_value(v: &HeaderValue) -> HeaderValue {
+    let mut own = HeaderValue::from_bytes(v.as_bytes()).unwrap_or_else(|_| v.clone());
+    own.set_sensitive(v.is_sensitive());
+    own
+}
+
 /// Where an entry stands at a given moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Freshness {
@@ -76,16 +83,24 @@ impl Entry {
         }
     }
 
-    /// A copy fit for storing: only the replayable headers.
+    /// A copy fit for storing: only the replayable headers, and body and header values in
+    /// buffers of their own. Bytes from the upstream client are slices of hyper's read
+    /// buffer (8 KB and more), and one slice kept alive pins the whole buffer: a cached
+    /// 1 KB reply held several times its size. Copying costs one memcpy per fill.
     pub fn for_storage(&self) -> Entry {
         let headers: Vec<_> = self
             .headers
             .iter()
             .filter(|(n, _)| STORED_HEADERS.contains(&n.as_str()))
-            .cloned()
+            .map(|(n, v)| (n.clone(), own_value(v)))
             .collect();
         Entry {
             headers: headers.into(),
+            etag: self.etag.as_ref().map(own_value),
+            body: PreparedBody {
+                bytes: bytes::Bytes::copy_from_slice(&self.body.bytes),
+                has_key_placeholder: self.body.has_key_placeholder,
+            },
             ..self.clone()
         }
     }

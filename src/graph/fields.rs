@@ -160,8 +160,36 @@ impl fmt::Display for Fields {
 }
 
 /// Parse and return the canonical text in one go.
+///
+/// Most `fields` values are a flat list of names (`id,name,fan_count`); those skip the tree
+/// (see [`simple_list`]) and give the same text the full parser would.
 pub fn canonicalize(s: &str) -> Result<String, FieldsError> {
+    if let Some(mut names) = simple_list(s) {
+        names.sort_unstable();
+        names.dedup();
+        return Ok(names.join(","));
+    }
     Fields::parse(s).map(|f| f.canonical())
+}
+
+/// The names of a flat, valid field list (names separated by commas, ASCII whitespace
+/// around them allowed), in request order; `None` for anything else (nesting, modifiers,
+/// aliases, empty names, errors), which needs [`Fields::parse`]. For such a list,
+/// `Fields::parse` yields exactly these names with no modifiers or children: the hit path's
+/// shortcut around building the tree twice per request (fields check and cache key).
+pub fn simple_list(s: &str) -> Option<Vec<&str>> {
+    if s.len() > MAX_FIELDS_LEN {
+        return None;
+    }
+    let mut names = Vec::with_capacity(8);
+    for piece in s.split(',') {
+        let name = trim_ascii_ws(piece);
+        if name.is_empty() || !name.bytes().all(is_name_byte) {
+            return None;
+        }
+        names.push(name);
+    }
+    Some(names)
 }
 
 fn write_field_head(f: &Field, out: &mut String) {
@@ -432,6 +460,35 @@ impl Parser<'_> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn simple_lists_take_the_short_path_with_the_same_result() {
+        for s in [
+            "id",
+            "id,name",
+            "name,id,name",
+            " id , name ",
+            "a_b:c-d,id",
+            "fan_count,id,about",
+        ] {
+            let full = Fields::parse(s).unwrap();
+            let names = simple_list(s).expect("flat list");
+            assert_eq!(names, full.top_level_names().collect::<Vec<_>>(), "{s}");
+            assert_eq!(canonicalize(s).unwrap(), full.canonical(), "{s}");
+        }
+        for s in [
+            "",
+            "id,",
+            ",id",
+            "a b",
+            "feed{id}",
+            "feed.limit(1)",
+            "id,,name",
+            "a.as(b)",
+        ] {
+            assert!(simple_list(s).is_none(), "{s:?}");
+        }
+    }
     use super::*;
     use proptest::prelude::*;
 
@@ -791,6 +848,26 @@ mod tests {
             let reparsed = Fields::parse(&parsed.canonical()).unwrap();
             prop_assert_eq!(&reparsed, &parsed.normalized());
             prop_assert_eq!(reparsed.canonical(), parsed.canonical());
+        }
+
+        /// The flat-list shortcut agrees with the full parser wherever it applies, and
+        /// applies to every flat list the full parser accepts.
+        #[test]
+        fn prop_simple_list_matches_the_full_parser(s in "[a-c_:, \t-]{0,24}") {
+            let full = Fields::parse(&s);
+            match simple_list(&s) {
+                Some(names) => {
+                    let full = full.expect("a flat list parses");
+                    prop_assert_eq!(names, full.top_level_names().collect::<Vec<_>>());
+                    prop_assert_eq!(canonicalize(&s).unwrap(), full.canonical());
+                }
+                None => {
+                    if let Ok(f) = full {
+                        // Only the empty list parses without being a flat list of names.
+                        prop_assert!(f.is_empty(), "{:?}", s);
+                    }
+                }
+            }
         }
 
         #[test]

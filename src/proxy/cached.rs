@@ -786,6 +786,9 @@ fn reply_from(
     } else {
         entry.status
     };
+    // Sized once for the entry's headers plus the ones added here and by `handle` (content
+    // type, X-Cache, Cache-Status, Age, trace id): growing the map was ~2k instructions a hit.
+    *response.headers_mut() = HeaderMap::with_capacity(entry.headers.len() + 6);
     let h = response.headers_mut();
     for (n, v) in entry.headers.iter() {
         h.append(n.clone(), v.clone());

@@ -45,17 +45,20 @@ pub struct Hints {
 
 impl Hints {
     pub fn from_headers(headers: &HeaderMap) -> Hints {
-        let text = |name: &str| {
+        // Looked up by `HeaderName` constants: a `&str` name is parsed on every lookup.
+        const PAGE: http::HeaderName = http::HeaderName::from_static(PAGE_HEADER);
+        const MAX_WAIT: http::HeaderName = http::HeaderName::from_static(MAX_WAIT_HEADER);
+        let text = |name: http::HeaderName| {
             headers
                 .get(name)
                 .and_then(|v| v.to_str().ok())
                 .map(str::trim)
         };
         Hints {
-            page: text(PAGE_HEADER)
+            page: text(PAGE)
                 .filter(|p| !p.is_empty() && p.len() <= 64 && p.bytes().all(|b| b.is_ascii_digit()))
                 .map(str::to_string),
-            max_wait: text(MAX_WAIT_HEADER)
+            max_wait: text(MAX_WAIT)
                 .and_then(|v| v.parse::<u64>().ok())
                 .map(Duration::from_millis),
             priority: Priority::default(),

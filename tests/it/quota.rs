@@ -495,8 +495,12 @@ async fn load_report() {
                 let mut n = w;
                 while started.elapsed() < run {
                     let post = n % 60 + 1;
-                    s.get(&format!("/1001_{post}?fields=id&access_token={ADMIN_KEY}"))
-                        .await;
+                    // A distinct key per request: repeated reads would be cache hits and
+                    // never reach the scheduler.
+                    s.get(&format!(
+                        "/1001_{post}?fields=id&n={n}&access_token={ADMIN_KEY}"
+                    ))
+                    .await;
                     n += 32;
                 }
             });

@@ -1,0 +1,93 @@
+//! Shared set-up for the socket-using benches: the simulated Graph API with limits out of the
+//! way (no request log, no rate limits that a bench could hit) and a graphgate config in
+//! front of it with a quota far above what a bench sends.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use graphgate::config::Config;
+use graphgate::fake_graph::{FakeGraph, FakeGraphConfig};
+use graphgate::metrics::Metrics;
+use graphgate::proxy::Gateway;
+use http::Request;
+use http_body_util::Full;
+
+pub const SYSTEM_TOKEN: &str = "bench-system-user-token";
+pub const APP_SECRET: &str = "bench-app-secret";
+pub const CLIENT_KEY: &str = "bench-client-key";
+
+/// Starts the simulated Graph API on a free loopback port, recording nothing and with rate
+/// limits no bench reaches.
+pub async fn fake_graph() -> FakeGraph {
+    let cfg = FakeGraphConfig {
+        system_user_tokens: vec![SYSTEM_TOKEN.to_string()],
+        app_secret: Some(APP_SECRET.to_string()),
+        page_calls_limit: u32::MAX / 2,
+        app_calls_limit: u32::MAX / 2,
+        ..FakeGraphConfig::default()
+    };
+    let g = FakeGraph::start(cfg, "127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("fake graph starts");
+    g.set_record_limit(0);
+    g
+}
+
+/// graphgate configuration in front of `upstream`: free ports, one client with every Page,
+/// a quota budget no bench reaches, `extra` appended (TOML).
+pub fn config(upstream: &str, extra: &str) -> Config {
+    let toml = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+max_in_flight = 100000
+max_connections = 100000
+[upstream]
+url = "{upstream}"
+timeout_ms = 10000
+[credentials]
+system_user_token = "{SYSTEM_TOKEN}"
+app_secret = "{APP_SECRET}"
+[quota]
+page_calls = 1000000000
+app_calls = 1000000000
+page_window_s = 1
+max_queue_depth = 100000
+[[clients]]
+name = "bench"
+key = "{CLIENT_KEY}"
+pages = ["*"]
+write = true
+{extra}
+"#
+    );
+    Config::from_toml(&toml, |_| None).expect("bench config is valid")
+}
+
+/// An in-process gateway (no listener) in front of `upstream`.
+pub fn gateway(upstream: &str) -> Arc<Gateway> {
+    Arc::new(
+        Gateway::new(
+            config(upstream, ""),
+            "http://graphgate.bench".into(),
+            Arc::new(Metrics::new()),
+        )
+        .expect("gateway builds"),
+    )
+}
+
+/// A client GET of `path_and_query` (the client key is appended).
+pub fn get(path_and_query: &str) -> Request<Full<Bytes>> {
+    let sep = if path_and_query.contains('?') {
+        '&'
+    } else {
+        '?'
+    };
+    Request::get(format!("{path_and_query}{sep}access_token={CLIENT_KEY}"))
+        .header("user-agent", "facebook-python-business-sdk/21.0")
+        .header("accept", "*/*")
+        .body(Full::new(Bytes::new()))
+        .expect("valid request")
+}

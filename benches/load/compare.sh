@@ -1,0 +1,416 @@
+#!/usr/bin/env bash
+# graphgate vs nginx proxy_cache vs Varnish, side by side on loopback (issue 7).
+#
+# Starts, on 127.0.0.1 only:
+#   - a static upstream (nginx `return 200`) serving a ~1 KB Graph-like JSON node with a
+#     low X-Business-Use-Case-Usage reading, as Graph sends;
+#   - nginx with proxy_cache + proxy_cache_lock, Varnish (malloc storage), and graphgate
+#     (release build, in-memory cache) in front of it;
+#   - for the cold-key fan-in: one simulated Graph API per system
+#     (`graphgate fake-graph --latency-ms 200`), which counts the calls it receives.
+# and measures, alternating the targets within one run:
+#   1. cache hits: wrk, 64 connections, ROUNDS x HIT_SECONDS per target: req/s, p50, p99,
+#      and server CPU per hit (utime+stime of the server's whole process tree from /proc,
+#      before and after, divided by the requests served);
+#   2. cold-key fan-in: 500 requests for one cold key at once (examples/burst.rs): p99, the
+#      upstream calls made, and the added waiter latency (p99 minus one uncached request's
+#      latency through the same system);
+#   3. cache-miss overhead: p50 of unique-key requests on 1 connection, through each proxy
+#      vs direct to the static upstream;
+#   4. graphgate RSS per cached ~1 KB entry after FILL_SECONDS of unique-key misses
+#      (extrapolated to 1 M entries, clearly labelled).
+# Both caches are told to ignore Graph's `Cache-Control: private, no-store` (anyone putting
+# them in front of Graph has to) and cache 200s for 60 s. Request logging: nginx access_log
+# off, Varnish's shared-memory log (always on), graphgate log.level = "warn".
+#
+# Needs (Debian packages): nginx, varnish, wrk; plus cargo, curl, openssl, awk. Installs
+# nothing. Usage:  benches/load/compare.sh        (env: ROUNDS, HIT_SECONDS, MISS_SECONDS,
+#                                                   FILL_SECONDS, BURST, PORT_BASE)
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-2}
+HIT_SECONDS=${HIT_SECONDS:-8}
+MISS_SECONDS=${MISS_SECONDS:-5}
+FILL_SECONDS=${FILL_SECONDS:-30}
+BURST=${BURST:-500}
+PORT_BASE=${PORT_BASE:-18080}
+CONNS=64
+
+# --- requirements -------------------------------------------------------------------------
+find_cmd() { command -v "$1" 2>/dev/null || { [ -x "/usr/sbin/$1" ] && echo "/usr/sbin/$1"; } || true; }
+NGINX=$(find_cmd nginx)
+VARNISHD=$(find_cmd varnishd)
+WRK=$(find_cmd wrk)
+missing=()
+[ -n "$NGINX" ] || missing+=(nginx)
+[ -n "$VARNISHD" ] || missing+=(varnish)
+[ -n "$WRK" ] || missing+=(wrk)
+for c in cargo curl openssl awk; do command -v "$c" >/dev/null || missing+=("$c"); done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "compare.sh: missing: ${missing[*]}" >&2
+    echo "install with: sudo apt-get install nginx varnish wrk curl openssl gawk (and rustup for cargo)" >&2
+    exit 1
+fi
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+echo "building graphgate and the burst client (release)..." >&2
+(cd "$ROOT" && cargo build --release --quiet --bin graphgate --example burst)
+GG="$TARGET/release/graphgate"
+BURST_BIN="$TARGET/release/examples/burst"
+
+WORK=$(mktemp -d /tmp/gg-compare.XXXXXX)
+chmod 755 "$WORK"   # Varnish's worker process runs as its own user and must reach its -n dir
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for _ in $(seq 1 30); do
+        alive=0
+        for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+        [ $alive = 0 ] && break
+        sleep 0.1
+    done
+    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+P_STATIC=$PORT_BASE                 # static upstream
+P_NGINX=$((PORT_BASE + 1))          # nginx -> static
+P_VARNISH=$((PORT_BASE + 2))        # varnish -> static
+P_GG=$((PORT_BASE + 3))             # graphgate -> static (admin +4)
+P_NGINX_SLOW=$((PORT_BASE + 5))     # nginx -> fake graph (nginx's)
+P_VARNISH_SLOW=$((PORT_BASE + 6))   # varnish -> fake graph (varnish's)
+P_GG_SLOW=$((PORT_BASE + 7))        # graphgate -> fake graph (graphgate's) (admin +8)
+P_F_NGINX=$((PORT_BASE + 10))       # fake graphs, one per system (each counts its calls)
+P_F_VARNISH=$((PORT_BASE + 11))
+P_F_GG=$((PORT_BASE + 12))
+
+KEY=cmp-client-key
+FAKE_TOKEN=demo-system-user-token   # what `graphgate fake-graph` accepts
+FAKE_SECRET=demo-app-secret
+PROOF=$(printf '%s' "$FAKE_TOKEN" | openssl dgst -sha256 -hmac "$FAKE_SECRET" | awk '{print $NF}')
+NODE_PATH="/v21.0/1001?fields=id,name,about,category,fan_count,link,description"
+# The simulated Graph's Page node has no link/description: the fan-in asks for what it has.
+SLOW_PATH="/v21.0/1001?fields=id,name,about,category,fan_count"
+
+# --- the ~1 KB Graph-like node --------------------------------------------------------------
+DESC=$(printf 'Small-batch roasts, single origins and seasonal blends; open seven days. %.0s' 1 2 3 4 5 6 7 8 9)
+BODY="{\"id\":\"1001\",\"name\":\"Acme Coffee\",\"about\":\"Small-batch roasts - open 7/7\",\"category\":\"Coffee Shop\",\"fan_count\":12345,\"link\":\"https://www.facebook.com/1001\",\"description\":\"$DESC\"}"
+BODY_BYTES=${#BODY}
+
+mkdir -p "$WORK/nginx-cache" "$WORK/nginx-tmp" "$WORK/logs"
+cat >"$WORK/nginx.conf" <<EOF
+daemon off;
+master_process on;
+worker_processes 2;
+user root;
+pid $WORK/nginx.pid;
+error_log $WORK/logs/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path $WORK/nginx-tmp/body;
+    proxy_temp_path $WORK/nginx-tmp/proxy;
+    fastcgi_temp_path $WORK/nginx-tmp/fcgi;
+    uwsgi_temp_path $WORK/nginx-tmp/uwsgi;
+    scgi_temp_path $WORK/nginx-tmp/scgi;
+    proxy_cache_path $WORK/nginx-cache levels=1:2 keys_zone=gg:64m max_size=2g inactive=10m use_temp_path=off;
+    upstream static { server 127.0.0.1:$P_STATIC; keepalive 64; }
+    upstream slow { server 127.0.0.1:$P_F_NGINX; keepalive 64; }
+    # The static upstream: Graph-like JSON node and usage header.
+    server {
+        listen 127.0.0.1:$P_STATIC;
+        location / {
+            default_type "application/json; charset=UTF-8";
+            add_header X-Business-Use-Case-Usage '{"1001":[{"type":"pages","call_count":1,"total_cputime":1,"total_time":1,"estimated_time_to_regain_access":0}]}';
+            add_header facebook-api-version v21.0;
+            return 200 '$BODY';
+        }
+    }
+    # nginx as the cache in front of it.
+    server {
+        listen 127.0.0.1:$P_NGINX;
+        location / {
+            proxy_pass http://static;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_cache gg;
+            proxy_cache_valid 200 60s;
+            proxy_ignore_headers Cache-Control Expires Set-Cookie;
+            proxy_cache_lock on;
+            proxy_cache_lock_timeout 30s;
+            proxy_cache_lock_age 30s;
+        }
+    }
+    server {
+        listen 127.0.0.1:$P_NGINX_SLOW;
+        location / {
+            proxy_pass http://slow;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_cache gg;
+            proxy_cache_valid 200 60s;
+            proxy_ignore_headers Cache-Control Expires Set-Cookie;
+            proxy_cache_lock on;
+            proxy_cache_lock_timeout 30s;
+            proxy_cache_lock_age 30s;
+        }
+    }
+}
+EOF
+
+vcl() { # backend port
+    cat <<EOF
+vcl 4.1;
+backend default { .host = "127.0.0.1"; .port = "$1"; .first_byte_timeout = 30s; }
+sub vcl_backend_response {
+    if (beresp.status == 200) {
+        unset beresp.http.Cache-Control;
+        unset beresp.http.Set-Cookie;
+        set beresp.ttl = 60s;
+        set beresp.uncacheable = false;
+        return (deliver);
+    }
+}
+EOF
+}
+vcl "$P_STATIC" >"$WORK/static.vcl"
+vcl "$P_F_VARNISH" >"$WORK/slow.vcl"
+
+gg_conf() { # listen-port admin-port upstream-url
+    cat <<EOF
+[server]
+listen = "127.0.0.1:$1"
+admin_listen = "127.0.0.1:$2"
+max_in_flight = 100000
+max_connections = 100000
+[upstream]
+url = "$3"
+timeout_ms = 30000
+[credentials]
+system_user_token = "$FAKE_TOKEN"
+app_secret = "$FAKE_SECRET"
+[cache]
+max_bytes = 4294967296
+default_ttl_s = 60
+[quota]
+page_calls = 1000000000
+app_calls = 1000000000
+page_window_s = 1
+max_queue_depth = 100000
+queue_timeout_ms = 30000
+[log]
+level = "warn"
+[[clients]]
+name = "compare"
+key = "$KEY"
+pages = ["*"]
+EOF
+}
+gg_conf "$P_GG" $((P_GG + 1)) "http://127.0.0.1:$P_STATIC" >"$WORK/gg.toml"
+gg_conf "$P_GG_SLOW" $((P_GG_SLOW + 1)) "http://127.0.0.1:$P_F_GG" >"$WORK/gg-slow.toml"
+
+wait_port() { # port
+    for _ in $(seq 1 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    echo "nothing listening on 127.0.0.1:$1; logs:" >&2
+    tail -n 5 "$WORK"/logs/* >&2 || true
+    exit 1
+}
+
+start_fake() { # port logfile -> pid
+    "$GG" fake-graph --listen "127.0.0.1:$1" --latency-ms 200 --page-calls 100000000 >/dev/null 2>"$2" &
+    echo $!
+}
+
+echo "starting servers..." >&2
+"$NGINX" -e "$WORK/logs/nginx-error.log" -c "$WORK/nginx.conf" -p "$WORK" >"$WORK/logs/nginx.out" 2>&1 &
+NGINX_PID=$!; PIDS+=("$NGINX_PID")
+"$VARNISHD" -F -n "$WORK/v1" -a "127.0.0.1:$P_VARNISH" -f "$WORK/static.vcl" -s malloc,1g >"$WORK/logs/v1.out" 2>&1 &
+VARNISH_PID=$!; PIDS+=("$VARNISH_PID")
+"$VARNISHD" -F -n "$WORK/v2" -a "127.0.0.1:$P_VARNISH_SLOW" -f "$WORK/slow.vcl" -s malloc,256m >"$WORK/logs/v2.out" 2>&1 &
+VARNISH_SLOW_PID=$!; PIDS+=("$VARNISH_SLOW_PID")
+"$GG" --config "$WORK/gg.toml" serve >"$WORK/logs/gg.out" 2>&1 &
+GG_PID=$!; PIDS+=("$GG_PID")
+F_NGINX_PID=$(start_fake "$P_F_NGINX" "$WORK/logs/f-nginx.log"); PIDS+=("$F_NGINX_PID")
+F_VARNISH_PID=$(start_fake "$P_F_VARNISH" "$WORK/logs/f-varnish.log"); PIDS+=("$F_VARNISH_PID")
+F_GG_PID=$(start_fake "$P_F_GG" "$WORK/logs/f-gg.log"); PIDS+=("$F_GG_PID")
+"$GG" --config "$WORK/gg-slow.toml" serve >"$WORK/logs/gg-slow.out" 2>&1 &
+GG_SLOW_PID=$!; PIDS+=("$GG_SLOW_PID")
+for p in $P_STATIC $P_NGINX $P_VARNISH $P_GG $P_NGINX_SLOW $P_VARNISH_SLOW $P_GG_SLOW $P_F_NGINX $P_F_VARNISH $P_F_GG; do
+    wait_port "$p"
+done
+
+# --- helpers ---------------------------------------------------------------------------------
+# Every pid in the tree under $1 (nginx workers, the Varnish child).
+tree() {
+    local p=$1
+    echo "$p"
+    for c in $(ps -o pid= --ppid "$p" 2>/dev/null); do tree "$c"; done
+}
+# utime+stime of a process tree, in clock ticks.
+cpu_ticks() {
+    local sum=0
+    for p in $(tree "$1"); do
+        if [ -r "/proc/$p/stat" ]; then
+            # Fields after the ")" of the command name: utime is the 12th, stime the 13th.
+            local t
+            t=$(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')
+            sum=$((sum + t))
+        fi
+    done
+    echo "$sum"
+}
+TICK=$(getconf CLK_TCK)
+
+# wrk summary: "rps p50_ms p99_ms requests"
+wrk_run() { # url seconds connections threads [lua]
+    local script=()
+    [ $# -ge 5 ] && script=(-s "$5")
+    "$WRK" -t"$4" -c"$3" -d"$2"s --latency "${script[@]}" "$1" | awk '
+        function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+        /requests in/ { req = $1 }
+        /Requests\/sec/ { rps = $2 }
+        $1 == "50%" { p50 = ms($2) }
+        $1 == "99%" { p99 = ms($2) }
+        /Non-2xx/ { bad = $NF }
+        END { printf "%s %.3f %.3f %s %s\n", rps, p50, p99, req, (bad == "" ? 0 : bad) }'
+}
+
+cat >"$WORK/unique.lua" <<'EOF'
+-- Every request a new cache key: "&k=<thread>-<counter>".
+local threads = 0
+function setup(thread)
+    thread:set("tid", threads)
+    threads = threads + 1
+end
+function init(args)
+    n = 0
+    path = wrk.path
+end
+function request()
+    n = n + 1
+    return wrk.format("GET", path .. "&k=" .. tid .. "-" .. n)
+end
+EOF
+
+URL_N="http://127.0.0.1:$P_NGINX$NODE_PATH&access_token=$KEY"
+URL_V="http://127.0.0.1:$P_VARNISH$NODE_PATH&access_token=$KEY"
+URL_G="http://127.0.0.1:$P_GG$NODE_PATH&access_token=$KEY"
+URL_DIRECT="http://127.0.0.1:$P_STATIC$NODE_PATH&access_token=$KEY"
+
+for u in "$URL_N" "$URL_V" "$URL_G"; do
+    for _ in 1 2 3; do curl -sf -o /dev/null "$u"; done
+done
+curl -s -D - -o /dev/null "$URL_G" | grep -qi '^x-cache: HIT' || { echo "graphgate is not serving hits" >&2; exit 1; }
+curl -s -D - -o /dev/null "$URL_N" >/dev/null
+
+declare -A PID_OF=([nginx]=$NGINX_PID [varnish]=$VARNISH_PID [graphgate]=$GG_PID)
+declare -A URL_OF=([nginx]=$URL_N [varnish]=$URL_V [graphgate]=$URL_G)
+declare -A RPS P50 P99 CPU REQS
+for s in nginx varnish graphgate; do RPS[$s]=0; P50[$s]=0; P99[$s]=0; CPU[$s]=0; REQS[$s]=0; done
+
+echo "load before the run: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+echo "1/4 cache hits: $ROUNDS rounds x ${HIT_SECONDS}s per target, $CONNS connections" >&2
+for round in $(seq 1 "$ROUNDS"); do
+    for s in nginx varnish graphgate; do
+        before=$(cpu_ticks "${PID_OF[$s]}")
+        read -r rps p50 p99 req bad < <(wrk_run "${URL_OF[$s]}" "$HIT_SECONDS" $CONNS 2)
+        after=$(cpu_ticks "${PID_OF[$s]}")
+        [ "$bad" = 0 ] || echo "  $s: $bad non-2xx replies" >&2
+        echo "  round $round $s: $rps req/s p50 ${p50} ms p99 ${p99} ms cpu $((after - before)) ticks / $req req" >&2
+        RPS[$s]=$(awk -v a="${RPS[$s]}" -v b="$rps" 'BEGIN{print a + b}')
+        P50[$s]=$(awk -v a="${P50[$s]}" -v b="$p50" 'BEGIN{print a + b}')
+        P99[$s]=$(awk -v a="${P99[$s]}" -v b="$p99" 'BEGIN{print (b > a ? b : a)}')
+        CPU[$s]=$((CPU[$s] + after - before))
+        REQS[$s]=$((REQS[$s] + req))
+    done
+done
+declare -A CPU_US
+for s in nginx varnish graphgate; do
+    RPS[$s]=$(awk -v a="${RPS[$s]}" -v n="$ROUNDS" 'BEGIN{printf "%.0f", a / n}')
+    P50[$s]=$(awk -v a="${P50[$s]}" -v n="$ROUNDS" 'BEGIN{printf "%.3f", a / n}')
+    CPU_US[$s]=$(awk -v t="${CPU[$s]}" -v k="$TICK" -v r="${REQS[$s]}" 'BEGIN{printf "%.1f", t / k * 1e6 / r}')
+done
+
+echo "2/4 cold-key fan-in: $BURST requests at once, 200 ms upstream" >&2
+declare -A FAN_P99 SINGLE CALLS
+fan() { # name base-url fake-pid fake-log  (base-url ends in '?...&' ready for k=)
+    local name=$1 base=$2
+    local single burst
+    single=$("$BURST_BIN" "${base}k=single-$name" 1)
+    echo "$single" | grep -q ' ok=1 ' || echo "  $name: the single request failed: $single" >&2
+    single=$(echo "$single" | sed 's/.*p50_ms=\([0-9.]*\).*/\1/')
+    burst=$("$BURST_BIN" "${base}k=burst-$name" "$BURST")
+    echo "$burst" | grep -q " ok=$BURST " || echo "  $name: not every burst request got a 200" >&2
+    echo "  $name: single uncached ${single} ms; burst: $burst" >&2
+    SINGLE[$name]=$single
+    FAN_P99[$name]=$(echo "$burst" | sed 's/.*p99_ms=\([0-9.]*\).*/\1/')
+    kill -INT "$3"
+    for _ in $(seq 1 50); do grep -q 'stopped' "$4" 2>/dev/null && break; sleep 0.1; done
+    # Upstream calls for the burst = all calls minus the single request's one.
+    CALLS[$name]=$(( $(sed -n 's/.*requests=\([0-9]*\).*/\1/p' "$4") - 1 ))
+}
+fan nginx "http://127.0.0.1:$P_NGINX_SLOW$SLOW_PATH&access_token=$FAKE_TOKEN&appsecret_proof=$PROOF&" "$F_NGINX_PID" "$WORK/logs/f-nginx.log"
+fan varnish "http://127.0.0.1:$P_VARNISH_SLOW$SLOW_PATH&access_token=$FAKE_TOKEN&appsecret_proof=$PROOF&" "$F_VARNISH_PID" "$WORK/logs/f-varnish.log"
+fan graphgate "http://127.0.0.1:$P_GG_SLOW$SLOW_PATH&access_token=$KEY&" "$F_GG_PID" "$WORK/logs/f-gg.log"
+declare -A ADDED
+for s in nginx varnish graphgate; do
+    ADDED[$s]=$(awk -v a="${FAN_P99[$s]}" -v b="${SINGLE[$s]}" 'BEGIN{printf "%.1f", a - b}')
+done
+
+echo "3/4 cache-miss overhead: unique keys, 1 connection, ${MISS_SECONDS}s each" >&2
+declare -A MISS_P50
+read -r _ MISS_DIRECT _ _ _ < <(wrk_run "$URL_DIRECT" "$MISS_SECONDS" 1 1 "$WORK/unique.lua")
+for s in nginx varnish graphgate; do
+    read -r _ p50 _ _ bad < <(wrk_run "${URL_OF[$s]}" "$MISS_SECONDS" 1 1 "$WORK/unique.lua")
+    [ "$bad" = 0 ] || echo "  $s: $bad non-2xx replies" >&2
+    MISS_P50[$s]=$p50
+done
+declare -A MISS_OVER
+for s in nginx varnish graphgate; do
+    MISS_OVER[$s]=$(awk -v a="${MISS_P50[$s]}" -v b="$MISS_DIRECT" 'BEGIN{printf "%.0f", (a - b) * 1000}')
+done
+echo "  direct p50 ${MISS_DIRECT} ms; nginx ${MISS_P50[nginx]} varnish ${MISS_P50[varnish]} graphgate ${MISS_P50[graphgate]} ms" >&2
+
+echo "4/4 graphgate RSS per cached entry: ${FILL_SECONDS}s of unique-key misses" >&2
+metric() { curl -s "http://127.0.0.1:$((P_GG + 1))/metrics" | awk -v m="$1" '$1 ~ "^"m"[{ ]" || $1 == m {s += $2} END {printf "%.0f", s}'; }
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$GG_PID/status"; }
+entries0=$(metric 'graphgate_cache_entries')
+rss0=$(rss_kb)
+wrk_run "$URL_G" "$FILL_SECONDS" 16 2 "$WORK/unique.lua" >/dev/null
+sleep 1
+entries1=$(metric 'graphgate_cache_entries')
+rss1=$(rss_kb)
+FILLED=$((entries1 - entries0))
+PER_ENTRY=$(awk -v a="$rss0" -v b="$rss1" -v n="$FILLED" 'BEGIN{printf "%.0f", (b - a) * 1024 / n}')
+RSS_RATIO=$(awk -v p="$PER_ENTRY" -v b="$BODY_BYTES" 'BEGIN{printf "%.2f", p / b}')
+RSS_1M_GB=$(awk -v p="$PER_ENTRY" 'BEGIN{printf "%.2f", p * 1e6 / 1e9}')
+echo "  $FILLED entries: RSS $((rss0 / 1024)) MB -> $((rss1 / 1024)) MB" >&2
+
+# --- the table ---------------------------------------------------------------------------------
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b + 0 == 0) print "-"; else printf "%.2f", a / b }'; }
+echo
+echo "graphgate vs nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///') proxy_cache vs Varnish $("$VARNISHD" -V 2>&1 | head -1 | sed 's/.*varnish-\([0-9.]*\).*/\1/'), loopback, $(nproc) cores; load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "body ${BODY_BYTES} B; hits: wrk -t2 -c$CONNS, ${ROUNDS}x${HIT_SECONDS}s per target alternating; fan-in: $BURST at once, 200 ms upstream"
+echo
+printf '| %-44s | %10s | %10s | %10s | %9s | %9s |\n' "measure" "graphgate" "nginx" "Varnish" "gg/nginx" "gg/Varnish"
+printf '|%s|%s|%s|%s|%s|%s|\n' "----------------------------------------------" "------------" "------------" "------------" "-----------" "-----------"
+row() { printf '| %-44s | %10s | %10s | %10s | %9s | %9s |\n' "$1" "$2" "$3" "$4" "$(ratio "$2" "$3")" "$(ratio "$2" "$4")"; }
+row "cache hits, req/s (64 conns)" "${RPS[graphgate]}" "${RPS[nginx]}" "${RPS[varnish]}"
+row "cache hit p50, ms" "${P50[graphgate]}" "${P50[nginx]}" "${P50[varnish]}"
+row "cache hit p99, ms (worst round)" "${P99[graphgate]}" "${P99[nginx]}" "${P99[varnish]}"
+row "server CPU per hit, us" "${CPU_US[graphgate]}" "${CPU_US[nginx]}" "${CPU_US[varnish]}"
+row "fan-in $BURST cold: p99, ms" "${FAN_P99[graphgate]}" "${FAN_P99[nginx]}" "${FAN_P99[varnish]}"
+row "fan-in: single uncached request, ms" "${SINGLE[graphgate]}" "${SINGLE[nginx]}" "${SINGLE[varnish]}"
+row "fan-in: added waiter latency (p99-single), ms" "${ADDED[graphgate]}" "${ADDED[nginx]}" "${ADDED[varnish]}"
+row "fan-in: upstream calls" "${CALLS[graphgate]}" "${CALLS[nginx]}" "${CALLS[varnish]}"
+row "miss overhead vs direct (p50), us" "${MISS_OVER[graphgate]}" "${MISS_OVER[nginx]}" "${MISS_OVER[varnish]}"
+echo
+echo "direct to the static upstream, unique keys, 1 connection: p50 ${MISS_DIRECT} ms"
+echo "graphgate memory: $FILLED cached entries of a ${BODY_BYTES} B body: $PER_ENTRY B RSS per entry = ${RSS_RATIO}x the payload;"
+echo "  extrapolated (linear, not measured) to 1 M entries: ${RSS_1M_GB} GB"

@@ -1,0 +1,177 @@
+//! Criterion benches for the in-process pipeline: an L1 hit through `Gateway::handle`
+//! (with and without a log subscriber), coalescing fan-in on one cold key, and quota
+//! admission. The gateway's upstream is the simulated Graph API on loopback (only fills use
+//! it). See benches/README.md for what each measures and the figures on the project machine.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use graphgate::config::Priority;
+use graphgate::metrics::Metrics;
+use graphgate::quota::Scheduler;
+use graphgate::upstream::Reply;
+use http::StatusCode;
+use tokio::runtime::Runtime;
+
+fn current_thread() -> Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+const UPSTREAM_LATENCY: Duration = Duration::from_millis(20);
+
+const HIT_URL: &str = "/v21.0/1001?fields=id,name,about,fan_count,category";
+
+/// One L1 hit through the whole pipeline: limits, parse, authenticate, authorize, key,
+/// lookup, reply headers, metrics, request log.
+fn l1_hit(c: &mut Criterion) {
+    let rt = current_thread();
+    let graph = rt.block_on(common::fake_graph());
+    let gw = common::gateway(&graph.url());
+    let warm = rt.block_on(gw.handle(common::get(HIT_URL)));
+    assert_eq!(warm.status(), StatusCode::OK);
+    let hit = rt.block_on(gw.handle(common::get(HIT_URL)));
+    assert_eq!(hit.headers()["x-cache"], "HIT");
+
+    let mut g = c.benchmark_group("L1 hit through Gateway::handle");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("no log subscriber", |b| {
+        b.to_async(&rt)
+            .iter(|| async { gw.handle(common::get(HIT_URL)).await })
+    });
+    for level in ["warn", "info"] {
+        // The production subscriber (fmt, env filter) writing to a sink: `info` formats the
+        // per-request line, `warn` filters it out.
+        let sub = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(level))
+            .with_writer(std::io::sink)
+            .with_target(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(sub);
+        g.bench_function(format!("log filter {level} (fmt to sink)"), |b| {
+            b.to_async(&rt)
+                .iter(|| async { gw.handle(common::get(HIT_URL)).await })
+        });
+    }
+    g.finish();
+    graph.shutdown();
+}
+
+/// N requests for one cold key: one upstream call (20 ms simulated latency), N replies. The
+/// figure is the round's total time minus the upstream latency: handing one fill to N
+/// waiters and building their replies, plus one request's own overhead (parse, key, the
+/// fill's upstream round trip over loopback beyond the 20 ms).
+fn coalescing_fan_in(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let graph = rt.block_on(common::fake_graph());
+    graph.set_latency(UPSTREAM_LATENCY);
+    let gw = common::gateway(&graph.url());
+    let seq = Arc::new(AtomicU64::new(0));
+    let mut g = c.benchmark_group("coalescing fan-in (round time minus 20 ms upstream)");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    for waiters in [1usize, 10, 100, 1000] {
+        g.throughput(Throughput::Elements(waiters as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(waiters), &waiters, |b, &n| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let gw = gw.clone();
+                let seq = seq.clone();
+                async move {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let key = seq.fetch_add(1, Ordering::Relaxed);
+                        let url = format!("/v21.0/1001?fields=id,name&bench_key={key}");
+                        let started = Instant::now();
+                        let mut set = tokio::task::JoinSet::new();
+                        for _ in 0..n {
+                            let gw = gw.clone();
+                            let req = common::get(&url);
+                            set.spawn(async move {
+                                let r = gw.handle(req).await;
+                                assert_eq!(r.status(), StatusCode::OK);
+                            });
+                        }
+                        while let Some(done) = set.join_next().await {
+                            done.expect("task");
+                        }
+                        total += started.elapsed().saturating_sub(UPSTREAM_LATENCY);
+                    }
+                    total
+                }
+            })
+        });
+    }
+    g.finish();
+    graph.shutdown();
+}
+
+/// Quota admission on the inline path (budget available, nothing queued): charge, deadline,
+/// admit, drop; and the same spread over N Pages (a bucket lookup among N), and learning
+/// from a reply's usage header.
+fn quota_admission(c: &mut Criterion) {
+    let rt = current_thread();
+    let cfg = common::config("http://127.0.0.1:9", "");
+    let mut g = c.benchmark_group("quota admission");
+    g.throughput(Throughput::Elements(1));
+    for pages in [1usize, 100, 10_000] {
+        let sched = Scheduler::new(&cfg.quota, Arc::new(Metrics::new()));
+        let units: Vec<Vec<Option<String>>> = (0..pages)
+            .map(|p| vec![Some(format!("{}_1", 100_000 + p))])
+            .collect();
+        let mut i = 0usize;
+        g.bench_function(BenchmarkId::new("admit, Pages", pages), |b| {
+            b.to_async(&rt).iter(|| {
+                i = (i + 1) % pages;
+                let u = &units[i];
+                let sched = &sched;
+                async move {
+                    let charge = sched.charge_for(u, None);
+                    let deadline = sched.deadline(None);
+                    sched
+                        .admit(&charge, Priority::Interactive, deadline)
+                        .await
+                        .expect("admitted")
+                }
+            })
+        });
+    }
+    let sched = Scheduler::new(&cfg.quota, Arc::new(Metrics::new()));
+    let reply = Reply {
+        status: StatusCode::OK,
+        headers: vec![(
+            http::HeaderName::from_static("x-business-use-case-usage"),
+            http::HeaderValue::from_static(
+                r#"{"1001":[{"type":"pages","call_count":5,"total_cputime":1,"total_time":1,"estimated_time_to_regain_access":0}]}"#,
+            ),
+        )],
+        body: Bytes::from_static(b"{}"),
+    };
+    let units = vec![Some("1001_1".to_string())];
+    g.bench_function("admit + learn (usage header), 1 Page", |b| {
+        b.to_async(&rt).iter(|| async {
+            let charge = sched.charge_for(&units, None);
+            let deadline = sched.deadline(None);
+            let adm = sched
+                .admit(&charge, Priority::Interactive, deadline)
+                .await
+                .expect("admitted");
+            sched.learn(&adm, &reply, Some("1001_1"))
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, l1_hit, coalescing_fan_in, quota_admission);
+criterion_main!(benches);
