@@ -202,7 +202,7 @@ impl Gateway {
         let started = Instant::now();
         let trace_id = self.next_trace_id();
         let method = req.method().clone();
-        let outcome = match self.process(req, &trace_id).await {
+        let outcome = match self.process(req).await {
             Ok(o) => o,
             Err((e, route, client)) => {
                 self.metrics
@@ -270,7 +270,6 @@ impl Gateway {
     async fn process<B>(
         self: &Arc<Self>,
         req: Request<B>,
-        trace_id: &str,
     ) -> Result<Outcome, (ProxyError, &'static str, Option<Arc<Client>>)>
     where
         B: hyper::body::Body<Data = Bytes>,
@@ -351,7 +350,7 @@ impl Gateway {
             &self.tokens.secrets_for(&injected),
         );
         let body = rewrite::finalize(&prepared, key.as_str());
-        let mut response = build_response(&reply, body, trace_id);
+        let mut response = build_response(&reply, body);
         cached::mark_uncached(&mut response, &call);
         Ok(Outcome {
             response,
@@ -693,7 +692,7 @@ fn json_body_params(body: &[u8]) -> Result<Params, ProxyError> {
     Ok(params)
 }
 
-fn build_response(reply: &Reply, body: Bytes, _trace_id: &str) -> Response<Full<Bytes>> {
+fn build_response(reply: &Reply, body: Bytes) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = reply.status;
     // Sized once for the replayed headers plus those graphgate adds (no regrowth).
@@ -710,6 +709,3 @@ fn build_response(reply: &Reply, body: Bytes, _trace_id: &str) -> Response<Full<
     }
     response
 }
-
-/// How long a draining gateway waits, at most, used by callers that need a default.
-pub const DEFAULT_DRAIN: Duration = Duration::from_secs(10);
