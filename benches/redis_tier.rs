@@ -14,16 +14,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use graphgate::config::Config;
-use graphgate::fake_graph::{FakeGraph, FakeGraphConfig};
+use graphgate::fake_graph::FakeGraph;
 use graphgate::proxy::Gateway;
 use graphgate::server::{self, Running};
-use http::Request;
-use http_body_util::Full;
 
-const KEY: &str = "bench-key";
+mod common;
 
 struct RedisServer(Child);
 
@@ -54,37 +51,19 @@ fn redis_server() -> (RedisServer, u16) {
     (RedisServer(child), port)
 }
 
+/// The shared bench config with an L1 of `l1_bytes` and the test's Redis.
 fn config(graph: &str, redis_port: u16, l1_bytes: u64) -> Config {
-    let toml = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-[upstream]
-url = "{graph}"
-[credentials]
-system_user_token = "bench-system-token"
-app_secret = "bench-app-secret"
-[[clients]]
-name = "bench"
-key = "{KEY}"
-pages = ["*"]
-[cache]
-max_bytes = {l1_bytes}
-default_ttl_s = 3600
-[redis]
-url = "redis://127.0.0.1:{redis_port}"
-"#
-    );
-    Config::from_toml(&toml, |_| None).expect("bench config is valid")
+    common::config(
+        graph,
+        &format!(
+            "[cache]\nmax_bytes = {l1_bytes}\ndefault_ttl_s = 3600\n\
+             [redis]\nurl = \"redis://127.0.0.1:{redis_port}\"\n"
+        ),
+    )
 }
 
 async fn hit(gw: &Arc<Gateway>, path: &str) -> usize {
-    let req = Request::builder()
-        .uri(format!("{path}&access_token={KEY}"))
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    let resp = gw.handle(req).await;
+    let resp = gw.handle(common::get(path)).await;
     assert_eq!(resp.status(), 200);
     resp.headers().len()
 }
@@ -97,17 +76,7 @@ fn tiers(c: &mut Criterion) {
         .expect("runtime");
     let (_redis, port) = redis_server();
     let (graph, a, b): (FakeGraph, Running, Running) = rt.block_on(async {
-        let graph = FakeGraph::start(
-            FakeGraphConfig {
-                system_user_tokens: vec!["bench-system-token".into()],
-                app_secret: Some("bench-app-secret".into()),
-                page_calls_limit: 1_000_000,
-                ..FakeGraphConfig::default()
-            },
-            "127.0.0.1:0".parse().expect("addr"),
-        )
-        .await
-        .expect("fake graph");
+        let graph = common::fake_graph().await;
         let a = server::start(config(&graph.url(), port, 64 << 20))
             .await
             .expect("replica a");

@@ -76,6 +76,8 @@ pub(crate) fn page_token_for(page_id: &str) -> String {
 }
 
 /// `appsecret_proof` as Meta defines it: hex HMAC-SHA256 of the token keyed by the app secret.
+/// Deliberately not `tokens::appsecret_proof`: the simulated Graph is the independent check of
+/// the gateway's proof, so it must not share the code under test.
 pub fn appsecret_proof(secret: &str, token: &str) -> String {
     match Hmac::<Sha256>::new_from_slice(secret.as_bytes()) {
         Ok(mut mac) => {

@@ -130,12 +130,7 @@ impl Fleet {
     }
 
     fn secrets(&self) -> Vec<String> {
-        vec![
-            SYSTEM_TOKEN.to_string(),
-            APP_SECRET.to_string(),
-            self.graph.page_token("1001"),
-            self.graph.page_token("1002"),
-        ]
+        secrets_of(&self.graph)
     }
 
     async fn get(&self, via: &Running, path: &str) -> Reply {

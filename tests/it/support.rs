@@ -164,18 +164,23 @@ impl Stack {
 
     /// Every secret that must never reach a client.
     pub fn secrets(&self) -> Vec<String> {
-        vec![
-            SYSTEM_TOKEN.to_string(),
-            APP_SECRET.to_string(),
-            self.graph.page_token("1001"),
-            self.graph.page_token("1002"),
-        ]
+        secrets_of(&self.graph)
     }
 
     pub async fn stop(self) {
         self.gw.shutdown().await;
         self.graph.shutdown();
     }
+}
+
+/// The secrets of a test set-up against `graph`: system token, app secret, Page tokens.
+pub fn secrets_of(graph: &FakeGraph) -> Vec<String> {
+    vec![
+        SYSTEM_TOKEN.to_string(),
+        APP_SECRET.to_string(),
+        graph.page_token("1001"),
+        graph.page_token("1002"),
+    ]
 }
 
 pub fn client() -> Client<HttpConnector, Full<Bytes>> {
