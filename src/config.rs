@@ -115,6 +115,7 @@ struct RawServer {
     idle_timeout_ms: u64,
     max_in_flight: usize,
     body_read_timeout_ms: u64,
+    workers: usize,
     tls_cert_file: Option<String>,
     tls_key_file: Option<String>,
     tls_client_ca_file: Option<String>,
@@ -135,6 +136,7 @@ impl Default for RawServer {
             idle_timeout_ms: 60_000,
             max_in_flight: 2048,
             body_read_timeout_ms: 10_000,
+            workers: 0,
             tls_cert_file: None,
             tls_key_file: None,
             tls_client_ca_file: None,
@@ -338,6 +340,9 @@ pub struct ServerConfig {
     /// The whole request body must arrive within this time after the head (a slow body
     /// would otherwise hold an in-flight slot); 408 otherwise.
     pub body_read_timeout: Duration,
+    /// Threads serving public connections, each with its own single-threaded runtime
+    /// (`server.workers`; 0 in the file means one per CPU).
+    pub workers: usize,
     pub tls: Option<TlsConfig>,
 }
 
@@ -534,6 +539,13 @@ impl Config {
         if s.idle_timeout_ms == 0 {
             return Err(invalid("server.idle_timeout_ms", "must be positive"));
         }
+        if s.workers > 1024 {
+            return Err(invalid("server.workers", "must be 0 (one per CPU) to 1024"));
+        }
+        let workers = match s.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
         let tls = match (&s.tls_cert_file, &s.tls_key_file) {
             (Some(cert), Some(key)) => Some(TlsConfig {
                 cert_file: cert.into(),
@@ -793,6 +805,7 @@ impl Config {
                 idle_timeout: Duration::from_millis(s.idle_timeout_ms),
                 max_in_flight: s.max_in_flight,
                 body_read_timeout: Duration::from_millis(s.body_read_timeout_ms),
+                workers,
                 tls,
             },
             upstream: UpstreamConfig {
@@ -945,6 +958,18 @@ mod tests {
             err.contains("upstream.url") && err.contains("http"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn workers_default_to_one_per_cpu() {
+        let c = Config::from_toml(MIN, no_env).unwrap();
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(c.server.workers, cpus);
+        let text = format!("[server]\nworkers = 3\n{MIN}");
+        assert_eq!(Config::from_toml(&text, no_env).unwrap().server.workers, 3);
+        let text = format!("[server]\nworkers = 5000\n{MIN}");
+        let err = Config::from_toml(&text, no_env).unwrap_err().to_string();
+        assert!(err.contains("server.workers"), "{err}");
     }
 
     #[test]

@@ -110,6 +110,11 @@ async fn shutdown_signal() {
     }
 }
 
+/// mimalloc instead of glibc malloc: per-thread free lists cut allocator time on the hit
+/// path, and far less fragmentation keeps RSS close to the cached bytes (issue 7 figures).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

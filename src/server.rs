@@ -11,6 +11,10 @@
 //! - `server.max_in_flight`: requests beyond it are not queued but answered at once with 503,
 //!   `Retry-After` and a Graph-style error (load shedding).
 //!
+//! Public connections are served by `server.workers` threads, each with its own
+//! single-threaded runtime (see [`Workers`]); accepting, the admin listener and background
+//! tasks stay on the runtime that called [`start`].
+//!
 //! [`Running::reload`] applies a new configuration without a restart (clients, TLS
 //! certificates); see its docs for what needs a restart.
 
@@ -207,6 +211,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
     );
     gateway.start_fleet().await;
     let (stop, stop_rx) = watch::channel(false);
+    let workers = Workers::start(server_cfg.workers)?;
     let shared = Arc::new(Shared {
         builder: builder(&server_cfg),
         gateway: gateway.clone(),
@@ -216,7 +221,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
         stop: stop_rx,
         cfg: server_cfg,
     });
-    let task = tokio::spawn(serve(listener, admin_listener, shared));
+    let task = tokio::spawn(serve(listener, admin_listener, shared, workers));
     tracing::info!(%addr, %admin_addr, public_url = gateway.public_url(), "graphgate listening");
     Ok(Running {
         addr,
@@ -256,7 +261,70 @@ struct Shared {
     stop: watch::Receiver<bool>,
 }
 
-async fn serve(listener: TcpListener, admin_listener: TcpListener, shared: Arc<Shared>) {
+/// Threads that serve public connections, each running a single-threaded tokio runtime, like
+/// nginx's worker processes: a connection lives on one thread from accept to close, so
+/// reading a request, answering it from the cache and writing the reply never hands work to
+/// another thread (on the hit path the multi-threaded scheduler's wake-ups and task stealing
+/// cost more CPU than the request itself). Tasks a request spawns (cache fills, HTTP/2
+/// streams, upstream connections) run on its worker. Accepted connections are dealt
+/// round-robin.
+///
+/// The threads stop when the [`Workers`] value is dropped (after the drain in [`serve`], or
+/// when the runtime that owns `serve` goes away); their runtimes drop what is still running.
+struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    next: AtomicUsize,
+    /// Dropping it closes the channel every worker thread waits on.
+    _exit: watch::Sender<()>,
+}
+
+impl Workers {
+    fn start(count: usize) -> io::Result<Workers> {
+        let (exit, exit_rx) = watch::channel(());
+        let mut handles = Vec::with_capacity(count);
+        for i in 0..count.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(runtime.handle().clone());
+            let mut exit_rx = exit_rx.clone();
+            std::thread::Builder::new()
+                .name(format!("graphgate-worker-{i}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        // Err: the sender is gone, i.e. the server has stopped.
+                        while exit_rx.changed().await.is_ok() {}
+                    });
+                })?;
+        }
+        Ok(Workers {
+            handles,
+            next: AtomicUsize::new(0),
+            _exit: exit,
+        })
+    }
+
+    /// Hands an accepted connection to the next worker. The socket moves to that worker's
+    /// event loop (it was registered with the accepting runtime's).
+    fn serve(&self, shared: Arc<Shared>, stream: TcpStream, permit: OwnedSemaphorePermit) {
+        let Ok(stream) = stream.into_std() else {
+            return;
+        };
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        self.handles[i].spawn(async move {
+            if let Ok(stream) = TcpStream::from_std(stream) {
+                serve_public(shared, stream, permit).await;
+            }
+        });
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    shared: Arc<Shared>,
+    workers: Workers,
+) {
     let gateway = shared.gateway.clone();
     let cfg = shared.cfg.clone();
     let mut stop = shared.stop.clone();
@@ -275,7 +343,7 @@ async fn serve(listener: TcpListener, admin_listener: TcpListener, shared: Arc<S
                     drop(stream);
                     continue;
                 };
-                tokio::spawn(serve_public(shared.clone(), stream, permit));
+                workers.serve(shared.clone(), stream, permit);
             }
             accepted = admin_listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };

@@ -17,21 +17,21 @@
 #      latency through the same system);
 #   3. cache-miss overhead: p50 of unique-key requests on 1 connection, through each proxy
 #      vs direct to the static upstream;
-#   4. graphgate RSS per cached ~1 KB entry after FILL_SECONDS of unique-key misses
-#      (extrapolated to 1 M entries, clearly labelled).
+#   4. graphgate RSS with ENTRIES (default 1 M) cached 1 KB entries, filled by unique-key
+#      misses: total RSS over the payload bytes, and RSS growth per entry.
 # Both caches are told to ignore Graph's `Cache-Control: private, no-store` (anyone putting
 # them in front of Graph has to) and cache 200s for 60 s. Request logging: nginx access_log
 # off, Varnish's shared-memory log (always on), graphgate log.level = "warn".
 #
 # Needs (Debian packages): nginx, varnish, wrk; plus cargo, curl, openssl, awk. Installs
 # nothing. Usage:  benches/load/compare.sh        (env: ROUNDS, HIT_SECONDS, MISS_SECONDS,
-#                                                   FILL_SECONDS, BURST, PORT_BASE)
+#                                                   ENTRIES, BURST, PORT_BASE)
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-2}
 HIT_SECONDS=${HIT_SECONDS:-8}
 MISS_SECONDS=${MISS_SECONDS:-5}
-FILL_SECONDS=${FILL_SECONDS:-30}
+ENTRIES=${ENTRIES:-1000000}
 BURST=${BURST:-500}
 PORT_BASE=${PORT_BASE:-18080}
 CONNS=64
@@ -95,8 +95,10 @@ NODE_PATH="/v21.0/1001?fields=id,name,about,category,fan_count,link,description"
 SLOW_PATH="/v21.0/1001?fields=id,name,about,category,fan_count"
 
 # --- the ~1 KB Graph-like node --------------------------------------------------------------
-DESC=$(printf 'Small-batch roasts, single origins and seasonal blends; open seven days. %.0s' 1 2 3 4 5 6 7 8 9)
+DESC=$(printf 'Small-batch roasts, single origins and seasonal blends; open seven days. %.0s' 1 2 3 4 5 6 7 8 9 10 11)
 BODY="{\"id\":\"1001\",\"name\":\"Acme Coffee\",\"about\":\"Small-batch roasts - open 7/7\",\"category\":\"Coffee Shop\",\"fan_count\":12345,\"link\":\"https://www.facebook.com/1001\",\"description\":\"$DESC\"}"
+# Pad the description to exactly 1024 bytes of JSON: the issue's "1 KB entries".
+BODY="${BODY%\"\}}$(printf '%*s' $((1024 - ${#BODY})) '' | tr ' ' '.')\"}"
 BODY_BYTES=${#BODY}
 
 mkdir -p "$WORK/nginx-cache" "$WORK/nginx-tmp" "$WORK/logs"
@@ -194,7 +196,7 @@ system_user_token = "$FAKE_TOKEN"
 app_secret = "$FAKE_SECRET"
 [cache]
 max_bytes = 4294967296
-default_ttl_s = 60
+default_ttl_s = 3600   # the memory phase fills for longer than a minute
 [quota]
 page_calls = 1000000000
 app_calls = 1000000000
@@ -377,20 +379,23 @@ for s in nginx varnish graphgate; do
 done
 echo "  direct p50 ${MISS_DIRECT} ms; nginx ${MISS_P50[nginx]} varnish ${MISS_P50[varnish]} graphgate ${MISS_P50[graphgate]} ms" >&2
 
-echo "4/4 graphgate RSS per cached entry: ${FILL_SECONDS}s of unique-key misses" >&2
+echo "4/4 graphgate RSS with $ENTRIES cached entries (unique-key misses until there)" >&2
 metric() { curl -s "http://127.0.0.1:$((P_GG + 1))/metrics" | awk -v m="$1" '$1 ~ "^"m"[{ ]" || $1 == m {s += $2} END {printf "%.0f", s}'; }
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$GG_PID/status"; }
 entries0=$(metric 'graphgate_cache_entries')
 rss0=$(rss_kb)
-wrk_run "$URL_G" "$FILL_SECONDS" 16 2 "$WORK/unique.lua" >/dev/null
+FILL_START=$(date +%s)
+while [ "$(metric 'graphgate_cache_entries')" -lt "$ENTRIES" ] && [ $(( $(date +%s) - FILL_START )) -lt 600 ]; do
+    wrk_run "$URL_G" 10 16 2 "$WORK/unique.lua" >/dev/null
+done
 sleep 1
 entries1=$(metric 'graphgate_cache_entries')
 rss1=$(rss_kb)
 FILLED=$((entries1 - entries0))
 PER_ENTRY=$(awk -v a="$rss0" -v b="$rss1" -v n="$FILLED" 'BEGIN{printf "%.0f", (b - a) * 1024 / n}')
-RSS_RATIO=$(awk -v p="$PER_ENTRY" -v b="$BODY_BYTES" 'BEGIN{printf "%.2f", p / b}')
-RSS_1M_GB=$(awk -v p="$PER_ENTRY" 'BEGIN{printf "%.2f", p * 1e6 / 1e9}')
-echo "  $FILLED entries: RSS $((rss0 / 1024)) MB -> $((rss1 / 1024)) MB" >&2
+PER_ENTRY_RATIO=$(awk -v p="$PER_ENTRY" -v b="$BODY_BYTES" 'BEGIN{printf "%.2f", p / b}')
+RSS_RATIO=$(awk -v r="$rss1" -v n="$entries1" -v b="$BODY_BYTES" 'BEGIN{printf "%.2f", r * 1024 / (n * b)}')
+echo "  $FILLED entries in $(( $(date +%s) - FILL_START )) s: RSS $((rss0 / 1024)) MB -> $((rss1 / 1024)) MB" >&2
 
 # --- the table ---------------------------------------------------------------------------------
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b + 0 == 0) print "-"; else printf "%.2f", a / b }'; }
@@ -412,5 +417,5 @@ row "fan-in: upstream calls" "${CALLS[graphgate]}" "${CALLS[nginx]}" "${CALLS[va
 row "miss overhead vs direct (p50), us" "${MISS_OVER[graphgate]}" "${MISS_OVER[nginx]}" "${MISS_OVER[varnish]}"
 echo
 echo "direct to the static upstream, unique keys, 1 connection: p50 ${MISS_DIRECT} ms"
-echo "graphgate memory: $FILLED cached entries of a ${BODY_BYTES} B body: $PER_ENTRY B RSS per entry = ${RSS_RATIO}x the payload;"
-echo "  extrapolated (linear, not measured) to 1 M entries: ${RSS_1M_GB} GB"
+echo "graphgate memory: $entries1 cached entries of a ${BODY_BYTES} B body ($((entries1 * BODY_BYTES / 1048576)) MiB of payload):"
+echo "  RSS $((rss1 / 1024)) MiB = ${RSS_RATIO}x the payload; growth while filling: $PER_ENTRY B per entry = ${PER_ENTRY_RATIO}x"

@@ -38,6 +38,15 @@ impl NodeIndex {
         self.by_node.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The index's own copy of `node` when it has one, so the many entries of one node
+    /// share a single allocation for its id.
+    pub fn intern(&self, node: &Arc<str>) -> Arc<str> {
+        match self.map().get_key_value(&**node) {
+            Some((k, _)) => k.clone(),
+            None => node.clone(),
+        }
+    }
+
     pub fn add(&self, node: &Arc<str>, key: KeyId, generation: u64, has_edge: bool) {
         self.map().entry(node.clone()).or_default().insert(
             key,

@@ -205,7 +205,7 @@ impl Cache {
         }
         let mut stored = entry.for_storage();
         stored.readable = key.readable.clone();
-        stored.node = key.node.clone();
+        stored.node = key.node.as_ref().map(|n| self.index.intern(n));
         stored.has_edge = key.has_edge;
         stored.generation = self.generation.fetch_add(1, Ordering::Relaxed);
         if u64::from(stored.weight()) > self.max_bytes {
