@@ -20,6 +20,9 @@ const STORED_HEADERS: &[&str] = &[
     "last-modified",
 ];
 
+/// Graph's content type for JSON; served when an entry stores none.
+pub const DEFAULT_CONTENT_TYPE: &str = "application/json; charset=UTF-8";
+
 /// One reply as served from the cache: the prepared body (with the client-key placeholder,
 /// finalized per client) and the headers worth replaying.
 #[derive(Debug, Clone)]
@@ -27,7 +30,6 @@ pub struct Entry {
     pub status: StatusCode,
     pub headers: Arc<[(HeaderName, HeaderValue)]>,
     pub body: PreparedBody,
-    pub etag: Option<HeaderValue>,
     pub stored_at: Instant,
     pub ttl: Duration,
     /// Readable key, for prefix purge and debugging.
@@ -58,15 +60,10 @@ impl Entry {
         body: PreparedBody,
         ttl: Duration,
     ) -> Entry {
-        let etag = headers
-            .iter()
-            .find(|(n, _)| *n == header::ETAG)
-            .map(|(_, v)| v.clone());
         Entry {
             status,
             headers: headers.into(),
             body,
-            etag,
             stored_at: Instant::now(),
             ttl,
             readable: Arc::from(""),
@@ -88,6 +85,10 @@ impl Entry {
             .headers
             .iter()
             .filter_map(|(n, v)| {
+                // The default content type is added when serving: not stored per entry.
+                if n == header::CONTENT_TYPE && v == DEFAULT_CONTENT_TYPE {
+                    return None;
+                }
                 let name = STORED_HEADERS.iter().find(|s| **s == n.as_str())?;
                 Some((HeaderName::from_static(name), v))
             })
@@ -115,13 +116,8 @@ impl Entry {
                 (name, own)
             })
             .collect();
-        let etag = headers
-            .iter()
-            .find(|(n, _)| *n == header::ETAG)
-            .map(|(_, v)| v.clone());
         Entry {
             headers: headers.into(),
-            etag,
             body: PreparedBody {
                 bytes: blob.slice(..body.len()),
                 has_key_placeholder: self.body.has_key_placeholder,
@@ -182,9 +178,17 @@ impl Entry {
         u32::try_from(total).unwrap_or(u32::MAX)
     }
 
+    /// The entry's validator, if Graph sent one.
+    pub fn etag(&self) -> Option<&HeaderValue> {
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == header::ETAG)
+            .map(|(_, v)| v)
+    }
+
     /// Does the client's `If-None-Match` match this entry's ETag (weak comparison)?
     pub fn matches_if_none_match(&self, inm: Option<&HeaderValue>) -> bool {
-        let (Some(inm), Some(etag)) = (inm, &self.etag) else {
+        let (Some(inm), Some(etag)) = (inm, self.etag()) else {
             return false;
         };
         let (Ok(inm), Ok(etag)) = (inm.to_str(), etag.to_str()) else {

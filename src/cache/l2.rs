@@ -484,7 +484,7 @@ mod tests {
         assert_eq!(d.status, e.status);
         assert_eq!(d.body, e.body);
         assert_eq!(&*d.headers, &*e.headers);
-        assert_eq!(d.etag, e.etag);
+        assert_eq!(d.etag(), e.etag());
         assert_eq!(d.ttl, e.ttl);
         assert!(d.has_edge);
         assert!(d.age(Instant::now()) < Duration::from_secs(2));

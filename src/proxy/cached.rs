@@ -13,7 +13,7 @@ use http_body_util::Full;
 use super::fleet::FleetStart;
 use super::{Call, Gateway};
 use crate::cache::coalesce::{Flight, Role, WaitError};
-use crate::cache::entry::{Entry, Freshness};
+use crate::cache::entry::{Entry, Freshness, DEFAULT_CONTENT_TYPE};
 use crate::cache::key::{self, CacheKey};
 use crate::cache::policy::{request_directive, Directive};
 use crate::cache::{batch, ids, Fill, FillKind, FillResult};
@@ -237,7 +237,7 @@ impl Gateway {
         };
         // The client's own validator is answered from our entry; upstream we validate ours.
         call.forwarded.retain(|(n, _)| *n != header::IF_NONE_MATCH);
-        if let Some(tag) = stale.as_ref().and_then(|e| e.etag.clone()) {
+        if let Some(tag) = stale.as_ref().and_then(|e| e.etag().cloned()) {
             call.forwarded.push((header::IF_NONE_MATCH, tag));
         }
         let sie = self.cache.policy.stale_if_error;
@@ -796,7 +796,7 @@ fn reply_from(
     if !h.contains_key(header::CONTENT_TYPE) {
         h.insert(
             header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json; charset=UTF-8"),
+            HeaderValue::from_static(DEFAULT_CONTENT_TYPE),
         );
     }
     h.insert(X_CACHE, HeaderValue::from_static(x_cache));
