@@ -284,7 +284,8 @@ wrk_run() { # url seconds connections threads [lua]
 }
 
 cat >"$WORK/unique.lua" <<'EOF'
--- Every request a new cache key: "&k=<thread>-<counter>".
+-- Every request a new cache key: "&k=<run>-<thread>-<counter>" (the run part keeps
+-- repeated runs, as in the memory phase, from asking for the keys of the run before).
 local threads = 0
 function setup(thread)
     thread:set("tid", threads)
@@ -292,11 +293,11 @@ function setup(thread)
 end
 function init(args)
     n = 0
-    path = wrk.path
+    path = wrk.path .. "&k=" .. os.time() .. "-" .. tid .. "-"
 end
 function request()
     n = n + 1
-    return wrk.format("GET", path .. "&k=" .. tid .. "-" .. n)
+    return wrk.format("GET", path .. n)
 end
 EOF
 
