@@ -64,7 +64,8 @@ chmod 755 "$WORK"   # Varnish's worker process runs as its own user and must rea
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for _ in $(seq 1 30); do
+    # A graphgate holding a million entries takes a second or two to free them.
+    for _ in $(seq 1 100); do
         alive=0
         for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
         [ $alive = 0 ] && break
