@@ -153,6 +153,7 @@ struct RawUpstream {
     max_get_url_bytes: usize,
     max_response_bytes: usize,
     default_version: String,
+    ca_file: Option<String>,
     // Hardening: retries of idempotent reads and the circuit breaker.
     retries: u32,
     retry_budget_percent: u32,
@@ -171,6 +172,7 @@ impl Default for RawUpstream {
             max_get_url_bytes: 2000,
             max_response_bytes: 16 * 1024 * 1024,
             default_version: "v21.0".into(),
+            ca_file: None,
             retries: 2,
             retry_budget_percent: 20,
             retry_budget_min_per_s: 3,
@@ -364,6 +366,9 @@ pub struct UpstreamConfig {
     pub max_get_url_bytes: usize,
     pub max_response_bytes: usize,
     pub default_version: String,
+    /// Extra CAs (PEM) trusted for Graph's certificate besides the public roots: a TLS
+    /// inspecting egress proxy, or the simulated Graph API in tests.
+    pub ca_file: Option<std::path::PathBuf>,
     pub retry: RetryConfig,
 }
 
@@ -815,6 +820,7 @@ impl Config {
                 max_get_url_bytes: u.max_get_url_bytes,
                 max_response_bytes: u.max_response_bytes.max(1024),
                 default_version: u.default_version,
+                ca_file: u.ca_file.map(Into::into),
                 retry: RetryConfig {
                     retries: u.retries,
                     budget_percent: u.retry_budget_percent,

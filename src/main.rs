@@ -54,6 +54,12 @@ enum Command {
         /// Length of the Page rate window, in seconds.
         #[arg(long)]
         page_window_s: Option<u64>,
+        /// Serve TLS (HTTP/2 and HTTP/1.1 by ALPN) with this PEM certificate chain...
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<std::path::PathBuf>,
+        /// ...and this PEM private key.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<std::path::PathBuf>,
     },
 }
 
@@ -142,7 +148,12 @@ async fn main() -> ExitCode {
             latency_ms,
             page_calls,
             page_window_s,
-        } => run_fake_graph(listen, latency_ms, page_calls, page_window_s).await,
+            tls_cert,
+            tls_key,
+        } => {
+            let tls = tls_cert.zip(tls_key);
+            run_fake_graph(listen, latency_ms, page_calls, page_window_s, tls).await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -216,10 +227,24 @@ async fn run_fake_graph(
     latency_ms: u64,
     page_calls: Option<u32>,
     page_window_s: Option<u64>,
+    tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 ) -> Result<(), String> {
     let _log = init_logging(LogFormat::Text, "info");
+    let tls = match tls {
+        Some((cert, key)) => {
+            let read = |p: &std::path::Path| {
+                std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))
+            };
+            Some(graphgate::fake_graph::FakeGraphTls {
+                cert_pem: read(&cert)?,
+                key_pem: read(&key)?,
+            })
+        }
+        None => None,
+    };
     let mut cfg = FakeGraphConfig {
         latency: std::time::Duration::from_millis(latency_ms),
+        tls,
         ..FakeGraphConfig::default()
     };
     if let Some(n) = page_calls {

@@ -160,7 +160,7 @@ impl HardeningMetrics {
             retries: counter_vec(
                 r,
                 "graphgate_upstream_retries_total",
-                "Upstream attempts repeated for idempotent reads, by reason.",
+                "Upstream attempts repeated: idempotent reads by failure, and any call Graph refused unprocessed over HTTP/2 (reason refused).",
                 &["reason"],
             ),
             retries_skipped: counter_vec(
@@ -664,6 +664,7 @@ impl Metrics {
             "graph_transient",
             "http_502",
             "http_503",
+            "refused",
         ] {
             h.retries.with_label_values(&[reason]);
         }

@@ -1,4 +1,4 @@
-//! Inbound TLS: the public listener's certificate and key (PEM), HTTP/2 and HTTP/1.1 by ALPN,
+//! TLS. Inbound: the public listener's certificate and key (PEM), HTTP/2 and HTTP/1.1 by ALPN,
 //! rustls with the ring provider. The server configuration sits behind an atomic pointer so a
 //! reload (SIGHUP) swaps in new certificates for new connections without touching open ones.
 //!
@@ -7,6 +7,8 @@
 //! to a `[[clients]]` entry with that `cert_subject`. A certificate is optional: clients
 //! without one authenticate with their key as usual; a certificate that does not verify
 //! fails the handshake.
+//!
+//! Outbound: [`upstream_client_config`], the roots Graph's certificate is checked against.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -41,7 +43,7 @@ impl Reloadable {
     }
 }
 
-fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+pub fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("{what} {}: {e}", path.display()))?
         .collect::<Result<Vec<_>, _>>()
@@ -50,6 +52,27 @@ fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, S
         return Err(format!("{what} {}: no certificate found", path.display()));
     }
     Ok(certs)
+}
+
+/// The client configuration for calls to Graph: the public web PKI roots plus, with
+/// `upstream.ca_file`, the CAs in that PEM file. ALPN is set by the connector.
+pub fn upstream_client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(path) = ca_file {
+        for c in read_certs(path, "upstream.ca_file")? {
+            roots
+                .add(c)
+                .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// Reads the PEM files and builds a rustls server configuration.

@@ -10,6 +10,9 @@
 //!   reset before a complete reply, Graph code 1/2 or `is_transient`, HTTP 502/503 without a
 //!   Graph error), with full-jitter backoff, within the retry budget and within the one
 //!   deadline of `upstream.timeout_ms` for all attempts together;
+//! - a call Graph refused unprocessed over HTTP/2 (REFUSED_STREAM, or above a GOAWAY's last
+//!   stream id) is sent again, writes included, outside the budget (see
+//!   [`Upstream::attempt_until_processed`]);
 //! - timeouts are not retried (the deadline is spent), nor throttles (the quota's business),
 //!   nor replies that are too large or not JSON.
 //!
@@ -185,8 +188,10 @@ impl Upstream {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(cfg.connect_timeout));
         http.set_keepalive(Some(Duration::from_secs(60)));
+        let tls = crate::tls::upstream_client_config(cfg.ca_file.as_deref())
+            .map_err(ProxyError::Internal)?;
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
+            .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
             .enable_http2()
@@ -306,7 +311,7 @@ impl Upstream {
             }
         };
         loop {
-            let result = self.attempt(&prepared, deadline).await;
+            let result = self.attempt_until_processed(&prepared, deadline).await;
             let (retry_reason, healthy) = match &result {
                 Ok(reply) => {
                     let (reason, unhealthy) = judge_reply(reply);
@@ -346,6 +351,45 @@ impl Upstream {
         }
     }
 
+    /// [`Upstream::attempt`], sent again while Graph says it did not process the call: an
+    /// HTTP/2 stream refused (`REFUSED_STREAM`) or above the last stream id of a GOAWAY (a
+    /// connection being rotated). RFC 9113 §8.7 guarantees such a call had no effect, so it is
+    /// sent again even when it is a write, up to [`MAX_RESENDS`] times, outside the retry
+    /// budget and without counting toward the breaker: it says nothing about Graph's health.
+    async fn attempt_until_processed(
+        &self,
+        prepared: &Prepared,
+        deadline: tokio::time::Instant,
+    ) -> Result<Reply, Failed> {
+        let mut resends = 0;
+        loop {
+            match self.attempt(prepared, deadline).await {
+                Err(f) if f.retry == Some(REFUSED) => {
+                    if resends >= MAX_RESENDS {
+                        return Err(Failed { retry: None, ..f });
+                    }
+                    // The first resend goes at once (to a fresh connection); a Graph that
+                    // keeps refusing gets the usual jittered backoff.
+                    if resends > 0 {
+                        let wait = retry::backoff(self.retry.backoff, resends - 1);
+                        if tokio::time::Instant::now() + wait >= deadline {
+                            return Err(Failed { retry: None, ..f });
+                        }
+                        tokio::time::sleep(wait).await;
+                    }
+                    resends += 1;
+                    self.metrics
+                        .hardening
+                        .retries
+                        .with_label_values(&[REFUSED])
+                        .inc();
+                    tracing::debug!(resends, "Graph did not process the call; sending it again");
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// One exchange, bounded by `deadline`, counted in the upstream metrics.
     async fn attempt(
         &self,
@@ -372,7 +416,13 @@ impl Upstream {
 
     async fn exchange(&self, req: Request<Full<Bytes>>) -> Result<Reply, Failed> {
         let resp = self.client.request(req).await.map_err(|e| {
-            if e.is_connect() {
+            if never_processed(&e) {
+                Failed {
+                    error: ProxyError::UpstreamBadResponse(describe_error(&e)),
+                    retry: Some(REFUSED),
+                    unhealthy: false,
+                }
+            } else if e.is_connect() {
                 Failed {
                     error: ProxyError::UpstreamConnect(describe_error(&e)),
                     retry: Some("connect"),
@@ -442,6 +492,30 @@ fn join_target(base: &str, path: &str, query: &str) -> String {
     } else {
         format!("{base}{path}?{query}")
     }
+}
+
+/// Retry-reason label of a call Graph refused unprocessed (see
+/// [`Upstream::attempt_until_processed`]).
+const REFUSED: &str = "refused";
+/// How often one call is sent again after refusals.
+const MAX_RESENDS: u32 = 4;
+
+/// Did Graph say, in an HTTP/2 frame, that it never processed this request? A stream reset
+/// with `REFUSED_STREAM`, or a GOAWAY whose last stream id is below this stream (h2 reports a
+/// GOAWAY error only to those streams, and to requests not yet sent). Streams the server had
+/// accepted fail differently (a broken pipe when the connection closes), so they are never
+/// taken for unprocessed.
+fn never_processed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut src = Some(e);
+    while let Some(err) = src {
+        if let Some(frame_error) = err.downcast_ref::<h2::Error>() {
+            return frame_error.is_remote()
+                && (frame_error.is_go_away()
+                    || frame_error.reason() == Some(h2::Reason::REFUSED_STREAM));
+        }
+        src = err.source();
+    }
+    false
 }
 
 /// The error chain as one line. hyper's errors carry no request data, so no token can leak.

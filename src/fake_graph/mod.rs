@@ -1,6 +1,7 @@
 //! The simulated Graph API used by the demo, tests and benches.
 //!
-//! A real HTTP server (HTTP/1.1 and h2c on the same port) that mimics graph.facebook.com as
+//! A real HTTP server (HTTP/1.1 and h2c on the same port, or TLS with HTTP/2 and HTTP/1.1 by
+//! ALPN, as graph.facebook.com serves) that mimics graph.facebook.com as
 //! described in `graph-api-facts.md`: tokens and `appsecret_proof`, field selection with nested
 //! edges, cursor paging with absolute links that embed the caller's token, `ids=` lookups,
 //! batches, writes, `method=GET` overrides, over-long GET failures, per-Page (BUC) and app
@@ -30,8 +31,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
+use tokio_rustls::TlsAcceptor;
 
 use engine::{etag, Call, Engine, GraphError, IdGen, Params, Verb};
 use state::State;
@@ -68,6 +71,42 @@ pub struct FakeGraphConfig {
     pub default_version: String,
     /// Seeded Pages.
     pub pages: Vec<FakePage>,
+    /// Serve TLS with this certificate chain and key (PEM), HTTP/2 or HTTP/1.1 by ALPN.
+    pub tls: Option<FakeGraphTls>,
+}
+
+/// The certificate a TLS fake Graph presents.
+#[derive(Clone)]
+pub struct FakeGraphTls {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for FakeGraphTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FakeGraphTls { .. }")
+    }
+}
+
+impl FakeGraphTls {
+    fn acceptor(&self) -> std::io::Result<TlsAcceptor> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |e: &dyn std::fmt::Display| std::io::Error::other(format!("fake graph TLS: {e}"));
+        let certs = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(&e))?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| bad(&e))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+            .map_err(|e| bad(&e))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| bad(&e))?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
 }
 
 impl Default for FakeGraphConfig {
@@ -82,6 +121,7 @@ impl Default for FakeGraphConfig {
             max_get_url_bytes: 2000,
             link_base: "https://graph.facebook.com".to_string(),
             default_version: "v21.0".to_string(),
+            tls: None,
             pages: vec![
                 FakePage {
                     id: "1001".to_string(),
@@ -144,6 +184,12 @@ pub struct FakeGraphStats {
     pub max_in_flight: u64,
     /// 304 replies.
     pub not_modified: u64,
+    /// Connections accepted (TLS handshakes that failed included).
+    pub connections: u64,
+    /// Connections closed gracefully by [`Fault::GoAway`] (a GOAWAY frame on HTTP/2).
+    pub goaways: u64,
+    /// Requests refused unprocessed by [`Fault::RefuseStreams`].
+    pub refused: u64,
 }
 
 /// One HTTP request as received.
@@ -158,6 +204,8 @@ pub struct RecordedRequest {
     /// From the query, form body or `Authorization` header.
     pub access_token: Option<String>,
     pub appsecret_proof: Option<String>,
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
 }
 
 /// Global fault injection; applies to every request while set.
@@ -175,6 +223,14 @@ pub enum Fault {
     Garbage,
     /// Drop the connection without a reply.
     CloseConnection,
+    /// Close every connection gracefully once it has received `after` requests: HTTP/2 gets a
+    /// GOAWAY (requests the server had accepted are answered; streams above its last stream
+    /// id are not processed), HTTP/1.1 a `Connection: close`. Models Graph's front ends
+    /// rotating connections.
+    GoAway { after: u32 },
+    /// Refuse the next `n` requests unprocessed: HTTP/2 `RST_STREAM(REFUSED_STREAM)` (the
+    /// connection stays up), on HTTP/1.1 the connection is dropped. Then back to `None`.
+    RefuseStreams(u32),
 }
 
 /// Handle to a running fake Graph server. Cloning shares the server.
@@ -200,8 +256,9 @@ impl FakeGraph {
         if addr.ip().is_unspecified() {
             addr.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
         }
+        let tls = cfg.tls.as_ref().map(FakeGraphTls::acceptor).transpose()?;
         let inner = Arc::new(Inner::new(cfg));
-        tokio::spawn(accept_loop(inner.clone(), listener));
+        tokio::spawn(accept_loop(inner.clone(), listener, tls));
         Ok(FakeGraph { inner, addr })
     }
 
@@ -209,9 +266,14 @@ impl FakeGraph {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT`, without a trailing slash.
+    /// `http://127.0.0.1:PORT` (`https://` with TLS), without a trailing slash.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.inner.cfg.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn config(&self) -> &FakeGraphConfig {
@@ -230,6 +292,13 @@ impl FakeGraph {
             self.inner.in_flight.load(Ordering::Relaxed),
             Ordering::Relaxed,
         );
+        for c in [
+            &self.inner.connections,
+            &self.inner.goaways,
+            &self.inner.refused,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
         self.inner.lock().counters = Default::default();
     }
 
@@ -320,9 +389,10 @@ pub async fn serve(
     cfg: FakeGraphConfig,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    let tls = cfg.tls.as_ref().map(FakeGraphTls::acceptor).transpose()?;
     let inner = Arc::new(Inner::new(cfg));
     tokio::select! {
-        () = accept_loop(inner.clone(), listener) => {}
+        () = accept_loop(inner.clone(), listener, tls) => {}
         () = shutdown => {}
     }
     inner.shutdown.send_replace(true);
@@ -339,6 +409,9 @@ struct Inner {
     requests: AtomicU64,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
+    connections: AtomicU64,
+    goaways: AtomicU64,
+    refused: AtomicU64,
     shutdown: watch::Sender<bool>,
 }
 
@@ -352,6 +425,9 @@ impl Inner {
             requests: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            goaways: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             shutdown: watch::Sender::new(false),
             cfg,
         };
@@ -377,7 +453,33 @@ impl Inner {
     fn stats(&self) -> FakeGraphStats {
         let requests = self.requests.load(Ordering::Relaxed);
         let max = self.max_in_flight.load(Ordering::Relaxed);
-        self.lock().counters.snapshot(requests, max)
+        FakeGraphStats {
+            connections: self.connections.load(Ordering::Relaxed),
+            goaways: self.goaways.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+            ..self.lock().counters.snapshot(requests, max)
+        }
+    }
+
+    fn fault(&self) -> Fault {
+        self.fault.lock().map(|f| f.clone()).unwrap_or_default()
+    }
+
+    /// Takes one refusal of [`Fault::RefuseStreams`], if one is left.
+    fn take_refusal(&self) -> bool {
+        let mut fault = self.fault.lock().unwrap_or_else(|e| e.into_inner());
+        match *fault {
+            Fault::RefuseStreams(n) if n > 0 => {
+                *fault = if n == 1 {
+                    Fault::None
+                } else {
+                    Fault::RefuseStreams(n - 1)
+                };
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        }
     }
 
     async fn wait_shutdown(&self) {
@@ -404,7 +506,7 @@ impl Drop for InFlight<'_> {
     }
 }
 
-async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
+async fn accept_loop(inner: Arc<Inner>, listener: TcpListener, tls: Option<TlsAcceptor>) {
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -419,34 +521,93 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
             () = inner.wait_shutdown() => return,
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(serve_connection(inner.clone(), stream));
+        inner.connections.fetch_add(1, Ordering::Relaxed);
+        let inner = inner.clone();
+        match tls.clone() {
+            None => {
+                tokio::spawn(serve_connection(inner, stream));
+            }
+            Some(acceptor) => {
+                tokio::spawn(async move {
+                    match acceptor.accept(stream).await {
+                        Ok(tls) => serve_connection(inner, tls).await,
+                        Err(e) => tracing::debug!(error = %e, "fake graph TLS handshake failed"),
+                    }
+                });
+            }
+        }
     }
 }
 
-async fn serve_connection(inner: Arc<Inner>, stream: tokio::net::TcpStream) {
+/// Per-connection state for [`Fault::GoAway`].
+#[derive(Default)]
+struct ConnState {
+    requests: std::sync::atomic::AtomicU32,
+    /// Signalled when the connection should close gracefully.
+    go_away: Notify,
+}
+
+async fn serve_connection<I>(inner: Arc<Inner>, io: I)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn_state = Arc::new(ConnState::default());
     let svc_inner = inner.clone();
-    let svc = service_fn(move |req| handle(svc_inner.clone(), req));
+    let svc_conn = conn_state.clone();
+    let svc = service_fn(move |req| handle(svc_inner.clone(), svc_conn.clone(), req));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new());
     builder.http2().timer(TokioTimer::new());
-    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-    tokio::select! {
-        _ = conn => {}
-        () = inner.wait_shutdown() => {}
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            () = conn_state.go_away.notified(), if !closing => {
+                closing = true;
+                inner.goaways.fetch_add(1, Ordering::Relaxed);
+                conn.as_mut().graceful_shutdown();
+            }
+            () = inner.wait_shutdown() => return,
+        }
     }
 }
 
-/// Returned by the service to make hyper drop the connection without answering.
+/// Returned by the service to make hyper end the exchange without answering: the connection
+/// is dropped, or with `refuse` on HTTP/2 the stream is reset with `REFUSED_STREAM` (hyper
+/// takes the reset reason from the error's source).
 #[derive(Debug)]
-struct DropConnection;
+struct DropConnection {
+    refuse: Option<h2::Error>,
+}
+
+impl DropConnection {
+    const CLOSE: DropConnection = DropConnection { refuse: None };
+
+    fn refuse() -> DropConnection {
+        DropConnection {
+            refuse: Some(h2::Error::from(h2::Reason::REFUSED_STREAM)),
+        }
+    }
+}
 
 impl std::fmt::Display for DropConnection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("fake graph dropped the connection")
+        match self.refuse {
+            Some(_) => f.write_str("fake graph refused the stream"),
+            None => f.write_str("fake graph dropped the connection"),
+        }
     }
 }
 
-impl std::error::Error for DropConnection {}
+impl std::error::Error for DropConnection {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.refuse
+            .as_ref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
 
 type Reply = Response<Full<Bytes>>;
 
@@ -457,15 +618,27 @@ enum Action {
     Close,
 }
 
-async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Reply, DropConnection> {
+async fn handle(
+    inner: Arc<Inner>,
+    conn: Arc<ConnState>,
+    req: Request<Incoming>,
+) -> Result<Reply, DropConnection> {
+    if inner.take_refusal() {
+        return Err(DropConnection::refuse());
+    }
     inner.requests.fetch_add(1, Ordering::Relaxed);
+    if let Fault::GoAway { after } = inner.fault() {
+        if conn.requests.fetch_add(1, Ordering::Relaxed) + 1 == after.max(1) {
+            conn.go_away.notify_one();
+        }
+    }
     let _flight = InFlight::enter(&inner);
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(collected) => Some(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => None,
         // The client went away mid-body; nobody is left to answer.
-        Err(_) => return Err(DropConnection),
+        Err(_) => return Err(DropConnection::CLOSE),
     };
     let action = respond(&inner, &parts, body);
     let latency = inner.latency();
@@ -474,10 +647,10 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Reply, Drop
     }
     match action {
         Action::Reply(reply) => Ok(reply),
-        Action::Close => Err(DropConnection),
+        Action::Close => Err(DropConnection::CLOSE),
         Action::Hang => {
             inner.wait_shutdown().await;
-            Err(DropConnection)
+            Err(DropConnection::CLOSE)
         }
     }
 }
@@ -520,11 +693,11 @@ fn respond(inner: &Inner, parts: &http::request::Parts, body: Option<Bytes>) -> 
             .collect(),
         access_token: token.clone(),
         appsecret_proof: proof.clone(),
+        version: format!("{:?}", parts.version),
     });
 
-    let fault = inner.fault.lock().map(|f| f.clone()).unwrap_or_default();
-    match fault {
-        Fault::None => {}
+    match inner.fault() {
+        Fault::None | Fault::GoAway { .. } | Fault::RefuseStreams(_) => {}
         Fault::Hang => return Action::Hang,
         Fault::CloseConnection => return Action::Close,
         Fault::Garbage => {

@@ -145,6 +145,8 @@ impl Counters {
             post_method_get: self.post_method_get,
             max_in_flight,
             not_modified: self.not_modified,
+            // Connection-level counters live outside the state lock.
+            ..FakeGraphStats::default()
         }
     }
 }

@@ -1056,3 +1056,335 @@ fn tls_settings_are_validated() {
 fn urlencode(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
+
+// ---------------------------------------------------------------------------------------------
+// Graph over TLS and HTTP/2: upstream.ca_file, refused streams, GOAWAY
+// ---------------------------------------------------------------------------------------------
+
+/// A simulated Graph API serving TLS (HTTP/2 or HTTP/1.1 by ALPN) with a certificate from
+/// `pki`, with quotas too large to matter.
+async fn tls_graph(pki: &TestPki) -> graphgate::fake_graph::FakeGraph {
+    let (cert_pem, key_pem) = pki.issue("graph", &["localhost", "127.0.0.1"], false);
+    let cfg = graphgate::fake_graph::FakeGraphConfig {
+        tls: Some(graphgate::fake_graph::FakeGraphTls { cert_pem, key_pem }),
+        page_calls_limit: 1_000_000,
+        app_calls_limit: 1_000_000,
+        ..graph_config()
+    };
+    graphgate::fake_graph::FakeGraph::start(cfg, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap()
+}
+
+/// graphgate in front of `graph`, trusting the test CA through `upstream.ca_file`.
+async fn gateway_trusting(
+    graph: &graphgate::fake_graph::FakeGraph,
+    dir: &TempDir,
+    pki: &TestPki,
+    extra: &str,
+) -> Running {
+    let ca = dir.write("graph-ca.pem", &pki.ca_pem());
+    let toml = gateway_toml(
+        &graph.url(),
+        &format!("[upstream]\nca_file = {ca:?}\n{extra}"),
+    );
+    server::start(Config::from_toml(&toml, |_| None).unwrap())
+        .await
+        .unwrap()
+}
+
+async fn write_via(gw: &Running, graph: &graphgate::fake_graph::FakeGraph, message: &str) -> Reply {
+    send(
+        &client(),
+        Method::POST,
+        &format!("{}/1001/feed", gw.url()),
+        &[("content-type", "application/x-www-form-urlencoded")],
+        Bytes::from(format!("message={message}&access_token={ADMIN_KEY}")),
+        &secrets_of(graph),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn graph_over_tls_is_spoken_to_in_http2_with_the_ca_of_upstream_ca_file() {
+    let pki = TestPki::new();
+    let dir = TempDir::new("upstream-ca");
+    let graph = tls_graph(&pki).await;
+    assert!(graph.url().starts_with("https://127.0.0.1:"));
+    let gw = gateway_trusting(&graph, &dir, &pki, "").await;
+    for _ in 0..3 {
+        let r = get_via(
+            &gw,
+            &format!("/1001_1?fields=message&access_token={ADMIN_KEY}"),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    }
+    let r = write_via(&gw, &graph, "over-h2").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let seen = graph.requests();
+    assert_eq!(
+        seen.len(),
+        2,
+        "one read (then cached) and one write: {seen:?}"
+    );
+    assert!(seen.iter().all(|r| r.version == "HTTP/2.0"), "{seen:?}");
+    // One pooled HTTP/2 connection carries both calls.
+    assert_eq!(graph.stats().connections, 1);
+    gw.shutdown().await;
+    graph.shutdown();
+}
+
+#[tokio::test]
+async fn an_untrusted_graph_certificate_is_a_502_and_a_bad_ca_file_stops_start_up() {
+    let pki = TestPki::new();
+    let graph = tls_graph(&pki).await;
+    // Without ca_file the test CA is not trusted: nothing reaches Graph.
+    let gw = gateway_for(&graph.url(), "[upstream]\nretries = 0\n").await;
+    let r = get_via(&gw, &format!("/1001?access_token={ADMIN_KEY}")).await;
+    assert_graphgate_error(&r, StatusCode::BAD_GATEWAY);
+    assert_eq!(graph.stats().requests, 0);
+    gw.shutdown().await;
+
+    let dir = TempDir::new("bad-ca");
+    for (name, text) in [("empty.pem", ""), ("junk.pem", "not a certificate\n")] {
+        let path = dir.write(name, text);
+        let toml = gateway_toml(&graph.url(), &format!("[upstream]\nca_file = {path:?}\n"));
+        let err = server::start(Config::from_toml(&toml, |_| None).unwrap())
+            .await
+            .err()
+            .expect("an unusable ca_file stops start-up");
+        assert!(err.to_string().contains("upstream.ca_file"), "{err}");
+    }
+    let missing = dir.0.join("missing.pem").display().to_string();
+    let toml = gateway_toml(
+        &graph.url(),
+        &format!("[upstream]\nca_file = {missing:?}\n"),
+    );
+    assert!(server::start(Config::from_toml(&toml, |_| None).unwrap())
+        .await
+        .is_err());
+    graph.shutdown();
+}
+
+#[tokio::test]
+async fn a_stream_graph_refuses_is_sent_again_even_for_a_write_and_runs_once() {
+    let pki = TestPki::new();
+    let dir = TempDir::new("refused");
+    let graph = tls_graph(&pki).await;
+    // Retries of ordinary failures are off: only the refusal rule can send the write again.
+    let gw = gateway_trusting(&graph, &dir, &pki, "retries = 0\nretry_backoff_ms = 1\n").await;
+    graph.set_fault(Fault::RefuseStreams(2));
+    let r = write_via(&gw, &graph, "refused-twice").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let applied = graph
+        .posts_of("1001")
+        .iter()
+        .filter(|p| p.message == "refused-twice")
+        .count();
+    assert_eq!(applied, 1, "the write ran exactly once");
+    assert_eq!(graph.stats().refused, 2);
+    let m = metrics_of(&gw).await;
+    assert_eq!(
+        metric_value(
+            &m,
+            "graphgate_upstream_retries_total",
+            &["reason=\"refused\""]
+        ),
+        2.0
+    );
+
+    // A Graph that keeps refusing: the call is given up after 1 + 4 attempts, with a 502.
+    graph.set_fault(Fault::RefuseStreams(100));
+    let r = write_via(&gw, &graph, "always-refused").await;
+    assert_graphgate_error(&r, StatusCode::BAD_GATEWAY);
+    assert_eq!(graph.stats().refused, 2 + 5);
+    assert!(graph
+        .posts_of("1001")
+        .iter()
+        .all(|p| p.message != "always-refused"));
+    graph.set_fault(Fault::None);
+    gw.shutdown().await;
+    graph.shutdown();
+}
+
+#[tokio::test]
+async fn graph_rotating_http2_connections_with_goaway_loses_no_call_and_repeats_no_write() {
+    let pki = TestPki::new();
+    let dir = TempDir::new("goaway");
+    let graph = tls_graph(&pki).await;
+    // Generous deadline: this checks that nothing is lost, not speed, on a loaded machine.
+    // No pacing by graphgate's own Page quota either.
+    let extra = "timeout_ms = 15000\n[quota]\npage_calls = 1000000\npage_window_s = 1\n";
+    let gw = Arc::new(gateway_trusting(&graph, &dir, &pki, extra).await);
+    // Every connection is closed with a GOAWAY after its third request.
+    graph.set_fault(Fault::GoAway { after: 3 });
+    const CLIENTS: usize = 12;
+    const CALLS: usize = 10;
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        let gw = gw.clone();
+        let graph = graph.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            for i in 0..CALLS {
+                let n = c * CALLS + i;
+                let r = if i.is_multiple_of(4) {
+                    write_via(&gw, &graph, &format!("goaway-{n}")).await
+                } else {
+                    // Distinct keys, so every read goes to Graph.
+                    let fields = ["message", "created_time"][n / 60];
+                    let path = format!(
+                        "/1001_{}?fields={fields}&access_token={ADMIN_KEY}",
+                        1 + n % 60
+                    );
+                    get_via(&gw, &path).await
+                };
+                if r.status != StatusCode::OK {
+                    failures.push(format!("call {n}: {} {}", r.status, r.text()));
+                }
+            }
+            failures
+        }));
+    }
+    let mut failures = Vec::new();
+    for t in tasks {
+        failures.extend(t.await.unwrap());
+    }
+    assert!(failures.is_empty(), "lost calls: {failures:#?}");
+    let posts = graph.posts_of("1001");
+    for n in (0..CLIENTS * CALLS).filter(|n| (n % CALLS).is_multiple_of(4)) {
+        let message = format!("goaway-{n}");
+        let count = posts.iter().filter(|p| p.message == message).count();
+        assert_eq!(count, 1, "{message} applied {count} times");
+    }
+    let stats = graph.stats();
+    assert!(stats.goaways >= 5, "Graph rotated connections: {stats:?}");
+    assert!(graph.requests().iter().all(|r| r.version == "HTTP/2.0"));
+    graph.set_fault(Fault::None);
+    match Arc::try_unwrap(gw) {
+        Ok(gw) => gw.shutdown().await,
+        Err(_) => unreachable!("all tasks have finished"),
+    }
+    graph.shutdown();
+}
+
+/// A front for `graph` on its own port: its first connection speaks TLS + HTTP/2 itself and,
+/// as soon as the first request's HEADERS frame arrives, answers with a GOAWAY whose last
+/// stream id is 0 (nothing processed) and closes; every later connection is passed through
+/// to `graph` byte for byte. Returns the front's URL and its connection counter.
+async fn goaway_first_front(
+    pki: &TestPki,
+    graph: &graphgate::fake_graph::FakeGraph,
+) -> (String, Arc<AtomicUsize>) {
+    use rustls::pki_types::pem::PemObject;
+    let (cert, key) = pki.issue("front", &["127.0.0.1"], false);
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let graph_addr = graph.addr();
+    let count = Arc::new(AtomicUsize::new(0));
+    let counter = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            if counter.fetch_add(1, Ordering::SeqCst) > 0 {
+                tokio::spawn(async move {
+                    if let Ok(mut upstream) = TcpStream::connect(graph_addr).await {
+                        let _ = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+                    }
+                });
+                continue;
+            }
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                // Client preface, then frames (9-byte header: length, type, flags, stream)
+                // until a HEADERS frame (type 1).
+                let mut preface = [0u8; 24];
+                if tls.read_exact(&mut preface).await.is_err() {
+                    return;
+                }
+                loop {
+                    let mut head = [0u8; 9];
+                    if tls.read_exact(&mut head).await.is_err() {
+                        return;
+                    }
+                    let len = usize::from(head[0]) << 16
+                        | usize::from(head[1]) << 8
+                        | usize::from(head[2]);
+                    let mut payload = vec![0u8; len];
+                    if tls.read_exact(&mut payload).await.is_err() {
+                        return;
+                    }
+                    if head[3] == 1 {
+                        break;
+                    }
+                }
+                // Empty SETTINGS, then GOAWAY(last_stream_id = 0, NO_ERROR).
+                let mut frames = vec![0, 0, 0, 4, 0, 0, 0, 0, 0];
+                frames.extend_from_slice(&[0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+                let _ = tls.write_all(&frames).await;
+                let _ = tls.flush().await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    (url, count)
+}
+
+#[tokio::test]
+async fn a_call_above_the_last_stream_id_of_a_goaway_is_sent_again_even_for_a_write() {
+    let pki = TestPki::new();
+    let dir = TempDir::new("goaway-first");
+    let graph = tls_graph(&pki).await;
+    let (front, conns) = goaway_first_front(&pki, &graph).await;
+    let ca = dir.write("graph-ca.pem", &pki.ca_pem());
+    // Retries of ordinary failures are off: only the refusal rule can send the write again.
+    let toml = gateway_toml(
+        &front,
+        &format!("[upstream]\nca_file = {ca:?}\nretries = 0\n"),
+    );
+    let gw = server::start(Config::from_toml(&toml, |_| None).unwrap())
+        .await
+        .unwrap();
+    let r = write_via(&gw, &graph, "after-goaway").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        2,
+        "the write went out again on a new connection"
+    );
+    let applied = graph
+        .posts_of("1001")
+        .iter()
+        .filter(|p| p.message == "after-goaway")
+        .count();
+    assert_eq!(applied, 1);
+    let m = metrics_of(&gw).await;
+    assert_eq!(
+        metric_value(
+            &m,
+            "graphgate_upstream_retries_total",
+            &["reason=\"refused\""]
+        ),
+        1.0
+    );
+    gw.shutdown().await;
+    graph.shutdown();
+}
