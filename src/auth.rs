@@ -122,10 +122,9 @@ impl ClientRegistry {
         &self,
         headers: &HeaderMap,
         extensions: &http::Extensions,
-        query: &Params,
-        form: &Params,
+        tokens: &Params,
     ) -> Result<(Arc<Client>, String), ProxyError> {
-        match presented_key(headers, query, form) {
+        match presented_key(headers, tokens) {
             Ok(key) => Ok((self.lookup(&key)?, key)),
             Err(ProxyError::MissingKey) => {
                 let peer = extensions
@@ -148,14 +147,10 @@ pub struct PeerCertificate {
     pub names: Vec<String>,
 }
 
-/// The single key a request presents: from `access_token` in the query or form body, or
-/// `Authorization: Bearer|OAuth`. The same key may appear more than once (an SDK adding its
-/// token to a paging link that already carries it); different keys are refused.
-pub fn presented_key(
-    headers: &HeaderMap,
-    query: &Params,
-    form: &Params,
-) -> Result<String, ProxyError> {
+/// The single key a request presents: from `access_token` parameters (query or form body,
+/// in `tokens`), or `Authorization: Bearer|OAuth`. The same key may appear more than once (an
+/// SDK adding its token to a paging link that already carries it); different keys are refused.
+pub fn presented_key(headers: &HeaderMap, tokens: &Params) -> Result<String, ProxyError> {
     let mut found: Option<String> = None;
     let mut offer = |k: &str| -> Result<(), ProxyError> {
         let k = k.trim();
@@ -182,10 +177,7 @@ pub fn presented_key(
             offer(token)?;
         }
     }
-    for k in query.get_all("access_token") {
-        offer(k)?;
-    }
-    for k in form.get_all("access_token") {
+    for k in tokens.get_all("access_token") {
         offer(k)?;
     }
     found.ok_or(ProxyError::MissingKey)
@@ -275,25 +267,23 @@ mod tests {
         let mut ext = http::Extensions::new();
         let none = Params::new();
         assert!(matches!(
-            r.authenticate(&HeaderMap::new(), &ext, &none, &none),
+            r.authenticate(&HeaderMap::new(), &ext, &none),
             Err(ProxyError::MissingKey)
         ));
         ext.insert(PeerCertificate {
             names: vec!["other".into(), "admin.example".into()],
         });
-        let (c, key) = r
-            .authenticate(&HeaderMap::new(), &ext, &none, &none)
-            .unwrap();
+        let (c, key) = r.authenticate(&HeaderMap::new(), &ext, &none).unwrap();
         assert_eq!((c.name.as_str(), key.as_str()), ("admin", ""));
         // A presented key wins over the certificate.
         let q = Params::parse("access_token=key-reader-1").unwrap();
-        let (c, _) = r.authenticate(&HeaderMap::new(), &ext, &q, &none).unwrap();
+        let (c, _) = r.authenticate(&HeaderMap::new(), &ext, &q).unwrap();
         assert_eq!(c.name, "reader");
         ext.insert(PeerCertificate {
             names: vec!["nobody".into()],
         });
         assert!(matches!(
-            r.authenticate(&HeaderMap::new(), &ext, &none, &none),
+            r.authenticate(&HeaderMap::new(), &ext, &none),
             Err(ProxyError::UnknownKey)
         ));
     }
@@ -303,18 +293,15 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("authorization", "Bearer k1".parse().unwrap());
         let q = Params::parse("access_token=k1").unwrap();
-        assert_eq!(presented_key(&h, &q, &Params::new()).unwrap(), "k1");
+        assert_eq!(presented_key(&h, &q).unwrap(), "k1");
         let q2 = Params::parse("access_token=k2").unwrap();
-        assert!(presented_key(&h, &q2, &Params::new()).is_err());
+        assert!(presented_key(&h, &q2).is_err());
         assert!(matches!(
-            presented_key(&HeaderMap::new(), &Params::new(), &Params::new()),
+            presented_key(&HeaderMap::new(), &Params::new()),
             Err(ProxyError::MissingKey)
         ));
-        let form = Params::parse("access_token=k3").unwrap();
-        assert_eq!(
-            presented_key(&HeaderMap::new(), &Params::new(), &form).unwrap(),
-            "k3"
-        );
+        let both = Params::parse("access_token=k3&access_token=k3").unwrap();
+        assert_eq!(presented_key(&HeaderMap::new(), &both).unwrap(), "k3");
     }
 
     #[test]

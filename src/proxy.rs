@@ -57,9 +57,9 @@ pub struct Call {
     pub path: GraphPath,
     /// Query and form parameters together, query first.
     pub params: Params,
-    /// Where the parameters came from matters for nothing but the key: kept for that.
-    query: Params,
-    form: Params,
+    /// The `access_token` parameters, query first, then form body (taken out of `params`):
+    /// the client keys presented, for authentication.
+    presented_tokens: Params,
     opaque_body: Option<(HeaderValue, Bytes)>,
     pub ids: Vec<String>,
     pub batch: Option<Vec<BatchOp>>,
@@ -129,6 +129,20 @@ impl Call {
     }
 }
 
+/// A request's trace id, `gg{prefix:08x}{seq:x}`: formatted only where it is used (an error
+/// body, a log line), not on every hit.
+#[derive(Debug, Clone, Copy)]
+struct TraceId {
+    prefix: u32,
+    seq: u64,
+}
+
+impl std::fmt::Display for TraceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "gg{:08x}{:x}", self.prefix, self.seq)
+    }
+}
+
 /// What the handler produced, with the labels the request log and metrics need.
 struct Outcome {
     response: Response<Full<Bytes>>,
@@ -188,9 +202,11 @@ impl Gateway {
         self.draining.load(Ordering::SeqCst)
     }
 
-    fn next_trace_id(&self) -> String {
-        let n = self.trace_seq.fetch_add(1, Ordering::Relaxed);
-        format!("gg{:08x}{:x}", self.trace_prefix, n)
+    fn next_trace_id(&self) -> TraceId {
+        TraceId {
+            prefix: self.trace_prefix,
+            seq: self.trace_seq.fetch_add(1, Ordering::Relaxed),
+        }
     }
 
     /// Answers one client request. Never fails: errors become Graph-style replies.
@@ -210,7 +226,7 @@ impl Gateway {
                     .with_label_values(&[e.label()])
                     .inc();
                 Outcome {
-                    response: e.into_response(&trace_id),
+                    response: e.into_response(&trace_id.to_string()),
                     route,
                     cache: "none",
                     client,
@@ -261,7 +277,8 @@ impl Gateway {
             "request"
         );
         let mut response = outcome.response;
-        if let Ok(v) = HeaderValue::from_str(&trace_id) {
+        // The header takes the formatted id's buffer as it is (no second copy).
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(trace_id.to_string())) {
             response.headers_mut().insert("x-graphgate-trace-id", v);
         }
         response
@@ -298,7 +315,7 @@ impl Gateway {
         // Phase: authenticate and authorize.
         let (client, key) = self
             .clients
-            .authenticate(&parts.headers, &parts.extensions, &call.query, &call.form)
+            .authenticate(&parts.headers, &parts.extensions, &call.presented_tokens)
             .map_err(|e| (e, route, None))?;
         let with_client = |e: ProxyError| (e, route, Some(client.clone()));
         self.authorize(&client, &call).map_err(with_client)?;
@@ -307,12 +324,12 @@ impl Gateway {
         let version = call
             .path
             .version
-            .clone()
-            .unwrap_or_else(|| self.config.upstream.default_version.clone());
+            .as_deref()
+            .unwrap_or(&self.config.upstream.default_version);
 
         // Phase: cache. Cacheable reads end here (hit, stale, or one coalesced fill).
         if let Some(served) = self
-            .cached_read(&call, &version, &parts.headers, key.as_str())
+            .cached_read(&call, version, &parts.headers, key.as_str())
             .await
             .map_err(with_client)?
         {
@@ -330,7 +347,7 @@ impl Gateway {
         // Phase: choose the token and send upstream.
         let upstream_started = Instant::now();
         let (reply, injected) = self
-            .forward(&call, &version, true)
+            .forward(&call, version, true)
             .await
             .map_err(with_client)?;
         let upstream_ms = upstream_started.elapsed().as_millis();
@@ -555,7 +572,11 @@ impl Gateway {
 }
 
 /// The Page a request log line names: the one charged upstream, else the one the call names.
+/// `None` when the line will not be written (no copy of the id per hit for nothing).
 fn log_page(call: &Call) -> Option<String> {
+    if !tracing::enabled!(tracing::Level::INFO) {
+        return None;
+    }
     call.stats
         .charged_page()
         .or(call.quota_hints.page.as_deref())
@@ -661,10 +682,10 @@ pub fn parse_call(
             opaque_body = Some((ct.clone(), body));
         }
     }
-    let mut params = query.clone();
-    params.extend(form.clone());
+    let mut params = query;
+    params.extend(form);
     let method = effective_method(http_method, &params)?;
-    params.remove("access_token");
+    let presented_tokens = params.take("access_token");
     params.remove("appsecret_proof");
     let ids = parse_ids(&params)?;
     let batch = match params.get("batch") {
@@ -681,8 +702,7 @@ pub fn parse_call(
         http_method,
         path,
         params,
-        query,
-        form,
+        presented_tokens,
         opaque_body,
         ids,
         batch,

@@ -71,14 +71,14 @@ pub fn build(
     let mut readable = String::with_capacity(version.len() + rule_path.len() + 64);
     readable.push_str(version);
     readable.push_str(&rule_path);
-    let mut query = form_urlencoded::Serializer::new(String::new());
-    for (k, v) in &pairs {
-        query.append_pair(k, v);
-    }
-    let query = query.finish();
-    if !query.is_empty() {
+    if !pairs.is_empty() {
         readable.push('?');
-        readable.push_str(&query);
+        let start = readable.len();
+        let mut query = form_urlencoded::Serializer::for_suffix(readable, start);
+        for (k, v) in &pairs {
+            query.append_pair(k, v);
+        }
+        readable = query.finish();
     }
     readable.push('#');
     readable.push_str(identity);

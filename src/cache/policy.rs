@@ -52,6 +52,9 @@ impl Policy {
     /// TTL for a path such as `/1001/feed` (no version): the first matching rule, else the
     /// default. Zero means "never cache".
     pub fn ttl_for(&self, rule_path: &str) -> Duration {
+        if self.rules.is_empty() {
+            return self.default_ttl;
+        }
         let segs: Vec<&str> = rule_path.split('/').filter(|s| !s.is_empty()).collect();
         self.rules
             .iter()

@@ -62,6 +62,15 @@ impl Params {
         self.0.retain(|(k, _)| k != name);
     }
 
+    /// Moves every occurrence of `name` out, in order.
+    pub fn take(&mut self, name: &str) -> Params {
+        let (taken, kept) = std::mem::take(&mut self.0)
+            .into_iter()
+            .partition(|(k, _)| k == name);
+        self.0 = kept;
+        Params(taken)
+    }
+
     /// Sets `name` to one value, replacing any others.
     pub fn set(&mut self, name: &str, value: impl Into<String>) {
         self.remove(name);
@@ -98,7 +107,12 @@ impl Params {
     }
 }
 
+/// One form-urlencoded name or value, decoded. Components without `+` or `%` (most of them:
+/// `fields=id,name`, keys, ids) are copied once instead of going through both decoders.
 fn decode_component(s: &str) -> Result<String, ProxyError> {
+    if !s.bytes().any(|b| b == b'+' || b == b'%') {
+        return Ok(s.to_string());
+    }
     let plus_decoded = s.replace('+', " ");
     percent_decode_str(&plus_decoded)
         .decode_utf8()
@@ -377,6 +391,18 @@ mod tests {
         assert_eq!(Params::parse(&p.encode()).unwrap(), p);
         assert!(Params::parse("a=%FF%FE").is_err());
         assert!(Params::parse("=x").is_err());
+    }
+
+    #[test]
+    fn take_moves_every_occurrence_out_in_order() {
+        let mut p = Params::parse("access_token=a&fields=id&access_token=b&limit=2").unwrap();
+        let taken = p.take("access_token");
+        assert_eq!(
+            taken.get_all("access_token").collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(p, Params::parse("fields=id&limit=2").unwrap());
+        assert!(p.take("access_token").is_empty());
     }
 
     #[test]
