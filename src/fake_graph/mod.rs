@@ -461,25 +461,22 @@ impl Inner {
         }
     }
 
-    fn fault(&self) -> Fault {
-        self.fault.lock().map(|f| f.clone()).unwrap_or_default()
-    }
-
-    /// Takes one refusal of [`Fault::RefuseStreams`], if one is left.
-    fn take_refusal(&self) -> bool {
+    /// The fault that applies to the next request, read once per request. A refusal of
+    /// [`Fault::RefuseStreams`] is used up by taking it.
+    fn next_fault(&self) -> Fault {
         let mut fault = self.fault.lock().unwrap_or_else(|e| e.into_inner());
-        match *fault {
-            Fault::RefuseStreams(n) if n > 0 => {
-                *fault = if n == 1 {
-                    Fault::None
-                } else {
-                    Fault::RefuseStreams(n - 1)
-                };
-                self.refused.fetch_add(1, Ordering::Relaxed);
-                true
+        let current = fault.clone();
+        if let Fault::RefuseStreams(n) = current {
+            *fault = match n {
+                0 | 1 => Fault::None,
+                _ => Fault::RefuseStreams(n - 1),
+            };
+            if n == 0 {
+                return Fault::None;
             }
-            _ => false,
+            self.refused.fetch_add(1, Ordering::Relaxed);
         }
+        current
     }
 
     async fn wait_shutdown(&self) {
@@ -623,15 +620,17 @@ async fn handle(
     conn: Arc<ConnState>,
     req: Request<Incoming>,
 ) -> Result<Reply, DropConnection> {
-    if inner.take_refusal() {
+    let fault = inner.next_fault();
+    if let Fault::RefuseStreams(_) = fault {
         return Err(DropConnection::refuse());
     }
-    inner.requests.fetch_add(1, Ordering::Relaxed);
-    if let Fault::GoAway { after } = inner.fault() {
-        if conn.requests.fetch_add(1, Ordering::Relaxed) + 1 == after.max(1) {
+    if let Fault::GoAway { after } = fault {
+        let served = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        if served == after.max(1) {
             conn.go_away.notify_one();
         }
     }
+    inner.requests.fetch_add(1, Ordering::Relaxed);
     let _flight = InFlight::enter(&inner);
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, MAX_BODY).collect().await {
@@ -640,7 +639,7 @@ async fn handle(
         // The client went away mid-body; nobody is left to answer.
         Err(_) => return Err(DropConnection::CLOSE),
     };
-    let action = respond(&inner, &parts, body);
+    let action = respond(&inner, &parts, body, fault);
     let latency = inner.latency();
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -656,7 +655,12 @@ async fn handle(
 }
 
 /// Processes one HTTP request synchronously (no awaits while the state lock is held).
-fn respond(inner: &Inner, parts: &http::request::Parts, body: Option<Bytes>) -> Action {
+fn respond(
+    inner: &Inner,
+    parts: &http::request::Parts,
+    body: Option<Bytes>,
+    fault: Fault,
+) -> Action {
     let mut query = Params::default();
     query.extend_urlencoded(parts.uri.query().unwrap_or("").as_bytes());
     let form = body
@@ -696,7 +700,7 @@ fn respond(inner: &Inner, parts: &http::request::Parts, body: Option<Bytes>) -> 
         version: format!("{:?}", parts.version),
     });
 
-    match inner.fault() {
+    match fault {
         Fault::None | Fault::GoAway { .. } | Fault::RefuseStreams(_) => {}
         Fault::Hang => return Action::Hang,
         Fault::CloseConnection => return Action::Close,
