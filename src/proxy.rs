@@ -129,20 +129,6 @@ impl Call {
     }
 }
 
-/// A request's trace id, `gg{prefix:08x}{seq:x}`: formatted only where it is used (an error
-/// body, a log line), not on every hit.
-#[derive(Debug, Clone, Copy)]
-struct TraceId {
-    prefix: u32,
-    seq: u64,
-}
-
-impl std::fmt::Display for TraceId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "gg{:08x}{:x}", self.prefix, self.seq)
-    }
-}
-
 /// What the handler produced, with the labels the request log and metrics need.
 struct Outcome {
     response: Response<Full<Bytes>>,
@@ -202,11 +188,9 @@ impl Gateway {
         self.draining.load(Ordering::SeqCst)
     }
 
-    fn next_trace_id(&self) -> TraceId {
-        TraceId {
-            prefix: self.trace_prefix,
-            seq: self.trace_seq.fetch_add(1, Ordering::Relaxed),
-        }
+    fn next_trace_id(&self) -> String {
+        let n = self.trace_seq.fetch_add(1, Ordering::Relaxed);
+        format!("gg{:08x}{:x}", self.trace_prefix, n)
     }
 
     /// Answers one client request. Never fails: errors become Graph-style replies.
@@ -226,7 +210,7 @@ impl Gateway {
                     .with_label_values(&[e.label()])
                     .inc();
                 Outcome {
-                    response: e.into_response(&trace_id.to_string()),
+                    response: e.into_response(&trace_id),
                     route,
                     cache: "none",
                     client,
@@ -278,7 +262,7 @@ impl Gateway {
         );
         let mut response = outcome.response;
         // The header takes the formatted id's buffer as it is (no second copy).
-        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(trace_id.to_string())) {
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(trace_id)) {
             response.headers_mut().insert("x-graphgate-trace-id", v);
         }
         response

@@ -43,7 +43,7 @@ impl Reloadable {
     }
 }
 
-pub fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("{what} {}: {e}", path.display()))?
         .collect::<Result<Vec<_>, _>>()
@@ -80,11 +80,7 @@ pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, String> {
     let certs = read_certs(&cfg.cert_file, "server.tls_cert_file")?;
     let key = PrivateKeyDer::from_pem_file(&cfg.key_file)
         .map_err(|e| format!("server.tls_key_file {}: {e}", cfg.key_file.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(rustls::DEFAULT_VERSIONS)
-        .map_err(|e| format!("TLS: {e}"))?;
-    let builder = match &cfg.client_ca_file {
+    let verifier = match &cfg.client_ca_file {
         Some(ca) => {
             let mut roots = RootCertStore::empty();
             for c in read_certs(ca, "server.tls_client_ca_file")? {
@@ -92,17 +88,46 @@ pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, String> {
                     .add(c)
                     .map_err(|e| format!("server.tls_client_ca_file {}: {e}", ca.display()))?;
             }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| format!("server.tls_client_ca_file {}: {e}", ca.display()))?;
-            builder.with_client_cert_verifier(verifier)
+            let verifier = WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                Arc::new(rustls::crypto::ring::default_provider()),
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| format!("server.tls_client_ca_file {}: {e}", ca.display()))?;
+            Some(verifier)
         }
+        None => None,
+    };
+    alpn_server_config(certs, key, verifier)
+        .map_err(|e| format!("server.tls_cert_file/tls_key_file: {e}"))
+}
+
+/// A server configuration from a PEM certificate chain and key held in memory, without client
+/// certificates: the simulated Graph API's TLS, and test servers.
+pub fn server_config_from_pem(cert_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>, String> {
+    let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("certificate: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| format!("key: {e}"))?;
+    alpn_server_config(certs, key, None).map_err(|e| format!("certificate/key: {e}"))
+}
+
+/// rustls (ring, default protocol versions) serving HTTP/2 and HTTP/1.1 by ALPN; with a
+/// verifier, clients may present a certificate.
+fn alpn_server_config(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let builder =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(rustls::DEFAULT_VERSIONS)?;
+    let builder = match client_verifier {
+        Some(v) => builder.with_client_cert_verifier(v),
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("server.tls_cert_file/tls_key_file: {e}"))?;
+    let mut config = builder.with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

@@ -90,22 +90,9 @@ impl std::fmt::Debug for FakeGraphTls {
 
 impl FakeGraphTls {
     fn acceptor(&self) -> std::io::Result<TlsAcceptor> {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let bad = |e: &dyn std::fmt::Display| std::io::Error::other(format!("fake graph TLS: {e}"));
-        let certs = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad(&e))?;
-        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| bad(&e))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(rustls::DEFAULT_VERSIONS)
-            .map_err(|e| bad(&e))?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .map_err(|e| bad(&e))?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(TlsAcceptor::from(Arc::new(config)))
+        crate::tls::server_config_from_pem(&self.cert_pem, &self.key_pem)
+            .map(TlsAcceptor::from)
+            .map_err(|e| std::io::Error::other(format!("fake graph TLS: {e}")))
     }
 }
 
@@ -465,18 +452,22 @@ impl Inner {
     /// [`Fault::RefuseStreams`] is used up by taking it.
     fn next_fault(&self) -> Fault {
         let mut fault = self.fault.lock().unwrap_or_else(|e| e.into_inner());
-        let current = fault.clone();
-        if let Fault::RefuseStreams(n) = current {
-            *fault = match n {
-                0 | 1 => Fault::None,
-                _ => Fault::RefuseStreams(n - 1),
-            };
-            if n == 0 {
-                return Fault::None;
+        match *fault {
+            Fault::RefuseStreams(0) => {
+                *fault = Fault::None;
+                Fault::None
             }
-            self.refused.fetch_add(1, Ordering::Relaxed);
+            Fault::RefuseStreams(n) => {
+                *fault = if n == 1 {
+                    Fault::None
+                } else {
+                    Fault::RefuseStreams(n - 1)
+                };
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                Fault::RefuseStreams(n)
+            }
+            ref other => other.clone(),
         }
-        current
     }
 
     async fn wait_shutdown(&self) {

@@ -1076,18 +1076,12 @@ async fn tls_graph(pki: &TestPki) -> graphgate::fake_graph::FakeGraph {
         .unwrap()
 }
 
-/// graphgate in front of `graph`, trusting the test CA through `upstream.ca_file`.
-async fn gateway_trusting(
-    graph: &graphgate::fake_graph::FakeGraph,
-    dir: &TempDir,
-    pki: &TestPki,
-    extra: &str,
-) -> Running {
+/// graphgate in front of `upstream`, trusting the test CA through `upstream.ca_file` (read
+/// at start-up, so its directory may go once graphgate runs). `extra` continues `[upstream]`.
+async fn gateway_trusting(upstream: &str, pki: &TestPki, extra: &str) -> Running {
+    let dir = TempDir::new("upstream-ca");
     let ca = dir.write("graph-ca.pem", &pki.ca_pem());
-    let toml = gateway_toml(
-        &graph.url(),
-        &format!("[upstream]\nca_file = {ca:?}\n{extra}"),
-    );
+    let toml = gateway_toml(upstream, &format!("[upstream]\nca_file = {ca:?}\n{extra}"));
     server::start(Config::from_toml(&toml, |_| None).unwrap())
         .await
         .unwrap()
@@ -1117,10 +1111,9 @@ fn times_applied(graph: &graphgate::fake_graph::FakeGraph, message: &str) -> usi
 #[tokio::test]
 async fn graph_over_tls_is_spoken_to_in_http2_with_the_ca_of_upstream_ca_file() {
     let pki = TestPki::new();
-    let dir = TempDir::new("upstream-ca");
     let graph = tls_graph(&pki).await;
     assert!(graph.url().starts_with("https://127.0.0.1:"));
-    let gw = gateway_trusting(&graph, &dir, &pki, "").await;
+    let gw = gateway_trusting(&graph.url(), &pki, "").await;
     for _ in 0..3 {
         let r = get_via(
             &gw,
@@ -1179,10 +1172,9 @@ async fn an_untrusted_graph_certificate_is_a_502_and_a_bad_ca_file_stops_start_u
 #[tokio::test]
 async fn a_stream_graph_refuses_is_sent_again_even_for_a_write_and_runs_once() {
     let pki = TestPki::new();
-    let dir = TempDir::new("refused");
     let graph = tls_graph(&pki).await;
     // Retries of ordinary failures are off: only the refusal rule can send the write again.
-    let gw = gateway_trusting(&graph, &dir, &pki, "retries = 0\nretry_backoff_ms = 1\n").await;
+    let gw = gateway_trusting(&graph.url(), &pki, "retries = 0\nretry_backoff_ms = 1\n").await;
     graph.set_fault(Fault::RefuseStreams(2));
     let r = write_via(&gw, &graph, "refused-twice").await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
@@ -1216,12 +1208,11 @@ async fn a_stream_graph_refuses_is_sent_again_even_for_a_write_and_runs_once() {
 #[tokio::test]
 async fn graph_rotating_http2_connections_with_goaway_loses_no_call_and_repeats_no_write() {
     let pki = TestPki::new();
-    let dir = TempDir::new("goaway");
     let graph = tls_graph(&pki).await;
     // Generous deadline: this checks that nothing is lost, not speed, on a loaded machine.
     // No pacing by graphgate's own Page quota either.
     let extra = "timeout_ms = 15000\n[quota]\npage_calls = 1000000\npage_window_s = 1\n";
-    let gw = Arc::new(gateway_trusting(&graph, &dir, &pki, extra).await);
+    let gw = Arc::new(gateway_trusting(&graph.url(), &pki, extra).await);
     // Every connection is closed with a GOAWAY after its third request.
     graph.set_fault(Fault::GoAway { after: 3 });
     const CLIENTS: usize = 12;
@@ -1280,22 +1271,10 @@ async fn goaway_first_front(
     pki: &TestPki,
     graph: &graphgate::fake_graph::FakeGraph,
 ) -> (String, Arc<AtomicUsize>) {
-    use rustls::pki_types::pem::PemObject;
     let (cert, key) = pki.issue("front", &["127.0.0.1"], false);
-    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
-    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .unwrap();
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let acceptor = tokio_rustls::TlsAcceptor::from(
+        graphgate::tls::server_config_from_pem(&cert, &key).unwrap(),
+    );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}", listener.local_addr().unwrap());
     let graph_addr = graph.addr();
@@ -1354,18 +1333,10 @@ async fn goaway_first_front(
 #[tokio::test]
 async fn a_call_above_the_last_stream_id_of_a_goaway_is_sent_again_even_for_a_write() {
     let pki = TestPki::new();
-    let dir = TempDir::new("goaway-first");
     let graph = tls_graph(&pki).await;
     let (front, conns) = goaway_first_front(&pki, &graph).await;
-    let ca = dir.write("graph-ca.pem", &pki.ca_pem());
     // Retries of ordinary failures are off: only the refusal rule can send the write again.
-    let toml = gateway_toml(
-        &front,
-        &format!("[upstream]\nca_file = {ca:?}\nretries = 0\n"),
-    );
-    let gw = server::start(Config::from_toml(&toml, |_| None).unwrap())
-        .await
-        .unwrap();
+    let gw = gateway_trusting(&front, &pki, "retries = 0\n").await;
     let r = write_via(&gw, &graph, "after-goaway").await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(
