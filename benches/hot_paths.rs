@@ -1,10 +1,11 @@
 //! Criterion benches for the per-request hot paths that need no sockets: request parsing,
 //! fields canonicalisation, cache key building, paging-link rewrite of a 100 KB feed page,
-//! usage-header parsing.
+//! usage-header parsing, and storing/reading a cached body LZ4-compressed.
 //! See benches/README.md for what each measures and the figures on the project machine.
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use graphgate::cache::entry::Entry;
 use graphgate::cache::key;
 use graphgate::graph::fields::canonicalize;
 use graphgate::graph::request::Params;
@@ -95,6 +96,85 @@ fn paging_rewrite(c: &mut Criterion) {
     g.finish();
 }
 
+/// A 1 KB node as compare.sh serves it (a long, repetitive description).
+fn compare_node() -> Bytes {
+    let desc =
+        "Small-batch roasts, single origins and seasonal blends; open seven days. ".repeat(11);
+    let mut body = format!(
+        r#"{{"id":"1001","name":"Acme Coffee","about":"Small-batch roasts - open 7/7","category":"Coffee Shop","fan_count":12345,"link":"https://www.facebook.com/1001","description":"{desc}"#
+    );
+    while body.len() < 1022 {
+        body.push('.');
+    }
+    body.push_str("\"}");
+    Bytes::from(body)
+}
+
+/// About 1 KB of feed with varied words, ids and times: compresses less than compare.sh's node.
+fn varied_feed() -> Bytes {
+    const WORDS: &[&str] = &[
+        "opening", "weekend", "roast", "Ethiopia", "limited", "batch", "thanks", "everyone",
+        "market", "Saturday", "new", "menu", "oat", "latte", "pastry", "team", "hiring", "barista",
+        "closed", "holiday", "order", "online", "pickup", "winter", "blend",
+    ];
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let posts: Vec<String> = (0..5)
+        .map(|_| {
+            let msg: Vec<&str> = (0..18).map(|_| WORDS[next() as usize % WORDS.len()]).collect();
+            format!(
+                r#"{{"id":"1001_{}","message":"{}","created_time":"2026-{:02}-{:02}T{:02}:{:02}:00+0000"}}"#,
+                next() % 10_000_000_000,
+                msg.join(" "),
+                next() % 12 + 1,
+                next() % 28 + 1,
+                next() % 24,
+                next() % 60
+            )
+        })
+        .collect();
+    Bytes::from(format!(r#"{{"data":[{}]}}"#, posts.join(",")))
+}
+
+fn cached_bodies(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cached body");
+    for (name, body) in [
+        ("1 KB node", compare_node()),
+        ("varied feed", varied_feed()),
+    ] {
+        let entry = Entry::new(
+            http::StatusCode::OK,
+            Vec::new(),
+            rewrite::PreparedBody {
+                bytes: body.clone(),
+                has_key_placeholder: false,
+            },
+            std::time::Duration::from_secs(60),
+        );
+        let stored = entry.for_storage(true);
+        let size = stored.body().map(|b| b.bytes.len()).unwrap_or(0);
+        println!(
+            "{name}: {} B, stored {} B (compressed: {})",
+            body.len(),
+            stored.weight() as usize - (entry.weight() as usize - body.len()),
+            stored.is_compressed()
+        );
+        assert_eq!(size, body.len());
+        g.bench_function(format!("store {name} (compress)"), |b| {
+            b.iter(|| black_box(&entry).for_storage(true))
+        });
+        g.bench_function(format!("read {name} (decompress)"), |b| {
+            b.iter(|| black_box(&stored).body())
+        });
+    }
+    g.finish();
+}
+
 fn usage_headers(c: &mut Criterion) {
     let buc = r#"{"1001":[{"type":"pages","call_count":12,"total_cputime":3,"total_time":4,"estimated_time_to_regain_access":0}],"1002":[{"type":"pages","call_count":80,"total_cputime":40,"total_time":41,"estimated_time_to_regain_access":0}]}"#;
     let app = r#"{"call_count":28,"total_time":25,"total_cputime":25}"#;
@@ -106,5 +186,11 @@ fn usage_headers(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, request_parsing, paging_rewrite, usage_headers);
+criterion_group!(
+    benches,
+    request_parsing,
+    paging_rewrite,
+    cached_bodies,
+    usage_headers
+);
 criterion_main!(benches);

@@ -1,6 +1,8 @@
 //! Memory per cached entry, without sockets: stores N entries of a 1 KB body straight into
 //! the in-process cache (as a fill would: body sliced from a larger read buffer, Graph's
 //! usual headers) and prints RSS growth per entry. Uses the binary's allocator (mimalloc).
+//! The body is compare.sh's; `GG_BODY_FILE=path` stores that file's bytes instead, and
+//! `GG_NO_COMPRESS=1` turns `[cache] compress` off.
 //!
 //! ```text
 //! cargo run --release --example entry_memory -- 300000
@@ -77,11 +79,19 @@ fn main() {
             default_ttl: Duration::from_secs(3600),
             stale_while_revalidate: Duration::from_secs(60),
             stale_if_error: Duration::from_secs(600),
+            compress: std::env::var_os("GG_NO_COMPRESS").is_none(),
             rules: Vec::new(),
         };
         let cache = Cache::new(&cfg, Arc::new(Metrics::new()));
-        let mut read_buffer = vec![b'x'; 8192];
-        read_buffer[0] = b'{';
+        // The body compare.sh serves (1024 B of Graph-like JSON), or GG_BODY_FILE's bytes,
+        // placed inside a larger read buffer as hyper hands it over.
+        let body = std::env::var_os("GG_BODY_FILE")
+            .map(|f| std::fs::read(f).expect("GG_BODY_FILE"))
+            .unwrap_or_else(compare_body);
+        let body_len = body.len();
+        let mut read_buffer = vec![b' '; 100];
+        read_buffer.extend_from_slice(&body);
+        read_buffer.resize(8192.max(body_len + 200), b' ');
         let read_buffer = Bytes::from(read_buffer);
         let headers = vec![
             (
@@ -112,7 +122,7 @@ fn main() {
                 StatusCode::OK,
                 headers.clone(),
                 PreparedBody {
-                    bytes: read_buffer.slice(100..1124),
+                    bytes: read_buffer.slice(100..100 + body_len),
                     has_key_placeholder: false,
                 },
                 Duration::from_secs(3600),
@@ -136,9 +146,23 @@ fn main() {
         );
         let per = (after - before) as f64 * 1024.0 / entries as f64;
         println!(
-            "entries={entries} weight_per_entry={} rss_growth_per_entry={per:.0} B ({:.2}x of 1024 B)",
+            "entries={entries} weight_per_entry={} rss_growth_per_entry={per:.0} B ({:.2}x of {body_len} B)",
             weight / entries.max(1),
-            per / 1024.0
+            per / body_len as f64
         );
     });
+}
+
+/// compare.sh's node: Graph-like JSON with a long description, padded to 1024 bytes.
+fn compare_body() -> Vec<u8> {
+    let desc =
+        "Small-batch roasts, single origins and seasonal blends; open seven days. ".repeat(11);
+    let mut body = format!(
+        r#"{{"id":"1001","name":"Acme Coffee","about":"Small-batch roasts - open 7/7","category":"Coffee Shop","fan_count":12345,"link":"https://www.facebook.com/1001","description":"{desc}"#
+    );
+    while body.len() < 1022 {
+        body.push('.');
+    }
+    body.push_str("\"}");
+    body.into_bytes()
 }

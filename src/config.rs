@@ -218,6 +218,7 @@ struct RawCache {
     default_ttl_s: u64,
     stale_while_revalidate_s: u64,
     stale_if_error_s: u64,
+    compress: bool,
     rules: Vec<RawCacheRule>,
 }
 
@@ -228,6 +229,7 @@ impl Default for RawCache {
             default_ttl_s: 60,
             stale_while_revalidate_s: 30,
             stale_if_error_s: 600,
+            compress: true,
             rules: Vec::new(),
         }
     }
@@ -429,6 +431,8 @@ pub struct CacheConfig {
     pub default_ttl: Duration,
     pub stale_while_revalidate: Duration,
     pub stale_if_error: Duration,
+    /// Keep bodies LZ4-compressed in the in-process tier (`[cache] compress`, default on).
+    pub compress: bool,
     pub rules: Vec<CacheRule>,
 }
 
@@ -841,6 +845,7 @@ impl Config {
                 default_ttl: Duration::from_secs(ca.default_ttl_s),
                 stale_while_revalidate: Duration::from_secs(ca.stale_while_revalidate_s),
                 stale_if_error: Duration::from_secs(ca.stale_if_error_s),
+                compress: ca.compress,
                 rules,
             },
             redis: RedisConfig {

@@ -37,7 +37,8 @@ pub fn cacheable(ops: &[BatchOp]) -> bool {
 /// One reply element, `{"code":200,"headers":[…],"body":"…"}`, for a cached entry. The body
 /// is JSON-escaped; the client-key placeholder survives escaping unchanged.
 pub fn element(entry: &Entry, include_headers: bool) -> Option<PreparedBody> {
-    let body = std::str::from_utf8(&entry.body.bytes).ok()?;
+    let prepared = entry.body().ok()?;
+    let body = std::str::from_utf8(&prepared.bytes).ok()?;
     let mut headers = vec![
         serde_json::json!({"name": "Content-Type", "value": "text/javascript; charset=UTF-8"}),
     ];
@@ -53,7 +54,7 @@ pub fn element(entry: &Entry, include_headers: bool) -> Option<PreparedBody> {
     let bytes = serde_json::to_vec(&Value::Object(obj)).ok()?;
     Some(PreparedBody {
         bytes: Bytes::from(bytes),
-        has_key_placeholder: entry.body.has_key_placeholder,
+        has_key_placeholder: prepared.has_key_placeholder,
     })
 }
 
@@ -181,7 +182,7 @@ mod tests {
         let parts = split(&joined).unwrap();
         assert_eq!(parts.len(), 2);
         let (body, etag) = parts[0].ok_body.clone().unwrap();
-        assert_eq!(body.bytes, entry.body.bytes);
+        assert_eq!(Some(&body), entry.body().ok().as_ref());
         assert!(body.has_key_placeholder);
         assert_eq!(etag.unwrap(), "\"t\"");
     }

@@ -147,7 +147,9 @@ impl L2 {
             return false;
         }
         let t = tag(self.conn.prefix(), key.node.as_deref());
-        let value = encode(entry);
+        let Some(value) = encode(entry) else {
+            return false;
+        };
         let set = if key.has_edge { "ke" } else { "kn" };
         let keys = [
             format!("{t}:c:{}", hex_id(key.id)),
@@ -297,24 +299,23 @@ const FLAG_NODE: u8 = 4;
 /// flags u8, readable (u32 len + bytes), node (u32 len + bytes, when flagged), header count
 /// u16 and per header name (u16 len) and value (u32 len), then the body (u32 len + bytes).
 /// The readable key sits early so a purge by prefix reads it without decoding the rest.
-pub fn encode(e: &Entry) -> Vec<u8> {
+/// The body is written plain, also for an entry L1 holds compressed.
+pub fn encode(e: &Entry) -> Option<Vec<u8>> {
+    let body = e.body().ok()?;
     let headers: usize = e
         .headers
         .iter()
         .map(|(n, v)| 6 + n.as_str().len() + v.len())
         .sum();
     let mut out = Vec::with_capacity(
-        32 + e.readable.len()
-            + e.node.as_deref().map_or(0, str::len)
-            + headers
-            + e.body.bytes.len(),
+        32 + e.readable.len() + e.node.as_deref().map_or(0, str::len) + headers + body.bytes.len(),
     );
     out.push(FORMAT_VERSION);
     out.extend_from_slice(&unix_ms(e.stored_at).to_be_bytes());
     out.extend_from_slice(&(e.ttl.as_millis() as u64).to_be_bytes());
     out.extend_from_slice(&e.status.as_u16().to_be_bytes());
     let mut flags = 0;
-    if e.body.has_key_placeholder {
+    if body.has_key_placeholder {
         flags |= FLAG_PLACEHOLDER;
     }
     if e.has_edge {
@@ -336,8 +337,8 @@ pub fn encode(e: &Entry) -> Vec<u8> {
         out.extend_from_slice(name);
         put(&mut out, v.as_bytes());
     }
-    put(&mut out, &e.body.bytes);
-    out
+    put(&mut out, &body.bytes);
+    Some(out)
 }
 
 fn put(out: &mut Vec<u8>, b: &[u8]) {
@@ -477,23 +478,40 @@ mod tests {
     fn round_trip_keeps_what_a_reply_needs() {
         let k = key();
         let e = entry(&k);
-        let v = encode(&e);
+        let v = encode(&e).expect("encodes");
         assert_eq!(v[0], FORMAT_VERSION);
         assert_eq!(readable_of(&v), Some(&*k.readable));
         let d = decode(&v, &k).expect("decodes");
         assert_eq!(d.status, e.status);
-        assert_eq!(d.body, e.body);
+        assert_eq!(d.body().ok(), e.body().ok());
         assert_eq!(&*d.headers, &*e.headers);
         assert_eq!(d.etag(), e.etag());
         assert_eq!(d.ttl, e.ttl);
         assert!(d.has_edge);
         assert!(d.age(Instant::now()) < Duration::from_secs(2));
+
+        // An entry held compressed in L1 goes to Redis plain.
+        let mut big = Entry::new(
+            StatusCode::OK,
+            Vec::new(),
+            PreparedBody {
+                bytes: Bytes::from(br#"{"id":"1","name":"Page"},"#.repeat(40)),
+                has_key_placeholder: false,
+            },
+            Duration::from_secs(60),
+        )
+        .for_storage(true);
+        assert!(big.is_compressed());
+        big.readable = k.readable.clone();
+        let d = decode(&encode(&big).expect("encodes"), &k).expect("decodes");
+        assert!(!d.is_compressed());
+        assert_eq!(d.body().ok(), big.body().ok());
     }
 
     #[test]
     fn unknown_versions_truncation_and_foreign_keys_are_misses() {
         let k = key();
-        let v = encode(&entry(&k));
+        let v = encode(&entry(&k)).expect("encodes");
         let mut other = v.clone();
         other[0] = 2;
         assert!(decode(&other, &k).is_none());

@@ -77,6 +77,8 @@ pub struct Cache {
     /// Bumped by purge-all; part of every node's epoch.
     global_epoch: AtomicU64,
     max_bytes: u64,
+    /// Store bodies compressed in L1 (`[cache] compress`).
+    compress: bool,
     metrics: Arc<Metrics>,
     /// The Redis tier and bus, when `[redis] url` is set.
     shared: Option<Shared>,
@@ -106,6 +108,7 @@ impl Cache {
             generation: AtomicU64::new(1),
             global_epoch: AtomicU64::new(0),
             max_bytes: cfg.max_bytes,
+            compress: cfg.compress,
             metrics,
             shared: None,
         }
@@ -138,7 +141,8 @@ impl Cache {
         let Some(sh) = &self.shared else {
             return false;
         };
-        let mut stored = entry.for_storage();
+        // Redis holds bodies plain: L2 values stay readable by every replica version.
+        let mut stored = entry.for_storage(false);
         stored.readable = key.readable.clone();
         stored.node = key.node.clone();
         stored.has_edge = key.has_edge;
@@ -203,7 +207,7 @@ impl Cache {
         if self.epoch(key) != epoch {
             return false;
         }
-        let mut stored = entry.for_storage();
+        let mut stored = entry.for_storage(self.compress);
         stored.readable = key.readable.clone();
         stored.node = key.node.as_ref().map(|n| self.index.intern(n));
         stored.has_edge = key.has_edge;

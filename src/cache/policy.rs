@@ -125,6 +125,7 @@ mod tests {
             default_ttl: Duration::from_secs(60),
             stale_while_revalidate: Duration::from_secs(30),
             stale_if_error: Duration::from_secs(600),
+            compress: true,
             rules: rules
                 .iter()
                 .map(|(p, t)| CacheRule {

@@ -108,7 +108,7 @@ impl Gateway {
                         self.cache.count("hit");
                         let status = format!("graphgate; hit; ttl={}", e.ttl_left_s(now));
                         return Ok(Some(Served {
-                            response: reply_from(e, &caller, "HIT", &status, Some(now)),
+                            response: reply_from(e, &caller, "HIT", &status, Some(now))?,
                             cache: "hit",
                             upstream_ms: None,
                         }));
@@ -134,7 +134,7 @@ impl Gateway {
                             e.ttl_left_s(now)
                         );
                         return Ok(Some(Served {
-                            response: reply_from(e, &caller, "STALE", &status, Some(now)),
+                            response: reply_from(e, &caller, "STALE", &status, Some(now))?,
                             cache: "stale",
                             upstream_ms: None,
                         }));
@@ -166,7 +166,7 @@ impl Gateway {
             fwd,
             collapsed,
             upstream_ms,
-        )))
+        )?))
     }
 
     /// Joins (or leads) the fill for `key` and waits for it within the fill deadline.
@@ -310,7 +310,7 @@ impl Gateway {
         fwd: &str,
         collapsed: bool,
         upstream_ms: Option<u128>,
-    ) -> Served {
+    ) -> Result<Served, ProxyError> {
         let now = Instant::now();
         let collapsed = if collapsed { "; collapsed" } else { "" };
         let (x_cache, label, status, age) = match fill.kind {
@@ -372,11 +372,11 @@ impl Gateway {
                 None,
             ),
         };
-        Served {
-            response: reply_from(&fill.entry, caller, x_cache, &status, age),
+        Ok(Served {
+            response: reply_from(&fill.entry, caller, x_cache, &status, age)?,
             cache: label,
             upstream_ms,
-        }
+        })
     }
 
     /// `GET /?ids=a,b,c`: ids with a fresh per-node entry are answered locally, the rest go
@@ -414,11 +414,12 @@ impl Gateway {
         let hits = wanted.len() - missing.len();
 
         if missing.is_empty() {
-            let parts: Vec<(&str, &PreparedBody)> = wanted
+            let bodies = wanted
                 .iter()
                 .zip(&have)
-                .filter_map(|(id, e)| e.as_ref().map(|e| (id.as_str(), &e.body)))
-                .collect();
+                .filter_map(|(id, e)| e.as_ref().map(|e| Ok((id.as_str(), e.body()?))))
+                .collect::<Result<Vec<_>, ProxyError>>()?;
+            let parts: Vec<(&str, &PreparedBody)> = bodies.iter().map(|(id, b)| (*id, b)).collect();
             let first = have.iter().flatten().next().cloned();
             let headers = first
                 .map(|e| e.headers.clone())
@@ -426,7 +427,7 @@ impl Gateway {
             let entry = assembled_entry(headers, ids::assemble(&parts));
             let status = format!("graphgate; hit; detail=\"ids {hits}/{}\"", wanted.len());
             return Ok(Served {
-                response: reply_from(&entry, caller, "HIT", &status, None),
+                response: reply_from(&entry, caller, "HIT", &status, None)?,
                 cache: "hit",
                 upstream_ms: None,
             });
@@ -481,17 +482,17 @@ impl Gateway {
                 fill.entry.status.as_u16()
             );
             return Ok(Served {
-                response: reply_from(&fill.entry, caller, "MISS", &status, None),
+                response: reply_from(&fill.entry, caller, "MISS", &status, None)?,
                 cache: "miss",
                 upstream_ms,
             });
         };
-        let mut parts: Vec<(&str, &PreparedBody)> = Vec::with_capacity(wanted.len());
+        let mut bodies: Vec<(&str, PreparedBody)> = Vec::with_capacity(wanted.len());
         for (id, hit) in wanted.iter().zip(&have) {
             let body = match hit {
-                Some(e) => &e.body,
+                Some(e) => e.body()?,
                 None => match pieces.iter().find(|(pid, _)| pid == id) {
-                    Some((_, b)) => b,
+                    Some((_, b)) => b.clone(),
                     None => {
                         return Err(ProxyError::UpstreamBadResponse(format!(
                             "the ids= reply has no member for a requested id ({} of {})",
@@ -501,8 +502,9 @@ impl Gateway {
                     }
                 },
             };
-            parts.push((id.as_str(), body));
+            bodies.push((id.as_str(), body));
         }
+        let parts: Vec<(&str, &PreparedBody)> = bodies.iter().map(|(id, b)| (*id, b)).collect();
         let entry = assembled_entry(fill.entry.headers.clone(), ids::assemble(&parts));
         let fwd = if hits > 0 { "partial" } else { "miss" };
         let status = format!(
@@ -510,7 +512,7 @@ impl Gateway {
             wanted.len()
         );
         Ok(Served {
-            response: reply_from(&entry, caller, "MISS", &status, None),
+            response: reply_from(&entry, caller, "MISS", &status, None)?,
             cache: "miss",
             upstream_ms,
         })
@@ -621,7 +623,7 @@ impl Gateway {
                     "HIT",
                     &format!("graphgate; hit; {detail}"),
                     None,
-                ),
+                )?,
                 cache: "hit",
                 upstream_ms: None,
             });
@@ -658,7 +660,7 @@ impl Gateway {
             let entry = Entry::new(status, reply.headers, prepared, Duration::ZERO);
             let cs = format!("graphgate; fwd=miss; fwd-status={}", status.as_u16());
             return Ok(Served {
-                response: reply_from(&entry, caller, "MISS", &cs, None),
+                response: reply_from(&entry, caller, "MISS", &cs, None)?,
                 cache: "miss",
                 upstream_ms,
             });
@@ -699,7 +701,7 @@ impl Gateway {
             status.as_u16()
         );
         Ok(Served {
-            response: reply_from(&entry, caller, "MISS", &cs, None),
+            response: reply_from(&entry, caller, "MISS", &cs, None)?,
             cache: "miss",
             upstream_ms,
         })
@@ -772,13 +774,13 @@ fn reply_from(
     x_cache: &'static str,
     cache_status: &str,
     age_at: Option<Instant>,
-) -> Response<Full<Bytes>> {
+) -> Result<Response<Full<Bytes>>, ProxyError> {
     let not_modified =
         entry.status.is_success() && entry.matches_if_none_match(caller.if_none_match);
     let body = if not_modified {
         Bytes::new()
     } else {
-        rewrite::finalize(&entry.body, caller.key)
+        rewrite::finalize(&entry.body()?, caller.key)
     };
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = if not_modified {
@@ -806,7 +808,7 @@ fn reply_from(
     if let Some(at) = age_at {
         h.insert(header::AGE, HeaderValue::from(entry.age(at).as_secs()));
     }
-    response
+    Ok(response)
 }
 
 /// Marks a reply that did not involve the cache (writes, batches, `no-store`, TTL 0).

@@ -454,6 +454,47 @@ async fn memory_stays_bounded_under_a_flood_of_distinct_keys() {
 }
 
 #[tokio::test]
+async fn large_bodies_are_held_compressed_and_served_byte_for_byte() {
+    // The same reads through a gateway that compresses (the default) and one that does not.
+    let mut held = Vec::new();
+    for extra in ["", "[cache]\ncompress = false\n"] {
+        let s = Stack::start_with(graph_config(), extra).await;
+        let mut bytes = 0;
+        for limit in [10, 25] {
+            let path = format!("/1001/feed?limit={limit}");
+            let miss = s.get(&q(&path)).await;
+            assert_eq!(miss.header("x-cache"), Some("MISS"), "{}", miss.text());
+            assert!(miss.body.len() > 1000, "{} B", miss.body.len());
+            let hit = s.get(&q(&path)).await;
+            assert_eq!(hit.header("x-cache"), Some("HIT"));
+            assert_eq!(hit.body, miss.body, "a hit is the miss, byte for byte");
+            // The per-client key goes into the decompressed body's paging links.
+            let other = s.get(&format!("{path}&access_token={READER_KEY}")).await;
+            assert_eq!(other.header("x-cache"), Some("HIT"));
+            let next = other.json()["paging"]["next"].as_str().unwrap().to_string();
+            assert!(
+                next.contains(READER_KEY) && !next.contains(ADMIN_KEY),
+                "{next}"
+            );
+            bytes += miss.body.len();
+        }
+        let (entries, weight) = s.gw.gateway.cache.settle().await;
+        assert_eq!(entries, 2);
+        held.push((weight, bytes));
+        s.stop().await;
+    }
+    let ((compressed, bytes), (plain, _)) = (held[0], held[1]);
+    assert!(
+        plain as usize > bytes,
+        "uncompressed entries weigh their bodies and more"
+    );
+    assert!(
+        compressed * 2 < plain,
+        "compressed {compressed} B vs plain {plain} B for {bytes} B of feed"
+    );
+}
+
+#[tokio::test]
 async fn admin_purge_needs_the_token_and_drops_entries() {
     let s = Stack::start().await;
     for path in [
