@@ -289,7 +289,7 @@ impl Gateway {
         let body = if hyper::body::Body::is_end_stream(&body) {
             Bytes::new()
         } else {
-            self.read_body_within(body, &parts.headers, body_timeout)
+            Box::pin(self.read_body_within(body, &parts.headers, body_timeout))
                 .await
                 .map_err(fail)?
         };
@@ -330,15 +330,14 @@ impl Gateway {
 
         // Phase: choose the token and send upstream.
         let upstream_started = Instant::now();
-        let (reply, injected) = self
-            .forward(&call, version, true)
+        let (reply, injected) = Box::pin(self.forward(&call, version, true))
             .await
             .map_err(with_client)?;
         let upstream_ms = upstream_started.elapsed().as_millis();
 
         // Phase: a successful write makes cached reads of its node stale.
         if reply.status.is_success() {
-            self.invalidate_after_write(&call).await;
+            Box::pin(self.invalidate_after_write(&call)).await;
         }
 
         // Phase: prepare the body for this client and answer.

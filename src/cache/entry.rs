@@ -1,5 +1,6 @@
 //! A cached (or just fetched) reply and its age arithmetic.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,20 @@ pub const DEFAULT_CONTENT_TYPE: &str = "application/json; charset=UTF-8";
 /// next to the entry's fixed cost.
 pub const COMPRESS_MIN_BYTES: usize = 256;
 
+/// A compressed entry read this many times is stored again plain: a hot entry then costs no
+/// decompression per hit, while the long tail stays compressed.
+pub const HOT_HITS: u32 = 16;
+
+/// Hits on a compressed entry, counted towards [`HOT_HITS`]. A copy starts again from zero.
+#[derive(Debug, Default)]
+pub struct HitCount(AtomicU32);
+
+impl Clone for HitCount {
+    fn clone(&self) -> Self {
+        HitCount::default()
+    }
+}
+
 /// One reply as served from the cache: the prepared body (with the client-key placeholder,
 /// finalized per client) and the headers worth replaying.
 #[derive(Debug, Clone)]
@@ -40,6 +55,7 @@ pub struct Entry {
     body: PreparedBody,
     /// The body's length before compression, for a compressed body.
     plain_len: Option<u32>,
+    hits: HitCount,
     pub stored_at: Instant,
     pub ttl: Duration,
     /// Readable key, for prefix purge and debugging.
@@ -75,6 +91,7 @@ impl Entry {
             headers: headers.into(),
             body,
             plain_len: None,
+            hits: HitCount::default(),
             stored_at: Instant::now(),
             ttl,
             readable: Arc::from(""),
@@ -103,6 +120,20 @@ impl Entry {
     /// Whether the body is held compressed.
     pub fn is_compressed(&self) -> bool {
         self.plain_len.is_some()
+    }
+
+    /// Counts a hit on a compressed entry; true exactly once, on the [`HOT_HITS`]th.
+    pub fn became_hot(&self) -> bool {
+        self.is_compressed() && self.hits.0.fetch_add(1, Ordering::Relaxed) + 1 == HOT_HITS
+    }
+
+    /// The same entry (same generation and freshness) with its body plain.
+    pub fn decompressed(&self) -> Result<Entry, ProxyError> {
+        Ok(Entry {
+            body: self.body()?,
+            plain_len: None,
+            ..self.clone()
+        })
     }
 
     /// A copy fit for storing: only the replayable headers, and the body and those header
@@ -334,6 +365,15 @@ mod tests {
         // Stored again (a renewal, a promotion): still one compression, same body.
         let again = stored.for_storage(true);
         assert_eq!(again.body().expect("decompresses").bytes, body.bytes);
+        // Hot: the HOT_HITS-th hit says so, once; the plain copy is the same entry.
+        let hot: Vec<bool> = (0..HOT_HITS + 5).map(|_| stored.became_hot()).collect();
+        assert_eq!(hot.iter().filter(|h| **h).count(), 1);
+        assert!(hot[HOT_HITS as usize - 1]);
+        let plain = stored.decompressed().expect("decompresses");
+        assert!(!plain.is_compressed() && !plain.became_hot());
+        assert_eq!(plain.body().expect("plain"), body);
+        assert_eq!(plain.stored_at, stored.stored_at);
+        assert_eq!(plain.generation, stored.generation);
         // Not asked to compress: kept as it is.
         assert!(!e.for_storage(false).is_compressed());
     }

@@ -1,12 +1,15 @@
-//! The in-process tier: a moka future cache bounded in bytes. Each entry carries its own
+//! The in-process tier: a moka cache bounded in bytes. moka's sync flavour: its calls never
+//! wait on I/O, and its lookups are plain calls rather than futures the request's future
+//! would have to hold (and hyper move) on every hit. Each entry carries its own
 //! lifetime (TTL + the longer stale window) through moka's `Expiry`, so stale copies stay
 //! available for stale-while-revalidate and stale-if-error and then go away by themselves.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use moka::future::Cache as Moka;
 use moka::notification::RemovalCause;
+use moka::ops::compute::{CompResult, Op};
+use moka::sync::Cache as Moka;
 use moka::Expiry;
 
 use super::entry::Entry;
@@ -18,19 +21,27 @@ struct EntryExpiry {
     stale_window: Duration,
 }
 
+impl EntryExpiry {
+    /// What is left of the entry's lifetime: an entry from Redis, or one stored again plain,
+    /// is older than its insertion.
+    fn left(&self, v: &Entry, at: Instant) -> Duration {
+        (v.ttl + self.stale_window).saturating_sub(v.age(at))
+    }
+}
+
 impl Expiry<KeyId, Arc<Entry>> for EntryExpiry {
-    fn expire_after_create(&self, _k: &KeyId, v: &Arc<Entry>, _at: Instant) -> Option<Duration> {
-        Some(v.ttl + self.stale_window)
+    fn expire_after_create(&self, _k: &KeyId, v: &Arc<Entry>, at: Instant) -> Option<Duration> {
+        Some(self.left(v, at))
     }
 
     fn expire_after_update(
         &self,
         _k: &KeyId,
         v: &Arc<Entry>,
-        _at: Instant,
+        at: Instant,
         _left: Option<Duration>,
     ) -> Option<Duration> {
-        Some(v.ttl + self.stale_window)
+        Some(self.left(v, at))
     }
 }
 
@@ -71,17 +82,27 @@ impl L1 {
         L1 { cache }
     }
 
-    pub async fn get(&self, key: KeyId) -> Option<Arc<Entry>> {
-        self.cache.get(&key).await
+    pub fn get(&self, key: KeyId) -> Option<Arc<Entry>> {
+        self.cache.get(&key)
     }
 
-    pub async fn insert(&self, key: KeyId, entry: Arc<Entry>) {
-        self.cache.insert(key, entry).await;
+    pub fn insert(&self, key: KeyId, entry: Arc<Entry>) {
+        self.cache.insert(key, entry);
+    }
+
+    /// Puts `new` in place of `current` if `current` is still the entry under `key` (not
+    /// refilled, purged or evicted since it was read); true if it did.
+    pub fn replace_if_current(&self, key: KeyId, current: &Arc<Entry>, new: Arc<Entry>) -> bool {
+        let result = self.cache.entry(key).and_compute_with(|found| match found {
+            Some(e) if Arc::ptr_eq(e.value(), current) => Op::Put(new),
+            _ => Op::Nop,
+        });
+        matches!(result, CompResult::ReplacedWith(_))
     }
 
     /// Removes `key`; true if an entry was there.
-    pub async fn remove(&self, key: KeyId) -> bool {
-        self.cache.remove(&key).await.is_some()
+    pub fn remove(&self, key: KeyId) -> bool {
+        self.cache.remove(&key).is_some()
     }
 
     /// Keys whose readable form starts with `prefix`.
@@ -102,7 +123,7 @@ impl L1 {
 
     /// Applies pending evictions, then reports (entries, weighted bytes).
     pub async fn settle(&self) -> (u64, u64) {
-        self.cache.run_pending_tasks().await;
+        self.cache.run_pending_tasks();
         (self.cache.entry_count(), self.cache.weighted_size())
     }
 }

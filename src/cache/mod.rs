@@ -181,8 +181,8 @@ impl Cache {
         sh.bus.invalidate(inv).await;
     }
 
-    pub async fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
-        self.l1.get(key.id).await
+    pub fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
+        self.l1.get(key.id)
     }
 
     /// Counts one lookup: `hit`, `miss`, `stale` or `bypass`.
@@ -216,17 +216,30 @@ impl Cache {
             return false;
         }
         let generation = stored.generation;
-        self.l1.insert(key.id, Arc::new(stored)).await;
+        self.l1.insert(key.id, Arc::new(stored));
         if let Some(node) = &key.node {
             self.index.add(node, key.id, generation, key.has_edge);
         }
         // A write that bumped the epoch after our first check may have swept the index
         // before we were in it: undo, rather than keep what it made stale.
         if self.epoch(key) != epoch {
-            self.l1.remove(key.id).await;
+            self.l1.remove(key.id);
             return false;
         }
         true
+    }
+
+    /// Stores a hot compressed entry again with its body plain (see [`entry::HOT_HITS`]), in
+    /// place of the very entry that was read. A write to its node meanwhile wins: as in
+    /// [`Cache::store`], the epoch is checked again after the swap.
+    pub fn store_plain(&self, key: &CacheKey, hot: &Arc<Entry>) {
+        let epoch = self.epoch(key);
+        let Ok(plain) = hot.decompressed() else {
+            return;
+        };
+        if self.l1.replace_if_current(key.id, hot, Arc::new(plain)) && self.epoch(key) != epoch {
+            self.l1.remove(key.id);
+        }
     }
 
     /// After a successful write to `node`: drop its entries and, for a post
@@ -312,7 +325,7 @@ impl Cache {
     async fn drop_keys(&self, keys: Vec<KeyId>, reason: &str) -> usize {
         let mut n = 0;
         for k in keys {
-            if self.l1.remove(k).await {
+            if self.l1.remove(k) {
                 n += 1;
             }
         }

@@ -65,9 +65,10 @@ impl Gateway {
             key: client_key,
             if_none_match: headers.get(header::IF_NONE_MATCH),
         };
+        // Paths other than the plain hit are boxed: the request future stays small (hyper
+        // moves it by value; at 5 KB those copies were 1 % of a hit's CPU).
         if batch_read {
-            return self
-                .batch_read(call, version, directive, &caller)
+            return Box::pin(self.batch_read(call, version, directive, &caller))
                 .await
                 .map(Some);
         }
@@ -76,8 +77,7 @@ impl Gateway {
         }
         if !call.ids.is_empty() {
             if call.path.segments.is_empty() {
-                return self
-                    .ids_read(call, version, directive, &caller)
+                return Box::pin(self.ids_read(call, version, directive, &caller))
                     .await
                     .map(Some);
             }
@@ -95,7 +95,7 @@ impl Gateway {
             self.cache.count("bypass");
             return Ok(None);
         }
-        let found = self.cache.get(&key).await;
+        let found = self.cache.get(&key);
         let now = Instant::now();
         if directive == Directive::Normal {
             if let Some(e) = &found {
@@ -107,8 +107,12 @@ impl Gateway {
                     Freshness::Fresh => {
                         self.cache.count("hit");
                         let status = format!("graphgate; hit; ttl={}", e.ttl_left_s(now));
+                        let response = reply_from(e, &caller, "HIT", &status, Some(now))?;
+                        if e.became_hot() {
+                            self.cache.store_plain(&key, e);
+                        }
                         return Ok(Some(Served {
-                            response: reply_from(e, &caller, "HIT", &status, Some(now))?,
+                            response,
                             cache: "hit",
                             upstream_ms: None,
                         }));
@@ -158,7 +162,7 @@ impl Gateway {
             stale: found,
             shared: directive == Directive::Normal,
         };
-        let (fill, collapsed) = self.fill_coalesced(call, version, job).await?;
+        let (fill, collapsed) = Box::pin(self.fill_coalesced(call, version, job)).await?;
         let upstream_ms = Some(started.elapsed().as_millis());
         Ok(Some(self.served_from_fill(
             &fill,
@@ -399,7 +403,7 @@ impl Gateway {
             let k = key::build(version, std::slice::from_ref(id), &node_params, &identity)
                 .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
             let hit = if directive == Directive::Normal {
-                self.cache.get(&k).await.filter(|e| {
+                self.cache.get(&k).filter(|e| {
                     e.status.is_success()
                         && e.freshness(now, Duration::ZERO, Duration::ZERO) == Freshness::Fresh
                 })
@@ -598,7 +602,6 @@ impl Gateway {
             let hit = if directive == Directive::Normal && !ttl.is_zero() {
                 self.cache
                     .get(&k)
-                    .await
                     .filter(|e| {
                         e.freshness(now, Duration::ZERO, Duration::ZERO) == Freshness::Fresh
                     })

@@ -481,6 +481,30 @@ async fn large_bodies_are_held_compressed_and_served_byte_for_byte() {
         let (entries, weight) = s.gw.gateway.cache.settle().await;
         assert_eq!(entries, 2);
         held.push((weight, bytes));
+
+        // A hot entry is stored again plain: same bytes, more weight; writes still win.
+        let path = q("/1001/feed?limit=25");
+        let first = s.get(&path).await;
+        for _ in 0..graphgate::cache::entry::HOT_HITS + 2 {
+            let hit = s.get(&path).await;
+            assert_eq!(hit.header("x-cache"), Some("HIT"));
+            assert_eq!(hit.body, first.body);
+        }
+        let (entries, hot_weight) = s.gw.gateway.cache.settle().await;
+        assert_eq!(entries, 2);
+        if extra.is_empty() {
+            assert!(hot_weight > weight + 1000, "{weight} -> {hot_weight}");
+        } else {
+            assert_eq!(hot_weight, weight, "nothing to decompress");
+        }
+        let w = s
+            .post_form(
+                "/1001/feed",
+                &format!("message=new&access_token={ADMIN_KEY}"),
+            )
+            .await;
+        assert_eq!(w.status, StatusCode::OK, "{}", w.text());
+        assert_eq!(s.get(&path).await.header("x-cache"), Some("MISS"));
         s.stop().await;
     }
     let ((compressed, bytes), (plain, _)) = (held[0], held[1]);
