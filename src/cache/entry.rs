@@ -102,7 +102,7 @@ impl Entry {
     }
 
     /// The body as served (before the per-client placeholder is filled in). A compressed
-    /// body is decompressed into a new buffer: ~1 µs for 1 KB, against the memory it saves.
+    /// body is decompressed into a new buffer: ~0.3 µs for 1 KB, against the memory it saves.
     pub fn body(&self) -> Result<PreparedBody, ProxyError> {
         let Some(len) = self.plain_len else {
             return Ok(self.body.clone());
