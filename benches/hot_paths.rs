@@ -14,6 +14,8 @@ use graphgate::proxy::parse_call;
 use graphgate::rewrite;
 use std::hint::black_box;
 
+mod common;
+
 fn request_parsing(c: &mut Criterion) {
     let uri: http::Uri = "/v21.0/1001?fields=name,id,about,fan_count,feed.limit(5){message,created_time}&access_token=key-reader-1001"
         .parse()
@@ -96,20 +98,6 @@ fn paging_rewrite(c: &mut Criterion) {
     g.finish();
 }
 
-/// A 1 KB node as compare.sh serves it (a long, repetitive description).
-fn compare_node() -> Bytes {
-    let desc =
-        "Small-batch roasts, single origins and seasonal blends; open seven days. ".repeat(11);
-    let mut body = format!(
-        r#"{{"id":"1001","name":"Acme Coffee","about":"Small-batch roasts - open 7/7","category":"Coffee Shop","fan_count":12345,"link":"https://www.facebook.com/1001","description":"{desc}"#
-    );
-    while body.len() < 1022 {
-        body.push('.');
-    }
-    body.push_str("\"}");
-    Bytes::from(body)
-}
-
 /// About 1 KB of feed with varied words, ids and times: compresses less than compare.sh's node.
 fn varied_feed() -> Bytes {
     const WORDS: &[&str] = &[
@@ -144,7 +132,7 @@ fn varied_feed() -> Bytes {
 fn cached_bodies(c: &mut Criterion) {
     let mut g = c.benchmark_group("cached body");
     for (name, body) in [
-        ("1 KB node", compare_node()),
+        ("1 KB node", common::compare_node()),
         ("varied feed", varied_feed()),
     ] {
         let entry = Entry::new(

@@ -51,6 +51,9 @@ unsafe impl GlobalAlloc for Counting {
     }
 }
 
+#[path = "../benches/common/mod.rs"]
+mod common;
+
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
@@ -87,7 +90,7 @@ fn main() {
         // placed inside a larger read buffer as hyper hands it over.
         let body = std::env::var_os("GG_BODY_FILE")
             .map(|f| std::fs::read(f).expect("GG_BODY_FILE"))
-            .unwrap_or_else(compare_body);
+            .unwrap_or_else(|| common::compare_node().to_vec());
         let body_len = body.len();
         let mut read_buffer = vec![b' '; 100];
         read_buffer.extend_from_slice(&body);
@@ -151,18 +154,4 @@ fn main() {
             per / body_len as f64
         );
     });
-}
-
-/// compare.sh's node: Graph-like JSON with a long description, padded to 1024 bytes.
-fn compare_body() -> Vec<u8> {
-    let desc =
-        "Small-batch roasts, single origins and seasonal blends; open seven days. ".repeat(11);
-    let mut body = format!(
-        r#"{{"id":"1001","name":"Acme Coffee","about":"Small-batch roasts - open 7/7","category":"Coffee Shop","fan_count":12345,"link":"https://www.facebook.com/1001","description":"{desc}"#
-    );
-    while body.len() < 1022 {
-        body.push('.');
-    }
-    body.push_str("\"}");
-    body.into_bytes()
 }

@@ -91,3 +91,18 @@ pub fn get(path_and_query: &str) -> Request<Full<Bytes>> {
         .body(Full::new(Bytes::new()))
         .expect("valid request")
 }
+
+/// The 1 KB node compare.sh serves: Graph-like JSON whose description repeats one sentence,
+/// padded to 1 024 bytes (the issue's "1 KB entries").
+pub fn compare_node() -> Bytes {
+    let desc =
+        "Small-batch roasts, single origins and seasonal blends; open seven days. ".repeat(11);
+    let mut body = format!(
+        r#"{{"id":"1001","name":"Acme Coffee","about":"Small-batch roasts - open 7/7","category":"Coffee Shop","fan_count":12345,"link":"https://www.facebook.com/1001","description":"{desc}"#
+    );
+    while body.len() < 1022 {
+        body.push('.');
+    }
+    body.push_str("\"}");
+    Bytes::from(body)
+}
