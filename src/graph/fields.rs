@@ -178,18 +178,39 @@ pub fn canonicalize(s: &str) -> Result<String, FieldsError> {
 /// `Fields::parse` yields exactly these names with no modifiers or children: the hit path's
 /// shortcut around building the tree twice per request (fields check and cache key).
 pub fn simple_list(s: &str) -> Option<Vec<&str>> {
+    let mut names = Vec::with_capacity(8);
+    for_each_simple_name(s, |name| names.push(name))?;
+    Some(names)
+}
+
+/// Calls `f` with each name of a flat list, in order, and returns `Some` if `s` is one (as
+/// [`simple_list`] decides), without collecting. One pass over the bytes: the `split` and
+/// `trim_matches` version was ~1.4 k instructions for seven names, twice per hit.
+pub fn for_each_simple_name<'a>(s: &'a str, mut f: impl FnMut(&'a str)) -> Option<()> {
     if s.len() > MAX_FIELDS_LEN {
         return None;
     }
-    let mut names = Vec::with_capacity(8);
-    for piece in s.split(',') {
-        let name = trim_ascii_ws(piece);
-        if name.is_empty() || !name.bytes().all(is_name_byte) {
+    let b = s.as_bytes();
+    let mut start = 0;
+    loop {
+        let end = memchr::memchr(b',', &b[start..]).map_or(b.len(), |i| start + i);
+        let (mut lo, mut hi) = (start, end);
+        while lo < hi && b[lo].is_ascii_whitespace() {
+            lo += 1;
+        }
+        while hi > lo && b[hi - 1].is_ascii_whitespace() {
+            hi -= 1;
+        }
+        if lo == hi || !b[lo..hi].iter().all(|&c| is_name_byte(c)) {
             return None;
         }
-        names.push(name);
+        // ASCII at both ends: always a char boundary, so `get` never declines.
+        f(s.get(lo..hi)?);
+        if end == b.len() {
+            return Some(());
+        }
+        start = end + 1;
     }
-    Some(names)
 }
 
 fn write_field_head(f: &Field, out: &mut String) {

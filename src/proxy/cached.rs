@@ -106,8 +106,11 @@ impl Gateway {
                 ) {
                     Freshness::Fresh => {
                         self.cache.count("hit");
-                        let status = format!("graphgate; hit; ttl={}", e.ttl_left_s(now));
-                        let response = reply_from(e, &caller, "HIT", &status, Some(now))?;
+                        // By hand: `format!` was ~700 instructions of a ~30 k-instruction hit.
+                        let mut status = String::with_capacity(40);
+                        status.push_str("graphgate; hit; ttl=");
+                        push_decimal(&mut status, e.ttl_left_s(now));
+                        let response = reply_from(e, &caller, "HIT", status, Some(now))?;
                         if e.became_hot() {
                             self.cache.store_plain(&key, e);
                         }
@@ -138,7 +141,7 @@ impl Gateway {
                             e.ttl_left_s(now)
                         );
                         return Ok(Some(Served {
-                            response: reply_from(e, &caller, "STALE", &status, Some(now))?,
+                            response: reply_from(e, &caller, "STALE", status, Some(now))?,
                             cache: "stale",
                             upstream_ms: None,
                         }));
@@ -377,7 +380,7 @@ impl Gateway {
             ),
         };
         Ok(Served {
-            response: reply_from(&fill.entry, caller, x_cache, &status, age)?,
+            response: reply_from(&fill.entry, caller, x_cache, status, age)?,
             cache: label,
             upstream_ms,
         })
@@ -431,7 +434,7 @@ impl Gateway {
             let entry = assembled_entry(headers, ids::assemble(&parts));
             let status = format!("graphgate; hit; detail=\"ids {hits}/{}\"", wanted.len());
             return Ok(Served {
-                response: reply_from(&entry, caller, "HIT", &status, None)?,
+                response: reply_from(&entry, caller, "HIT", status, None)?,
                 cache: "hit",
                 upstream_ms: None,
             });
@@ -486,7 +489,7 @@ impl Gateway {
                 fill.entry.status.as_u16()
             );
             return Ok(Served {
-                response: reply_from(&fill.entry, caller, "MISS", &status, None)?,
+                response: reply_from(&fill.entry, caller, "MISS", status, None)?,
                 cache: "miss",
                 upstream_ms,
             });
@@ -516,7 +519,7 @@ impl Gateway {
             wanted.len()
         );
         Ok(Served {
-            response: reply_from(&entry, caller, "MISS", &status, None)?,
+            response: reply_from(&entry, caller, "MISS", status, None)?,
             cache: "miss",
             upstream_ms,
         })
@@ -624,7 +627,7 @@ impl Gateway {
                     &entry,
                     caller,
                     "HIT",
-                    &format!("graphgate; hit; {detail}"),
+                    format!("graphgate; hit; {detail}"),
                     None,
                 )?,
                 cache: "hit",
@@ -663,7 +666,7 @@ impl Gateway {
             let entry = Entry::new(status, reply.headers, prepared, Duration::ZERO);
             let cs = format!("graphgate; fwd=miss; fwd-status={}", status.as_u16());
             return Ok(Served {
-                response: reply_from(&entry, caller, "MISS", &cs, None)?,
+                response: reply_from(&entry, caller, "MISS", cs, None)?,
                 cache: "miss",
                 upstream_ms,
             });
@@ -704,7 +707,7 @@ impl Gateway {
             status.as_u16()
         );
         Ok(Served {
-            response: reply_from(&entry, caller, "MISS", &cs, None)?,
+            response: reply_from(&entry, caller, "MISS", cs, None)?,
             cache: "miss",
             upstream_ms,
         })
@@ -775,7 +778,7 @@ fn reply_from(
     entry: &Entry,
     caller: &Caller<'_>,
     x_cache: &'static str,
-    cache_status: &str,
+    cache_status: String,
     age_at: Option<Instant>,
 ) -> Result<Response<Full<Bytes>>, ProxyError> {
     let not_modified =
@@ -805,13 +808,35 @@ fn reply_from(
         );
     }
     h.insert(X_CACHE, HeaderValue::from_static(x_cache));
-    if let Ok(v) = HeaderValue::from_str(cache_status) {
+    // The header takes the string's buffer as it is (no second copy).
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(cache_status)) {
         h.insert(CACHE_STATUS, v);
     }
     if let Some(at) = age_at {
         h.insert(header::AGE, HeaderValue::from(entry.age(at).as_secs()));
     }
     Ok(response)
+}
+
+/// Appends `v` in decimal.
+fn push_decimal(out: &mut String, v: i64) {
+    if v < 0 {
+        out.push('-');
+    }
+    let mut digits = [0u8; 20];
+    let mut n = v.unsigned_abs();
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[at..] {
+        out.push(char::from(d));
+    }
 }
 
 /// Marks a reply that did not involve the cache (writes, batches, `no-store`, TTL 0).
@@ -824,4 +849,18 @@ pub(super) fn mark_uncached(response: &mut Response<Full<Bytes>>, call: &Call) {
     let h = response.headers_mut();
     h.insert(X_CACHE, HeaderValue::from_static("BYPASS"));
     h.insert(CACHE_STATUS, HeaderValue::from_static(fwd));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::push_decimal;
+
+    #[test]
+    fn hand_written_decimal_matches_format() {
+        for v in [0i64, 7, -7, 10, 59, 3600, -86_400, i64::MAX, i64::MIN] {
+            let mut s = String::from("ttl=");
+            push_decimal(&mut s, v);
+            assert_eq!(s, format!("ttl={v}"));
+        }
+    }
 }
