@@ -56,6 +56,10 @@ pub async fn handle<B>(gw: &Gateway, req: Request<B>) -> Response<Full<Bytes>> {
         (&http::Method::GET, "/metrics") => {
             // Entry and byte gauges are read from moka after its pending maintenance.
             gw.cache.settle().await;
+            gw.metrics
+                .hardening
+                .requests_in_flight
+                .set(i64::try_from(gw.in_flight()).unwrap_or(i64::MAX));
             text(
                 StatusCode::OK,
                 gw.metrics.render(),

@@ -216,7 +216,6 @@ pub async fn start(config: Config) -> io::Result<Running> {
         builder: builder(&server_cfg),
         gateway: gateway.clone(),
         connections: Arc::new(Semaphore::new(server_cfg.max_connections)),
-        in_flight: Arc::new(Semaphore::new(server_cfg.max_in_flight)),
         tls: tls.clone(),
         stop: stop_rx,
         cfg: server_cfg,
@@ -255,8 +254,6 @@ struct Shared {
     cfg: ServerConfig,
     /// One permit per open public connection (`server.max_connections`).
     connections: Arc<Semaphore>,
-    /// One permit per request being handled (`server.max_in_flight`).
-    in_flight: Arc<Semaphore>,
     tls: Option<Arc<tls::Reloadable>>,
     stop: watch::Receiver<bool>,
 }
@@ -415,8 +412,12 @@ async fn serve_public(shared: Arc<Shared>, stream: TcpStream, _permit: OwnedSema
     }
 }
 
-/// When a connection last finished a request, and how many it is handling now.
+/// When a connection last finished a request, and how many it is handling now; and the
+/// server state its requests need. Cloned per request, but only ever touched by the
+/// connection's own worker thread (the server-wide `Arc<Shared>` is cloned once per
+/// connection rather than per request: its count is a cache line every worker writes).
 struct Activity {
+    shared: Arc<Shared>,
     opened: Instant,
     busy: AtomicUsize,
     /// Milliseconds after `opened` that the last request finished.
@@ -467,23 +468,19 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity {
+        shared: shared.clone(),
         opened: Instant::now(),
         busy: AtomicUsize::new(0),
         last_ms: AtomicU64::new(0),
     });
     let service = {
-        let shared = shared.clone();
         let activity = activity.clone();
         service_fn(move |mut req: Request<Incoming>| {
             if let Some(p) = &peer {
                 req.extensions_mut().insert(p.clone());
             }
             let busy = activity.enter();
-            let shared = shared.clone();
-            async move {
-                let _busy = busy;
-                Ok::<_, Infallible>(handle_limited(&shared, req).await)
-            }
+            async move { Ok::<_, Infallible>(handle_limited(&busy.0.shared, req).await) }
         })
     };
     let conn = shared.builder.serve_connection(io, service);
@@ -517,17 +514,10 @@ where
 /// 503 with `Retry-After` at once, never a queue.
 async fn handle_limited(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let gw = &shared.gateway;
-    let h = &gw.metrics.hardening;
-    match shared.in_flight.clone().try_acquire_owned() {
-        Ok(permit) => {
-            h.requests_in_flight.inc();
-            let response = gw.handle(req).await;
-            h.requests_in_flight.dec();
-            drop(permit);
-            response
-        }
-        Err(_) => {
-            h.load_shed.inc();
+    match gw.admit(shared.cfg.max_in_flight) {
+        Some(_counted) => gw.handle(req).await,
+        None => {
+            gw.metrics.hardening.load_shed.inc();
             gw.metrics
                 .rejections
                 .with_label_values(&["overloaded"])
