@@ -516,6 +516,56 @@ async fn a_flood_beyond_max_in_flight_is_shed_fast_with_503() {
 }
 
 #[tokio::test]
+async fn a_request_whose_client_hangs_up_frees_its_in_flight_slot() {
+    let s = Stack::start_with(
+        graph_config(),
+        "[server]\nmax_in_flight = 1\n[upstream]\ntimeout_ms = 20000\n",
+    )
+    .await;
+    s.graph.set_latency(Duration::from_secs(3));
+    let mut gone = TcpStream::connect(s.gw.addr).await.unwrap();
+    let req = format!("GET /1001?fields=id&access_token={ADMIN_KEY} HTTP/1.1\r\nhost: x\r\n\r\n");
+    gone.write_all(req.as_bytes()).await.unwrap();
+    // Holding the only slot: another request is shed.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.gw.gateway.in_flight() == 0 {
+        assert!(Instant::now() < deadline, "the request never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let url = format!("{}/1002?fields=id&access_token={ADMIN_KEY}", s.gw.url());
+    let shed = send(
+        &client(),
+        Method::GET,
+        &url,
+        &[],
+        Bytes::new(),
+        &s.secrets(),
+    )
+    .await;
+    assert_eq!(shed.status, StatusCode::SERVICE_UNAVAILABLE);
+    // The client hangs up: its request is dropped and counted out, long before Graph answers.
+    drop(gone);
+    while s.gw.gateway.in_flight() != 0 {
+        assert!(Instant::now() < deadline, "the slot was never freed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let m = s.admin_get("/metrics").await.text();
+    assert_eq!(metric_value(&m, "graphgate_requests_in_flight", &[]), 0.0);
+    s.graph.set_latency(Duration::ZERO);
+    let r = send(
+        &client(),
+        Method::GET,
+        &url,
+        &[],
+        Bytes::new(),
+        &s.secrets(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn pathological_fields_are_refused_quickly_and_never_sent() {
     let s = Stack::start().await;
     let long = "a,".repeat(50_001);
