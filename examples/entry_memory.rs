@@ -131,9 +131,9 @@ fn main() {
                 Duration::from_secs(3600),
             );
             let epoch = cache.epoch(&k);
-            cache.store(&k, &e, epoch).await;
+            cache.store(&k, &e, epoch);
         }
-        let (entries, weight) = cache.settle().await;
+        let (entries, weight) = cache.settle();
         let after = rss_kb();
         for (size, c) in BY_SIZE.iter().enumerate() {
             let c = c.load(Ordering::Relaxed);

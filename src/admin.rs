@@ -55,7 +55,7 @@ pub async fn handle<B>(gw: &Gateway, req: Request<B>) -> Response<Full<Bytes>> {
         }
         (&http::Method::GET, "/metrics") => {
             // Entry and byte gauges are read from moka after its pending maintenance.
-            gw.cache.settle().await;
+            gw.cache.settle();
             gw.metrics
                 .hardening
                 .requests_in_flight

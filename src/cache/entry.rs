@@ -159,16 +159,19 @@ impl Entry {
                 Some((HeaderName::from_static(name), v))
             })
             .collect();
-        let compressed = self
-            .plain_len
-            .is_none()
-            .then_some(&self.body.bytes)
-            .filter(|b| compress && b.len() >= COMPRESS_MIN_BYTES && b.len() <= u32::MAX as usize)
-            .map(|b| (lz4_flex::block::compress(b), b.len()))
-            .filter(|(c, plain)| c.len() <= plain - plain / 8);
+        let plain = &self.body.bytes;
+        let compressed = match u32::try_from(plain.len()) {
+            Ok(len)
+                if compress && self.plain_len.is_none() && plain.len() >= COMPRESS_MIN_BYTES =>
+            {
+                let c = lz4_flex::block::compress(plain);
+                (c.len() <= plain.len() - plain.len() / 8).then_some((c, len))
+            }
+            _ => None,
+        };
         let (body, plain_len): (&[u8], _) = match &compressed {
-            Some((c, plain)) => (c, u32::try_from(*plain).ok()),
-            None => (&self.body.bytes, self.plain_len),
+            Some((c, len)) => (c, Some(*len)),
+            None => (plain, self.plain_len),
         };
         let mut blob = bytes::BytesMut::with_capacity(
             body.len() + kept.iter().map(|(_, v)| v.len()).sum::<usize>(),

@@ -122,7 +122,7 @@ impl L1 {
     }
 
     /// Applies pending evictions, then reports (entries, weighted bytes).
-    pub async fn settle(&self) -> (u64, u64) {
+    pub fn settle(&self) -> (u64, u64) {
         self.cache.run_pending_tasks();
         (self.cache.entry_count(), self.cache.weighted_size())
     }

@@ -156,13 +156,13 @@ impl Cache {
 
     /// Applies an invalidation another replica published, to L1 only (the sender already
     /// dealt with Redis).
-    pub async fn apply_remote(&self, inv: Invalidation) -> usize {
+    pub fn apply_remote(&self, inv: Invalidation) -> usize {
         self.metrics.redis.invalidations_received.inc();
         match inv {
-            Invalidation::Write(node) => self.invalidate_local(&node).await,
-            Invalidation::Node(node) => self.purge_node_local(&node).await,
-            Invalidation::Prefix(p) => self.purge_prefix_local(&p).await,
-            Invalidation::All => self.purge_all_local().await,
+            Invalidation::Write(node) => self.invalidate_local(&node),
+            Invalidation::Node(node) => self.purge_node_local(&node),
+            Invalidation::Prefix(p) => self.purge_prefix_local(&p),
+            Invalidation::All => self.purge_all_local(),
         }
     }
 
@@ -203,7 +203,7 @@ impl Cache {
 
     /// Stores `entry` under `key` unless a write to its node (or a purge) happened since
     /// `epoch`. Returns whether it is in the cache.
-    pub async fn store(&self, key: &CacheKey, entry: &Entry, epoch: u64) -> bool {
+    pub fn store(&self, key: &CacheKey, entry: &Entry, epoch: u64) -> bool {
         if self.epoch(key) != epoch {
             return false;
         }
@@ -245,38 +245,38 @@ impl Cache {
     /// After a successful write to `node`: drop its entries and, for a post
     /// (`PAGEID_POSTID`), its Page's edges (`/PAGEID/feed`). Returns entries dropped.
     pub async fn invalidate_after_write(&self, node: &str) -> usize {
-        let n = self.invalidate_local(node).await;
+        let n = self.invalidate_local(node);
         self.share_invalidation(node, true, Invalidation::Write(node.to_string()))
             .await;
         n
     }
 
-    async fn invalidate_local(&self, node: &str) -> usize {
+    fn invalidate_local(&self, node: &str) -> usize {
         let mut keys = self.take_node(node, false);
         if node.contains('_') {
             if let Some(page) = page_of_node(node) {
                 keys.extend(self.take_node(page, true));
             }
         }
-        self.drop_keys(keys, "write").await
+        self.drop_keys(keys, "write")
     }
 
     /// Admin purge of everything cached for `node` (itself and its edges).
     pub async fn purge_node(&self, node: &str) -> usize {
-        let n = self.purge_node_local(node).await;
+        let n = self.purge_node_local(node);
         self.share_invalidation(node, false, Invalidation::Node(node.to_string()))
             .await;
         n
     }
 
-    async fn purge_node_local(&self, node: &str) -> usize {
+    fn purge_node_local(&self, node: &str) -> usize {
         let keys = self.take_node(node, false);
-        self.drop_keys(keys, "purge").await
+        self.drop_keys(keys, "purge")
     }
 
     /// Admin purge of every entry whose readable key starts with `prefix`.
     pub async fn purge_prefix(&self, prefix: &str) -> usize {
-        let n = self.purge_prefix_local(prefix).await;
+        let n = self.purge_prefix_local(prefix);
         if let Some(sh) = &self.shared {
             let l2 = sh.l2.purge(prefix).await;
             tracing::info!(l2_deleted = l2, "cache purge by prefix in the Redis tier");
@@ -287,14 +287,14 @@ impl Cache {
         n
     }
 
-    async fn purge_prefix_local(&self, prefix: &str) -> usize {
+    fn purge_prefix_local(&self, prefix: &str) -> usize {
         self.global_epoch.fetch_add(1, Ordering::AcqRel);
         let keys = self.l1.keys_with_prefix(prefix);
-        self.drop_keys(keys, "purge").await
+        self.drop_keys(keys, "purge")
     }
 
     pub async fn purge_all(&self) -> usize {
-        let n = self.purge_all_local().await;
+        let n = self.purge_all_local();
         if let Some(sh) = &self.shared {
             let l2 = sh.l2.purge("").await;
             tracing::info!(
@@ -306,7 +306,7 @@ impl Cache {
         n
     }
 
-    async fn purge_all_local(&self) -> usize {
+    fn purge_all_local(&self) -> usize {
         self.global_epoch.fetch_add(1, Ordering::AcqRel);
         let n = self.l1.clear();
         self.index.clear();
@@ -322,7 +322,7 @@ impl Cache {
         self.index.take(node, edges_only)
     }
 
-    async fn drop_keys(&self, keys: Vec<KeyId>, reason: &str) -> usize {
+    fn drop_keys(&self, keys: Vec<KeyId>, reason: &str) -> usize {
         let mut n = 0;
         for k in keys {
             if self.l1.remove(k) {
@@ -338,8 +338,8 @@ impl Cache {
 
     /// Runs moka's pending maintenance (evictions, listeners) and refreshes the entry and
     /// byte gauges. Returns (entries, bytes).
-    pub async fn settle(&self) -> (u64, u64) {
-        let (entries, bytes) = self.l1.settle().await;
+    pub fn settle(&self) -> (u64, u64) {
+        let (entries, bytes) = self.l1.settle();
         self.metrics
             .cache_entries
             .with_label_values(&["l1"])

@@ -272,7 +272,7 @@ impl Gateway {
         if reply.status == StatusCode::NOT_MODIFIED {
             if let Some(old) = &stale {
                 let renewed = old.renewed(ttl);
-                let stored = self.cache.store(key, &renewed, epoch).await;
+                let stored = self.cache.store(key, &renewed, epoch);
                 self.after_fill(key, &renewed, stored, fleet).await;
                 return Ok(Fill {
                     entry: Arc::new(renewed),
@@ -295,7 +295,7 @@ impl Gateway {
         let entry = Entry::new(reply.status, reply.headers, prepared, ttl);
         let kind = if !entry.status.is_success() {
             FillKind::Passed
-        } else if self.cache.store(key, &entry, epoch).await {
+        } else if self.cache.store(key, &entry, epoch) {
             FillKind::Stored
         } else {
             FillKind::Fetched
@@ -560,7 +560,7 @@ impl Gateway {
                     continue;
                 }
                 let e = Entry::new(reply.status, node_headers.clone(), body.clone(), ttl);
-                self.cache.store(k, &e, epoch).await;
+                self.cache.store(k, &e, epoch);
             }
         }
         let kind = if reply.status.is_success() {
@@ -681,7 +681,7 @@ impl Gateway {
                         body.clone(),
                         *ttl,
                     );
-                    self.cache.store(k, &e, epoch).await;
+                    self.cache.store(k, &e, epoch);
                 }
             }
         }

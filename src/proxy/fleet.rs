@@ -53,7 +53,7 @@ impl Gateway {
         tokio::spawn(async move {
             while let Some(inv) = rx.recv().await {
                 let Some(gw) = gw.upgrade() else { return };
-                gw.cache.apply_remote(inv).await;
+                gw.cache.apply_remote(inv);
             }
         });
     }
@@ -138,7 +138,7 @@ impl Gateway {
     /// Puts an entry from Redis into L1 (unless a local write raced it) and makes it the
     /// fill's result.
     async fn promote(&self, key: &CacheKey, entry: Entry, kind: FillKind, epoch: u64) -> Fill {
-        self.cache.store(key, &entry, epoch).await;
+        self.cache.store(key, &entry, epoch);
         Fill {
             entry: Arc::new(entry),
             kind,

@@ -444,7 +444,7 @@ async fn memory_stays_bounded_under_a_flood_of_distinct_keys() {
             assert_eq!(r.status, StatusCode::OK);
         }
     }
-    let (entries, bytes) = s.gw.gateway.cache.settle().await;
+    let (entries, bytes) = s.gw.gateway.cache.settle();
     assert!(bytes <= max, "{bytes} bytes cached, bound {max}");
     assert!(entries > 0 && entries < 80, "{entries}");
     let m = s.admin_get("/metrics").await.text();
@@ -478,7 +478,7 @@ async fn large_bodies_are_held_compressed_and_served_byte_for_byte() {
             );
             bytes += miss.body.len();
         }
-        let (entries, weight) = s.gw.gateway.cache.settle().await;
+        let (entries, weight) = s.gw.gateway.cache.settle();
         assert_eq!(entries, 2);
         held.push((weight, bytes));
 
@@ -490,7 +490,7 @@ async fn large_bodies_are_held_compressed_and_served_byte_for_byte() {
             assert_eq!(hit.header("x-cache"), Some("HIT"));
             assert_eq!(hit.body, first.body);
         }
-        let (entries, hot_weight) = s.gw.gateway.cache.settle().await;
+        let (entries, hot_weight) = s.gw.gateway.cache.settle();
         assert_eq!(entries, 2);
         if extra.is_empty() {
             assert!(hot_weight > weight + 1000, "{weight} -> {hot_weight}");
