@@ -72,7 +72,7 @@ fn feed_page() -> Bytes {
 
 fn paging_rewrite(c: &mut Criterion) {
     let body = feed_page();
-    let secrets = ["EAAGsystemtoken123", "app-secret-xyz", "EAAGsystemtoken123"];
+    let secrets = rewrite::Secrets::new(["EAAGsystemtoken123", "app-secret-xyz"]);
     let mut g = c.benchmark_group("paging rewrite");
     g.throughput(Throughput::Bytes(body.len() as u64));
     g.bench_function("prepare 100 KB feed page", |b| {
@@ -87,7 +87,8 @@ fn paging_rewrite(c: &mut Criterion) {
         false,
         "http://graphgate.internal:8080",
         &secrets,
-    );
+    )
+    .expect("the feed page prepares");
     g.bench_function("finalize (insert client key)", |b| {
         b.iter(|| rewrite::finalize(black_box(&prepared), "key-reader-1001"))
     });
@@ -138,10 +139,7 @@ fn cached_bodies(c: &mut Criterion) {
         let entry = Entry::new(
             http::StatusCode::OK,
             Vec::new(),
-            rewrite::PreparedBody {
-                bytes: body.clone(),
-                has_key_placeholder: false,
-            },
+            rewrite::PreparedBody::plain(body.clone()),
             std::time::Duration::from_secs(60),
         );
         let stored = entry.for_storage(true);

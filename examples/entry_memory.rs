@@ -124,10 +124,7 @@ fn main() {
             let e = Entry::new(
                 StatusCode::OK,
                 headers.clone(),
-                PreparedBody {
-                    bytes: read_buffer.slice(100..100 + body_len),
-                    has_key_placeholder: false,
-                },
+                PreparedBody::plain(read_buffer.slice(100..100 + body_len)),
                 Duration::from_secs(3600),
             );
             let epoch = cache.epoch(&k);

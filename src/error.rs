@@ -39,6 +39,8 @@ pub enum ProxyError {
     BadRequest(String),
     #[error("(#100) Unsupported method {0}.")]
     MethodNotAllowed(String),
+    #[error("(#100) {0}")]
+    UnsupportedMediaType(String),
     #[error("Request body is larger than {0} bytes.")]
     BodyTooLarge(usize),
     #[error("Request headers are larger than {0} bytes.")]
@@ -83,6 +85,7 @@ impl ProxyError {
             ForbiddenPage(_) | ForbiddenWrite(_) | ForbiddenField(_) => StatusCode::FORBIDDEN,
             BadRequest(_) => StatusCode::BAD_REQUEST,
             MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -107,7 +110,11 @@ impl ProxyError {
             ForbiddenPage(_) => ("OAuthException", 10, Some(subcode::FORBIDDEN_PAGE)),
             ForbiddenWrite(_) => ("OAuthException", 200, Some(subcode::FORBIDDEN_WRITE)),
             ForbiddenField(_) => ("OAuthException", 200, Some(subcode::FORBIDDEN_FIELD)),
-            BadRequest(_) | MethodNotAllowed(_) | BodyTooLarge(_) | HeadersTooLarge(_)
+            BadRequest(_)
+            | MethodNotAllowed(_)
+            | UnsupportedMediaType(_)
+            | BodyTooLarge(_)
+            | HeadersTooLarge(_)
             | BodyTimeout(_) => ("GraphMethodException", 100, None),
             UpstreamConnect(_) | UpstreamTimeout(_) | UpstreamBadResponse(_) => {
                 ("GraphgateException", 2, Some(subcode::UPSTREAM))
@@ -136,7 +143,9 @@ impl ProxyError {
         match self {
             MissingKey | UnknownKey => "unauthorized",
             ForbiddenPage(_) | ForbiddenWrite(_) | ForbiddenField(_) => "forbidden",
-            BadRequest(_) | MethodNotAllowed(_) | NotFound => "bad_request",
+            BadRequest(_) | MethodNotAllowed(_) | UnsupportedMediaType(_) | NotFound => {
+                "bad_request"
+            }
             BodyTooLarge(_) | HeadersTooLarge(_) => "too_large",
             BodyTimeout(_) => "body_timeout",
             UpstreamConnect(_) => "upstream_connect",

@@ -19,9 +19,11 @@ use crate::auth::{self, Client, ClientRegistry};
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::error::ProxyError;
+use crate::graph::body::{self, FilePart};
 use crate::graph::fields::Fields;
 use crate::graph::request::{
-    effective_method, page_of_node, parse_batch, parse_ids, BatchOp, GraphMethod, GraphPath, Params,
+    canonical_ids, effective_method, page_of_node, parse_batch, parse_ids, BatchOp, GraphMethod,
+    GraphPath, Params,
 };
 use crate::graph::usage::ErrorClass;
 use crate::metrics::Metrics;
@@ -69,12 +71,16 @@ pub struct Call {
     pub method: GraphMethod,
     http_method: GraphMethod,
     pub path: GraphPath,
-    /// Query and form parameters together, query first.
+    /// Query and body parameters together, one value per name (see
+    /// [`Params::collapse_duplicates`]), without the client's key: what is checked here is
+    /// what goes upstream.
     pub params: Params,
-    /// The `access_token` parameters, query first, then form body (taken out of `params`):
-    /// the client keys presented, for authentication.
+    /// The `access_token` parameters, query first, then body (taken out of `params`): the
+    /// client keys presented, for authentication.
     presented_tokens: Params,
-    opaque_body: Option<(HeaderValue, Bytes)>,
+    /// Uploaded files of a multipart body, forwarded as they came.
+    pub files: Vec<FilePart>,
+    /// The ids of an `ids=` read, checked; `params` holds exactly these.
     pub ids: Vec<String>,
     pub batch: Option<Vec<BatchOp>>,
     forwarded: Vec<(HeaderName, HeaderValue)>,
@@ -367,7 +373,7 @@ impl Gateway {
 
         // Phase: choose the token and send upstream.
         let upstream_started = Instant::now();
-        let (reply, injected) = Box::pin(self.forward(&call, version, true))
+        let reply = Box::pin(self.forward(&call, version, true))
             .await
             .map_err(with_client)?;
         let upstream_ms = upstream_started.elapsed().as_millis();
@@ -382,8 +388,9 @@ impl Gateway {
             reply.body.clone(),
             call.batch.is_some(),
             &self.public_url,
-            &self.tokens.secrets_for(&injected),
-        );
+            &self.tokens.secrets(),
+        )
+        .map_err(with_client)?;
         let body = rewrite::finalize(&prepared, key.as_str());
         let mut response = build_response(&reply, body);
         cached::mark_uncached(&mut response, &call);
@@ -420,33 +427,46 @@ impl Gateway {
         })?
     }
 
-    /// Checks the call and, for a batch, every operation: one forbidden operation rejects
-    /// the whole batch before anything goes upstream.
+    /// Checks everything the call asks Graph to do: its method, the node of its path, every
+    /// id it names (`ids=`, a root `id=`), every field it selects, and for a batch every
+    /// operation the same way (with the operation's own key when it has one). One forbidden
+    /// part rejects the whole call before anything goes upstream.
     fn authorize(&self, client: &Client, call: &Call) -> Result<(), ProxyError> {
         check_fields(&call.params)?;
-        if let Some(ops) = &call.batch {
-            if call.method != GraphMethod::Post || call.path.node().is_some() {
+        let Some(ops) = &call.batch else {
+            let targets = targets(&call.params, &call.ids);
+            return auth::authorize(client, call.method, call.path.node(), &targets);
+        };
+        if call.method != GraphMethod::Post
+            || call.path.node().is_some()
+            || !call.ids.is_empty()
+            || call.params.contains("id")
+        {
+            return Err(ProxyError::BadRequest(
+                "A batch is a POST to the root path `/` without ids.".into(),
+            ));
+        }
+        for op in ops {
+            let op_client;
+            let who = match op.own_token() {
+                Some(k) => {
+                    op_client = self.clients.lookup(k)?;
+                    &op_client
+                }
+                None => client,
+            };
+            let op_params = op.all_params();
+            check_fields(&op_params)?;
+            if op_params.contains("batch") {
                 return Err(ProxyError::BadRequest(
-                    "A batch is a POST to the root path `/`.".into(),
+                    "Batch operations cannot hold a batch.".into(),
                 ));
             }
-            for op in ops {
-                let op_client;
-                let who = match op.own_token() {
-                    Some(k) => {
-                        op_client = self.clients.lookup(k)?;
-                        &op_client
-                    }
-                    None => client,
-                };
-                let op_params = op.all_params();
-                check_fields(&op_params)?;
-                let ids = parse_ids(&op_params)?;
-                auth::authorize(who, op.method, op.path.node(), &ids)?;
-            }
-            return Ok(());
+            let ids = parse_ids(&op_params)?;
+            let targets = targets(&op_params, &ids);
+            auth::authorize(who, op.method, op.path.node(), &targets)?;
         }
-        auth::authorize(client, call.method, call.path.node(), &call.ids)
+        Ok(())
     }
 
     /// Sends the call upstream with the injected token, within the quota.
@@ -463,7 +483,7 @@ impl Gateway {
         call: &Call,
         version: &str,
         requeue_throttled: bool,
-    ) -> Result<(Reply, Injected), ProxyError> {
+    ) -> Result<Reply, ProxyError> {
         let charge = self
             .quota
             .charge_for(&quota::call_units(call), call.quota_hints.page.as_deref());
@@ -521,12 +541,14 @@ impl Gateway {
                 }
             }
             let mut reply = reply;
+            reply.headers = rewrite::scrub_headers(reply.headers, &self.tokens.secrets());
             reply.headers.extend(self.quota.rate_limit_headers(&charge));
-            return Ok((reply, injected));
+            return Ok(reply);
         }
     }
 
-    /// The upstream form of a call: client key out, injected token and proof in.
+    /// The upstream form of a call, built only from what was parsed and checked: client key
+    /// out, injected token and proof in.
     fn upstream_request(
         &self,
         call: &Call,
@@ -550,45 +572,31 @@ impl Gateway {
             path: call.path.to_upstream_path(),
             params,
             headers: call.forwarded.clone(),
-            opaque_body: call.opaque_body.clone(),
+            files: call.files.clone(),
         })
     }
 
-    /// Batch operations with their own token (a client key) get the system token and its
-    /// proof instead.
+    /// Batch operations rebuilt from their checked parts; those with their own key (a client
+    /// key) get the system token and its proof in its place.
     fn upstream_batch(&self, ops: &[BatchOp]) -> Result<String, ProxyError> {
-        let system = self.tokens.system();
+        let mut system = Params::new();
+        self.tokens.system().apply(&mut system);
         let out: Vec<serde_json::Value> = ops
             .iter()
-            .map(|op| {
-                let mut raw = op.raw.clone();
-                if op.own_token().is_some() {
-                    let mut query = op.query.clone();
-                    let mut body = op.body.clone();
-                    if query.contains("access_token") {
-                        query.remove("access_token");
-                        system.apply(&mut query);
-                    }
-                    if body.contains("access_token") {
-                        body.remove("access_token");
-                        system.apply(&mut body);
-                    }
-                    let path = op.path.to_upstream_path();
-                    let rel = if query.is_empty() {
-                        path.trim_start_matches('/').to_string()
-                    } else {
-                        format!("{}?{}", path.trim_start_matches('/'), query.encode())
-                    };
-                    raw.insert("relative_url".into(), rel.into());
-                    if !body.is_empty() {
-                        raw.insert("body".into(), body.encode().into());
-                    }
-                }
-                serde_json::Value::Object(raw)
-            })
+            .map(|op| op.to_upstream(op.own_token().map(|_| &system)))
             .collect();
         serde_json::to_string(&out).map_err(|e| ProxyError::Internal(e.to_string()))
     }
+}
+
+/// The ids a call names besides its path's node: `ids=`, and `id=` (Graph's root lookup,
+/// `/?id=...`). Each is checked like a node.
+fn targets(params: &Params, ids: &[String]) -> Vec<String> {
+    let mut out = ids.to_vec();
+    if let Some(id) = params.get("id") {
+        out.push(id.to_string());
+    }
+    out
 }
 
 /// The Page a request log line names: the one charged upstream, else the one the call names.
@@ -607,29 +615,35 @@ fn log_page(call: &Call) -> Option<String> {
 /// Re-queues of one throttled GET; each waits out a pause, so the deadline ends it sooner.
 const MAX_REQUEUES: u32 = 8;
 
-/// Graph parameters must not ask for a token (`fields=access_token`, at any depth, e.g.
-/// `accounts{access_token}`): graphgate never hands Meta tokens out, so such requests are
-/// refused rather than silently scrubbed. Malformed `fields` are refused here too.
+/// Graph parameters must not ask for a token: graphgate never hands Meta tokens out, so a
+/// `fields` value that names `access_token` anywhere (a field at any depth, a modifier's
+/// argument such as `.fields(access_token)`, an alias) is refused rather than silently
+/// scrubbed. Checked on the text, once as given and once percent-decoded again, so no
+/// spelling of the tree can hide it. Malformed `fields` are refused here too.
 fn check_fields(params: &Params) -> Result<(), ProxyError> {
     for raw in params.get_all("fields") {
-        // A flat list of names (the usual case) needs no tree to check.
-        let mut token_asked = false;
-        let simple = crate::graph::fields::for_each_simple_name(raw, |n| {
-            token_asked |= n.eq_ignore_ascii_case("access_token");
-        });
-        if simple.is_some() {
-            if token_asked {
-                return Err(ProxyError::ForbiddenField("access_token".into()));
-            }
-            continue;
-        }
-        let fields = Fields::parse(raw)
-            .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
-        if fields.contains_at_any_depth("access_token") {
+        if names_token(raw)
+            || percent_encoding::percent_decode_str(raw)
+                .decode_utf8()
+                .is_ok_and(|d| names_token(&d))
+        {
             return Err(ProxyError::ForbiddenField("access_token".into()));
         }
+        // A flat list of names (the usual case) needs no tree to be valid.
+        if crate::graph::fields::for_each_simple_name(raw, |_| {}).is_some() {
+            continue;
+        }
+        Fields::parse(raw).map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
     }
     Ok(())
+}
+
+/// Whether `text` holds `access_token` in any ASCII case.
+fn names_token(text: &str) -> bool {
+    const NEEDLE: &[u8] = b"access_token";
+    text.as_bytes()
+        .windows(NEEDLE.len())
+        .any(|w| w.eq_ignore_ascii_case(NEEDLE))
 }
 
 /// Appends `v` in lower-case hex, zero-padded to at least `min_digits`.
@@ -686,7 +700,8 @@ where
     }
 }
 
-/// Parses method, path, query and body into a [`Call`].
+/// Parses method, path, query and body into a [`Call`]: every parameter of the query and the
+/// body (url-encoded, multipart or JSON; see [`body::parse`]), one value per name.
 pub fn parse_call(
     method: &http::Method,
     uri: &http::Uri,
@@ -695,34 +710,22 @@ pub fn parse_call(
 ) -> Result<Call, ProxyError> {
     let http_method = GraphMethod::from_http(method)?;
     let path = GraphPath::parse(uri.path())?;
-    let query = Params::parse(uri.query().unwrap_or(""))?;
-    let mut form = Params::new();
-    let mut opaque_body = None;
-    if !body.is_empty() {
-        let content_type = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_ascii_lowercase();
-        if content_type.starts_with("application/x-www-form-urlencoded") || content_type.is_empty()
-        {
-            let text = std::str::from_utf8(&body)
-                .map_err(|_| ProxyError::BadRequest("The form body is not UTF-8.".into()))?;
-            form = Params::parse(text)?;
-        } else if content_type.starts_with("application/json") {
-            form = json_body_params(&body)?;
-        } else if let Some(ct) = headers.get(header::CONTENT_TYPE) {
-            // Multipart uploads and other bodies pass through untouched; the key must then
-            // come from the query or Authorization.
-            opaque_body = Some((ct.clone(), body));
-        }
-    }
-    let mut params = query;
-    params.extend(form);
+    let mut params = Params::parse(uri.query().unwrap_or(""))?;
+    let body = body::parse(method, headers, body)?;
+    params.extend(body.params);
+    params.collapse_duplicates()?;
     let method = effective_method(http_method, &params)?;
+    if !body.files.is_empty() && method != GraphMethod::Post {
+        return Err(ProxyError::BadRequest(
+            "Files can only be uploaded with a POST.".into(),
+        ));
+    }
     let presented_tokens = params.take("access_token");
     params.remove("appsecret_proof");
     let ids = parse_ids(&params)?;
+    if !ids.is_empty() {
+        params.set("ids", canonical_ids(&ids));
+    }
     let batch = match params.get("batch") {
         Some(b) => Some(parse_batch(b)?),
         None => None,
@@ -738,33 +741,13 @@ pub fn parse_call(
         path,
         params,
         presented_tokens,
-        opaque_body,
+        files: body.files,
         ids,
         batch,
         forwarded,
         quota_hints: quota::Hints::from_headers(headers),
         stats: Arc::default(),
     })
-}
-
-/// A JSON object body as Graph parameters: strings as they are, other values as JSON text
-/// (the encoding Graph SDKs use for structured form values).
-fn json_body_params(body: &[u8]) -> Result<Params, ProxyError> {
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| ProxyError::BadRequest(format!("The JSON body is invalid: {e}")))?;
-    let serde_json::Value::Object(map) = value else {
-        return Err(ProxyError::BadRequest(
-            "The JSON body must be an object.".into(),
-        ));
-    };
-    let mut params = Params::new();
-    for (k, v) in map {
-        match v {
-            serde_json::Value::String(s) => params.push(k, s),
-            other => params.push(k, other.to_string()),
-        }
-    }
-    Ok(params)
 }
 
 fn build_response(reply: &Reply, body: Bytes) -> Response<Full<Bytes>> {

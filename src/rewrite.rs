@@ -1,71 +1,326 @@
 //! Making Graph replies safe and useful to hand to a client:
 //! - `paging.next` / `paging.previous` (at any depth, inside batch bodies too) point at
-//!   graphgate's public URL, without appsecret_proof, and with a placeholder where Graph put
-//!   the token; [`finalize`] swaps the placeholder for the calling client's own key, so one
-//!   prepared body (and one cache entry) serves every client.
+//!   graphgate's public URL, without appsecret_proof, and with a per-body [`KeyMarker`] where
+//!   Graph put the token; [`finalize`] swaps the marker for the calling client's own key, so
+//!   one prepared body (and one cache entry) serves every client. The marker is random per
+//!   body and its occurrences are counted against the links rewritten, so text a client
+//!   planted in Graph data (a post's message) is never taken for a link.
 //! - `access_token` members (`/me/accounts`, `?fields=access_token`) are removed: graphgate
 //!   never hands Meta tokens to clients.
-//! - as a last line of defence any known secret still in the bytes is replaced.
+//! - every token graphgate holds ([`Secrets`]) is redacted wherever it appears, under any
+//!   name, in bodies and in reply headers.
+//! - a body that needs this work but cannot be read as JSON (garbage, or nested deeper than
+//!   the parser goes) is refused (502), never passed on unchecked.
 //!
 //! Graph escapes `/` as `\/` inside strings, so links are rewritten in parsed JSON, not bytes.
 
+use aho_corasick::AhoCorasick;
 use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
 use memchr::memmem;
 use serde_json::Value;
 
-/// Stands for the caller's key in prepared bodies. URL- and JSON-safe, so a byte replace
-/// in [`finalize`] is exact.
-pub const KEY_PLACEHOLDER: &str = "__graphgate_client_key__";
-const REDACTED: &[u8] = b"[redacted]";
+use crate::error::ProxyError;
 
-/// A body ready to be stored or served, possibly holding [`KEY_PLACEHOLDER`].
+const REDACTED: &str = "[redacted]";
+
+/// `__gg` + 16 hex digits + `__`: URL- and JSON-safe, so a byte replace in [`finalize`] is
+/// exact.
+pub const MARKER_LEN: usize = 22;
+
+/// Stands for the caller's key in one prepared body.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct KeyMarker([u8; MARKER_LEN]);
+
+impl std::fmt::Debug for KeyMarker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl KeyMarker {
+    /// A fresh marker. Unpredictability is not what makes it safe (occurrences are counted,
+    /// see [`prepare`]), only what keeps a count mismatch from ever happening.
+    pub fn random() -> KeyMarker {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut m = *b"__gg0000000000000000__";
+        let r = fastrand::u64(..);
+        for i in 0..16 {
+            m[4 + i] = HEX[((r >> (i * 4)) & 0xf) as usize];
+        }
+        KeyMarker(m)
+    }
+
+    /// A marker read back from storage, if it has the marker's shape.
+    pub fn from_bytes(b: &[u8]) -> Option<KeyMarker> {
+        let m: [u8; MARKER_LEN] = b.try_into().ok()?;
+        let shaped = m.starts_with(b"__gg")
+            && m.ends_with(b"__")
+            && m[4..MARKER_LEN - 2]
+                .iter()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c));
+        shaped.then_some(KeyMarker(m))
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Built from ASCII only (checked in `from_bytes`).
+        std::str::from_utf8(&self.0).unwrap_or("__gg________________")
+    }
+}
+
+/// A body ready to be stored or served, holding its [`KeyMarker`] where the caller's key goes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PreparedBody {
     pub bytes: Bytes,
-    pub has_key_placeholder: bool,
+    pub key_marker: Option<KeyMarker>,
 }
 
-/// Prepares an upstream body for clients. `secrets` are scrubbed from the result whatever
-/// the body is (JSON or not).
-pub fn prepare(body: Bytes, is_batch: bool, public_url: &str, secrets: &[&str]) -> PreparedBody {
-    let needs_json = is_batch
-        || memmem::find(&body, b"\"paging\"").is_some()
-        || memmem::find(&body, b"\"access_token\"").is_some();
-    let mut prepared = PreparedBody {
-        bytes: body,
-        has_key_placeholder: false,
-    };
-    if needs_json {
-        if let Ok(mut value) = serde_json::from_slice::<Value>(&prepared.bytes) {
-            let mut changed = false;
-            if is_batch {
-                rewrite_batch(&mut value, public_url, &mut changed);
-            }
-            rewrite_value(&mut value, public_url, &mut changed);
-            if changed {
-                if let Ok(out) = serde_json::to_vec(&value) {
-                    prepared.has_key_placeholder =
-                        memmem::find(&out, KEY_PLACEHOLDER.as_bytes()).is_some();
-                    prepared.bytes = Bytes::from(out);
-                }
-            }
+impl PreparedBody {
+    /// A body with no marker in it.
+    pub fn plain(bytes: Bytes) -> PreparedBody {
+        PreparedBody {
+            bytes,
+            key_marker: None,
         }
     }
-    prepared.bytes = scrub(prepared.bytes, secrets);
-    prepared
-}
 
-/// The body for one client: the placeholder becomes the client's URL-encoded key.
-pub fn finalize(body: &PreparedBody, client_key: &str) -> Bytes {
-    if !body.has_key_placeholder {
-        return body.bytes.clone();
+    /// A part cut from this body (an `ids=` member, a batch element): it carries the marker
+    /// only if the marker is in its bytes.
+    pub fn part(&self, bytes: Bytes) -> PreparedBody {
+        let key_marker = self
+            .key_marker
+            .filter(|m| memmem::find(&bytes, m.as_bytes()).is_some());
+        PreparedBody { bytes, key_marker }
     }
-    let key: String = form_urlencoded::byte_serialize(client_key.as_bytes()).collect();
-    replace_all(&body.bytes, KEY_PLACEHOLDER.as_bytes(), key.as_bytes())
 }
 
-/// Removes every occurrence of each secret (of 4 bytes or more). Returns the input untouched
-/// (no copy) in the normal case: no secret in the bytes and no escape that could hide one.
+/// Joins bodies prepared separately (each with its own marker) into one: `join` gets the
+/// parts' bytes with every marker replaced by one fresh marker, which none of the parts
+/// holds otherwise.
+pub fn join_bodies(
+    parts: &[&PreparedBody],
+    join: impl FnOnce(&[Bytes]) -> Bytes,
+) -> Result<PreparedBody, ProxyError> {
+    if parts.iter().all(|p| p.key_marker.is_none()) {
+        let bytes: Vec<Bytes> = parts.iter().map(|p| p.bytes.clone()).collect();
+        return Ok(PreparedBody::plain(join(&bytes)));
+    }
+    let common = KeyMarker::random();
+    if parts
+        .iter()
+        .any(|p| memmem::find(&p.bytes, common.as_bytes()).is_some())
+    {
+        return Err(unsafe_reply());
+    }
+    let bytes: Vec<Bytes> = parts
+        .iter()
+        .map(|p| match p.key_marker {
+            Some(m) => replace_all(&p.bytes, m.as_bytes(), common.as_bytes()),
+            None => p.bytes.clone(),
+        })
+        .collect();
+    Ok(PreparedBody {
+        bytes: join(&bytes),
+        key_marker: Some(common),
+    })
+}
+
+/// The tokens and secrets graphgate holds, any of which must never reach a client.
+pub struct Secrets {
+    finder: Option<AhoCorasick>,
+    /// Some secret holds `/`, `\\` or `"`, which JSON may write escaped.
+    escapable: bool,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secrets { .. }")
+    }
+}
+
+impl Secrets {
+    /// Secrets shorter than 4 bytes are ignored: they would redact ordinary text.
+    pub fn new<S: AsRef<str>>(secrets: impl IntoIterator<Item = S>) -> Secrets {
+        let list: Vec<String> = secrets
+            .into_iter()
+            .map(|s| s.as_ref().to_string())
+            .filter(|s| s.len() >= 4)
+            .collect();
+        let finder = if list.is_empty() {
+            None
+        } else {
+            AhoCorasick::new(&list).ok()
+        };
+        let escapable = list.iter().any(|s| s.contains(['/', '\\', '"']));
+        Secrets { finder, escapable }
+    }
+
+    fn is_in(&self, hay: &[u8]) -> bool {
+        self.finder.as_ref().is_some_and(|f| f.is_match(hay))
+    }
+
+    fn redact(&self, text: &str) -> String {
+        match &self.finder {
+            Some(f) => {
+                let mut out = String::with_capacity(text.len());
+                f.replace_all_with(text, &mut out, |_, _, dst| {
+                    dst.push_str(REDACTED);
+                    true
+                });
+                out
+            }
+            None => text.to_string(),
+        }
+    }
+
+    fn redact_bytes(&self, hay: &[u8]) -> Vec<u8> {
+        match &self.finder {
+            Some(f) => {
+                let mut out = Vec::with_capacity(hay.len());
+                f.replace_all_with_bytes(hay, &mut out, |_, _, dst| {
+                    dst.extend_from_slice(REDACTED.as_bytes());
+                    true
+                });
+                out
+            }
+            None => hay.to_vec(),
+        }
+    }
+}
+
+fn unsafe_reply() -> ProxyError {
+    ProxyError::UpstreamBadResponse("graphgate could not check the reply for tokens".into())
+}
+
+/// Prepares an upstream body for clients: paging links rewritten, `access_token` members
+/// removed, secrets redacted. A body that needs this and cannot be read as JSON is an
+/// error: graphgate does not pass on what it could not check.
+pub fn prepare(
+    body: Bytes,
+    is_batch: bool,
+    public_url: &str,
+    secrets: &Secrets,
+) -> Result<PreparedBody, ProxyError> {
+    prepare_marked(body, is_batch, public_url, secrets, KeyMarker::random())
+}
+
+/// [`prepare`] with a given marker (tests choose one a body spells).
+fn prepare_marked(
+    body: Bytes,
+    is_batch: bool,
+    public_url: &str,
+    secrets: &Secrets,
+    marker: KeyMarker,
+) -> Result<PreparedBody, ProxyError> {
+    // `\u00XX` escapes can spell any ASCII key (`"pag\u0069ng"`); Graph never writes them,
+    // so a body holding one is parsed to be sure.
+    let needs_json = is_batch
+        || memmem::find(&body, b"\"paging\"").is_some()
+        || memmem::find(&body, b"\"access_token\"").is_some()
+        || memmem::find(&body, b"\\u00").is_some();
+    let mut prepared = PreparedBody::plain(body);
+    if needs_json {
+        let mut value =
+            serde_json::from_slice::<Value>(&prepared.bytes).map_err(|_| unsafe_reply())?;
+        let mut rw = Rewriter {
+            public_url,
+            marker,
+            changed: false,
+            links: 0,
+        };
+        if is_batch {
+            rw.batch(&mut value);
+        }
+        rw.value(&mut value);
+        if rw.changed {
+            prepared.bytes = Bytes::from(serde_json::to_vec(&value).map_err(|_| unsafe_reply())?);
+        }
+        if rw.links > 0 {
+            prepared.key_marker = Some(marker);
+        }
+        prepared.bytes = scrub(prepared.bytes, secrets);
+        // Exactly the links rewritten hold the marker; anything else (a marker spelled in
+        // Graph data, through escapes) would be filled with a client's key.
+        let found = memmem::find_iter(&prepared.bytes, marker.as_bytes()).count();
+        if found != rw.links {
+            return Err(unsafe_reply());
+        }
+        return Ok(prepared);
+    }
+    prepared.bytes = scrub(prepared.bytes, secrets);
+    Ok(prepared)
+}
+
+/// The body for one client: the marker becomes the client's URL-encoded key.
+pub fn finalize(body: &PreparedBody, client_key: &str) -> Bytes {
+    let Some(marker) = body.key_marker else {
+        return body.bytes.clone();
+    };
+    let key: String = form_urlencoded::byte_serialize(client_key.as_bytes()).collect();
+    replace_all(&body.bytes, marker.as_bytes(), key.as_bytes())
+}
+
+/// Reply headers as clients may see them: a `Location` loses its `access_token` and
+/// `appsecret_proof` parameters, and any secret left in any header is redacted (a header
+/// that is no longer valid after that is dropped).
+pub fn scrub_headers(
+    headers: Vec<(HeaderName, HeaderValue)>,
+    secrets: &Secrets,
+) -> Vec<(HeaderName, HeaderValue)> {
+    headers
+        .into_iter()
+        .filter_map(|(name, value)| {
+            let value = if name == http::header::LOCATION {
+                strip_token_params(&value)?
+            } else {
+                value
+            };
+            if !secrets.is_in(value.as_bytes()) {
+                return Some((name, value));
+            }
+            let redacted = secrets.redact_bytes(value.as_bytes());
+            HeaderValue::from_bytes(&redacted).ok().map(|v| (name, v))
+        })
+        .collect()
+}
+
+/// A URL without its `access_token` / `appsecret_proof` query parameters.
+fn strip_token_params(value: &HeaderValue) -> Option<HeaderValue> {
+    let text = value.to_str().ok()?;
+    let Some((base, query)) = text.split_once('?') else {
+        return Some(value.clone());
+    };
+    let (query, fragment) = match query.split_once('#') {
+        Some((q, f)) => (q, Some(f)),
+        None => (query, None),
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            let name = pair.split_once('=').map_or(*pair, |(k, _)| k);
+            let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+            !name.eq_ignore_ascii_case("access_token")
+                && !name.eq_ignore_ascii_case("appsecret_proof")
+        })
+        .collect();
+    let mut out = base.to_string();
+    if !kept.is_empty() {
+        out.push('?');
+        out.push_str(&kept.join("&"));
+    }
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    HeaderValue::from_str(&out).ok()
+}
+
+/// Removes every occurrence of each secret. Returns the input untouched (no copy) in the
+/// normal case: no secret in the bytes and no escape that could hide one.
 ///
 /// A JSON body is scrubbed as JSON: strings, keys and numbers that hold a secret once decoded
 /// are redacted, and the body is re-serialized, so the result stays valid JSON. This matters
@@ -73,24 +328,23 @@ pub fn finalize(body: &PreparedBody, client_key: &str) -> Bytes {
 /// no decoded string does; a blind byte replace would cut the escape and break the JSON), or
 /// hidden by one (`\u0045AAG…` decodes to `EAAG…`). Found by the `rewrite` fuzz target.
 /// Anything else (not JSON) is scrubbed byte-wise.
-pub fn scrub(body: Bytes, secrets: &[&str]) -> Bytes {
-    let secrets: Vec<&str> = secrets.iter().copied().filter(|s| s.len() >= 4).collect();
-    let in_bytes = secrets
-        .iter()
-        .any(|s| memmem::find(&body, s.as_bytes()).is_some());
+pub fn scrub(body: Bytes, secrets: &Secrets) -> Bytes {
+    if secrets.finder.is_none() {
+        return body;
+    }
+    let in_bytes = secrets.is_in(&body);
     // Secrets are ASCII: only `\u00XX` escapes of ASCII (never sent by Graph, which escapes
     // `/` as `\/` and non-ASCII as `\uXXXX`) or `\/`-style ones could hide one.
     let escapes_may_hide = memmem::find_iter(&body, b"\\u00")
         .any(|at| body.get(at + 4).is_some_and(|b| (b'0'..=b'7').contains(b)))
-        || (memchr::memchr(b'\\', &body).is_some()
-            && secrets.iter().any(|s| s.contains(['/', '\\', '"'])));
+        || (secrets.escapable && memchr::memchr(b'\\', &body).is_some());
     if !in_bytes && !escapes_may_hide {
         return body;
     }
     let mut body = body;
     if let Ok(mut value) = serde_json::from_slice::<Value>(&body) {
         let mut changed = false;
-        scrub_value(&mut value, &secrets, &mut changed);
+        scrub_value(&mut value, secrets, &mut changed);
         if changed || in_bytes {
             if let Ok(out) = serde_json::to_vec(&value) {
                 body = Bytes::from(out);
@@ -99,40 +353,35 @@ pub fn scrub(body: Bytes, secrets: &[&str]) -> Bytes {
     }
     // Not JSON, or a secret that survives re-serialization: bytes, whatever that does to
     // the syntax (secrecy wins).
-    for s in &secrets {
-        if memmem::find(&body, s.as_bytes()).is_some() {
-            body = replace_all(&body, s.as_bytes(), REDACTED);
-        }
+    if secrets.is_in(&body) {
+        body = Bytes::from(secrets.redact_bytes(&body));
     }
     body
 }
 
-fn scrub_value(value: &mut Value, secrets: &[&str], changed: &mut bool) {
-    let holds = |t: &str| secrets.iter().any(|s| t.contains(s));
-    let redact = |t: &str| {
-        let mut out = t.to_string();
-        for s in secrets {
-            out = out.replace(s, "[redacted]");
-        }
-        out
-    };
+fn scrub_value(value: &mut Value, secrets: &Secrets, changed: &mut bool) {
     match value {
-        Value::String(t) if holds(t) => {
-            *t = redact(t);
+        Value::String(t) if secrets.is_in(t.as_bytes()) => {
+            *t = secrets.redact(t);
             *changed = true;
         }
-        Value::Number(n) if holds(&n.to_string()) => {
-            *value = Value::String("[redacted]".into());
+        Value::Number(n) if secrets.is_in(n.to_string().as_bytes()) => {
+            *value = Value::String(REDACTED.into());
             *changed = true;
         }
         Value::Array(items) => items
             .iter_mut()
             .for_each(|v| scrub_value(v, secrets, changed)),
         Value::Object(map) => {
-            if map.keys().any(|k| holds(k)) {
+            if map.keys().any(|k| secrets.is_in(k.as_bytes())) {
                 let old = std::mem::take(map);
                 for (k, v) in old {
-                    map.insert(if holds(&k) { redact(&k) } else { k }, v);
+                    let k = if secrets.is_in(k.as_bytes()) {
+                        secrets.redact(&k)
+                    } else {
+                        k
+                    };
+                    map.insert(k, v);
                 }
                 *changed = true;
             }
@@ -155,79 +404,95 @@ fn replace_all(hay: &[u8], needle: &[u8], with: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
-/// Batch replies carry each operation's body as a JSON string: rewrite inside it.
-fn rewrite_batch(value: &mut Value, public_url: &str, changed: &mut bool) {
-    let Value::Array(items) = value else {
-        return;
-    };
-    for item in items.iter_mut() {
-        let Some(Value::String(body)) = item.get_mut("body") else {
-            continue;
-        };
-        let Ok(mut inner) = serde_json::from_str::<Value>(body) else {
-            continue;
-        };
-        let mut inner_changed = false;
-        rewrite_value(&mut inner, public_url, &mut inner_changed);
-        if inner_changed {
-            if let Ok(s) = serde_json::to_string(&inner) {
-                *body = s;
-                *changed = true;
-            }
-        }
-    }
+/// One body's link rewriting: where links point, the marker for the key, what was done.
+struct Rewriter<'a> {
+    public_url: &'a str,
+    marker: KeyMarker,
+    changed: bool,
+    /// Links that received the marker.
+    links: usize,
 }
 
-fn rewrite_value(value: &mut Value, public_url: &str, changed: &mut bool) {
-    match value {
-        Value::Object(map) => {
-            if map.remove("access_token").is_some() {
-                *changed = true;
+impl Rewriter<'_> {
+    /// Batch replies carry each operation's body as a JSON string: rewrite inside it.
+    fn batch(&mut self, value: &mut Value) {
+        let Value::Array(items) = value else {
+            return;
+        };
+        for item in items.iter_mut() {
+            let Some(Value::String(body)) = item.get_mut("body") else {
+                continue;
+            };
+            let Ok(mut inner) = serde_json::from_str::<Value>(body) else {
+                continue;
+            };
+            let outer_changed = std::mem::replace(&mut self.changed, false);
+            self.value(&mut inner);
+            if self.changed {
+                // Could it not be written back, the body is dropped (and the marker count
+                // then fails the reply) rather than kept with its links.
+                *body = serde_json::to_string(&inner).unwrap_or_default();
             }
-            if let Some(Value::Object(paging)) = map.get_mut("paging") {
-                for key in ["next", "previous"] {
-                    if let Some(Value::String(link)) = paging.get(key) {
-                        match rewrite_link(link, public_url) {
-                            Some(new) => {
-                                paging.insert(key.to_string(), Value::String(new));
+            self.changed |= outer_changed;
+        }
+    }
+
+    fn value(&mut self, value: &mut Value) {
+        match value {
+            Value::Object(map) => {
+                if map.remove("access_token").is_some() {
+                    self.changed = true;
+                }
+                if let Some(Value::Object(paging)) = map.get_mut("paging") {
+                    for key in ["next", "previous"] {
+                        if let Some(Value::String(link)) = paging.get(key) {
+                            match rewrite_link(link, self.public_url, self.marker) {
+                                Some((new, keyed)) => {
+                                    self.links += usize::from(keyed);
+                                    paging.insert(key.to_string(), Value::String(new));
+                                }
+                                // A link we cannot parse could carry a token: drop it.
+                                None => {
+                                    paging.remove(key);
+                                }
                             }
-                            // A link we cannot parse could carry a token: drop it.
-                            None => {
-                                paging.remove(key);
-                            }
+                            self.changed = true;
                         }
-                        *changed = true;
                     }
                 }
+                for v in map.values_mut() {
+                    self.value(v);
+                }
             }
-            for v in map.values_mut() {
-                rewrite_value(v, public_url, changed);
+            Value::Array(items) => {
+                for v in items {
+                    self.value(v);
+                }
             }
+            _ => {}
         }
-        Value::Array(items) => {
-            for v in items {
-                rewrite_value(v, public_url, changed);
-            }
-        }
-        _ => {}
     }
 }
 
 /// `https://graph.facebook.com/v21.0/1001/feed?access_token=T&appsecret_proof=P&after=X`
-/// → `{public_url}/v21.0/1001/feed?access_token=__graphgate_client_key__&after=X`.
-pub fn rewrite_link(link: &str, public_url: &str) -> Option<String> {
+/// → `{public_url}/v21.0/1001/feed?access_token={marker}&after=X`, and whether the marker
+/// went in.
+pub fn rewrite_link(link: &str, public_url: &str, marker: KeyMarker) -> Option<(String, bool)> {
     let uri: http::Uri = link.parse().ok()?;
     let path = uri.path();
     let mut out = form_urlencoded::Serializer::new(String::new());
     let mut any = false;
+    let mut keyed = false;
     if let Some(q) = uri.query() {
         for (k, v) in form_urlencoded::parse(q.as_bytes()) {
             match k.as_ref() {
                 "appsecret_proof" => {}
-                "access_token" => {
-                    out.append_pair("access_token", KEY_PLACEHOLDER);
+                "access_token" if !keyed => {
+                    out.append_pair("access_token", marker.as_str());
+                    keyed = true;
                     any = true;
                 }
+                "access_token" => {}
                 _ => {
                     out.append_pair(&k, &v);
                     any = true;
@@ -236,11 +501,12 @@ pub fn rewrite_link(link: &str, public_url: &str) -> Option<String> {
         }
     }
     let query = out.finish();
-    Some(if any {
+    let link = if any {
         format!("{public_url}{path}?{query}")
     } else {
         format!("{public_url}{path}")
-    })
+    };
+    Some((link, keyed))
 }
 
 #[cfg(test)]
@@ -249,16 +515,26 @@ mod tests {
 
     const PUBLIC: &str = "http://gw.internal:8080";
 
+    fn secrets(list: &[&str]) -> Secrets {
+        Secrets::new(list.iter().copied())
+    }
+
     #[test]
     fn link_rewrite_replaces_host_token_and_drops_proof() {
-        let l = rewrite_link(
+        let m = KeyMarker::random();
+        let (l, keyed) = rewrite_link(
             "https://graph.facebook.com/v21.0/1001/feed?access_token=SYSTOK&appsecret_proof=abc&limit=2&after=QVFI",
             PUBLIC,
+            m,
         )
         .unwrap();
+        assert!(keyed);
         assert_eq!(
             l,
-            format!("{PUBLIC}/v21.0/1001/feed?access_token={KEY_PLACEHOLDER}&limit=2&after=QVFI")
+            format!(
+                "{PUBLIC}/v21.0/1001/feed?access_token={}&limit=2&after=QVFI",
+                m.as_str()
+            )
         );
     }
 
@@ -269,13 +545,14 @@ mod tests {
             Bytes::from_static(body),
             false,
             PUBLIC,
-            &["SYSTOK", "PAGETOK"],
-        );
-        assert!(p.has_key_placeholder);
+            &secrets(&["SYSTOK", "PAGETOK"]),
+        )
+        .unwrap();
+        assert!(p.key_marker.is_some());
         let out = finalize(&p, "client key/1");
         let text = std::str::from_utf8(&out).unwrap();
         assert!(
-            !text.contains("SYSTOK") && !text.contains("PAGETOK"),
+            !text.contains("SYSTOK") && !text.contains("PAGETOK") && !text.contains("__gg"),
             "{text}"
         );
         let v: Value = serde_json::from_slice(&out).unwrap();
@@ -295,7 +572,7 @@ mod tests {
         let inner = r#"{"data":[],"paging":{"next":"https://graph.facebook.com/1001/feed?access_token=SYSTOK&after=A"}}"#;
         let body =
             serde_json::to_vec(&serde_json::json!([{"code":200,"body":inner}, null])).unwrap();
-        let p = prepare(Bytes::from(body), true, PUBLIC, &["SYSTOK"]);
+        let p = prepare(Bytes::from(body), true, PUBLIC, &secrets(&["SYSTOK"])).unwrap();
         let out = finalize(&p, "k1");
         let v: Value = serde_json::from_slice(&out).unwrap();
         let inner: Value = serde_json::from_str(v[0]["body"].as_str().unwrap()).unwrap();
@@ -309,15 +586,116 @@ mod tests {
     #[test]
     fn plain_bodies_are_not_copied_and_secrets_are_scrubbed() {
         let body = Bytes::from_static(br#"{"id":"1001","name":"Acme"}"#);
-        let p = prepare(body.clone(), false, PUBLIC, &["SYSTOK"]);
+        let p = prepare(body.clone(), false, PUBLIC, &secrets(&["SYSTOK"])).unwrap();
         assert_eq!(p.bytes.as_ptr(), body.as_ptr());
         let leaked = prepare(
             Bytes::from_static(b"oops SYSTOK here"),
             false,
             PUBLIC,
-            &["SYSTOK"],
-        );
+            &secrets(&["SYSTOK"]),
+        )
+        .unwrap();
         assert_eq!(&leaked.bytes[..], b"oops [redacted] here");
+    }
+
+    /// Text planted in Graph data that looks like a marker (any marker: the old fixed
+    /// placeholder, this body's own, spelled with escapes) is never filled with a key.
+    #[test]
+    fn planted_markers_are_never_filled_with_a_key() {
+        let link = r#""paging":{"next":"https://graph.facebook.com/1001/feed?access_token=SYSTOK&after=A"}"#;
+        for planted in [
+            "__graphgate_client_key__".to_string(),
+            "__gg0123456789abcdef__".to_string(),
+            r"\u005f_gg0123456789abcdef__".to_string(),
+        ] {
+            let body = format!(r#"{{"data":[{{"message":"hi {planted}"}}],{link}}}"#);
+            match prepare(Bytes::from(body), false, PUBLIC, &secrets(&["SYSTOK"])) {
+                Ok(p) => {
+                    let out = finalize(&p, "SECRETKEY");
+                    let v: Value = serde_json::from_slice(&out).unwrap();
+                    assert!(
+                        !v["data"][0]["message"]
+                            .as_str()
+                            .unwrap()
+                            .contains("SECRETKEY"),
+                        "{v}"
+                    );
+                    assert!(v["paging"]["next"].as_str().unwrap().contains("SECRETKEY"));
+                }
+                Err(e) => panic!("{planted}: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_body_that_spells_its_own_marker_fails_closed() {
+        let m = KeyMarker::from_bytes(b"__gg0123456789abcdef__").unwrap();
+        let link = r#""paging":{"next":"https://graph.facebook.com/1/feed?access_token=T"}"#;
+        for planted in [
+            m.as_str().to_string(),
+            m.as_str().replacen('_', r"\u005f", 1),
+        ] {
+            let body = format!(r#"{{"message":"{planted}",{link}}}"#);
+            let out = prepare_marked(Bytes::from(body), false, PUBLIC, &secrets(&[]), m);
+            assert!(out.is_err(), "{planted}");
+        }
+        // The same body with another marker is fine.
+        let body = format!(r#"{{"message":"{}",{link}}}"#, m.as_str());
+        assert!(prepare(Bytes::from(body), false, PUBLIC, &secrets(&[])).is_ok());
+    }
+
+    #[test]
+    fn unreadable_bodies_that_need_checking_fail_closed() {
+        let deep = format!(
+            r#"{}{{"access_token":"PAGETOK"}}{}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert!(prepare(Bytes::from(deep), false, PUBLIC, &secrets(&["X123"])).is_err());
+        let garbage = br#"{"paging":{"next":"https://graph.facebook.com/1?access_token=T""#;
+        assert!(prepare(Bytes::from_static(garbage), false, PUBLIC, &secrets(&[])).is_err());
+        // Nothing to check: passed on as it is.
+        let html = Bytes::from_static(b"<html>502</html>");
+        assert_eq!(
+            prepare(html.clone(), false, PUBLIC, &secrets(&[]))
+                .unwrap()
+                .bytes,
+            html
+        );
+    }
+
+    #[test]
+    fn reply_headers_lose_tokens() {
+        let s = secrets(&["SYSTOK", "PAGETOK"]);
+        let headers = vec![
+            (
+                http::header::LOCATION,
+                HeaderValue::from_static(
+                    "https://scontent.example/p.jpg?access_token=PAGETOK&appsecret_proof=ab&oh=1",
+                ),
+            ),
+            (
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(
+                    "OAuth \"Facebook Platform\" \"invalid_token\" \"SYSTOK\"",
+                ),
+            ),
+            (
+                HeaderName::from_static("x-fb-debug"),
+                HeaderValue::from_static("dbg PAGETOK"),
+            ),
+            (
+                HeaderName::from_static("x-fb-rev"),
+                HeaderValue::from_static("1"),
+            ),
+        ];
+        let out = scrub_headers(headers, &s);
+        assert_eq!(out[0].1, "https://scontent.example/p.jpg?oh=1");
+        for (n, v) in &out {
+            let v = v.to_str().unwrap();
+            assert!(!v.contains("SYSTOK") && !v.contains("PAGETOK"), "{n}: {v}");
+        }
+        assert_eq!(out.len(), 4);
     }
 
     /// Fuzz finding (rewrite target): a secret whose first byte ended a `\u` escape was
@@ -325,7 +703,7 @@ mod tests {
     #[test]
     fn a_secret_split_by_an_escape_keeps_the_json_valid() {
         let body = Bytes::from_static(b"\"\\uE31EAAGpagetoken10016\"");
-        let out = scrub(body, &["EAAGpagetoken1001"]);
+        let out = scrub(body, &secrets(&["EAAGpagetoken1001"]));
         let v: Value = serde_json::from_slice(&out).expect("still JSON");
         assert!(
             memmem::find(&out, b"EAAGpagetoken1001").is_none(),
@@ -337,7 +715,7 @@ mod tests {
     #[test]
     fn a_secret_hidden_by_escapes_is_redacted_once_decoded() {
         let body = Bytes::from_static(br#"{"a":"x\u0045AAGtok1","\u0045AAGtok1":1,"n":123456789}"#);
-        let out = scrub(body, &["EAAGtok1", "345678"]);
+        let out = scrub(body, &secrets(&["EAAGtok1", "345678"]));
         let v: Value = serde_json::from_slice(&out).expect("still JSON");
         let text = v.to_string();
         assert!(
@@ -347,5 +725,30 @@ mod tests {
         assert_eq!(v["a"], "x[redacted]");
         assert_eq!(v["[redacted]"], 1);
         assert_eq!(v["n"], "[redacted]");
+    }
+
+    #[test]
+    fn joined_bodies_share_one_fresh_marker() {
+        let a = PreparedBody {
+            bytes: Bytes::from_static(b"\"__gg0000000000000001__\""),
+            key_marker: KeyMarker::from_bytes(b"__gg0000000000000001__"),
+        };
+        let b = PreparedBody {
+            bytes: Bytes::from_static(b"\"__gg0000000000000002__ __gg0000000000000001__\""),
+            key_marker: KeyMarker::from_bytes(b"__gg0000000000000002__"),
+        };
+        let joined = join_bodies(&[&a, &b], |parts| {
+            Bytes::from(
+                parts
+                    .iter()
+                    .map(|p| std::str::from_utf8(p).unwrap())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
+        })
+        .unwrap();
+        let out = finalize(&joined, "K");
+        // b's text that spelled a's marker stays text.
+        assert_eq!(&out[..], b"\"K\",\"K __gg0000000000000001__\"");
     }
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
@@ -15,6 +16,7 @@ use crate::error::ProxyError;
 use crate::graph::request::{GraphMethod, Params};
 use crate::graph::usage::ErrorClass;
 use crate::metrics::Metrics;
+use crate::rewrite::Secrets;
 use crate::upstream::{Upstream, UpstreamRequest};
 
 /// The token chosen for one call and its proof. `identity` names the token without
@@ -51,6 +53,9 @@ pub struct Tokens {
     app_secret: Option<Secret>,
     page_tokens: bool,
     minted: RwLock<HashMap<String, Injected>>,
+    /// Every token and secret held, for scrubbing replies; rebuilt when a Page token is
+    /// minted or forgotten.
+    secrets: ArcSwap<Secrets>,
     /// Serializes minting so a burst of calls to a new Page mints one token.
     mint_lock: tokio::sync::Mutex<()>,
     metrics: Arc<Metrics>,
@@ -73,7 +78,7 @@ impl Tokens {
             .app_secret
             .as_ref()
             .map(|s| appsecret_proof(s.expose(), creds.system_user_token.expose()));
-        Tokens {
+        let tokens = Tokens {
             system: Injected {
                 token: creds.system_user_token.clone(),
                 proof,
@@ -82,11 +87,35 @@ impl Tokens {
             app_secret: creds.app_secret.clone(),
             page_tokens: creds.page_tokens,
             minted: RwLock::new(HashMap::new()),
+            secrets: ArcSwap::from_pointee(Secrets::new(Vec::<String>::new())),
             mint_lock: tokio::sync::Mutex::new(()),
             metrics,
             system_valid: AtomicBool::new(true),
             page_valid: AtomicBool::new(true),
-        }
+        };
+        tokens.refresh_secrets();
+        tokens
+    }
+
+    /// Every token and secret graphgate holds (system token, app secret, minted Page tokens):
+    /// what [`crate::rewrite`] redacts from replies.
+    pub fn secrets(&self) -> Arc<Secrets> {
+        self.secrets.load_full()
+    }
+
+    fn refresh_secrets(&self) {
+        let minted: Vec<String> = self
+            .minted
+            .read()
+            .map(|m| m.values().map(|i| i.token.expose().to_string()).collect())
+            .unwrap_or_default();
+        let held = [
+            self.system.token.expose(),
+            self.app_secret.as_ref().map(Secret::expose).unwrap_or(""),
+        ];
+        self.secrets.store(Arc::new(Secrets::new(
+            held.iter().map(|s| s.to_string()).chain(minted),
+        )));
     }
 
     pub fn system(&self) -> &Injected {
@@ -131,6 +160,7 @@ impl Tokens {
         if let Ok(mut map) = self.minted.write() {
             map.insert(page.to_string(), injected.clone());
         }
+        self.refresh_secrets();
         self.metrics.page_tokens_minted.inc();
         Ok(injected)
     }
@@ -145,6 +175,7 @@ impl Tokens {
             if let Ok(mut map) = self.minted.write() {
                 map.remove(page);
             }
+            self.refresh_secrets();
         }
     }
 
@@ -197,7 +228,7 @@ impl Tokens {
                 path: format!("/{version}/{page}"),
                 params,
                 headers: Vec::new(),
-                opaque_body: None,
+                files: Vec::new(),
             })
             .await?;
         match reply.graph_error() {
@@ -225,15 +256,6 @@ impl Tokens {
                 )))
             }
         }
-    }
-
-    /// Secrets that must never appear in anything graphgate sends to clients.
-    pub fn secrets_for<'a>(&'a self, used: &'a Injected) -> [&'a str; 3] {
-        [
-            self.system.token.expose(),
-            self.app_secret.as_ref().map(Secret::expose).unwrap_or(""),
-            used.token.expose(),
-        ]
     }
 }
 

@@ -35,6 +35,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{RetryConfig, UpstreamConfig};
 use crate::error::ProxyError;
+use crate::graph::body::FilePart;
 use crate::graph::request::{GraphMethod, Params};
 use crate::graph::usage::{ErrorClass, GraphErrorInfo};
 use crate::metrics::Metrics;
@@ -111,9 +112,8 @@ pub struct UpstreamRequest {
     pub path: String,
     pub params: Params,
     pub headers: Vec<(HeaderName, HeaderValue)>,
-    /// A body graphgate does not rewrite (JSON, multipart), sent as is with its content type;
-    /// `params` then go into the query string.
-    pub opaque_body: Option<(HeaderValue, Bytes)>,
+    /// Uploaded files: the call goes as a multipart POST, `params` in parts before them.
+    pub files: Vec<FilePart>,
 }
 
 pub struct Upstream {
@@ -224,14 +224,20 @@ impl Upstream {
     fn build(&self, req: UpstreamRequest) -> Result<Prepared, ProxyError> {
         let query = req.params.encode();
         let target_len = req.path.len() + 1 + query.len();
-        let (method, uri, body, content_type) = match (req.method, req.opaque_body) {
-            (_, Some((ct, body))) => (
-                Method::POST,
-                join_target(&self.base, &req.path, &query),
-                body,
-                Some(ct),
-            ),
-            (GraphMethod::Get, None) if target_len > self.max_get_url_bytes => {
+        let uploads = !req.files.is_empty();
+        let (method, uri, body, content_type) = match req.method {
+            _ if uploads => {
+                let (ct, body) = crate::graph::body::encode_multipart(&req.params, &req.files);
+                let ct = HeaderValue::from_str(&ct)
+                    .map_err(|e| ProxyError::Internal(format!("multipart content type: {e}")))?;
+                (
+                    Method::POST,
+                    join_target(&self.base, &req.path, ""),
+                    body,
+                    Some(ct),
+                )
+            }
+            GraphMethod::Get if target_len > self.max_get_url_bytes => {
                 self.metrics.large_get_rewrites.inc();
                 let mut params = req.params;
                 params.set("method", "GET");
@@ -244,19 +250,19 @@ impl Upstream {
                     )),
                 )
             }
-            (GraphMethod::Get, None) => (
+            GraphMethod::Get => (
                 Method::GET,
                 join_target(&self.base, &req.path, &query),
                 Bytes::new(),
                 None,
             ),
-            (GraphMethod::Delete, None) => (
+            GraphMethod::Delete => (
                 Method::DELETE,
                 join_target(&self.base, &req.path, &query),
                 Bytes::new(),
                 None,
             ),
-            (GraphMethod::Post, None) => (
+            GraphMethod::Post => (
                 Method::POST,
                 join_target(&self.base, &req.path, ""),
                 Bytes::from(query),

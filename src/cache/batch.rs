@@ -9,33 +9,31 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{header, HeaderValue};
-use memchr::memmem;
 use serde_json::Value;
 
 use super::entry::Entry;
+use crate::error::ProxyError;
 use crate::graph::request::{BatchOp, GraphMethod};
-use crate::rewrite::{PreparedBody, KEY_PLACEHOLDER};
+use crate::rewrite::{self, PreparedBody};
 
 /// Whether the batch may be answered partly from the cache.
 pub fn cacheable(ops: &[BatchOp]) -> bool {
     ops.iter().all(|op| {
         op.method == GraphMethod::Get
             && op.path.node().is_some()
-            && !op.raw.contains_key("name")
-            && !op.raw.contains_key("depends_on")
-            && !op.raw.contains_key("omit_response_on_success")
+            && op.extra.is_empty()
             && !op.query.contains("ids")
             && !op.body.contains("ids")
-            && op
-                .raw
-                .get("relative_url")
-                .and_then(Value::as_str)
-                .is_some_and(|u| !u.contains("{result="))
+            && !op
+                .query
+                .iter()
+                .chain(op.body.iter())
+                .any(|(_, v)| v.contains("{result="))
     })
 }
 
 /// One reply element, `{"code":200,"headers":[…],"body":"…"}`, for a cached entry. The body
-/// is JSON-escaped; the client-key placeholder survives escaping unchanged.
+/// is JSON-escaped; the key marker survives escaping unchanged.
 pub fn element(entry: &Entry, include_headers: bool) -> Option<PreparedBody> {
     let prepared = entry.body().ok()?;
     let body = std::str::from_utf8(&prepared.bytes).ok()?;
@@ -52,10 +50,7 @@ pub fn element(entry: &Entry, include_headers: bool) -> Option<PreparedBody> {
     }
     obj.insert("body".into(), Value::String(body.to_string()));
     let bytes = serde_json::to_vec(&Value::Object(obj)).ok()?;
-    Some(PreparedBody {
-        bytes: Bytes::from(bytes),
-        has_key_placeholder: prepared.has_key_placeholder,
-    })
+    Some(prepared.part(Bytes::from(bytes)))
 }
 
 /// A reply element from Graph: the element as sent, and for a successful operation its
@@ -71,9 +66,6 @@ pub fn split(body: &PreparedBody) -> Option<Vec<Part>> {
     let mut out = Vec::with_capacity(items.len());
     for item in items {
         let bytes = serde_json::to_vec(&item).ok()?;
-        let placeholder = |b: &[u8]| {
-            body.has_key_placeholder && memmem::find(b, KEY_PLACEHOLDER.as_bytes()).is_some()
-        };
         let ok_body = match (&item.get("code"), item.get("body")) {
             (Some(Value::Number(c)), Some(Value::String(b))) if c.as_u64() == Some(200) => {
                 let etag = item
@@ -88,21 +80,12 @@ pub fn split(body: &PreparedBody) -> Option<Vec<Part>> {
                     })
                     .and_then(|h| h.get("value").and_then(Value::as_str))
                     .and_then(|v| HeaderValue::from_str(v).ok());
-                Some((
-                    PreparedBody {
-                        bytes: Bytes::from(b.clone().into_bytes()),
-                        has_key_placeholder: placeholder(b.as_bytes()),
-                    },
-                    etag,
-                ))
+                Some((body.part(Bytes::from(b.clone().into_bytes())), etag))
             }
             _ => None,
         };
         out.push(Part {
-            element: PreparedBody {
-                has_key_placeholder: placeholder(&bytes),
-                bytes: Bytes::from(bytes),
-            },
+            element: body.part(Bytes::from(bytes)),
             ok_body,
         });
     }
@@ -122,27 +105,27 @@ pub fn entry_headers(etag: Option<HeaderValue>) -> Vec<(http::HeaderName, Header
 }
 
 /// `[e1,e2,…]` from elements, without re-parsing them.
-pub fn assemble(elements: &[&PreparedBody]) -> PreparedBody {
-    let len: usize = elements.iter().map(|e| e.bytes.len() + 1).sum();
-    let mut out = BytesMut::with_capacity(len + 2);
-    out.put_u8(b'[');
-    for (i, e) in elements.iter().enumerate() {
-        if i > 0 {
-            out.put_u8(b',');
+pub fn assemble(elements: &[&PreparedBody]) -> Result<PreparedBody, ProxyError> {
+    rewrite::join_bodies(elements, |bytes| {
+        let len: usize = bytes.iter().map(|e| e.len() + 1).sum();
+        let mut out = BytesMut::with_capacity(len + 2);
+        out.put_u8(b'[');
+        for (i, e) in bytes.iter().enumerate() {
+            if i > 0 {
+                out.put_u8(b',');
+            }
+            out.put_slice(e);
         }
-        out.put_slice(&e.bytes);
-    }
-    out.put_u8(b']');
-    PreparedBody {
-        bytes: out.freeze(),
-        has_key_placeholder: elements.iter().any(|e| e.has_key_placeholder),
-    }
+        out.put_u8(b']');
+        out.freeze()
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::graph::request::parse_batch;
+    use crate::rewrite::KeyMarker;
     use http::StatusCode;
     use std::time::Duration;
 
@@ -170,20 +153,26 @@ mod tests {
             entry_headers(Some(HeaderValue::from_static("\"t\""))),
             PreparedBody {
                 bytes: Bytes::from_static(
-                    br#"{"id":"1001","link":"x?access_token=__graphgate_client_key__"}"#,
+                    br#"{"id":"1001","link":"x?access_token=__gg0123456789abcdef__"}"#,
                 ),
-                has_key_placeholder: true,
+                key_marker: KeyMarker::from_bytes(b"__gg0123456789abcdef__"),
             },
             Duration::from_secs(1),
         );
         let e = element(&entry, true).unwrap();
-        assert!(e.has_key_placeholder);
-        let joined = assemble(&[&e, &e]);
+        assert!(e.key_marker.is_some());
+        let joined = assemble(&[&e, &e]).unwrap();
         let parts = split(&joined).unwrap();
         assert_eq!(parts.len(), 2);
         let (body, etag) = parts[0].ok_body.clone().unwrap();
-        assert_eq!(Some(&body), entry.body().ok().as_ref());
-        assert!(body.has_key_placeholder);
+        // One fresh marker for the joined body, in place of the element's.
+        let marker = joined.key_marker.unwrap();
+        assert_ne!(Some(marker), e.key_marker);
+        assert_eq!(body.key_marker, Some(marker));
+        assert_eq!(
+            rewrite::finalize(&body, "k"),
+            rewrite::finalize(&entry.body().unwrap(), "k")
+        );
         assert_eq!(etag.unwrap(), "\"t\"");
     }
 }

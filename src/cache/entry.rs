@@ -113,7 +113,7 @@ impl Entry {
             .ok_or_else(|| ProxyError::Internal("a cached body did not decompress".into()))?;
         Ok(PreparedBody {
             bytes: Bytes::from(plain),
-            has_key_placeholder: self.body.has_key_placeholder,
+            key_marker: self.body.key_marker,
         })
     }
 
@@ -199,7 +199,7 @@ impl Entry {
             headers: headers.into(),
             body: PreparedBody {
                 bytes: blob.slice(..body.len()),
-                has_key_placeholder: self.body.has_key_placeholder,
+                key_marker: self.body.key_marker,
             },
             plain_len,
             ..self.clone()
@@ -295,10 +295,7 @@ mod tests {
                     HeaderValue::from_static("{}"),
                 ),
             ],
-            PreparedBody {
-                bytes: Bytes::from_static(b"{}"),
-                has_key_placeholder: false,
-            },
+            PreparedBody::plain(Bytes::from_static(b"{}")),
             Duration::from_secs(ttl),
         )
     }
@@ -341,7 +338,7 @@ mod tests {
             vec![(header::ETAG, HeaderValue::from_static("\"abc\""))],
             PreparedBody {
                 bytes: Bytes::from(body),
-                has_key_placeholder: placeholder,
+                key_marker: placeholder.then(crate::rewrite::KeyMarker::random),
             },
             Duration::from_secs(60),
         )
@@ -363,7 +360,8 @@ mod tests {
         );
         let body = stored.body().expect("decompresses");
         assert_eq!(&body.bytes[..], &json[..]);
-        assert!(body.has_key_placeholder);
+        assert_eq!(body.key_marker, e.body().unwrap().key_marker);
+        assert!(body.key_marker.is_some());
         assert_eq!(stored.etag(), e.etag());
         // Stored again (a renewal, a promotion): still one compression, same body.
         let again = stored.for_storage(true);

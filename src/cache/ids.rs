@@ -3,9 +3,9 @@
 //! cached under that node's own key and a later `ids=` read is assembled from them.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use memchr::memmem;
 
-use crate::rewrite::{PreparedBody, KEY_PLACEHOLDER};
+use crate::error::ProxyError;
+use crate::rewrite::{self, PreparedBody};
 
 /// Ids in request order without duplicates (Graph answers each id once).
 pub fn unique(ids: &[String]) -> Vec<String> {
@@ -25,42 +25,35 @@ pub fn split(body: &PreparedBody) -> Option<Vec<(String, PreparedBody)>> {
     let mut out = Vec::with_capacity(map.len());
     for (id, value) in map {
         let bytes = serde_json::to_vec(&value).ok()?;
-        let has_key_placeholder =
-            body.has_key_placeholder && memmem::find(&bytes, KEY_PLACEHOLDER.as_bytes()).is_some();
-        out.push((
-            id,
-            PreparedBody {
-                bytes: Bytes::from(bytes),
-                has_key_placeholder,
-            },
-        ));
+        out.push((id, body.part(Bytes::from(bytes))));
     }
     Some(out)
 }
 
 /// Joins per-id bodies into `{"a":…,"b":…}` in the given order, without re-parsing them.
 /// Ids are Graph ids (`[A-Za-z0-9_.:@-]`, checked by the request parser) and need no escaping.
-pub fn assemble(parts: &[(&str, &PreparedBody)]) -> PreparedBody {
-    let len: usize = parts
-        .iter()
-        .map(|(id, b)| id.len() + b.bytes.len() + 4)
-        .sum();
-    let mut out = BytesMut::with_capacity(len + 2);
-    out.put_u8(b'{');
-    for (i, (id, body)) in parts.iter().enumerate() {
-        if i > 0 {
-            out.put_u8(b',');
+pub fn assemble(parts: &[(&str, &PreparedBody)]) -> Result<PreparedBody, ProxyError> {
+    let bodies: Vec<&PreparedBody> = parts.iter().map(|(_, b)| *b).collect();
+    rewrite::join_bodies(&bodies, |bytes| {
+        let len: usize = parts
+            .iter()
+            .zip(bytes)
+            .map(|((id, _), b)| id.len() + b.len() + 4)
+            .sum();
+        let mut out = BytesMut::with_capacity(len + 2);
+        out.put_u8(b'{');
+        for (i, ((id, _), body)) in parts.iter().zip(bytes).enumerate() {
+            if i > 0 {
+                out.put_u8(b',');
+            }
+            out.put_u8(b'"');
+            out.put_slice(id.as_bytes());
+            out.put_slice(b"\":");
+            out.put_slice(body);
         }
-        out.put_u8(b'"');
-        out.put_slice(id.as_bytes());
-        out.put_slice(b"\":");
-        out.put_slice(&body.bytes);
-    }
-    out.put_u8(b'}');
-    PreparedBody {
-        bytes: out.freeze(),
-        has_key_placeholder: parts.iter().any(|(_, b)| b.has_key_placeholder),
-    }
+        out.put_u8(b'}');
+        out.freeze()
+    })
 }
 
 #[cfg(test)]
@@ -69,15 +62,14 @@ mod tests {
 
     #[test]
     fn split_then_assemble_round_trips() {
-        let body = PreparedBody {
-            bytes: Bytes::from_static(br#"{"1001":{"id":"1001","name":"A"},"1002":{"id":"1002"}}"#),
-            has_key_placeholder: false,
-        };
+        let body = PreparedBody::plain(Bytes::from_static(
+            br#"{"1001":{"id":"1001","name":"A"},"1002":{"id":"1002"}}"#,
+        ));
         let parts = split(&body).unwrap();
         assert_eq!(parts.len(), 2);
         let refs: Vec<(&str, &PreparedBody)> =
             parts.iter().rev().map(|(i, b)| (i.as_str(), b)).collect();
-        let joined = assemble(&refs);
+        let joined = assemble(&refs).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&joined.bytes).unwrap();
         assert_eq!(v["1001"]["name"], "A");
         assert_eq!(v["1002"]["id"], "1002");
@@ -86,10 +78,6 @@ mod tests {
             unique(&["a".into(), "b".into(), "a".into()]),
             vec!["a", "b"]
         );
-        assert!(split(&PreparedBody {
-            bytes: Bytes::from_static(b"[1]"),
-            has_key_placeholder: false
-        })
-        .is_none());
+        assert!(split(&PreparedBody::plain(Bytes::from_static(b"[1]"))).is_none());
     }
 }

@@ -22,11 +22,11 @@ use redis::Script;
 use super::entry::Entry;
 use super::key::{CacheKey, KeyId};
 use crate::redis_conn::RedisConn;
-use crate::rewrite::PreparedBody;
+use crate::rewrite::{KeyMarker, PreparedBody, MARKER_LEN};
 
 /// First byte of every stored value. A reader that does not know the version treats the
 /// value as a miss, so a format change never serves garbage.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
 /// A write epoch lives this long after its last bump: far longer than any fill takes.
 const EPOCH_TTL: Duration = Duration::from_secs(600);
 /// Admin purges by prefix or of everything walk the keyspace for at most this long.
@@ -295,9 +295,10 @@ const FLAG_PLACEHOLDER: u8 = 1;
 const FLAG_EDGE: u8 = 2;
 const FLAG_NODE: u8 = 4;
 
-/// Version 1 layout, big-endian: version u8, stored-at unix ms u64, ttl ms u64, status u16,
+/// Version 2 layout, big-endian: version u8, stored-at unix ms u64, ttl ms u64, status u16,
 /// flags u8, readable (u32 len + bytes), node (u32 len + bytes, when flagged), header count
-/// u16 and per header name (u16 len) and value (u32 len), then the body (u32 len + bytes).
+/// u16 and per header name (u16 len) and value (u32 len), the body's key marker (22 bytes,
+/// when flagged), then the body (u32 len + bytes).
 /// The readable key sits early so a purge by prefix reads it without decoding the rest.
 /// The body is written plain, also for an entry L1 holds compressed.
 pub fn encode(e: &Entry) -> Option<Vec<u8>> {
@@ -315,7 +316,7 @@ pub fn encode(e: &Entry) -> Option<Vec<u8>> {
     out.extend_from_slice(&(e.ttl.as_millis() as u64).to_be_bytes());
     out.extend_from_slice(&e.status.as_u16().to_be_bytes());
     let mut flags = 0;
-    if body.has_key_placeholder {
+    if body.key_marker.is_some() {
         flags |= FLAG_PLACEHOLDER;
     }
     if e.has_edge {
@@ -336,6 +337,9 @@ pub fn encode(e: &Entry) -> Option<Vec<u8>> {
         out.extend_from_slice(&(name.len() as u16).to_be_bytes());
         out.extend_from_slice(name);
         put(&mut out, v.as_bytes());
+    }
+    if let Some(m) = &body.key_marker {
+        out.extend_from_slice(m.as_bytes());
     }
     put(&mut out, &body.bytes);
     Some(out)
@@ -417,6 +421,11 @@ pub fn decode(v: &[u8], key: &CacheKey) -> Option<Entry> {
         let value = HeaderValue::from_bytes(r.chunk()?).ok()?;
         headers.push((name, value));
     }
+    let key_marker = if flags & FLAG_PLACEHOLDER != 0 {
+        Some(KeyMarker::from_bytes(r.take(MARKER_LEN)?)?)
+    } else {
+        None
+    };
     let body = Bytes::copy_from_slice(r.chunk()?);
     if !r.0.is_empty() {
         return None;
@@ -426,7 +435,7 @@ pub fn decode(v: &[u8], key: &CacheKey) -> Option<Entry> {
         headers,
         PreparedBody {
             bytes: body,
-            has_key_placeholder: flags & FLAG_PLACEHOLDER != 0,
+            key_marker,
         },
         ttl,
     );
@@ -464,7 +473,7 @@ mod tests {
             ],
             PreparedBody {
                 bytes: Bytes::from_static(b"{\"data\":[]}"),
-                has_key_placeholder: true,
+                key_marker: Some(KeyMarker::random()),
             },
             Duration::from_secs(60),
         );
@@ -494,10 +503,7 @@ mod tests {
         let mut big = Entry::new(
             StatusCode::OK,
             Vec::new(),
-            PreparedBody {
-                bytes: Bytes::from(br#"{"id":"1","name":"Page"},"#.repeat(40)),
-                has_key_placeholder: false,
-            },
+            PreparedBody::plain(Bytes::from(br#"{"id":"1","name":"Page"},"#.repeat(40))),
             Duration::from_secs(60),
         )
         .for_storage(true);
@@ -513,7 +519,10 @@ mod tests {
         let k = key();
         let v = encode(&entry(&k)).expect("encodes");
         let mut other = v.clone();
-        other[0] = 2;
+        other[0] = FORMAT_VERSION + 1;
+        assert!(decode(&other, &k).is_none());
+        // Values an older graphgate wrote (version 1, a fixed key placeholder) are misses.
+        other[0] = 1;
         assert!(decode(&other, &k).is_none());
         for n in 0..v.len() {
             assert!(decode(&v[..n], &k).is_none(), "truncated at {n}");

@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 use super::encode::{b64, b64_decode, graph_json, graph_time, trace_id};
 use super::fields::{self, FieldSel};
 use super::state::{appsecret_proof, PageData, PostData, Principal, QuotaKey, State};
-use super::FakeGraphConfig;
+use super::{ExecutedCall, FakeGraphConfig};
 
 /// Most ids one `ids=` request or operations one batch may carry.
 const MAX_IDS: usize = 50;
@@ -51,7 +51,7 @@ pub(crate) enum Verb {
 }
 
 impl Verb {
-    fn word(self) -> &'static str {
+    pub fn word(self) -> &'static str {
         match self {
             Verb::Get => "get",
             Verb::Post => "post",
@@ -90,6 +90,8 @@ pub(crate) struct Call {
     pub token: Option<String>,
     pub proof: Option<String>,
     pub in_batch: bool,
+    /// Names of the file parts uploaded with the call.
+    pub files: Vec<String>,
 }
 
 /// Splits a path into an optional `vNN.N` version and the remaining non-empty segments.
@@ -433,6 +435,29 @@ pub(crate) struct Engine<'a> {
 impl Engine<'_> {
     /// Serves one call end to end.
     pub fn execute(&mut self, call: &Call) -> Outcome {
+        self.st.record_executed(ExecutedCall {
+            verb: call.verb.word(),
+            segments: call.segments.clone(),
+            ids: call
+                .params
+                .get("ids")
+                .map(|ids| {
+                    ids.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            fields: call.params.get("fields").map(str::to_string),
+            token: call.token.clone(),
+            root_id: call
+                .segments
+                .is_empty()
+                .then(|| call.params.get("id").map(str::to_string))
+                .flatten(),
+            in_batch: call.in_batch,
+        });
         let (trace_id, request_id) = self.ids.next();
         let mut usage = Usage::default();
         let mut result = self.route(call, &mut usage);
@@ -493,7 +518,14 @@ impl Engine<'_> {
             }
         }
 
-        let Some(node_raw) = call.segments.first() else {
+        // `/?id=X`: Graph's lookup of one object by id (or URL).
+        let root_id = call
+            .segments
+            .is_empty()
+            .then(|| call.params.get("id"))
+            .flatten()
+            .filter(|_| call.verb == Verb::Get && call.params.get("batch").is_none());
+        let Some(node_raw) = call.segments.first().map(String::as_str).or(root_id) else {
             if call.verb == Verb::Post && call.params.get("batch").is_some() {
                 if call.in_batch {
                     return Err(GraphError::param("Batch requests cannot be nested"));
@@ -526,6 +558,22 @@ impl Engine<'_> {
         match (call.verb, &node, edge) {
             (Verb::Get, _, _) => self.read(&principal, &node, edge, &call.params, &link),
             (Verb::Post, Node::Page(p), Some("feed")) => self.create_post(p, &call.params),
+            (Verb::Post, Node::Page(p), Some("photos")) => {
+                if !call.files.iter().any(|f| f == "source") && call.params.get("url").is_none() {
+                    return Err(GraphError::new(
+                        400,
+                        324,
+                        "OAuthException",
+                        "(#324) Requires upload file",
+                    ));
+                }
+                let mut params = call.params.clone();
+                if params.get("message").is_none() {
+                    let caption = params.get("caption").unwrap_or("(photo)").to_string();
+                    params.0.push(("message".into(), caption));
+                }
+                self.create_post(p, &params)
+            }
             (Verb::Post, Node::Page(p), None) => self.update_page(p, &call.params),
             (Verb::Post, Node::Post(p, n), None) => self.update_post(p, *n, &call.params, node_raw),
             (Verb::Delete, Node::Post(p, n), None) => self.delete_post(p, *n, node_raw),
@@ -1058,6 +1106,7 @@ impl Engine<'_> {
             token,
             proof,
             in_batch: true,
+            files: Vec::new(),
         }))
     }
 }

@@ -141,7 +141,14 @@ impl Parser<'_> {
                     }
                     self.pos += 1;
                     let start = self.pos;
-                    while self.peek().is_some_and(|c| c != ')') {
+                    let mut open = 1;
+                    while let Some(c) = self.peek() {
+                        match c {
+                            '(' => open += 1,
+                            ')' if open == 1 => break,
+                            ')' => open -= 1,
+                            _ => {}
+                        }
                         self.pos += 1;
                     }
                     if self.peek().is_none() {
@@ -149,6 +156,18 @@ impl Parser<'_> {
                     }
                     let arg = self.src.get(start..self.pos).unwrap_or_default();
                     self.pos += 1;
+                    // `edge.fields(a,b)` is another spelling of `edge{a,b}`.
+                    if m == "fields" && sel.children.is_none() {
+                        let mut sub = Parser { src: arg, pos: 0 };
+                        let children = sub.list(depth + 1)?;
+                        if let Some(c) = sub.peek() {
+                            return Err(
+                                sub.error(&format!("Expected end of string instead of \"{c}\"."))
+                            );
+                        }
+                        sel.children = Some(children);
+                        continue;
+                    }
                     sel.modifiers.push((m, arg.trim().to_string()));
                 }
                 Some('{') if sel.children.is_none() => {
@@ -192,6 +211,12 @@ mod tests {
         assert_eq!(f[2].modifier("limit"), Some("2"));
         assert_eq!(to_text(f[2].children.as_deref().unwrap()), "id,message");
         assert_eq!(f[3].name, "posts");
+        let f = parse("feed.fields(id,message.as(m)).limit(2)").unwrap();
+        assert_eq!(
+            to_text(f[0].children.as_deref().unwrap()),
+            "id,message.as(m)"
+        );
+        assert_eq!(f[0].modifier("limit"), Some("2"));
     }
 
     #[test]

@@ -193,6 +193,35 @@ pub struct RecordedRequest {
     pub appsecret_proof: Option<String>,
     /// `HTTP/1.1` or `HTTP/2.0`.
     pub version: String,
+    /// Uploaded files of a multipart body.
+    pub files: Vec<FakeFile>,
+}
+
+/// A file part of a multipart body, as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeFile {
+    pub name: String,
+    pub filename: String,
+    pub data: Bytes,
+}
+
+/// One Graph call the simulated API executed: a request, an operation of a batch. What it
+/// did, as Graph read it: the ground truth for "what reached Graph" in tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecutedCall {
+    /// `GET`, `POST` or `DELETE` after every override Graph applies.
+    pub verb: &'static str,
+    /// Path segments after the version (`["1001", "feed"]`).
+    pub segments: Vec<String>,
+    /// Ids of an `ids=` read, as Graph split them.
+    pub ids: Vec<String>,
+    /// The `fields` value Graph read, if any.
+    pub fields: Option<String>,
+    /// The token the call ran with.
+    pub token: Option<String>,
+    /// A root `id=` lookup.
+    pub root_id: Option<String>,
+    pub in_batch: bool,
 }
 
 /// Global fault injection; applies to every request while set.
@@ -218,6 +247,12 @@ pub enum Fault {
     /// Refuse the next `n` requests unprocessed: HTTP/2 `RST_STREAM(REFUSED_STREAM)` (the
     /// connection stays up), on HTTP/1.1 the connection is dropped. Then back to `None`.
     RefuseStreams(u32),
+    /// Answer with exactly this status, headers and body (hostile or broken replies).
+    Reply {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: String,
+    },
 }
 
 /// Handle to a running fake Graph server. Cloning shares the server.
@@ -309,7 +344,14 @@ impl FakeGraph {
     }
 
     pub fn clear_requests(&self) {
-        self.inner.lock().recorded.clear();
+        let mut st = self.inner.lock();
+        st.recorded.clear();
+        st.executed.clear();
+    }
+
+    /// Every call executed, oldest first (bounded like [`FakeGraph::requests`]).
+    pub fn executed(&self) -> Vec<ExecutedCall> {
+        self.inner.lock().executed.iter().cloned().collect()
     }
 
     pub fn set_latency(&self, d: Duration) {
@@ -625,7 +667,7 @@ async fn handle(
     let _flight = InFlight::enter(&inner);
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, MAX_BODY).collect().await {
-        Ok(collected) => Some(collected.to_bytes()),
+        Ok(collected) => Some(parse_body(&parts.headers, collected.to_bytes()).await),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => None,
         // The client went away mid-body; nobody is left to answer.
         Err(_) => return Err(DropConnection::CLOSE),
@@ -649,15 +691,12 @@ async fn handle(
 fn respond(
     inner: &Inner,
     parts: &http::request::Parts,
-    body: Option<Bytes>,
+    body: Option<(Params, Vec<FakeFile>)>,
     fault: Fault,
 ) -> Action {
     let mut query = Params::default();
     query.extend_urlencoded(parts.uri.query().unwrap_or("").as_bytes());
-    let form = body
-        .as_deref()
-        .map(|b| parse_body(&parts.headers, b))
-        .unwrap_or_default();
+    let (form, files) = body.clone().unwrap_or_default();
     let mut params = query.clone();
     params.0.extend(form.0.iter().cloned());
     let token = params
@@ -689,12 +728,30 @@ fn respond(
         access_token: token.clone(),
         appsecret_proof: proof.clone(),
         version: format!("{:?}", parts.version),
+        files: files.clone(),
     });
 
     match fault {
         Fault::None | Fault::GoAway { .. } | Fault::RefuseStreams(_) => {}
         Fault::Hang => return Action::Hang,
         Fault::CloseConnection => return Action::Close,
+        Fault::Reply {
+            status,
+            headers,
+            body,
+        } => {
+            let mut reply = Response::new(Full::new(Bytes::from(body)));
+            *reply.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+            for (name, value) in headers {
+                if let (Ok(n), Ok(v)) = (
+                    HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_str(&value),
+                ) {
+                    reply.headers_mut().append(n, v);
+                }
+            }
+            return Action::Reply(reply);
+        }
         Fault::Garbage => {
             let mut reply = Response::new(Full::new(Bytes::from_static(b"{\"data\": [")));
             set_header(&mut reply, "content-type", JSON_CONTENT_TYPE);
@@ -763,6 +820,7 @@ fn respond(
         token,
         proof,
         in_batch: false,
+        files: files.iter().map(|f| f.name.clone()).collect(),
     };
     let outcome = Engine {
         cfg: &inner.cfg,
@@ -813,19 +871,23 @@ fn respond(
     Action::Reply(reply)
 }
 
-/// Form parameters from the body: url-encoded (the Graph norm) or a JSON object.
-fn parse_body(headers: &HeaderMap, body: &[u8]) -> Params {
+/// Parameters and files from the body, as Graph reads them: a JSON object, multipart parts
+/// (those with a file name are uploads), anything else as url-encoded text whatever its
+/// content type says (the most permissive reading, so tests see the worst case).
+async fn parse_body(headers: &HeaderMap, body: Bytes) -> (Params, Vec<FakeFile>) {
     let mut out = Params::default();
+    let mut files = Vec::new();
     if body.is_empty() {
-        return out;
+        return (out, files);
     }
     let content_type = headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
-        .to_ascii_lowercase();
-    if content_type.starts_with("application/json") {
-        if let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) {
+        .to_string();
+    let lower = content_type.to_ascii_lowercase();
+    if lower.starts_with("application/json") {
+        if let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(&body) {
             for (k, v) in map {
                 let v = match v {
                     Value::String(s) => s,
@@ -834,10 +896,33 @@ fn parse_body(headers: &HeaderMap, body: &[u8]) -> Params {
                 out.0.push((k, v));
             }
         }
-    } else if !content_type.starts_with("multipart/") {
-        out.extend_urlencoded(body);
+    } else if lower.starts_with("multipart/") {
+        let Ok(boundary) = multer::parse_boundary(&content_type) else {
+            return (out, files);
+        };
+        let stream = futures_util::stream::once(async move { Ok::<Bytes, std::io::Error>(body) });
+        let mut parts = multer::Multipart::new(stream, boundary);
+        while let Ok(Some(field)) = parts.next_field().await {
+            let name = field.name().unwrap_or_default().to_string();
+            let filename = field.file_name().map(str::to_string);
+            let Ok(data) = field.bytes().await else {
+                break;
+            };
+            match filename {
+                Some(filename) => files.push(FakeFile {
+                    name,
+                    filename,
+                    data,
+                }),
+                None => out
+                    .0
+                    .push((name, String::from_utf8_lossy(&data).into_owned())),
+            }
+        }
+    } else {
+        out.extend_urlencoded(&body);
     }
-    out
+    (out, files)
 }
 
 /// `Authorization: Bearer <t>` or `Authorization: OAuth <t>`.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
-use super::{FakeGraphConfig, FakeGraphStats, FakePage, RecordedRequest};
+use super::{ExecutedCall, FakeGraphConfig, FakeGraphStats, FakePage, RecordedRequest};
 
 /// Unix time of post number 0: 2026-01-01T00:00:00Z. Post `n` was created `n - 1` hours later,
 /// so timestamps (and therefore ETags) never depend on the wall clock.
@@ -161,6 +161,8 @@ pub(crate) struct State {
     windows: HashMap<QuotaKey, VecDeque<Instant>>,
     pub counters: Counters,
     pub recorded: VecDeque<RecordedRequest>,
+    /// What the engine executed (calls, `ids=` reads, batch operations), oldest first.
+    pub executed: VecDeque<ExecutedCall>,
     pub record_limit: usize,
 }
 
@@ -191,6 +193,7 @@ impl State {
             windows: HashMap::new(),
             counters: Counters::default(),
             recorded: VecDeque::new(),
+            executed: VecDeque::new(),
             record_limit: DEFAULT_RECORD_LIMIT,
         }
     }
@@ -308,5 +311,15 @@ impl State {
             self.recorded.pop_front();
         }
         self.recorded.push_back(req);
+    }
+
+    pub fn record_executed(&mut self, call: ExecutedCall) {
+        if self.record_limit == 0 {
+            return;
+        }
+        while self.executed.len() >= self.record_limit {
+            self.executed.pop_front();
+        }
+        self.executed.push_back(call);
     }
 }

@@ -1024,6 +1024,7 @@ mod fuzz {
                 token: Some(SYS.to_string()),
                 proof: None,
                 in_batch: false,
+                files: Vec::new(),
             };
             let out = Engine { cfg: &cfg, st: &mut st, now: std::time::Instant::now(), ids: &ids }.execute(&call);
             prop_assert!(out.status == 200 || (400..600).contains(&out.status));

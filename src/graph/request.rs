@@ -23,20 +23,60 @@ impl Params {
         Params(Vec::new())
     }
 
-    /// Parses `a=1&b=2` strictly: percent-escapes must decode to UTF-8.
+    /// Parses `a=1&b=2` strictly: percent-escapes must decode to UTF-8 and every name must
+    /// pass [`check_name`]. Duplicates are kept; see [`Params::collapse_duplicates`].
     pub fn parse(s: &str) -> Result<Params, ProxyError> {
         let mut out = Vec::new();
         for pair in s.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let k = decode_component(k)?;
-            if k.is_empty() {
-                return Err(ProxyError::BadRequest(
-                    "Empty parameter name in query.".into(),
-                ));
-            }
+            check_name(&k)?;
             out.push((k, decode_component(v)?));
         }
         Ok(Params(out))
+    }
+
+    /// One value per name, so that what graphgate checks is what Graph reads whichever copy
+    /// it takes: identical copies collapse to the first, copies that differ are refused. Names
+    /// are compared ignoring ASCII case (Graph's handling of case is undocumented).
+    /// `access_token` is left alone: the client key may legitimately appear twice, and
+    /// [`crate::auth::presented_key`] refuses two different ones.
+    pub fn collapse_duplicates(&mut self) -> Result<(), ProxyError> {
+        let conflict = |name: &str| {
+            ProxyError::BadRequest(format!(
+                "Parameter `{}` is given more than once with different values.",
+                truncate(name, 64)
+            ))
+        };
+        let mut kept: Vec<(String, String)> = Vec::with_capacity(self.0.len());
+        // Small lists (nearly all requests) are checked pairwise; long ones through a map, so
+        // a body of many parameters costs linear time.
+        let mut seen: Option<std::collections::HashMap<String, usize>> =
+            (self.0.len() > 16).then(std::collections::HashMap::new);
+        for (k, v) in std::mem::take(&mut self.0) {
+            if k == "access_token" {
+                kept.push((k, v));
+                continue;
+            }
+            let earlier = match &mut seen {
+                Some(map) => map.get(&k.to_ascii_lowercase()).copied(),
+                None => kept
+                    .iter()
+                    .position(|(n, _)| n != "access_token" && n.eq_ignore_ascii_case(&k)),
+            };
+            match earlier {
+                Some(i) if kept[i].1 == v && kept[i].0 == k => {}
+                Some(_) => return Err(conflict(&k)),
+                None => {
+                    if let Some(map) = &mut seen {
+                        map.insert(k.to_ascii_lowercase(), kept.len());
+                    }
+                    kept.push((k, v));
+                }
+            }
+        }
+        self.0 = kept;
+        Ok(())
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
@@ -105,7 +145,81 @@ impl Params {
         }
         ser.finish()
     }
+
+    /// Url-encoded text for a batch operation's URL or body: like [`Params::encode`], but
+    /// JSONPath references (`{result=name:$.id}`) stay readable, since Graph resolves them in
+    /// the text before decoding it. [`Params::parse`] reads both encodings the same.
+    pub fn encode_batch(&self) -> String {
+        let mut out = String::new();
+        for (i, (k, v)) in self.0.iter().enumerate() {
+            if i > 0 {
+                out.push('&');
+            }
+            out.extend(percent_encoding::utf8_percent_encode(k, BATCH_ENCODE));
+            out.push('=');
+            out.extend(percent_encoding::utf8_percent_encode(v, BATCH_ENCODE));
+        }
+        out
+    }
 }
+
+/// Parameter names graphgate reads itself. A spelling of one of them in another case is
+/// refused: Graph might fold it to the name graphgate checked under a different value.
+pub const CONTROL_PARAMS: &[&str] = &[
+    "access_token",
+    "appsecret_proof",
+    "batch",
+    "fields",
+    "id",
+    "ids",
+    "include_headers",
+    "method",
+];
+
+/// Longest parameter name accepted.
+const MAX_NAME_LEN: usize = 128;
+
+/// A parameter name must be ASCII letters, digits, `_` and `-`. Anything else is refused
+/// rather than interpreted: PHP-style servers fold `.`, space and `[` in names into `_` or
+/// arrays (`access.token`, `ids[]`), so a name graphgate sees as harmless could reach Graph
+/// as one it checks.
+pub fn check_name(name: &str) -> Result<(), ProxyError> {
+    if name.is_empty() {
+        return Err(ProxyError::BadRequest("Empty parameter name.".into()));
+    }
+    if name.len() > MAX_NAME_LEN
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(ProxyError::BadRequest(format!(
+            "`{}` is not a valid parameter name: use letters, digits, `_` and `-`.",
+            truncate(name, 64)
+        )));
+    }
+    if let Some(control) = CONTROL_PARAMS
+        .iter()
+        .find(|c| c.eq_ignore_ascii_case(name) && **c != name)
+    {
+        return Err(ProxyError::BadRequest(format!(
+            "Parameter `{}` must be spelled `{control}`.",
+            truncate(name, 64)
+        )));
+    }
+    Ok(())
+}
+
+/// What [`Params::encode_batch`] escapes: controls, space and the bytes that delimit or
+/// escape url-encoded text (non-ASCII is always escaped).
+const BATCH_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'&')
+    .add(b'+')
+    .add(b'\\')
+    .add(b'?');
 
 /// One form-urlencoded name or value, decoded. Components without `+` or `%` (most of them:
 /// `fields=id,name`, keys, ids) are copied once instead of going through both decoders.
@@ -271,17 +385,21 @@ pub fn effective_method(http: GraphMethod, params: &Params) -> Result<GraphMetho
     }
 }
 
-/// The ids of an `ids=a,b,c` read.
+/// The ids of an `ids=a,b,c` read, in request order. [`canonical_ids`] gives the text that
+/// goes upstream, so Graph reads exactly the ids checked here.
 pub fn parse_ids(params: &Params) -> Result<Vec<String>, ProxyError> {
     let Some(raw) = params.get("ids") else {
         return Ok(Vec::new());
     };
     let ids: Vec<String> = raw
         .split(',')
-        .map(str::trim)
+        .map(|s| s.trim_matches(|c: char| c.is_ascii_whitespace()))
         .filter(|s| !s.is_empty())
         .map(str::to_string)
         .collect();
+    if ids.is_empty() {
+        return Err(ProxyError::BadRequest("`ids` names no id.".into()));
+    }
     if ids.len() > MAX_IDS {
         return Err(ProxyError::BadRequest(format!(
             "Too many ids: at most {MAX_IDS}."
@@ -298,23 +416,47 @@ pub fn parse_ids(params: &Params) -> Result<Vec<String>, ProxyError> {
     Ok(ids)
 }
 
+/// `ids` as sent upstream: the checked ids joined by commas, nothing else.
+pub fn canonical_ids(ids: &[String]) -> String {
+    ids.join(",")
+}
+
+/// The keys a batch operation may have. Anything else is refused: graphgate cannot check
+/// what it does not know Graph to read.
+const BATCH_OP_KEYS: &[&str] = &[
+    "method",
+    "relative_url",
+    "body",
+    "name",
+    "depends_on",
+    "omit_response_on_success",
+    "attached_files",
+];
+
 /// One operation of a batch request, with its relative URL split into path and parameters.
+/// [`BatchOp::to_upstream`] builds what goes to Graph from these parsed parts only.
 #[derive(Debug, Clone)]
 pub struct BatchOp {
+    /// What the operation does: a write if any spelling of its method (the operation's
+    /// `method`, a `method=` in its URL or body) is one.
     pub method: GraphMethod,
     pub path: GraphPath,
+    /// Parameters of the relative URL, without `access_token`.
     pub query: Params,
+    /// Parameters of the url-encoded body, without `access_token`.
     pub body: Params,
-    /// The operation as the client sent it; fields we do not interpret pass through.
-    pub raw: serde_json::Map<String, Value>,
+    /// The operation's own key, from its URL or body.
+    own_token: Option<String>,
+    /// Whether that key stood in the body (else the URL).
+    own_token_in_body: bool,
+    /// The other keys (`name`, `depends_on`, ...), passed on as given.
+    pub extra: serde_json::Map<String, Value>,
 }
 
 impl BatchOp {
     /// The operation's own token, from its relative_url or body, if it carries one.
     pub fn own_token(&self) -> Option<&str> {
-        self.query
-            .get("access_token")
-            .or_else(|| self.body.get("access_token"))
+        self.own_token.as_deref()
     }
 
     /// Parameters of the op merged (query then body), for reading `ids`, `fields`, `method`.
@@ -323,12 +465,47 @@ impl BatchOp {
         p.extend(self.body.clone());
         p
     }
+
+    /// The operation as sent to Graph: its method, and a relative URL and body rebuilt from
+    /// the checked parameters, with `token` (the injected token and proof) put where the
+    /// operation carried its own key.
+    pub fn to_upstream(&self, token: Option<&Params>) -> Value {
+        let mut query = self.query.clone();
+        let mut body = self.body.clone();
+        if let Some(t) = token {
+            // The key stood in the body or the URL: the token goes where it was.
+            let target = if self.own_token_in_body {
+                &mut body
+            } else {
+                &mut query
+            };
+            target.extend(t.clone());
+        }
+        let path = self.path.to_upstream_path();
+        let path = path.trim_start_matches('/');
+        let relative_url = if query.is_empty() {
+            path.to_string()
+        } else {
+            format!("{path}?{}", query.encode_batch())
+        };
+        let mut op = serde_json::Map::with_capacity(self.extra.len() + 3);
+        op.insert("method".into(), self.method.as_str().into());
+        op.insert("relative_url".into(), relative_url.into());
+        if !body.is_empty() {
+            op.insert("body".into(), body.encode_batch().into());
+        }
+        for (k, v) in &self.extra {
+            op.insert(k.clone(), v.clone());
+        }
+        Value::Object(op)
+    }
 }
 
-/// Parses the `batch` form field.
+/// Parses the `batch` form field. Duplicate keys (at any depth), unknown operation keys,
+/// parameters given twice with different values, and a second, different key are refused.
 pub fn parse_batch(json: &str) -> Result<Vec<BatchOp>, ProxyError> {
     let bad = |why: String| ProxyError::BadRequest(format!("Invalid batch: {why}"));
-    let value: Value = serde_json::from_str(json).map_err(|e| bad(format!("not JSON ({e})")))?;
+    let value = super::strict_json::parse(json.as_bytes()).map_err(bad)?;
     let Value::Array(items) = value else {
         return Err(bad("must be a JSON array".into()));
     };
@@ -337,46 +514,108 @@ pub fn parse_batch(json: &str) -> Result<Vec<BatchOp>, ProxyError> {
     }
     let mut ops = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
-        let Value::Object(raw) = item else {
+        let Value::Object(mut raw) = item else {
             return Err(bad(format!("operation {i} is not an object")));
         };
-        let http_method = match raw.get("method") {
-            None => GraphMethod::Get,
-            Some(Value::String(m)) => GraphMethod::from_param(m)?,
+        if let Some(k) = raw.keys().find(|k| !BATCH_OP_KEYS.contains(&k.as_str())) {
+            return Err(bad(format!(
+                "operation {i} has a key graphgate does not pass on: `{}`",
+                truncate(k, 64)
+            )));
+        }
+        let op_method = match raw.remove("method") {
+            None => None,
+            Some(Value::String(m)) => Some(GraphMethod::from_param(&m)?),
             Some(_) => return Err(bad(format!("operation {i}: method must be a string"))),
         };
-        let Some(Value::String(rel)) = raw.get("relative_url") else {
+        let Some(Value::String(rel)) = raw.remove("relative_url") else {
             return Err(bad(format!("operation {i} has no relative_url")));
         };
         let rel = if rel.starts_with('/') {
-            rel.clone()
+            rel
         } else {
             format!("/{rel}")
         };
+        if rel.contains('#') {
+            return Err(bad(format!("operation {i}: relative_url has a fragment")));
+        }
         let (path, query) = rel.split_once('?').unwrap_or((rel.as_str(), ""));
         let path = GraphPath::parse(path)?;
-        let query = Params::parse(query)?;
-        let body = match raw.get("body") {
+        let mut query = Params::parse(query)?;
+        let mut body = match raw.remove("body") {
             None => Params::new(),
-            Some(Value::String(b)) => Params::parse(b)?,
+            Some(Value::String(b)) => Params::parse(&b)?,
             Some(_) => {
                 return Err(bad(format!(
                     "operation {i}: body must be a url-encoded string"
                 )))
             }
         };
+        // Query and body together, as Graph merges them: one value per name.
         let mut merged = query.clone();
         merged.extend(body.clone());
-        let method = effective_method(http_method, &merged)?;
+        merged.collapse_duplicates()?;
+        let key_query = query.take("access_token");
+        let key_body = body.take("access_token");
+        let own_token_in_body = !key_body.is_empty();
+        let mut keys = key_query;
+        keys.extend(key_body);
+        let own_token = single_key(&keys)?;
+        // Identical copies across query and body collapse into the query.
+        dedup_across(&mut query, &mut body);
+        let param_method = match merged.get("method") {
+            Some(m) => Some(GraphMethod::from_param(m)?),
+            None => None,
+        };
+        let method = strongest([op_method, param_method]);
         ops.push(BatchOp {
             method,
             path,
             query,
             body,
-            raw,
+            own_token,
+            own_token_in_body,
+            extra: raw,
         });
     }
     Ok(ops)
+}
+
+/// The method an operation runs under the most permissive reading: DELETE if any spelling
+/// says so, else POST if any does, else GET.
+fn strongest(spellings: [Option<GraphMethod>; 2]) -> GraphMethod {
+    let spelled = spellings.iter().flatten();
+    if spelled.clone().any(|m| *m == GraphMethod::Delete) {
+        GraphMethod::Delete
+    } else if spelled.clone().any(|m| *m == GraphMethod::Post) {
+        GraphMethod::Post
+    } else {
+        GraphMethod::Get
+    }
+}
+
+/// The one key among `access_token` values (identical copies allowed).
+fn single_key(keys: &Params) -> Result<Option<String>, ProxyError> {
+    let mut found: Option<&str> = None;
+    for k in keys.get_all("access_token") {
+        match found {
+            Some(prev) if prev != k => {
+                return Err(ProxyError::BadRequest(
+                    "A batch operation carries two different access tokens.".into(),
+                ))
+            }
+            _ => found = Some(k),
+        }
+    }
+    Ok(found.filter(|k| !k.trim().is_empty()).map(str::to_string))
+}
+
+/// Drops from `body` the parameters `query` already has with the same value, and collapses
+/// identical copies within each (differing copies were refused before).
+fn dedup_across(query: &mut Params, body: &mut Params) {
+    let mut seen = std::collections::HashSet::new();
+    query.0.retain(|(k, _)| seen.insert(k.clone()));
+    body.0.retain(|(k, _)| seen.insert(k.clone()));
 }
 
 #[cfg(test)]

@@ -53,7 +53,7 @@ impl Gateway {
         client_key: &str,
     ) -> Result<Option<Served>, ProxyError> {
         let batch_read = call.batch.as_deref().is_some_and(batch::cacheable);
-        if (call.method != GraphMethod::Get && !batch_read) || call.opaque_body.is_some() {
+        if (call.method != GraphMethod::Get && !batch_read) || !call.files.is_empty() {
             return Ok(None);
         }
         let directive = request_directive(headers);
@@ -258,7 +258,7 @@ impl Gateway {
                     pieces: None,
                 })
         };
-        let (reply, injected) = match self.forward(&call, version, stale.is_none()).await {
+        let reply = match self.forward(&call, version, stale.is_none()).await {
             Ok(r) => r,
             Err(e) => {
                 if error_allows_stale(&e) {
@@ -290,8 +290,8 @@ impl Gateway {
             reply.body.clone(),
             false,
             &self.public_url,
-            &self.tokens.secrets_for(&injected),
-        );
+            &self.tokens.secrets(),
+        )?;
         let entry = Entry::new(reply.status, reply.headers, prepared, ttl);
         let kind = if !entry.status.is_success() {
             FillKind::Passed
@@ -431,7 +431,7 @@ impl Gateway {
             let headers = first
                 .map(|e| e.headers.clone())
                 .unwrap_or_else(|| Vec::new().into());
-            let entry = assembled_entry(headers, ids::assemble(&parts));
+            let entry = assembled_entry(headers, ids::assemble(&parts)?);
             let status = format!("graphgate; hit; detail=\"ids {hits}/{}\"", wanted.len());
             return Ok(Served {
                 response: reply_from(&entry, caller, "HIT", status, None)?,
@@ -512,7 +512,7 @@ impl Gateway {
             bodies.push((id.as_str(), body));
         }
         let parts: Vec<(&str, &PreparedBody)> = bodies.iter().map(|(id, b)| (*id, b)).collect();
-        let entry = assembled_entry(fill.entry.headers.clone(), ids::assemble(&parts));
+        let entry = assembled_entry(fill.entry.headers.clone(), ids::assemble(&parts)?);
         let fwd = if hits > 0 { "partial" } else { "miss" };
         let status = format!(
             "graphgate; fwd={fwd}; fwd-status=200; stored; detail=\"ids {hits}/{}\"{collapsed}",
@@ -528,13 +528,13 @@ impl Gateway {
     /// The upstream `ids=` call for missing ids; each member is stored under its node's key.
     async fn fill_ids(&self, call: Call, version: &str, node_keys: Vec<CacheKey>) -> FillResult {
         let epochs: Vec<u64> = node_keys.iter().map(|k| self.cache.epoch(k)).collect();
-        let (reply, injected) = self.forward(&call, version, true).await?;
+        let reply = self.forward(&call, version, true).await?;
         let prepared = rewrite::prepare(
             reply.body.clone(),
             false,
             &self.public_url,
-            &self.tokens.secrets_for(&injected),
-        );
+            &self.tokens.secrets(),
+        )?;
         let pieces = if reply.status.is_success() {
             ids::split(&prepared)
         } else {
@@ -621,7 +621,7 @@ impl Gateway {
         let detail = format!("detail=\"batch {hits}/{}\"", ops.len());
         if missing.is_empty() {
             let parts: Vec<&PreparedBody> = have.iter().flatten().collect();
-            let entry = assembled_entry(Vec::new().into(), batch::assemble(&parts));
+            let entry = assembled_entry(Vec::new().into(), batch::assemble(&parts)?);
             return Ok(Served {
                 response: reply_from(
                     &entry,
@@ -642,14 +642,14 @@ impl Gateway {
             .map(|&i| self.cache.epoch(&keys[i].0))
             .collect();
         let started = Instant::now();
-        let (reply, injected) = self.forward(&sub, version, true).await?;
+        let reply = self.forward(&sub, version, true).await?;
         let upstream_ms = Some(started.elapsed().as_millis());
         let prepared = rewrite::prepare(
             reply.body.clone(),
             true,
             &self.public_url,
-            &self.tokens.secrets_for(&injected),
-        );
+            &self.tokens.secrets(),
+        )?;
         let status = reply.status;
         let parts = if status.is_success() {
             batch::split(&prepared).filter(|p| p.len() == missing.len())
@@ -700,7 +700,7 @@ impl Gateway {
                 },
             }
         }
-        let entry = assembled_entry(reply.headers.into(), batch::assemble(&elements));
+        let entry = assembled_entry(reply.headers.into(), batch::assemble(&elements)?);
         let fwd = if hits > 0 { "partial" } else { "miss" };
         let cs = format!(
             "graphgate; fwd={fwd}; fwd-status={}; stored; {detail}",
