@@ -279,13 +279,48 @@ pub fn scrub_headers(
             } else {
                 value
             };
-            if !secrets.is_in(value.as_bytes()) {
+            let bytes = value.as_bytes();
+            if !secrets.is_in(bytes) && !has_token_shape(bytes) {
                 return Some((name, value));
             }
-            let redacted = secrets.redact_bytes(value.as_bytes());
+            let redacted = redact_token_shapes(&secrets.redact_bytes(bytes));
             HeaderValue::from_bytes(&redacted).ok().map(|v| (name, v))
         })
         .collect()
+}
+
+/// Meta access tokens start `EAA` and run on in letters and digits; headers get no
+/// legitimate text of that shape, so any is redacted, held by graphgate or not (a Page token
+/// Graph quotes in an error names a token graphgate never minted).
+const TOKEN_SHAPE_MIN: usize = 24;
+
+fn token_shapes(b: &[u8]) -> impl Iterator<Item = (usize, usize)> + '_ {
+    memmem::find_iter(b, b"EAA").filter_map(move |at| {
+        let len = b[at..]
+            .iter()
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .count();
+        (len >= TOKEN_SHAPE_MIN).then_some((at, at + len))
+    })
+}
+
+fn has_token_shape(b: &[u8]) -> bool {
+    token_shapes(b).next().is_some()
+}
+
+fn redact_token_shapes(b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(b.len());
+    let mut last = 0;
+    for (start, end) in token_shapes(b) {
+        if start < last {
+            continue;
+        }
+        out.extend_from_slice(&b[last..start]);
+        out.extend_from_slice(REDACTED.as_bytes());
+        last = end;
+    }
+    out.extend_from_slice(&b[last..]);
+    out
 }
 
 /// A URL without its `access_token` / `appsecret_proof` query parameters.
@@ -681,8 +716,8 @@ mod tests {
                 ),
             ),
             (
-                HeaderName::from_static("x-fb-debug"),
-                HeaderValue::from_static("dbg PAGETOK"),
+                HeaderName::from_static("x-fb-trace-id"),
+                HeaderValue::from_static("dbg PAGETOK EAAGnotheldbygraphgate000000001"),
             ),
             (
                 HeaderName::from_static("x-fb-rev"),
@@ -693,7 +728,10 @@ mod tests {
         assert_eq!(out[0].1, "https://scontent.example/p.jpg?oh=1");
         for (n, v) in &out {
             let v = v.to_str().unwrap();
-            assert!(!v.contains("SYSTOK") && !v.contains("PAGETOK"), "{n}: {v}");
+            assert!(
+                !v.contains("SYSTOK") && !v.contains("PAGETOK") && !v.contains("EAAG"),
+                "{n}: {v}"
+            );
         }
         assert_eq!(out.len(), 4);
     }

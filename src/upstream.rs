@@ -40,15 +40,15 @@ use crate::graph::request::{GraphMethod, Params};
 use crate::graph::usage::{ErrorClass, GraphErrorInfo};
 use crate::metrics::Metrics;
 
-/// Headers from Graph that clients may see. Everything else (hop-by-hop, cookies, lengths)
-/// is dropped; hyper recomputes framing.
+/// Headers from Graph that clients may see. Everything else (hop-by-hop, cookies, lengths,
+/// `x-fb-debug`: an opaque blob graphgate cannot check for tokens) is dropped; hyper
+/// recomputes framing.
 const PASSED_RESPONSE_HEADERS: &[&str] = &[
     "content-type",
     "facebook-api-version",
     "x-fb-trace-id",
     "x-fb-request-id",
     "x-fb-rev",
-    "x-fb-debug",
     "etag",
     "www-authenticate",
     "x-app-usage",

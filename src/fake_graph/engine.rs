@@ -51,7 +51,7 @@ pub(crate) enum Verb {
 }
 
 impl Verb {
-    pub fn word(self) -> &'static str {
+    fn word(self) -> &'static str {
         match self {
             Verb::Get => "get",
             Verb::Post => "post",
@@ -436,7 +436,11 @@ impl Engine<'_> {
     /// Serves one call end to end.
     pub fn execute(&mut self, call: &Call) -> Outcome {
         self.st.record_executed(ExecutedCall {
-            verb: call.verb.word(),
+            verb: match call.verb {
+                Verb::Get => "GET",
+                Verb::Post => "POST",
+                Verb::Delete => "DELETE",
+            },
             segments: call.segments.clone(),
             ids: call
                 .params
@@ -457,6 +461,10 @@ impl Engine<'_> {
                 .then(|| call.params.get("id").map(str::to_string))
                 .flatten(),
             in_batch: call.in_batch,
+            is_batch: call.verb == Verb::Post
+                && call.segments.is_empty()
+                && call.params.get("batch").is_some()
+                && call.params.get("ids").is_none(),
         });
         let (trace_id, request_id) = self.ids.next();
         let mut usage = Usage::default();
@@ -1083,7 +1091,9 @@ impl Engine<'_> {
         let verb = match method.as_str() {
             "GET" => Verb::Get,
             "DELETE" => Verb::Delete,
-            "POST" => override_verb(&params, &mut self.st.counters.post_method_get),
+            // An operation runs under its own method; a `method=` inside it does not
+            // override that (unlike on a top-level POST).
+            "POST" => Verb::Post,
             other => {
                 return Err(GraphError::param(format!(
                     "Unsupported method {other} in batch operation"

@@ -222,6 +222,8 @@ pub struct ExecutedCall {
     /// A root `id=` lookup.
     pub root_id: Option<String>,
     pub in_batch: bool,
+    /// A batch request itself (its operations are executed calls of their own).
+    pub is_batch: bool,
 }
 
 /// Global fault injection; applies to every request while set.
