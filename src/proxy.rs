@@ -125,6 +125,11 @@ impl CallStats {
 }
 
 impl Call {
+    /// The client keys the request presented (`access_token` in the query or body).
+    pub fn presented_tokens(&self) -> &Params {
+        &self.presented_tokens
+    }
+
     /// Bounded label for metrics and logs.
     pub fn route(&self) -> &'static str {
         if self.batch.is_some() {
@@ -342,10 +347,10 @@ impl Gateway {
         // Phase: authenticate and authorize.
         let (client, key) = self
             .clients
-            .authenticate(&parts.headers, &parts.extensions, &call.presented_tokens)
+            .authenticate(&parts.headers, &parts.extensions, call.presented_tokens())
             .map_err(|e| (e, route, None))?;
         let with_client = |e: ProxyError| (e, route, Some(client.clone()));
-        self.authorize(&client, &call).map_err(with_client)?;
+        authorize(&self.clients, &client, &call).map_err(with_client)?;
         call.quota_hints.bind_to(&client);
 
         let version = call
@@ -427,48 +432,6 @@ impl Gateway {
         })?
     }
 
-    /// Checks everything the call asks Graph to do: its method, the node of its path, every
-    /// id it names (`ids=`, a root `id=`), every field it selects, and for a batch every
-    /// operation the same way (with the operation's own key when it has one). One forbidden
-    /// part rejects the whole call before anything goes upstream.
-    fn authorize(&self, client: &Client, call: &Call) -> Result<(), ProxyError> {
-        check_fields(&call.params)?;
-        let Some(ops) = &call.batch else {
-            let targets = targets(&call.params, &call.ids);
-            return auth::authorize(client, call.method, call.path.node(), &targets);
-        };
-        if call.method != GraphMethod::Post
-            || call.path.node().is_some()
-            || !call.ids.is_empty()
-            || call.params.contains("id")
-        {
-            return Err(ProxyError::BadRequest(
-                "A batch is a POST to the root path `/` without ids.".into(),
-            ));
-        }
-        for op in ops {
-            let op_client;
-            let who = match op.own_token() {
-                Some(k) => {
-                    op_client = self.clients.lookup(k)?;
-                    &op_client
-                }
-                None => client,
-            };
-            let op_params = op.all_params();
-            check_fields(&op_params)?;
-            if op_params.contains("batch") {
-                return Err(ProxyError::BadRequest(
-                    "Batch operations cannot hold a batch.".into(),
-                ));
-            }
-            let ids = parse_ids(&op_params)?;
-            let targets = targets(&op_params, &ids);
-            auth::authorize(who, op.method, op.path.node(), &targets)?;
-        }
-        Ok(())
-    }
-
     /// Sends the call upstream with the injected token, within the quota.
     ///
     /// Every attempt is admitted by the quota scheduler first and its reply taught back to it.
@@ -499,7 +462,7 @@ impl Gateway {
                 .tokens
                 .for_page(call.page(), version, &self.upstream)
                 .await?;
-            let request = self.upstream_request(call, &injected)?;
+            let request = upstream_request(call, &injected, self.tokens.system())?;
             let admission = self
                 .quota
                 .admit(&charge, call.quota_hints.priority, deadline)
@@ -546,47 +509,89 @@ impl Gateway {
             return Ok(reply);
         }
     }
+}
 
-    /// The upstream form of a call, built only from what was parsed and checked: client key
-    /// out, injected token and proof in.
-    fn upstream_request(
-        &self,
-        call: &Call,
-        injected: &Injected,
-    ) -> Result<UpstreamRequest, ProxyError> {
-        let mut params = call.params.clone();
-        injected.apply(&mut params);
-        let method = match (call.method, call.http_method) {
-            (GraphMethod::Get, _) => {
-                params.remove("method");
-                GraphMethod::Get
+/// Checks everything the call asks Graph to do: its method, the node of its path, every id
+/// it names (`ids=`, a root `id=`), every field it selects, and for a batch every operation
+/// the same way (with the operation's own key, looked up in `clients`, when it has one).
+/// One forbidden part rejects the whole call before anything goes upstream.
+pub fn authorize(clients: &ClientRegistry, client: &Client, call: &Call) -> Result<(), ProxyError> {
+    check_fields(&call.params)?;
+    let Some(ops) = &call.batch else {
+        let targets = targets(&call.params, &call.ids);
+        return auth::authorize(client, call.method, call.path.node(), &targets);
+    };
+    if call.method != GraphMethod::Post
+        || call.path.node().is_some()
+        || !call.ids.is_empty()
+        || call.params.contains("id")
+    {
+        return Err(ProxyError::BadRequest(
+            "A batch is a POST to the root path `/` without ids.".into(),
+        ));
+    }
+    for op in ops {
+        let op_client;
+        let who = match op.own_token() {
+            Some(k) => {
+                op_client = clients.lookup(k)?;
+                &op_client
             }
-            (_, GraphMethod::Delete) => GraphMethod::Delete,
-            _ => GraphMethod::Post,
+            None => client,
         };
-        if let Some(ops) = &call.batch {
-            params.set("batch", self.upstream_batch(ops)?);
+        let op_params = op.all_params();
+        check_fields(&op_params)?;
+        if op_params.contains("batch") {
+            return Err(ProxyError::BadRequest(
+                "Batch operations cannot hold a batch.".into(),
+            ));
         }
-        Ok(UpstreamRequest {
-            method,
-            path: call.path.to_upstream_path(),
-            params,
-            headers: call.forwarded.clone(),
-            files: call.files.clone(),
-        })
+        let ids = parse_ids(&op_params)?;
+        let targets = targets(&op_params, &ids);
+        auth::authorize(who, op.method, op.path.node(), &targets)?;
     }
+    Ok(())
+}
 
-    /// Batch operations rebuilt from their checked parts; those with their own key (a client
-    /// key) get the system token and its proof in its place.
-    fn upstream_batch(&self, ops: &[BatchOp]) -> Result<String, ProxyError> {
-        let mut system = Params::new();
-        self.tokens.system().apply(&mut system);
-        let out: Vec<serde_json::Value> = ops
-            .iter()
-            .map(|op| op.to_upstream(op.own_token().map(|_| &system)))
-            .collect();
-        serde_json::to_string(&out).map_err(|e| ProxyError::Internal(e.to_string()))
+/// The upstream form of a call, built only from what was parsed and checked: client key out,
+/// `injected` token and proof in; batch operations with their own key get `system` instead.
+pub fn upstream_request(
+    call: &Call,
+    injected: &Injected,
+    system: &Injected,
+) -> Result<UpstreamRequest, ProxyError> {
+    let mut params = call.params.clone();
+    injected.apply(&mut params);
+    let method = match (call.method, call.http_method) {
+        (GraphMethod::Get, _) => {
+            params.remove("method");
+            GraphMethod::Get
+        }
+        (_, GraphMethod::Delete) => GraphMethod::Delete,
+        _ => GraphMethod::Post,
+    };
+    if let Some(ops) = &call.batch {
+        params.set("batch", upstream_batch(ops, system)?);
     }
+    Ok(UpstreamRequest {
+        method,
+        path: call.path.to_upstream_path(),
+        params,
+        headers: call.forwarded.clone(),
+        files: call.files.clone(),
+    })
+}
+
+/// Batch operations rebuilt from their checked parts; those with their own key (a client key)
+/// get the system token and its proof in its place.
+fn upstream_batch(ops: &[BatchOp], system: &Injected) -> Result<String, ProxyError> {
+    let mut token = Params::new();
+    system.apply(&mut token);
+    let out: Vec<serde_json::Value> = ops
+        .iter()
+        .map(|op| op.to_upstream(op.own_token().map(|_| &token)))
+        .collect();
+    serde_json::to_string(&out).map_err(|e| ProxyError::Internal(e.to_string()))
 }
 
 /// The ids a call names besides its path's node: `ids=`, and `id=` (Graph's root lookup,

@@ -219,74 +219,13 @@ impl Upstream {
         })
     }
 
-    /// Builds the HTTP request, rewriting a GET whose target would be too long into
-    /// POST + `method=GET` with the parameters in a form body.
+    /// Builds the HTTP request (see [`build_request`]), counting large-GET rewrites.
     fn build(&self, req: UpstreamRequest) -> Result<Prepared, ProxyError> {
-        let query = req.params.encode();
-        let target_len = req.path.len() + 1 + query.len();
-        let uploads = !req.files.is_empty();
-        let (method, uri, body, content_type) = match req.method {
-            _ if uploads => {
-                let (ct, body) = crate::graph::body::encode_multipart(&req.params, &req.files);
-                let ct = HeaderValue::from_str(&ct)
-                    .map_err(|e| ProxyError::Internal(format!("multipart content type: {e}")))?;
-                (
-                    Method::POST,
-                    join_target(&self.base, &req.path, ""),
-                    body,
-                    Some(ct),
-                )
-            }
-            GraphMethod::Get if target_len > self.max_get_url_bytes => {
-                self.metrics.large_get_rewrites.inc();
-                let mut params = req.params;
-                params.set("method", "GET");
-                (
-                    Method::POST,
-                    join_target(&self.base, &req.path, ""),
-                    Bytes::from(params.encode()),
-                    Some(HeaderValue::from_static(
-                        "application/x-www-form-urlencoded",
-                    )),
-                )
-            }
-            GraphMethod::Get => (
-                Method::GET,
-                join_target(&self.base, &req.path, &query),
-                Bytes::new(),
-                None,
-            ),
-            GraphMethod::Delete => (
-                Method::DELETE,
-                join_target(&self.base, &req.path, &query),
-                Bytes::new(),
-                None,
-            ),
-            GraphMethod::Post => (
-                Method::POST,
-                join_target(&self.base, &req.path, ""),
-                Bytes::from(query),
-                Some(HeaderValue::from_static(
-                    "application/x-www-form-urlencoded",
-                )),
-            ),
-        };
-        let uri: http::Uri = uri
-            .parse()
-            .map_err(|e| ProxyError::Internal(format!("cannot build upstream request: {e}")))?;
-        let mut headers = http::HeaderMap::new();
-        for (n, v) in req.headers {
-            headers.append(n, v);
+        let (prepared, rewritten) = build_request(&self.base, self.max_get_url_bytes, req)?;
+        if rewritten {
+            self.metrics.large_get_rewrites.inc();
         }
-        if let Some(ct) = content_type {
-            headers.insert(header::CONTENT_TYPE, ct);
-        }
-        Ok(Prepared {
-            method,
-            uri,
-            headers,
-            body,
-        })
+        Ok(prepared)
     }
 
     /// [`Upstream::send_with_policy`] for a call that must not be repeated.
@@ -490,6 +429,100 @@ impl Upstream {
         }
         Ok(reply)
     }
+}
+
+/// Builds the HTTP request for Graph at `base`, rewriting a GET whose target would be longer
+/// than `max_get_url_bytes` into POST + `method=GET` with the parameters in a form body (the
+/// `bool`: it was). Uploads go as multipart with the parameters in parts before the files.
+fn build_request(
+    base: &str,
+    max_get_url_bytes: usize,
+    req: UpstreamRequest,
+) -> Result<(Prepared, bool), ProxyError> {
+    let query = req.params.encode();
+    let target_len = req.path.len() + 1 + query.len();
+    let uploads = !req.files.is_empty();
+    let mut rewritten = false;
+    let (method, uri, body, content_type) = match req.method {
+        _ if uploads => {
+            let (ct, body) = crate::graph::body::encode_multipart(&req.params, &req.files);
+            let ct = HeaderValue::from_str(&ct)
+                .map_err(|e| ProxyError::Internal(format!("multipart content type: {e}")))?;
+            (
+                Method::POST,
+                join_target(base, &req.path, ""),
+                body,
+                Some(ct),
+            )
+        }
+        GraphMethod::Get if target_len > max_get_url_bytes => {
+            rewritten = true;
+            let mut params = req.params;
+            params.set("method", "GET");
+            (
+                Method::POST,
+                join_target(base, &req.path, ""),
+                Bytes::from(params.encode()),
+                Some(HeaderValue::from_static(
+                    "application/x-www-form-urlencoded",
+                )),
+            )
+        }
+        GraphMethod::Get => (
+            Method::GET,
+            join_target(base, &req.path, &query),
+            Bytes::new(),
+            None,
+        ),
+        GraphMethod::Delete => (
+            Method::DELETE,
+            join_target(base, &req.path, &query),
+            Bytes::new(),
+            None,
+        ),
+        GraphMethod::Post => (
+            Method::POST,
+            join_target(base, &req.path, ""),
+            Bytes::from(query),
+            Some(HeaderValue::from_static(
+                "application/x-www-form-urlencoded",
+            )),
+        ),
+    };
+    let uri: http::Uri = uri
+        .parse()
+        .map_err(|e| ProxyError::Internal(format!("cannot build upstream request: {e}")))?;
+    let mut headers = http::HeaderMap::new();
+    for (n, v) in req.headers {
+        headers.append(n, v);
+    }
+    if let Some(ct) = content_type {
+        headers.insert(header::CONTENT_TYPE, ct);
+    }
+    Ok((
+        Prepared {
+            method,
+            uri,
+            headers,
+            body,
+        },
+        rewritten,
+    ))
+}
+
+/// The HTTP request graphgate sends Graph (at `base`) for `req`: what the request-path fuzz
+/// target checks against what was authorized.
+pub fn http_request(
+    base: &str,
+    max_get_url_bytes: usize,
+    req: UpstreamRequest,
+) -> Result<Request<Bytes>, ProxyError> {
+    let (p, _) = build_request(base, max_get_url_bytes, req)?;
+    let mut r = Request::new(p.body);
+    *r.method_mut() = p.method;
+    *r.uri_mut() = p.uri;
+    *r.headers_mut() = p.headers;
+    Ok(r)
 }
 
 fn join_target(base: &str, path: &str, query: &str) -> String {

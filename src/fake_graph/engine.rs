@@ -435,37 +435,7 @@ pub(crate) struct Engine<'a> {
 impl Engine<'_> {
     /// Serves one call end to end.
     pub fn execute(&mut self, call: &Call) -> Outcome {
-        self.st.record_executed(ExecutedCall {
-            verb: match call.verb {
-                Verb::Get => "GET",
-                Verb::Post => "POST",
-                Verb::Delete => "DELETE",
-            },
-            segments: call.segments.clone(),
-            ids: call
-                .params
-                .get("ids")
-                .map(|ids| {
-                    ids.split(',')
-                        .map(str::trim)
-                        .filter(|s| !s.is_empty())
-                        .map(str::to_string)
-                        .collect()
-                })
-                .unwrap_or_default(),
-            fields: call.params.get("fields").map(str::to_string),
-            token: call.token.clone(),
-            root_id: call
-                .segments
-                .is_empty()
-                .then(|| call.params.get("id").map(str::to_string))
-                .flatten(),
-            in_batch: call.in_batch,
-            is_batch: call.verb == Verb::Post
-                && call.segments.is_empty()
-                && call.params.get("batch").is_some()
-                && call.params.get("ids").is_none(),
-        });
+        self.st.record_executed(executed_call(call));
         let (trace_id, request_id) = self.ids.next();
         let mut usage = Usage::default();
         let mut result = self.route(call, &mut usage);
@@ -982,7 +952,7 @@ impl Engine<'_> {
         usage: &mut Usage,
     ) -> Value {
         let name = op.get("name").and_then(Value::as_str).map(str::to_string);
-        let prepared = self.prepare_op(op, parent, named);
+        let prepared = decode_op(op, parent, Some(named));
         let outcome = match prepared {
             Ok(Some(op_call)) => self.execute(&op_call),
             // A dependency failed or was missing: the operation does not run.
@@ -1037,98 +1007,139 @@ impl Engine<'_> {
         entry.insert("body".into(), body.into());
         Value::Object(entry)
     }
+}
 
-    /// Turns a batch operation into a [`Call`]; `Ok(None)` when a dependency did not succeed.
-    fn prepare_op(
-        &mut self,
-        op: &Value,
-        parent: &Call,
-        named: &HashMap<String, Option<Value>>,
-    ) -> Result<Option<Call>, GraphError> {
-        if !op.is_object() {
-            return Err(GraphError::param(
-                "Each batch operation must be a JSON object",
-            ));
-        }
-        let deps: Vec<&str> = match op.get("depends_on") {
-            Some(Value::String(s)) => vec![s.as_str()],
-            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
-            _ => Vec::new(),
-        };
+/// Turns a batch operation into a [`Call`]; `Ok(None)` when a dependency did not succeed.
+/// Without `named` (reading a batch without running it) dependencies are taken to have
+/// succeeded and references are left as written.
+pub(crate) fn decode_op(
+    op: &Value,
+    parent: &Call,
+    named: Option<&HashMap<String, Option<Value>>>,
+) -> Result<Option<Call>, GraphError> {
+    if !op.is_object() {
+        return Err(GraphError::param(
+            "Each batch operation must be a JSON object",
+        ));
+    }
+    let deps: Vec<&str> = match op.get("depends_on") {
+        Some(Value::String(s)) => vec![s.as_str()],
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    };
+    if let Some(named) = named {
         if deps.iter().any(|d| !matches!(named.get(*d), Some(Some(_)))) {
             return Ok(None);
         }
-        let method = op
-            .get("method")
-            .and_then(Value::as_str)
-            .unwrap_or("GET")
-            .to_ascii_uppercase();
-        let Some(relative_url) = op.get("relative_url").and_then(Value::as_str) else {
-            return Err(GraphError::param("Missing relative_url in batch operation"));
-        };
-        let Some(relative_url) = substitute(relative_url, named) else {
-            return Ok(None);
-        };
-        let (path, query) = relative_url
-            .split_once('?')
-            .unwrap_or((relative_url.as_str(), ""));
-        let (version, segments) = split_path(path);
-        let mut params = Params::default();
-        params.extend_urlencoded(query.as_bytes());
-        match op.get("body") {
-            Some(Value::String(body)) => match substitute(body, named) {
+    }
+    let method = op
+        .get("method")
+        .and_then(Value::as_str)
+        .unwrap_or("GET")
+        .to_ascii_uppercase();
+    let Some(relative_url) = op.get("relative_url").and_then(Value::as_str) else {
+        return Err(GraphError::param("Missing relative_url in batch operation"));
+    };
+    let resolved = match named {
+        Some(named) => substitute(relative_url, named),
+        None => Some(relative_url.to_string()),
+    };
+    let Some(relative_url) = resolved else {
+        return Ok(None);
+    };
+    let (path, query) = relative_url
+        .split_once('?')
+        .unwrap_or((relative_url.as_str(), ""));
+    let (version, segments) = split_path(path);
+    let mut params = Params::default();
+    params.extend_urlencoded(query.as_bytes());
+    match op.get("body") {
+        Some(Value::String(body)) => {
+            match named.map_or(Some(body.clone()), |n| substitute(body, n)) {
                 Some(body) => params.extend_urlencoded(body.as_bytes()),
                 None => return Ok(None),
-            },
-            Some(Value::Object(fields)) => {
-                for (k, v) in fields {
-                    let v = v.as_str().map_or_else(|| v.to_string(), str::to_string);
-                    params.0.push((k.clone(), v));
-                }
             }
-            _ => {}
         }
-        let verb = match method.as_str() {
-            "GET" => Verb::Get,
-            "DELETE" => Verb::Delete,
-            // An operation runs under its own method; a `method=` inside it does not
-            // override that (unlike on a top-level POST).
-            "POST" => Verb::Post,
-            other => {
-                return Err(GraphError::param(format!(
-                    "Unsupported method {other} in batch operation"
-                )))
+        Some(Value::Object(fields)) => {
+            for (k, v) in fields {
+                let v = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+                params.0.push((k.clone(), v));
             }
-        };
-        // An operation's own token needs its own proof; otherwise it inherits the batch's.
-        let (token, proof) = match params.get("access_token") {
-            Some(t) => (
-                Some(t.to_string()),
-                params.get("appsecret_proof").map(str::to_string),
-            ),
-            None => (parent.token.clone(), parent.proof.clone()),
-        };
-        Ok(Some(Call {
-            verb,
-            version,
-            segments,
-            params,
-            token,
-            proof,
-            in_batch: true,
-            files: Vec::new(),
-        }))
+        }
+        _ => {}
+    }
+    let verb = match method.as_str() {
+        "GET" => Verb::Get,
+        "DELETE" => Verb::Delete,
+        // An operation runs under its own method; a `method=` inside it does not
+        // override that (unlike on a top-level POST).
+        "POST" => Verb::Post,
+        other => {
+            return Err(GraphError::param(format!(
+                "Unsupported method {other} in batch operation"
+            )))
+        }
+    };
+    // An operation's own token needs its own proof; otherwise it inherits the batch's.
+    let (token, proof) = match params.get("access_token") {
+        Some(t) => (
+            Some(t.to_string()),
+            params.get("appsecret_proof").map(str::to_string),
+        ),
+        None => (parent.token.clone(), parent.proof.clone()),
+    };
+    Ok(Some(Call {
+        verb,
+        version,
+        segments,
+        params,
+        token,
+        proof,
+        in_batch: true,
+        files: Vec::new(),
+    }))
+}
+
+/// What a call does, as the request log of executed calls shows it.
+pub(crate) fn executed_call(call: &Call) -> ExecutedCall {
+    ExecutedCall {
+        verb: match call.verb {
+            Verb::Get => "GET",
+            Verb::Post => "POST",
+            Verb::Delete => "DELETE",
+        },
+        segments: call.segments.clone(),
+        ids: call
+            .params
+            .get("ids")
+            .map(|ids| {
+                ids.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default(),
+        fields: call.params.get("fields").map(str::to_string),
+        token: call.token.clone(),
+        root_id: call
+            .segments
+            .is_empty()
+            .then(|| call.params.get("id").map(str::to_string))
+            .flatten(),
+        in_batch: call.in_batch,
+        is_batch: call.verb == Verb::Post
+            && call.segments.is_empty()
+            && call.params.get("batch").is_some()
+            && call.params.get("ids").is_none(),
     }
 }
 
 /// `POST` with `method=GET|DELETE` is that method (Graph's escape hatch for long URLs and
 /// clients without DELETE).
-pub(crate) fn override_verb(params: &Params, post_method_get: &mut u64) -> Verb {
+pub(crate) fn override_verb(params: &Params) -> Verb {
     match params.get("method").map(str::to_ascii_uppercase).as_deref() {
-        Some("GET") => {
-            *post_method_get += 1;
-            Verb::Get
-        }
+        Some("GET") => Verb::Get,
         Some("DELETE") => Verb::Delete,
         _ => Verb::Post,
     }

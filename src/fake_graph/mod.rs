@@ -795,15 +795,10 @@ fn respond(
     } else {
         None
     };
-    let verb = match parts.method {
-        Method::GET | Method::HEAD => Some(Verb::Get),
-        Method::POST => Some(engine::override_verb(
-            &params,
-            &mut st.counters.post_method_get,
-        )),
-        Method::DELETE => Some(Verb::Delete),
-        _ => None,
-    };
+    let verb = http_verb(&parts.method, &params);
+    if parts.method == Method::POST && verb == Some(Verb::Get) {
+        st.counters.post_method_get += 1;
+    }
     let early_error = early_error.or_else(|| {
         verb.is_none()
             .then(|| GraphError::param(format!("Unsupported HTTP method {}", parts.method)))
@@ -871,6 +866,58 @@ fn respond(
         set_header(&mut reply, name, &value);
     }
     Action::Reply(reply)
+}
+
+/// The verb Graph executes for an HTTP method: a POST's `method=GET|DELETE` overrides it.
+fn http_verb(method: &Method, params: &Params) -> Option<Verb> {
+    match *method {
+        Method::GET | Method::HEAD => Some(Verb::Get),
+        Method::POST => Some(engine::override_verb(params)),
+        Method::DELETE => Some(Verb::Delete),
+        _ => None,
+    }
+}
+
+/// What Graph would execute for `req`, read the way this server reads requests but without
+/// running anything: the call itself and, for a batch, each operation (dependencies taken to
+/// succeed). For checks that need no server, such as the request-path fuzz target.
+pub fn interpret(req: &Request<Bytes>) -> Vec<ExecutedCall> {
+    let mut params = Params::default();
+    params.extend_urlencoded(req.uri().query().unwrap_or("").as_bytes());
+    let (form, files) =
+        futures_util::FutureExt::now_or_never(parse_body(req.headers(), req.body().clone()))
+            .unwrap_or_default();
+    params.0.extend(form.0);
+    let Some(verb) = http_verb(req.method(), &params) else {
+        return Vec::new();
+    };
+    let (version, segments) = engine::split_path(req.uri().path());
+    let call = Call {
+        verb,
+        version,
+        segments,
+        token: params
+            .get("access_token")
+            .map(str::to_string)
+            .or_else(|| header_token(req.headers())),
+        proof: params.get("appsecret_proof").map(str::to_string),
+        params,
+        in_batch: false,
+        files: files.into_iter().map(|f| f.name).collect(),
+    };
+    let mut out = vec![engine::executed_call(&call)];
+    if out[0].is_batch {
+        if let Ok(Value::Array(ops)) =
+            serde_json::from_str::<Value>(call.params.get("batch").unwrap_or(""))
+        {
+            out.extend(
+                ops.iter()
+                    .filter_map(|op| engine::decode_op(op, &call, None).ok().flatten())
+                    .map(|c| engine::executed_call(&c)),
+            );
+        }
+    }
+    out
 }
 
 /// Parameters and files from the body, as Graph reads them: a JSON object, multipart parts

@@ -165,7 +165,10 @@ async fn bodies_graphgate_does_not_read_are_refused_and_nothing_goes_upstream() 
             reply.text()
         );
         assert_eq!(reply.error_code(), 100, "{}", reply.text());
-        assert!(s.graph.requests().is_empty(), "{method} {url} went upstream");
+        assert!(
+            s.graph.requests().is_empty(),
+            "{method} {url} went upstream"
+        );
     }
     // A body on a GET is refused whatever its type: Graph reads none there.
     let reply = s
@@ -210,7 +213,12 @@ async fn multipart_bodies_are_read_part_by_part_and_files_go_upstream_as_they_ca
         ("ids", None, b"1001,1002"),
     ]);
     let reply = s
-        .request(Method::POST, "/v21.0/", &[("content-type", ct.as_str())], body)
+        .request(
+            Method::POST,
+            "/v21.0/",
+            &[("content-type", ct.as_str())],
+            body,
+        )
         .await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
     assert!(s.graph.requests().is_empty());
@@ -241,7 +249,9 @@ async fn multipart_bodies_are_read_part_by_part_and_files_go_upstream_as_they_ca
     );
     assert_eq!(&file.data[..], &picture[..]);
     assert_eq!(sent[0].access_token.as_deref(), Some(SYSTEM_TOKEN));
-    assert!(sent[0].form.contains(&("caption".into(), "our new roast".into())));
+    assert!(sent[0]
+        .form
+        .contains(&("caption".into(), "our new roast".into())));
     assert_no_client_key_upstream(&s.graph, "a photo upload");
     assert_eq!(s.graph.posts_of("1001").len(), posts_before + 1);
     s.stop().await;
@@ -261,7 +271,12 @@ async fn repeated_parameters_that_disagree_are_refused_and_agreeing_ones_collaps
     ] {
         s.graph.clear_requests();
         let reply = s.request(Method::GET, &url, &no_store, Bytes::new()).await;
-        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{url}: {}", reply.text());
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{url}: {}",
+            reply.text()
+        );
         assert!(s.graph.requests().is_empty(), "{url}");
     }
     // Query plus form body.
@@ -297,7 +312,9 @@ async fn repeated_parameters_that_disagree_are_refused_and_agreeing_ones_collaps
     let reply = s
         .request(
             Method::GET,
-            &format!("/v21.0/?ids=1001&ids=1001&fields=id&fields=id&access_token={r}&access_token={r}"),
+            &format!(
+                "/v21.0/?ids=1001&ids=1001&fields=id&fields=id&access_token={r}&access_token={r}"
+            ),
             &no_store,
             Bytes::new(),
         )
@@ -328,7 +345,12 @@ async fn a_batch_operation_is_a_write_if_any_spelling_of_its_method_is_one() {
                 &form(&[("access_token", READER_KEY), ("batch", &batch)]),
             )
             .await;
-        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{op}: {}", reply.text());
+        assert_eq!(
+            reply.status,
+            StatusCode::FORBIDDEN,
+            "{op}: {}",
+            reply.text()
+        );
     }
     assert!(s.graph.requests().is_empty());
     assert_eq!(s.graph.posts_of("1001").len(), posts_before);
@@ -348,9 +370,16 @@ async fn token_fields_are_refused_however_they_are_spelled() {
     ] {
         let enc: String = form_urlencoded::byte_serialize(fields.as_bytes()).collect();
         let reply = s
-            .get(&format!("/v21.0/1001?fields={enc}&access_token={ADMIN_KEY}"))
+            .get(&format!(
+                "/v21.0/1001?fields={enc}&access_token={ADMIN_KEY}"
+            ))
             .await;
-        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{fields}: {}", reply.text());
+        assert_eq!(
+            reply.status,
+            StatusCode::FORBIDDEN,
+            "{fields}: {}",
+            reply.text()
+        );
         let batch = format!(r#"[{{"relative_url":"1001?fields={enc}"}}]"#);
         let reply = s
             .post_form(
@@ -358,7 +387,12 @@ async fn token_fields_are_refused_however_they_are_spelled() {
                 &form(&[("access_token", ADMIN_KEY), ("batch", &batch)]),
             )
             .await;
-        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{fields}: {}", reply.text());
+        assert_eq!(
+            reply.status,
+            StatusCode::FORBIDDEN,
+            "{fields}: {}",
+            reply.text()
+        );
     }
     assert!(s.graph.requests().is_empty());
     s.stop().await;
@@ -440,7 +474,9 @@ async fn tokens_in_reply_headers_are_scrubbed_and_unreadable_replies_fail_closed
             ),
             (
                 "www-authenticate".into(),
-                format!("OAuth \"Facebook Platform\" \"invalid_token\" \"{SYSTEM_TOKEN} {page_token}\""),
+                format!(
+                    "OAuth \"Facebook Platform\" \"invalid_token\" \"{SYSTEM_TOKEN} {page_token}\""
+                ),
             ),
             ("x-fb-debug".into(), format!("debug {page_token}")),
             ("x-fb-trace-id".into(), format!("trace {page_token}")),
@@ -462,7 +498,10 @@ async fn tokens_in_reply_headers_are_scrubbed_and_unreadable_replies_fail_closed
         Some("https://scontent.example/p.jpg?oh=1")
     );
     assert!(reply.header("www-authenticate").is_some());
-    assert!(reply.header("x-fb-debug").is_none(), "an unreadable blob is dropped");
+    assert!(
+        reply.header("x-fb-debug").is_none(),
+        "an unreadable blob is dropped"
+    );
 
     // JSON nested deeper than the parser reads, holding a token and a paging link.
     let deep = format!(
@@ -608,8 +647,14 @@ fn batch_op() -> impl Strategy<Value = String> {
         prop::collection::vec(
             prop_oneof![
                 (name_variant("ids"), ids_value().prop_map(str::to_string)),
-                (name_variant("method"), method_value().prop_map(str::to_string)),
-                (name_variant("fields"), fields_value().prop_map(str::to_string)),
+                (
+                    name_variant("method"),
+                    method_value().prop_map(str::to_string)
+                ),
+                (
+                    name_variant("fields"),
+                    fields_value().prop_map(str::to_string)
+                ),
                 (Just("message".to_string()), Just("pwned".to_string())),
                 (name_variant("access_token"), Just(READER_KEY.to_string())),
             ],
@@ -618,7 +663,10 @@ fn batch_op() -> impl Strategy<Value = String> {
         prop::collection::vec(
             prop_oneof![
                 (name_variant("ids"), ids_value().prop_map(str::to_string)),
-                (name_variant("method"), method_value().prop_map(str::to_string)),
+                (
+                    name_variant("method"),
+                    method_value().prop_map(str::to_string)
+                ),
                 (Just("message".to_string()), Just("pwned".to_string())),
             ],
             0..3,
@@ -627,7 +675,11 @@ fn batch_op() -> impl Strategy<Value = String> {
     )
         .prop_map(|(method, node, edge, query, body, repeat_key)| {
             // `node` stands for the root path now and then: `?ids=` operations.
-            let (node, edge) = if node == "me" { ("", None) } else { (node, edge) };
+            let (node, edge) = if node == "me" {
+                ("", None)
+            } else {
+                (node, edge)
+            };
             let enc = |pairs: &[(String, String)]| {
                 pairs
                     .iter()
@@ -638,7 +690,10 @@ fn batch_op() -> impl Strategy<Value = String> {
                     .collect::<Vec<_>>()
                     .join("&")
             };
-            let mut url = format!("{node}{}", edge.map(|e| format!("/{e}")).unwrap_or_default());
+            let mut url = format!(
+                "{node}{}",
+                edge.map(|e| format!("/{e}")).unwrap_or_default()
+            );
             if !query.is_empty() {
                 url = format!("{url}?{}", enc(&query));
             }
@@ -646,7 +701,10 @@ fn batch_op() -> impl Strategy<Value = String> {
             if let Some(m) = method {
                 members.push(format!(r#""method":"{m}""#));
             }
-            members.push(format!(r#""relative_url":{}"#, serde_json::Value::from(url)));
+            members.push(format!(
+                r#""relative_url":{}"#,
+                serde_json::Value::from(url)
+            ));
             if !body.is_empty() {
                 members.push(format!(r#""body":{}"#, serde_json::Value::from(enc(&body))));
             }
@@ -897,11 +955,14 @@ fn shape() -> impl Strategy<Value = Shape> {
             1 => Just(Encoding::JsonLabelledForm),
             1 => Just(Encoding::FormWithCharsetLatin1),
         ],
-        prop::option::weighted(0.2, prop_oneof![
-            Just("source".to_string()),
-            Just("access_token".to_string()),
-            Just("ids".to_string()),
-        ]),
+        prop::option::weighted(
+            0.2,
+            prop_oneof![
+                Just("source".to_string()),
+                Just("access_token".to_string()),
+                Just("ids".to_string()),
+            ],
+        ),
         any::<bool>(),
         prop::bool::weighted(0.1),
     )

@@ -515,6 +515,47 @@ level = "debug"
     }
     assert!(throttled, "Page 1002 was never throttled");
 
+    // Bodies graphgate reads part by part or refuses, each carrying a key: a multipart
+    // upload, a text/plain body, a JSON body with a key twice, a batch hiding a write.
+    let mp = format!(
+        "--b\r\nContent-Disposition: form-data; name=\"access_token\"\r\n\r\n{k}\r\n--b\r\nContent-Disposition: form-data; name=\"source\"; filename=\"a.png\"\r\n\r\nPNG\r\n--b--\r\n"
+    );
+    let r = h
+        .call(
+            Method::POST,
+            "/v21.0/1001/photos",
+            &[("content-type", "multipart/form-data; boundary=b")],
+            &mp,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let r = h
+        .call(
+            Method::POST,
+            "/v21.0/1001/feed",
+            &[("content-type", "text/plain")],
+            &format!("message=x&access_token={k}"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{}", r.text());
+    let r = h
+        .call(
+            Method::POST,
+            "/v21.0/1001/feed",
+            &[("content-type", "application/json")],
+            &format!(r#"{{"access_token":"{k}","message":"a","message":"b"}}"#),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    let disguised =
+        r#"[{"method":"POST","relative_url":"1001/feed?method=GET","body":"message=x"}]"#;
+    let body: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("access_token", READER_KEY)
+        .append_pair("batch", disguised)
+        .finish();
+    let r = h.form("/v21.0/", &body).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text());
+
     // Stale serving: past the 1 s TTL (the writes above invalidated earlier entries).
     h.get(&format!("/v21.0/1001?fields=category&access_token={k}"))
         .await;
