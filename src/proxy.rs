@@ -350,7 +350,7 @@ impl Gateway {
             .authenticate(&parts.headers, &parts.extensions, call.presented_tokens())
             .map_err(|e| (e, route, None))?;
         let with_client = |e: ProxyError| (e, route, Some(client.clone()));
-        authorize(&self.clients, &client, &call).map_err(with_client)?;
+        authorize(&self.clients, &client, &key, &call).map_err(with_client)?;
         call.quota_hints.bind_to(&client);
 
         let version = call
@@ -514,8 +514,16 @@ impl Gateway {
 /// Checks everything the call asks Graph to do: its method, the node of its path, every id
 /// it names (`ids=`, a root `id=`), every field it selects, and for a batch every operation
 /// the same way (with the operation's own key, looked up in `clients`, when it has one).
-/// One forbidden part rejects the whole call before anything goes upstream.
-pub fn authorize(clients: &ClientRegistry, client: &Client, call: &Call) -> Result<(), ProxyError> {
+/// One forbidden part rejects the whole call before anything goes upstream. `key` is the
+/// client key the call presented: it may not appear anywhere else in the call (a key pasted
+/// into a post would be published on the Page).
+pub fn authorize(
+    clients: &ClientRegistry,
+    client: &Client,
+    key: &str,
+    call: &Call,
+) -> Result<(), ProxyError> {
+    check_key_stays(key, call)?;
     check_fields(&call.params)?;
     let Some(ops) = &call.batch else {
         let targets = targets(&call.params, &call.ids);
@@ -592,6 +600,54 @@ fn upstream_batch(ops: &[BatchOp], system: &Injected) -> Result<String, ProxyErr
         .map(|op| op.to_upstream(op.own_token().map(|_| &token)))
         .collect();
     serde_json::to_string(&out).map_err(|e| ProxyError::Internal(e.to_string()))
+}
+
+/// The presented key (and an operation's own key) appears only as a key: not in the path,
+/// another parameter, a batch operation, a forwarded header or an uploaded file (a key pasted
+/// into a post would be published on the Page).
+fn check_key_stays(key: &str, call: &Call) -> Result<(), ProxyError> {
+    let ops = call.batch.as_deref().unwrap_or_default();
+    let keys: Vec<&str> = std::iter::once(key)
+        .chain(ops.iter().filter_map(BatchOp::own_token))
+        .filter(|k| k.len() >= 8)
+        .collect();
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let holds = |v: &[u8]| {
+        keys.iter()
+            .any(|k| memchr::memmem::find(v, k.as_bytes()).is_some())
+    };
+    let in_path = call
+        .path
+        .segments
+        .iter()
+        .chain(ops.iter().flat_map(|op| &op.path.segments))
+        .any(|s| holds(s.as_bytes()));
+    let in_headers = call.forwarded.iter().any(|(_, v)| holds(v.as_bytes()));
+    let in_params = call
+        .params
+        .iter()
+        .any(|(k, v)| holds(k.as_bytes()) || (k != "batch" && holds(v.as_bytes())));
+    let in_ops = ops.iter().any(|op| {
+        op.query
+            .iter()
+            .chain(op.body.iter())
+            .any(|(k, v)| holds(k.as_bytes()) || holds(v.as_bytes()))
+            || op.extra.values().any(|v| holds(v.to_string().as_bytes()))
+    });
+    let in_files = call.files.iter().any(|f| {
+        holds(f.name.as_bytes())
+            || holds(f.filename.as_bytes())
+            || f.content_type.as_ref().is_some_and(|c| holds(c.as_bytes()))
+            || holds(&f.data)
+    });
+    if in_path || in_headers || in_params || in_ops || in_files {
+        return Err(ProxyError::BadRequest(
+            "The request carries a client key outside `access_token`.".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The ids a call names besides its path's node: `ids=`, and `id=` (Graph's root lookup,
