@@ -4,6 +4,7 @@ mod support;
 
 mod cache;
 mod cli;
+mod config_secrets;
 mod core;
 mod hardening;
 mod observability;
