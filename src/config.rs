@@ -288,6 +288,7 @@ struct RawServer {
     shutdown_grace_ms: u64,
     // Hardening: connection and load limits, inbound TLS.
     max_connections: usize,
+    admin_max_connections: usize,
     idle_timeout_ms: u64,
     max_in_flight: usize,
     body_read_timeout_ms: u64,
@@ -309,6 +310,7 @@ impl Default for RawServer {
             max_body_bytes: 1024 * 1024,
             shutdown_grace_ms: 10_000,
             max_connections: 10_000,
+            admin_max_connections: 64,
             idle_timeout_ms: 60_000,
             max_in_flight: 2048,
             body_read_timeout_ms: 10_000,
@@ -513,6 +515,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Open client connections on the public listener; beyond it new ones are closed at once.
     pub max_connections: usize,
+    /// The same for the admin listener (health checks and scrapes need few).
+    pub admin_max_connections: usize,
     /// A connection with no request in flight for this long is closed.
     pub idle_timeout: Duration,
     /// Requests handled at once; beyond it requests are shed with 503 + Retry-After.
@@ -717,6 +721,12 @@ impl Config {
         if s.max_connections == 0 || s.max_connections > 1_000_000 {
             return Err(invalid("server.max_connections", "must be 1..=1000000"));
         }
+        if s.admin_max_connections == 0 || s.admin_max_connections > 100_000 {
+            return Err(invalid(
+                "server.admin_max_connections",
+                "must be 1..=100000",
+            ));
+        }
         if s.max_in_flight == 0 || s.max_in_flight > 1_000_000 {
             return Err(invalid("server.max_in_flight", "must be 1..=1000000"));
         }
@@ -771,6 +781,7 @@ impl Config {
         if u.retry_budget_percent > 100 {
             return Err(invalid("upstream.retry_budget_percent", "must be 0..=100"));
         }
+        let max_response_bytes = u.max_response_bytes.max(1024);
         if u.retries > 10 {
             return Err(invalid("upstream.retries", "must be 0..=10"));
         }
@@ -989,6 +1000,7 @@ impl Config {
                 max_body_bytes: s.max_body_bytes,
                 shutdown_grace: Duration::from_millis(s.shutdown_grace_ms),
                 max_connections: s.max_connections,
+                admin_max_connections: s.admin_max_connections,
                 idle_timeout: Duration::from_millis(s.idle_timeout_ms),
                 max_in_flight: s.max_in_flight,
                 body_read_timeout: Duration::from_millis(s.body_read_timeout_ms),
@@ -1000,7 +1012,7 @@ impl Config {
                 timeout: Duration::from_millis(u.timeout_ms),
                 connect_timeout: Duration::from_millis(u.connect_timeout_ms.max(1)),
                 max_get_url_bytes: u.max_get_url_bytes,
-                max_response_bytes: u.max_response_bytes.max(1024),
+                max_response_bytes,
                 default_version: u.default_version,
                 ca_file: u.ca_file.map(Into::into),
                 retry: RetryConfig {

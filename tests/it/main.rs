@@ -2,6 +2,7 @@
 //! One test binary (faster to build and link); each module covers one capability.
 mod support;
 
+mod bounds;
 mod cache;
 mod cli;
 mod config_secrets;
