@@ -330,6 +330,7 @@ struct RawUpstream {
     connect_timeout_ms: u64,
     max_get_url_bytes: usize,
     max_response_bytes: usize,
+    max_buffered_reply_bytes: usize,
     default_version: String,
     ca_file: Option<String>,
     // Hardening: retries of idempotent reads and the circuit breaker.
@@ -349,6 +350,7 @@ impl Default for RawUpstream {
             connect_timeout_ms: 5_000,
             max_get_url_bytes: 2000,
             max_response_bytes: 16 * 1024 * 1024,
+            max_buffered_reply_bytes: 256 * 1024 * 1024,
             default_version: "v21.0".into(),
             ca_file: None,
             retries: 2,
@@ -547,6 +549,10 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub max_get_url_bytes: usize,
     pub max_response_bytes: usize,
+    /// Reply bodies held in memory at once, all requests together (upstream replies being
+    /// read or written to clients, cached bodies decompressed or copied for one client);
+    /// a reply that would exceed it is answered 503.
+    pub max_buffered_reply_bytes: usize,
     pub default_version: String,
     /// Extra CAs (PEM) trusted for Graph's certificate besides the public roots: a TLS
     /// inspecting egress proxy, or the simulated Graph API in tests.
@@ -782,6 +788,12 @@ impl Config {
             return Err(invalid("upstream.retry_budget_percent", "must be 0..=100"));
         }
         let max_response_bytes = u.max_response_bytes.max(1024);
+        if u.max_buffered_reply_bytes < max_response_bytes {
+            return Err(invalid(
+                "upstream.max_buffered_reply_bytes",
+                format!("must be at least upstream.max_response_bytes ({max_response_bytes}), or no reply of that size could ever be served"),
+            ));
+        }
         if u.retries > 10 {
             return Err(invalid("upstream.retries", "must be 0..=10"));
         }
@@ -1013,6 +1025,7 @@ impl Config {
                 connect_timeout: Duration::from_millis(u.connect_timeout_ms.max(1)),
                 max_get_url_bytes: u.max_get_url_bytes,
                 max_response_bytes,
+                max_buffered_reply_bytes: u.max_buffered_reply_bytes,
                 default_version: u.default_version,
                 ca_file: u.ca_file.map(Into::into),
                 retry: RetryConfig {

@@ -147,6 +147,11 @@ pub struct HardeningMetrics {
     /// Connections closed because no request head arrived within
     /// `server.header_read_timeout_ms` of accepting them, by listener.
     pub connections_head_timeout: IntCounterVec,
+    /// Bytes of reply bodies held in memory now (see `upstream.max_buffered_reply_bytes`).
+    pub buffered_reply_bytes: IntGauge,
+    /// Replies answered 503 because buffering them would exceed
+    /// `upstream.max_buffered_reply_bytes`, by source (upstream, cache).
+    pub reply_budget_rejections: IntCounterVec,
     pub requests_in_flight: IntGauge,
     /// Requests answered 503 because `server.max_in_flight` were being handled.
     pub load_shed: IntCounter,
@@ -206,6 +211,17 @@ impl HardeningMetrics {
                 "Connections closed because no request head arrived within server.header_read_timeout_ms of connecting, by listener.",
                 &["listener"],
             ),
+            buffered_reply_bytes: gauge(
+                r,
+                "graphgate_buffered_reply_bytes",
+                "Bytes of reply bodies held in memory for clients now (bounded by upstream.max_buffered_reply_bytes).",
+            ),
+            reply_budget_rejections: counter_vec(
+                r,
+                "graphgate_reply_budget_rejections_total",
+                "Replies answered 503 because buffering them would exceed upstream.max_buffered_reply_bytes, by source (upstream, cache).",
+                &["source"],
+            ),
             requests_in_flight: gauge(
                 r,
                 "graphgate_requests_in_flight",
@@ -244,6 +260,9 @@ impl HardeningMetrics {
             m.connections_refused.with_label_values(&[listener]);
             m.connections_idle_closed.with_label_values(&[listener]);
             m.connections_head_timeout.with_label_values(&[listener]);
+        }
+        for source in ["upstream", "cache"] {
+            m.reply_budget_rejections.with_label_values(&[source]);
         }
         m
     }

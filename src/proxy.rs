@@ -384,7 +384,11 @@ impl Gateway {
             &self.public_url,
             &self.tokens.secrets_for(&injected),
         );
-        let body = rewrite::finalize(&prepared, key.as_str());
+        // The reply's share of the budget stays with the body until it is written.
+        let body = crate::upstream::reply_budget::held(
+            rewrite::finalize(&prepared, key.as_str()),
+            reply.hold.iter().cloned().collect(),
+        );
         let mut response = build_response(&reply, body);
         cached::mark_uncached(&mut response, &call);
         Ok(Outcome {

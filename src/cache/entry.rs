@@ -117,6 +117,17 @@ impl Entry {
         })
     }
 
+    /// Length of the body as served (before the per-client placeholder is filled in).
+    pub fn body_len(&self) -> usize {
+        self.plain_len
+            .map_or(self.body.bytes.len(), |len| len as usize)
+    }
+
+    /// Whether serving the body means a copy per client (the key placeholder filled in).
+    pub fn has_key_placeholder(&self) -> bool {
+        self.body.has_key_placeholder
+    }
+
     /// Whether the body is held compressed.
     pub fn is_compressed(&self) -> bool {
         self.plain_len.is_some()

@@ -218,6 +218,9 @@ pub enum Fault {
     /// Refuse the next `n` requests unprocessed: HTTP/2 `RST_STREAM(REFUSED_STREAM)` (the
     /// connection stays up), on HTTP/1.1 the connection is dropped. Then back to `None`.
     RefuseStreams(u32),
+    /// HTTP 200 with a valid JSON object of exactly this many bytes (`{"id":…,"padding":…}`,
+    /// at least 32), for tests of memory bounds. Highly compressible.
+    LargeReply(usize),
 }
 
 /// Handle to a running fake Graph server. Cloning shares the server.
@@ -697,6 +700,16 @@ fn respond(
         Fault::CloseConnection => return Action::Close,
         Fault::Garbage => {
             let mut reply = Response::new(Full::new(Bytes::from_static(b"{\"data\": [")));
+            set_header(&mut reply, "content-type", JSON_CONTENT_TYPE);
+            return Action::Reply(reply);
+        }
+        Fault::LargeReply(bytes) => {
+            const FRAME: &str = r#"{"id":"1001","padding":""}"#;
+            let mut body = String::with_capacity(bytes.max(FRAME.len()));
+            body.push_str(&FRAME[..FRAME.len() - 2]);
+            body.extend(std::iter::repeat_n('a', bytes.saturating_sub(FRAME.len())));
+            body.push_str("\"}");
+            let mut reply = Response::new(Full::new(Bytes::from(body)));
             set_header(&mut reply, "content-type", JSON_CONTENT_TYPE);
             return Action::Reply(reply);
         }

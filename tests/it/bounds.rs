@@ -302,3 +302,280 @@ async fn after_sigterm_readyz_answers_503_on_new_connections_until_exit() {
     graph.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The reply budget
+// ---------------------------------------------------------------------------------------------
+
+const MIB: usize = 1024 * 1024;
+
+/// A client that sends a request and then reads nothing until told: the reply stays in
+/// graphgate's memory (its receive buffer is pinned small, so the kernel takes little of it).
+struct SlowReader(TcpStream);
+
+impl SlowReader {
+    async fn send(addr: SocketAddr, path: &str, headers: &str) -> SlowReader {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(64 * 1024).unwrap();
+        let mut conn = socket.connect(addr).await.unwrap();
+        let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n");
+        conn.write_all(head.as_bytes()).await.unwrap();
+        SlowReader(conn)
+    }
+
+    /// Reads the whole reply: (status, head, body).
+    async fn read(mut self) -> (u16, String, Vec<u8>) {
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(60), self.0.read_to_end(&mut buf))
+            .await
+            .expect("the reply within 60 s")
+            .expect("read");
+        let split = buf
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("no head in {}", String::from_utf8_lossy(&buf)));
+        let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+        let status = head
+            .get(9..12)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line: {head}"));
+        (status, head, buf[split + 4..].to_vec())
+    }
+}
+
+async fn metrics_text(s: &Stack) -> String {
+    s.admin_get("/metrics").await.text()
+}
+
+/// Polls the metrics until `done` holds (within 30 s); returns the last text.
+async fn metrics_until(s: &Stack, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = metrics_text(s).await;
+        if done(&m) {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "{what}:\n{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn buffered(m: &str) -> f64 {
+    metric_value(m, "graphgate_buffered_reply_bytes", &[])
+}
+
+fn budget_rejections(m: &str, source: &str) -> f64 {
+    let filter = format!("source=\"{source}\"");
+    metric_value(m, "graphgate_reply_budget_rejections_total", &[&filter])
+}
+
+/// Checks a 503 from the budget: Graph-style, transient, with Retry-After.
+fn assert_budget_refusal(head: &str, body: &[u8]) {
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)));
+    assert_eq!(v["error"]["type"], "GraphgateException", "{v}");
+    assert_eq!(v["error"]["code"], 2, "{v}");
+    assert_eq!(v["error"]["is_transient"], true, "{v}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
+}
+
+/// 15 MiB replies, a 40 MiB budget: two fit, the rest is refused.
+const BIG_REPLY: usize = 15 * MIB;
+const BUDGET_TOML: &str =
+    "[upstream]\nmax_response_bytes = 16777216\nmax_buffered_reply_bytes = 41943040\n";
+
+#[tokio::test]
+async fn upstream_replies_beyond_the_reply_budget_are_refused_with_503_and_the_memory_is_given_back(
+) {
+    let s = Stack::start_with(graph_config(), BUDGET_TOML).await;
+    s.graph
+        .set_fault(graphgate::fake_graph::Fault::LargeReply(BIG_REPLY));
+    // Distinct uncached reads, each a 15 MiB reply, none read by its client yet.
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        let path = format!("/v21.0/1001?fields=id&n={i}&access_token={ADMIN_KEY}");
+        clients.push(SlowReader::send(s.gw.addr, &path, "Cache-Control: no-store\r\n").await);
+    }
+    let m = metrics_until(&s, "four replies refused", |m| {
+        budget_rejections(m, "upstream") >= 4.0
+    })
+    .await;
+    assert_eq!(budget_rejections(&m, "upstream"), 4.0, "{m}");
+    let held = buffered(&m);
+    assert!(
+        held >= (2 * BIG_REPLY) as f64 && held <= (40 * MIB) as f64,
+        "{held} bytes held\n{m}"
+    );
+    assert_eq!(s.graph.stats().requests, 6);
+    // Small replies still fit beside the two held ones.
+    s.graph.set_fault(graphgate::fake_graph::Fault::None);
+    let r = s
+        .request(
+            http::Method::GET,
+            &format!("/v21.0/1002?fields=id,name&access_token={ADMIN_KEY}"),
+            &[("cache-control", "no-store")],
+            bytes::Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, http::StatusCode::OK, "{}", r.text());
+    // Every client gets its answer once it reads: two whole replies, four refusals.
+    let mut whole = 0;
+    for c in clients {
+        let (status, head, body) = c.read().await;
+        match status {
+            200 => {
+                assert_eq!(body.len(), BIG_REPLY, "{head}");
+                whole += 1;
+            }
+            503 => assert_budget_refusal(&head, &body),
+            other => panic!("status {other}: {head}"),
+        }
+    }
+    assert_eq!(whole, 2);
+    let m = metrics_until(&s, "the budget given back", |m| buffered(m) == 0.0).await;
+    assert_eq!(
+        metric_value(&m, "graphgate_requests_total", &["status_class=\"5xx\""]),
+        4.0,
+        "{m}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn cached_bodies_decompressed_for_each_client_count_against_the_reply_budget() {
+    let s = Stack::start_with(graph_config(), BUDGET_TOML).await;
+    s.graph
+        .set_fault(graphgate::fake_graph::Fault::LargeReply(BIG_REPLY));
+    let path = format!("/v21.0/1001?fields=id&access_token={ADMIN_KEY}");
+    // Six clients at once, one upstream call: a shared body is counted once, so all fit.
+    s.graph.set_latency(Duration::from_millis(500));
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(SlowReader::send(s.gw.addr, &path, "").await);
+    }
+    for c in clients {
+        let (status, head, body) = c.read().await;
+        assert_eq!(status, 200, "{head}");
+        assert_eq!(body.len(), BIG_REPLY);
+    }
+    assert_eq!(s.graph.stats().requests, 1, "the misses were coalesced");
+    s.graph.set_latency(Duration::ZERO);
+    s.graph.set_fault(graphgate::fake_graph::Fault::None);
+    metrics_until(&s, "the fill given back", |m| buffered(m) == 0.0).await;
+    // Now cached (compressed): every hit decompresses its own 15 MiB copy.
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(SlowReader::send(s.gw.addr, &path, "").await);
+    }
+    let m = metrics_until(&s, "four hits refused", |m| {
+        budget_rejections(m, "cache") >= 4.0
+    })
+    .await;
+    assert_eq!(budget_rejections(&m, "cache"), 4.0, "{m}");
+    assert!(buffered(&m) <= (40 * MIB) as f64, "{m}");
+    let mut whole = 0;
+    for c in clients {
+        let (status, head, body) = c.read().await;
+        match status {
+            200 => {
+                assert!(head.contains("x-cache: HIT"), "{head}");
+                assert_eq!(body.len(), BIG_REPLY);
+                whole += 1;
+            }
+            503 => assert_budget_refusal(&head, &body),
+            other => panic!("status {other}: {head}"),
+        }
+    }
+    assert_eq!(whole, 2);
+    assert_eq!(s.graph.stats().requests, 1, "hits never went upstream");
+    metrics_until(&s, "the budget given back", |m| buffered(m) == 0.0).await;
+    s.stop().await;
+}
+
+/// A scripted upstream that answers every request with a chunked (length-less) 200 of
+/// `len` bytes of JSON, sent 256 KiB at a time.
+async fn chunked_upstream(len: usize) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => head.extend_from_slice(&buf[..k]),
+                    }
+                }
+                let mut body = br#"{"id":"1001","padding":""#.to_vec();
+                body.resize(len - 2, b'a');
+                body.extend_from_slice(b"\"}");
+                let start = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n";
+                if stream.write_all(start.as_bytes()).await.is_err() {
+                    return;
+                }
+                for chunk in body.chunks(256 * 1024) {
+                    let mut framed = format!("{:x}\r\n", chunk.len()).into_bytes();
+                    framed.extend_from_slice(chunk);
+                    framed.extend_from_slice(b"\r\n");
+                    if stream.write_all(&framed).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = stream.write_all(b"0\r\n\r\n").await;
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn a_reply_without_a_length_is_counted_as_its_bytes_arrive() {
+    // 6 MiB replies of unknown length, an 8 MiB budget: two cannot both be held.
+    let upstream = chunked_upstream(6 * MIB).await;
+    let gw = graphgate::server::start(
+        graphgate::config::Config::from_toml(
+            &gateway_toml(
+                &upstream,
+                "[upstream]\nmax_response_bytes = 8388608\nmax_buffered_reply_bytes = 8388608\nretries = 0\n",
+            ),
+            |_| None,
+        )
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut clients = Vec::new();
+    for i in 0..2 {
+        let path = format!("/v21.0/1001?fields=id&n={i}&access_token={ADMIN_KEY}");
+        clients.push(SlowReader::send(gw.addr, &path, "Cache-Control: no-store\r\n").await);
+    }
+    let mut statuses = Vec::new();
+    for c in clients {
+        let (status, head, body) = c.read().await;
+        match status {
+            200 => assert_eq!(body.len(), 6 * MIB),
+            503 => assert_budget_refusal(&head, &body),
+            other => panic!("status {other}: {head}"),
+        }
+        statuses.push(status);
+    }
+    // Whichever came second (or both, if they grew in step) was refused part-way.
+    assert!(statuses.contains(&503), "{statuses:?}");
+    let m = send(
+        &client(),
+        http::Method::GET,
+        &format!("{}/metrics", gw.admin_url()),
+        &[],
+        bytes::Bytes::new(),
+        &[],
+    )
+    .await
+    .text();
+    assert!(budget_rejections(&m, "upstream") >= 1.0, "{m}");
+    gw.shutdown().await;
+}
