@@ -157,6 +157,7 @@ fn quota_admission(c: &mut Criterion) {
             ),
         )],
         body: Bytes::from_static(b"{}"),
+        hold: None,
     };
     let units = vec![Some("1001_1".to_string())];
     g.bench_function("admit + learn (usage header), 1 Page", |b| {

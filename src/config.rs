@@ -75,6 +75,137 @@ pub enum ConfigError {
     Invalid { key: String, why: String },
 }
 
+impl ConfigError {
+    /// Validation messages quote the values of ordinary keys; should one of them hold a
+    /// secret after all (a token pasted into the wrong key), it is taken out.
+    fn redacting(self, secrets: &[String]) -> ConfigError {
+        match self {
+            ConfigError::Invalid { key, why } => ConfigError::Invalid {
+                key,
+                why: secrets
+                    .iter()
+                    .filter(|s| s.len() >= 4)
+                    .fold(why, |why, s| why.replace(s.as_str(), REDACTED)),
+            },
+            other => other,
+        }
+    }
+}
+
+const REDACTED: &str = "[redacted]";
+
+/// A TOML error without the parts that may hold a secret. toml's own `Display` quotes the
+/// offending line of the file (an unterminated `system_user_token = "EAAG…` is the line
+/// shown), and serde's messages quote values (`invalid type: integer `…``). What is left:
+/// the position, and the message with only key names and syntax tokens still quoted.
+fn describe_parse_error(e: &toml::de::Error, text: &str) -> String {
+    let message = redact_quoted_values(e.message().trim_end());
+    match e.span() {
+        Some(span) => {
+            let (line, column) = line_and_column(text, span.start);
+            format!(
+                "TOML parse error at line {line}, column {column} (the line is not shown: it may hold a secret): {message}"
+            )
+        }
+        None => format!("TOML parse error: {message}"),
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut at = offset.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    let before = &text[..at];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1,
+    )
+}
+
+/// Keeps a quoted fragment of a parser message only when it is a key name (the subject of
+/// "unknown field", "duplicate key", "missing field", "in table", or an "expected one of"
+/// list) or a syntax token of one or two characters; any other fragment, and every
+/// double-quoted string, is a value and is replaced. Fails closed: a message shape not
+/// foreseen here loses its quotes rather than shows a value.
+fn redact_quoted_values(message: &str) -> String {
+    const KEY_CONTEXTS: [&str; 4] = [
+        "unknown field ",
+        "duplicate key ",
+        "missing field ",
+        "in table ",
+    ];
+    let mut out = String::with_capacity(message.len());
+    for (i, line) in message.split('\n').enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let mut rest = line;
+        let mut in_key_list = false;
+        loop {
+            let Some(open) = rest.find(['`', '"']) else {
+                out.push_str(rest);
+                break;
+            };
+            let (plain, quoted) = rest.split_at(open);
+            out.push_str(plain);
+            in_key_list |= plain.contains("expected one of ");
+            let quote = quoted.chars().next().unwrap_or('`');
+            let Some(len) = closing_quote(&quoted[1..], quote) else {
+                // An unbalanced quote: everything after it may be a value.
+                out.push_str("(value not shown)");
+                break;
+            };
+            let inner = &quoted[1..1 + len];
+            let key_name =
+                quote == '`' && (in_key_list || KEY_CONTEXTS.iter().any(|c| plain.ends_with(c)));
+            if key_name || (quote == '`' && inner.chars().count() <= 2) {
+                out.push_str(&quoted[..len + 2]);
+            } else {
+                out.push_str("(value not shown)");
+            }
+            rest = &quoted[len + 2..];
+        }
+    }
+    out
+}
+
+/// Byte length of a quoted fragment's content, up to its closing `quote`; inside double
+/// quotes a backslash escapes the next character (serde quotes strings Debug-style).
+fn closing_quote(s: &str, quote: char) -> Option<usize> {
+    let mut escaped = false;
+    for (i, c) in s.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quote == '"' => escaped = true,
+            c if c == quote => return Some(i),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// `scheme://user:password@host` with the user information replaced, for messages.
+fn without_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://{REDACTED}@{}", &rest[at + 1..]),
+        None => url.to_string(),
+    }
+}
+
+/// The user information of a URL (`user:password`), if any.
+fn userinfo(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    rest[..authority_end].rfind('@').map(|at| &rest[..at])
+}
+
 fn invalid(key: &str, why: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_string(),
@@ -99,6 +230,51 @@ struct RawConfig {
     log: RawLog,
 }
 
+impl RawConfig {
+    /// Every secret this file (or the environment) holds, as written: what no error may show.
+    fn secret_values(&self, env: &impl Fn(&str) -> Option<String>) -> Vec<String> {
+        let mut out: Vec<String> = [ENV_SYSTEM_USER_TOKEN, ENV_APP_SECRET]
+            .into_iter()
+            .filter_map(env)
+            .collect();
+        let secrets = [
+            &self.credentials.system_user_token,
+            &self.credentials.app_secret,
+            &self.server.admin_token,
+            &self.redis.url,
+        ];
+        out.extend(
+            secrets
+                .into_iter()
+                .flatten()
+                .map(|s| s.expose().to_string()),
+        );
+        out.extend(
+            self.clients
+                .iter()
+                .filter_map(|c| c.key.as_ref())
+                .map(|k| k.expose().to_string()),
+        );
+        out.extend(self.clients.iter().filter_map(|c| c.key_sha256.clone()));
+        let urls = [
+            Some(self.upstream.url.as_str()),
+            self.server.public_url.as_deref(),
+            self.redis.url.as_ref().map(Secret::expose),
+        ];
+        out.extend(
+            urls.into_iter()
+                .flatten()
+                .filter_map(userinfo)
+                .flat_map(|u| {
+                    // `user:password`, and the password alone.
+                    let password = u.split_once(':').map(|(_, p)| p.to_string());
+                    std::iter::once(u.to_string()).chain(password)
+                }),
+        );
+        out
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawServer {
@@ -112,6 +288,7 @@ struct RawServer {
     shutdown_grace_ms: u64,
     // Hardening: connection and load limits, inbound TLS.
     max_connections: usize,
+    admin_max_connections: usize,
     idle_timeout_ms: u64,
     max_in_flight: usize,
     body_read_timeout_ms: u64,
@@ -133,6 +310,7 @@ impl Default for RawServer {
             max_body_bytes: 1024 * 1024,
             shutdown_grace_ms: 10_000,
             max_connections: 10_000,
+            admin_max_connections: 64,
             idle_timeout_ms: 60_000,
             max_in_flight: 2048,
             body_read_timeout_ms: 10_000,
@@ -152,6 +330,7 @@ struct RawUpstream {
     connect_timeout_ms: u64,
     max_get_url_bytes: usize,
     max_response_bytes: usize,
+    max_buffered_reply_bytes: usize,
     default_version: String,
     ca_file: Option<String>,
     // Hardening: retries of idempotent reads and the circuit breaker.
@@ -171,6 +350,7 @@ impl Default for RawUpstream {
             connect_timeout_ms: 5_000,
             max_get_url_bytes: 2000,
             max_response_bytes: 16 * 1024 * 1024,
+            max_buffered_reply_bytes: 256 * 1024 * 1024,
             default_version: "v21.0".into(),
             ca_file: None,
             retries: 2,
@@ -337,6 +517,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Open client connections on the public listener; beyond it new ones are closed at once.
     pub max_connections: usize,
+    /// The same for the admin listener (health checks and scrapes need few).
+    pub admin_max_connections: usize,
     /// A connection with no request in flight for this long is closed.
     pub idle_timeout: Duration,
     /// Requests handled at once; beyond it requests are shed with 503 + Retry-After.
@@ -367,6 +549,10 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub max_get_url_bytes: usize,
     pub max_response_bytes: usize,
+    /// Reply bodies held in memory at once, all requests together (upstream replies being
+    /// read or written to clients, cached bodies decompressed or copied for one client);
+    /// a reply that would exceed it is answered 503.
+    pub max_buffered_reply_bytes: usize,
     pub default_version: String,
     /// Extra CAs (PEM) trusted for Graph's certificate besides the public roots: a TLS
     /// inspecting egress proxy, or the simulated Graph API in tests.
@@ -493,8 +679,10 @@ impl Config {
         text: &str,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
-        Config::validate(raw, env)
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(describe_parse_error(&e, text)))?;
+        let secrets = raw.secret_values(&env);
+        Config::validate(raw, env).map_err(|e| e.redacting(&secrets))
     }
 
     pub fn from_file(
@@ -538,6 +726,12 @@ impl Config {
         let admin_token = s.admin_token.filter(|t| !t.is_empty());
         if s.max_connections == 0 || s.max_connections > 1_000_000 {
             return Err(invalid("server.max_connections", "must be 1..=1000000"));
+        }
+        if s.admin_max_connections == 0 || s.admin_max_connections > 100_000 {
+            return Err(invalid(
+                "server.admin_max_connections",
+                "must be 1..=100000",
+            ));
         }
         if s.max_in_flight == 0 || s.max_in_flight > 1_000_000 {
             return Err(invalid("server.max_in_flight", "must be 1..=1000000"));
@@ -592,6 +786,13 @@ impl Config {
         }
         if u.retry_budget_percent > 100 {
             return Err(invalid("upstream.retry_budget_percent", "must be 0..=100"));
+        }
+        let max_response_bytes = u.max_response_bytes.max(1024);
+        if u.max_buffered_reply_bytes < max_response_bytes {
+            return Err(invalid(
+                "upstream.max_buffered_reply_bytes",
+                format!("must be at least upstream.max_response_bytes ({max_response_bytes}), or no reply of that size could ever be served"),
+            ));
         }
         if u.retries > 10 {
             return Err(invalid("upstream.retries", "must be 0..=10"));
@@ -811,6 +1012,7 @@ impl Config {
                 max_body_bytes: s.max_body_bytes,
                 shutdown_grace: Duration::from_millis(s.shutdown_grace_ms),
                 max_connections: s.max_connections,
+                admin_max_connections: s.admin_max_connections,
                 idle_timeout: Duration::from_millis(s.idle_timeout_ms),
                 max_in_flight: s.max_in_flight,
                 body_read_timeout: Duration::from_millis(s.body_read_timeout_ms),
@@ -822,7 +1024,8 @@ impl Config {
                 timeout: Duration::from_millis(u.timeout_ms),
                 connect_timeout: Duration::from_millis(u.connect_timeout_ms.max(1)),
                 max_get_url_bytes: u.max_get_url_bytes,
-                max_response_bytes: u.max_response_bytes.max(1024),
+                max_response_bytes,
+                max_buffered_reply_bytes: u.max_buffered_reply_bytes,
                 default_version: u.default_version,
                 ca_file: u.ca_file.map(Into::into),
                 retry: RetryConfig {
@@ -893,20 +1096,22 @@ pub fn is_version(s: &str) -> bool {
 
 fn validate_base_url(key: &str, url: &str) -> Result<String, ConfigError> {
     let trimmed = url.trim_end_matches('/');
+    // Messages show the URL without its user information (which may hold a password).
+    let shown = without_userinfo(url);
     let uri: http::Uri = trimmed
         .parse()
-        .map_err(|e| invalid(key, format!("`{url}` is not a URL: {e}")))?;
+        .map_err(|e| invalid(key, format!("`{shown}` is not a URL: {e}")))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
         _ => {
             return Err(invalid(
                 key,
-                format!("`{url}` must start with http:// or https://"),
+                format!("`{shown}` must start with http:// or https://"),
             ))
         }
     }
     if uri.authority().is_none() {
-        return Err(invalid(key, format!("`{url}` has no host")));
+        return Err(invalid(key, format!("`{shown}` has no host")));
     }
     if uri.query().is_some() {
         return Err(invalid(key, "must not have a query"));
@@ -953,6 +1158,14 @@ mod tests {
         assert!(!dbg.contains("shh-app-secret"));
         assert!(!dbg.contains("client-key-reports"));
         assert!(dbg.contains("[redacted]"));
+        let text = format!(
+            "[server]\nadmin_token = \"admin-tok-secret\"\n{MIN}\n[redis]\nurl = \"redis://:redis-pw-secret@r:6379\"\n"
+        );
+        let env = |k: &str| (k == ENV_APP_SECRET).then(|| "app-secret-from-env".to_string());
+        let dbg = format!("{:?}", Config::from_toml(&text, env).unwrap());
+        for secret in ["admin-tok-secret", "redis-pw-secret", "app-secret-from-env"] {
+            assert!(!dbg.contains(secret), "{dbg}");
+        }
     }
 
     #[test]
@@ -1052,6 +1265,64 @@ mod tests {
             let err = Config::from_toml(&text, no_env).unwrap_err().to_string();
             assert!(err.contains("redis."), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn parse_errors_keep_position_and_key_names_but_no_values() {
+        let text = format!("{MIN}\n[server]\nadmin_token = \"tok-secret-value\n");
+        let err = Config::from_toml(&text, no_env).unwrap_err().to_string();
+        assert!(err.contains("line 11") && err.contains("column"), "{err}");
+        assert!(!err.contains("tok-secret-value"), "{err}");
+        for (bad, must_show) in [
+            ("[server]\nadmin_token = 31337000", "integer"),
+            (
+                "[server]\nadmin_token = \"a\"\nadmin_token = \"tok-secret-2\"",
+                "admin_token",
+            ),
+            (
+                "[credentials]\nsystem_user_tokn = \"EAAG-secret-x\"",
+                "system_user_tokn",
+            ),
+        ] {
+            let err = Config::from_toml(bad, no_env).unwrap_err().to_string();
+            assert!(err.contains(must_show), "{err}");
+            for value in ["31337000", "tok-secret-2", "EAAG-secret-x"] {
+                assert!(!err.contains(value), "{err}");
+            }
+        }
+    }
+
+    #[test]
+    fn quoted_fragments_are_kept_only_for_key_names_and_syntax() {
+        assert_eq!(
+            redact_quoted_values("invalid type: string \"s\\\"ecret\", expected u64"),
+            "invalid type: string (value not shown), expected u64"
+        );
+        assert_eq!(
+            redact_quoted_values("invalid type: integer `12345`, expected a string"),
+            "invalid type: integer (value not shown), expected a string"
+        );
+        let unknown = "unknown field `x`, expected one of `listen`, `public_url`";
+        assert_eq!(redact_quoted_values(unknown), unknown);
+        let syntax = "invalid escape sequence\nexpected `b`, `\\`, `\"`";
+        assert_eq!(redact_quoted_values(syntax), syntax);
+        assert_eq!(
+            redact_quoted_values("odd `unbalanced secret"),
+            "odd (value not shown)"
+        );
+    }
+
+    #[test]
+    fn validation_errors_never_show_secrets() {
+        let text = format!("{MIN}\n[upstream]\nurl = \"ftp://user:url-pass-1@graph\"\n");
+        let err = Config::from_toml(&text, no_env).unwrap_err().to_string();
+        assert!(err.contains("upstream.url"), "{err}");
+        assert!(!err.contains("url-pass-1"), "{err}");
+        // A secret pasted into an ordinary key is taken out of the message quoting it.
+        let text = MIN.replace("pages = [\"1001\"]", "pages = [\"client-key-reports\"]");
+        let err = Config::from_toml(&text, no_env).unwrap_err().to_string();
+        assert!(err.contains("clients[0].pages"), "{err}");
+        assert!(!err.contains("client-key-reports"), "{err}");
     }
 
     #[test]

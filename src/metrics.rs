@@ -139,10 +139,19 @@ pub struct HardeningMetrics {
     pub breaker_opened: IntCounter,
     /// Calls failed fast because the breaker was open.
     pub breaker_rejections: IntCounter,
-    /// Connections closed at once because `server.max_connections` were open.
-    pub connections_refused: IntCounter,
-    /// Connections closed after `server.idle_timeout_ms` without a request.
-    pub connections_idle_closed: IntCounter,
+    /// Connections closed at once because `server.max_connections` (public listener) or
+    /// `server.admin_max_connections` (admin listener) were open, by listener.
+    pub connections_refused: IntCounterVec,
+    /// Connections closed after `server.idle_timeout_ms` without a request, by listener.
+    pub connections_idle_closed: IntCounterVec,
+    /// Connections closed because no request head arrived within
+    /// `server.header_read_timeout_ms` of accepting them, by listener.
+    pub connections_head_timeout: IntCounterVec,
+    /// Bytes of reply bodies held in memory now (see `upstream.max_buffered_reply_bytes`).
+    pub buffered_reply_bytes: IntGauge,
+    /// Replies answered 503 because buffering them would exceed
+    /// `upstream.max_buffered_reply_bytes`, by source (upstream, cache).
+    pub reply_budget_rejections: IntCounterVec,
     pub requests_in_flight: IntGauge,
     /// Requests answered 503 because `server.max_in_flight` were being handled.
     pub load_shed: IntCounter,
@@ -156,7 +165,7 @@ pub struct HardeningMetrics {
 
 impl HardeningMetrics {
     fn new(r: &Registry) -> HardeningMetrics {
-        HardeningMetrics {
+        let m = HardeningMetrics {
             retries: counter_vec(
                 r,
                 "graphgate_upstream_retries_total",
@@ -184,15 +193,34 @@ impl HardeningMetrics {
                 "graphgate_upstream_breaker_rejections_total",
                 "Calls failed fast with 503 because the circuit breaker was open.",
             ),
-            connections_refused: counter(
+            connections_refused: counter_vec(
                 r,
                 "graphgate_connections_refused_total",
-                "Client connections closed at once because server.max_connections were open.",
+                "Connections closed at once because server.max_connections (public) or server.admin_max_connections (admin) were open, by listener.",
+                &["listener"],
             ),
-            connections_idle_closed: counter(
+            connections_idle_closed: counter_vec(
                 r,
                 "graphgate_connections_idle_closed_total",
-                "Client connections closed after server.idle_timeout_ms without a request.",
+                "Connections closed after server.idle_timeout_ms without a request, by listener.",
+                &["listener"],
+            ),
+            connections_head_timeout: counter_vec(
+                r,
+                "graphgate_connections_head_timeout_total",
+                "Connections closed because no request head arrived within server.header_read_timeout_ms of connecting, by listener.",
+                &["listener"],
+            ),
+            buffered_reply_bytes: gauge(
+                r,
+                "graphgate_buffered_reply_bytes",
+                "Bytes of reply bodies held in memory for clients now (bounded by upstream.max_buffered_reply_bytes).",
+            ),
+            reply_budget_rejections: counter_vec(
+                r,
+                "graphgate_reply_budget_rejections_total",
+                "Replies answered 503 because buffering them would exceed upstream.max_buffered_reply_bytes, by source (upstream, cache).",
+                &["source"],
             ),
             requests_in_flight: gauge(
                 r,
@@ -226,7 +254,17 @@ impl HardeningMetrics {
                 g.with_label_values(&["page"]).set(1);
                 g
             },
+        };
+        // Every series from the start, at 0: alerts on rates need them to exist.
+        for listener in ["public", "admin"] {
+            m.connections_refused.with_label_values(&[listener]);
+            m.connections_idle_closed.with_label_values(&[listener]);
+            m.connections_head_timeout.with_label_values(&[listener]);
         }
+        for source in ["upstream", "cache"] {
+            m.reply_budget_rejections.with_label_values(&[source]);
+        }
+        m
     }
 }
 

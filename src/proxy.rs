@@ -396,7 +396,11 @@ impl Gateway {
             &self.tokens.secrets(),
         )
         .map_err(with_client)?;
-        let body = rewrite::finalize(&prepared, key.as_str());
+        // The reply's share of the budget stays with the body until it is written.
+        let body = crate::upstream::reply_budget::held(
+            rewrite::finalize(&prepared, key.as_str()),
+            reply.hold.iter().cloned().collect(),
+        );
         let mut response = build_response(&reply, body);
         cached::mark_uncached(&mut response, &call);
         Ok(Outcome {

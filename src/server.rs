@@ -1,13 +1,18 @@
 //! Sockets: the public listener (HTTP/1.1 and h2c through hyper-util's auto builder, or TLS
 //! with HTTP/2 and HTTP/1.1 by ALPN) and the admin listener, header-read timeout and head-size
-//! limits, and graceful shutdown that stops accepting, fails /readyz, and drains in-flight
-//! requests up to a deadline.
+//! limits, and graceful shutdown that stops accepting public connections, fails /readyz
+//! (the admin listener keeps answering through the drain), and drains in-flight requests up
+//! to a deadline.
 //!
 //! Protection against load and abuse lives here:
-//! - `server.max_connections`: a connection beyond it is closed as soon as it is accepted;
+//! - `server.max_connections` (`server.admin_max_connections` on the admin listener): a
+//!   connection beyond it is closed as soon as it is accepted;
+//! - on both listeners, a connection's first request head must arrive within
+//!   `header_read_timeout_ms` of accepting it, or it is closed (one that sends nothing, a
+//!   partial HTTP/2 preface, an HTTP/2 connection that opens no stream); later HTTP/1 heads
+//!   must also arrive within that time (slowloris), and TLS handshakes within the same time;
 //! - `server.idle_timeout_ms`: a connection with no request in flight for that long is closed
-//!   gracefully (HTTP/2 gets a GOAWAY); HTTP/1 heads must also arrive within
-//!   `header_read_timeout_ms` (slowloris), and TLS handshakes within the same time;
+//!   gracefully (HTTP/2 gets a GOAWAY), on both listeners;
 //! - `server.max_in_flight`: requests beyond it are not queued but answered at once with 503,
 //!   `Retry-After` and a Graph-style error (load shedding).
 //!
@@ -22,7 +27,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,7 +38,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -216,6 +221,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
         builder: builder(&server_cfg),
         gateway: gateway.clone(),
         connections: Arc::new(Semaphore::new(server_cfg.max_connections)),
+        admin_connections: Arc::new(Semaphore::new(server_cfg.admin_max_connections)),
         tls: tls.clone(),
         stop: stop_rx,
         cfg: server_cfg,
@@ -254,6 +260,8 @@ struct Shared {
     cfg: ServerConfig,
     /// One permit per open public connection (`server.max_connections`).
     connections: Arc<Semaphore>,
+    /// One permit per open admin connection (`server.admin_max_connections`).
+    admin_connections: Arc<Semaphore>,
     tls: Option<Arc<tls::Reloadable>>,
     stop: watch::Receiver<bool>,
 }
@@ -325,7 +333,8 @@ async fn serve(
     let gateway = shared.gateway.clone();
     let cfg = shared.cfg.clone();
     let mut stop = shared.stop.clone();
-    let admin_graceful = GracefulShutdown::new();
+    // Admin connections outlive the public stop: /readyz answers 503 through the drain.
+    let (admin_stop, admin_stop_rx) = watch::channel(false);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -336,25 +345,13 @@ async fn serve(
                 };
                 let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
                     // At the connection limit: close at once rather than let it wait unserved.
-                    gateway.metrics.hardening.connections_refused.inc();
+                    gateway.metrics.hardening.connections_refused.with_label_values(&["public"]).inc();
                     drop(stream);
                     continue;
                 };
                 workers.serve(shared.clone(), stream, permit);
             }
-            accepted = admin_listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                let gw = gateway.clone();
-                let service = service_fn(move |req: Request<Incoming>| {
-                    let gw = gw.clone();
-                    async move { Ok::<Response<Full<Bytes>>, Infallible>(admin::handle(&gw, req).await) }
-                });
-                let conn = shared.builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let conn = admin_graceful.watch(conn);
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-            }
+            accepted = admin_listener.accept() => accept_admin(&shared, accepted, &admin_stop_rx).await,
             _ = stop.changed() => break,
         }
     }
@@ -362,14 +359,80 @@ async fn serve(
     gateway.set_draining();
     // Every open public connection holds a permit: having them all back means all closed.
     let all = u32::try_from(cfg.max_connections).unwrap_or(u32::MAX);
-    tokio::select! {
-        _ = shared.connections.acquire_many(all) => tracing::info!("all connections drained"),
-        _ = tokio::time::sleep(cfg.shutdown_grace) => {
-            tracing::warn!(grace_ms = cfg.shutdown_grace.as_millis() as u64, "shutdown deadline reached with requests still in flight");
+    let drained = shared.connections.acquire_many(all);
+    let deadline = tokio::time::sleep(cfg.shutdown_grace);
+    tokio::pin!(drained, deadline);
+    loop {
+        tokio::select! {
+            _ = &mut drained => {
+                tracing::info!("all connections drained");
+                break;
+            }
+            _ = &mut deadline => {
+                tracing::warn!(grace_ms = cfg.shutdown_grace.as_millis() as u64, "shutdown deadline reached with requests still in flight");
+                break;
+            }
+            // Load balancers probing /readyz during the drain get their 503.
+            accepted = admin_listener.accept() => accept_admin(&shared, accepted, &admin_stop_rx).await,
         }
     }
     drop(admin_listener);
-    let _ = tokio::time::timeout(Duration::from_millis(100), admin_graceful.shutdown()).await;
+    let _ = admin_stop.send(true);
+    let all = u32::try_from(cfg.admin_max_connections).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(
+        Duration::from_millis(100),
+        shared.admin_connections.acquire_many(all),
+    )
+    .await;
+}
+
+/// Serves one admin connection (on the accepting runtime: the admin listener sees little
+/// traffic), within `server.admin_max_connections` and the same header-read and idle
+/// timeouts as the public listener.
+async fn accept_admin(
+    shared: &Arc<Shared>,
+    accepted: io::Result<(TcpStream, SocketAddr)>,
+    stop: &watch::Receiver<bool>,
+) {
+    let Ok((stream, _)) = accepted else {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        return;
+    };
+    let metrics = &shared.gateway.metrics.hardening;
+    let Ok(permit) = shared.admin_connections.clone().try_acquire_owned() else {
+        metrics
+            .connections_refused
+            .with_label_values(&["admin"])
+            .inc();
+        return;
+    };
+    let first_head_by = tokio::time::Instant::now() + shared.cfg.header_read_timeout;
+    let shared = shared.clone();
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        let _permit = permit;
+        let activity = Activity::new(shared.gateway.clone());
+        let service = {
+            let activity = activity.clone();
+            service_fn(move |req: Request<Incoming>| {
+                let busy = activity.enter();
+                async move {
+                    Ok::<Response<Full<Bytes>>, Infallible>(admin::handle(&busy.0.ctx, req).await)
+                }
+            })
+        };
+        let conn = shared
+            .builder
+            .serve_connection(TokioIo::new(stream), service);
+        let limits = Limits {
+            listener: "admin",
+            first_head_by,
+            idle: shared.cfg.idle_timeout,
+            stop,
+            metrics: &shared.gateway.metrics,
+        };
+        limits.watch(conn, &activity).await;
+    });
 }
 
 /// Counts an open public connection for as long as it lives.
@@ -382,14 +445,15 @@ impl Drop for OpenConnection {
 }
 
 /// One public connection: TLS handshake (bounded by the header read timeout) if configured,
-/// then HTTP.
+/// then HTTP. The first request head is due within the header read timeout of accepting.
 async fn serve_public(shared: Arc<Shared>, stream: TcpStream, _permit: OwnedSemaphorePermit) {
+    let first_head_by = tokio::time::Instant::now() + shared.cfg.header_read_timeout;
     let _ = stream.set_nodelay(true);
     let metrics = shared.gateway.metrics.clone();
     metrics.open_connections.inc();
     let _open = OpenConnection(metrics.clone());
     match &shared.tls {
-        None => serve_http(&shared, TokioIo::new(stream), None).await,
+        None => serve_http(&shared, TokioIo::new(stream), None, first_head_by).await,
         Some(tls) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
             let handshake =
@@ -397,7 +461,7 @@ async fn serve_public(shared: Arc<Shared>, stream: TcpStream, _permit: OwnedSema
             match handshake.await {
                 Ok(Ok(stream)) => {
                     let peer = tls::peer_certificate(stream.get_ref().1);
-                    serve_http(&shared, TokioIo::new(stream), peer).await;
+                    serve_http(&shared, TokioIo::new(stream), peer, first_head_by).await;
                 }
                 Ok(Err(e)) => {
                     metrics.hardening.tls_handshake_failures.inc();
@@ -412,25 +476,45 @@ async fn serve_public(shared: Arc<Shared>, stream: TcpStream, _permit: OwnedSema
     }
 }
 
-/// When a connection last finished a request, and how many it is handling now; and the
-/// server state its requests need. Cloned per request, but only ever touched by the
-/// connection's own worker thread (the server-wide `Arc<Shared>` is cloned once per
-/// connection rather than per request: its count is a cache line every worker writes).
-struct Activity {
-    shared: Arc<Shared>,
+/// When a connection last finished a request, how many it is handling now, and whether it
+/// ever sent one; and what its requests need (`ctx`: the server state). Cloned per request,
+/// but only ever touched by the connection's own thread (the server-wide `Arc<Shared>` is
+/// cloned once per connection rather than per request: its count is a cache line every
+/// worker writes).
+struct Activity<T> {
+    ctx: T,
     opened: Instant,
     busy: AtomicUsize,
     /// Milliseconds after `opened` that the last request finished.
     last_ms: AtomicU64,
+    /// A request head has arrived.
+    started: AtomicBool,
 }
 
 /// Marks a connection busy while a request is handled.
-struct Busy(Arc<Activity>);
+struct Busy<T>(Arc<Activity<T>>);
 
-impl Activity {
-    fn enter(self: &Arc<Self>) -> Busy {
+impl<T> Activity<T> {
+    fn new(ctx: T) -> Arc<Self> {
+        Arc::new(Activity {
+            ctx,
+            opened: Instant::now(),
+            busy: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+            started: AtomicBool::new(false),
+        })
+    }
+
+    fn enter(self: &Arc<Self>) -> Busy<T> {
         self.busy.fetch_add(1, Ordering::SeqCst);
+        if !self.started.load(Ordering::Relaxed) {
+            self.started.store(true, Ordering::SeqCst);
+        }
         Busy(self.clone())
+    }
+
+    fn started(&self) -> bool {
+        self.started.load(Ordering::SeqCst)
     }
 
     /// When the connection becomes idle-expired if nothing happens before.
@@ -453,7 +537,7 @@ impl Activity {
     }
 }
 
-impl Drop for Busy {
+impl<T> Drop for Busy<T> {
     fn drop(&mut self) {
         let ms = u64::try_from(self.0.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.0.last_ms.store(ms, Ordering::SeqCst);
@@ -461,18 +545,66 @@ impl Drop for Busy {
     }
 }
 
-/// Serves HTTP on one connection until the client closes it, it idles out, or the server
-/// shuts down (both of which close it gracefully: in-flight requests finish).
-async fn serve_http<I>(shared: &Arc<Shared>, io: TokioIo<I>, peer: Option<PeerCertificate>)
-where
+/// What a connection on either listener is held to.
+struct Limits<'a> {
+    /// `public` or `admin`, for the metrics.
+    listener: &'static str,
+    /// The first request head must have arrived by then. hyper's own header read timeout
+    /// does not cover a connection that sends nothing: the auto builder first waits for
+    /// bytes to tell HTTP/1 from HTTP/2, with no timer; nor HTTP/2 at all.
+    first_head_by: tokio::time::Instant,
+    idle: Duration,
+    stop: watch::Receiver<bool>,
+    metrics: &'a Metrics,
+}
+
+impl Limits<'_> {
+    /// Drives `conn` until the client closes it, no request head arrives in time (closed
+    /// at once: nothing was asked, nothing is lost), it idles out, or `stop` is set (both
+    /// of which close it gracefully: in-flight requests finish).
+    async fn watch<C: GracefulConnection, T>(mut self, conn: C, activity: &Activity<T>) {
+        tokio::pin!(conn);
+        let mut closing = *self.stop.borrow();
+        if closing {
+            conn.as_mut().graceful_shutdown();
+        }
+        let h = &self.metrics.hardening;
+        loop {
+            let idle_at = activity.deadline(self.idle);
+            tokio::select! {
+                _ = conn.as_mut() => break,
+                _ = self.stop.changed(), if !closing => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                _ = tokio::time::sleep_until(self.first_head_by), if !activity.started() => {
+                    if !activity.started() {
+                        h.connections_head_timeout.with_label_values(&[self.listener]).inc();
+                        break;
+                    }
+                }
+                _ = tokio::time::sleep_until(idle_at), if !closing => {
+                    if activity.is_idle_for(self.idle) {
+                        h.connections_idle_closed.with_label_values(&[self.listener]).inc();
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Serves HTTP on one public connection, within [`Limits`].
+async fn serve_http<I>(
+    shared: &Arc<Shared>,
+    io: TokioIo<I>,
+    peer: Option<PeerCertificate>,
+    first_head_by: tokio::time::Instant,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let activity = Arc::new(Activity {
-        shared: shared.clone(),
-        opened: Instant::now(),
-        busy: AtomicUsize::new(0),
-        last_ms: AtomicU64::new(0),
-    });
+    let activity = Activity::new(shared.clone());
     let service = {
         let activity = activity.clone();
         service_fn(move |mut req: Request<Incoming>| {
@@ -480,34 +612,18 @@ where
                 req.extensions_mut().insert(p.clone());
             }
             let busy = activity.enter();
-            async move { Ok::<_, Infallible>(handle_limited(&busy.0.shared, req).await) }
+            async move { Ok::<_, Infallible>(handle_limited(&busy.0.ctx, req).await) }
         })
     };
     let conn = shared.builder.serve_connection(io, service);
-    tokio::pin!(conn);
-    let mut stop = shared.stop.clone();
-    let idle = shared.cfg.idle_timeout;
-    let mut closing = *stop.borrow();
-    if closing {
-        conn.as_mut().graceful_shutdown();
-    }
-    loop {
-        let idle_at = activity.deadline(idle);
-        tokio::select! {
-            _ = conn.as_mut() => break,
-            _ = stop.changed(), if !closing => {
-                conn.as_mut().graceful_shutdown();
-                closing = true;
-            }
-            _ = tokio::time::sleep_until(idle_at), if !closing => {
-                if activity.is_idle_for(idle) {
-                    shared.gateway.metrics.hardening.connections_idle_closed.inc();
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
-                }
-            }
-        }
-    }
+    let limits = Limits {
+        listener: "public",
+        first_head_by,
+        idle: shared.cfg.idle_timeout,
+        stop: shared.stop.clone(),
+        metrics: &shared.gateway.metrics,
+    };
+    limits.watch(conn, &activity).await;
 }
 
 /// Handles a request if fewer than `server.max_in_flight` are being handled, else sheds it:

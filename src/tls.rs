@@ -78,8 +78,13 @@ pub fn upstream_client_config(ca_file: Option<&Path>) -> Result<rustls::ClientCo
 /// Reads the PEM files and builds a rustls server configuration.
 pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, String> {
     let certs = read_certs(&cfg.cert_file, "server.tls_cert_file")?;
-    let key = PrivateKeyDer::from_pem_file(&cfg.key_file)
-        .map_err(|e| format!("server.tls_key_file {}: {e}", cfg.key_file.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&cfg.key_file).map_err(|e| {
+        format!(
+            "server.tls_key_file {}: {}",
+            cfg.key_file.display(),
+            describe_pem_error(&e)
+        )
+    })?;
     let verifier = match &cfg.client_ca_file {
         Some(ca) => {
             let mut roots = RootCertStore::empty();
@@ -109,8 +114,32 @@ pub fn server_config_from_pem(cert_pem: &str, key_pem: &str) -> Result<Arc<Serve
     let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("certificate: {e}"))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| format!("key: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| format!("key: {}", describe_pem_error(&e)))?;
     alpn_server_config(certs, key, None).map_err(|e| format!("certificate/key: {e}"))
+}
+
+/// A PEM error without the file's content. The parser's own messages quote the section's
+/// first line (a malformed start, or the label of a section that never ends), and in a key
+/// file flattened onto one line that line is the whole private key.
+fn describe_pem_error(e: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error;
+    const NOT_SHOWN: &str = "not shown: it may hold key material";
+    match e {
+        Error::IllegalSectionStart { .. } => {
+            format!("a line starts like a PEM section but is not one ({NOT_SHOWN})")
+        }
+        Error::MissingSectionEnd { end_marker } => {
+            let label = std::str::from_utf8(end_marker).ok().filter(|l| {
+                l.len() <= 32 && l.bytes().all(|b| b.is_ascii_uppercase() || b == b' ')
+            });
+            match label {
+                Some(l) => format!("the {l} section has no -----END {l}----- line"),
+                None => format!("a section has no end line ({NOT_SHOWN})"),
+            }
+        }
+        other => other.to_string(),
+    }
 }
 
 /// rustls (ring, default protocol versions) serving HTTP/2 and HTTP/1.1 by ALPN; with a

@@ -18,8 +18,12 @@
 //!
 //! A 2xx reply whose body is not JSON is unusable for every client and SDK: it becomes a 502
 //! Graph-style error rather than passing through.
+//!
+//! Reply bodies are read within the memory budget of [`reply_budget`]: a reply that would
+//! exceed `upstream.max_buffered_reply_bytes` is abandoned and answered 503.
 
 mod breaker;
+pub mod reply_budget;
 mod retry;
 
 use std::sync::Arc;
@@ -27,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HyperClient;
@@ -39,6 +43,7 @@ use crate::graph::body::FilePart;
 use crate::graph::request::{GraphMethod, Params};
 use crate::graph::usage::{ErrorClass, GraphErrorInfo};
 use crate::metrics::Metrics;
+use reply_budget::{ReplyBudget, Reservation, Source};
 
 /// Headers from Graph that clients may see. Everything else (hop-by-hop, cookies, lengths,
 /// `x-fb-debug`: an opaque blob graphgate cannot check for tokens) is dropped; hyper
@@ -71,6 +76,9 @@ pub struct Reply {
     pub status: StatusCode,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub body: Bytes,
+    /// The body's share of the reply budget: whoever hands this body (or a body made from
+    /// it) to a client keeps it until that is written (see [`reply_budget::held`]).
+    pub hold: Option<Arc<Reservation>>,
 }
 
 impl Reply {
@@ -122,6 +130,7 @@ pub struct Upstream {
     timeout: Duration,
     max_get_url_bytes: usize,
     max_response_bytes: usize,
+    reply_budget: ReplyBudget,
     metrics: Arc<Metrics>,
     retry: RetryConfig,
     budget: retry::RetryBudget,
@@ -208,6 +217,7 @@ impl Upstream {
             timeout: cfg.timeout,
             max_get_url_bytes: cfg.max_get_url_bytes,
             max_response_bytes: cfg.max_response_bytes,
+            reply_budget: ReplyBudget::new(cfg.max_buffered_reply_bytes, metrics.clone()),
             retry: cfg.retry.clone(),
             budget: retry::RetryBudget::new(cfg.retry.budget_percent, cfg.retry.budget_min_per_s),
             breaker: breaker::Breaker::new(
@@ -226,6 +236,12 @@ impl Upstream {
             self.metrics.large_get_rewrites.inc();
         }
         Ok(prepared)
+    }
+
+    /// The budget every reply body held in memory is counted against, upstream replies and
+    /// cached bodies alike.
+    pub fn reply_budget(&self) -> &ReplyBudget {
+        &self.reply_budget
     }
 
     /// [`Upstream::send_with_policy`] for a call that must not be repeated.
@@ -383,29 +399,7 @@ impl Upstream {
             }
         })?;
         let (parts, body) = resp.into_parts();
-        let body = Limited::new(body, self.max_response_bytes)
-            .collect()
-            .await
-            .map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    // Graph answered; the reply is just too big for us. Not a health signal.
-                    Failed {
-                        error: ProxyError::UpstreamTooLarge(self.max_response_bytes),
-                        retry: None,
-                        unhealthy: false,
-                    }
-                } else {
-                    Failed {
-                        error: ProxyError::UpstreamBadResponse(format!(
-                            "reply body failed: {}",
-                            describe_error(e.as_ref())
-                        )),
-                        retry: Some("reset"),
-                        unhealthy: true,
-                    }
-                }
-            })?
-            .to_bytes();
+        let (body, hold) = self.read_body(body, &parts.headers).await?;
         let headers = parts
             .headers
             .iter()
@@ -416,6 +410,7 @@ impl Upstream {
             status: parts.status,
             headers,
             body,
+            hold: Some(Arc::new(hold)),
         };
         if !body_is_usable(&reply) {
             return Err(Failed {
@@ -523,6 +518,67 @@ pub fn http_request(
     *r.uri_mut() = p.uri;
     *r.headers_mut() = p.headers;
     Ok(r)
+}
+
+impl Upstream {
+    /// Reads a reply body within `upstream.max_response_bytes` and the reply budget: the
+    /// declared length is reserved before reading, bytes beyond it as they arrive. Either
+    /// limit exceeded ends the read at once (and with it the upstream exchange).
+    async fn read_body(
+        &self,
+        mut body: hyper::body::Incoming,
+        headers: &http::HeaderMap,
+    ) -> Result<(Bytes, Reservation), Failed> {
+        let too_large = || Failed {
+            // Graph answered; the reply is just too big for us. Not a health signal.
+            error: ProxyError::UpstreamTooLarge(self.max_response_bytes),
+            retry: None,
+            unhealthy: false,
+        };
+        let over_budget = || Failed {
+            // Other replies hold the memory; Graph is fine. Not retried: the budget frees
+            // up only as replies are written out.
+            error: ProxyError::Overloaded { retry_after_s: 1 },
+            retry: None,
+            unhealthy: false,
+        };
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let declared = match declared {
+            Some(n) if n > self.max_response_bytes as u64 => return Err(too_large()),
+            Some(n) => n as usize,
+            None => 0,
+        };
+        let mut hold = self
+            .reply_budget
+            .reserve(declared, Source::Upstream)
+            .ok_or_else(over_budget)?;
+        let mut buf = bytes::BytesMut::with_capacity(declared);
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| Failed {
+                error: ProxyError::UpstreamBadResponse(format!(
+                    "reply body failed: {}",
+                    describe_error(&e)
+                )),
+                retry: Some("reset"),
+                unhealthy: true,
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            let total = buf.len() + data.len();
+            if total > self.max_response_bytes {
+                return Err(too_large());
+            }
+            if !hold.grow_to(total, Source::Upstream) {
+                return Err(over_budget());
+            }
+            buf.extend_from_slice(&data);
+        }
+        Ok((buf.freeze(), hold))
+    }
 }
 
 fn join_target(base: &str, path: &str, query: &str) -> String {

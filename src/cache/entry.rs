@@ -44,7 +44,7 @@ impl Clone for HitCount {
     }
 }
 
-/// One reply as served from the cache: the prepared body (with the client-key placeholder,
+/// One reply as served from the cache: the prepared body (with the client-key marker,
 /// finalized per client) and the headers worth replaying.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -101,7 +101,7 @@ impl Entry {
         }
     }
 
-    /// The body as served (before the per-client placeholder is filled in). A compressed
+    /// The body as served (before the per-client key marker is filled in). A compressed
     /// body is decompressed into a new buffer: ~0.3 µs for 1 KB, against the memory it saves.
     pub fn body(&self) -> Result<PreparedBody, ProxyError> {
         let Some(len) = self.plain_len else {
@@ -115,6 +115,17 @@ impl Entry {
             bytes: Bytes::from(plain),
             key_marker: self.body.key_marker,
         })
+    }
+
+    /// Length of the body as served (before the per-client key marker is filled in).
+    pub fn body_len(&self) -> usize {
+        self.plain_len
+            .map_or(self.body.bytes.len(), |len| len as usize)
+    }
+
+    /// Whether serving the body means a copy per client (the key marker filled in).
+    pub fn has_key_marker(&self) -> bool {
+        self.body.key_marker.is_some()
     }
 
     /// Whether the body is held compressed.

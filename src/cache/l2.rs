@@ -10,7 +10,7 @@
 //!   another replica can never put pre-write data back.
 //!
 //! Nothing secret is stored: bodies are prepared (paging links carry the client-key
-//! placeholder, injected tokens scrubbed) exactly as in L1, and keys name tokens by identity.
+//! key marker, injected tokens scrubbed) exactly as in L1, and keys name tokens by identity.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

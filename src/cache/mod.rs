@@ -27,6 +27,7 @@ use crate::graph::request::page_of_node;
 use crate::metrics::Metrics;
 use crate::redis_conn::RedisConn;
 use crate::rewrite::PreparedBody;
+use crate::upstream::reply_budget::Reservation;
 
 use bus::{Bus, Invalidation};
 use coalesce::Coalescer;
@@ -63,6 +64,8 @@ pub struct Fill {
     pub kind: FillKind,
     /// For an `ids=` fill: each returned node's prepared body, by id.
     pub pieces: Option<Arc<Vec<(String, PreparedBody)>>>,
+    /// The fetched body's share of the reply budget, kept by every reply made from it.
+    pub hold: Option<Arc<Reservation>>,
 }
 
 pub type FillResult = Result<Fill, ProxyError>;

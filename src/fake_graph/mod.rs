@@ -255,6 +255,9 @@ pub enum Fault {
         headers: Vec<(String, String)>,
         body: String,
     },
+    /// HTTP 200 with a valid JSON object of exactly this many bytes (`{"id":…,"padding":…}`,
+    /// at least 32), for tests of memory bounds. Highly compressible.
+    LargeReply(usize),
 }
 
 /// Handle to a running fake Graph server. Cloning shares the server.
@@ -756,6 +759,16 @@ fn respond(
         }
         Fault::Garbage => {
             let mut reply = Response::new(Full::new(Bytes::from_static(b"{\"data\": [")));
+            set_header(&mut reply, "content-type", JSON_CONTENT_TYPE);
+            return Action::Reply(reply);
+        }
+        Fault::LargeReply(bytes) => {
+            const FRAME: &str = r#"{"id":"1001","padding":""}"#;
+            let mut body = String::with_capacity(bytes.max(FRAME.len()));
+            body.push_str(&FRAME[..FRAME.len() - 2]);
+            body.extend(std::iter::repeat_n('a', bytes.saturating_sub(FRAME.len())));
+            body.push_str("\"}");
+            let mut reply = Response::new(Full::new(Bytes::from(body)));
             set_header(&mut reply, "content-type", JSON_CONTENT_TYPE);
             return Action::Reply(reply);
         }

@@ -21,6 +21,7 @@ use crate::error::ProxyError;
 use crate::graph::request::GraphMethod;
 use crate::graph::usage::ErrorClass;
 use crate::rewrite::{self, PreparedBody};
+use crate::upstream::reply_budget::{self, ReplyBudget, Reservation, Source};
 use crate::upstream::Reply;
 
 const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
@@ -36,10 +37,22 @@ pub(super) struct Served {
     pub upstream_ms: Option<u128>,
 }
 
-/// Values the reply builder needs about the calling client.
+/// Values the reply builder needs about the calling client, and the budget its reply body
+/// is counted against.
 struct Caller<'a> {
     key: &'a str,
     if_none_match: Option<&'a HeaderValue>,
+    budget: &'a ReplyBudget,
+}
+
+/// Where the body a reply is built from comes from, for the reply budget.
+enum Origin {
+    /// A cached entry, shared by every reader.
+    Cached,
+    /// Fetched for this request (or the fill it joined): its reservation comes along.
+    Fetched(Option<Arc<Reservation>>),
+    /// Assembled for this request alone (`ids=`, batch).
+    Assembled,
 }
 
 impl Gateway {
@@ -64,6 +77,7 @@ impl Gateway {
         let caller = Caller {
             key: client_key,
             if_none_match: headers.get(header::IF_NONE_MATCH),
+            budget: self.upstream.reply_budget(),
         };
         // Paths other than the plain hit are boxed: the request future stays small (hyper
         // moves it by value; at 5 KB those copies were 1 % of a hit's CPU).
@@ -110,7 +124,8 @@ impl Gateway {
                         let mut status = String::with_capacity(40);
                         status.push_str("graphgate; hit; ttl=");
                         push_decimal(&mut status, e.ttl_left_s(now));
-                        let response = reply_from(e, &caller, "HIT", status, Some(now))?;
+                        let response =
+                            reply_from(e, &caller, "HIT", status, Some(now), Origin::Cached)?;
                         if e.became_hot() {
                             self.cache.store_plain(&key, e);
                         }
@@ -141,7 +156,14 @@ impl Gateway {
                             e.ttl_left_s(now)
                         );
                         return Ok(Some(Served {
-                            response: reply_from(e, &caller, "STALE", status, Some(now))?,
+                            response: reply_from(
+                                e,
+                                &caller,
+                                "STALE",
+                                status,
+                                Some(now),
+                                Origin::Cached,
+                            )?,
                             cache: "stale",
                             upstream_ms: None,
                         }));
@@ -239,7 +261,7 @@ impl Gateway {
         let key = &key;
         let epoch = self.cache.epoch(key);
         let fleet = match self.before_fill(key, shared, &mut stale, epoch).await {
-            FleetStart::Served(fill) => return Ok(fill),
+            FleetStart::Served(fill) => return fill,
             FleetStart::Fetch(f) => f,
         };
         // The client's own validator is answered from our entry; upstream we validate ours.
@@ -256,6 +278,7 @@ impl Gateway {
                     entry: e.clone(),
                     kind: FillKind::StaleOnError(why),
                     pieces: None,
+                    hold: None,
                 })
         };
         let reply = match self.forward(&call, version, stale.is_none()).await {
@@ -278,6 +301,7 @@ impl Gateway {
                     entry: Arc::new(renewed),
                     kind: FillKind::Revalidated,
                     pieces: None,
+                    hold: None,
                 });
             }
         }
@@ -306,6 +330,7 @@ impl Gateway {
             entry: Arc::new(entry),
             kind,
             pieces: None,
+            hold: reply.hold,
         })
     }
 
@@ -380,7 +405,14 @@ impl Gateway {
             ),
         };
         Ok(Served {
-            response: reply_from(&fill.entry, caller, x_cache, status, age)?,
+            response: reply_from(
+                &fill.entry,
+                caller,
+                x_cache,
+                status,
+                age,
+                Origin::Fetched(fill.hold.clone()),
+            )?,
             cache: label,
             upstream_ms,
         })
@@ -434,7 +466,7 @@ impl Gateway {
             let entry = assembled_entry(headers, ids::assemble(&parts)?);
             let status = format!("graphgate; hit; detail=\"ids {hits}/{}\"", wanted.len());
             return Ok(Served {
-                response: reply_from(&entry, caller, "HIT", status, None)?,
+                response: reply_from(&entry, caller, "HIT", status, None, Origin::Assembled)?,
                 cache: "hit",
                 upstream_ms: None,
             });
@@ -489,7 +521,14 @@ impl Gateway {
                 fill.entry.status.as_u16()
             );
             return Ok(Served {
-                response: reply_from(&fill.entry, caller, "MISS", status, None)?,
+                response: reply_from(
+                    &fill.entry,
+                    caller,
+                    "MISS",
+                    status,
+                    None,
+                    Origin::Fetched(fill.hold.clone()),
+                )?,
                 cache: "miss",
                 upstream_ms,
             });
@@ -519,7 +558,7 @@ impl Gateway {
             wanted.len()
         );
         Ok(Served {
-            response: reply_from(&entry, caller, "MISS", status, None)?,
+            response: reply_from(&entry, caller, "MISS", status, None, Origin::Assembled)?,
             cache: "miss",
             upstream_ms,
         })
@@ -577,6 +616,7 @@ impl Gateway {
             )),
             kind,
             pieces: pieces.map(Arc::new),
+            hold: reply.hold,
         })
     }
 
@@ -629,6 +669,7 @@ impl Gateway {
                     "HIT",
                     format!("graphgate; hit; {detail}"),
                     None,
+                    Origin::Assembled,
                 )?,
                 cache: "hit",
                 upstream_ms: None,
@@ -666,7 +707,14 @@ impl Gateway {
             let entry = Entry::new(status, reply.headers, prepared, Duration::ZERO);
             let cs = format!("graphgate; fwd=miss; fwd-status={}", status.as_u16());
             return Ok(Served {
-                response: reply_from(&entry, caller, "MISS", cs, None)?,
+                response: reply_from(
+                    &entry,
+                    caller,
+                    "MISS",
+                    cs,
+                    None,
+                    Origin::Fetched(reply.hold),
+                )?,
                 cache: "miss",
                 upstream_ms,
             });
@@ -707,7 +755,7 @@ impl Gateway {
             status.as_u16()
         );
         Ok(Served {
-            response: reply_from(&entry, caller, "MISS", cs, None)?,
+            response: reply_from(&entry, caller, "MISS", cs, None, Origin::Assembled)?,
             cache: "miss",
             upstream_ms,
         })
@@ -772,21 +820,38 @@ fn reply_allows_stale(reply: &Reply) -> bool {
 }
 
 /// Builds the client's reply from an entry: 304 when the client's validator matches, else
-/// the body finalized for this client (a shared `Bytes` unless it carries the key
-/// placeholder). `age_at` adds `Age`.
+/// the body finalized for this client (a shared `Bytes` unless it carries the
+/// key marker). `age_at` adds `Age`.
+///
+/// A body made for this client alone (decompressed, the key filled in, assembled) is
+/// counted against the reply budget until written, as is a fetched body; 503 when it does
+/// not fit. A plain cached body costs nothing more to serve: it is shared.
 fn reply_from(
     entry: &Entry,
     caller: &Caller<'_>,
     x_cache: &'static str,
     cache_status: String,
     age_at: Option<Instant>,
+    origin: Origin,
 ) -> Result<Response<Full<Bytes>>, ProxyError> {
     let not_modified =
         entry.status.is_success() && entry.matches_if_none_match(caller.if_none_match);
     let body = if not_modified {
         Bytes::new()
     } else {
-        rewrite::finalize(&entry.body()?, caller.key)
+        let (mut holds, own_copy) = match origin {
+            Origin::Cached => (Vec::new(), false),
+            Origin::Fetched(hold) => (hold.into_iter().collect(), false),
+            Origin::Assembled => (Vec::new(), true),
+        };
+        if own_copy || entry.is_compressed() || entry.has_key_marker() {
+            let own = caller
+                .budget
+                .reserve(entry.body_len(), Source::Cache)
+                .ok_or(ProxyError::Overloaded { retry_after_s: 1 })?;
+            holds.push(Arc::new(own));
+        }
+        reply_budget::held(rewrite::finalize(&entry.body()?, caller.key), holds)
     };
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = if not_modified {

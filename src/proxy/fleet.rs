@@ -14,7 +14,9 @@ use super::Gateway;
 use crate::cache::entry::{Entry, Freshness};
 use crate::cache::key::CacheKey;
 use crate::cache::lease::{self, Lease, LeaseTry};
-use crate::cache::{Fill, FillKind, Shared};
+use crate::cache::{Fill, FillKind, FillResult, Shared};
+use crate::error::ProxyError;
+use crate::upstream::reply_budget::Source;
 
 /// Extra lease time beyond the upstream timeout (token minting, a short queue).
 const LEASE_MARGIN: Duration = Duration::from_secs(1);
@@ -24,8 +26,9 @@ const POLL_MAX: Duration = Duration::from_millis(200);
 
 /// How a fill starts.
 pub(super) enum FleetStart {
-    /// Answered from the shared tier (or another replica's fill): no upstream call.
-    Served(Fill),
+    /// Answered from the shared tier (or another replica's fill): no upstream call. An
+    /// error when the reply budget had no room for the entry.
+    Served(FillResult),
     /// Call Graph; then hand this to [`Gateway::after_fill`].
     Fetch(FleetFill),
 }
@@ -136,14 +139,26 @@ impl Gateway {
     }
 
     /// Puts an entry from Redis into L1 (unless a local write raced it) and makes it the
-    /// fill's result.
-    async fn promote(&self, key: &CacheKey, entry: Entry, kind: FillKind, epoch: u64) -> Fill {
+    /// fill's result, its body counted against the reply budget while it is served.
+    async fn promote(
+        &self,
+        key: &CacheKey,
+        entry: Entry,
+        kind: FillKind,
+        epoch: u64,
+    ) -> FillResult {
         self.cache.store(key, &entry, epoch);
-        Fill {
+        let hold = self
+            .upstream
+            .reply_budget()
+            .reserve(entry.body_len(), Source::Cache)
+            .ok_or(ProxyError::Overloaded { retry_after_s: 1 })?;
+        Ok(Fill {
             entry: Arc::new(entry),
             kind,
             pieces: None,
-        }
+            hold: Some(Arc::new(hold)),
+        })
     }
 
     /// Waits for the replica holding `key`'s lease: its entry arriving in L2 ends the wait;
@@ -196,7 +211,7 @@ impl Gateway {
 }
 
 enum Waited {
-    Filled(Fill),
+    Filled(FillResult),
     /// The lease came free; we hold it now (with the epoch read just before).
     TookOver(Lease, String),
     GaveUp,

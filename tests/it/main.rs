@@ -3,8 +3,10 @@
 mod support;
 
 mod authorization;
+mod bounds;
 mod cache;
 mod cli;
+mod config_secrets;
 mod core;
 mod hardening;
 mod observability;

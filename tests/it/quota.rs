@@ -544,6 +544,7 @@ async fn load_report() {
             ),
         )],
         body: Bytes::from_static(b"{}"),
+        hold: None,
     };
     let n = 200_000;
     let units = vec![Some("1001_1".to_string())];
