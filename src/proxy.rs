@@ -611,16 +611,14 @@ fn upstream_batch(ops: &[BatchOp], system: &Injected) -> Result<String, ProxyErr
 /// into a post would be published on the Page).
 fn check_key_stays(key: &str, call: &Call) -> Result<(), ProxyError> {
     let ops = call.batch.as_deref().unwrap_or_default();
-    // One searcher per key, built once per request.
-    let finders: Vec<memchr::memmem::Finder<'_>> = std::iter::once(key)
+    let keys: Vec<&str> = std::iter::once(key)
         .chain(ops.iter().filter_map(BatchOp::own_token))
         .filter(|k| k.len() >= 8)
-        .map(memchr::memmem::Finder::new)
         .collect();
-    if finders.is_empty() {
+    if keys.is_empty() {
         return Ok(());
     }
-    let holds = |v: &[u8]| finders.iter().any(|f| f.find(v).is_some());
+    let holds = |v: &[u8]| keys.iter().any(|k| contains(v, k.as_bytes()));
     let in_path = call
         .path
         .segments
@@ -653,14 +651,28 @@ fn check_key_stays(key: &str, call: &Call) -> Result<(), ProxyError> {
     Ok(())
 }
 
+/// Whether `needle` occurs in `hay`. Short values (nearly every parameter) are scanned from
+/// the needle's first byte; building a full searcher costs more than they do.
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    match needle.first() {
+        None => true,
+        Some(_) if hay.len() < needle.len() => false,
+        Some(_) if hay.len() > 4096 => memchr::memmem::find(hay, needle).is_some(),
+        Some(&first) => memchr::memchr_iter(first, hay).any(|at| hay[at..].starts_with(needle)),
+    }
+}
+
 /// The ids a call names besides its path's node: `ids=`, and `id=` (Graph's root lookup,
 /// `/?id=...`). Each is checked like a node.
-fn targets(params: &Params, ids: &[String]) -> Vec<String> {
-    let mut out = ids.to_vec();
-    if let Some(id) = params.get("id") {
-        out.push(id.to_string());
+fn targets<'a>(params: &Params, ids: &'a [String]) -> std::borrow::Cow<'a, [String]> {
+    match params.get("id") {
+        None => std::borrow::Cow::Borrowed(ids),
+        Some(id) => {
+            let mut out = ids.to_vec();
+            out.push(id.to_string());
+            std::borrow::Cow::Owned(out)
+        }
     }
-    out
 }
 
 /// The Page a request log line names: the one charged upstream, else the one the call names.
