@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use graphgate::config::{Config, LogFormat};
+use graphgate::config::env::Layers;
+use graphgate::config::{effective, Config, LogFormat};
 use graphgate::fake_graph::{FakeGraph, FakeGraphConfig};
 use graphgate::server;
 
@@ -19,6 +20,10 @@ struct Cli {
     /// Configuration file (else $GRAPHGATE_CONFIG, else config/graphgate.toml, else defaults).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// Sets a configuration key over the file and the environment (repeatable), e.g.
+    /// `--set server.listen=0.0.0.0:8080`. Environment: GRAPHGATE_<SECTION>__<KEY>=VALUE.
+    #[arg(long = "set", global = true, value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -39,8 +44,16 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:0")]
         graph_listen: SocketAddr,
     },
-    /// Validate a configuration file and print it with secrets redacted.
+    /// Validate the configuration (file, environment, --set) and print the effective
+    /// configuration as TOML, secrets redacted.
     CheckConfig,
+    /// Exit 0 if the admin listener's /readyz answers 200 (for container health checks;
+    /// the address comes from the configuration unless --url is given).
+    Healthcheck {
+        /// URL to check instead, e.g. http://127.0.0.1:9090/readyz.
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Run only the simulated Graph API.
     FakeGraph {
         #[arg(long, default_value = "127.0.0.1:8081")]
@@ -67,8 +80,9 @@ fn env(key: &str) -> Option<String> {
     std::env::var(key).ok()
 }
 
-/// Finds the configuration: --config, $GRAPHGATE_CONFIG, config/graphgate.toml, defaults.
-fn load_config(explicit: Option<&Path>) -> Result<Config, String> {
+/// Finds the configuration: --config, $GRAPHGATE_CONFIG, config/graphgate.toml, defaults;
+/// then the GRAPHGATE_<SECTION>__<KEY> variables and the `--set` flags on top of it.
+fn load_config(explicit: Option<&Path>, flags: &[String]) -> Result<Config, String> {
     let path = explicit
         .map(Path::to_path_buf)
         .or_else(|| env("GRAPHGATE_CONFIG").map(PathBuf::from))
@@ -76,10 +90,28 @@ fn load_config(explicit: Option<&Path>) -> Result<Config, String> {
             let p = PathBuf::from("config/graphgate.toml");
             p.exists().then_some(p)
         });
+    let layers = Layers::from_process_env(flags).map_err(|e| e.to_string())?;
     match path {
-        Some(p) => Config::from_file(&p, env).map_err(|e| format!("{}: {e}", p.display())),
-        None => Config::from_toml("", env).map_err(|e| e.to_string()),
+        Some(p) => {
+            let text = std::fs::read_to_string(&p)
+                .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+            Config::from_layers(&text, &layers, env).map_err(|e| format!("{}: {e}", p.display()))
+        }
+        None => Config::from_layers("", &layers, env).map_err(|e| e.to_string()),
     }
+}
+
+/// What an operator should hear about at start: a configuration that runs but cannot do
+/// what a gateway is for.
+fn startup_warnings(config: &Config) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if config.clients.is_empty() {
+        out.push("no [[clients]] configured: every request will be refused with 401");
+    }
+    if config.server.admin_token.is_none() {
+        out.push("no server.admin_token configured: /admin/* endpoints are disabled");
+    }
+    out
 }
 
 /// Logs go to stdout through a writer thread: request threads format a line and hand it over
@@ -94,9 +126,12 @@ fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blockin
         .finish(std::io::BufWriter::new(std::io::stdout()));
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // Colour codes only for a person at a terminal, never into files or log collectors.
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
+        .with_ansi(std::io::stdout().is_terminal())
         .with_target(false);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
@@ -135,9 +170,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let (config, flags) = (cli.config.as_deref(), cli.set.as_slice());
     let result = match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(cli.config.as_deref()).await,
-        Command::CheckConfig => check_config(cli.config.as_deref()),
+        Command::Serve => serve(config, flags).await,
+        Command::CheckConfig => check_config(config, flags),
+        Command::Healthcheck { url } => healthcheck(config, flags, url),
         Command::Demo {
             listen,
             admin_listen,
@@ -164,9 +201,12 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn serve(config_path: Option<&Path>) -> Result<(), String> {
-    let config = load_config(config_path)?;
+async fn serve(config_path: Option<&Path>, flags: &[String]) -> Result<(), String> {
+    let config = load_config(config_path, flags)?;
     let _log = init_logging(config.log.format, &config.log.level);
+    for warning in startup_warnings(&config) {
+        tracing::warn!("{warning}");
+    }
     // Installed before listening, so a SIGHUP can never hit the default action (exit).
     let mut reloads = reload_signal()?;
     let running = server::start(config).await.map_err(|e| e.to_string())?;
@@ -177,7 +217,7 @@ async fn serve(config_path: Option<&Path>) -> Result<(), String> {
             () = &mut shutdown => break,
             () = reloads.next() => {
                 tracing::info!("SIGHUP: reloading the configuration");
-                match load_config(config_path) {
+                match load_config(config_path, flags) {
                     // `reload` logs and counts either way.
                     Ok(config) => { let _ = running.reload(config); }
                     Err(why) => running.reject_reload(&why),
@@ -216,10 +256,72 @@ fn reload_signal() -> Result<ReloadSignal, String> {
     })
 }
 
-fn check_config(config_path: Option<&Path>) -> Result<(), String> {
-    let config = load_config(config_path)?;
-    println!("configuration is valid (secrets redacted):\n{config:#?}");
+fn check_config(config_path: Option<&Path>, flags: &[String]) -> Result<(), String> {
+    let config = load_config(config_path, flags)?;
+    for warning in startup_warnings(&config) {
+        eprintln!("warning: {warning}");
+    }
+    println!(
+        "# The configuration is valid. Effective values (file, environment, --set; secrets redacted):\n\n{}",
+        effective::to_toml(&config)
+    );
     Ok(())
+}
+
+/// A plain HTTP/1.1 GET of the admin listener's /readyz, so the container image needs no
+/// curl. 0.0.0.0 and [::] (listen on every address) are reached through loopback.
+fn healthcheck(
+    config_path: Option<&Path>,
+    flags: &[String],
+    url: Option<String>,
+) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let (addr, path) = match url {
+        Some(u) => {
+            let rest = u
+                .strip_prefix("http://")
+                .ok_or("--url must start with http://")?;
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let path = if path.is_empty() { "/" } else { path };
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)
+                .map_err(|e| format!("{authority}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("{authority}: no address"))?;
+            (addr, path.to_string())
+        }
+        None => {
+            let mut addr = load_config(config_path, flags)?.server.admin_listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(match addr {
+                    SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            (addr, "/readyz".to_string())
+        }
+    };
+    let timeout = std::time::Duration::from_secs(3);
+    let mut conn =
+        std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{addr}: {e}"))?;
+    conn.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    conn.set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("{addr}: {e}"))?;
+    let mut head = [0u8; 64];
+    let n = conn.read(&mut head).map_err(|e| format!("{addr}: {e}"))?;
+    let status_line = String::from_utf8_lossy(&head[..n]);
+    let status_line = status_line.lines().next().unwrap_or("");
+    if status_line.starts_with("HTTP/1.1 200") || status_line.starts_with("HTTP/1.0 200") {
+        println!("http://{addr}{path}: {status_line}");
+        Ok(())
+    } else {
+        Err(format!("http://{addr}{path}: {status_line}"))
+    }
 }
 
 async fn run_fake_graph(
