@@ -6,6 +6,7 @@ mod authorization;
 mod bounds;
 mod cache;
 mod cli;
+mod config_layers;
 mod config_secrets;
 mod core;
 mod hardening;
