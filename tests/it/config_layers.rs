@@ -143,7 +143,9 @@ fn bad_overrides_and_unknown_log_levels_stop_check_config_and_serve() {
         "verbose.toml",
         "[credentials]\nsystem_user_token = \"EAAB-x-token\"\n[log]\nlevel = \"verbose\"\n",
     );
-    let cases: [(&str, &[(&str, &str)], &str); 4] = [
+    /// (config file, environment, what the error must name)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 4] = [
         (
             &ok,
             &[("GRAPHGATE_SERVER__LISTN", "x")],
