@@ -309,7 +309,7 @@ impl Default for RawServer {
         RawServer {
             listen: "127.0.0.1:8080".into(),
             public_url: None,
-            admin_listen: "127.0.0.1:9090".into(),
+            admin_listen: DEFAULT_ADMIN_LISTEN.into(),
             admin_token: None,
             header_read_timeout_ms: 10_000,
             max_header_bytes: 16 * 1024,
@@ -673,6 +673,9 @@ pub struct LogConfig {
     pub format: LogFormat,
     pub level: String,
 }
+
+/// `server.admin_listen` when not set.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 
 /// Environment variables that override secrets, so they need not sit in files.
 pub const ENV_SYSTEM_USER_TOKEN: &str = "GRAPHGATE_SYSTEM_USER_TOKEN";

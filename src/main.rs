@@ -101,6 +101,34 @@ fn load_config(explicit: Option<&Path>, flags: &[String]) -> Result<Config, Stri
     }
 }
 
+/// `server.admin_listen` from the file and the layers on top, without requiring the rest of
+/// the configuration (the tokens) to be present: a health check runs beside the server, not
+/// necessarily with its whole environment.
+fn admin_listen(explicit: Option<&Path>, flags: &[String]) -> Result<SocketAddr, String> {
+    let path = explicit
+        .map(Path::to_path_buf)
+        .or_else(|| env("GRAPHGATE_CONFIG").map(PathBuf::from))
+        .or_else(|| {
+            let p = PathBuf::from("config/graphgate.toml");
+            p.exists().then_some(p)
+        });
+    let text = match &path {
+        Some(p) => {
+            std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?
+        }
+        None => String::new(),
+    };
+    let layers = Layers::from_process_env(flags).map_err(|e| e.to_string())?;
+    let value = graphgate::config::env::layered_value(&text, &layers, "server.admin_listen")
+        .map_err(|e| e.to_string())?;
+    let addr = value
+        .as_ref()
+        .and_then(toml::Value::as_str)
+        .unwrap_or(graphgate::config::DEFAULT_ADMIN_LISTEN);
+    addr.parse()
+        .map_err(|e| format!("server.admin_listen `{addr}`: {e}"))
+}
+
 /// What an operator should hear about at start: a configuration that runs but cannot do
 /// what a gateway is for.
 fn startup_warnings(config: &Config) -> Vec<&'static str> {
@@ -290,7 +318,7 @@ fn healthcheck(
             (addr, path.to_string())
         }
         None => {
-            let mut addr = load_config(config_path, flags)?.server.admin_listen;
+            let mut addr = admin_listen(config_path, flags)?;
             if addr.ip().is_unspecified() {
                 addr.set_ip(match addr {
                     SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),

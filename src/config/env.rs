@@ -253,6 +253,26 @@ fn read_clients_file(path: &str) -> Result<Vec<toml::Value>, ConfigError> {
     }
 }
 
+/// One key (`section.key`) of the file with `layers` on top, without validating the rest:
+/// for tools that need a single setting of a configuration they do not own (the container
+/// health check needs the admin address, not the tokens).
+pub fn layered_value(
+    text: &str,
+    layers: &Layers,
+    key: &str,
+) -> Result<Option<toml::Value>, ConfigError> {
+    let mut table: toml::Table =
+        toml::from_str(text).map_err(|e| ConfigError::Parse(describe_parse_error(&e, text)))?;
+    for o in &layers.overrides {
+        o.apply(&mut table)?;
+    }
+    let mut at = Some(&toml::Value::Table(table));
+    for part in key.split('.') {
+        at = at.and_then(|v| v.get(part));
+    }
+    Ok(at.cloned())
+}
+
 impl Config {
     /// The file's text with `layers` on top, and clients from `clients_file` if one is
     /// named; then validated as [`Config::from_toml`] does. `env` supplies the two secret
@@ -414,6 +434,26 @@ pages = ["1001"]
         .unwrap_err();
         assert!(err.contains("clients[0].key"), "{err}");
         assert!(!err.contains("client-key-reports"), "{err}");
+    }
+
+    #[test]
+    fn one_value_without_validating_the_rest() {
+        let layers = Layers::new(
+            vars(&[("GRAPHGATE_SERVER__ADMIN_LISTEN", "0.0.0.0:9")]),
+            &[],
+        )
+        .unwrap();
+        let v = layered_value("", &layers, "server.admin_listen").unwrap();
+        assert_eq!(
+            v.and_then(|v| v.as_str().map(str::to_string)).as_deref(),
+            Some("0.0.0.0:9")
+        );
+        let v = layered_value(
+            "[server]\nlisten = \"x\"\n",
+            &Layers::none(),
+            "server.admin_listen",
+        );
+        assert_eq!(v.unwrap(), None);
     }
 
     #[test]

@@ -362,9 +362,11 @@ fn healthcheck_follows_readiness_of_the_admin_listener() {
     };
     let out = check(&["--url", &format!("http://{admin}/readyz")], &[]);
     assert!(out.status.success(), "{}", text_of(&out));
-    // From the configuration, as in the container: 0.0.0.0 is checked through loopback.
+    // From the configuration, as in the container: 0.0.0.0 is checked through loopback, and
+    // the tokens need not be there.
+    let empty = dir.write("empty.toml", "");
     let out = check(
-        &["--config", &config],
+        &["--config", &empty],
         &[("GRAPHGATE_SERVER__ADMIN_LISTEN", &format!("0.0.0.0:{port}"))],
     );
     assert!(out.status.success(), "{}", text_of(&out));

@@ -9,6 +9,7 @@ mod cli;
 mod config_layers;
 mod config_secrets;
 mod core;
+mod deploy;
 mod hardening;
 mod observability;
 mod quota;
