@@ -755,3 +755,388 @@ fn dockerfile_build_stage_builds_from_only_what_it_copies() {
     assert!(text.contains("listen = \"0.0.0.0:8080\""), "{text}");
     let _ = std::fs::remove_dir_all(&work);
 }
+
+// -------------------------------------------------------------------------------------------
+// The Helm chart, rendered by Helm's engine (Helm's Go SDK through the helm-python-sdk
+// wheel: there is no `helm` binary in the package registries these machines reach).
+
+const CHART: &str = "deploy/helm/graphgate";
+
+/// The Python with helm-python-sdk: $GRAPHGATE_TEST_PYTHON (set by scripts/test), else the
+/// virtualenv scripts/test makes.
+fn helm_python() -> PathBuf {
+    std::env::var_os("GRAPHGATE_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/test-venv/bin/python"))
+}
+
+const RENDER: &str = r#"
+import json, sys
+import helm_python as helm, yaml
+chart, values = sys.argv[1], json.loads(sys.argv[2])
+lint = helm.lint(chart, values, strict=True)
+with helm.Chart.load(chart) as c:
+    out = c.render(values, name="gg", namespace="prod")
+docs = []
+for path, text in sorted(out.items()):
+    if path.endswith(".yaml"):
+        docs += [d for d in yaml.safe_load_all(text) if d]
+print(json.dumps({"lint": lint, "docs": docs}))
+"#;
+
+/// Renders the chart with `values` (release `gg` in namespace `prod`): Helm's lint report
+/// and every rendered object; or Helm's error.
+fn helm_render(values: &Value) -> Result<(Value, Vec<Value>), String> {
+    let python = helm_python();
+    let out = Command::new(&python)
+        .args(["-c", RENDER])
+        .arg(repo().join(CHART))
+        .arg(values.to_string())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{} ({e}): run scripts/test, which installs it",
+                python.display()
+            )
+        });
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !err.contains("No module named"),
+            "helm-python-sdk missing ({err}); scripts/test installs it into target/test-venv"
+        );
+        return Err(err);
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON from the render script");
+    Ok((v["lint"].clone(), v["docs"].as_array().unwrap().clone()))
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str) -> Option<&'a Value> {
+    docs.iter().find(|d| d["kind"] == kind)
+}
+
+/// Every `labels` entry of `selector` is among `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    let sel = selector.as_object().expect("selector labels");
+    !sel.is_empty() && sel.iter().all(|(k, v)| &labels[k] == v)
+}
+
+const CLIENTS_TOML: &str =
+    "[[clients]]\nname = \"reports\"\nkey = \"helm-client-key-secret\"\npages = [\"1001\"]\n";
+
+fn secret_values() -> Value {
+    serde_json::json!({
+        "secrets": {
+            "systemUserToken": "EAAB-helm-system-token",
+            "appSecret": "helm-app-secret",
+            "adminToken": "helm-admin-token",
+            "clients": CLIENTS_TOML,
+        }
+    })
+}
+
+/// Runs the real binary the way the pod would: the ConfigMap and Secret files at their
+/// mount paths (moved into a temp dir), the container's environment with the Secret's values
+/// resolved. Returns `check-config`'s effective configuration.
+fn check_config_as_the_pod(docs: &[Value]) -> toml::Table {
+    let deployment = find(docs, "Deployment").unwrap();
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let secret = find(docs, "Secret").expect("the chart's Secret");
+    let secret_name = secret["metadata"]["name"].as_str().unwrap();
+    let config_map = find(docs, "ConfigMap").unwrap();
+    let dir = std::env::temp_dir().join(format!("graphgate-helm-pod-{}", fastrand::u64(..)));
+    // Volume name -> files.
+    let mut mounts: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for m in container["volumeMounts"].as_array().unwrap() {
+        let name = m["name"].as_str().unwrap();
+        let volume = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("volume {name}"));
+        let local = dir.join(name);
+        std::fs::create_dir_all(&local).unwrap();
+        let (source, data) = if let Some(cm) = volume.get("configMap") {
+            assert_eq!(cm["name"], config_map["metadata"]["name"]);
+            (cm, &config_map["data"])
+        } else {
+            let s = &volume["secret"];
+            assert_eq!(
+                s["secretName"], secret_name,
+                "volume {name} names another Secret"
+            );
+            (s, &secret["stringData"])
+        };
+        for item in source["items"].as_array().unwrap() {
+            let key = item["key"].as_str().unwrap();
+            let text = data[key]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name}: no key {key}"));
+            std::fs::write(local.join(item["path"].as_str().unwrap()), text).unwrap();
+        }
+        mounts.insert(m["mountPath"].as_str().unwrap().to_string(), local);
+    }
+    let mut cmd = Command::new(BIN);
+    cmd.arg("check-config").env_clear();
+    for e in container["env"].as_array().unwrap() {
+        let name = e["name"].as_str().unwrap();
+        let value = if let Some(v) = e["value"].as_str() {
+            // A path under a mount points into the temp dir.
+            mounts
+                .iter()
+                .find_map(|(mount, local)| {
+                    v.strip_prefix(mount.as_str()).map(|rest| {
+                        local
+                            .join(rest.trim_start_matches('/'))
+                            .display()
+                            .to_string()
+                    })
+                })
+                .unwrap_or_else(|| v.to_string())
+        } else {
+            let r = &e["valueFrom"]["secretKeyRef"];
+            assert_eq!(r["name"], secret_name, "{name} names another Secret");
+            match secret["stringData"][r["key"].as_str().unwrap()].as_str() {
+                Some(v) => v.to_string(),
+                None if r["optional"] == true => continue,
+                None => panic!("{name}: Secret has no key {}", r["key"]),
+            }
+        };
+        cmd.env(name, value);
+    }
+    let out = cmd.current_dir(&dir).output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.parse().unwrap()
+}
+
+#[test]
+fn helm_chart_renders_probes_ports_secret_references_and_a_configuration_graphgate_accepts() {
+    let values = secret_values();
+    let (lint, docs) = helm_render(&values).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        lint["errors"].as_array().unwrap().is_empty()
+            && lint["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|m| m["severity"].as_i64() < Some(2)),
+        "helm lint: {lint}"
+    );
+    for kind in [
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "Secret",
+        "PodDisruptionBudget",
+        "ServiceAccount",
+    ] {
+        assert!(find(&docs, kind).is_some(), "no {kind}");
+    }
+    assert!(find(&docs, "HorizontalPodAutoscaler").is_none());
+    assert!(find(&docs, "ServiceMonitor").is_none());
+
+    let deployment = find(&docs, "Deployment").unwrap();
+    let pod_labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    assert!(selects(
+        &deployment["spec"]["selector"]["matchLabels"],
+        pod_labels
+    ));
+    let pod = &deployment["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let port = |name: &str| {
+        c["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap()["containerPort"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!((port("http"), port("admin")), (8080, 9090));
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], "admin");
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["livenessProbe"]["httpGet"]["port"], "admin");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    // Draining fits in the grace period: preStop sleep + shutdown_grace_ms < grace period.
+    let env = |name: &str| {
+        c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .cloned()
+    };
+    let grace_ms: u64 = env("GRAPHGATE_SERVER__SHUTDOWN_GRACE_MS").unwrap()["value"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let sleep: u64 = c["lifecycle"]["preStop"]["exec"]["command"][1]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let period = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        period * 1000 > grace_ms + sleep * 1000,
+        "{period} s for {grace_ms} ms + {sleep} s"
+    );
+    // Secrets only through the Secret: none in the ConfigMap or as plain env values.
+    let secret = find(&docs, "Secret").unwrap();
+    let cm = find(&docs, "ConfigMap").unwrap().to_string();
+    for s in [
+        "EAAB-helm-system-token",
+        "helm-app-secret",
+        "helm-admin-token",
+        "helm-client-key-secret",
+    ] {
+        assert!(!cm.contains(s), "ConfigMap holds a secret");
+        assert!(
+            !c["env"].to_string().contains(s),
+            "a secret as a plain env value"
+        );
+    }
+    for name in [
+        "GRAPHGATE_SYSTEM_USER_TOKEN",
+        "GRAPHGATE_APP_SECRET",
+        "GRAPHGATE_SERVER__ADMIN_TOKEN",
+    ] {
+        let r = &env(name).unwrap_or_else(|| panic!("{name}"))["valueFrom"]["secretKeyRef"];
+        assert_eq!(r["name"], secret["metadata"]["name"], "{name}");
+        assert!(
+            secret["stringData"]
+                .get(r["key"].as_str().unwrap())
+                .is_some(),
+            "{name}"
+        );
+    }
+    // The Service reaches the named container ports of these pods.
+    let service = find(&docs, "Service").unwrap();
+    assert!(selects(&service["spec"]["selector"], pod_labels));
+    for p in service["spec"]["ports"].as_array().unwrap() {
+        let target = p["targetPort"].as_str().unwrap();
+        assert!(port(target) > 0, "Service targets unknown port {target}");
+    }
+    let pdb = find(&docs, "PodDisruptionBudget").unwrap();
+    assert!(selects(&pdb["spec"]["selector"]["matchLabels"], pod_labels));
+
+    // graphgate itself accepts what the pod would give it.
+    let effective = check_config_as_the_pod(&docs);
+    assert_eq!(effective["server"]["listen"].as_str(), Some("0.0.0.0:8080"));
+    assert_eq!(
+        effective["server"]["admin_listen"].as_str(),
+        Some("0.0.0.0:9090")
+    );
+    assert_eq!(
+        effective["server"]["shutdown_grace_ms"].as_integer(),
+        Some(grace_ms as i64)
+    );
+    assert_eq!(
+        effective["server"]["admin_token"].as_str(),
+        Some("[redacted]")
+    );
+    assert_eq!(
+        effective["credentials"]["app_secret"].as_str(),
+        Some("[redacted]")
+    );
+    assert_eq!(effective["clients"][0]["name"].as_str(), Some("reports"));
+    assert_eq!(effective["log"]["format"].as_str(), Some("json"));
+}
+
+#[test]
+fn helm_chart_options_autoscaling_service_monitor_redis_and_an_existing_secret() {
+    let values = serde_json::json!({
+        "secrets": {"create": false, "existingSecret": "graphgate-tokens"},
+        "redis": {"enabled": true},
+        "autoscaling": {"enabled": true, "minReplicas": 3, "maxReplicas": 9},
+        "serviceMonitor": {"enabled": true, "labels": {"release": "kube-prometheus-stack"}},
+        "shutdownGraceMs": 30000,
+        "preStopSleepSeconds": 10,
+        "env": {"GRAPHGATE_QUOTA__PAGE_CALLS": 600},
+    });
+    let (lint, docs) = helm_render(&values).unwrap_or_else(|e| panic!("{e}"));
+    assert!(lint["errors"].as_array().unwrap().is_empty(), "{lint}");
+    assert!(
+        find(&docs, "Secret").is_none(),
+        "an existing Secret is used, none created"
+    );
+    let deployment = find(&docs, "Deployment").unwrap();
+    assert!(
+        deployment["spec"].get("replicas").is_none(),
+        "the HPA owns replicas"
+    );
+    let pod = &deployment["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    for e in c["env"].as_array().unwrap() {
+        if let Some(r) = e["valueFrom"].get("secretKeyRef") {
+            assert_eq!(r["name"], "graphgate-tokens", "{e}");
+        }
+    }
+    let names: Vec<&str> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert!(names.contains(&"GRAPHGATE_REDIS__URL"), "{names:?}");
+    assert!(names.contains(&"GRAPHGATE_QUOTA__PAGE_CALLS"), "{names:?}");
+    for v in pod["volumes"].as_array().unwrap() {
+        if let Some(s) = v.get("secret") {
+            assert_eq!(s["secretName"], "graphgate-tokens");
+        }
+    }
+    // 30 s drain + 10 s preStop + margin.
+    assert!(pod["terminationGracePeriodSeconds"].as_u64().unwrap() > 40);
+    let hpa = find(&docs, "HorizontalPodAutoscaler").unwrap();
+    assert_eq!(
+        hpa["spec"]["scaleTargetRef"]["name"],
+        deployment["metadata"]["name"]
+    );
+    assert_eq!(hpa["spec"]["minReplicas"], 3);
+    let monitor = find(&docs, "ServiceMonitor").unwrap();
+    assert_eq!(
+        monitor["metadata"]["labels"]["release"],
+        "kube-prometheus-stack"
+    );
+    let service = find(&docs, "Service").unwrap();
+    assert!(selects(
+        &monitor["spec"]["selector"]["matchLabels"],
+        &service["metadata"]["labels"]
+    ));
+    let endpoint = &monitor["spec"]["endpoints"][0];
+    assert_eq!(endpoint["path"], "/metrics");
+    assert!(
+        service["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == endpoint["port"] && p["targetPort"] == "admin"),
+        "the ServiceMonitor scrapes the admin port"
+    );
+}
+
+#[test]
+fn helm_chart_refuses_to_render_without_the_required_secrets() {
+    let err = helm_render(&serde_json::json!({})).unwrap_err();
+    assert!(err.contains("secrets.systemUserToken"), "{err}");
+    let err =
+        helm_render(&serde_json::json!({"secrets": {"systemUserToken": "EAAB-x"}})).unwrap_err();
+    assert!(err.contains("secrets.clients"), "{err}");
+    let err = helm_render(&serde_json::json!({
+        "secrets": {"systemUserToken": "EAAB-x", "clients": CLIENTS_TOML},
+        "redis": {"enabled": true}
+    }))
+    .unwrap_err();
+    assert!(err.contains("secrets.redisUrl"), "{err}");
+}
