@@ -2,6 +2,7 @@
 //! One test binary (faster to build and link); each module covers one capability.
 mod support;
 
+mod alert_rules;
 mod authorization;
 mod bounds;
 mod cache;
@@ -9,6 +10,7 @@ mod cli;
 mod config_layers;
 mod config_secrets;
 mod core;
+mod dashboard;
 mod deploy;
 mod hardening;
 mod observability;
