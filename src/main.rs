@@ -402,6 +402,36 @@ async fn run_fake_graph(
 /// Demo credentials: the simulated Graph API accepts exactly these.
 const DEMO_KEY: &str = "demo-client-key";
 const DEMO_READER_KEY: &str = "demo-reader-key";
+/// Bearer token of the demo's /admin/* endpoints.
+const DEMO_ADMIN_TOKEN: &str = "demo-admin-token";
+
+/// One GET through graphgate (HTTP/1.1, connection closed after), so a printed line that
+/// claims a cache hit finds the entry there.
+async fn warm_up(addr: SocketAddr, path_and_query: &str) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("warm-up: {e}"))?;
+    let head =
+        format!("GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    conn.write_all(head.as_bytes())
+        .await
+        .map_err(|e| format!("warm-up: {e}"))?;
+    let mut reply = Vec::new();
+    let read = conn.read_to_end(&mut reply);
+    tokio::time::timeout(std::time::Duration::from_secs(10), read)
+        .await
+        .map_err(|_| "warm-up: no reply within 10 s".to_string())?
+        .map_err(|e| format!("warm-up: {e}"))?;
+    if reply.starts_with(b"HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(format!(
+            "warm-up: {}",
+            String::from_utf8_lossy(&reply).lines().next().unwrap_or("")
+        ))
+    }
+}
 
 async fn demo(
     listen: SocketAddr,
@@ -424,6 +454,10 @@ async fn demo(
 [server]
 listen = "{listen}"
 admin_listen = "{admin_listen}"
+admin_token = "{DEMO_ADMIN_TOKEN}"
+[cache]
+# Long enough that the printed cache-hit line still hits when tried a while later.
+default_ttl_s = 3600
 [upstream]
 url = "{graph_url}"
 timeout_ms = 5000
@@ -447,24 +481,28 @@ pages = ["1001"]
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let base = running.url();
+    let read = format!("/v21.0/1001?fields=id,name,fan_count&access_token={DEMO_KEY}");
+    warm_up(running.addr, &read).await?;
+    let admin = running.admin_url();
+    // Every line does what its comment says (tests/it/cli.rs runs each one and checks).
     println!(
         r#"
 graphgate demo is running.
   graphgate:          {base}      (client keys: {DEMO_KEY} = read/write all Pages, {DEMO_READER_KEY} = read Page 1001)
-  admin/metrics:      {admin}/metrics
+  admin:              {admin}      (/metrics, /healthz, /readyz; /admin/* with Authorization: Bearer {DEMO_ADMIN_TOKEN})
   simulated Graph:    {graph}      (the upstream; graphgate injects its token)
 
 Try:
-  curl -s '{base}/v21.0/1001?fields=id,name,fan_count&access_token={DEMO_KEY}'
-  curl -s -i '{base}/v21.0/1001?fields=name,id&access_token={DEMO_KEY}' | grep -i -E 'x-cache|cache-status|age'
-  curl -s '{base}/v21.0/1001/feed?limit=2&access_token={DEMO_KEY}'            # paging.next points back at graphgate
-  curl -s -i '{base}/v21.0/1001/feed?limit=2&access_token={DEMO_KEY}' | grep -i -E 'business-use-case|ratelimit'
-  curl -s -X POST '{base}/v21.0/1001/feed' -d message=hello -d access_token={DEMO_KEY}
-  curl -s '{base}/v21.0/1002?access_token={DEMO_READER_KEY}'                 # 403: not this client's Page
-  curl -s '{admin}/metrics' | grep ^graphgate_
+  curl -s '{base}{read}'    # a Page read through graphgate
+  curl -s -i '{base}{read}' | grep -i -E '^(x-cache|cache-status|age):'    # X-Cache: HIT (the demo read it once already)
+  curl -s '{base}/v21.0/1001/feed?limit=2&access_token={DEMO_KEY}'    # paging.next points back at graphgate
+  curl -s -i -H 'Cache-Control: no-store' '{base}/v21.0/1001/feed?limit=2&access_token={DEMO_KEY}' | grep -i -E '^(ratelimit|ratelimit-policy|x-business-use-case-usage):'    # quota headers of a call that went to Graph
+  curl -s -X POST '{base}/v21.0/1001/feed' -d message=hello -d access_token={DEMO_KEY}    # a write: the new post's id
+  curl -s '{base}/v21.0/1002?access_token={DEMO_READER_KEY}'    # 403: not this client's Page
+  curl -s -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' '{admin}/admin/pages'    # quota state of every Page seen
+  curl -s '{admin}/metrics' | grep -E '^graphgate_requests_total'    # request counters
 
 Ctrl-C stops it."#,
-        admin = running.admin_url(),
         graph = graph.url(),
     );
     running.run_until(shutdown_signal()).await;
