@@ -8,6 +8,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub mod effective;
+pub mod env;
+mod log_level;
+
 /// A value that must never be printed: tokens, app secret, client keys, admin token.
 #[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
@@ -228,6 +232,8 @@ struct RawConfig {
     redis: RawRedis,
     quota: RawQuota,
     log: RawLog,
+    /// A TOML file of more `[[clients]]` (merged in by `env::Layers`).
+    clients_file: Option<String>,
 }
 
 impl RawConfig {
@@ -303,7 +309,7 @@ impl Default for RawServer {
         RawServer {
             listen: "127.0.0.1:8080".into(),
             public_url: None,
-            admin_listen: "127.0.0.1:9090".into(),
+            admin_listen: DEFAULT_ADMIN_LISTEN.into(),
             admin_token: None,
             header_read_timeout_ms: 10_000,
             max_header_bytes: 16 * 1024,
@@ -668,6 +674,9 @@ pub struct LogConfig {
     pub level: String,
 }
 
+/// `server.admin_listen` when not set.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+
 /// Environment variables that override secrets, so they need not sit in files.
 pub const ENV_SYSTEM_USER_TOKEN: &str = "GRAPHGATE_SYSTEM_USER_TOKEN";
 pub const ENV_APP_SECRET: &str = "GRAPHGATE_APP_SECRET";
@@ -679,8 +688,13 @@ impl Config {
         text: &str,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Parse(describe_parse_error(&e, text)))?;
+        Config::from_layers(text, &env::Layers::none(), env)
+    }
+
+    fn from_raw(
+        raw: RawConfig,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let secrets = raw.secret_values(&env);
         Config::validate(raw, env).map_err(|e| e.redacting(&secrets))
     }
@@ -1074,7 +1088,7 @@ impl Config {
             },
             log: LogConfig {
                 format,
-                level: raw.log.level.unwrap_or_else(|| "info".into()),
+                level: log_level::checked(raw.log.level)?,
             },
         })
     }

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use graphgate::config::{Config, LogFormat};
+use graphgate::config::env::Layers;
+use graphgate::config::{effective, Config, LogFormat};
 use graphgate::fake_graph::{FakeGraph, FakeGraphConfig};
 use graphgate::server;
 
@@ -19,6 +20,10 @@ struct Cli {
     /// Configuration file (else $GRAPHGATE_CONFIG, else config/graphgate.toml, else defaults).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// Sets a configuration key over the file and the environment (repeatable), e.g.
+    /// `--set server.listen=0.0.0.0:8080`. Environment: GRAPHGATE_<SECTION>__<KEY>=VALUE.
+    #[arg(long = "set", global = true, value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -39,8 +44,16 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:0")]
         graph_listen: SocketAddr,
     },
-    /// Validate a configuration file and print it with secrets redacted.
+    /// Validate the configuration (file, environment, --set) and print the effective
+    /// configuration as TOML, secrets redacted.
     CheckConfig,
+    /// Exit 0 if the admin listener's /readyz answers 200 (for container health checks;
+    /// the address comes from the configuration unless --url is given).
+    Healthcheck {
+        /// URL to check instead, e.g. http://127.0.0.1:9090/readyz.
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Run only the simulated Graph API.
     FakeGraph {
         #[arg(long, default_value = "127.0.0.1:8081")]
@@ -67,8 +80,9 @@ fn env(key: &str) -> Option<String> {
     std::env::var(key).ok()
 }
 
-/// Finds the configuration: --config, $GRAPHGATE_CONFIG, config/graphgate.toml, defaults.
-fn load_config(explicit: Option<&Path>) -> Result<Config, String> {
+/// Finds the configuration: --config, $GRAPHGATE_CONFIG, config/graphgate.toml, defaults;
+/// then the GRAPHGATE_<SECTION>__<KEY> variables and the `--set` flags on top of it.
+fn load_config(explicit: Option<&Path>, flags: &[String]) -> Result<Config, String> {
     let path = explicit
         .map(Path::to_path_buf)
         .or_else(|| env("GRAPHGATE_CONFIG").map(PathBuf::from))
@@ -76,10 +90,56 @@ fn load_config(explicit: Option<&Path>) -> Result<Config, String> {
             let p = PathBuf::from("config/graphgate.toml");
             p.exists().then_some(p)
         });
+    let layers = Layers::from_process_env(flags).map_err(|e| e.to_string())?;
     match path {
-        Some(p) => Config::from_file(&p, env).map_err(|e| format!("{}: {e}", p.display())),
-        None => Config::from_toml("", env).map_err(|e| e.to_string()),
+        Some(p) => {
+            let text = std::fs::read_to_string(&p)
+                .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+            Config::from_layers(&text, &layers, env).map_err(|e| format!("{}: {e}", p.display()))
+        }
+        None => Config::from_layers("", &layers, env).map_err(|e| e.to_string()),
     }
+}
+
+/// `server.admin_listen` from the file and the layers on top, without requiring the rest of
+/// the configuration (the tokens) to be present: a health check runs beside the server, not
+/// necessarily with its whole environment.
+fn admin_listen(explicit: Option<&Path>, flags: &[String]) -> Result<SocketAddr, String> {
+    let path = explicit
+        .map(Path::to_path_buf)
+        .or_else(|| env("GRAPHGATE_CONFIG").map(PathBuf::from))
+        .or_else(|| {
+            let p = PathBuf::from("config/graphgate.toml");
+            p.exists().then_some(p)
+        });
+    let text = match &path {
+        Some(p) => {
+            std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?
+        }
+        None => String::new(),
+    };
+    let layers = Layers::from_process_env(flags).map_err(|e| e.to_string())?;
+    let value = graphgate::config::env::layered_value(&text, &layers, "server.admin_listen")
+        .map_err(|e| e.to_string())?;
+    let addr = value
+        .as_ref()
+        .and_then(toml::Value::as_str)
+        .unwrap_or(graphgate::config::DEFAULT_ADMIN_LISTEN);
+    addr.parse()
+        .map_err(|e| format!("server.admin_listen `{addr}`: {e}"))
+}
+
+/// What an operator should hear about at start: a configuration that runs but cannot do
+/// what a gateway is for.
+fn startup_warnings(config: &Config) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if config.clients.is_empty() {
+        out.push("no [[clients]] configured: every request will be refused with 401");
+    }
+    if config.server.admin_token.is_none() {
+        out.push("no server.admin_token configured: /admin/* endpoints are disabled");
+    }
+    out
 }
 
 /// Logs go to stdout through a writer thread: request threads format a line and hand it over
@@ -94,9 +154,12 @@ fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blockin
         .finish(std::io::BufWriter::new(std::io::stdout()));
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // Colour codes only for a person at a terminal, never into files or log collectors.
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
+        .with_ansi(std::io::stdout().is_terminal())
         .with_target(false);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
@@ -135,9 +198,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let (config, flags) = (cli.config.as_deref(), cli.set.as_slice());
     let result = match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(cli.config.as_deref()).await,
-        Command::CheckConfig => check_config(cli.config.as_deref()),
+        Command::Serve => serve(config, flags).await,
+        Command::CheckConfig => check_config(config, flags),
+        Command::Healthcheck { url } => healthcheck(config, flags, url),
         Command::Demo {
             listen,
             admin_listen,
@@ -164,9 +229,12 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn serve(config_path: Option<&Path>) -> Result<(), String> {
-    let config = load_config(config_path)?;
+async fn serve(config_path: Option<&Path>, flags: &[String]) -> Result<(), String> {
+    let config = load_config(config_path, flags)?;
     let _log = init_logging(config.log.format, &config.log.level);
+    for warning in startup_warnings(&config) {
+        tracing::warn!("{warning}");
+    }
     // Installed before listening, so a SIGHUP can never hit the default action (exit).
     let mut reloads = reload_signal()?;
     let running = server::start(config).await.map_err(|e| e.to_string())?;
@@ -177,7 +245,7 @@ async fn serve(config_path: Option<&Path>) -> Result<(), String> {
             () = &mut shutdown => break,
             () = reloads.next() => {
                 tracing::info!("SIGHUP: reloading the configuration");
-                match load_config(config_path) {
+                match load_config(config_path, flags) {
                     // `reload` logs and counts either way.
                     Ok(config) => { let _ = running.reload(config); }
                     Err(why) => running.reject_reload(&why),
@@ -216,10 +284,72 @@ fn reload_signal() -> Result<ReloadSignal, String> {
     })
 }
 
-fn check_config(config_path: Option<&Path>) -> Result<(), String> {
-    let config = load_config(config_path)?;
-    println!("configuration is valid (secrets redacted):\n{config:#?}");
+fn check_config(config_path: Option<&Path>, flags: &[String]) -> Result<(), String> {
+    let config = load_config(config_path, flags)?;
+    for warning in startup_warnings(&config) {
+        eprintln!("warning: {warning}");
+    }
+    println!(
+        "# The configuration is valid. Effective values (file, environment, --set; secrets redacted):\n\n{}",
+        effective::to_toml(&config)
+    );
     Ok(())
+}
+
+/// A plain HTTP/1.1 GET of the admin listener's /readyz, so the container image needs no
+/// curl. 0.0.0.0 and [::] (listen on every address) are reached through loopback.
+fn healthcheck(
+    config_path: Option<&Path>,
+    flags: &[String],
+    url: Option<String>,
+) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let (addr, path) = match url {
+        Some(u) => {
+            let rest = u
+                .strip_prefix("http://")
+                .ok_or("--url must start with http://")?;
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let path = if path.is_empty() { "/" } else { path };
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)
+                .map_err(|e| format!("{authority}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("{authority}: no address"))?;
+            (addr, path.to_string())
+        }
+        None => {
+            let mut addr = admin_listen(config_path, flags)?;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(match addr {
+                    SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            (addr, "/readyz".to_string())
+        }
+    };
+    let timeout = std::time::Duration::from_secs(3);
+    let mut conn =
+        std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{addr}: {e}"))?;
+    conn.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    conn.set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("{addr}: {e}"))?;
+    let mut head = [0u8; 64];
+    let n = conn.read(&mut head).map_err(|e| format!("{addr}: {e}"))?;
+    let status_line = String::from_utf8_lossy(&head[..n]);
+    let status_line = status_line.lines().next().unwrap_or("");
+    if status_line.starts_with("HTTP/1.1 200") || status_line.starts_with("HTTP/1.0 200") {
+        println!("http://{addr}{path}: {status_line}");
+        Ok(())
+    } else {
+        Err(format!("http://{addr}{path}: {status_line}"))
+    }
 }
 
 async fn run_fake_graph(
@@ -272,6 +402,36 @@ async fn run_fake_graph(
 /// Demo credentials: the simulated Graph API accepts exactly these.
 const DEMO_KEY: &str = "demo-client-key";
 const DEMO_READER_KEY: &str = "demo-reader-key";
+/// Bearer token of the demo's /admin/* endpoints.
+const DEMO_ADMIN_TOKEN: &str = "demo-admin-token";
+
+/// One GET through graphgate (HTTP/1.1, connection closed after), so a printed line that
+/// claims a cache hit finds the entry there.
+async fn warm_up(addr: SocketAddr, path_and_query: &str) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("warm-up: {e}"))?;
+    let head =
+        format!("GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    conn.write_all(head.as_bytes())
+        .await
+        .map_err(|e| format!("warm-up: {e}"))?;
+    let mut reply = Vec::new();
+    let read = conn.read_to_end(&mut reply);
+    tokio::time::timeout(std::time::Duration::from_secs(10), read)
+        .await
+        .map_err(|_| "warm-up: no reply within 10 s".to_string())?
+        .map_err(|e| format!("warm-up: {e}"))?;
+    if reply.starts_with(b"HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(format!(
+            "warm-up: {}",
+            String::from_utf8_lossy(&reply).lines().next().unwrap_or("")
+        ))
+    }
+}
 
 async fn demo(
     listen: SocketAddr,
@@ -294,6 +454,10 @@ async fn demo(
 [server]
 listen = "{listen}"
 admin_listen = "{admin_listen}"
+admin_token = "{DEMO_ADMIN_TOKEN}"
+[cache]
+# Long enough that the printed cache-hit line still hits when tried a while later.
+default_ttl_s = 3600
 [upstream]
 url = "{graph_url}"
 timeout_ms = 5000
@@ -317,24 +481,28 @@ pages = ["1001"]
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let base = running.url();
+    let read = format!("/v21.0/1001?fields=id,name,fan_count&access_token={DEMO_KEY}");
+    warm_up(running.addr, &read).await?;
+    let admin = running.admin_url();
+    // Every line does what its comment says (tests/it/cli.rs runs each one and checks).
     println!(
         r#"
 graphgate demo is running.
   graphgate:          {base}      (client keys: {DEMO_KEY} = read/write all Pages, {DEMO_READER_KEY} = read Page 1001)
-  admin/metrics:      {admin}/metrics
+  admin:              {admin}      (/metrics, /healthz, /readyz; /admin/* with Authorization: Bearer {DEMO_ADMIN_TOKEN})
   simulated Graph:    {graph}      (the upstream; graphgate injects its token)
 
 Try:
-  curl -s '{base}/v21.0/1001?fields=id,name,fan_count&access_token={DEMO_KEY}'
-  curl -s -i '{base}/v21.0/1001?fields=name,id&access_token={DEMO_KEY}' | grep -i -E 'x-cache|cache-status|age'
-  curl -s '{base}/v21.0/1001/feed?limit=2&access_token={DEMO_KEY}'            # paging.next points back at graphgate
-  curl -s -i '{base}/v21.0/1001/feed?limit=2&access_token={DEMO_KEY}' | grep -i -E 'business-use-case|ratelimit'
-  curl -s -X POST '{base}/v21.0/1001/feed' -d message=hello -d access_token={DEMO_KEY}
-  curl -s '{base}/v21.0/1002?access_token={DEMO_READER_KEY}'                 # 403: not this client's Page
-  curl -s '{admin}/metrics' | grep ^graphgate_
+  curl -s '{base}{read}'    # a Page read through graphgate
+  curl -s -i '{base}{read}' | grep -i -E '^(x-cache|cache-status|age):'    # X-Cache: HIT (the demo read it once already)
+  curl -s '{base}/v21.0/1001/feed?limit=2&access_token={DEMO_KEY}'    # paging.next points back at graphgate
+  curl -s -i -H 'Cache-Control: no-store' '{base}/v21.0/1001/feed?limit=2&access_token={DEMO_KEY}' | grep -i -E '^(ratelimit|ratelimit-policy|x-business-use-case-usage):'    # quota headers of a call that went to Graph
+  curl -s -X POST '{base}/v21.0/1001/feed' -d message=hello -d access_token={DEMO_KEY}    # a write: the new post's id
+  curl -s '{base}/v21.0/1002?access_token={DEMO_READER_KEY}'    # 403: not this client's Page
+  curl -s -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' '{admin}/admin/pages'    # quota state of every Page seen
+  curl -s '{admin}/metrics' | grep -E '^graphgate_requests_total'    # request counters
 
 Ctrl-C stops it."#,
-        admin = running.admin_url(),
         graph = graph.url(),
     );
     running.run_until(shutdown_signal()).await;

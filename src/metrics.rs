@@ -158,6 +158,9 @@ pub struct HardeningMetrics {
     /// Configuration reloads by result (ok, rejected).
     pub config_reloads: IntCounterVec,
     pub tls_handshake_failures: IntCounter,
+    /// notAfter of the inbound TLS leaf certificate (Unix time), by listener; no series
+    /// without inbound TLS.
+    pub tls_cert_expiry: IntGaugeVec,
     /// 1 while Graph accepts the injected token of each kind (`system`, `page`), 0 after a
     /// 190/102 until the next call with that kind of token succeeds: the alertable state.
     pub token_valid: IntGaugeVec,
@@ -243,6 +246,12 @@ impl HardeningMetrics {
                 "graphgate_tls_handshake_failures_total",
                 "Inbound TLS handshakes that failed or timed out.",
             ),
+            tls_cert_expiry: int_gauge_vec(
+                r,
+                "graphgate_tls_cert_expiry_timestamp_seconds",
+                "Expiry (notAfter) of the inbound TLS leaf certificate in use, as Unix time; absent without inbound TLS.",
+                &["listener"],
+            ),
             token_valid: {
                 let g = int_gauge_vec(
                     r,
@@ -271,8 +280,13 @@ impl HardeningMetrics {
 /// The Redis scale-out metrics (issue 5), one block so they stay together. Every label is a
 /// fixed set chosen in code.
 pub struct RedisMetrics {
-    /// 1 while Redis answers, 0 while graphgate runs on local state only.
+    /// 1 while Redis answers, 0 while graphgate runs on local state only. Registered only
+    /// once Redis is configured ([`Metrics::redis_in_use`]): an install without Redis must
+    /// not show it as down.
     pub up: IntGauge,
+    /// 1 when `[redis] url` is set, else 0; dashboards and alerts tell "down" from "not used"
+    /// by it.
+    pub configured: IntGauge,
     /// Failed Redis operations, by op (get, store, invalidate, publish, lease, admit, pause,
     /// refund, ping, subscribe, purge).
     pub errors: IntCounterVec,
@@ -289,10 +303,15 @@ pub struct RedisMetrics {
 impl RedisMetrics {
     fn new(r: &Registry) -> RedisMetrics {
         RedisMetrics {
-            up: gauge(
-                r,
+            up: IntGauge::new(
                 "graphgate_redis_up",
-                "1 while Redis answers; 0 while running on local state (L1 only, local budgets).",
+                "1 while Redis answers; 0 while running on local state (L1 only, local budgets). Exported only when Redis is configured.",
+            )
+            .expect("metric definition is valid"),
+            configured: gauge(
+                r,
+                "graphgate_redis_configured",
+                "1 when Redis is configured ([redis] url), else 0.",
             ),
             errors: counter_vec(
                 r,
@@ -711,6 +730,14 @@ impl Metrics {
             &[&["budget"], &["deadline"], &["breaker"]],
         );
         touch(&h.config_reloads, &[&["ok"], &["rejected"]]);
+    }
+
+    /// Redis is configured: `graphgate_redis_configured` becomes 1 and `graphgate_redis_up`
+    /// is exported from now on.
+    pub fn redis_in_use(&self) {
+        self.redis.configured.set(1);
+        // Registering twice (a second link on one registry) is refused and harmless.
+        let _ = self.registry.register(Box::new(self.redis.up.clone()));
     }
 
     /// Installs the quota scheduler's gauge refresh (once per registry).

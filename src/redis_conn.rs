@@ -76,6 +76,7 @@ impl RedisConn {
         let manager = ConnectionManager::new_lazy_with_config(client.clone(), mc)
             .map_err(|e| format!("redis connection manager: {}", e.category()))?;
         metrics.redis.up.set(0);
+        metrics.redis_in_use();
         Ok(Arc::new_cyclic(|me| RedisConn {
             manager,
             client,

@@ -142,8 +142,8 @@ impl Running {
             _ => return Err("turning TLS on or off needs a restart".into()),
         };
         let ignored = needs_restart(&self.gateway.config, &config);
-        if let (Some(current), Some(new)) = (&self.tls, new_tls) {
-            current.replace(new);
+        if let (Some(current), Some(new), Some(files)) = (&self.tls, new_tls, &config.server.tls) {
+            current.replace(new, files);
         }
         self.gateway.clients.replace(&config.clients);
         Ok(ignored)
@@ -192,8 +192,8 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
 /// Binds both listeners and starts serving. A `server.listen` port of 0 picks a free port;
 /// without an explicit `public_url` the bound address is used.
 pub async fn start(config: Config) -> io::Result<Running> {
-    let listener = TcpListener::bind(config.server.listen).await?;
-    let admin_listener = TcpListener::bind(config.server.admin_listen).await?;
+    let listener = bind(config.server.listen, "server.listen").await?;
+    let admin_listener = bind(config.server.admin_listen, "server.admin_listen").await?;
     let addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     let tls = match &config.server.tls {
@@ -215,6 +215,9 @@ pub async fn start(config: Config) -> io::Result<Running> {
         Gateway::new(config, public_url, metrics).map_err(|e| io::Error::other(e.to_string()))?,
     );
     gateway.start_fleet().await;
+    if let Some(t) = &tls {
+        t.watch_files(gateway.metrics.clone());
+    }
     let (stop, stop_rx) = watch::channel(false);
     let workers = Workers::start(server_cfg.workers)?;
     let shared = Arc::new(Shared {
@@ -236,6 +239,14 @@ pub async fn start(config: Config) -> io::Result<Running> {
         stop,
         task,
     })
+}
+
+/// Binds `addr`; an error names the address and the key it came from (a port clash is the
+/// usual start-up failure, and "address in use" alone does not say which).
+async fn bind(addr: SocketAddr, key: &str) -> io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr} ({key}): {e}")))
 }
 
 fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {

@@ -11,7 +11,8 @@
 //! Outbound: [`upstream_client_config`], the roots Graph's certificate is checked against.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use rustls::pki_types::pem::PemObject;
@@ -21,16 +22,23 @@ use rustls::{RootCertStore, ServerConfig, ServerConnection};
 
 use crate::auth::PeerCertificate;
 use crate::config::TlsConfig;
+use crate::metrics::Metrics;
 
-/// The current rustls server configuration; replaced on reload.
+/// How often the certificate, key and client CA files are checked for changes.
+pub const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(3);
+
+/// The current rustls server configuration and the files it was read from; replaced on
+/// reload (SIGHUP) and when the files change ([`Reloadable::watch_files`]).
 pub struct Reloadable {
     current: ArcSwap<ServerConfig>,
+    files: Mutex<TlsConfig>,
 }
 
 impl Reloadable {
     pub fn load(cfg: &TlsConfig) -> Result<Reloadable, String> {
         Ok(Reloadable {
             current: ArcSwap::new(server_config(cfg)?),
+            files: Mutex::new(cfg.clone()),
         })
     }
 
@@ -38,9 +46,91 @@ impl Reloadable {
         self.current.load_full()
     }
 
-    pub fn replace(&self, config: Arc<ServerConfig>) {
+    /// Swaps in `config`, read from `files`.
+    pub fn replace(&self, config: Arc<ServerConfig>, files: &TlsConfig) {
         self.current.store(config);
+        *self.files.lock().unwrap_or_else(|e| e.into_inner()) = files.clone();
     }
+
+    fn files(&self) -> TlsConfig {
+        self.files.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Keeps the certificate current without a SIGHUP: every [`FILE_CHECK_INTERVAL`] the
+    /// files' modification times and sizes are compared with the last seen, and on a change
+    /// they are read again (cert-manager and Kubernetes Secret volumes replace files in
+    /// place). Files that do not load (a half-written pair) leave the current certificate
+    /// in use and are tried again on their next change. Sets the leaf certificate's expiry in
+    /// `graphgate_tls_cert_expiry_timestamp_seconds`. Stops when the server drops `self`.
+    pub fn watch_files(self: &Arc<Self>, metrics: Arc<Metrics>) {
+        let files = self.files();
+        record_expiry(&metrics, &files);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let me = Arc::downgrade(self);
+        let mut seen = (stamps(&files), files);
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(FILE_CHECK_INTERVAL).await;
+                let Some(tls) = me.upgrade() else { return };
+                let files = tls.files();
+                let now = (stamps(&files), files);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                let files = &seen.1;
+                match server_config(files) {
+                    Ok(config) => {
+                        tls.current.store(config);
+                        record_expiry(&metrics, files);
+                        tracing::info!("TLS certificate files changed: reloaded");
+                    }
+                    Err(why) => tracing::error!(
+                        reason = why,
+                        "TLS certificate files changed but do not load; keeping the current certificate"
+                    ),
+                }
+            }
+        });
+    }
+}
+
+/// Modification time and size of each file (`None` where it cannot be read).
+type FileStamp = Option<(SystemTime, u64)>;
+
+fn stamps(cfg: &TlsConfig) -> Vec<FileStamp> {
+    let stamp = |p: &Path| {
+        let m = std::fs::metadata(p).ok()?;
+        Some((m.modified().ok()?, m.len()))
+    };
+    let mut out = vec![stamp(&cfg.cert_file), stamp(&cfg.key_file)];
+    if let Some(ca) = &cfg.client_ca_file {
+        out.push(stamp(ca));
+    }
+    out
+}
+
+/// Sets the expiry gauge from the first (leaf) certificate of the chain.
+fn record_expiry(metrics: &Metrics, cfg: &TlsConfig) {
+    match leaf_not_after(&cfg.cert_file) {
+        Ok(t) => metrics
+            .hardening
+            .tls_cert_expiry
+            .with_label_values(&["public"])
+            .set(t),
+        Err(why) => tracing::warn!(reason = why, "cannot read the certificate's expiry"),
+    }
+}
+
+/// notAfter of the leaf certificate in a PEM chain, as Unix time.
+pub fn leaf_not_after(path: &Path) -> Result<i64, String> {
+    let certs = read_certs(path, "server.tls_cert_file")?;
+    let leaf = certs.first().ok_or("no certificate")?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| format!("server.tls_cert_file {}: {e}", path.display()))?;
+    Ok(cert.validity().not_after.timestamp())
 }
 
 fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {

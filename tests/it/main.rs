@@ -2,12 +2,16 @@
 //! One test binary (faster to build and link); each module covers one capability.
 mod support;
 
+mod alert_rules;
 mod authorization;
 mod bounds;
 mod cache;
 mod cli;
+mod config_layers;
 mod config_secrets;
 mod core;
+mod dashboard;
+mod deploy;
 mod hardening;
 mod observability;
 mod quota;

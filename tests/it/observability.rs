@@ -125,7 +125,16 @@ fn every_alert_has_a_severity_summary_description_and_runbook() {
     }
 }
 
-/// Every (panel title, expr) of the dashboard.
+/// A dashboard expression as Grafana sends it: the rate interval and range, and the job
+/// and instance variables at "All".
+fn as_grafana_sends(expr: &str) -> String {
+    expr.replace("$__rate_interval", "1m")
+        .replace("$__range", "5m")
+        .replace("$job", ".*")
+        .replace("$instance", ".*")
+}
+
+/// Every (panel title, expr) of the dashboard, variables substituted.
 fn dashboard_queries(dash: &Value) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for p in dash["panels"].as_array().expect("panels") {
@@ -135,7 +144,7 @@ fn dashboard_queries(dash: &Value) -> Vec<(String, String)> {
         for t in p["targets"].as_array().into_iter().flatten() {
             out.push((
                 p["title"].as_str().unwrap_or("").to_string(),
-                t["expr"].as_str().unwrap_or("").to_string(),
+                as_grafana_sends(t["expr"].as_str().unwrap_or("")),
             ));
         }
     }
@@ -165,7 +174,10 @@ fn dashboard_panels_each_have_a_datasource_a_query_and_a_unit() {
             "{title}: description"
         );
         assert_eq!(p["datasource"]["type"], "prometheus", "{title}: datasource");
-        assert_eq!(p["datasource"]["uid"], "prometheus", "{title}: datasource");
+        assert_eq!(
+            p["datasource"]["uid"], "${datasource}",
+            "{title}: datasource"
+        );
         let targets = p["targets"].as_array().expect("targets");
         assert!(!targets.is_empty(), "{title}: no target");
         for t in targets {
@@ -184,12 +196,12 @@ fn dashboard_panels_each_have_a_datasource_a_query_and_a_unit() {
         titles.push(title.to_string());
     }
     assert!(titles.len() >= 20, "{titles:?}");
-    // The README describes every panel by its exact title.
-    let readme = read("README.md");
+    // docs/observability.md describes every panel by its exact title.
+    let doc = read("docs/observability.md");
     for t in &titles {
         assert!(
-            readme.contains(&format!("**{t}**")),
-            "README does not describe panel {t:?}"
+            doc.contains(&format!("**{t}**")),
+            "docs/observability.md does not describe panel {t:?}"
         );
     }
     // The provisioning points Grafana at the dashboard and the datasource uid it uses.
@@ -236,10 +248,10 @@ fn compose_stack_dockerfile_and_replica_configs_are_well_formed() {
             "{service} is built from the repo Dockerfile"
         );
         assert!(
-            s["healthcheck"]["test"].as_array().is_some_and(|t| t
-                .iter()
-                .any(|a| a.as_str().unwrap_or("").ends_with("/healthz"))),
-            "{service}: healthcheck on /healthz"
+            s["healthcheck"]["test"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|a| a.as_str().unwrap_or("") == "healthcheck")),
+            "{service}: healthcheck with `graphgate healthcheck` (/readyz)"
         );
         // Its config file exists, is a valid graphgate config, and matches what Prometheus
         // scrapes (the admin listener) and where Redis is.
@@ -282,16 +294,9 @@ fn compose_stack_dockerfile_and_replica_configs_are_well_formed() {
         assert!(repo().join(dir).is_dir(), "{dir}");
     }
 
+    // The Dockerfile's rules and its build stage are checked in tests/it/deploy.rs.
     let docker = read("Dockerfile");
-    for needle in [
-        "FROM rust:1 AS build",
-        "cargo build --release --locked",
-        "FROM debian:bookworm-slim",
-        "USER 10001",
-        "EXPOSE 8080 9090",
-        "HEALTHCHECK",
-        "/healthz",
-    ] {
+    for needle in ["EXPOSE 8080 9090", "HEALTHCHECK"] {
         assert!(docker.contains(needle), "Dockerfile lacks {needle:?}");
     }
 }
@@ -692,6 +697,11 @@ async fn prometheus_scrapes_graphgate_and_every_dashboard_and_alert_query_return
     for r in &rules {
         let name = r["alert"].as_str().unwrap().to_string();
         let expr = r["expr"].as_str().unwrap().to_string();
+        // Inbound TLS is off here, so there is no certificate expiry series; the metric is
+        // checked in config_layers, the rule by promtool (alerts_test.yml).
+        if name == "GraphgateTlsCertExpiringSoon" {
+            continue;
+        }
         for sig in signals(&expr) {
             exprs.push((format!("alert {name} signal"), sig));
         }

@@ -228,6 +228,7 @@ async fn a_read_through_one_replica_is_a_hit_on_the_other() {
         1.0
     );
     assert_eq!(metric_value(&mb, "graphgate_redis_up", &[]), 1.0);
+    assert_eq!(metric_value(&mb, "graphgate_redis_configured", &[]), 1.0);
     assert_eq!(metric_value(&mb, "graphgate_redis_errors_total", &[]), 0.0);
     f.stop().await;
 }

@@ -1,0 +1,316 @@
+//! The effective configuration as TOML, for `graphgate check-config`: every key with the
+//! value in force after defaults, the environment and flags, in the file's own key names,
+//! so it can be compared with (or pasted into) a file. Secrets are replaced by
+//! `"[redacted]"`; a Redis URL keeps its host but loses its user information.
+
+use std::time::Duration;
+
+use toml::{Table, Value};
+
+use super::{without_userinfo, Config, LogFormat, Priority, Secret, REDACTED};
+
+fn ms(d: Duration) -> Value {
+    Value::Integer(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn secs(d: Duration) -> Value {
+    Value::Integer(i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+fn int(n: impl TryInto<i64>) -> Value {
+    Value::Integer(n.try_into().unwrap_or(i64::MAX))
+}
+
+fn string(s: impl Into<String>) -> Value {
+    Value::String(s.into())
+}
+
+fn redacted() -> Value {
+    string(REDACTED)
+}
+
+/// Builds a table from `(key, value)` pairs, leaving out the `None`s (unset optional keys).
+fn table<const N: usize>(entries: [(&str, Option<Value>); N]) -> Value {
+    Value::Table(
+        entries
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.to_string(), v?)))
+            .collect::<Table>(),
+    )
+}
+
+fn path(p: &Option<std::path::PathBuf>) -> Option<Value> {
+    p.as_ref().map(|p| string(p.display().to_string()))
+}
+
+fn secret(s: &Option<Secret>) -> Option<Value> {
+    s.as_ref().map(|_| redacted())
+}
+
+/// The effective configuration as a TOML document.
+pub fn to_toml(c: &Config) -> String {
+    let s = &c.server;
+    let tls = s.tls.as_ref();
+    let server = table([
+        ("listen", Some(string(s.listen.to_string()))),
+        ("public_url", Some(string(&s.public_url))),
+        ("admin_listen", Some(string(s.admin_listen.to_string()))),
+        ("admin_token", secret(&s.admin_token)),
+        ("header_read_timeout_ms", Some(ms(s.header_read_timeout))),
+        ("max_header_bytes", Some(int(s.max_header_bytes))),
+        ("max_body_bytes", Some(int(s.max_body_bytes))),
+        ("shutdown_grace_ms", Some(ms(s.shutdown_grace))),
+        ("max_connections", Some(int(s.max_connections))),
+        ("admin_max_connections", Some(int(s.admin_max_connections))),
+        ("idle_timeout_ms", Some(ms(s.idle_timeout))),
+        ("max_in_flight", Some(int(s.max_in_flight))),
+        ("body_read_timeout_ms", Some(ms(s.body_read_timeout))),
+        ("workers", Some(int(s.workers))),
+        ("tls_cert_file", path(&tls.map(|t| t.cert_file.clone()))),
+        ("tls_key_file", path(&tls.map(|t| t.key_file.clone()))),
+        (
+            "tls_client_ca_file",
+            path(&tls.and_then(|t| t.client_ca_file.clone())),
+        ),
+    ]);
+    let u = &c.upstream;
+    let upstream = table([
+        ("url", Some(string(without_userinfo(&u.url)))),
+        ("timeout_ms", Some(ms(u.timeout))),
+        ("connect_timeout_ms", Some(ms(u.connect_timeout))),
+        ("max_get_url_bytes", Some(int(u.max_get_url_bytes))),
+        ("max_response_bytes", Some(int(u.max_response_bytes))),
+        (
+            "max_buffered_reply_bytes",
+            Some(int(u.max_buffered_reply_bytes)),
+        ),
+        ("default_version", Some(string(&u.default_version))),
+        ("ca_file", path(&u.ca_file)),
+        ("retries", Some(int(u.retry.retries))),
+        ("retry_budget_percent", Some(int(u.retry.budget_percent))),
+        (
+            "retry_budget_min_per_s",
+            Some(int(u.retry.budget_min_per_s)),
+        ),
+        ("retry_backoff_ms", Some(ms(u.retry.backoff))),
+        ("breaker_failures", Some(int(u.retry.breaker_failures))),
+        ("breaker_cooldown_ms", Some(ms(u.retry.breaker_cooldown))),
+    ]);
+    let cr = &c.credentials;
+    let credentials = table([
+        ("system_user_token", Some(redacted())),
+        ("app_secret", secret(&cr.app_secret)),
+        ("page_tokens", Some(Value::Boolean(cr.page_tokens))),
+    ]);
+    let clients = Value::Array(
+        c.clients
+            .iter()
+            .map(|cl| {
+                let pages = match &cl.pages {
+                    None => vec![string("*")],
+                    Some(p) => p.iter().map(string).collect(),
+                };
+                let priority = match cl.priority {
+                    Priority::Interactive => "interactive",
+                    Priority::Batch => "batch",
+                };
+                table([
+                    ("name", Some(string(&cl.name))),
+                    ("key", cl.key_sha256.map(|_| redacted())),
+                    ("cert_subject", cl.cert_subject.as_ref().map(string)),
+                    ("pages", Some(Value::Array(pages))),
+                    ("write", Some(Value::Boolean(cl.write))),
+                    ("priority", Some(string(priority))),
+                ])
+            })
+            .collect(),
+    );
+    let ca = &c.cache;
+    let rules = ca
+        .rules
+        .iter()
+        .map(|r| {
+            table([
+                ("match", Some(string(&r.pattern))),
+                ("ttl_s", Some(secs(r.ttl))),
+            ])
+        })
+        .collect();
+    let cache = table([
+        ("max_bytes", Some(int(ca.max_bytes))),
+        ("default_ttl_s", Some(secs(ca.default_ttl))),
+        (
+            "stale_while_revalidate_s",
+            Some(secs(ca.stale_while_revalidate)),
+        ),
+        ("stale_if_error_s", Some(secs(ca.stale_if_error))),
+        ("compress", Some(Value::Boolean(ca.compress))),
+        ("rules", Some(Value::Array(rules))),
+    ]);
+    let r = &c.redis;
+    let redis = table([
+        (
+            "url",
+            r.url.as_ref().map(|u| string(without_userinfo(u.expose()))),
+        ),
+        ("key_prefix", Some(string(&r.key_prefix))),
+        ("timeout_ms", Some(ms(r.timeout))),
+        (
+            "local_budget_fraction",
+            Some(Value::Float(r.local_budget_fraction)),
+        ),
+    ]);
+    let q = &c.quota;
+    let pages = q
+        .pages
+        .iter()
+        .map(|(id, calls)| table([("id", Some(string(id))), ("page_calls", Some(int(*calls)))]))
+        .collect();
+    let quota = table([
+        ("page_calls", Some(int(q.page_calls))),
+        ("page_window_s", Some(secs(q.page_window))),
+        ("headroom_pct", Some(int(q.headroom_pct))),
+        (
+            "slowdown_threshold_pct",
+            Some(int(q.slowdown_threshold_pct)),
+        ),
+        ("throttle_backoff_ms", Some(ms(q.throttle_backoff))),
+        ("app_calls", Some(int(q.app_calls))),
+        ("queue_timeout_ms", Some(ms(q.queue_timeout))),
+        ("max_queue_depth", Some(int(q.max_queue_depth))),
+        ("pages", Some(Value::Array(pages))),
+    ]);
+    let format = match c.log.format {
+        LogFormat::Text => "text",
+        LogFormat::Json => "json",
+    };
+    let log = table([
+        ("format", Some(string(format))),
+        ("level", Some(string(&c.log.level))),
+    ]);
+    let Value::Table(doc) = table([
+        ("server", Some(server)),
+        ("upstream", Some(upstream)),
+        ("credentials", Some(credentials)),
+        ("clients", Some(clients)),
+        ("cache", Some(cache)),
+        ("redis", Some(redis)),
+        ("quota", Some(quota)),
+        ("log", Some(log)),
+    ]) else {
+        return String::new();
+    };
+    toml::to_string_pretty(&doc).unwrap_or_else(|e| format!("# cannot print as TOML: {e}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every key the documented file shows (set or commented out), as `section.key`.
+    fn documented_keys() -> std::collections::BTreeSet<String> {
+        let text = include_str!("../../config/graphgate.toml");
+        let mut section = String::new();
+        let mut out = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            let l = line.trim_start_matches('#').trim();
+            let header = l.trim_start_matches('[').trim_end_matches(']');
+            if l.starts_with('[')
+                && l.ends_with(']')
+                && header
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_' || b == b'.')
+            {
+                section = header.to_string();
+            } else if let Some((key, _)) = l.split_once(" = ") {
+                if !key.is_empty() && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+                    out.insert(
+                        format!("{section}.{key}")
+                            .trim_start_matches('.')
+                            .to_string(),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    fn printed_keys(doc: &Table, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
+        for (k, v) in doc {
+            let name = format!("{prefix}{k}");
+            match v {
+                Value::Table(t) => printed_keys(t, &format!("{name}."), out),
+                Value::Array(a) if a.first().is_some_and(Value::is_table) => {
+                    for item in a {
+                        if let Value::Table(t) = item {
+                            printed_keys(t, &format!("{name}."), out);
+                        }
+                    }
+                }
+                _ => {
+                    out.insert(name);
+                }
+            }
+        }
+    }
+
+    const FULL: &str = r#"
+        [server]
+        admin_token = "admin-token-secret"
+        tls_cert_file = "/c.pem"
+        tls_key_file = "/k.pem"
+        tls_client_ca_file = "/ca.pem"
+        [upstream]
+        ca_file = "/egress.pem"
+        [credentials]
+        system_user_token = "EAAB-system-token-secret"
+        app_secret = "app-secret-secret"
+        [[clients]]
+        name = "reports"
+        key = "client-key-secret"
+        cert_subject = "svc"
+        pages = ["1001"]
+        [[cache.rules]]
+        match = "/*/feed"
+        ttl_s = 15
+        [redis]
+        url = "redis://:redis-password-secret@redis:6379"
+        [quota]
+        app_calls = 100
+        [[quota.pages]]
+        id = "1001"
+        page_calls = 50
+    "#;
+
+    #[test]
+    fn prints_every_documented_key_and_no_secret() {
+        let c = Config::from_toml(FULL, |_| None).unwrap();
+        let text = to_toml(&c);
+        let doc: Table = text.parse().unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let mut printed = std::collections::BTreeSet::new();
+        printed_keys(&doc, "", &mut printed);
+        // `key_sha256` is the other spelling of a client's key; `clients_file` is merged in.
+        let mut documented = documented_keys();
+        documented.remove("clients.key_sha256");
+        documented.remove("clients_file");
+        assert_eq!(printed, documented, "{text}");
+        for s in [
+            "admin-token-secret",
+            "EAAB-system-token-secret",
+            "app-secret-secret",
+            "client-key-secret",
+            "redis-password-secret",
+        ] {
+            assert!(!text.contains(s), "{text}");
+        }
+        assert_eq!(
+            doc["redis"]["url"].as_str(),
+            Some("redis://[redacted]@redis:6379")
+        );
+        assert_eq!(
+            doc["quota"]["pages"][0]["page_calls"].as_integer(),
+            Some(50)
+        );
+        assert_eq!(doc["clients"][0]["pages"][0].as_str(), Some("1001"));
+    }
+}
