@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use graphgate::fake_graph::{FakeGraph, FakeGraphConfig};
+use fake_graph::{FakeGraph, FakeGraphConfig};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use graphgate::fake_graph::FakeGraphConfig;
+use fake_graph::FakeGraphConfig;
 use http::{Method, StatusCode};
 use tokio::task::JoinSet;
 
@@ -507,7 +507,7 @@ async fn load_report() {
         }
         // Steady state only: from the end of the first window to the end of the run.
         tokio::time::sleep_until((started + WINDOW).into()).await;
-        let ok = |st: &graphgate::fake_graph::FakeGraphStats| st.calls - st.throttled;
+        let ok = |st: &fake_graph::FakeGraphStats| st.calls - st.throttled;
         let (s1, t1) = (s.graph.stats(), Instant::now());
         tokio::time::sleep_until((started + run).into()).await;
         let (s2, t2) = (s.graph.stats(), Instant::now());
