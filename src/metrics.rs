@@ -88,6 +88,9 @@ pub struct Metrics {
     pub quota_dispatches: IntCounterVec,
     /// Calls refused by the scheduler, by reason (queue_timeout, queue_full).
     pub quota_rejections: IntCounterVec,
+    /// Calls that could not go at once and queued, by why (paused, probing,
+    /// awaiting_first_reading, pacing, full, app_paused, queued_behind).
+    pub quota_waits: IntCounterVec,
     /// Throttled GETs put back into their queue instead of answered.
     pub quota_requeues: IntCounter,
     /// Throttle codes received from Graph, by scope (page, app, user, custom, buc).
@@ -487,6 +490,12 @@ impl Metrics {
                 "Calls refused with 429 by the quota scheduler, by reason.",
                 &["reason"],
             ),
+            quota_waits: counter_vec(
+                &r,
+                "graphgate_quota_waits_total",
+                "Calls that queued for quota instead of going at once, by why.",
+                &["reason"],
+            ),
             quota_requeues: counter(
                 &r,
                 "graphgate_quota_requeues_total",
@@ -685,6 +694,17 @@ impl Metrics {
             &[&["queue_timeout"], &["queue_full"]],
         );
         touch(&self.quota_dispatches, &[&["page"], &["app"]]);
+        for reason in [
+            "paused",
+            "probing",
+            "awaiting_first_reading",
+            "pacing",
+            "full",
+            "app_paused",
+            "queued_behind",
+        ] {
+            self.quota_waits.with_label_values(&[reason]);
+        }
         for scope in ["app", "user", "page", "custom", "buc"] {
             self.quota_throttles.with_label_values(&[scope]);
         }

@@ -489,9 +489,10 @@ impl Budget {
             let pause = match regain_duration(obs.regain_minutes) {
                 Some(d) => d,
                 None => {
-                    // Until enough counted calls have left the window.
+                    // Until enough counted calls have left the window (ours as counted, the
+                    // rest as if spread evenly over it).
                     let drained = self
-                        .time_until_room(1, now, false)
+                        .time_until_room(1, now, true)
                         .saturating_duration_since(now)
                         .max(self.window.slot());
                     let doublings = self.throttles.saturating_sub(1).min(MAX_DOUBLINGS);

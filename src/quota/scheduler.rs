@@ -1005,6 +1005,11 @@ impl Inner {
             if st.depth >= self.settings.max_queue_depth {
                 return Err(self.throttled(&mut st, &bucket.key, wait, true));
             }
+            let why = match st.hold {
+                Some(h) if !st.queued() => h.reason.label(),
+                _ => "queued_behind",
+            };
+            self.metrics.quota_waits.with_label_values(&[why]).inc();
             let (tx, rx) = oneshot::channel();
             st.queues[prio].push_back(Waiter { tx, units });
             st.waiting_units[prio] = st.waiting_units[prio].saturating_add(units);

@@ -284,7 +284,7 @@ async fn a_flood_through_both_replicas_stays_within_one_page_budget() {
         Fleet::start(
             &redis,
             graph,
-            "[quota]\npage_calls = 10\npage_window_s = 2\nqueue_timeout_ms = 4000\nthrottle_backoff_ms = 500\n",
+            "[quota]\npage_calls = 10\npage_window_s = 2\nqueue_timeout_ms = 4000\n",
         )
         .await,
     );
@@ -352,7 +352,7 @@ async fn a_pause_learned_by_one_replica_holds_the_other() {
     let f = Fleet::start(
         &redis,
         graph_config(),
-        "[quota]\nqueue_timeout_ms = 300\nthrottle_backoff_ms = 5000\n",
+        "[quota]\nqueue_timeout_ms = 300\n",
     )
     .await;
     // Graph throttles A's call (80001, no regain time): A pauses Page 1001 for 5 s.
