@@ -80,9 +80,18 @@ pub struct Reading {
     /// Our calls in the window when that call went, itself included: the fewest of ours the
     /// reading can contain.
     pub ours: u32,
-    seq: u64,
+    /// When it arrived. A reading from a call sent before then overlapped it in flight.
+    received: Instant,
     /// Stands in for a throttle code that came without one: 100 % until a probe says more.
     pub synthetic: bool,
+}
+
+impl Reading {
+    /// The usage it shows beyond the calls of ours it counted: the part of the estimate
+    /// that does not move with our count.
+    fn beyond_ours(&self, limit: f64) -> f64 {
+        self.pct - 100.0 * f64::from(self.ours) / limit
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -126,6 +135,8 @@ pub struct Estimate {
     pub unexplained_pct: f64,
     /// A reading from the current window exists.
     pub has_reading: bool,
+    /// What one more call adds to the estimate, percent.
+    pub per_call_pct: f64,
 }
 
 /// Why a call may not go yet.
@@ -170,8 +181,11 @@ pub struct Hold {
 pub struct Ticket {
     pub units: u32,
     pub at: Instant,
-    /// Our calls in the window once this one was counted (those Meta surely still counts).
+    /// Our calls in the window once this one was counted (those Meta still counts when it
+    /// arrives).
     pub ours: u32,
+    /// The same without the calls that were still on their way (they may arrive after it).
+    pub ours_low: u32,
     seq: u64,
     pub probe: bool,
 }
@@ -211,6 +225,9 @@ pub struct Budget {
     in_flight: u32,
     last_admit: Option<Instant>,
     seq: u64,
+    /// A recent round trip to Meta (rises at once, falls slowly): how much later than our
+    /// dispatch Meta may have counted a call.
+    round_trip: Duration,
 }
 
 /// The pause Meta asked for, when it named one.
@@ -235,6 +252,7 @@ impl Budget {
             in_flight: 0,
             last_admit: None,
             seq: 0,
+            round_trip: Duration::ZERO,
         }
     }
 
@@ -293,7 +311,8 @@ impl Budget {
     pub fn estimate(&mut self, now: Instant) -> Estimate {
         let count = self.window.count(now);
         let (limit, source) = self.limit(now);
-        let by_count = 100.0 * f64::from(count) / self.count_limit(limit);
+        let count_limit = self.count_limit(limit);
+        let by_count = 100.0 * f64::from(count) / count_limit;
         let reading = self.reading(now);
         let by_reading =
             reading.map(|r| r.pct + 100.0 * (f64::from(count) - f64::from(r.ours)) / limit);
@@ -306,7 +325,16 @@ impl Budget {
                 .map_or(0.0, |r| r.pct - 100.0 * f64::from(r.ours) / limit)
                 .max(0.0),
             has_reading: reading.is_some(),
+            per_call_pct: 100.0 / limit.min(count_limit),
         }
+    }
+
+    /// Whether `units` more calls fit on top of `usage`: the estimate is below the ceiling
+    /// before the last of them. (Requiring room after it would waste most of a call per
+    /// window where one call is worth more than the headroom, and lock a bucket whose limit
+    /// is still being learned out of the readings that would correct it.)
+    fn fits(&self, usage: f64, per_call: f64, units: u32) -> bool {
+        usage + per_call * f64::from(units.max(1) - 1) < self.limits.ceiling_pct()
     }
 
     pub fn paused_until(&self, now: Instant) -> Option<Instant> {
@@ -356,12 +384,12 @@ impl Budget {
             });
         }
         let ceiling = self.limits.ceiling_pct();
-        let per_unit = 100.0 / est.limit;
-        let last = est.usage_pct + per_unit * f64::from(units - 1);
-        if est.usage_pct < self.limits.threshold_pct() && last < ceiling {
+        let per_unit = est.per_call_pct;
+        let fits = self.fits(est.usage_pct, per_unit, units);
+        if est.usage_pct < self.limits.threshold_pct() && fits {
             return Ok(false);
         }
-        if last < ceiling {
+        if fits {
             // Spread what is left over the time until counted usage starts to leave (the
             // last call that fits needs no spreading).
             let room = (ceiling - est.usage_pct) / per_unit;
@@ -410,7 +438,10 @@ impl Budget {
         let units = units.max(1);
         self.seq += 1;
         self.window.record(units, now);
-        let ours = self.window.surely_counted(now);
+        let ours = self.window.surely_counted(now).max(units);
+        // Calls still on their way may reach Meta after this one: for learning the limit,
+        // which must never come out high, they do not count as in its reading.
+        let ours_low = ours.saturating_sub(self.in_flight).max(units);
         self.in_flight = self.in_flight.saturating_add(units);
         self.last_admit = Some(now);
         if probe {
@@ -420,13 +451,25 @@ impl Budget {
             units,
             at: now,
             ours,
+            ours_low,
             seq: self.seq,
             probe,
         }
     }
 
-    /// The call is over (its reply, if any, has been observed).
-    pub fn finish(&mut self, ticket: &Ticket) {
+    /// The call is over at `now` (its reply, if any, has been observed).
+    pub fn finish(&mut self, ticket: &Ticket, now: Instant) {
+        let sample = now.saturating_duration_since(ticket.at);
+        self.round_trip = if sample >= self.round_trip {
+            sample
+        } else {
+            self.round_trip - (self.round_trip - sample) / 8
+        };
+        self.window.set_margin(self.round_trip / 2);
+        self.end(ticket);
+    }
+
+    fn end(&mut self, ticket: &Ticket) {
         self.in_flight = self.in_flight.saturating_sub(ticket.units);
         if self.probe == Probe::InFlight(ticket.seq) {
             // No verdict (transport failure, cancelled): another call probes.
@@ -437,36 +480,50 @@ impl Budget {
     /// Takes back a call that never went out.
     pub fn refund(&mut self, ticket: &Ticket) {
         self.window.unrecord(ticket.units, ticket.at);
-        self.finish(ticket);
+        self.end(ticket);
     }
 
     /// Learns from a reply. `ticket` is the call that brought it; `None` for a reading about
     /// this bucket that came with another bucket's call.
     pub fn observe(&mut self, ticket: Option<&Ticket>, obs: &Observation, now: Instant) {
         let count = self.window.count(now);
-        let (at, ours, seq) = match ticket {
-            Some(t) => (t.at, t.ours, t.seq),
-            None => (now, count, self.seq),
+        let (at, ours, ours_low) = match ticket {
+            Some(t) => (t.at, t.ours, t.ours_low),
+            None => (now, count, count.saturating_sub(self.in_flight)),
         };
         let pct = obs.usage.map_or(0.0, |u| u.max());
         if let Some(usage) = obs.usage {
-            self.learn_bounds(ours, count.max(ours), pct, obs.throttled || pct >= 100.0, now);
-            let newer = self
-                .reading(now)
-                .is_none_or(|r| seq > r.seq || (seq == r.seq && !r.synthetic));
-            if newer {
-                self.reading = Some(Reading {
-                    usage,
-                    pct,
-                    regain: regain_duration(obs.regain_minutes),
-                    at,
-                    ours,
-                    seq,
-                    synthetic: false,
-                });
+            self.learn_bounds(ours_low, count.max(ours), pct, obs.throttled, now);
+            let reading = Reading {
+                usage,
+                pct,
+                regain: regain_duration(obs.regain_minutes),
+                at,
+                ours,
+                received: now,
+                synthetic: false,
+            };
+            // A call sent after the kept reading arrived knows better. Calls that were in
+            // flight together may reach Meta in any order: the reading showing more usage
+            // wins.
+            let (limit, _) = self.limit(now);
+            let replace = self.reading(now).is_none_or(|r| {
+                at >= r.received || reading.beyond_ours(limit) >= r.beyond_ours(limit)
+            });
+            if replace {
+                self.reading = Some(reading);
             }
         }
-        if obs.throttled || pct >= 100.0 {
+        let regain = regain_duration(obs.regain_minutes);
+        if !obs.throttled && pct >= 100.0 {
+            // At the limit: the estimate is full until counted calls leave; only a regain time
+            // from Meta adds a pause.
+            if let Some(d) = regain {
+                self.pause(now + d, now);
+            }
+            return;
+        }
+        if obs.throttled {
             let escalates = match ticket {
                 Some(t) => t.probe || self.paused_at.is_none_or(|p| t.at >= p),
                 None => self.paused_until(now).is_none(),
@@ -482,11 +539,11 @@ impl Budget {
                     regain: None,
                     at: now,
                     ours: count,
-                    seq: self.seq,
+                    received: now,
                     synthetic: true,
                 });
             }
-            let pause = match regain_duration(obs.regain_minutes) {
+            let pause = match regain {
                 Some(d) => d,
                 None => {
                     // Until enough counted calls have left the window (ours as counted, the
@@ -501,10 +558,7 @@ impl Budget {
                         .min(self.limits.window)
                 }
             };
-            let until = now + pause;
-            self.paused_until = Some(self.paused_until.map_or(until, |p| p.max(until)));
-            self.paused_at = Some(now);
-            self.probe = Probe::Due;
+            self.pause(now + pause, now);
             return;
         }
         if !obs.answered {
@@ -518,6 +572,13 @@ impl Budget {
                 self.throttles = 0;
             }
         }
+    }
+
+    /// Pauses until `until` (never shorter than a pause already running), then one probe.
+    fn pause(&mut self, until: Instant, now: Instant) {
+        self.paused_until = Some(self.paused_until.map_or(until, |p| p.max(until)));
+        self.paused_at = Some(now);
+        self.probe = Probe::Due;
     }
 
     /// Narrows the limit from one reading (see the module docs): `ours_low` of our calls
@@ -579,8 +640,10 @@ impl Budget {
     fn time_until_room(&self, units: u32, now: Instant, decay: bool) -> Instant {
         let (limit, _) = self.limit(now);
         let count_limit = self.count_limit(limit);
-        let ceiling = self.limits.ceiling_pct();
-        let extra = 100.0 * f64::from(units.max(1) - 1) / limit;
+        let per_call = 100.0 / limit.min(count_limit);
+        let units = f64::from(units.max(1));
+        // The estimate must stay below this for the call to fit (see `fits`).
+        let cap = self.limits.ceiling_pct() - per_call * (units - 1.0);
         let window = self.limits.window;
         let reading = self.reading(now);
         let end = reading.map(|r| r.at + window);
@@ -595,12 +658,12 @@ impl Budget {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            if 100.0 * ours / count_limit + extra < ceiling {
+            if 100.0 * ours / count_limit < cap {
                 if !reading_on {
                     return start;
                 }
                 // Usage not explained by our calls must stay below `need`.
-                let need = ceiling - extra - 100.0 * ours / limit;
+                let need = cap - 100.0 * ours / limit;
                 if !decay {
                     if unexplained < need {
                         return start;
@@ -642,13 +705,13 @@ impl Budget {
         }
         let needed = units_ahead.saturating_add(units.max(1));
         let est = self.estimate(now);
-        let per_unit = 100.0 / est.limit;
+        let per_unit = est.per_call_pct;
         let ceiling = self.limits.ceiling_pct();
-        let last = est.usage_pct + per_unit * f64::from(needed - 1);
-        if est.usage_pct < self.limits.threshold_pct() && last < ceiling {
+        let fits = self.fits(est.usage_pct, per_unit, needed);
+        if est.usage_pct < self.limits.threshold_pct() && fits {
             return Duration::ZERO;
         }
-        if last < ceiling {
+        if fits {
             let room = ((ceiling - est.usage_pct) / per_unit).max(1.0);
             let horizon = self
                 .next_release(now)
@@ -662,7 +725,7 @@ impl Budget {
     /// Units that may still go before the ceiling (for the RateLimit header).
     pub fn remaining(&mut self, now: Instant) -> u32 {
         let est = self.estimate(now);
-        let room = (self.limits.ceiling_pct() - est.usage_pct) * est.limit / 100.0;
+        let room = (self.limits.ceiling_pct() - est.usage_pct) / est.per_call_pct;
         room.max(0.0).floor() as u32
     }
 

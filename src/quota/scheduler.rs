@@ -328,7 +328,7 @@ impl Drop for Admission {
     fn drop(&mut self) {
         for h in &self.held {
             let mut st = h.bucket.lock();
-            st.budget.finish(&h.ticket);
+            st.budget.finish(&h.ticket, Instant::now());
             drop(st);
             if !h.concluded.load(Ordering::Relaxed) {
                 if let (Some(f), Some(s)) = (h.fleet, self.inner.shared.clone()) {
@@ -588,6 +588,11 @@ impl Scheduler {
                 answered,
             };
             inner.observe(&h.bucket, Some(h), &obs, now);
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                let mut st = h.bucket.lock();
+                let est = st.budget.estimate(now);
+                tracing::debug!(?obs, ticket = ?h.ticket, ?est, paused = ?st.budget.paused_until(now).map(|p| p - now), "learned");
+            }
             h.concluded.store(true, Ordering::Relaxed);
             if throttled {
                 inner.count_page_throttle(&h.bucket.key);
@@ -887,8 +892,9 @@ impl Inner {
             // A call decided locally (Redis was away) has no fleet ticket: its reading is
             // still the fleet's, taken as of now.
             let fleet = held.and_then(|h| h.fleet);
+            let rtt = held.map(|h| now.saturating_duration_since(h.ticket.at));
             let (key, params, obs) = (b.key.clone(), b.params, *obs);
-            spawn(async move { s.observe(&key, fleet, &obs, params).await });
+            spawn(async move { s.observe(&key, fleet, rtt, &obs, params).await });
         }
     }
 

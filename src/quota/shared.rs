@@ -42,13 +42,14 @@ local key = KEYS[1]
 local tt = redis.call('TIME')
 local now = tonumber(tt[1]) * 1000000 + tonumber(tt[2])
 local SLOTS = 128
-local FIELDS = {'t','o','rp','ro','ra','rs','rsyn','bl','bu','bt','pu','pa','n','pr','px','ps','la','seq','fl','fx'}
+local FIELDS = {'t','o','rp','ro','ra','rr','rsyn','bl','bu','bt','pu','pa','n','pr','px','ps','la','seq','fl','fx','mg'}
 
 local function load()
   local v = redis.call('HMGET', key, unpack(FIELDS))
   local S = {}
   for i, f in ipairs(FIELDS) do S[f] = tonumber(v[i]) end
   S.t = S.t or 0; S.n = S.n or 0; S.pr = S.pr or 0; S.seq = S.seq or 0; S.fl = S.fl or 0
+  S.mg = S.mg or 0
   return S
 end
 
@@ -78,8 +79,10 @@ local function save(S, P)
   redis.call('PEXPIRE', key, math.floor(keep / 1000) + 1000)
 end
 
+-- A sub-bucket's calls leave at its end plus the window plus the margin (a recent one-way
+-- trip to Meta).
 local function expire(S, P)
-  local cutoff = math.floor((now - P.W) / P.slot)
+  local cutoff = math.floor((now - P.W - S.mg) / P.slot)
   if S.o == nil or S.o >= cutoff then return end
   local last = math.min(cutoff - 1, S.o + SLOTS + 2)
   local names = {}
@@ -132,7 +135,7 @@ local function releases(S, P)
   if #names == 0 then return out end
   local vals = redis.call('HMGET', key, unpack(names))
   for j, v in ipairs(vals) do
-    if v then out[#out + 1] = {(S.o + j) * P.slot + P.W, tonumber(v)} end
+    if v then out[#out + 1] = {(S.o + j) * P.slot + P.W + S.mg, tonumber(v)} end
   end
   return out
 end
@@ -144,7 +147,7 @@ local function first_release(S, P)
     for i = S.o, math.min(cur, S.o + SLOTS + 2) do
       if redis.call('HEXISTS', key, 's' .. i) == 1 then
         S.o = i
-        t = (i + 1) * P.slot + P.W
+        t = (i + 1) * P.slot + P.W + S.mg
         break
       end
     end
@@ -154,6 +157,20 @@ local function first_release(S, P)
     if t == nil or e < t then t = e end
   end
   return t
+end
+
+local function sum_slots(S, a, b)
+  local total = 0
+  if S.o == nil then return 0 end
+  if a < S.o then a = S.o end
+  if b > S.o + SLOTS + 2 then b = S.o + SLOTS + 2 end
+  if b < a then return 0 end
+  local names = {}
+  for i = a, b do names[#names + 1] = 's' .. i end
+  for _, v in ipairs(redis.call('HMGET', key, unpack(names))) do
+    if v then total = total + tonumber(v) end
+  end
+  return total
 end
 
 local function time_until_room(S, P, units, decay)
@@ -207,13 +224,16 @@ end
 ";
 
 /// ARGV: units, guess, learn, headroom %, threshold %, window µs, probe TTL µs.
-/// Returns {granted, wait µs, reason, ours, seq, at µs, probe, usage ‰, limit ×1000,
-/// calls in window, paused µs, blind}.
+/// Returns {granted, wait µs, reason, ours, seq, at µs, probe, usage ×1000, limit ×1000,
+/// calls in window, paused µs, blind, ours_low}.
 const ADMIT: &str = r"
 local units = math.max(tonumber(ARGV[1]), 1)
 local P = params(2)
+-- A probe (or blind call) whose verdict never reaches Redis stops holding the bucket after a
+-- few round trips (at least a second, at most the configured TTL); set once S is loaded.
 local probe_ttl = tonumber(ARGV[7])
 local S = load()
+probe_ttl = math.min(math.max(8 * S.mg, 1000000), tonumber(ARGV[7]))
 expire(S, P)
 local est, L = estimate(S, P)
 local recheck = math.min(math.max(P.slot, 10000), 250000)
@@ -234,15 +254,21 @@ local function grant(probe)
   S.la = now
   local p = 0
   if probe then S.pr = 2; S.px = now + probe_ttl; S.ps = S.seq; p = 1 end
+  -- Calls Meta surely still counts when this one arrives; for learning the limit, also
+  -- without those sent within the last round trip (they may arrive after it).
+  local gone = sum_slots(S, S.o, math.floor((now + S.mg - P.W) / P.slot))
+  local ours = math.max(S.t - gone, units)
+  local recent = sum_slots(S, math.floor((now - 2 * S.mg) / P.slot), idx) - units
+  local ours_low = math.max(ours - math.max(recent, 0), units)
   save(S, P)
-  return {1, 0, 0, S.t, S.seq, now, p, math.floor((est + 100 * units / L) * 1000), math.floor(L * 1000), S.t, 0, blind}
+  return {1, 0, 0, ours, S.seq, now, p, math.floor((est + 100 * units / L) * 1000), math.floor(L * 1000), S.t, 0, blind, ours_low}
 end
 
 local function hold(wait, reason)
   save(S, P)
   local paused = 0
   if S.pu ~= nil and S.pu > now then paused = S.pu - now end
-  return {0, math.floor(math.max(wait, 1000)), reason, S.t, S.seq, now, 0, math.floor(est * 1000), math.floor(L * 1000), S.t, math.floor(paused), 0}
+  return {0, math.floor(math.max(wait, 1000)), reason, S.t, S.seq, now, 0, math.floor(est * 1000), math.floor(L * 1000), S.t, math.floor(paused), 0, S.t}
 end
 
 if S.pu ~= nil and S.pu > now then return hold(S.pu - now, 1) end
@@ -279,8 +305,8 @@ return hold(room_at - now, 5)
 ";
 
 /// ARGV: has ticket, ticket ours, ticket seq, ticket at µs, ticket probe, ticket blind
-/// units, has usage, usage %, regain µs, throttled, answered, then the bucket's parameters.
-/// Returns the pause left in µs (0: not paused).
+/// units, has usage, usage %, regain µs, throttled, answered, ticket ours_low, round trip µs
+/// (0: none measured), then the bucket's parameters. Returns the pause left in µs.
 const OBSERVE: &str = r"
 local has_ticket = tonumber(ARGV[1]) == 1
 local t_probe = tonumber(ARGV[5]) == 1
@@ -290,35 +316,57 @@ local pct = tonumber(ARGV[8])
 local regain = tonumber(ARGV[9])
 local throttled = tonumber(ARGV[10]) == 1
 local answered = tonumber(ARGV[11]) == 1
-local P = params(12)
+local rtt = tonumber(ARGV[13])
+local P = params(14)
 local S = load()
+if rtt > 0 then
+  -- The margin follows the fleet's round trips: up at once, down slowly.
+  local half = rtt / 2
+  if half >= S.mg then S.mg = half else S.mg = S.mg - (S.mg - half) / 8 end
+  if S.mg > P.W then S.mg = P.W end
+end
 expire(S, P)
 local count = S.t
-local ours, seq, at = count, S.seq, now
-if has_ticket then ours = tonumber(ARGV[2]); seq = tonumber(ARGV[3]); at = tonumber(ARGV[4]) end
+local ours, ours_low, seq, at = count, count, S.seq, now
+if has_ticket then
+  ours = tonumber(ARGV[2]); seq = tonumber(ARGV[3]); at = tonumber(ARGV[4]); ours_low = tonumber(ARGV[12])
+end
 if t_blind > 0 then S.fl = math.max(S.fl - t_blind, 0) end
 if not has_usage then pct = 0 end
 if has_usage then
-  if ours > 0 then
+  if ours_low > 0 then
     local p = math.floor(pct)
-    local lower = 100 * ours / (p + 1)
+    local lower = 100 * ours_low / (p + 1)
     local upper = -1
     if p >= 1 then upper = 100 * math.max(count, ours) / (p - 0.5) end
-    if S.bt ~= nil and S.bl ~= nil and now - S.bt < 2 * P.W then
+    if S.bt ~= nil and S.bl ~= nil and now - S.bt < 2 * P.W and not throttled then
       local lo = math.max(S.bl, lower)
       local up = S.bu or -1
       if up < 0 then up = upper elseif upper >= 0 then up = math.min(up, upper) end
-      if up < 0 or lo <= up then S.bl = lo; S.bu = up else S.bl = lower; S.bu = upper end
+      -- Upper bounds assume nobody else uses the Page; lower bounds hold regardless.
+      if up >= 0 and up < lo then up = lo end
+      S.bl = lo; S.bu = up
     else
       S.bl = lower; S.bu = upper
     end
     S.bt = now
   end
-  if (not fresh(S, P)) or S.rs == nil or seq > S.rs or (seq == S.rs and (S.rsyn or 0) == 0) then
-    S.rp = pct; S.ro = ours; S.ra = at; S.rs = seq; S.rsyn = 0
+  -- A call sent after the kept reading arrived knows better; of readings whose calls were
+  -- in flight together, the one showing more usage wins.
+  local L = limit(S, P)
+  if (not fresh(S, P)) or S.rr == nil or at >= S.rr
+      or pct - 100 * ours / L >= S.rp - 100 * S.ro / L then
+    S.rp = pct; S.ro = ours; S.ra = at; S.rr = now; S.rsyn = 0
   end
 end
-if throttled or pct >= 100 then
+if (not throttled) and pct >= 100 then
+  -- At the limit: full until counted calls leave; only Meta's regain time adds a pause.
+  if regain > 0 then
+    local untl = now + regain
+    if S.pu == nil or S.pu < untl then S.pu = untl end
+    S.pa = now; S.pr = 1
+  end
+elseif throttled then
   local esc
   if has_ticket then
     esc = t_probe or S.pa == nil or at >= S.pa
@@ -327,7 +375,7 @@ if throttled or pct >= 100 then
   end
   if esc then S.n = S.n + 1 end
   if throttled and pct < 100 then
-    S.rp = 100; S.ro = count; S.ra = now; S.rs = S.seq; S.rsyn = 1
+    S.rp = 100; S.ro = count; S.ra = now; S.rr = now; S.rsyn = 1
   end
   local pause
   if regain > 0 then
@@ -447,8 +495,11 @@ impl FleetParams {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FleetTicket {
     pub units: u32,
-    /// The fleet's calls in the window once this one was counted.
+    /// The fleet's calls in the window once this one was counted (as Meta counts them when
+    /// it arrives).
     pub ours: u32,
+    /// The same without calls sent within the last round trip (for learning the limit).
+    pub ours_low: u32,
     pub seq: u64,
     /// When Redis admitted it, µs of Redis' clock.
     pub at_us: u64,
@@ -583,7 +634,7 @@ impl SharedBudgets {
             .await?;
         let at = |i: usize| r.get(i).copied().unwrap_or(0).max(0);
         let us = |i: usize| Duration::from_micros(at(i) as u64);
-        if r.len() < 12 {
+        if r.len() < 13 {
             return None;
         }
         Some(Decision {
@@ -595,6 +646,7 @@ impl SharedBudgets {
                 at_us: at(5) as u64,
                 probe: at(6) == 1,
                 blind: at(11) == 1,
+                ours_low: u32::try_from(at(12)).unwrap_or(u32::MAX),
             },
             wait: us(1),
             reason: reason_of(at(2)),
@@ -610,14 +662,17 @@ impl SharedBudgets {
         &self,
         key: &BucketKey,
         ticket: Option<FleetTicket>,
+        round_trip: Option<Duration>,
         obs: &Observation,
         params: FleetParams,
     ) {
         let k = self.key(key);
         let script = &self.observe;
+        let rtt = round_trip.map_or(0, micros);
         let t = ticket.unwrap_or(FleetTicket {
             units: 0,
             ours: 0,
+            ours_low: 0,
             seq: 0,
             at_us: 0,
             probe: false,
@@ -639,7 +694,9 @@ impl SharedBudgets {
                     .arg(pct)
                     .arg(regain)
                     .arg(u8::from(throttled))
-                    .arg(u8::from(answered));
+                    .arg(u8::from(answered))
+                    .arg(t.ours_low)
+                    .arg(rtt);
                 params.args(&mut inv);
                 inv.invoke_async::<i64>(&mut c).await
             })

@@ -7,8 +7,10 @@
 //! is at most `SLOTS + 1` pairs per bucket and nothing for a bucket that sent nothing lately.
 //!
 //! A sub-bucket's calls are treated as leaving the window at the *end* of the sub-bucket
-//! plus the window: the latest any of them can leave, so the count is never low. The price
-//! is at most one sub-bucket (1/128 of the window) of lateness when a slot is released.
+//! plus the window plus a margin for the trip to Meta (Meta counts a call when it arrives,
+//! which can be up to a round trip after we sent it): the latest any of them can leave, so
+//! the count is never low. The price is at most one sub-bucket (1/128 of the window) plus
+//! the round trip of lateness when a slot is released.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -20,6 +22,8 @@ pub const SLOTS: u32 = 128;
 pub struct Window {
     window: Duration,
     slot: Duration,
+    /// Added to every release: the longest recent trip to Meta.
+    margin: Duration,
     origin: Instant,
     /// (sub-bucket index, calls), ascending index, no zero counts.
     slots: VecDeque<(u64, u32)>,
@@ -32,6 +36,7 @@ impl Window {
         Window {
             window,
             slot: (window / SLOTS).max(Duration::from_micros(1)),
+            margin: Duration::ZERO,
             origin,
             slots: VecDeque::new(),
             total: 0,
@@ -47,18 +52,32 @@ impl Window {
         self.slot
     }
 
+    /// How much later than our dispatch Meta may count a call (a recent round trip).
+    pub fn set_margin(&mut self, margin: Duration) {
+        self.margin = margin.min(self.window);
+    }
+
+    pub fn margin(&self) -> Duration {
+        self.margin
+    }
+
     fn index(&self, at: Instant) -> u64 {
         let since = at.saturating_duration_since(self.origin).as_nanos();
         u64::try_from(since / self.slot.as_nanos().max(1)).unwrap_or(u64::MAX)
     }
 
+    /// When sub-bucket `index` starts.
+    fn starts_at(&self, index: u64) -> Instant {
+        let start = self
+            .slot
+            .checked_mul(u32::try_from(index).unwrap_or(u32::MAX))
+            .unwrap_or(Duration::MAX / 4);
+        self.origin + start
+    }
+
     /// When the calls of sub-bucket `index` stop counting.
     fn leaves_at(&self, index: u64) -> Instant {
-        let end = self
-            .slot
-            .checked_mul(u32::try_from(index.saturating_add(1)).unwrap_or(u32::MAX))
-            .unwrap_or(Duration::MAX / 4);
-        self.origin + end + self.window
+        self.starts_at(index) + self.slot + self.window + self.margin
     }
 
     /// Forgets the sub-buckets that have left the window by `now`.
@@ -110,15 +129,16 @@ impl Window {
         self.slots.retain(|(_, c)| *c > 0);
     }
 
-    /// Calls in the window that Meta surely still counts at `at`: all but a sub-bucket that
-    /// straddles the window's start (some of its calls may already have left Meta's count).
+    /// Calls Meta surely still counts when a call sent at `at` reaches it (up to the margin
+    /// later): all but those sent more than a window before that.
     pub fn surely_counted(&self, at: Instant) -> u32 {
-        match self.slots.front() {
-            Some(&(i, c)) if self.leaves_at(i).checked_sub(self.slot).is_some_and(|start| start <= at) => {
-                self.total.saturating_sub(c)
-            }
-            _ => self.total,
-        }
+        let gone: u32 = self
+            .slots
+            .iter()
+            .take_while(|&&(i, _)| self.starts_at(i) + self.window <= at + self.margin)
+            .map(|&(_, c)| c)
+            .sum();
+        self.total.saturating_sub(gone)
     }
 
     /// When the oldest counted calls leave the window.
