@@ -782,8 +782,7 @@ impl Config {
         if r.timeout_ms == 0 || r.timeout_ms > 10_000 {
             return Err(invalid("redis.timeout_ms", "must be 1..=10000"));
         }
-        if r
-            .local_budget_fraction
+        if r.local_budget_fraction
             .is_some_and(|f| !(f > 0.0 && f <= 1.0))
         {
             return Err(invalid("redis.local_budget_fraction", "must be in (0, 1]"));

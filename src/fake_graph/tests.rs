@@ -672,9 +672,15 @@ async fn other_apps_usage_counts_and_zero_usage_can_be_left_out() {
     // 8 others + 3 of ours: over the limit of 10.
     assert_eq!(get(&fg, &format!("/1001_2?{c}")).await.code(), 80001);
     // Page 1002 is not affected; cleared, 1001 counts only our calls again.
-    assert_eq!(buc(&get(&fg, &format!("/1002?{c}")).await, "1002")["call_count"], 10);
+    assert_eq!(
+        buc(&get(&fg, &format!("/1002?{c}")).await, "1002")["call_count"],
+        10
+    );
     fg.set_other_usage("1001", 0);
-    assert_eq!(buc(&get(&fg, &format!("/1001?{c}")).await, "1001")["call_count"], 40);
+    assert_eq!(
+        buc(&get(&fg, &format!("/1001?{c}")).await, "1001")["call_count"],
+        40
+    );
     fg.shutdown();
 
     // Meta's headers are absent near 0 % when asked so.
@@ -690,7 +696,10 @@ async fn other_apps_usage_counts_and_zero_usage_can_be_left_out() {
     for n in 1..10 {
         get(&fg, &format!("/1001_{n}?{c}")).await;
     }
-    assert_eq!(buc(&get(&fg, &format!("/1001?{c}")).await, "1001")["call_count"], 1);
+    assert_eq!(
+        buc(&get(&fg, &format!("/1001?{c}")).await, "1001")["call_count"],
+        1
+    );
     fg.shutdown();
 }
 

@@ -583,7 +583,14 @@ impl Budget {
 
     /// Narrows the limit from one reading (see the module docs): `ours_low` of our calls
     /// certainly counted, `ours_high` at most.
-    fn learn_bounds(&mut self, ours_low: u32, ours_high: u32, pct: f64, at_limit: bool, now: Instant) {
+    fn learn_bounds(
+        &mut self,
+        ours_low: u32,
+        ours_high: u32,
+        pct: f64,
+        at_limit: bool,
+        now: Instant,
+    ) {
         if ours_low == 0 || !pct.is_finite() {
             return;
         }

@@ -460,11 +460,6 @@ impl Scheduler {
         super::attribution::charge(units, page_header, &lock(&self.inner.learned))
     }
 
-    /// Buckets in the table (bounded by `quota.max_buckets` plus those in use).
-    pub fn buckets(&self) -> usize {
-        self.inner.table.len()
-    }
-
     /// Waits until every bucket of `charge` admits the call, or fails with
     /// [`ProxyError::Throttled`] when the deadline cannot be met or a queue is full.
     /// Buckets are taken in key order; units taken before a failure are given back.
@@ -591,7 +586,8 @@ impl Scheduler {
             if tracing::enabled!(tracing::Level::DEBUG) {
                 let mut st = h.bucket.lock();
                 let est = st.budget.estimate(now);
-                tracing::debug!(?obs, ticket = ?h.ticket, ?est, paused = ?st.budget.paused_until(now).map(|p| p - now), "learned");
+                let paused = st.budget.paused_until(now).map(|p| p - now);
+                tracing::debug!(bucket = %h.bucket.key, ?obs, ticket = ?h.ticket, ?est, ?paused, "quota reading");
             }
             h.concluded.store(true, Ordering::Relaxed);
             if throttled {
@@ -713,11 +709,7 @@ impl Scheduler {
                 (calls, depth, b.key.to_string(), b)
             })
             .collect();
-        rows.sort_by(|a, b| {
-            (b.1, b.0)
-                .cmp(&(a.1, a.0))
-                .then_with(|| a.2.cmp(&b.2))
-        });
+        rows.sort_by(|a, b| (b.1, b.0).cmp(&(a.1, a.0)).then_with(|| a.2.cmp(&b.2)));
         let gate_paused = inner.gate.paused_until(now);
         let pages: Vec<Value> = rows
             .iter()
@@ -916,7 +908,13 @@ impl Inner {
         }
     }
 
-    fn throttled(&self, st: &mut State, key: &BucketKey, wait: Duration, queue_full: bool) -> ProxyError {
+    fn throttled(
+        &self,
+        st: &mut State,
+        key: &BucketKey,
+        wait: Duration,
+        queue_full: bool,
+    ) -> ProxyError {
         let reason = if queue_full {
             "queue_full"
         } else {
@@ -1068,7 +1066,10 @@ impl Inner {
             })
         });
         let fleet = st.fleet(now);
-        let paused = st.budget.paused_until(now).or(fleet.and_then(|f| f.paused_until));
+        let paused = st
+            .budget
+            .paused_until(now)
+            .or(fleet.and_then(|f| f.paused_until));
         let hold = st.hold.filter(|_| st.depth > 0);
         let waiting = match (hold, gate_paused) {
             (_, Some(p)) if st.depth > 0 => Some(json!({
@@ -1132,7 +1133,8 @@ impl Inner {
         let now = Instant::now();
         let m = &self.metrics;
         let buckets = self.table.snapshot();
-        m.quota_buckets.set(i64::try_from(buckets.len()).unwrap_or(i64::MAX));
+        m.quota_buckets
+            .set(i64::try_from(buckets.len()).unwrap_or(i64::MAX));
         m.quota_app_paused
             .set(i64::from(self.gate.paused_until(now).is_some()));
         let mut paused = 0;
@@ -1146,7 +1148,11 @@ impl Inner {
                 BucketKey::App => {
                     let r = st.budget.reading(now);
                     let pcts = r.map_or([0.0; 3], |r| {
-                        [r.usage.call_count, r.usage.total_time, r.usage.total_cputime]
+                        [
+                            r.usage.call_count,
+                            r.usage.total_time,
+                            r.usage.total_cputime,
+                        ]
                     });
                     for (k, v) in ["call_count", "total_time", "total_cputime"]
                         .iter()
@@ -1202,13 +1208,19 @@ impl Inner {
                 .with_label_values(&label)
                 .set(i64::from(is_paused));
             let pcts = reading.map_or([0.0; 3], |r| {
-                [r.usage.call_count, r.usage.total_time, r.usage.total_cputime]
+                [
+                    r.usage.call_count,
+                    r.usage.total_time,
+                    r.usage.total_cputime,
+                ]
             });
             for (k, v) in ["call_count", "total_time", "total_cputime"]
                 .iter()
                 .zip(pcts)
             {
-                m.quota_page_usage.with_label_values(&[p.as_str(), k]).set(v);
+                m.quota_page_usage
+                    .with_label_values(&[p.as_str(), k])
+                    .set(v);
             }
             exported.insert(p.clone());
         }
@@ -1263,10 +1275,7 @@ fn hand_over(inner: &Inner, bucket: &Bucket, st: &mut State, w: Waiter, g: Grant
 async fn pump(inner: Arc<Inner>, bucket: Arc<Bucket>) {
     let mut force_local = false;
     loop {
-        let redis = inner
-            .shared
-            .clone()
-            .filter(|s| s.is_up() && !force_local);
+        let redis = inner.shared.clone().filter(|s| s.is_up() && !force_local);
         let step = {
             let now = Instant::now();
             let mut st = bucket.lock();

@@ -619,7 +619,12 @@ impl SharedBudgets {
     }
 
     /// One admission decision for `units`. `None`: Redis could not decide.
-    pub async fn admit(&self, key: &BucketKey, units: u32, params: FleetParams) -> Option<Decision> {
+    pub async fn admit(
+        &self,
+        key: &BucketKey,
+        units: u32,
+        params: FleetParams,
+    ) -> Option<Decision> {
         let k = self.key(key);
         let script = &self.admit;
         let r: Vec<i64> = self
@@ -703,7 +708,13 @@ impl SharedBudgets {
             .await;
     }
 
-    async fn finish_call(&self, key: &BucketKey, t: FleetTicket, params: FleetParams, uncount: bool) {
+    async fn finish_call(
+        &self,
+        key: &BucketKey,
+        t: FleetTicket,
+        params: FleetParams,
+        uncount: bool,
+    ) {
         let k = self.key(key);
         let script = &self.finish;
         self.conn
@@ -727,7 +738,12 @@ impl SharedBudgets {
     }
 
     /// A probe or blind call ended without a reply to learn from.
-    pub async fn finish_without_verdict(&self, key: &BucketKey, t: FleetTicket, params: FleetParams) {
+    pub async fn finish_without_verdict(
+        &self,
+        key: &BucketKey,
+        t: FleetTicket,
+        params: FleetParams,
+    ) {
         self.finish_call(key, t, params, false).await;
     }
 
@@ -769,7 +785,11 @@ impl SharedBudgets {
             })
             .await;
         if let Some(r) = r {
-            let alive = r.first().copied().unwrap_or(1).clamp(1, i64::from(u32::MAX));
+            let alive = r
+                .first()
+                .copied()
+                .unwrap_or(1)
+                .clamp(1, i64::from(u32::MAX));
             self.replicas.store(alive as u32, Ordering::Relaxed);
             let left = r.get(1).copied().unwrap_or(0).max(0) as u64;
             let until = if left == 0 {

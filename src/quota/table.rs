@@ -75,7 +75,10 @@ impl<V> Table<V> {
             return slot.value.clone();
         }
         // Over the cap (buckets in use were skipped earlier): evict two to get back under.
-        let excess = shard.map.len().saturating_sub(self.per_shard.saturating_sub(1));
+        let excess = shard
+            .map
+            .len()
+            .saturating_sub(self.per_shard.saturating_sub(1));
         for _ in 0..excess.min(2) {
             if !shard.evict_one(&in_use) {
                 break;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use graphgate::fake_graph::{Fault, FakeGraph, FakeGraphConfig};
+use graphgate::fake_graph::{FakeGraph, FakeGraphConfig, Fault};
 use http::{Method, StatusCode};
 use tokio::task::JoinSet;
 
@@ -217,7 +217,10 @@ async fn sequential_distinct_gets_at_low_usage_go_at_once_with_the_default_confi
     assert_eq!(s.graph.stats().calls, 200);
     let m = metrics(&s).await;
     assert_eq!(waits(&m), 0.0, "a call queued at ~4 % usage");
-    assert_eq!(metric_value(&m, "graphgate_quota_rejections_total", &[]), 0.0);
+    assert_eq!(
+        metric_value(&m, "graphgate_quota_rejections_total", &[]),
+        0.0
+    );
     let row = page_row(&admin_pages(&s).await, "1001").clone();
     assert_eq!(row["state"], "open", "{row}");
     assert_eq!(row["estimate"]["calls_in_window"], 200);
@@ -314,7 +317,10 @@ async fn page_calls_ten_times_too_high_are_lowered_by_the_readings_without_a_fix
         used as f64 >= 0.8 * f64::from(3 * LIMIT),
         "{per_window:?} {stats:?}"
     );
-    assert_eq!(row["estimate"]["limit_source"], "lowered_by_readings", "{row}");
+    assert_eq!(
+        row["estimate"]["limit_source"], "lowered_by_readings",
+        "{row}"
+    );
     let limit = row["estimate"]["limit"].as_f64().unwrap_or(0.0);
     assert!(limit <= f64::from(LIMIT) + 1.0, "{row}");
     stop(s).await;
@@ -426,7 +432,11 @@ async fn a_throttle_code_pauses_the_page_and_the_get_is_retried_after_the_pause(
 #[tokio::test]
 async fn writes_that_are_throttled_are_not_resent() {
     const LIMIT: u32 = 10;
-    let s = stack(graph(LIMIT, WINDOW), "[quota]\npage_calls = 1000\npage_window_s = 2\n").await;
+    let s = stack(
+        graph(LIMIT, WINDOW),
+        "[quota]\npage_calls = 1000\npage_window_s = 2\n",
+    )
+    .await;
     let proof = s.graph.proof_for(SYSTEM_TOKEN).unwrap_or_default();
     for n in 1..=LIMIT {
         let url = format!(
@@ -650,9 +660,7 @@ async fn admin_pages_shows_the_estimate_and_needs_the_admin_token() {
     assert_eq!(status["buckets"], 2);
     // Listed Pages and the busiest others have their own series, by default.
     let m = metrics(&s).await;
-    let series = |page: &str, name: &str| {
-        metric_value(&m, name, &[&format!("page=\"{page}\"")])
-    };
+    let series = |page: &str, name: &str| metric_value(&m, name, &[&format!("page=\"{page}\"")]);
     assert_eq!(
         metric_value(
             &m,
@@ -702,7 +710,11 @@ async fn per_page_series_cover_the_busiest_pages_and_drop_those_that_leave_the_t
 
 #[tokio::test]
 async fn the_page_header_is_honoured_only_for_pages_the_client_may_touch() {
-    let s = stack(graph(10, WINDOW), "[quota]\npage_calls = 10\npage_window_s = 2\n").await;
+    let s = stack(
+        graph(10, WINDOW),
+        "[quota]\npage_calls = 10\npage_window_s = 2\n",
+    )
+    .await;
     // A reader of 1001 cannot charge 1001's post to 1002: the header is ignored.
     let r = s
         .request(
@@ -760,7 +772,10 @@ async fn a_flood_of_distinct_ids_under_an_app_throttle_stays_bounded_and_stops_a
                     return statuses;
                 }
                 let r = s
-                    .get(&format!("/{}?fields=id&access_token={ADMIN_KEY}", 3_000_000 + n))
+                    .get(&format!(
+                        "/{}?fields=id&access_token={ADMIN_KEY}",
+                        3_000_000 + n
+                    ))
                     .await;
                 statuses.push((r.status, r.error_code()));
             }
@@ -785,16 +800,28 @@ async fn a_flood_of_distinct_ids_under_an_app_throttle_stays_bounded_and_stops_a
     let buckets = metric_value(&m, "graphgate_quota_buckets", &[]);
     assert!(buckets <= 200.0 + f64::from(WORKERS) + 16.0, "{buckets}");
     assert_eq!(metric_value(&m, "graphgate_quota_app_paused", &[]), 1.0);
-    assert!(metric_value(&m, "graphgate_quota_waits_total", &["reason=\"app_paused\""]) >= 1.0);
+    assert!(
+        metric_value(
+            &m,
+            "graphgate_quota_waits_total",
+            &["reason=\"app_paused\""]
+        ) >= 1.0
+    );
     let status = admin_pages(&s).await;
-    assert!(status["app_paused_until"].is_u64(), "{}", status["app_paused_until"]);
+    assert!(
+        status["app_paused_until"].is_u64(),
+        "{}",
+        status["app_paused_until"]
+    );
 
     // Graph recovers: after the pause one probe goes, then calls flow again.
     s.graph.set_fault(Fault::None);
     let mut ok = false;
     let until = Instant::now() + Duration::from_secs(10);
     while !ok && Instant::now() < until {
-        let r = s.get(&format!("/1001?fields=id&access_token={ADMIN_KEY}")).await;
+        let r = s
+            .get(&format!("/1001?fields=id&access_token={ADMIN_KEY}"))
+            .await;
         ok = r.status == StatusCode::OK;
         if !ok {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -802,7 +829,9 @@ async fn a_flood_of_distinct_ids_under_an_app_throttle_stays_bounded_and_stops_a
     }
     assert!(ok, "the gate never reopened");
     assert_eq!(
-        s.get(&format!("/1002?fields=id&access_token={ADMIN_KEY}")).await.status,
+        s.get(&format!("/1002?fields=id&access_token={ADMIN_KEY}"))
+            .await
+            .status,
         StatusCode::OK
     );
     stop(s).await;

@@ -351,12 +351,7 @@ async fn a_flood_through_both_replicas_stays_within_one_page_budget() {
 #[tokio::test]
 async fn a_pause_learned_by_one_replica_holds_the_other() {
     let redis = RedisServer::start();
-    let f = Fleet::start(
-        &redis,
-        graph_config(),
-        "[quota]\nqueue_timeout_ms = 300\n",
-    )
-    .await;
+    let f = Fleet::start(&redis, graph_config(), "[quota]\nqueue_timeout_ms = 300\n").await;
     // Graph throttles A's call (80001, no regain time): A pauses Page 1001 for 5 s.
     f.graph.set_fault(graphgate::fake_graph::Fault::GraphError {
         code: 80001,
@@ -690,7 +685,8 @@ async fn two_replicas_under_overload_share_one_budget_and_use_nearly_all_of_it()
             let f = f.clone();
             async move {
                 let via = if n % 2 == 0 { &f.a } else { &f.b };
-                let path = crate::quota::distinct("1001", n).replace(&format!("&access_token={ADMIN_KEY}"), "");
+                let path = crate::quota::distinct("1001", n)
+                    .replace(&format!("&access_token={ADMIN_KEY}"), "");
                 f.get(via, &path).await
             }
         }))
@@ -749,7 +745,8 @@ async fn the_fleet_learns_a_limit_above_page_calls_with_learn_limits() {
             let f = f.clone();
             async move {
                 let via = if n % 2 == 0 { &f.a } else { &f.b };
-                let path = crate::quota::distinct("1001", n).replace(&format!("&access_token={ADMIN_KEY}"), "");
+                let path = crate::quota::distinct("1001", n)
+                    .replace(&format!("&access_token={ADMIN_KEY}"), "");
                 f.get(via, &path).await
             }
         }))
@@ -813,7 +810,9 @@ async fn cut_off_from_redis_each_replica_uses_its_share_from_the_live_replica_co
     // calls are 60 % (the threshold), and it never goes beyond 5.
     let mut ok = 0;
     for n in 0..12 {
-        let r = f.get(&f.a, &format!("/1001_{}?fields=id&n={n}", n + 1)).await;
+        let r = f
+            .get(&f.a, &format!("/1001_{}?fields=id&n={n}", n + 1))
+            .await;
         match r.status {
             StatusCode::OK => ok += 1,
             StatusCode::TOO_MANY_REQUESTS => {}
@@ -856,7 +855,10 @@ async fn an_app_throttle_seen_by_one_replica_holds_every_call_of_the_other() {
     }
     assert!(held, "B did not honour A's app throttle");
     let sent = f.graph.stats().requests - before;
-    assert!(sent <= 1, "{sent} of B's calls reached Graph during the app pause");
+    assert!(
+        sent <= 1,
+        "{sent} of B's calls reached Graph during the app pause"
+    );
     assert_eq!(
         metric_value(&f.metrics(&f.b).await, "graphgate_quota_app_paused", &[]),
         1.0
