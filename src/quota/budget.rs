@@ -97,8 +97,9 @@ impl Reading {
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Bounds {
     lower: f64,
+    lower_at: Instant,
     upper: f64,
-    at: Instant,
+    upper_at: Instant,
 }
 
 /// Where the estimated limit comes from.
@@ -277,9 +278,19 @@ impl Budget {
             .filter(|r| now.saturating_duration_since(r.at) < self.limits.window)
     }
 
+    /// The limit bounds still in force: each holds for two windows after the reading that
+    /// set it (the limit itself moves, slowly); without a lower bound there are none.
     fn bounds(&self, now: Instant) -> Option<Bounds> {
-        self.bounds
-            .filter(|b| now.saturating_duration_since(b.at) < self.limits.window * 2)
+        let fresh = |t: Instant| now.saturating_duration_since(t) < self.limits.window * 2;
+        let b = self.bounds.filter(|b| fresh(b.lower_at))?;
+        Some(Bounds {
+            upper: if fresh(b.upper_at) {
+                b.upper
+            } else {
+                f64::INFINITY
+            },
+            ..b
+        })
     }
 
     /// The estimated limit (calls per window) and where it comes from.
@@ -439,9 +450,13 @@ impl Budget {
         self.seq += 1;
         self.window.record(units, now);
         let ours = self.window.surely_counted(now).max(units);
-        // Calls still on their way may reach Meta after this one: for learning the limit,
-        // which must never come out high, they do not count as in its reading.
-        let ours_low = ours.saturating_sub(self.in_flight).max(units);
+        // For learning the limit, which must never come out high, this call may take a whole
+        // round trip to arrive, and calls still on their way may reach Meta after it.
+        let ours_low = self
+            .window
+            .surely_counted(now + self.window.margin())
+            .saturating_sub(self.in_flight)
+            .max(units);
         self.in_flight = self.in_flight.saturating_add(units);
         self.last_admit = Some(now);
         if probe {
@@ -603,29 +618,38 @@ impl Budget {
         } else {
             f64::INFINITY
         };
+        let fresh = Bounds {
+            lower,
+            lower_at: now,
+            upper,
+            upper_at: now,
+        };
         let b = match self.bounds(now).filter(|_| !at_limit) {
-            Some(b) if b.lower.max(lower) <= b.upper.min(upper) => Bounds {
-                lower: b.lower.max(lower),
-                upper: b.upper.min(upper),
-                at: now,
-            },
-            // Upper bounds assume nobody else uses the Page; a contradiction says someone does
-            // (or counts were off by a call): lower bounds hold regardless, so they win.
-            Some(b) => {
-                let lower = b.lower.max(lower);
-                Bounds {
-                    lower,
-                    upper: upper.max(lower),
-                    at: now,
+            // None yet, or at the limit (the bounds may be stale: the limit went down): start
+            // again from this reading.
+            None => fresh,
+            Some(mut b) => {
+                // The tighter bound wins, and is dated by the reading that set it.
+                if lower >= b.lower {
+                    (b.lower, b.lower_at) = (lower, now);
                 }
+                if upper <= b.upper {
+                    (b.upper, b.upper_at) = (upper, now);
+                }
+                if b.lower > b.upper {
+                    if b.upper_at == now {
+                        // Upper bounds assume nobody else uses the Page: this reading says
+                        // someone does. The lower bounds hold regardless.
+                        b.upper = b.lower;
+                    } else {
+                        // This reading's lower bound overshoots what the Page showed before:
+                        // one of our calls was counted that Meta had not (a call slow to
+                        // arrive). A limit must never be learned too high.
+                        b.lower = b.upper;
+                    }
+                }
+                b
             }
-            // None yet, or at the limit: the lower bounds may be stale (the limit went down),
-            // so start again from this reading.
-            None => Bounds {
-                lower,
-                upper,
-                at: now,
-            },
         };
         self.bounds = Some(b);
     }

@@ -42,7 +42,7 @@ local key = KEYS[1]
 local tt = redis.call('TIME')
 local now = tonumber(tt[1]) * 1000000 + tonumber(tt[2])
 local SLOTS = 128
-local FIELDS = {'t','o','rp','ro','ra','rr','rsyn','bl','bu','bt','pu','pa','n','pr','px','ps','la','seq','fl','fx','mg'}
+local FIELDS = {'t','o','rp','ro','ra','rr','rsyn','bl','blt','bu','but','pu','pa','n','pr','px','ps','la','seq','fl','fx','mg'}
 
 local function load()
   local v = redis.call('HMGET', key, unpack(FIELDS))
@@ -100,12 +100,21 @@ local function fresh(S, P)
   return S.ra ~= nil and S.rp ~= nil and now - S.ra < P.W
 end
 
+-- Limit bounds in force: each for two windows after the reading that set it; none without
+-- a lower bound. An upper bound of -1 is none.
+local function bounds(S, P)
+  if S.bl == nil or S.blt == nil or now - S.blt >= 2 * P.W then return nil, nil end
+  local upper = S.bu or -1
+  if S.but == nil or now - S.but >= 2 * P.W then upper = -1 end
+  return S.bl, upper
+end
+
 local function limit(S, P)
   local g = P.guess
-  if S.bt ~= nil and S.bl ~= nil and now - S.bt < 2 * P.W then
-    local upper = S.bu or -1
-    if upper >= 0 and g > upper then return math.max(S.bl, 1), 1 end
-    if g < S.bl and P.learn then return S.bl, 2 end
+  local lower, upper = bounds(S, P)
+  if lower ~= nil then
+    if upper >= 0 and g > upper then return math.max(lower, 1), 1 end
+    if g < lower and P.learn then return lower, 2 end
   end
   return g, 0
 end
@@ -254,12 +263,14 @@ local function grant(probe)
   S.la = now
   local p = 0
   if probe then S.pr = 2; S.px = now + probe_ttl; S.ps = S.seq; p = 1 end
-  -- Calls Meta surely still counts when this one arrives; for learning the limit, also
-  -- without those sent within the last round trip (they may arrive after it).
+  -- Calls Meta surely still counts when this one arrives; for learning the limit, with a
+  -- whole round trip for it to arrive and without those sent within the last round trip
+  -- (they may arrive after it).
   local gone = sum_slots(S, S.o, math.floor((now + S.mg - P.W) / P.slot))
   local ours = math.max(S.t - gone, units)
+  local gone_late = sum_slots(S, S.o, math.floor((now + 2 * S.mg - P.W) / P.slot))
   local recent = sum_slots(S, math.floor((now - 2 * S.mg) / P.slot), idx) - units
-  local ours_low = math.max(ours - math.max(recent, 0), units)
+  local ours_low = math.max(S.t - gone_late - math.max(recent, 0), units)
   save(S, P)
   return {1, 0, 0, ours, S.seq, now, p, math.floor((est + 100 * units / L) * 1000), math.floor(L * 1000), S.t, 0, blind, ours_low}
 end
@@ -339,17 +350,21 @@ if has_usage then
     local lower = 100 * ours_low / (p + 1)
     local upper = -1
     if p >= 1 then upper = 100 * math.max(count, ours) / (p - 0.5) end
-    if S.bt ~= nil and S.bl ~= nil and now - S.bt < 2 * P.W and not throttled then
-      local lo = math.max(S.bl, lower)
-      local up = S.bu or -1
-      if up < 0 then up = upper elseif upper >= 0 then up = math.min(up, upper) end
-      -- Upper bounds assume nobody else uses the Page; lower bounds hold regardless.
-      if up >= 0 and up < lo then up = lo end
-      S.bl = lo; S.bu = up
+    local lo, up = bounds(S, P)
+    if lo == nil or throttled then
+      S.bl = lower; S.blt = now; S.bu = upper; S.but = now
     else
-      S.bl = lower; S.bu = upper
+      S.bl = lo
+      S.bu = up
+      if lower >= lo then S.bl = lower; S.blt = now end
+      if upper >= 0 and (up < 0 or upper <= up) then S.bu = upper; S.but = now end
+      if S.bu >= 0 and S.bl > S.bu then
+        -- Upper bounds assume nobody else uses the Page: if this reading lowered it, someone
+        -- does. Otherwise this reading's lower bound overshot (a call slow to arrive): a
+        -- limit must never be learned too high.
+        if S.but == now then S.bu = S.bl else S.bl = S.bu end
+      end
     end
-    S.bt = now
   end
   -- A call sent after the kept reading arrived knows better; of readings whose calls were
   -- in flight together, the one showing more usage wins.
