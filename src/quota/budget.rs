@@ -19,15 +19,21 @@
 //! the guess from above lower the limit to the proven lower bound; with `learn_limits` a lower
 //! bound above the guess raises it. Small readings bound little, so they leave the guess alone.
 //!
+//! **Counting what Meta counts.** Meta counts a call when it arrives, up to a round trip after
+//! we sent it, and replies may arrive in any order. So a call leaves our window half a recent
+//! round trip late; among readings from calls in flight together the one showing more usage
+//! wins; and the counts used to learn the limit leave out calls still on their way.
+//!
 //! **Admission.** Below the threshold (default 60 %) a call goes at once: no pacing, no queue.
 //! Between the threshold and the ceiling (100 % − headroom) what is left is spread over the
 //! time until the oldest counted calls leave the window, so a flood uses the whole budget
 //! without piling it into one instant. At the ceiling a call waits for counted calls to
 //! leave; when usage our calls do not explain blocks the bucket, one probe call refreshes the
-//! reading once that usage has probably drained. On a throttle code, or a reading at 100 %,
-//! the bucket pauses until Meta's `estimated_time_to_regain_access`, or without one until
-//! enough counted calls have left the window (doubling while probes keep being throttled),
-//! then sends one probe and resumes when it comes back unthrottled.
+//! reading once that usage has probably drained. On a throttle code the bucket pauses until
+//! Meta's `estimated_time_to_regain_access`, or without one until enough counted calls have
+//! left the window (doubling while probes keep being throttled), then sends one probe and
+//! resumes when it comes back unthrottled. A reading at 100 % without a throttle code only
+//! makes the bucket full (a regain time in it pauses).
 //!
 //! Until the first reading of a window only a few calls (1 % of the guess) may be in flight:
 //! a guess ten times too high must not put a whole burst in front of Meta unread.
@@ -97,9 +103,48 @@ impl Reading {
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Bounds {
     lower: f64,
-    lower_at: Instant,
     upper: f64,
-    upper_at: Instant,
+}
+
+/// Limit bounds over a sliding stretch of time: the readings of the current period and of the
+/// one before (each a window long), so a bound lasts one to two windows after the reading that
+/// set it while the tightest recent bound always holds (the limit itself moves, slowly).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct BoundsLog {
+    current: Bounds,
+    previous: Bounds,
+    since: Instant,
+}
+
+const NO_BOUNDS: Bounds = Bounds {
+    lower: 0.0,
+    upper: f64::INFINITY,
+};
+
+impl Bounds {
+    fn merge(self, other: Bounds) -> Bounds {
+        Bounds {
+            lower: self.lower.max(other.lower),
+            upper: self.upper.min(other.upper),
+        }
+    }
+}
+
+impl BoundsLog {
+    /// Moves the periods on to `now`.
+    fn roll(&mut self, now: Instant, window: Duration) {
+        let age = now.saturating_duration_since(self.since);
+        if age >= window * 2 {
+            (self.previous, self.current, self.since) = (NO_BOUNDS, NO_BOUNDS, now);
+        } else if age >= window {
+            (self.previous, self.current, self.since) = (self.current, NO_BOUNDS, now);
+        }
+    }
+
+    fn at(mut self, now: Instant, window: Duration) -> Option<Bounds> {
+        self.roll(now, window);
+        Some(self.current.merge(self.previous)).filter(|b| b.lower > 0.0)
+    }
 }
 
 /// Where the estimated limit comes from.
@@ -217,7 +262,7 @@ pub struct Budget {
     share: f64,
     window: Window,
     reading: Option<Reading>,
-    bounds: Option<Bounds>,
+    bounds: Option<BoundsLog>,
     paused_until: Option<Instant>,
     paused_at: Option<Instant>,
     throttles: u32,
@@ -278,19 +323,9 @@ impl Budget {
             .filter(|r| now.saturating_duration_since(r.at) < self.limits.window)
     }
 
-    /// The limit bounds still in force: each holds for two windows after the reading that
-    /// set it (the limit itself moves, slowly); without a lower bound there are none.
+    /// The limit bounds in force (none without a lower bound).
     fn bounds(&self, now: Instant) -> Option<Bounds> {
-        let fresh = |t: Instant| now.saturating_duration_since(t) < self.limits.window * 2;
-        let b = self.bounds.filter(|b| fresh(b.lower_at))?;
-        Some(Bounds {
-            upper: if fresh(b.upper_at) {
-                b.upper
-            } else {
-                f64::INFINITY
-            },
-            ..b
-        })
+        self.bounds?.at(now, self.limits.window)
     }
 
     /// The estimated limit (calls per window) and where it comes from.
@@ -618,40 +653,33 @@ impl Budget {
         } else {
             f64::INFINITY
         };
-        let fresh = Bounds {
-            lower,
-            lower_at: now,
-            upper,
-            upper_at: now,
-        };
-        let b = match self.bounds(now).filter(|_| !at_limit) {
+        let window = self.limits.window;
+        let mut log = match self.bounds.filter(|_| !at_limit) {
+            Some(mut log) => {
+                log.roll(now, window);
+                log
+            }
             // None yet, or at the limit (the bounds may be stale: the limit went down): start
             // again from this reading.
-            None => fresh,
-            Some(mut b) => {
-                // The tighter bound wins, and is dated by the reading that set it.
-                if lower >= b.lower {
-                    (b.lower, b.lower_at) = (lower, now);
-                }
-                if upper <= b.upper {
-                    (b.upper, b.upper_at) = (upper, now);
-                }
-                if b.lower > b.upper {
-                    if b.upper_at == now {
-                        // Upper bounds assume nobody else uses the Page: this reading says
-                        // someone does. The lower bounds hold regardless.
-                        b.upper = b.lower;
-                    } else {
-                        // This reading's lower bound overshoots what the Page showed before:
-                        // one of our calls was counted that Meta had not (a call slow to
-                        // arrive). A limit must never be learned too high.
-                        b.lower = b.upper;
-                    }
-                }
-                b
-            }
+            None => BoundsLog {
+                current: NO_BOUNDS,
+                previous: NO_BOUNDS,
+                since: now,
+            },
         };
-        self.bounds = Some(b);
+        let held = log.current.merge(log.previous);
+        // Upper bounds assume nobody else uses the Page: one below what the Page has shown
+        // says someone does, and is ignored (lower bounds hold regardless). A lower bound
+        // above what the Page has shown means one of our calls was counted that Meta had not
+        // yet (slow to arrive): a limit must never be learned too high.
+        let lower = lower.min(held.upper);
+        let upper = if upper >= held.lower {
+            upper
+        } else {
+            f64::INFINITY
+        };
+        log.current = log.current.merge(Bounds { lower, upper });
+        self.bounds = Some(log);
     }
 
     /// When counted usage next starts to drop: the oldest counted calls leave, or the
@@ -753,26 +781,9 @@ impl Budget {
             .saturating_duration_since(now)
     }
 
-    /// Units that may still go before the ceiling (for the RateLimit header).
-    pub fn remaining(&mut self, now: Instant) -> u32 {
-        let est = self.estimate(now);
-        let room = (self.limits.ceiling_pct() - est.usage_pct) / est.per_call_pct;
-        room.max(0.0).floor() as u32
-    }
-
     /// When the oldest counted calls leave the window (for the RateLimit header).
     pub fn next_release_at(&self, now: Instant) -> Option<Instant> {
         self.next_release(now)
-    }
-
-    /// Nothing worth remembering: no pause, reading, bounds or counted call.
-    pub fn is_idle(&mut self, now: Instant) -> bool {
-        self.window.count(now) == 0
-            && self.in_flight == 0
-            && self.paused_until(now).is_none()
-            && self.reading(now).is_none()
-            && self.bounds(now).is_none()
-            && self.probe == Probe::Off
     }
 }
 

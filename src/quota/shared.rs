@@ -42,7 +42,7 @@ local key = KEYS[1]
 local tt = redis.call('TIME')
 local now = tonumber(tt[1]) * 1000000 + tonumber(tt[2])
 local SLOTS = 128
-local FIELDS = {'t','o','rp','ro','ra','rr','rsyn','bl','blt','bu','but','pu','pa','n','pr','px','ps','la','seq','fl','fx','mg'}
+local FIELDS = {'t','o','rp','ro','ra','rr','rsyn','bl1','bu1','bl0','bu0','bs','pu','pa','n','pr','px','ps','la','seq','fl','fx','mg'}
 
 local function load()
   local v = redis.call('HMGET', key, unpack(FIELDS))
@@ -100,13 +100,29 @@ local function fresh(S, P)
   return S.ra ~= nil and S.rp ~= nil and now - S.ra < P.W
 end
 
--- Limit bounds in force: each for two windows after the reading that set it; none without
--- a lower bound. An upper bound of -1 is none.
+-- Limit bounds over the readings of the current period and the one before (a window each):
+-- lower (0: none) and upper (-1: none).
+local function roll(S, P)
+  if S.bs == nil then return end
+  local age = now - S.bs
+  if age >= 2 * P.W then
+    S.bl1 = 0; S.bu1 = -1; S.bl0 = 0; S.bu0 = -1; S.bs = now
+  elseif age >= P.W then
+    S.bl0 = S.bl1; S.bu0 = S.bu1; S.bl1 = 0; S.bu1 = -1; S.bs = now
+  end
+end
+
+local function min_upper(a, b)
+  if a == nil or a < 0 then return b or -1 end
+  if b == nil or b < 0 then return a end
+  return math.min(a, b)
+end
+
 local function bounds(S, P)
-  if S.bl == nil or S.blt == nil or now - S.blt >= 2 * P.W then return nil, nil end
-  local upper = S.bu or -1
-  if S.but == nil or now - S.but >= 2 * P.W then upper = -1 end
-  return S.bl, upper
+  roll(S, P)
+  local lower = math.max(S.bl1 or 0, S.bl0 or 0)
+  if lower <= 0 then return nil, nil end
+  return lower, min_upper(S.bu1, S.bu0)
 end
 
 local function limit(S, P)
@@ -352,18 +368,15 @@ if has_usage then
     if p >= 1 then upper = 100 * math.max(count, ours) / (p - 0.5) end
     local lo, up = bounds(S, P)
     if lo == nil or throttled then
-      S.bl = lower; S.blt = now; S.bu = upper; S.but = now
+      S.bl1 = lower; S.bu1 = upper; S.bl0 = 0; S.bu0 = -1; S.bs = now
     else
-      S.bl = lo
-      S.bu = up
-      if lower >= lo then S.bl = lower; S.blt = now end
-      if upper >= 0 and (up < 0 or upper <= up) then S.bu = upper; S.but = now end
-      if S.bu >= 0 and S.bl > S.bu then
-        -- Upper bounds assume nobody else uses the Page: if this reading lowered it, someone
-        -- does. Otherwise this reading's lower bound overshot (a call slow to arrive): a
-        -- limit must never be learned too high.
-        if S.but == now then S.bu = S.bl else S.bl = S.bu end
-      end
+      -- Upper bounds assume nobody else uses the Page: one below what the Page has shown says
+      -- someone does, and is ignored. A lower bound above it means a call of ours counted
+      -- before Meta had it (slow to arrive): a limit must never be learned too high.
+      if up >= 0 and lower > up then lower = up end
+      if upper >= 0 and upper < lo then upper = -1 end
+      S.bl1 = math.max(S.bl1 or 0, lower)
+      S.bu1 = min_upper(S.bu1, upper)
     end
   end
   -- A call sent after the kept reading arrived knows better; of readings whose calls were
