@@ -56,6 +56,8 @@ struct Granted {
 struct Waiter {
     tx: oneshot::Sender<Granted>,
     units: u32,
+    /// An earlier bucket of the same call already passed the app gate (or took its probe).
+    gate_held: bool,
 }
 
 /// The fleet's view of a bucket from the last Redis decision.
@@ -484,7 +486,14 @@ impl Scheduler {
         let m = &self.inner.metrics;
         for (key, &units) in &charge.0 {
             let bucket = self.inner.bucket(key);
-            match self.inner.admit_one(&bucket, units, prio, deadline).await {
+            // The app gate is passed once per call: a call spanning Pages that took the gate's
+            // probe for its first bucket must not wait on that same probe for the next.
+            let gate_held = !admission.held.is_empty();
+            match self
+                .inner
+                .admit_one(&bucket, units, prio, deadline, gate_held)
+                .await
+            {
                 Ok(g) => {
                     admission.gate_probe |= g.gate_probe;
                     admission.held.push(Held {
@@ -802,13 +811,19 @@ impl Inner {
     }
 
     /// Decides locally for a call of `units`, the app gate included.
-    fn try_local(&self, st: &mut State, units: u32, now: Instant) -> Result<Granted, Hold> {
+    fn try_local(
+        &self,
+        st: &mut State,
+        units: u32,
+        now: Instant,
+        gate_held: bool,
+    ) -> Result<Granted, Hold> {
         if let Some(s) = &self.shared {
             if let Some(until) = s.app_paused_until(now) {
                 self.gate.mirror(until, now);
             }
         }
-        let gate_probe_due = self.gate.check(now)?;
+        let gate_probe_due = !gate_held && self.gate.check(now)?;
         let probe = st.budget.decide(units, now)?;
         let gate_probe = gate_probe_due && self.gate.take_probe();
         if gate_probe_due && !gate_probe {
@@ -832,12 +847,14 @@ impl Inner {
         bucket: &Bucket,
         shared: &SharedBudgets,
         units: u32,
+        gate_held: bool,
     ) -> Option<Result<Granted, Hold>> {
         let now = Instant::now();
         if let Some(until) = shared.app_paused_until(now) {
             self.gate.mirror(until, now);
         }
         let gate_probe = match self.gate.check(now) {
+            _ if gate_held => false,
             Ok(p) => p,
             Err(h) => return Some(Err(h)),
         };
@@ -962,6 +979,7 @@ impl Inner {
         units: u32,
         prio: usize,
         deadline: Instant,
+        gate_held: bool,
     ) -> Result<Granted, ProxyError> {
         let shared = self.shared.clone().filter(|s| s.is_up());
         let mut redis_failed = false;
@@ -971,7 +989,7 @@ impl Inner {
                 !st.queued() && st.hold.is_none_or(|h| h.until <= Instant::now())
             };
             if free {
-                match self.ask_redis(bucket, s, units).await {
+                match self.ask_redis(bucket, s, units, gate_held).await {
                     Some(Ok(g)) => return Ok(g),
                     Some(Err(_)) => {}
                     None => redis_failed = true,
@@ -984,7 +1002,7 @@ impl Inner {
             if shared.is_none() || redis_failed {
                 st.budget.set_share(self.local_share());
                 if !st.queued() {
-                    match self.try_local(&mut st, units, now) {
+                    match self.try_local(&mut st, units, now, gate_held) {
                         Ok(g) => {
                             if let Some(s) = &self.shared {
                                 s.count("local");
@@ -1015,7 +1033,11 @@ impl Inner {
             };
             self.metrics.quota_waits.with_label_values(&[why]).inc();
             let (tx, rx) = oneshot::channel();
-            st.queues[prio].push_back(Waiter { tx, units });
+            st.queues[prio].push_back(Waiter {
+                tx,
+                units,
+                gate_held,
+            });
             st.waiting_units[prio] = st.waiting_units[prio].saturating_add(units);
             st.depth += 1;
             st.compact(self.settings.max_queue_depth);
@@ -1279,7 +1301,7 @@ async fn pump(inner: Arc<Inner>, bucket: Arc<Bucket>) {
         let step = {
             let now = Instant::now();
             let mut st = bucket.lock();
-            let Some(units) = st.head().map(|w| w.units) else {
+            let Some((units, gate_held)) = st.head().map(|w| (w.units, w.gate_held)) else {
                 st.pump_running = false;
                 return;
             };
@@ -1297,7 +1319,7 @@ async fn pump(inner: Arc<Inner>, bucket: Arc<Bucket>) {
                 None => {
                     force_local = false;
                     st.budget.set_share(inner.local_share());
-                    match inner.try_local(&mut st, units, now) {
+                    match inner.try_local(&mut st, units, now, gate_held) {
                         Ok(g) => {
                             st.hold = None;
                             if let Some((_, w)) = st.pop_head() {
@@ -1321,7 +1343,9 @@ async fn pump(inner: Arc<Inner>, bucket: Arc<Bucket>) {
         let sleep_until = match (step, &redis) {
             (Err(until), _) => until,
             (Ok((prio, waiter)), Some(s)) => {
-                let decision = inner.ask_redis(&bucket, s, waiter.units).await;
+                let decision = inner
+                    .ask_redis(&bucket, s, waiter.units, waiter.gate_held)
+                    .await;
                 let mut st = bucket.lock();
                 st.asking = false;
                 match decision {

@@ -814,13 +814,16 @@ async fn a_flood_of_distinct_ids_under_an_app_throttle_stays_bounded_and_stops_a
         status["app_paused_until"]
     );
 
-    // Graph recovers: after the pause one probe goes, then calls flow again.
+    // Graph recovers: after the pause one probe goes, then calls flow again. The probe is a
+    // call charged to two Pages: it passes the gate once, not once per Page.
     s.graph.set_fault(Fault::None);
     let mut ok = false;
     let until = Instant::now() + Duration::from_secs(10);
     while !ok && Instant::now() < until {
         let r = s
-            .get(&format!("/1001?fields=id&access_token={ADMIN_KEY}"))
+            .get(&format!(
+                "/?ids=1001,1002&fields=id&access_token={ADMIN_KEY}"
+            ))
             .await;
         ok = r.status == StatusCode::OK;
         if !ok {
