@@ -157,7 +157,7 @@ pub fn to_toml(c: &Config) -> String {
         ("timeout_ms", Some(ms(r.timeout))),
         (
             "local_budget_fraction",
-            Some(Value::Float(r.local_budget_fraction)),
+            r.local_budget_fraction.map(Value::Float),
         ),
     ]);
     let q = &c.quota;
@@ -174,8 +174,10 @@ pub fn to_toml(c: &Config) -> String {
             "slowdown_threshold_pct",
             Some(int(q.slowdown_threshold_pct)),
         ),
-        ("throttle_backoff_ms", Some(ms(q.throttle_backoff))),
         ("app_calls", Some(int(q.app_calls))),
+        ("learn_limits", Some(Value::Boolean(q.learn_limits))),
+        ("metrics_top_pages", Some(int(q.metrics_top_pages))),
+        ("max_buckets", Some(int(q.max_buckets))),
         ("queue_timeout_ms", Some(ms(q.queue_timeout))),
         ("max_queue_depth", Some(int(q.max_queue_depth))),
         ("pages", Some(Value::Array(pages))),
@@ -275,6 +277,7 @@ mod tests {
         ttl_s = 15
         [redis]
         url = "redis://:redis-password-secret@redis:6379"
+        local_budget_fraction = 0.5
         [quota]
         app_calls = 100
         [[quota.pages]]
