@@ -237,6 +237,39 @@ mod tests {
         out
     }
 
+    /// `section.key` of every key row in docs/configuration.md (`## [section]` headings, rows
+    /// starting with a backquoted key).
+    fn reference_keys() -> std::collections::BTreeSet<String> {
+        let text = include_str!("../../docs/configuration.md");
+        let mut section = String::new();
+        let mut out = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            if let Some(h) = line.strip_prefix("## ") {
+                section = h.trim_matches(|c| c == '[' || c == ']').to_string();
+                if !section
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_' || b == b'.')
+                {
+                    section.clear();
+                }
+            } else if let Some(rest) = line.strip_prefix("| `") {
+                if let Some((key, _)) = rest.split_once('`') {
+                    out.insert(
+                        format!("{section}.{key}")
+                            .trim_start_matches('.')
+                            .to_string(),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_configuration_reference_lists_every_key_of_the_example_file() {
+        assert_eq!(reference_keys(), documented_keys());
+    }
+
     fn printed_keys(doc: &Table, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
         for (k, v) in doc {
             let name = format!("{prefix}{k}");
