@@ -1,7 +1,7 @@
 //! The admin listener: `/healthz` (process alive), `/readyz` (accepting traffic; fails while
 //! draining), `/metrics` (Prometheus text). Endpoints under `/admin/` require the admin token
 //! (`Authorization: Bearer <server.admin_token>`) and are refused when none is configured:
-//! - `GET /admin/pages`: quota status of every known Page;
+//! - `GET /admin/pages`: the quota estimate of the busiest Pages and why calls wait;
 //! - `POST /admin/cache/purge?node=ID | ?prefix=READABLE_KEY_PREFIX | ?all=true` → `{"purged": N}`.
 
 use bytes::Bytes;

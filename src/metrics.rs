@@ -77,8 +77,9 @@ pub struct Metrics {
     /// Scale-out on Redis: link health, errors, leases, shared admissions.
     pub redis: RedisMetrics,
 
-    // --- Quota scheduler (src/quota). Per-Page series only for Pages listed in
-    // `[[quota.pages]]`, so label cardinality is bounded by configuration. ---
+    // --- Quota scheduler (src/quota). Per-Page series for Pages listed in `[[quota.pages]]`
+    // and the `quota.metrics_top_pages` busiest others (series of Pages that drop out of the
+    // top are removed), so label cardinality is bounded by configuration. ---
     /// Calls waiting for budget, all buckets.
     pub quota_queue_depth: IntGauge,
     /// Time from arrival at the scheduler to admission or rejection, by outcome.
@@ -87,6 +88,9 @@ pub struct Metrics {
     pub quota_dispatches: IntCounterVec,
     /// Calls refused by the scheduler, by reason (queue_timeout, queue_full).
     pub quota_rejections: IntCounterVec,
+    /// Calls that could not go at once and queued, by why (paused, probing,
+    /// awaiting_first_reading, pacing, full, app_paused, queued_behind).
+    pub quota_waits: IntCounterVec,
     /// Throttled GETs put back into their queue instead of answered.
     pub quota_requeues: IntCounter,
     /// Throttle codes received from Graph, by scope (page, app, user, custom, buc).
@@ -95,19 +99,27 @@ pub struct Metrics {
     pub quota_paused_buckets: IntGauge,
     /// Last X-App-Usage percentages, by metric (call_count, total_time, total_cputime).
     pub quota_app_usage: GaugeVec,
-    /// Last X-Business-Use-Case-Usage percentages of listed Pages, by page and metric.
+    /// Last X-Business-Use-Case-Usage percentages of a Page, by page and metric.
     pub quota_page_usage: GaugeVec,
-    /// Queue depth of listed Pages.
+    /// Queue depth of a Page.
     pub quota_page_queue_depth: IntGaugeVec,
-    /// Current rate multiplier (1 = full static budget) of listed Pages.
-    pub quota_page_rate_factor: GaugeVec,
+    /// Estimated usage of a Page's limit, 0–1 (latest reading plus calls since).
+    pub quota_page_usage_ratio: GaugeVec,
+    /// Estimated limit of a Page, calls per window.
+    pub quota_page_estimated_limit: GaugeVec,
+    /// Calls graphgate sent for a Page in the current window.
+    pub quota_page_calls_in_window: IntGaugeVec,
+    /// Quota buckets held (bounded by `quota.max_buckets` plus those in use).
+    pub quota_buckets: IntGauge,
+    /// 1 while Graph's app-level throttle holds every call.
+    pub quota_app_paused: IntGauge,
     /// Refreshes the time-dependent quota gauges just before a scrape.
     quota_refresh: OnceLock<Box<dyn Fn() + Send + Sync>>,
 
     // --- Observability (issue 6): per-Page throttle state for alerting, listed Pages only. ---
-    /// 1 while a Page listed in `[[quota.pages]]` is paused (throttle code or 100 % usage).
+    /// 1 while a Page is paused (throttle code or 100 % usage).
     pub quota_page_paused: IntGaugeVec,
-    /// Throttle codes Graph returned for calls charged to a Page listed in `[[quota.pages]]`.
+    /// Throttle codes Graph returned for calls charged to a Page with per-Page series.
     pub quota_page_throttles: IntCounterVec,
 
     // --- Read cache (issue 3) ---
@@ -535,6 +547,12 @@ impl Metrics {
                 "Calls refused with 429 by the quota scheduler, by reason.",
                 &["reason"],
             ),
+            quota_waits: counter_vec(
+                &r,
+                "graphgate_quota_waits_total",
+                "Calls that queued for quota instead of going at once, by why.",
+                &["reason"],
+            ),
             quota_requeues: counter(
                 &r,
                 "graphgate_quota_requeues_total",
@@ -560,32 +578,54 @@ impl Metrics {
             quota_page_usage: gauge_vec(
                 &r,
                 "graphgate_quota_page_usage_percent",
-                "Last X-Business-Use-Case-Usage reading of Pages listed in [[quota.pages]].",
+                "Last X-Business-Use-Case-Usage reading of a Page (listed and busiest Pages).",
                 &["page", "metric"],
             ),
             quota_page_queue_depth: int_gauge_vec(
                 &r,
                 "graphgate_quota_page_queue_depth",
-                "Calls waiting for budget, for Pages listed in [[quota.pages]].",
+                "Calls waiting for budget, per Page (listed and busiest Pages).",
                 &["page"],
             ),
-            quota_page_rate_factor: gauge_vec(
+            quota_page_usage_ratio: gauge_vec(
                 &r,
-                "graphgate_quota_page_rate_factor",
-                "Rate multiplier from usage headers (1 = full budget), for Pages listed in [[quota.pages]].",
+                "graphgate_quota_page_usage_ratio",
+                "Estimated usage of the Page's limit, 0-1: latest reading plus calls sent since (listed and busiest Pages).",
                 &["page"],
+            ),
+            quota_page_estimated_limit: gauge_vec(
+                &r,
+                "graphgate_quota_page_estimated_limit",
+                "Estimated limit of the Page, calls per window (page_calls unless readings show otherwise).",
+                &["page"],
+            ),
+            quota_page_calls_in_window: int_gauge_vec(
+                &r,
+                "graphgate_quota_page_calls_in_window",
+                "Calls sent for the Page in the current window (the fleet's with Redis).",
+                &["page"],
+            ),
+            quota_buckets: gauge(
+                &r,
+                "graphgate_quota_buckets",
+                "Quota buckets held (bounded by quota.max_buckets plus those in use).",
+            ),
+            quota_app_paused: gauge(
+                &r,
+                "graphgate_quota_app_paused",
+                "1 while Graph's app-level throttle holds every call.",
             ),
             quota_refresh: OnceLock::new(),
             quota_page_paused: int_gauge_vec(
                 &r,
                 "graphgate_quota_page_paused",
-                "1 while the Page is paused after a throttle code or 100 % usage, for Pages listed in [[quota.pages]].",
+                "1 while the Page is paused after a throttle code or 100 % usage (listed and busiest Pages).",
                 &["page"],
             ),
             quota_page_throttles: counter_vec(
                 &r,
                 "graphgate_quota_page_throttles_total",
-                "Throttle codes Graph returned for calls charged to the Page, for Pages listed in [[quota.pages]].",
+                "Throttle codes Graph returned for calls charged to the Page (listed and busiest Pages).",
                 &["page"],
             ),
             hot: HotSeries::new(),
@@ -711,6 +751,17 @@ impl Metrics {
             &[&["queue_timeout"], &["queue_full"]],
         );
         touch(&self.quota_dispatches, &[&["page"], &["app"]]);
+        for reason in [
+            "paused",
+            "probing",
+            "awaiting_first_reading",
+            "pacing",
+            "full",
+            "app_paused",
+            "queued_behind",
+        ] {
+            self.quota_waits.with_label_values(&[reason]);
+        }
         for scope in ["app", "user", "page", "custom", "buc"] {
             self.quota_throttles.with_label_values(&[scope]);
         }
@@ -738,6 +789,19 @@ impl Metrics {
         self.redis.configured.set(1);
         // Registering twice (a second link on one registry) is refused and harmless.
         let _ = self.registry.register(Box::new(self.redis.up.clone()));
+    }
+
+    /// Drops every per-Page quota series of `page` (it left the busiest Pages).
+    pub fn remove_page_series(&self, page: &str) {
+        let _ = self.quota_page_usage_ratio.remove_label_values(&[page]);
+        let _ = self.quota_page_estimated_limit.remove_label_values(&[page]);
+        let _ = self.quota_page_calls_in_window.remove_label_values(&[page]);
+        let _ = self.quota_page_queue_depth.remove_label_values(&[page]);
+        let _ = self.quota_page_paused.remove_label_values(&[page]);
+        let _ = self.quota_page_throttles.remove_label_values(&[page]);
+        for metric in ["call_count", "total_time", "total_cputime"] {
+            let _ = self.quota_page_usage.remove_label_values(&[page, metric]);
+        }
     }
 
     /// Installs the quota scheduler's gauge refresh (once per registry).

@@ -623,7 +623,10 @@ impl Engine<'_> {
         };
         let r = self.st.charge(key, limit, self.cfg.page_window, self.now);
         let pct = r.percent();
+        let quiet = pct == 0 && self.st.omit_zero_usage;
         match key {
+            // Meta leaves the usage headers out when usage is about 0.
+            _ if quiet => {}
             QuotaKey::Page(p) => {
                 usage.pages.insert(
                     p.clone(),

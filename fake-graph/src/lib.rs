@@ -335,6 +335,19 @@ impl FakeGraph {
         self.inner.lock().reset_windows();
     }
 
+    /// Models usage that graphgate's calls do not explain: `calls` calls of other apps stay
+    /// in Page `page_id`'s window (counted in its usage headers and against its limit) until
+    /// set again; 0 removes them.
+    pub fn set_other_usage(&self, page_id: &str, calls: u64) {
+        self.inner.lock().set_other_usage(page_id, calls);
+    }
+
+    /// Leaves the usage headers out of replies whose usage rounds to 0 %, as Meta does
+    /// (default: always sent).
+    pub fn set_omit_zero_usage(&self, omit: bool) {
+        self.inner.lock().omit_zero_usage = omit;
+    }
+
     /// Every request received, oldest first (bounded; see [`FakeGraph::set_record_limit`]).
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.inner.lock().recorded.iter().cloned().collect()

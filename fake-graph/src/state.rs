@@ -159,6 +159,11 @@ pub(crate) struct State {
     system_tokens: HashSet<String>,
     revoked: HashSet<String>,
     windows: HashMap<QuotaKey, VecDeque<Instant>>,
+    /// Calls of other apps always present in a Page's window (see
+    /// [`super::FakeGraph::set_other_usage`]).
+    other_usage: HashMap<String, u64>,
+    /// Leave the usage headers out at 0 %, as Meta does.
+    pub omit_zero_usage: bool,
     pub counters: Counters,
     pub recorded: VecDeque<RecordedRequest>,
     /// What the engine executed (calls, `ids=` reads, batch operations), oldest first.
@@ -191,6 +196,8 @@ impl State {
             system_tokens: cfg.system_user_tokens.iter().cloned().collect(),
             revoked: HashSet::new(),
             windows: HashMap::new(),
+            other_usage: HashMap::new(),
+            omit_zero_usage: false,
             counters: Counters::default(),
             recorded: VecDeque::new(),
             executed: VecDeque::new(),
@@ -266,7 +273,11 @@ impl State {
             log.pop_front();
         }
         log.push_back(now);
-        let count = log.len() as u64;
+        let others = match key {
+            QuotaKey::Page(p) => self.other_usage.get(p).copied().unwrap_or(0),
+            QuotaKey::App => 0,
+        };
+        let count = log.len() as u64 + others;
         let limit = u64::from(limit);
         let throttled = count > limit;
         let regain_minutes = match (throttled, log.front()) {
@@ -301,6 +312,15 @@ impl State {
     /// Forgets all rate-limit history (not part of Graph; lets benches start from a clean slate).
     pub fn reset_windows(&mut self) {
         self.windows.clear();
+    }
+
+    /// Other apps' calls in `page`'s window from now on (0 removes them).
+    pub fn set_other_usage(&mut self, page: &str, calls: u64) {
+        if calls == 0 {
+            self.other_usage.remove(page);
+        } else {
+            self.other_usage.insert(page.to_string(), calls);
+        }
     }
 
     pub fn record(&mut self, req: RecordedRequest) {

@@ -658,6 +658,52 @@ async fn page_throttling_and_usage_headers() {
 }
 
 #[tokio::test]
+async fn other_apps_usage_counts_and_zero_usage_can_be_left_out() {
+    let fg = start(FakeGraphConfig {
+        page_calls_limit: 10,
+        ..Default::default()
+    })
+    .await;
+    let c = creds(&fg, SYS);
+    fg.set_other_usage("1001", 8);
+    let r = get(&fg, &format!("/1001?{c}")).await;
+    assert_eq!(buc(&r, "1001")["call_count"], 90);
+    get(&fg, &format!("/1001_1?{c}")).await;
+    // 8 others + 3 of ours: over the limit of 10.
+    assert_eq!(get(&fg, &format!("/1001_2?{c}")).await.code(), 80001);
+    // Page 1002 is not affected; cleared, 1001 counts only our calls again.
+    assert_eq!(
+        buc(&get(&fg, &format!("/1002?{c}")).await, "1002")["call_count"],
+        10
+    );
+    fg.set_other_usage("1001", 0);
+    assert_eq!(
+        buc(&get(&fg, &format!("/1001?{c}")).await, "1001")["call_count"],
+        40
+    );
+    fg.shutdown();
+
+    // Meta's headers are absent near 0 % when asked so.
+    let fg = start(FakeGraphConfig {
+        page_calls_limit: 1000,
+        ..Default::default()
+    })
+    .await;
+    fg.set_omit_zero_usage(true);
+    let r = get(&fg, &format!("/1001?{c}")).await;
+    assert_eq!(r.status, 200);
+    assert!(r.header("x-business-use-case-usage").is_none());
+    for n in 1..10 {
+        get(&fg, &format!("/1001_{n}?{c}")).await;
+    }
+    assert_eq!(
+        buc(&get(&fg, &format!("/1001?{c}")).await, "1001")["call_count"],
+        1
+    );
+    fg.shutdown();
+}
+
+#[tokio::test]
 async fn sliding_window_expires() {
     let fg = start(FakeGraphConfig {
         page_calls_limit: 2,

@@ -157,7 +157,7 @@ pub fn to_toml(c: &Config) -> String {
         ("timeout_ms", Some(ms(r.timeout))),
         (
             "local_budget_fraction",
-            Some(Value::Float(r.local_budget_fraction)),
+            r.local_budget_fraction.map(Value::Float),
         ),
     ]);
     let q = &c.quota;
@@ -174,8 +174,10 @@ pub fn to_toml(c: &Config) -> String {
             "slowdown_threshold_pct",
             Some(int(q.slowdown_threshold_pct)),
         ),
-        ("throttle_backoff_ms", Some(ms(q.throttle_backoff))),
         ("app_calls", Some(int(q.app_calls))),
+        ("learn_limits", Some(Value::Boolean(q.learn_limits))),
+        ("metrics_top_pages", Some(int(q.metrics_top_pages))),
+        ("max_buckets", Some(int(q.max_buckets))),
         ("queue_timeout_ms", Some(ms(q.queue_timeout))),
         ("max_queue_depth", Some(int(q.max_queue_depth))),
         ("pages", Some(Value::Array(pages))),
@@ -235,6 +237,39 @@ mod tests {
         out
     }
 
+    /// `section.key` of every key row in docs/configuration.md (`## [section]` headings, rows
+    /// starting with a backquoted key).
+    fn reference_keys() -> std::collections::BTreeSet<String> {
+        let text = include_str!("../../docs/configuration.md");
+        let mut section = String::new();
+        let mut out = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            if let Some(h) = line.strip_prefix("## ") {
+                section = h.trim_matches(|c| c == '[' || c == ']').to_string();
+                if !section
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_' || b == b'.')
+                {
+                    section.clear();
+                }
+            } else if let Some(rest) = line.strip_prefix("| `") {
+                if let Some((key, _)) = rest.split_once('`') {
+                    out.insert(
+                        format!("{section}.{key}")
+                            .trim_start_matches('.')
+                            .to_string(),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_configuration_reference_lists_every_key_of_the_example_file() {
+        assert_eq!(reference_keys(), documented_keys());
+    }
+
     fn printed_keys(doc: &Table, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
         for (k, v) in doc {
             let name = format!("{prefix}{k}");
@@ -275,6 +310,7 @@ mod tests {
         ttl_s = 15
         [redis]
         url = "redis://:redis-password-secret@redis:6379"
+        local_budget_fraction = 0.5
         [quota]
         app_calls = 100
         [[quota.pages]]

@@ -367,7 +367,7 @@ pages = ["1001"]
         assert_eq!(c.server.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(c.quota.page_calls, 600);
         assert!(!c.cache.compress);
-        assert_eq!(c.redis.local_budget_fraction, 0.25);
+        assert_eq!(c.redis.local_budget_fraction, Some(0.25));
         assert_eq!(c.quota.pages, [("1001".to_string(), 60)]);
         assert_eq!(c.cache.rules[0].pattern, "/*/feed");
         // Lower-case variable names are not ours (the prefix is upper case).

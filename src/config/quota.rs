@@ -14,9 +14,11 @@ pub(super) struct RawQuota {
     queue_timeout_ms: u64,
     max_queue_depth: usize,
     slowdown_threshold_pct: u32,
-    throttle_backoff_ms: u64,
     headroom_pct: u32,
     app_calls: Option<u32>,
+    learn_limits: bool,
+    metrics_top_pages: usize,
+    max_buckets: usize,
     pages: Vec<RawQuotaPage>,
 }
 
@@ -27,10 +29,12 @@ impl Default for RawQuota {
             page_window_s: 3600,
             queue_timeout_ms: 10_000,
             max_queue_depth: 1000,
-            slowdown_threshold_pct: 75,
-            throttle_backoff_ms: 60_000,
+            slowdown_threshold_pct: 60,
             headroom_pct: 2,
             app_calls: None,
+            learn_limits: false,
+            metrics_top_pages: 50,
+            max_buckets: 50_000,
             pages: Vec::new(),
         }
     }
@@ -49,14 +53,19 @@ pub struct QuotaConfig {
     pub page_window: Duration,
     pub queue_timeout: Duration,
     pub max_queue_depth: usize,
-    /// Usage percentage above which a bucket's rate slows down (100 = never slow down).
+    /// Estimated usage (percent) below which calls go at once; above it, what is left is
+    /// spread until counted calls leave the window.
     pub slowdown_threshold_pct: u32,
-    /// Pause after a throttle code (or 100 % usage) when Meta gives no regain time.
-    pub throttle_backoff: Duration,
-    /// Percent of the static ceiling left unused to absorb jitter (and allow small bursts).
+    /// Percent of the limit never used: the admission ceiling is `100 − headroom_pct`.
     pub headroom_pct: u32,
-    /// Static ceiling of the app-level bucket per `page_window`.
+    /// Starting guess of the app-level bucket per `page_window`.
     pub app_calls: u32,
+    /// Whether a limit learned from usage readings may go above `page_calls`.
+    pub learn_limits: bool,
+    /// Per-Page metric series for this many of the busiest Pages (listed Pages always).
+    pub metrics_top_pages: usize,
+    /// Quota buckets kept (plus those in use by a call).
+    pub max_buckets: usize,
     /// Listed Pages: their ceiling (the default when not overridden); they also get per-Page
     /// metric series.
     pub pages: Vec<(String, u32)>,
@@ -88,6 +97,9 @@ impl RawQuota {
         if q.max_queue_depth == 0 {
             return Err(invalid("quota.max_queue_depth", "must be positive"));
         }
+        if q.max_buckets == 0 {
+            return Err(invalid("quota.max_buckets", "must be positive"));
+        }
         if !(1..=100).contains(&q.slowdown_threshold_pct) {
             return Err(invalid("quota.slowdown_threshold_pct", "must be 1 to 100"));
         }
@@ -103,9 +115,11 @@ impl RawQuota {
             queue_timeout: Duration::from_millis(q.queue_timeout_ms),
             max_queue_depth: q.max_queue_depth,
             slowdown_threshold_pct: q.slowdown_threshold_pct,
-            throttle_backoff: Duration::from_millis(q.throttle_backoff_ms),
             headroom_pct: q.headroom_pct,
             app_calls: q.app_calls.unwrap_or(q.page_calls),
+            learn_limits: q.learn_limits,
+            metrics_top_pages: q.metrics_top_pages,
+            max_buckets: q.max_buckets,
             pages: q
                 .pages
                 .into_iter()
@@ -125,9 +139,11 @@ mod tests {
     #[test]
     fn quota_keys_have_defaults_and_are_checked() {
         let c = Config::from_toml(MIN, no_env).unwrap();
-        assert_eq!(c.quota.slowdown_threshold_pct, 75);
-        assert_eq!(c.quota.throttle_backoff, Duration::from_secs(60));
+        assert_eq!(c.quota.slowdown_threshold_pct, 60);
         assert_eq!(c.quota.headroom_pct, 2);
+        assert!(!c.quota.learn_limits);
+        assert_eq!(c.quota.metrics_top_pages, 50);
+        assert_eq!(c.quota.max_buckets, 50_000);
         assert_eq!(c.quota.app_calls, 4800);
         let text = format!("{MIN}\n[quota]\npage_calls = 10\n[[quota.pages]]\nid = \"1001\"\n[[quota.pages]]\nid = \"1002\"\npage_calls = 5\n");
         let c = Config::from_toml(&text, no_env).unwrap();
@@ -140,6 +156,7 @@ mod tests {
             "slowdown_threshold_pct = 0",
             "headroom_pct = 50",
             "max_queue_depth = 0",
+            "max_buckets = 0",
         ] {
             let text = format!("{MIN}\n[quota]\n{bad}\n");
             let err = Config::from_toml(&text, no_env).unwrap_err().to_string();

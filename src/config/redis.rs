@@ -14,7 +14,7 @@ pub(super) struct RawRedis {
     // Scale-out: keys, tight timeouts, degraded budgets.
     key_prefix: String,
     timeout_ms: u64,
-    local_budget_fraction: f64,
+    local_budget_fraction: Option<f64>,
 }
 
 impl Default for RawRedis {
@@ -23,7 +23,7 @@ impl Default for RawRedis {
             url: None,
             key_prefix: "gg:".into(),
             timeout_ms: 50,
-            local_budget_fraction: 0.5,
+            local_budget_fraction: None,
         }
     }
 }
@@ -36,9 +36,9 @@ pub struct RedisConfig {
     pub key_prefix: String,
     /// Every Redis command gives up after this; Redis must never slow a request down much.
     pub timeout: Duration,
-    /// Share of each Page budget a replica uses on its own while Redis is unreachable
-    /// (1 / replicas keeps the fleet within the budget).
-    pub local_budget_fraction: f64,
+    /// Share of each Page budget a replica uses on its own while Redis is unreachable;
+    /// unset: one over the replicas last seen alive (heartbeats in Redis).
+    pub local_budget_fraction: Option<f64>,
 }
 
 impl RawRedis {
@@ -46,7 +46,10 @@ impl RawRedis {
         if self.timeout_ms == 0 || self.timeout_ms > 10_000 {
             return Err(invalid("redis.timeout_ms", "must be 1..=10000"));
         }
-        if !(self.local_budget_fraction > 0.0 && self.local_budget_fraction <= 1.0) {
+        if self
+            .local_budget_fraction
+            .is_some_and(|f| !(f > 0.0 && f <= 1.0))
+        {
             return Err(invalid("redis.local_budget_fraction", "must be in (0, 1]"));
         }
         if self.key_prefix.len() > 64 || self.key_prefix.contains(['{', '}', ' ']) {
@@ -86,7 +89,7 @@ mod tests {
         assert!(c.redis.url.is_none());
         assert_eq!(c.redis.key_prefix, "gg:");
         assert_eq!(c.redis.timeout, Duration::from_millis(50));
-        assert_eq!(c.redis.local_budget_fraction, 0.5);
+        assert_eq!(c.redis.local_budget_fraction, None);
         let text = format!("{MIN}\n[redis]\nurl = \"redis://:pw-secret@redis:6379\"\n");
         let c = Config::from_toml(&text, no_env).unwrap();
         assert!(!format!("{c:?}").contains("pw-secret"));

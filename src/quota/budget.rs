@@ -1,516 +1,791 @@
-//! One bucket's budget: a GCRA (generic cell rate algorithm) at the static ceiling, scaled by
-//! an adaptive factor learned from Meta's usage headers, and a pause after a throttle code.
+//! One bucket's budget: what we sent, what Meta last said, and whether the next call may go.
 //!
 //! Everything here is pure: time comes in as `now`, so tests drive it with a fake clock.
 //!
-//! Why GCRA: Meta counts calls in a rolling window. A GCRA with emission interval
-//! `T = window / calls` and no burst puts at most `calls` calls into any window of that
-//! length, with O(1) state (one timestamp). Two refinements:
-//! - *Headroom*: the rate is `calls × (1 − headroom)`. Meta counts a call when it arrives, not
-//!   when we dispatch it; the spare time absorbs network jitter between the two clocks.
-//! - *Burst tolerance*: half of the headroom (in whole calls) may go as a burst after idle
-//!   time. For small budgets that is 0 calls, i.e. a perfectly smooth rate.
+//! **What is known.** The calls we dispatched, as a sliding-window count ([`Window`]), and the
+//! latest usage reading (the highest of call_count, total_time, total_cputime, in percent of
+//! the Page's limit). A reading arrives with every reply, so it is at most one round trip old
+//! while calls flow.
 //!
-//! - *Catch-up*: the dispatcher wakes a little after a call's scheduled time (timer
-//!   granularity, scheduling). Restarting the schedule from the late wake-up would lose that
-//!   lateness on every call (about 3 % of the budget at 70 calls / 2 s). Instead the schedule
-//!   advances from the scheduled time while the lateness stays within the rest of the
-//!   headroom's half that the whole-call burst does not use ([`Limits::catch_up`]); the burst
-//!   and the catch-up together stay under `calls × headroom / 2` calls' worth of time, which
-//!   keeps every rolling window at or below `calls` (see [`Budget::try_admit`]).
+//! **Estimated usage** is the larger of
+//! - the latest reading plus the calls we counted since, in percent of the estimated limit
+//!   (`reading + (ours now − ours at the reading) ÷ limit`): usage our calls do not explain
+//!   (other apps on the Page) stays counted as consumed, our own calls leave with the window;
+//! - our calls in the window ÷ the configured ceiling (`page_calls`).
 //!
-//! A call costing `k` units (an `ids=` read, a batch) waits until the bucket has been idle
-//! for `k − 1` intervals and then advances the schedule by `k` intervals, so even `k` calls
-//! sent at once never put more than the budget into a rolling window.
+//! **Estimated limit.** `page_calls` is a starting guess. Meta reports whole percentages, so
+//! a reading `p` with `c` of our calls counted says `limit > 100·c ÷ (p + 1)` (whatever other
+//! apps used) and, if nobody else used the Page, `limit ≤ 100·c ÷ (p − ½)`. Readings contradicting
+//! the guess from above lower the limit to the proven lower bound; with `learn_limits` a lower
+//! bound above the guess raises it. Small readings bound little, so they leave the guess alone.
+//!
+//! **Counting what Meta counts.** Meta counts a call when it arrives, up to a round trip after
+//! we sent it, and replies may arrive in any order. So a call leaves our window half a recent
+//! round trip late; among readings from calls in flight together the one showing more usage
+//! wins; and the counts used to learn the limit leave out calls still on their way.
+//!
+//! **Admission.** Below the threshold (default 60 %) a call goes at once: no pacing, no queue.
+//! Between the threshold and the ceiling (100 % − headroom) what is left is spread over the
+//! time until the oldest counted calls leave the window, so a flood uses the whole budget
+//! without piling it into one instant. At the ceiling a call waits for counted calls to
+//! leave; when usage our calls do not explain blocks the bucket, one probe call refreshes the
+//! reading once that usage has probably drained. On a throttle code the bucket pauses until
+//! Meta's `estimated_time_to_regain_access`, or without one until enough counted calls have
+//! left the window (doubling while probes keep being throttled), then sends one probe and
+//! resumes when it comes back unthrottled. A reading at 100 % without a throttle code only
+//! makes the bucket full (a regain time in it pauses).
+//!
+//! Until the first reading of a window only a few calls (1 % of the guess) may be in flight:
+//! a guess ten times too high must not put a whole burst in front of Meta unread.
 
 use std::time::{Duration, Instant};
 
-/// The rate never drops below this fraction of the static ceiling because of usage readings;
-/// at 100 % the bucket pauses instead.
-pub const MIN_FACTOR: f64 = 0.1;
-/// Consecutive throttle codes double the backoff, up to this multiple of it.
-const MAX_BACKOFF_MULTIPLIER: u32 = 16;
+use super::window::Window;
+use crate::graph::usage::Usage;
 
-/// Static parameters of a bucket.
+/// Longest a holder re-checks without being woken (replies wake it earlier).
+const MAX_RECHECK: Duration = Duration::from_millis(250);
+/// Consecutive throttles double the pause up to this many times.
+const MAX_DOUBLINGS: u32 = 8;
+/// Meta's regain times beyond this are not believed.
+const MAX_REGAIN: Duration = Duration::from_secs(24 * 3600);
+
+/// A bucket's configuration.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
-    /// The configured ceiling: calls per window.
-    pub calls: u32,
+    /// `page_calls` (or `app_calls`): the starting guess of the limit per window.
+    pub guess: u32,
     pub window: Duration,
-    /// Fraction (0..0.5) of the ceiling left unused; see the module docs.
-    pub headroom: f64,
-    /// Usage percentage above which the rate slows down.
-    pub slowdown_threshold_pct: f64,
-    /// Pause after a throttle (or 100 % usage) when Meta gives no regain time.
-    pub throttle_backoff: Duration,
+    /// Percent of the limit left unused: the ceiling is `100 − headroom`.
+    pub headroom_pct: f64,
+    /// Below this estimated usage calls go at once.
+    pub threshold_pct: f64,
+    /// Whether a learned limit may exceed the guess.
+    pub learn: bool,
 }
 
 impl Limits {
-    /// Interval between calls at full rate.
-    pub fn base_interval(&self) -> Duration {
-        let usable = (f64::from(self.calls) * (1.0 - self.headroom)).max(1e-3);
-        Duration::from_secs_f64(self.window.as_secs_f64() / usable)
+    pub fn ceiling_pct(&self) -> f64 {
+        (100.0 - self.headroom_pct).clamp(1.0, 100.0)
     }
 
-    /// Calls that may go back to back after idle time, beyond the first.
-    pub fn burst(&self) -> u32 {
-        (f64::from(self.calls) * self.headroom / 2.0).floor() as u32
-    }
-
-    /// How late (in intervals of `interval`) a call may be admitted and still advance the
-    /// schedule from its scheduled time rather than from the late admission: the fraction of
-    /// `calls × headroom / 2` that [`Limits::burst`] leaves unused, less 5 % for rounding.
-    pub fn catch_up(&self, interval: Duration) -> Duration {
-        let half = f64::from(self.calls) * self.headroom / 2.0 * 0.95;
-        let spare = (half - f64::from(self.burst())).max(0.0);
-        interval.mul_f64(spare)
+    pub fn threshold_pct(&self) -> f64 {
+        self.threshold_pct.clamp(0.0, self.ceiling_pct())
     }
 }
 
-/// The last usage reading for a bucket.
+/// The latest usage reading of a bucket.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Reading {
-    /// Max of call_count, total_time, total_cputime, in percent.
-    pub max_pct: f64,
-    pub call_count: f64,
-    pub total_time: f64,
-    pub total_cputime: f64,
+    pub usage: Usage,
+    /// The highest of the three percentages: Meta throttles once any reaches 100.
+    pub pct: f64,
+    pub regain: Option<Duration>,
+    /// When the call that brought it was dispatched.
     pub at: Instant,
+    /// Our calls in the window when that call went, itself included: the fewest of ours the
+    /// reading can contain.
+    pub ours: u32,
+    /// When it arrived. A reading from a call sent before then overlapped it in flight.
+    received: Instant,
+    /// Stands in for a throttle code that came without one: 100 % until a probe says more.
+    pub synthetic: bool,
+}
+
+impl Reading {
+    /// The usage it shows beyond the calls of ours it counted: the part of the estimate
+    /// that does not move with our count.
+    fn beyond_ours(&self, limit: f64) -> f64 {
+        self.pct - 100.0 * f64::from(self.ours) / limit
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Bounds {
+    lower: f64,
+    upper: f64,
+}
+
+/// Limit bounds over a sliding stretch of time: the readings of the current period and of the
+/// one before (each a window long), so a bound lasts one to two windows after the reading that
+/// set it while the tightest recent bound always holds (the limit itself moves, slowly).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct BoundsLog {
+    current: Bounds,
+    previous: Bounds,
+    since: Instant,
+}
+
+const NO_BOUNDS: Bounds = Bounds {
+    lower: 0.0,
+    upper: f64::INFINITY,
+};
+
+impl Bounds {
+    fn merge(self, other: Bounds) -> Bounds {
+        Bounds {
+            lower: self.lower.max(other.lower),
+            upper: self.upper.min(other.upper),
+        }
+    }
+}
+
+impl BoundsLog {
+    /// Moves the periods on to `now`.
+    fn roll(&mut self, now: Instant, window: Duration) {
+        let age = now.saturating_duration_since(self.since);
+        if age >= window * 2 {
+            (self.previous, self.current, self.since) = (NO_BOUNDS, NO_BOUNDS, now);
+        } else if age >= window {
+            (self.previous, self.current, self.since) = (self.current, NO_BOUNDS, now);
+        }
+    }
+
+    fn at(mut self, now: Instant, window: Duration) -> Option<Bounds> {
+        self.roll(now, window);
+        Some(self.current.merge(self.previous)).filter(|b| b.lower > 0.0)
+    }
+}
+
+/// Where the estimated limit comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitSource {
+    /// `page_calls` (no reading contradicts it).
+    Configured,
+    /// Readings show the configured value is too high: the proven lower bound.
+    Lowered,
+    /// Readings show more room than configured and `learn_limits` is on.
+    Learned,
+}
+
+impl LimitSource {
+    pub fn label(self) -> &'static str {
+        match self {
+            LimitSource::Configured => "page_calls",
+            LimitSource::Lowered => "lowered_by_readings",
+            LimitSource::Learned => "learned",
+        }
+    }
+}
+
+/// The bucket's view of itself at one instant.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Estimate {
+    /// Estimated usage, percent of the limit.
+    pub usage_pct: f64,
+    /// Estimated limit, calls per window.
+    pub limit: f64,
+    pub source: LimitSource,
+    pub calls_in_window: u32,
+    /// Usage the latest reading shows beyond what our calls explain, percent.
+    pub unexplained_pct: f64,
+    /// A reading from the current window exists.
+    pub has_reading: bool,
+    /// What one more call adds to the estimate, percent.
+    pub per_call_pct: f64,
+}
+
+/// Why a call may not go yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// A throttle code or 100 % usage: waiting out the pause.
+    Paused,
+    /// One probe call is out; the others wait for its verdict.
+    Probing,
+    /// No reading in this window yet and the blind allowance is in flight.
+    FirstReading,
+    /// Above the threshold: spreading what is left until counted calls leave the window.
+    Pacing,
+    /// At the ceiling: waiting for counted calls to leave the window.
+    Full,
+    /// Graph throttled the app: every call waits (see the scheduler's app gate).
+    AppPaused,
+}
+
+impl Reason {
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::Paused => "paused",
+            Reason::Probing => "probing",
+            Reason::FirstReading => "awaiting_first_reading",
+            Reason::Pacing => "pacing",
+            Reason::Full => "full",
+            Reason::AppPaused => "app_paused",
+        }
+    }
+}
+
+/// Not now: look again at `until` (or when a reply wakes the bucket).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hold {
+    pub until: Instant,
+    pub reason: Reason,
+}
+
+/// One admitted call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    pub units: u32,
+    pub at: Instant,
+    /// Our calls in the window once this one was counted (those Meta still counts when it
+    /// arrives).
+    pub ours: u32,
+    /// The same without the calls that were still on their way (they may arrive after it).
+    pub ours_low: u32,
+    seq: u64,
+    pub probe: bool,
+}
+
+/// What one reply said about a bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Observation {
+    pub usage: Option<Usage>,
+    pub regain_minutes: Option<f64>,
+    pub throttled: bool,
+    /// Graph produced the reply (2xx or a Graph error), rather than a transport failure.
+    pub answered: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    Off,
+    /// The pause is over: the next call is the probe.
+    Due,
+    InFlight(u64),
 }
 
 #[derive(Debug, Clone)]
 pub struct Budget {
     pub limits: Limits,
-    /// Theoretical arrival time of the next unit at the current rate.
-    tat: Option<Instant>,
+    /// Share of the configured ceiling this replica may use alone (1 unless Redis is
+    /// configured and unreachable).
+    share: f64,
+    window: Window,
     reading: Option<Reading>,
+    bounds: Option<BoundsLog>,
     paused_until: Option<Instant>,
-    consecutive_throttles: u32,
+    paused_at: Option<Instant>,
+    throttles: u32,
+    probe: Probe,
+    /// Units dispatched whose reply has not been seen.
+    in_flight: u32,
+    last_admit: Option<Instant>,
+    seq: u64,
+    /// A recent round trip to Meta (rises at once, falls slowly): how much later than our
+    /// dispatch Meta may have counted a call.
+    round_trip: Duration,
+}
+
+/// The pause Meta asked for, when it named one.
+pub fn regain_duration(minutes: Option<f64>) -> Option<Duration> {
+    minutes
+        .filter(|m| m.is_finite() && *m > 0.0)
+        .map(|m| Duration::from_secs_f64(m * 60.0).min(MAX_REGAIN))
 }
 
 impl Budget {
-    pub fn new(limits: Limits) -> Budget {
+    pub fn new(limits: Limits, now: Instant) -> Budget {
         Budget {
             limits,
-            tat: None,
+            share: 1.0,
+            window: Window::new(limits.window, now),
             reading: None,
+            bounds: None,
             paused_until: None,
-            consecutive_throttles: 0,
+            paused_at: None,
+            throttles: 0,
+            probe: Probe::Off,
+            in_flight: 0,
+            last_admit: None,
+            seq: 0,
+            round_trip: Duration::ZERO,
         }
     }
 
-    /// The usage reading, if it is still about the current window (older ones say nothing
-    /// about now, and Meta omits the header when usage is near 0).
+    /// The share of the configured ceiling this replica uses on its own.
+    pub fn set_share(&mut self, share: f64) {
+        self.share = if share.is_finite() {
+            share.clamp(1e-3, 1.0)
+        } else {
+            1.0
+        };
+    }
+
+    fn recheck(&self) -> Duration {
+        self.window
+            .slot()
+            .clamp(Duration::from_millis(10), MAX_RECHECK)
+    }
+
+    /// The reading, while it is about the current window.
     pub fn reading(&self, now: Instant) -> Option<Reading> {
         self.reading
             .filter(|r| now.saturating_duration_since(r.at) < self.limits.window)
     }
 
-    /// The rate multiplier from the latest usage: 1 up to the threshold, then linear down to
-    /// [`MIN_FACTOR`] at 100 %.
-    pub fn factor(&self, now: Instant) -> f64 {
-        let Some(r) = self.reading(now) else {
-            return 1.0;
-        };
-        let threshold = self.limits.slowdown_threshold_pct;
-        if r.max_pct <= threshold || threshold >= 100.0 {
-            return 1.0;
+    /// The limit bounds in force (none without a lower bound).
+    fn bounds(&self, now: Instant) -> Option<Bounds> {
+        self.bounds?.at(now, self.limits.window)
+    }
+
+    /// The estimated limit (calls per window) and where it comes from.
+    pub fn limit(&self, now: Instant) -> (f64, LimitSource) {
+        let guess = f64::from(self.limits.guess.max(1));
+        match self.bounds(now) {
+            Some(b) if guess > b.upper => (b.lower.max(1.0), LimitSource::Lowered),
+            Some(b) if guess < b.lower && self.limits.learn => (b.lower, LimitSource::Learned),
+            _ => (guess, LimitSource::Configured),
         }
-        let over = ((r.max_pct - threshold) / (100.0 - threshold)).clamp(0.0, 1.0);
-        1.0 - over * (1.0 - MIN_FACTOR)
     }
 
-    /// Near the limit, calls go one at a time so each reply's reading is seen before the next
-    /// call leaves.
-    pub fn cautious(&self, now: Instant) -> bool {
-        self.factor(now) < 1.0
+    /// The ceiling for the count of our own calls.
+    fn count_limit(&self, limit: f64) -> f64 {
+        let guess = f64::from(self.limits.guess.max(1));
+        let base = if self.limits.learn {
+            guess.max(limit)
+        } else {
+            guess
+        };
+        (base * self.share).max(1e-3)
     }
 
-    /// Interval between calls at the current (adapted) rate.
-    pub fn interval(&self, now: Instant) -> Duration {
-        self.limits.base_interval().div_f64(self.factor(now))
+    /// Calls that may be in flight before the first reading of a window.
+    fn blind_allowance(&self) -> u32 {
+        ((f64::from(self.limits.guess) * self.share / 100.0).floor() as u32).max(1)
     }
 
-    /// Effective calls per window at the current rate (for status and RateLimit-Policy).
-    pub fn effective_calls(&self, now: Instant) -> u32 {
-        let f = self.factor(now);
-        (f64::from(self.limits.calls) * (1.0 - self.limits.headroom) * f)
-            .floor()
-            .max(1.0) as u32
+    pub fn estimate(&mut self, now: Instant) -> Estimate {
+        let count = self.window.count(now);
+        let (limit, source) = self.limit(now);
+        let count_limit = self.count_limit(limit);
+        let by_count = 100.0 * f64::from(count) / count_limit;
+        let reading = self.reading(now);
+        let by_reading =
+            reading.map(|r| r.pct + 100.0 * (f64::from(count) - f64::from(r.ours)) / limit);
+        Estimate {
+            usage_pct: by_count.max(by_reading.unwrap_or(0.0)).max(0.0),
+            limit,
+            source,
+            calls_in_window: count,
+            unexplained_pct: reading
+                .map_or(0.0, |r| r.pct - 100.0 * f64::from(r.ours) / limit)
+                .max(0.0),
+            has_reading: reading.is_some(),
+            per_call_pct: 100.0 / limit.min(count_limit),
+        }
+    }
+
+    /// Whether `units` more calls fit on top of `usage`: the estimate is below the ceiling
+    /// before the last of them. (Requiring room after it would waste most of a call per
+    /// window where one call is worth more than the headroom, and lock a bucket whose limit
+    /// is still being learned out of the readings that would correct it.)
+    fn fits(&self, usage: f64, per_call: f64, units: u32) -> bool {
+        usage + per_call * f64::from(units.max(1) - 1) < self.limits.ceiling_pct()
     }
 
     pub fn paused_until(&self, now: Instant) -> Option<Instant> {
         self.paused_until.filter(|&t| t > now)
     }
 
-    /// Earliest time a call of `units` may go, ignoring other waiters.
-    pub fn earliest(&self, units: u32, now: Instant) -> Instant {
-        let t = self.interval(now);
-        let tolerance = t * self.limits.burst();
-        let gcra = match self.tat {
-            None => now,
-            Some(tat) => {
-                let ready = tat + t * units.saturating_sub(1);
-                ready.checked_sub(tolerance).unwrap_or(ready).max(now)
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight
+    }
+
+    /// Whether a call of `units` may go now; nothing is charged.
+    pub fn decide(&mut self, units: u32, now: Instant) -> Result<bool, Hold> {
+        let units = units.max(1);
+        self.window.expire(now);
+        let recheck = now + self.recheck();
+        if let Some(until) = self.paused_until(now) {
+            return Err(Hold {
+                until,
+                reason: Reason::Paused,
+            });
+        }
+        match self.probe {
+            Probe::InFlight(_) => {
+                return Err(Hold {
+                    until: recheck,
+                    reason: Reason::Probing,
+                })
             }
-        };
-        match self.paused_until(now) {
-            Some(p) => gcra.max(p),
-            None => gcra,
-        }
-    }
-
-    /// Charges `units` if they may go now; otherwise returns when they could.
-    ///
-    /// The schedule advances from `max(tat, now − catch_up)`: a call admitted up to
-    /// `catch_up` after its theoretical time does not push later calls back. Bound: with
-    /// `T` the interval, `τ = T × burst` and `s = catch_up`, every admission satisfies
-    /// `t_j ≥ t_i + T × (units from i to j) − T − τ − s`, so a window of length `W` holds
-    /// fewer than `1 + (W + τ + s) / T ≤ 1 + calls − calls × headroom / 2 × 0.05` units,
-    /// i.e. at most `calls` whenever the headroom is not zero.
-    pub fn try_admit(&mut self, units: u32, now: Instant) -> Result<(), Instant> {
-        let at = self.earliest(units, now);
-        if at > now {
-            return Err(at);
-        }
-        let interval = self.interval(now);
-        let base = match self.tat {
-            None => now,
-            Some(tat) => {
-                let floor = now
-                    .checked_sub(self.limits.catch_up(interval))
-                    .unwrap_or(now);
-                tat.max(floor)
+            // Calls sent before the pause are still out: their replies are the probe.
+            Probe::Due if self.in_flight > 0 => {
+                return Err(Hold {
+                    until: recheck,
+                    reason: Reason::Probing,
+                })
             }
-        };
-        self.tat = Some(base + interval * units.max(1));
-        Ok(())
+            Probe::Due => return Ok(true),
+            Probe::Off => {}
+        }
+        let est = self.estimate(now);
+        if !est.has_reading
+            && self.in_flight > 0
+            && self.in_flight.saturating_add(units) > self.blind_allowance()
+        {
+            return Err(Hold {
+                until: recheck,
+                reason: Reason::FirstReading,
+            });
+        }
+        let ceiling = self.limits.ceiling_pct();
+        let per_unit = est.per_call_pct;
+        let fits = self.fits(est.usage_pct, per_unit, units);
+        if est.usage_pct < self.limits.threshold_pct() && fits {
+            return Ok(false);
+        }
+        if fits {
+            // Spread what is left over the time until counted usage starts to leave (the
+            // last call that fits needs no spreading).
+            let room = (ceiling - est.usage_pct) / per_unit;
+            if room <= f64::from(units) {
+                return Ok(false);
+            }
+            let horizon = self
+                .next_release(now)
+                .map_or(self.limits.window, |t| t.saturating_duration_since(now));
+            let spacing = horizon.div_f64(room).saturating_mul(units);
+            return match self.last_admit {
+                Some(t) if t + spacing > now => Err(Hold {
+                    until: t + spacing,
+                    reason: Reason::Pacing,
+                }),
+                _ => Ok(false),
+            };
+        }
+        let room_at = self.time_until_room(units, now, false);
+        if self.in_flight == 0 {
+            let probe_at = self.time_until_room(units, now, true);
+            if probe_at < room_at {
+                if probe_at <= now {
+                    return Ok(true);
+                }
+                return Err(Hold {
+                    until: probe_at,
+                    reason: Reason::Full,
+                });
+            }
+        }
+        Err(Hold {
+            until: room_at.max(now + Duration::from_millis(1)),
+            reason: Reason::Full,
+        })
     }
 
-    /// Gives back units charged for a call that never went out.
-    pub fn refund(&mut self, units: u32, now: Instant) {
-        if let Some(tat) = self.tat {
-            let back = self.interval(now) * units;
-            self.tat = Some(tat.checked_sub(back).unwrap_or(tat));
+    /// Charges `units` if they may go now.
+    pub fn try_admit(&mut self, units: u32, now: Instant) -> Result<Ticket, Hold> {
+        let probe = self.decide(units, now)?;
+        Ok(self.dispatched(units, now, probe))
+    }
+
+    /// Counts a call another party decided may go (Redis for the fleet).
+    pub fn dispatched(&mut self, units: u32, now: Instant, probe: bool) -> Ticket {
+        let units = units.max(1);
+        self.seq += 1;
+        self.window.record(units, now);
+        let ours = self.window.surely_counted(now).max(units);
+        // For learning the limit, which must never come out high, this call may take a whole
+        // round trip to arrive, and calls still on their way may reach Meta after it.
+        let ours_low = self
+            .window
+            .surely_counted(now + self.window.margin())
+            .saturating_sub(self.in_flight)
+            .max(units);
+        self.in_flight = self.in_flight.saturating_add(units);
+        self.last_admit = Some(now);
+        if probe {
+            self.probe = Probe::InFlight(self.seq);
+        }
+        Ticket {
+            units,
+            at: now,
+            ours,
+            ours_low,
+            seq: self.seq,
+            probe,
         }
     }
 
-    /// How long a call queued now behind `units_ahead` waiting units would wait (estimate).
-    pub fn predicted_wait(&self, units_ahead: u32, units: u32, now: Instant) -> Duration {
-        let first = self.earliest(units_ahead.saturating_add(units), now);
-        first.saturating_duration_since(now)
+    /// The call is over at `now` (its reply, if any, has been observed).
+    pub fn finish(&mut self, ticket: &Ticket, now: Instant) {
+        let sample = now.saturating_duration_since(ticket.at);
+        self.round_trip = if sample >= self.round_trip {
+            sample
+        } else {
+            self.round_trip - (self.round_trip - sample) / 8
+        };
+        self.window.set_margin(self.round_trip / 2);
+        self.end(ticket);
     }
 
-    /// Learns a usage reading. At 100 % the bucket pauses until Meta's regain time, or for
-    /// the backoff when Meta gives none.
-    pub fn observe_usage(
+    fn end(&mut self, ticket: &Ticket) {
+        self.in_flight = self.in_flight.saturating_sub(ticket.units);
+        if self.probe == Probe::InFlight(ticket.seq) {
+            // No verdict (transport failure, cancelled): another call probes.
+            self.probe = Probe::Due;
+        }
+    }
+
+    /// Takes back a call that never went out.
+    pub fn refund(&mut self, ticket: &Ticket) {
+        self.window.unrecord(ticket.units, ticket.at);
+        self.end(ticket);
+    }
+
+    /// Learns from a reply. `ticket` is the call that brought it; `None` for a reading about
+    /// this bucket that came with another bucket's call.
+    pub fn observe(&mut self, ticket: Option<&Ticket>, obs: &Observation, now: Instant) {
+        let count = self.window.count(now);
+        let (at, ours, ours_low) = match ticket {
+            Some(t) => (t.at, t.ours, t.ours_low),
+            None => (now, count, count.saturating_sub(self.in_flight)),
+        };
+        let pct = obs.usage.map_or(0.0, |u| u.max());
+        if let Some(usage) = obs.usage {
+            self.learn_bounds(ours_low, count.max(ours), pct, obs.throttled, now);
+            let reading = Reading {
+                usage,
+                pct,
+                regain: regain_duration(obs.regain_minutes),
+                at,
+                ours,
+                received: now,
+                synthetic: false,
+            };
+            // A call sent after the kept reading arrived knows better. Calls that were in
+            // flight together may reach Meta in any order: the reading showing more usage
+            // wins.
+            let (limit, _) = self.limit(now);
+            let replace = self.reading(now).is_none_or(|r| {
+                at >= r.received || reading.beyond_ours(limit) >= r.beyond_ours(limit)
+            });
+            if replace {
+                self.reading = Some(reading);
+            }
+        }
+        let regain = regain_duration(obs.regain_minutes);
+        if !obs.throttled && pct >= 100.0 {
+            // At the limit: the estimate is full until counted calls leave; only a regain time
+            // from Meta adds a pause.
+            if let Some(d) = regain {
+                self.pause(now + d, now);
+            }
+            return;
+        }
+        if obs.throttled {
+            let escalates = match ticket {
+                Some(t) => t.probe || self.paused_at.is_none_or(|p| t.at >= p),
+                None => self.paused_until(now).is_none(),
+            };
+            if escalates {
+                self.throttles = self.throttles.saturating_add(1);
+            }
+            if obs.throttled && pct < 100.0 {
+                // Meta says the limit is reached: 100 % until the probe says more.
+                self.reading = Some(Reading {
+                    usage: obs.usage.unwrap_or_default(),
+                    pct: 100.0,
+                    regain: None,
+                    at: now,
+                    ours: count,
+                    received: now,
+                    synthetic: true,
+                });
+            }
+            let pause = match regain {
+                Some(d) => d,
+                None => {
+                    // Until enough counted calls have left the window (ours as counted, the
+                    // rest as if spread evenly over it).
+                    let drained = self
+                        .time_until_room(1, now, true)
+                        .saturating_duration_since(now)
+                        .max(self.window.slot());
+                    let doublings = self.throttles.saturating_sub(1).min(MAX_DOUBLINGS);
+                    drained
+                        .saturating_mul(1 << doublings)
+                        .min(self.limits.window)
+                }
+            };
+            self.pause(now + pause, now);
+            return;
+        }
+        if !obs.answered {
+            return;
+        }
+        if let Some(t) = ticket {
+            if self.probe == Probe::InFlight(t.seq) {
+                self.probe = Probe::Off;
+                self.throttles = 0;
+            } else if self.paused_at.is_none_or(|p| t.at >= p) && self.probe == Probe::Off {
+                self.throttles = 0;
+            }
+        }
+    }
+
+    /// Pauses until `until` (never shorter than a pause already running), then one probe.
+    fn pause(&mut self, until: Instant, now: Instant) {
+        self.paused_until = Some(self.paused_until.map_or(until, |p| p.max(until)));
+        self.paused_at = Some(now);
+        self.probe = Probe::Due;
+    }
+
+    /// Narrows the limit from one reading (see the module docs): `ours_low` of our calls
+    /// certainly counted, `ours_high` at most.
+    fn learn_bounds(
         &mut self,
-        usage: crate::graph::usage::Usage,
-        regain_minutes: Option<f64>,
+        ours_low: u32,
+        ours_high: u32,
+        pct: f64,
+        at_limit: bool,
         now: Instant,
     ) {
-        let max_pct = usage.max();
-        self.reading = Some(Reading {
-            max_pct,
-            call_count: usage.call_count,
-            total_time: usage.total_time,
-            total_cputime: usage.total_cputime,
-            at: now,
-        });
-        if max_pct >= 100.0 {
-            let pause = regain(regain_minutes).unwrap_or(self.limits.throttle_backoff);
-            self.pause_for(pause, now);
+        if ours_low == 0 || !pct.is_finite() {
+            return;
         }
-    }
-
-    /// Learns a throttle code: pause until the regain time, or an exponential backoff.
-    pub fn observe_throttle(&mut self, regain_minutes: Option<f64>, now: Instant) {
-        self.consecutive_throttles = self.consecutive_throttles.saturating_add(1);
-        let pause = regain(regain_minutes).unwrap_or_else(|| {
-            let exp = self.consecutive_throttles.saturating_sub(1).min(8);
-            let mult = (1u32 << exp).min(MAX_BACKOFF_MULTIPLIER);
-            self.limits.throttle_backoff * mult
-        });
-        self.pause_for(pause, now);
-    }
-
-    /// A reply that was not throttled ends a run of throttles.
-    pub fn observe_ok(&mut self) {
-        self.consecutive_throttles = 0;
-    }
-
-    fn pause_for(&mut self, pause: Duration, now: Instant) {
-        let until = now + pause;
-        self.paused_until = Some(self.paused_until.map_or(until, |p| p.max(until)));
-    }
-
-    /// Adopts the fleet's state from a shared (Redis) decision: the schedule runs `ahead`
-    /// past now, and the bucket is paused for `paused` (zero: not paused). Keeps status,
-    /// wait estimates and RateLimit headers true to the fleet, and gives the local fallback
-    /// a current starting point.
-    pub fn mirror_shared(&mut self, ahead: Duration, paused: Duration, now: Instant) {
-        self.tat = Some(now + ahead);
-        if !paused.is_zero() {
-            self.pause_for(paused, now);
-        }
-    }
-
-    /// Units the bucket has committed ahead of now (for the RateLimit header).
-    pub fn committed_units(&self, now: Instant) -> u32 {
-        match self.tat {
-            Some(tat) if tat > now => {
-                let t = self.interval(now).as_secs_f64().max(1e-9);
-                ((tat - now).as_secs_f64() / t).ceil() as u32
+        // Whole percentages, floored or rounded: the true usage is below `p + 1` and at least
+        // `p − 0.5`, so these bounds hold either way.
+        let p = pct.floor();
+        let lower = 100.0 * f64::from(ours_low) / (p + 1.0);
+        let upper = if p >= 1.0 {
+            100.0 * f64::from(ours_high) / (p - 0.5)
+        } else {
+            f64::INFINITY
+        };
+        let window = self.limits.window;
+        let mut log = match self.bounds.filter(|_| !at_limit) {
+            Some(mut log) => {
+                log.roll(now, window);
+                log
             }
-            _ => 0,
+            // None yet, or at the limit (the bounds may be stale: the limit went down): start
+            // again from this reading.
+            None => BoundsLog {
+                current: NO_BOUNDS,
+                previous: NO_BOUNDS,
+                since: now,
+            },
+        };
+        let held = log.current.merge(log.previous);
+        // Upper bounds assume nobody else uses the Page: one below what the Page has shown
+        // says someone does, and is ignored (lower bounds hold regardless). A lower bound
+        // above what the Page has shown means one of our calls was counted that Meta had not
+        // yet (slow to arrive): a limit must never be learned too high.
+        let lower = lower.min(held.upper);
+        let upper = if upper >= held.lower {
+            upper
+        } else {
+            f64::INFINITY
+        };
+        log.current = log.current.merge(Bounds { lower, upper });
+        self.bounds = Some(log);
+    }
+
+    /// When counted usage next starts to drop: the oldest counted calls leave, or the
+    /// reading's calls have all left.
+    fn next_release(&self, now: Instant) -> Option<Instant> {
+        let reading_end = self.reading(now).map(|r| r.at + self.limits.window);
+        match (self.window.next_release(), reading_end) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
-    /// When everything committed so far has drained (and any pause is over).
-    pub fn drained_at(&self, now: Instant) -> Instant {
-        let tat = self.tat.map_or(now, |t| t.max(now));
-        self.paused_until(now).map_or(tat, |p| p.max(tat))
+    /// The earliest time a call of `units` fits under the ceiling as counted calls leave the
+    /// window. `decay`: assume usage our calls do not explain drains evenly over the window
+    /// (when to probe), rather than staying until the reading's window is over (when a call
+    /// surely fits).
+    fn time_until_room(&self, units: u32, now: Instant, decay: bool) -> Instant {
+        let (limit, _) = self.limit(now);
+        let count_limit = self.count_limit(limit);
+        let per_call = 100.0 / limit.min(count_limit);
+        let units = f64::from(units.max(1));
+        // The estimate must stay below this for the call to fit (see `fits`).
+        let cap = self.limits.ceiling_pct() - per_call * (units - 1.0);
+        let window = self.limits.window;
+        let reading = self.reading(now);
+        let end = reading.map(|r| r.at + window);
+        let unexplained = reading.map_or(0.0, |r| r.pct - 100.0 * f64::from(r.ours) / limit);
+        let mut ours = f64::from(self.window.total());
+        let mut start = now;
+        let mut releases = self.window.releases().peekable();
+        loop {
+            let next = releases.peek().map(|&(t, _)| t);
+            let reading_on = end.is_some_and(|e| start < e);
+            let seg_end = match (next, end.filter(|_| reading_on)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if 100.0 * ours / count_limit < cap {
+                if !reading_on {
+                    return start;
+                }
+                // Usage not explained by our calls must stay below `need`.
+                let need = cap - 100.0 * ours / limit;
+                if !decay {
+                    if unexplained < need {
+                        return start;
+                    }
+                } else if let Some(r) = reading {
+                    let u = unexplained.max(0.0);
+                    if u < need {
+                        return start;
+                    }
+                    if need > 0.0 {
+                        let t = r.at + window.mul_f64((1.0 - need / u).clamp(0.0, 1.0));
+                        if seg_end.is_none_or(|e| t < e) {
+                            return t.max(start);
+                        }
+                    }
+                }
+            }
+            match (next, end.filter(|_| reading_on)) {
+                (Some(n), e) if e.is_none_or(|e| n <= e) => {
+                    if let Some((_, c)) = releases.next() {
+                        ours -= f64::from(c);
+                    }
+                    start = n.max(start);
+                }
+                (_, Some(e)) => start = e,
+                // Nothing left to release and still no room: only a longer window helps.
+                _ => return start + window,
+            }
+        }
     }
 
-    /// Nothing to remember: may be dropped and rebuilt without changing behaviour.
-    pub fn is_idle(&self, now: Instant) -> bool {
-        self.tat.is_none_or(|t| t <= now)
-            && self.paused_until(now).is_none()
-            && self.reading(now).is_none()
-            && self.consecutive_throttles == 0
+    /// How long a call queued behind `units_ahead` waiting units would wait (estimate).
+    pub fn predicted_wait(&mut self, units_ahead: u32, units: u32, now: Instant) -> Duration {
+        if let Some(p) = self.paused_until(now) {
+            return p - now;
+        }
+        if self.probe != Probe::Off {
+            return self.recheck();
+        }
+        let needed = units_ahead.saturating_add(units.max(1));
+        let est = self.estimate(now);
+        let per_unit = est.per_call_pct;
+        let ceiling = self.limits.ceiling_pct();
+        let fits = self.fits(est.usage_pct, per_unit, needed);
+        if est.usage_pct < self.limits.threshold_pct() && fits {
+            return Duration::ZERO;
+        }
+        if fits {
+            let room = ((ceiling - est.usage_pct) / per_unit).max(1.0);
+            let horizon = self
+                .next_release(now)
+                .map_or(self.limits.window, |t| t.saturating_duration_since(now));
+            return horizon.div_f64(room).saturating_mul(needed);
+        }
+        self.time_until_room(needed, now, false)
+            .saturating_duration_since(now)
     }
-}
 
-fn regain(minutes: Option<f64>) -> Option<Duration> {
-    minutes
-        .filter(|m| m.is_finite() && *m > 0.0)
-        .map(|m| Duration::from_secs_f64(m.min(24.0 * 60.0) * 60.0))
+    /// When the oldest counted calls leave the window (for the RateLimit header).
+    pub fn next_release_at(&self, now: Instant) -> Option<Instant> {
+        self.next_release(now)
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::graph::usage::Usage;
-
-    fn limits(calls: u32, window_s: u64) -> Limits {
-        Limits {
-            calls,
-            window: Duration::from_secs(window_s),
-            headroom: 0.02,
-            slowdown_threshold_pct: 75.0,
-            throttle_backoff: Duration::from_secs(60),
-        }
-    }
-
-    fn usage(pct: f64) -> Usage {
-        Usage {
-            call_count: pct,
-            total_time: pct / 2.0,
-            total_cputime: 0.0,
-        }
-    }
-
-    /// Drives the budget as a greedy client would: admit whenever allowed, else jump to the
-    /// earliest time. Returns admission times.
-    fn greedy(b: &mut Budget, start: Instant, n: usize, units: u32) -> Vec<Instant> {
-        let mut now = start;
-        let mut out = Vec::new();
-        while out.len() < n {
-            match b.try_admit(units, now) {
-                Ok(()) => out.push(now),
-                Err(at) => now = at,
-            }
-        }
-        out
-    }
-
-    /// Max calls (weighted by units) in any half-open window `(t - w, t]`, as Meta counts.
-    /// `times` is sorted.
-    fn max_in_window(times: &[(Instant, u32)], w: Duration) -> u32 {
-        let (mut start, mut sum, mut best) = (0, 0, 0);
-        for &(end, units) in times {
-            sum += units;
-            while end.duration_since(times[start].0) >= w {
-                sum -= times[start].1;
-                start += 1;
-            }
-            best = best.max(sum);
-        }
-        best
-    }
-
-    #[test]
-    fn smooth_rate_never_exceeds_the_ceiling_in_any_rolling_window() {
-        for calls in [1, 7, 10, 100, 4800] {
-            let l = limits(calls, 60);
-            let mut b = Budget::new(l);
-            let t0 = Instant::now();
-            let times: Vec<_> = greedy(&mut b, t0, calls as usize * 3, 1)
-                .into_iter()
-                .map(|t| (t, 1))
-                .collect();
-            assert!(max_in_window(&times, l.window) <= calls, "calls={calls}");
-            // And uses the budget: 3 windows' worth takes 3 windows plus the headroom.
-            let span = times.last().unwrap().0 - t0;
-            assert!(
-                span < l.window.mul_f64(3.0 * 1.03),
-                "calls={calls}: {span:?}"
-            );
-        }
-    }
-
-    /// A dispatcher that always wakes `late` after the earliest time (timer granularity)
-    /// still uses the budget, and still never exceeds it in any rolling window.
-    #[test]
-    fn late_wake_ups_do_not_lose_budget_or_exceed_the_window() {
-        for (calls, window_s) in [(70, 2), (100, 2), (10, 2), (37, 60), (4800, 3600)] {
-            for late_ms in [0.0, 0.3, 1.0, 2.5] {
-                let l = limits(calls, window_s);
-                let late = Duration::from_secs_f64(late_ms / 1000.0);
-                let mut b = Budget::new(l);
-                let t0 = Instant::now();
-                let mut now = t0;
-                let mut times = Vec::new();
-                while times.len() < calls as usize * 4 {
-                    match b.try_admit(1, now) {
-                        Ok(()) => times.push((now, 1)),
-                        Err(at) => now = at + late,
-                    }
-                }
-                assert!(
-                    max_in_window(&times, l.window) <= calls,
-                    "calls={calls} late={late_ms}ms"
-                );
-                // Steady state (after the first window): at least 97.5 % of the static
-                // ceiling (98 % is the most a 2 % headroom allows).
-                let from = t0 + l.window;
-                let in_steady = times.iter().filter(|(t, _)| *t >= from).count() as f64;
-                let span = (times.last().unwrap().0 - from).as_secs_f64();
-                let rate = in_steady / span * l.window.as_secs_f64() / f64::from(calls);
-                if late < l.base_interval() / 4 && calls >= 50 {
-                    assert!(rate >= 0.975, "calls={calls} late={late_ms}ms: {rate:.4}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn first_call_goes_at_once_then_one_per_interval() {
-        let l = limits(10, 2);
-        let mut b = Budget::new(l);
-        let t0 = Instant::now();
-        assert_eq!(l.burst(), 0);
-        assert!(b.try_admit(1, t0).is_ok());
-        let next = b.try_admit(1, t0).unwrap_err();
-        assert_eq!(next - t0, l.base_interval());
-        assert!(
-            l.base_interval() > Duration::from_millis(200),
-            "headroom widens the interval"
-        );
-    }
-
-    #[test]
-    fn burst_tolerance_is_half_the_headroom() {
-        let l = limits(4800, 3600);
-        assert_eq!(l.burst(), 48);
-        let mut b = Budget::new(l);
-        let t0 = Instant::now();
-        for i in 0..=48 {
-            assert!(b.try_admit(1, t0).is_ok(), "call {i} of the burst");
-        }
-        assert!(b.try_admit(1, t0).is_err());
-    }
-
-    #[test]
-    fn multi_unit_calls_respect_the_window_too() {
-        let l = limits(10, 2);
-        let mut b = Budget::new(l);
-        let t0 = Instant::now();
-        let mut times = Vec::new();
-        let mut now = t0;
-        for units in [1, 3, 1, 1, 5, 2, 1, 1, 1, 4, 1, 2, 1, 1, 3] {
-            loop {
-                match b.try_admit(units, now) {
-                    Ok(()) => {
-                        times.push((now, units));
-                        break;
-                    }
-                    Err(at) => now = at,
-                }
-            }
-        }
-        assert!(max_in_window(&times, l.window) <= 10);
-    }
-
-    #[test]
-    fn refund_returns_the_slot() {
-        let mut b = Budget::new(limits(10, 2));
-        let t0 = Instant::now();
-        b.try_admit(1, t0).unwrap();
-        b.refund(1, t0);
-        assert!(b.try_admit(1, t0).is_ok());
-    }
-
-    #[test]
-    fn factor_is_linear_above_the_threshold_and_expires_with_the_window() {
-        let mut b = Budget::new(limits(100, 10));
-        let t0 = Instant::now();
-        assert_eq!(b.factor(t0), 1.0);
-        b.observe_usage(usage(50.0), None, t0);
-        assert_eq!(b.factor(t0), 1.0);
-        assert!(!b.cautious(t0));
-        b.observe_usage(usage(87.5), None, t0);
-        let f = b.factor(t0);
-        assert!((f - (1.0 - 0.5 * (1.0 - MIN_FACTOR))).abs() < 1e-9, "{f}");
-        assert!(b.cautious(t0));
-        assert!(b.interval(t0) > b.limits.base_interval());
-        b.observe_usage(usage(99.0), None, t0);
-        assert!(b.factor(t0) < 0.2);
-        // A reading a whole window old no longer slows anything down.
-        assert_eq!(b.factor(t0 + Duration::from_secs(10)), 1.0);
-    }
-
-    #[test]
-    fn full_usage_pauses_for_regain_time_or_backoff() {
-        let mut b = Budget::new(limits(100, 10));
-        let t0 = Instant::now();
-        b.observe_usage(usage(100.0), None, t0);
-        assert_eq!(b.paused_until(t0), Some(t0 + Duration::from_secs(60)));
-        assert_eq!(b.earliest(1, t0), t0 + Duration::from_secs(60));
-        let mut b = Budget::new(limits(100, 10));
-        b.observe_usage(usage(100.0), Some(5.0), t0);
-        assert_eq!(b.paused_until(t0), Some(t0 + Duration::from_secs(300)));
-        assert_eq!(b.paused_until(t0 + Duration::from_secs(301)), None);
-    }
-
-    #[test]
-    fn throttles_back_off_exponentially_until_a_success() {
-        let mut b = Budget::new(limits(100, 10));
-        let t0 = Instant::now();
-        let mut pauses = Vec::new();
-        let mut now = t0;
-        for _ in 0..7 {
-            b.observe_throttle(Some(0.0), now);
-            let until = b.paused_until(now).unwrap();
-            pauses.push((until - now).as_secs());
-            now = until;
-        }
-        assert_eq!(pauses, [60, 120, 240, 480, 960, 960, 960]);
-        b.observe_ok();
-        b.observe_throttle(None, now);
-        assert_eq!(b.paused_until(now), Some(now + Duration::from_secs(60)));
-        // Meta's regain time wins over the backoff.
-        b.observe_throttle(Some(2.0), now);
-        assert_eq!(b.paused_until(now), Some(now + Duration::from_secs(120)));
-    }
-
-    #[test]
-    fn idle_buckets_can_be_forgotten() {
-        let mut b = Budget::new(limits(10, 2));
-        let t0 = Instant::now();
-        assert!(b.is_idle(t0));
-        b.try_admit(1, t0).unwrap();
-        assert!(!b.is_idle(t0));
-        assert!(b.is_idle(t0 + Duration::from_secs(1)));
-    }
-}
+mod tests;

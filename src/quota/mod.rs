@@ -1,12 +1,14 @@
-//! The per-Page quota scheduler: calls that must go to Graph wait here for budget instead of
-//! being throttled by Meta.
+//! The per-Page quota steward: calls that must go to Graph are admitted here first, so Meta
+//! never has to throttle them, and while a Page has room they go at once.
 //!
 //! - [`attribution`]: which bucket (a Page, or the app) each call unit is charged to;
-//! - [`budget`]: one bucket's smooth rate (GCRA), adaptive factor and pause, with an
-//!   injected clock;
-//! - [`scheduler`]: per-bucket queues (interactive before batch), admission with deadlines,
-//!   learning from replies, status and RateLimit headers;
-//! - [`shared`]: with Redis, the admission decision made for the whole fleet.
+//! - [`window`]: the sliding-window count of dispatched calls (a ring of sub-buckets);
+//! - [`budget`]: one bucket's estimate (latest usage reading plus calls since, learned
+//!   limit) and admission rule, pause and probe, with an injected clock;
+//! - [`table`]: the bounded bucket table (sharded, O(1) insert and eviction);
+//! - [`scheduler`]: per-bucket queues (interactive before batch), deadlines, the app gate,
+//!   learning from replies, status, RateLimit headers and per-Page series;
+//! - [`shared`]: with Redis, the same state and decision for the whole fleet.
 //!
 //! Cache hits never reach the scheduler: only `Gateway::forward` calls it.
 
@@ -14,6 +16,8 @@ pub mod attribution;
 pub mod budget;
 pub mod scheduler;
 pub mod shared;
+pub mod table;
+pub mod window;
 
 use std::time::Duration;
 

@@ -1,16 +1,21 @@
-//! Admission: per-bucket queues in front of each [`Budget`].
+//! Admission: per-bucket queues in front of each [`Budget`], the app gate, and what the
+//! scheduler shows (status, RateLimit headers, per-Page series).
 //!
 //! Fairness by construction: every bucket (Page or app) has its own queues and, while calls
 //! wait, its own pump task that releases them as that bucket's budget allows. Buckets share
 //! no queue and no dispatcher, so a 10,000-call backlog on one Page cannot delay another
-//! Page's call; the tokio scheduler interleaves the pumps. Within a bucket, waiters are FIFO,
-//! interactive clients before batch clients.
+//! Page's call. Within a bucket, waiters are FIFO, interactive clients before batch clients.
 //!
-//! A call that can go at once (nothing queued, budget available) is admitted inline without
-//! touching a task. Waiters hold a oneshot receiver; the pump charges the budget only when the
-//! send succeeds, so a waiter that gave up is never charged.
+//! A call that may go at once (nothing queued, the budget says yes) is admitted inline without
+//! touching a task. Waiters hold a oneshot receiver; the pump charges the budget only when
+//! the send succeeds, so a waiter that gave up is never charged.
+//!
+//! The app gate: Graph's app-level throttles (codes 4, 341, and 17 and 613, which are not
+//! tied to one Page either) stop every call, whatever bucket it is charged to, until the
+//! pause is over and one probe call came back unthrottled.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -19,8 +24,9 @@ use serde_json::{json, Value};
 use tokio::sync::{oneshot, Notify};
 
 use super::attribution::{BucketKey, Charge, NodePages};
-use super::budget::{Budget, Limits};
-use super::shared::{Decision, SharedBudgets};
+use super::budget::{Budget, Estimate, Hold, Limits, Observation, Reason, Ticket};
+use super::shared::{FleetParams, FleetTicket, SharedBudgets};
+use super::table::Table;
 use crate::config::{Priority, QuotaConfig, RedisConfig};
 use crate::error::ProxyError;
 use crate::graph::usage::{parse_app_usage, parse_buc_usage, ErrorClass, ThrottleScope, Usage};
@@ -28,22 +34,40 @@ use crate::metrics::Metrics;
 use crate::redis_conn::RedisConn;
 use crate::upstream::Reply;
 
-/// Beyond this many buckets, idle ones are forgotten (they hold nothing worth keeping).
-const MAX_BUCKETS: usize = 50_000;
 /// Node → Page mappings remembered from usage headers.
 const MAX_LEARNED_NODES: usize = 10_000;
 /// The pump re-checks at least this often, so no lost wake-up can strand a waiter.
 const PUMP_MAX_SLEEP: Duration = Duration::from_millis(500);
-
-/// See [`State::in_flight_cap`].
-const ASSUMED_MAX_PCT_PER_CALL: f64 = 10.0;
+/// Rows of `/admin/pages` (busiest first; listed Pages always).
+const STATUS_ROWS: usize = 500;
+/// A fleet decision older than this no longer describes the bucket.
+const FLEET_VIEW_TTL: Duration = Duration::from_secs(2);
 
 const INTERACTIVE: usize = 0;
 const BATCH: usize = 1;
 
+/// What a waiter is handed when admitted.
+struct Granted {
+    ticket: Ticket,
+    fleet: Option<FleetTicket>,
+    gate_probe: bool,
+}
+
 struct Waiter {
-    tx: oneshot::Sender<()>,
+    tx: oneshot::Sender<Granted>,
     units: u32,
+    /// An earlier bucket of the same call already passed the app gate (or took its probe).
+    gate_held: bool,
+}
+
+/// The fleet's view of a bucket from the last Redis decision.
+#[derive(Debug, Clone, Copy)]
+struct FleetView {
+    at: Instant,
+    usage_pct: f64,
+    limit: f64,
+    count: u32,
+    paused_until: Option<Instant>,
 }
 
 struct State {
@@ -53,28 +77,15 @@ struct State {
     waiting_units: [u32; 2],
     /// Live waiters (a waiter that gave up may still sit in a queue until popped).
     depth: usize,
-    in_flight: u32,
     pump_running: bool,
-    /// The bucket's configured limits; with Redis configured but unable to decide, the
-    /// local budget runs at `redis.local_budget_fraction` of them (see [`State::set_mode`]).
-    full_limits: Limits,
+    /// The pump is asking Redis about a popped waiter: new calls queue behind it.
+    asking: bool,
+    /// Why the head waiter waits, as last decided.
+    hold: Option<Hold>,
+    fleet: Option<FleetView>,
 }
 
 impl State {
-    /// Limits for the decision about to be made: the full budget when Redis decides (the
-    /// local budget then only mirrors the fleet), a fraction when this replica decides alone
-    /// while sharing is configured, so replicas cut off from Redis together stay near one
-    /// budget.
-    fn set_mode(&mut self, local_fraction: Option<f64>) {
-        self.budget.limits = match local_fraction {
-            None => self.full_limits,
-            Some(f) => Limits {
-                calls: ((f64::from(self.full_limits.calls) * f).floor() as u32).max(1),
-                ..self.full_limits
-            },
-        };
-    }
-
     /// Takes the first live waiter, with its priority.
     fn pop_head(&mut self) -> Option<(usize, Waiter)> {
         self.head()?;
@@ -82,23 +93,6 @@ impl State {
             .iter_mut()
             .enumerate()
             .find_map(|(p, q)| q.pop_front().map(|w| (p, w)))
-    }
-
-    /// How many calls may be in flight: usage readings only arrive with replies, so calls
-    /// already in flight are calls sent blind. One at a time until the first reading (a new
-    /// or resumed bucket probes before it bursts) and above the slowdown threshold; below
-    /// it, as many as fit under the threshold if each call moved usage by
-    /// [`ASSUMED_MAX_PCT_PER_CALL`] points. Real Page budgets move far less per call, so this
-    /// is conservative, and it bounds the overshoot when `page_calls` is set far too high.
-    fn in_flight_cap(&self, now: Instant) -> u32 {
-        let Some(r) = self.budget.reading(now) else {
-            return 1;
-        };
-        let threshold = self.budget.limits.slowdown_threshold_pct.min(100.0);
-        if r.max_pct >= threshold {
-            return 1;
-        }
-        (((threshold - r.max_pct) / ASSUMED_MAX_PCT_PER_CALL).floor() as u32).max(1)
     }
 
     fn head(&mut self) -> Option<&Waiter> {
@@ -111,7 +105,7 @@ impl State {
     }
 
     fn queued(&self) -> bool {
-        self.queues.iter().any(|q| !q.is_empty())
+        self.asking || self.queues.iter().any(|q| !q.is_empty())
     }
 
     /// Rebuilds a queue when dead entries pile up behind a live head.
@@ -122,10 +116,16 @@ impl State {
             }
         }
     }
+
+    fn fleet(&self, now: Instant) -> Option<FleetView> {
+        self.fleet
+            .filter(|f| now.saturating_duration_since(f.at) < FLEET_VIEW_TTL)
+    }
 }
 
 struct Bucket {
     key: BucketKey,
+    params: FleetParams,
     state: Mutex<State>,
     wake: Notify,
 }
@@ -138,25 +138,167 @@ impl Bucket {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GateProbe {
+    Off,
+    Due,
+    InFlight,
+}
+
+#[derive(Debug)]
+struct GateState {
+    paused_until: Option<Instant>,
+    paused_at: Option<Instant>,
+    throttles: u32,
+    probe: GateProbe,
+}
+
+/// Stops every call while Graph throttles the app.
+struct AppGate {
+    /// Fast path: false while nothing is paused or probing.
+    closed: AtomicBool,
+    state: Mutex<GateState>,
+    opened: Notify,
+    window: Duration,
+    headroom_pct: f64,
+}
+
+impl AppGate {
+    fn new(window: Duration, headroom_pct: f64) -> AppGate {
+        AppGate {
+            closed: AtomicBool::new(false),
+            state: Mutex::new(GateState {
+                paused_until: None,
+                paused_at: None,
+                throttles: 0,
+                probe: GateProbe::Off,
+            }),
+            opened: Notify::new(),
+            window,
+            headroom_pct,
+        }
+    }
+
+    /// `Ok(true)`: the call would be the gate's probe (take it with [`AppGate::take_probe`]).
+    fn check(&self, now: Instant) -> Result<bool, Hold> {
+        if !self.closed.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        let mut g = lock(&self.state);
+        if let Some(until) = g.paused_until.filter(|t| *t > now) {
+            return Err(Hold {
+                until,
+                reason: Reason::AppPaused,
+            });
+        }
+        match g.probe {
+            GateProbe::Due => Ok(true),
+            GateProbe::InFlight => Err(Hold {
+                until: now + Duration::from_millis(100),
+                reason: Reason::AppPaused,
+            }),
+            GateProbe::Off => {
+                g.paused_until = None;
+                self.closed.store(false, Ordering::Release);
+                Ok(false)
+            }
+        }
+    }
+
+    fn take_probe(&self) -> bool {
+        let mut g = lock(&self.state);
+        if g.probe == GateProbe::Due {
+            g.probe = GateProbe::InFlight;
+            return true;
+        }
+        false
+    }
+
+    /// An app-level throttle: pause until usage has probably drained below the ceiling
+    /// (the app window's headroom share of it), doubling while probes are throttled.
+    fn throttle(&self, dispatched_at: Instant, was_probe: bool, now: Instant) -> Instant {
+        let mut g = lock(&self.state);
+        if was_probe || g.paused_at.is_none_or(|p| dispatched_at >= p) {
+            g.throttles = g.throttles.saturating_add(1);
+        }
+        let base = self
+            .window
+            .mul_f64(self.headroom_pct.clamp(0.0, 50.0) / 100.0)
+            .max(self.window / super::window::SLOTS);
+        let pause = base
+            .saturating_mul(1 << g.throttles.saturating_sub(1).min(8))
+            .min(self.window);
+        let until = g.paused_until.map_or(now + pause, |p| p.max(now + pause));
+        g.paused_until = Some(until);
+        g.paused_at = Some(now);
+        g.probe = GateProbe::Due;
+        self.closed.store(true, Ordering::Release);
+        until
+    }
+
+    /// Another replica saw the app throttled (through Redis).
+    fn mirror(&self, until: Instant, now: Instant) {
+        let mut g = lock(&self.state);
+        if until > now && g.paused_until.is_none_or(|p| p < until) {
+            g.paused_until = Some(until);
+            g.paused_at = Some(now);
+            g.probe = GateProbe::Due;
+            self.closed.store(true, Ordering::Release);
+        }
+    }
+
+    /// The gate's probe came back without an app-level throttle.
+    fn answered(&self) {
+        let mut g = lock(&self.state);
+        if g.probe == GateProbe::InFlight {
+            g.probe = GateProbe::Off;
+            g.throttles = 0;
+            g.paused_until = None;
+            self.closed.store(false, Ordering::Release);
+            drop(g);
+            self.opened.notify_waiters();
+        }
+    }
+
+    fn probe_lost(&self) {
+        let mut g = lock(&self.state);
+        if g.probe == GateProbe::InFlight {
+            g.probe = GateProbe::Due;
+        }
+    }
+
+    fn paused_until(&self, now: Instant) -> Option<Instant> {
+        if !self.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        lock(&self.state).paused_until.filter(|t| *t > now)
+    }
+}
+
 /// Static settings derived from `[quota]`.
 #[derive(Debug, Clone)]
 struct Settings {
     page: Limits,
     app: Limits,
     overrides: HashMap<String, u32>,
-    /// Pages with their own metric series (bounded opt-in: those in `[[quota.pages]]`).
-    tracked: HashSet<String>,
+    /// Pages listed in `[[quota.pages]]`: per-Page series always.
+    listed: HashSet<String>,
     queue_timeout: Duration,
     max_queue_depth: usize,
+    /// Per-Page series for this many of the busiest Pages besides the listed ones.
+    top_pages: usize,
 }
 
 struct Inner {
     settings: Settings,
     /// Fleet-wide admission through Redis, when `[redis] url` is set.
     shared: Option<Arc<SharedBudgets>>,
-    buckets: Mutex<HashMap<BucketKey, Arc<Bucket>>>,
+    table: Table<Bucket>,
+    gate: AppGate,
     learned: Mutex<NodePages>,
     metrics: Arc<Metrics>,
+    /// Pages with per-Page series at the last scrape.
+    exported: Mutex<HashSet<String>>,
 }
 
 /// The quota scheduler: attribution memory, buckets and their queues.
@@ -165,20 +307,43 @@ pub struct Scheduler {
     inner: Arc<Inner>,
 }
 
+struct Held {
+    bucket: Arc<Bucket>,
+    ticket: Ticket,
+    fleet: Option<FleetTicket>,
+    /// A reply was learned from (else dropping the admission tells the budget the call had
+    /// no verdict).
+    concluded: AtomicBool,
+}
+
 /// Permission to send one call upstream. Dropping it ends the call's in-flight slot.
 pub struct Admission {
-    held: Vec<(Arc<Bucket>, u32)>,
+    held: Vec<Held>,
+    gate_probe: bool,
+    gate_concluded: AtomicBool,
+    inner: Arc<Inner>,
     /// Time spent queued.
     pub waited: Duration,
 }
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        for (b, _) in &self.held {
-            let mut st = b.lock();
-            st.in_flight = st.in_flight.saturating_sub(1);
+        for h in &self.held {
+            let mut st = h.bucket.lock();
+            st.budget.finish(&h.ticket, Instant::now());
             drop(st);
-            b.wake.notify_one();
+            if !h.concluded.load(Ordering::Relaxed) {
+                if let (Some(f), Some(s)) = (h.fleet, self.inner.shared.clone()) {
+                    if f.probe || f.blind {
+                        let (key, params) = (h.bucket.key.clone(), h.bucket.params);
+                        spawn(async move { s.finish_without_verdict(&key, f, params).await });
+                    }
+                }
+            }
+            h.bucket.wake.notify_one();
+        }
+        if self.gate_probe && !self.gate_concluded.load(Ordering::Relaxed) {
+            self.inner.gate.probe_lost();
         }
     }
 }
@@ -186,12 +351,20 @@ impl Drop for Admission {
 /// What a reply taught the scheduler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Learned {
-    /// Graph answered with a throttle code; the charged buckets are now paused.
+    /// Graph answered with a throttle code; the buckets (or the app) are now paused.
     pub throttled: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Fleet bookkeeping runs beside the request; without a runtime (never on the request path)
+/// it is skipped.
+fn spawn(f: impl std::future::Future<Output = ()> + Send + 'static) {
+    if let Ok(h) = tokio::runtime::Handle::try_current() {
+        h.spawn(f);
+    }
 }
 
 fn unix(at: Instant, now: Instant) -> u64 {
@@ -211,15 +384,15 @@ impl Scheduler {
     }
 
     /// A scheduler whose admission decisions are made in Redis (shared by every replica)
-    /// when `redis` is given, with local budgets at `local_budget_fraction` as the fallback.
+    /// when `redis` is given; while Redis cannot decide, each replica decides alone on its
+    /// share of every budget.
     pub fn with_redis(
         cfg: &QuotaConfig,
         metrics: Arc<Metrics>,
         redis: Option<Arc<RedisConn>>,
         redis_cfg: &RedisConfig,
     ) -> Scheduler {
-        let shared =
-            redis.map(|conn| Arc::new(SharedBudgets::new(conn, redis_cfg.local_budget_fraction)));
+        let shared = redis.map(|conn| SharedBudgets::new(conn, redis_cfg.local_budget_fraction));
         Scheduler::build(cfg, metrics, shared)
     }
 
@@ -229,39 +402,42 @@ impl Scheduler {
         shared: Option<Arc<SharedBudgets>>,
     ) -> Scheduler {
         let page = Limits {
-            calls: cfg.page_calls,
+            guess: cfg.page_calls,
             window: cfg.page_window,
-            headroom: f64::from(cfg.headroom_pct) / 100.0,
-            slowdown_threshold_pct: f64::from(cfg.slowdown_threshold_pct),
-            throttle_backoff: cfg.throttle_backoff,
+            headroom_pct: f64::from(cfg.headroom_pct),
+            threshold_pct: f64::from(cfg.slowdown_threshold_pct),
+            learn: cfg.learn_limits,
         };
         let settings = Settings {
             page,
             app: Limits {
-                calls: cfg.app_calls,
+                guess: cfg.app_calls,
                 ..page
             },
             overrides: cfg.pages.iter().cloned().collect(),
-            tracked: cfg.pages.iter().map(|(id, _)| id.clone()).collect(),
+            listed: cfg.pages.iter().map(|(id, _)| id.clone()).collect(),
             queue_timeout: cfg.queue_timeout,
             max_queue_depth: cfg.max_queue_depth,
+            top_pages: cfg.metrics_top_pages,
         };
         // Listed Pages have their series from the start (0), so alerts and dashboards see
         // them before the first call.
-        for page in &settings.tracked {
-            metrics.quota_page_paused.with_label_values(&[page]).set(0);
-            metrics.quota_page_throttles.with_label_values(&[page]);
-            metrics
-                .quota_page_queue_depth
-                .with_label_values(&[page])
-                .set(0);
+        for p in &settings.listed {
+            let m = &metrics;
+            m.quota_page_paused.with_label_values(&[p]).set(0);
+            m.quota_page_throttles.with_label_values(&[p]);
+            m.quota_page_queue_depth.with_label_values(&[p]).set(0);
+            m.quota_page_usage_ratio.with_label_values(&[p]).set(0.0);
+            m.quota_page_calls_in_window.with_label_values(&[p]).set(0);
         }
         let inner = Arc::new(Inner {
+            gate: AppGate::new(page.window, page.headroom_pct),
+            table: Table::new(cfg.max_buckets),
             settings,
             shared,
-            buckets: Mutex::new(HashMap::new()),
             learned: Mutex::new(NodePages::new(MAX_LEARNED_NODES)),
             metrics: metrics.clone(),
+            exported: Mutex::new(HashSet::new()),
         });
         let weak: Weak<Inner> = Arc::downgrade(&inner);
         metrics.set_quota_refresh(Box::new(move || {
@@ -298,6 +474,9 @@ impl Scheduler {
         let started = Instant::now();
         let mut admission = Admission {
             held: Vec::with_capacity(charge.0.len()),
+            gate_probe: false,
+            gate_concluded: AtomicBool::new(false),
+            inner: self.inner.clone(),
             waited: Duration::ZERO,
         };
         let prio = match priority {
@@ -307,17 +486,30 @@ impl Scheduler {
         let m = &self.inner.metrics;
         for (key, &units) in &charge.0 {
             let bucket = self.inner.bucket(key);
-            match self.inner.admit_one(&bucket, units, prio, deadline).await {
-                Ok(()) => admission.held.push((bucket, units)),
+            // The app gate is passed once per call: a call spanning Pages that took the gate's
+            // probe for its first bucket must not wait on that same probe for the next.
+            let gate_held = !admission.held.is_empty();
+            match self
+                .inner
+                .admit_one(&bucket, units, prio, deadline, gate_held)
+                .await
+            {
+                Ok(g) => {
+                    admission.gate_probe |= g.gate_probe;
+                    admission.held.push(Held {
+                        bucket,
+                        ticket: g.ticket,
+                        fleet: g.fleet,
+                        concluded: AtomicBool::new(false),
+                    });
+                }
                 Err(e) => {
-                    let now = Instant::now();
-                    for (b, u) in &admission.held {
-                        let interval = {
-                            let mut st = b.lock();
-                            st.budget.refund(*u, now);
-                            st.budget.interval(now)
-                        };
-                        self.inner.share_refund(&b.key, *u, interval);
+                    for h in std::mem::take(&mut admission.held) {
+                        h.bucket.lock().budget.refund(&h.ticket);
+                        if let Some(f) = h.fleet {
+                            self.inner.share_refund(&h.bucket, f);
+                        }
+                        h.bucket.wake.notify_one();
                     }
                     m.quota_queue_wait
                         .with_label_values(&["rejected"])
@@ -330,23 +522,35 @@ impl Scheduler {
         m.quota_queue_wait
             .with_label_values(&["admitted"])
             .observe(admission.waited.as_secs_f64());
-        for (b, _) in &admission.held {
+        for h in &admission.held {
             m.quota_dispatches
-                .with_label_values(&[b.key.policy_name()])
+                .with_label_values(&[h.bucket.key.policy_name()])
                 .inc();
         }
         Ok(admission)
     }
 
-    /// Learns from a reply: usage headers adjust rates (and pause at 100 %), throttle codes
-    /// pause the buckets the call was charged to (and the app bucket for app-level codes),
-    /// and a single-node call teaches which Page an opaque node id belongs to.
+    /// Learns from a reply: usage readings, throttle codes (the charged Pages pause; an
+    /// app-level code closes the app gate for every call), and which Page an opaque node id
+    /// belongs to.
     pub fn learn(&self, admission: &Admission, reply: &Reply, node: Option<&str>) -> Learned {
         let now = Instant::now();
         let inner = &self.inner;
-        let mut regain: HashMap<String, Option<f64>> = HashMap::new();
+        let graph_error = reply.graph_error();
+        let success = reply.status.is_success() || reply.status == http::StatusCode::NOT_MODIFIED;
+        let answered = success || graph_error.is_some();
+        let scope = match graph_error.as_ref().map(|e| e.class()) {
+            Some(ErrorClass::Throttle(scope)) => Some(scope),
+            _ => None,
+        };
+        let page_throttle = matches!(scope, Some(ThrottleScope::Page | ThrottleScope::OtherBuc));
+        let app_wide = matches!(
+            scope,
+            Some(ThrottleScope::App | ThrottleScope::User | ThrottleScope::Custom)
+        );
+
+        let mut per_id: HashMap<String, (Usage, Option<f64>)> = HashMap::new();
         if let Some(h) = reply.header("x-business-use-case-usage") {
-            let mut per_id: HashMap<String, (Usage, Option<f64>)> = HashMap::new();
             for e in parse_buc_usage(h) {
                 let slot = per_id.entry(e.business_id).or_default();
                 slot.0.call_count = slot.0.call_count.max(e.usage.call_count);
@@ -357,75 +561,105 @@ impl Scheduler {
                     (a, b) => a.or(b),
                 };
             }
-            if let (Some(node), 1, [(_, 1)]) =
-                (node, per_id.len(), admission.units_per_bucket().as_slice())
-            {
-                if let Some(id) = per_id.keys().next() {
+            if let (Some(node), 1, [h]) = (node, per_id.len(), admission.held.as_slice()) {
+                if let (Some(id), 1) = (per_id.keys().next(), h.ticket.units) {
                     lock(&inner.learned).learn(node, id);
                 }
             }
-            for (id, (usage, mins)) in per_id {
-                if crate::graph::request::page_of_node(&id) != Some(id.as_str()) {
-                    continue;
-                }
-                let b = inner.bucket(&BucketKey::Page(id.clone()));
-                inner.observe(&b, now, |bu| bu.observe_usage(usage, mins, now));
-                b.wake.notify_one();
-                regain.insert(id, mins);
+        }
+        let single_page = admission.held.len() == 1;
+        let page_usage = reply.header("x-page-usage").and_then(parse_app_usage);
+        let mut app_usage = reply.header("x-app-usage").and_then(parse_app_usage);
+        // Meta leaves the usage headers out when usage is about 0.
+        let zero = success.then(Usage::default);
+
+        for h in &admission.held {
+            let (usage, regain, throttled) = match &h.bucket.key {
+                BucketKey::Page(p) => match per_id.remove(p) {
+                    Some((u, r)) => (Some(u), r, page_throttle),
+                    None => (
+                        page_usage.filter(|_| single_page).or(zero),
+                        None,
+                        page_throttle,
+                    ),
+                },
+                BucketKey::App => (app_usage.take().or(zero), None, false),
+            };
+            let obs = Observation {
+                usage,
+                regain_minutes: regain,
+                throttled,
+                answered,
+            };
+            inner.observe(&h.bucket, Some(h), &obs, now);
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                let mut st = h.bucket.lock();
+                let est = st.budget.estimate(now);
+                let paused = st.budget.paused_until(now).map(|p| p - now);
+                tracing::debug!(bucket = %h.bucket.key, ?obs, ticket = ?h.ticket, ?est, ?paused, "quota reading");
             }
-        }
-        if let Some(u) = reply.header("x-page-usage").and_then(parse_app_usage) {
-            if let [(b, _)] = admission.held.as_slice() {
-                if matches!(b.key, BucketKey::Page(_)) {
-                    inner.observe(b, now, |bu| bu.observe_usage(u, None, now));
-                }
-            }
-        }
-        if let Some(u) = reply.header("x-app-usage").and_then(parse_app_usage) {
-            let b = inner.bucket(&BucketKey::App);
-            inner.observe(&b, now, |bu| bu.observe_usage(u, None, now));
-            b.wake.notify_one();
-        }
-        let class = reply.graph_error().map(|e| e.class());
-        let throttled = matches!(class, Some(ErrorClass::Throttle(_)));
-        for (b, _) in &admission.held {
+            h.concluded.store(true, Ordering::Relaxed);
             if throttled {
-                let mins = match &b.key {
-                    BucketKey::Page(p) => {
-                        if inner.settings.tracked.contains(p) {
-                            inner
-                                .metrics
-                                .quota_page_throttles
-                                .with_label_values(&[p.as_str()])
-                                .inc();
-                        }
-                        regain.get(p).copied().flatten()
-                    }
-                    BucketKey::App => None,
-                };
-                inner.observe(b, now, |bu| bu.observe_throttle(mins, now));
-            } else {
-                b.lock().budget.observe_ok();
+                inner.count_page_throttle(&h.bucket.key);
             }
         }
-        if let Some(ErrorClass::Throttle(scope)) = class {
+        // Readings about buckets this call was not charged to.
+        for (id, (usage, regain)) in per_id {
+            if crate::graph::request::page_of_node(&id) != Some(id.as_str()) {
+                continue;
+            }
+            let b = inner.bucket(&BucketKey::Page(id));
+            let obs = Observation {
+                usage: Some(usage),
+                regain_minutes: regain,
+                throttled: false,
+                answered,
+            };
+            inner.observe(&b, None, &obs, now);
+        }
+        if let Some(u) = app_usage {
+            let b = inner.bucket(&BucketKey::App);
+            let obs = Observation {
+                usage: Some(u),
+                answered,
+                ..Observation::default()
+            };
+            inner.observe(&b, None, &obs, now);
+        }
+
+        if app_wide {
+            let dispatched = admission
+                .held
+                .iter()
+                .map(|h| h.ticket.at)
+                .min()
+                .unwrap_or(now);
+            let until = inner.gate.throttle(dispatched, admission.gate_probe, now);
+            admission.gate_concluded.store(true, Ordering::Relaxed);
+            if let Some(s) = inner.shared.clone().filter(|s| s.is_up()) {
+                let d = until.saturating_duration_since(now);
+                spawn(async move { s.pause_app(d).await });
+            }
+        } else if answered && admission.gate_probe {
+            inner.gate.answered();
+            admission.gate_concluded.store(true, Ordering::Relaxed);
+        }
+        if let Some(scope) = scope {
             inner
                 .metrics
                 .quota_throttles
                 .with_label_values(&[scope.label()])
                 .inc();
-            let app_held = admission.held.iter().any(|(b, _)| b.key == BucketKey::App);
-            if scope == ThrottleScope::App && !app_held {
-                let app = inner.bucket(&BucketKey::App);
-                inner.observe(&app, now, |bu| bu.observe_throttle(None, now));
-            }
             tracing::warn!(
-                buckets = %admission.held.iter().map(|(b, _)| b.key.to_string()).collect::<Vec<_>>().join(","),
+                buckets = %admission.held.iter().map(|h| h.bucket.key.to_string()).collect::<Vec<_>>().join(","),
                 scope = scope.label(),
-                "Graph throttled a call; pausing its quota bucket"
+                "Graph throttled a call; pausing {}",
+                if app_wide { "every call (app-level limit)" } else { "its quota bucket" }
             );
         }
-        Learned { throttled }
+        Learned {
+            throttled: scope.is_some(),
+        }
     }
 
     /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers) for the most
@@ -434,16 +668,28 @@ impl Scheduler {
         let now = Instant::now();
         let mut best: Option<(u32, u32, u64, u64, &'static str)> = None;
         for key in charge.0.keys() {
-            let b = self.inner.bucket(key);
-            let st = b.lock();
-            let q = st.budget.effective_calls(now);
-            let r = if st.budget.paused_until(now).is_some() || st.queued() {
+            let Some(b) = self.inner.table.get(key) else {
+                continue;
+            };
+            let mut st = b.lock();
+            let est = st.budget.estimate(now);
+            let ceiling = st.budget.limits.ceiling_pct();
+            let (usage, limit) = match st.fleet(now) {
+                Some(f) => (f.usage_pct, f.limit),
+                None => (est.usage_pct, est.limit),
+            };
+            let q = ((limit * ceiling / 100.0).floor() as u32).max(1);
+            let paused = st.budget.paused_until(now).is_some()
+                || self.inner.gate.paused_until(now).is_some();
+            let r = if paused || st.queued() {
                 0
             } else {
-                q.saturating_sub(st.budget.committed_units(now))
+                ((ceiling - usage) * limit / 100.0).max(0.0).floor() as u32
             };
-            let t = st.budget.drained_at(now).saturating_duration_since(now);
-            let t = if t.is_zero() { 0 } else { ceil_secs(t) };
+            let t = st
+                .budget
+                .next_release_at(now)
+                .map_or(0, |at| ceil_secs(at.saturating_duration_since(now)));
             let w = st.budget.limits.window.as_secs().max(1);
             if best.is_none_or(|(br, ..)| r < br) {
                 best = Some((r, q, w, t, key.policy_name()));
@@ -455,51 +701,42 @@ impl Scheduler {
         rate_limit_pair(name, q, w, r, t)
     }
 
-    /// JSON status of every known bucket, busiest first.
+    /// JSON status of the busiest buckets (and every listed Page): the estimate, the limit
+    /// and where it comes from, and why a call waits.
     pub fn status(&self) -> Value {
         let now = Instant::now();
-        let buckets: Vec<Arc<Bucket>> = lock(&self.inner.buckets).values().cloned().collect();
-        let mut rows: Vec<(usize, String, Value)> = buckets
-            .iter()
+        let inner = &self.inner;
+        let all = inner.table.snapshot();
+        let total = all.len();
+        let mut rows: Vec<(u32, usize, String, Arc<Bucket>)> = all
+            .into_iter()
             .map(|b| {
-                let st = b.lock();
-                let budget = &st.budget;
-                let usage = budget.reading(now).map(|r| {
-                    json!({
-                        "call_count": r.call_count,
-                        "total_time": r.total_time,
-                        "total_cputime": r.total_cputime,
-                        "age_s": now.saturating_duration_since(r.at).as_secs_f64(),
-                    })
-                });
-                let row = json!({
-                    "id": b.key.to_string(),
-                    "kind": b.key.policy_name(),
-                    "budget": {
-                        "calls": budget.limits.calls,
-                        "window_s": budget.limits.window.as_secs_f64(),
-                    },
-                    "rate_factor": budget.factor(now),
-                    "effective_calls_per_window": budget.effective_calls(now),
-                    "usage": usage,
-                    "paused_until": budget.paused_until(now).map(|p| unix(p, now)),
-                    "queue_depth": st.depth,
-                    "in_flight": st.in_flight,
-                });
-                (st.depth, b.key.to_string(), row)
+                let (calls, depth) = {
+                    let mut st = b.lock();
+                    (st.budget.estimate(now).calls_in_window, st.depth)
+                };
+                (calls, depth, b.key.to_string(), b)
             })
             .collect();
-        rows.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        rows.sort_by(|a, b| (b.1, b.0).cmp(&(a.1, a.0)).then_with(|| a.2.cmp(&b.2)));
+        let gate_paused = inner.gate.paused_until(now);
+        let pages: Vec<Value> = rows
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| *i < STATUS_ROWS || inner.settings.listed.contains(&r.2))
+            .map(|(_, (_, _, _, b))| inner.status_row(b, gate_paused, now))
+            .collect();
         json!({
-            "learned_nodes": lock(&self.inner.learned).len(),
-            "pages": rows.into_iter().map(|r| r.2).collect::<Vec<_>>(),
+            "buckets": total,
+            "app_paused_until": gate_paused.map(|p| unix(p, now)),
+            "decided_by": match &inner.shared {
+                Some(s) if s.is_up() => "redis",
+                _ => "local",
+            },
+            "local_share": inner.local_share(),
+            "learned_nodes": lock(&inner.learned).len(),
+            "pages": pages,
         })
-    }
-}
-
-impl Admission {
-    fn units_per_bucket(&self) -> Vec<(&BucketKey, u32)> {
-        self.held.iter().map(|(b, u)| (&b.key, *u)).collect()
     }
 }
 
@@ -521,42 +758,18 @@ pub fn rate_limit_pair(
     out
 }
 
+fn rounded(x: f64, digits: i32) -> f64 {
+    let k = 10f64.powi(digits);
+    (x * k).round() / k
+}
+
 impl Inner {
-    /// Applies a lesson to a bucket's budget; a pause it starts (or lengthens) is written to
-    /// Redis so every replica honours it.
-    fn observe(&self, b: &Bucket, now: Instant, f: impl FnOnce(&mut Budget)) {
-        let mut st = b.lock();
-        let before = st.budget.paused_until(now);
-        f(&mut st.budget);
-        let after = st.budget.paused_until(now);
-        drop(st);
-        if let (Some(until), Some(shared)) = (after.filter(|a| Some(*a) != before), &self.shared) {
-            let (shared, key) = (shared.clone(), b.key.clone());
-            let d = until.saturating_duration_since(now);
-            tokio::spawn(async move { shared.pause(&key, d).await });
-        }
-    }
-
-    /// Gives units back in Redis too (a multi-bucket call that failed part-way).
-    fn share_refund(&self, key: &BucketKey, units: u32, interval: Duration) {
-        if let Some(shared) = self.shared.clone().filter(|s| s.is_up()) {
-            let key = key.clone();
-            tokio::spawn(async move { shared.refund(&key, units, interval).await });
-        }
-    }
-
-    /// The fraction the local budget runs at for this decision: `None` (full budget) without
-    /// Redis configured; with it, the configured fraction (Redis could not decide).
-    fn local_fraction(&self) -> Option<f64> {
-        self.shared.as_ref().map(|s| s.local_fraction)
-    }
-
     fn limits_for(&self, key: &BucketKey) -> Limits {
         match key {
             BucketKey::App => self.settings.app,
             BucketKey::Page(p) => match self.settings.overrides.get(p) {
-                Some(&calls) => Limits {
-                    calls,
+                Some(&guess) => Limits {
+                    guess,
                     ..self.settings.page
                 },
                 None => self.settings.page,
@@ -565,41 +778,157 @@ impl Inner {
     }
 
     fn bucket(&self, key: &BucketKey) -> Arc<Bucket> {
-        let mut map = lock(&self.buckets);
-        if let Some(b) = map.get(key) {
-            return b.clone();
-        }
-        if map.len() >= MAX_BUCKETS {
-            let now = Instant::now();
-            map.retain(|_, b| {
-                Arc::strong_count(b) > 1 || {
-                    let st = b.lock();
-                    !(st.budget.is_idle(now) && !st.queued() && st.in_flight == 0)
+        self.table.get_or_insert(
+            key,
+            || {
+                let limits = self.limits_for(key);
+                Bucket {
+                    key: key.clone(),
+                    params: FleetParams::from(limits),
+                    state: Mutex::new(State {
+                        budget: Budget::new(limits, Instant::now()),
+                        queues: [VecDeque::new(), VecDeque::new()],
+                        waiting_units: [0, 0],
+                        depth: 0,
+                        pump_running: false,
+                        asking: false,
+                        hold: None,
+                        fleet: None,
+                    }),
+                    wake: Notify::new(),
                 }
+            },
+            // Someone besides the table holds it: a call in flight, a waiter or its pump.
+            |b| Arc::strong_count(b) > 1,
+        )
+    }
+
+    /// The share of each budget this replica uses when it decides alone: all of it without
+    /// Redis configured; with Redis configured but unreachable, `local_budget_fraction` or
+    /// one over the replicas last seen alive.
+    fn local_share(&self) -> f64 {
+        self.shared.as_ref().map_or(1.0, |s| s.local_share())
+    }
+
+    /// Decides locally for a call of `units`, the app gate included.
+    fn try_local(
+        &self,
+        st: &mut State,
+        units: u32,
+        now: Instant,
+        gate_held: bool,
+    ) -> Result<Granted, Hold> {
+        if let Some(s) = &self.shared {
+            if let Some(until) = s.app_paused_until(now) {
+                self.gate.mirror(until, now);
+            }
+        }
+        let gate_probe_due = !gate_held && self.gate.check(now)?;
+        let probe = st.budget.decide(units, now)?;
+        let gate_probe = gate_probe_due && self.gate.take_probe();
+        if gate_probe_due && !gate_probe {
+            // Another call took the gate's probe between the check and now.
+            return Err(Hold {
+                until: now + Duration::from_millis(100),
+                reason: Reason::AppPaused,
             });
         }
-        let b = Arc::new(Bucket {
-            key: key.clone(),
-            state: Mutex::new(State {
-                budget: Budget::new(self.limits_for(key)),
-                queues: [VecDeque::new(), VecDeque::new()],
-                waiting_units: [0, 0],
-                depth: 0,
-                in_flight: 0,
-                pump_running: false,
-                full_limits: self.limits_for(key),
-            }),
-            wake: Notify::new(),
+        Ok(Granted {
+            ticket: st.budget.dispatched(units, now, probe),
+            fleet: None,
+            gate_probe,
+        })
+    }
+
+    /// Asks Redis whether a call of `units` may go (the app gate first). `None`: Redis could
+    /// not decide this once.
+    async fn ask_redis(
+        &self,
+        bucket: &Bucket,
+        shared: &SharedBudgets,
+        units: u32,
+        gate_held: bool,
+    ) -> Option<Result<Granted, Hold>> {
+        let now = Instant::now();
+        if let Some(until) = shared.app_paused_until(now) {
+            self.gate.mirror(until, now);
+        }
+        let gate_probe = match self.gate.check(now) {
+            _ if gate_held => false,
+            Ok(p) => p,
+            Err(h) => return Some(Err(h)),
+        };
+        let d = shared.admit(&bucket.key, units, bucket.params).await?;
+        let now = Instant::now();
+        let mut st = bucket.lock();
+        st.fleet = Some(FleetView {
+            at: now,
+            usage_pct: d.usage_pct,
+            limit: d.limit,
+            count: d.count,
+            paused_until: (!d.paused.is_zero()).then(|| now + d.paused),
         });
-        map.insert(key.clone(), b.clone());
-        b
+        if !d.granted {
+            let hold = Hold {
+                until: now + d.wait,
+                reason: d.reason,
+            };
+            st.hold = Some(hold);
+            return Some(Err(hold));
+        }
+        let gate_probe = gate_probe && self.gate.take_probe();
+        shared.count("redis");
+        Some(Ok(Granted {
+            ticket: st.budget.dispatched(units, now, false),
+            fleet: Some(d.ticket),
+            gate_probe,
+        }))
+    }
+
+    /// Applies what a reply said to one bucket, locally and (with Redis) for the fleet.
+    fn observe(&self, b: &Arc<Bucket>, held: Option<&Held>, obs: &Observation, now: Instant) {
+        {
+            let mut st = b.lock();
+            st.budget.observe(held.map(|h| &h.ticket), obs, now);
+            // The head waiter's verdict may have changed: the pump decides again.
+            st.hold = None;
+            if obs.throttled {
+                st.fleet = None;
+            }
+        }
+        b.wake.notify_one();
+        if let Some(s) = self.shared.clone().filter(|s| s.is_up()) {
+            // A call decided locally (Redis was away) has no fleet ticket: its reading is
+            // still the fleet's, taken as of now.
+            let fleet = held.and_then(|h| h.fleet);
+            let rtt = held.map(|h| now.saturating_duration_since(h.ticket.at));
+            let (key, params, obs) = (b.key.clone(), b.params, *obs);
+            spawn(async move { s.observe(&key, fleet, rtt, &obs, params).await });
+        }
+    }
+
+    fn share_refund(&self, b: &Bucket, f: FleetTicket) {
+        if let Some(s) = self.shared.clone().filter(|s| s.is_up()) {
+            let (key, params) = (b.key.clone(), b.params);
+            spawn(async move { s.refund(&key, f, params).await });
+        }
+    }
+
+    fn count_page_throttle(&self, key: &BucketKey) {
+        if let BucketKey::Page(p) = key {
+            if self.settings.listed.contains(p) || lock(&self.exported).contains(p) {
+                self.metrics
+                    .quota_page_throttles
+                    .with_label_values(&[p.as_str()])
+                    .inc();
+            }
+        }
     }
 
     fn throttled(
         &self,
+        st: &mut State,
         key: &BucketKey,
-        limits: &Limits,
-        q: u32,
         wait: Duration,
         queue_full: bool,
     ) -> ProxyError {
@@ -612,14 +941,36 @@ impl Inner {
             .quota_rejections
             .with_label_values(&[reason])
             .inc();
+        let now = Instant::now();
+        let est = st.budget.estimate(now);
+        let limits = st.budget.limits;
+        let limit = st.fleet(now).map_or(est.limit, |f| f.limit);
         ProxyError::Throttled {
             page: key.to_string(),
             retry_after_s: ceil_secs(wait),
             queue_full,
             policy: key.policy_name(),
-            limit: q,
+            limit: ((limit * limits.ceiling_pct() / 100.0).floor() as u32).max(1),
             window_s: limits.window.as_secs().max(1),
         }
+    }
+
+    /// How long a call of `units` would wait behind `ahead` units: the budget's own
+    /// estimate, the app gate's pause and the fleet's last answer, whichever is longest.
+    fn predicted_wait(&self, st: &mut State, ahead: u32, units: u32, now: Instant) -> Duration {
+        let mut wait = st.budget.predicted_wait(ahead, units, now);
+        if let Some(p) = self.gate.paused_until(now) {
+            wait = wait.max(p - now);
+        }
+        if self.shared.as_ref().is_some_and(|s| s.is_up()) {
+            if let Some(h) = st.hold.filter(|h| h.until > now) {
+                wait = wait.max(h.until - now);
+            }
+            if let Some(p) = st.fleet(now).and_then(|f| f.paused_until) {
+                wait = wait.max(p.saturating_duration_since(now));
+            }
+        }
+        wait
     }
 
     async fn admit_one(
@@ -628,51 +979,72 @@ impl Inner {
         units: u32,
         prio: usize,
         deadline: Instant,
-    ) -> Result<(), ProxyError> {
-        // With Redis deciding, every call goes through the pump: one admission at a time per
-        // bucket keeps the order fair and Redis round trips out of the lock.
-        let redis_decides = self.shared.as_ref().is_some_and(|s| s.is_up());
+        gate_held: bool,
+    ) -> Result<Granted, ProxyError> {
+        let shared = self.shared.clone().filter(|s| s.is_up());
+        let mut redis_failed = false;
+        if let Some(s) = &shared {
+            let free = {
+                let st = bucket.lock();
+                !st.queued() && st.hold.is_none_or(|h| h.until <= Instant::now())
+            };
+            if free {
+                match self.ask_redis(bucket, s, units, gate_held).await {
+                    Some(Ok(g)) => return Ok(g),
+                    Some(Err(_)) => {}
+                    None => redis_failed = true,
+                }
+            }
+        }
         let rx = {
             let now = Instant::now();
             let mut st = bucket.lock();
-            if !redis_decides {
-                st.set_mode(self.local_fraction());
-            }
-            if !redis_decides
-                && !st.queued()
-                && st.in_flight < st.in_flight_cap(now)
-                && st.budget.try_admit(units, now).is_ok()
-            {
-                st.in_flight += 1;
-                if let Some(s) = &self.shared {
-                    s.count("local");
+            if shared.is_none() || redis_failed {
+                st.budget.set_share(self.local_share());
+                if !st.queued() {
+                    match self.try_local(&mut st, units, now, gate_held) {
+                        Ok(g) => {
+                            if let Some(s) = &self.shared {
+                                s.count("local");
+                            }
+                            st.hold = None;
+                            return Ok(g);
+                        }
+                        Err(h) => st.hold = Some(h),
+                    }
                 }
-                return Ok(());
             }
             // Interactive calls only wait behind interactive ones; batch calls behind all.
             let ahead = match prio {
                 INTERACTIVE => st.waiting_units[INTERACTIVE],
                 _ => st.waiting_units[INTERACTIVE].saturating_add(st.waiting_units[BATCH]),
             };
-            let wait = st.budget.predicted_wait(ahead, units, now);
-            let limits = st.budget.limits;
-            let q = st.budget.effective_calls(now);
+            let wait = self.predicted_wait(&mut st, ahead, units, now);
             if now + wait > deadline {
                 // Fail fast: waiting could not help, and the estimate is the honest Retry-After.
-                return Err(self.throttled(&bucket.key, &limits, q, wait, false));
+                return Err(self.throttled(&mut st, &bucket.key, wait, false));
             }
             if st.depth >= self.settings.max_queue_depth {
-                return Err(self.throttled(&bucket.key, &limits, q, wait, true));
+                return Err(self.throttled(&mut st, &bucket.key, wait, true));
             }
+            let why = match st.hold {
+                Some(h) if !st.queued() => h.reason.label(),
+                _ => "queued_behind",
+            };
+            self.metrics.quota_waits.with_label_values(&[why]).inc();
             let (tx, rx) = oneshot::channel();
-            st.queues[prio].push_back(Waiter { tx, units });
+            st.queues[prio].push_back(Waiter {
+                tx,
+                units,
+                gate_held,
+            });
             st.waiting_units[prio] = st.waiting_units[prio].saturating_add(units);
             st.depth += 1;
             st.compact(self.settings.max_queue_depth);
             self.metrics.quota_queue_depth.inc();
             if !st.pump_running {
                 st.pump_running = true;
-                tokio::spawn(pump(bucket.clone(), self.shared.clone()));
+                tokio::spawn(pump(self.clone(), bucket.clone()));
             }
             rx
         };
@@ -685,73 +1057,204 @@ impl Inner {
         };
         let mut rx = rx;
         match tokio::time::timeout_at(deadline.into(), &mut rx).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(g)) => Ok(g),
             _ => {
                 // The pump may have admitted us just as the deadline passed.
                 rx.close();
-                if rx.try_recv().is_ok() {
-                    return Ok(());
+                if let Ok(g) = rx.try_recv() {
+                    return Ok(g);
                 }
                 let now = Instant::now();
-                let st = bucket.lock();
-                let wait = st
-                    .budget
-                    .predicted_wait(st.waiting_units[INTERACTIVE], units, now);
-                let (limits, q) = (st.budget.limits, st.budget.effective_calls(now));
-                drop(st);
-                Err(self.throttled(&bucket.key, &limits, q, wait, false))
+                let mut st = bucket.lock();
+                let ahead = st.waiting_units[INTERACTIVE];
+                let wait = self.predicted_wait(&mut st, ahead, units, now);
+                Err(self.throttled(&mut st, &bucket.key, wait, false))
             }
         }
     }
 
-    /// Updates the gauges that depend on time (paused buckets, usage) before a scrape.
+    fn status_row(&self, b: &Bucket, gate_paused: Option<Instant>, now: Instant) -> Value {
+        let mut st = b.lock();
+        let est = st.budget.estimate(now);
+        let limits = st.budget.limits;
+        let reading = st.budget.reading(now).map(|r| {
+            json!({
+                "call_count": r.usage.call_count,
+                "total_time": r.usage.total_time,
+                "total_cputime": r.usage.total_cputime,
+                "regain_s": r.regain.map(|d| d.as_secs()),
+                "age_s": rounded(now.saturating_duration_since(r.at).as_secs_f64(), 3),
+                "synthetic": r.synthetic,
+            })
+        });
+        let fleet = st.fleet(now);
+        let paused = st
+            .budget
+            .paused_until(now)
+            .or(fleet.and_then(|f| f.paused_until));
+        let hold = st.hold.filter(|_| st.depth > 0);
+        let waiting = match (hold, gate_paused) {
+            (_, Some(p)) if st.depth > 0 => Some(json!({
+                "reason": Reason::AppPaused.label(),
+                "next_check_in_s": rounded(p.saturating_duration_since(now).as_secs_f64(), 3),
+            })),
+            (Some(h), _) => Some(json!({
+                "reason": h.reason.label(),
+                "next_check_in_s": rounded(h.until.saturating_duration_since(now).as_secs_f64(), 3),
+            })),
+            _ => None,
+        };
+        let state = if gate_paused.is_some() {
+            Reason::AppPaused.label()
+        } else {
+            match st.budget.decide(1, now) {
+                Ok(true) => "probe_due",
+                Ok(false) if est.usage_pct < limits.threshold_pct() => "open",
+                Ok(false) => "pacing",
+                Err(h) => h.reason.label(),
+            }
+        };
+        let view = |e: &Estimate| {
+            json!({
+                "usage": rounded(e.usage_pct / 100.0, 4),
+                "limit": rounded(e.limit, 1),
+                "limit_source": e.source.label(),
+                "calls_in_window": e.calls_in_window,
+                "unexplained_usage": rounded(e.unexplained_pct / 100.0, 4),
+            })
+        };
+        json!({
+            "id": b.key.to_string(),
+            "kind": b.key.policy_name(),
+            "budget": {
+                "calls": limits.guess,
+                "window_s": limits.window.as_secs_f64(),
+                "threshold": limits.threshold_pct() / 100.0,
+                "ceiling": limits.ceiling_pct() / 100.0,
+                "learn_limits": limits.learn,
+            },
+            "estimate": view(&est),
+            "fleet": fleet.map(|f| json!({
+                "usage": rounded(f.usage_pct / 100.0, 4),
+                "limit": rounded(f.limit, 1),
+                "calls_in_window": f.count,
+            })),
+            "usage": reading,
+            "state": state,
+            "waiting": waiting,
+            "paused_until": paused.map(|p| unix(p, now)),
+            "queue_depth": st.depth,
+            "in_flight": st.budget.in_flight(),
+        })
+    }
+
+    /// Updates the gauges that depend on time before a scrape: per-Page series for the
+    /// listed Pages and the `top_pages` busiest others; series of Pages that left the top
+    /// are removed, so label cardinality stays bounded.
     fn refresh_gauges(&self) {
         let now = Instant::now();
-        let buckets: Vec<Arc<Bucket>> = lock(&self.buckets).values().cloned().collect();
-        let mut paused = 0;
         let m = &self.metrics;
-        for b in buckets {
-            let st = b.lock();
-            let is_paused = st.budget.paused_until(now).is_some();
-            if is_paused {
+        let buckets = self.table.snapshot();
+        m.quota_buckets
+            .set(i64::try_from(buckets.len()).unwrap_or(i64::MAX));
+        m.quota_app_paused
+            .set(i64::from(self.gate.paused_until(now).is_some()));
+        let mut paused = 0;
+        let mut pages: Vec<(u32, &Arc<Bucket>)> = Vec::new();
+        for b in &buckets {
+            let mut st = b.lock();
+            if st.budget.paused_until(now).is_some() {
                 paused += 1;
             }
-            let reading = st.budget.reading(now);
-            let pcts = |r: Option<super::budget::Reading>| {
-                r.map_or([0.0; 3], |r| [r.call_count, r.total_time, r.total_cputime])
-            };
             match &b.key {
                 BucketKey::App => {
+                    let r = st.budget.reading(now);
+                    let pcts = r.map_or([0.0; 3], |r| {
+                        [
+                            r.usage.call_count,
+                            r.usage.total_time,
+                            r.usage.total_cputime,
+                        ]
+                    });
                     for (k, v) in ["call_count", "total_time", "total_cputime"]
                         .iter()
-                        .zip(pcts(reading))
+                        .zip(pcts)
                     {
                         m.quota_app_usage.with_label_values(&[k]).set(v);
                     }
                 }
-                BucketKey::Page(p) if self.settings.tracked.contains(p) => {
-                    for (k, v) in ["call_count", "total_time", "total_cputime"]
-                        .iter()
-                        .zip(pcts(reading))
-                    {
-                        m.quota_page_usage
-                            .with_label_values(&[p.as_str(), k])
-                            .set(v);
-                    }
-                    m.quota_page_queue_depth
-                        .with_label_values(&[p])
-                        .set(st.depth as i64);
-                    m.quota_page_rate_factor
-                        .with_label_values(&[p])
-                        .set(st.budget.factor(now));
-                    m.quota_page_paused
-                        .with_label_values(&[p])
-                        .set(i64::from(is_paused));
+                BucketKey::Page(_) => {
+                    let calls = st.budget.estimate(now).calls_in_window;
+                    pages.push((calls, b));
                 }
-                BucketKey::Page(_) => {}
             }
         }
         m.quota_paused_buckets.set(paused);
+        // The busiest first; ties by id so the choice is stable between scrapes.
+        pages.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.key.cmp(&b.1.key)));
+        let mut exported = HashSet::new();
+        let mut top = 0;
+        for (calls, b) in pages {
+            let BucketKey::Page(p) = &b.key else { continue };
+            let listed = self.settings.listed.contains(p);
+            if !listed && (calls == 0 || top >= self.settings.top_pages) {
+                continue;
+            }
+            if !listed {
+                top += 1;
+            }
+            let mut st = b.lock();
+            let est = st.budget.estimate(now);
+            let fleet = st.fleet(now);
+            let (usage, limit, count) = match fleet {
+                Some(f) => (f.usage_pct, f.limit, f.count),
+                None => (est.usage_pct, est.limit, est.calls_in_window),
+            };
+            let reading = st.budget.reading(now);
+            let is_paused = st.budget.paused_until(now).is_some()
+                || fleet.and_then(|f| f.paused_until).is_some();
+            let label = [p.as_str()];
+            m.quota_page_usage_ratio
+                .with_label_values(&label)
+                .set(usage / 100.0);
+            m.quota_page_estimated_limit
+                .with_label_values(&label)
+                .set(limit);
+            m.quota_page_calls_in_window
+                .with_label_values(&label)
+                .set(i64::from(count));
+            m.quota_page_queue_depth
+                .with_label_values(&label)
+                .set(i64::try_from(st.depth).unwrap_or(i64::MAX));
+            m.quota_page_paused
+                .with_label_values(&label)
+                .set(i64::from(is_paused));
+            let pcts = reading.map_or([0.0; 3], |r| {
+                [
+                    r.usage.call_count,
+                    r.usage.total_time,
+                    r.usage.total_cputime,
+                ]
+            });
+            for (k, v) in ["call_count", "total_time", "total_cputime"]
+                .iter()
+                .zip(pcts)
+            {
+                m.quota_page_usage
+                    .with_label_values(&[p.as_str(), k])
+                    .set(v);
+            }
+            exported.insert(p.clone());
+        }
+        // Listed Pages not seen yet keep their zeroed series (set at start).
+        let mut previous = lock(&self.exported);
+        for gone in previous.difference(&exported) {
+            if self.settings.listed.contains(gone) {
+                continue;
+            }
+            m.remove_page_series(gone);
+        }
+        *previous = exported;
     }
 }
 
@@ -775,109 +1278,85 @@ impl Drop for Leave<'_> {
     }
 }
 
-/// What the pump does next.
-enum Step {
-    Sleep(Instant),
-    /// Ask Redis about this waiter (popped; put back at the front if it must wait).
-    AskRedis {
-        prio: usize,
-        waiter: Waiter,
-        interval: Duration,
-        tolerance: Duration,
-    },
+/// Gives a granted call to its waiter; a waiter that gave up meanwhile is not charged.
+fn hand_over(inner: &Inner, bucket: &Bucket, st: &mut State, w: Waiter, g: Granted) {
+    if let Err(g) = w.tx.send(g) {
+        st.budget.refund(&g.ticket);
+        if let Some(f) = g.fleet {
+            inner.share_refund(bucket, f);
+        }
+        if g.gate_probe {
+            inner.gate.probe_lost();
+        }
+    }
 }
 
 /// Releases a bucket's waiters as its budget allows; exits when the queues are empty. With
-/// Redis up, each release is a shared decision ([`SharedBudgets::admit`]); otherwise (or
-/// when one Redis call fails) the local budget decides, at the configured fraction when
-/// sharing is configured.
-async fn pump(bucket: Arc<Bucket>, shared: Option<Arc<SharedBudgets>>) {
-    let fraction = shared.as_ref().map(|s| s.local_fraction);
+/// Redis up each release is a fleet decision; otherwise (or when one Redis call fails) the
+/// local budget decides, on this replica's share.
+async fn pump(inner: Arc<Inner>, bucket: Arc<Bucket>) {
     let mut force_local = false;
     loop {
+        let redis = inner.shared.clone().filter(|s| s.is_up() && !force_local);
         let step = {
             let now = Instant::now();
             let mut st = bucket.lock();
-            let Some(units) = st.head().map(|w| w.units) else {
+            let Some((units, gate_held)) = st.head().map(|w| (w.units, w.gate_held)) else {
                 st.pump_running = false;
                 return;
             };
-            let remote = shared.as_ref().is_some_and(|s| s.is_up()) && !force_local;
-            st.set_mode(if remote { None } else { fraction });
-            if st.in_flight >= st.in_flight_cap(now) {
-                // Woken when a call in flight finishes.
-                Step::Sleep(now + PUMP_MAX_SLEEP)
-            } else if let Some(p) = st.budget.paused_until(now).filter(|_| remote) {
-                // A pause already known (from Redis or learned here): no need to ask.
-                Step::Sleep(p.min(now + PUMP_MAX_SLEEP))
-            } else if remote {
-                let interval = st.budget.interval(now);
-                let tolerance = interval * st.budget.limits.burst();
-                match st.pop_head() {
-                    Some((prio, waiter)) => Step::AskRedis {
-                        prio,
-                        waiter,
-                        interval,
-                        tolerance,
-                    },
-                    None => continue,
-                }
-            } else {
-                force_local = false;
-                match st.budget.earliest(units, now) {
-                    at if at <= now => {
-                        let Some((_, w)) = st.pop_head() else {
-                            continue;
-                        };
-                        if w.tx.send(()).is_ok() {
-                            // Cannot fail: `earliest` said now.
-                            let _ = st.budget.try_admit(w.units, now);
-                            st.in_flight += 1;
-                            if let Some(s) = &shared {
-                                s.count("local");
-                            }
+            match &redis {
+                Some(_) => match st.hold.filter(|h| h.until > now) {
+                    Some(h) => Err(h.until),
+                    None => match st.pop_head() {
+                        Some((prio, waiter)) => {
+                            st.asking = true;
+                            Ok((prio, waiter))
                         }
-                        continue;
+                        None => continue,
+                    },
+                },
+                None => {
+                    force_local = false;
+                    st.budget.set_share(inner.local_share());
+                    match inner.try_local(&mut st, units, now, gate_held) {
+                        Ok(g) => {
+                            st.hold = None;
+                            if let Some((_, w)) = st.pop_head() {
+                                if let Some(s) = &inner.shared {
+                                    s.count("local");
+                                }
+                                hand_over(&inner, &bucket, &mut st, w, g);
+                            } else {
+                                st.budget.refund(&g.ticket);
+                            }
+                            continue;
+                        }
+                        Err(h) => {
+                            st.hold = Some(h);
+                            Err(h.until)
+                        }
                     }
-                    at => Step::Sleep(at.min(now + PUMP_MAX_SLEEP)),
                 }
             }
         };
-        let sleep_until = match step {
-            Step::Sleep(at) => at,
-            Step::AskRedis {
-                prio,
-                waiter,
-                interval,
-                tolerance,
-            } => {
-                let Some(s) = &shared else { continue };
-                let decision = s
-                    .admit(&bucket.key, waiter.units, interval, tolerance)
+        let sleep_until = match (step, &redis) {
+            (Err(until), _) => until,
+            (Ok((prio, waiter)), Some(s)) => {
+                let decision = inner
+                    .ask_redis(&bucket, s, waiter.units, waiter.gate_held)
                     .await;
-                let now = Instant::now();
                 let mut st = bucket.lock();
+                st.asking = false;
                 match decision {
-                    Some(Decision::Granted { ahead }) => {
-                        st.budget.mirror_shared(ahead, Duration::ZERO, now);
-                        if waiter.tx.send(()).is_ok() {
-                            st.in_flight += 1;
-                            s.count("redis");
-                        } else {
-                            // The waiter gave up while Redis decided: give the units back.
-                            let (s, key, units) = (s.clone(), bucket.key.clone(), waiter.units);
-                            tokio::spawn(async move { s.refund(&key, units, interval).await });
-                        }
+                    Some(Ok(g)) => {
+                        st.hold = None;
+                        hand_over(&inner, &bucket, &mut st, waiter, g);
                         continue;
                     }
-                    Some(Decision::Wait {
-                        wait,
-                        ahead,
-                        paused,
-                    }) => {
-                        st.budget.mirror_shared(ahead, paused, now);
+                    Some(Err(h)) => {
                         st.queues[prio].push_front(waiter);
-                        now + wait.min(PUMP_MAX_SLEEP)
+                        h.until
                     }
                     None => {
                         // Redis could not decide this once: the local budget decides next.
@@ -887,10 +1366,16 @@ async fn pump(bucket: Arc<Bucket>, shared: Option<Arc<SharedBudgets>>) {
                     }
                 }
             }
+            (Ok((prio, waiter)), None) => {
+                bucket.lock().queues[prio].push_front(waiter);
+                continue;
+            }
         };
+        let sleep_until = sleep_until.min(Instant::now() + PUMP_MAX_SLEEP);
         tokio::select! {
             _ = tokio::time::sleep_until(sleep_until.into()) => {}
             _ = bucket.wake.notified() => {}
+            _ = inner.gate.opened.notified() => {}
         }
     }
 }

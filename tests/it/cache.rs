@@ -258,7 +258,7 @@ async fn stale_if_error_covers_outages_and_throttling() {
         // The breaker would open after these injected faults; this test is about the cache.
         "[cache]\ndefault_ttl_s = 1\nstale_while_revalidate_s = 0\nstale_if_error_s = 60\n\
          [upstream]\nbreaker_failures = 1000\n\
-         [quota]\nthrottle_backoff_ms = 300\n",
+         [quota]\npage_window_s = 1\n",
     )
     .await;
     let url = q("/1001?fields=id,name");

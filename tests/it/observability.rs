@@ -539,7 +539,6 @@ ttl_s = 1
 page_calls = 1000
 page_window_s = 2
 queue_timeout_ms = 3000
-throttle_backoff_ms = 30000
 [[quota.pages]]
 id = "1001"
 page_calls = 6
@@ -610,19 +609,13 @@ async fn drive_traffic(s: &Arc<Stack>) {
     ))
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-    // Page 1002: another app uses up its quota behind graphgate's back (10 calls per 2 s on
-    // the simulated Graph), so graphgate's next calls are throttled (80001) and the Page is
-    // paused for 30 s; what is left waits out its 3 s queue deadline and gets 429.
+    // Page 1002: other apps use up its quota behind graphgate's back (all 10 calls per 2 s
+    // on the simulated Graph, for the rest of the test), so graphgate's next calls are
+    // throttled (80001) and the Page stays paused, each probe throttled again; what is left
+    // waits out its 3 s queue deadline and gets 429.
     let r = get(format!("/v21.0/1002?fields=id&access_token={ADMIN_KEY}")).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-    let proof = s.graph.proof_for(SYSTEM_TOKEN).unwrap_or_default();
-    for n in 1..=10 {
-        let url = format!(
-            "{}/v21.0/1002_{n}?fields=id&access_token={SYSTEM_TOKEN}&appsecret_proof={proof}",
-            s.graph.url()
-        );
-        send(&client(), Method::GET, &url, &[], Bytes::new(), &[]).await;
-    }
+    s.graph.set_other_usage("1002", 10);
     let replies = flood(s, "1002", 11..=18).await;
     assert!(
         replies

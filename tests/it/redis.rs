@@ -276,8 +276,10 @@ async fn no_meta_token_or_client_key_reaches_redis() {
 async fn a_flood_through_both_replicas_stays_within_one_page_budget() {
     const LIMIT: u32 = 10;
     let redis = RedisServer::start();
+    // Graph allows a little more than page_calls (one call is 10 % of it, beyond what the
+    // headroom absorbs): this test is about the replicas keeping to one budget.
     let graph = FakeGraphConfig {
-        page_calls_limit: LIMIT,
+        page_calls_limit: LIMIT + 2,
         page_window: Duration::from_secs(2),
         ..graph_config()
     };
@@ -285,7 +287,7 @@ async fn a_flood_through_both_replicas_stays_within_one_page_budget() {
         Fleet::start(
             &redis,
             graph,
-            "[quota]\npage_calls = 10\npage_window_s = 2\nqueue_timeout_ms = 4000\nthrottle_backoff_ms = 500\n",
+            "[quota]\npage_calls = 10\npage_window_s = 2\nqueue_timeout_ms = 4000\n",
         )
         .await,
     );
@@ -350,12 +352,7 @@ async fn a_flood_through_both_replicas_stays_within_one_page_budget() {
 #[tokio::test]
 async fn a_pause_learned_by_one_replica_holds_the_other() {
     let redis = RedisServer::start();
-    let f = Fleet::start(
-        &redis,
-        graph_config(),
-        "[quota]\nqueue_timeout_ms = 300\nthrottle_backoff_ms = 5000\n",
-    )
-    .await;
+    let f = Fleet::start(&redis, graph_config(), "[quota]\nqueue_timeout_ms = 300\n").await;
     // Graph throttles A's call (80001, no regain time): A pauses Page 1001 for 5 s.
     f.graph.set_fault(fake_graph::Fault::GraphError {
         code: 80001,
@@ -659,6 +656,213 @@ async fn a_full_redis_costs_sharing_never_a_reply() {
     assert_eq!(
         metric_value(&ma, "graphgate_requests_total", &["status_class=\"5xx\""]),
         0.0
+    );
+    f.stop().await;
+}
+
+/// Three times the budget through two replicas for four windows: together they keep to
+/// one budget (nothing throttled) and use nearly all of it, as one replica would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_under_overload_share_one_budget_and_use_nearly_all_of_it() {
+    const LIMIT: u32 = 100;
+    let window = Duration::from_secs(2);
+    let redis = RedisServer::start();
+    let graph = FakeGraphConfig {
+        page_calls_limit: LIMIT,
+        page_window: window,
+        ..graph_config()
+    };
+    let f = Arc::new(
+        Fleet::start(
+            &redis,
+            graph,
+            "[quota]\npage_calls = 100\npage_window_s = 2\nqueue_timeout_ms = 3000\n",
+        )
+        .await,
+    );
+    let load = {
+        let f = f.clone();
+        tokio::spawn(crate::quota::drive(150.0, window * 4, move |n| {
+            let f = f.clone();
+            async move {
+                let via = if n % 2 == 0 { &f.a } else { &f.b };
+                let path = crate::quota::distinct("1001", n)
+                    .replace(&format!("&access_token={ADMIN_KEY}"), "");
+                f.get(via, &path).await
+            }
+        }))
+    };
+    let per_window = crate::quota::answered_per_window(&f.graph, window, 4).await;
+    for r in load.await.expect("load") {
+        assert!(
+            r.status == StatusCode::OK || r.status == StatusCode::TOO_MANY_REQUESTS,
+            "{}: {}",
+            r.status,
+            r.text()
+        );
+    }
+    let stats = f.graph.stats();
+    assert_eq!(stats.throttled, 0, "{stats:?}");
+    for n in &per_window[1..] {
+        assert!(*n as f64 >= 0.9 * f64::from(LIMIT), "{per_window:?}");
+    }
+    let (ma, mb) = (f.metrics(&f.a).await, f.metrics(&f.b).await);
+    for m in [&ma, &mb] {
+        let redis_decided = metric_value(
+            m,
+            "graphgate_quota_admission_decisions_total",
+            &["source=\"redis\""],
+        );
+        assert!(redis_decided > 20.0, "{redis_decided}");
+    }
+    if let Ok(f) = Arc::try_unwrap(f) {
+        f.stop().await;
+    }
+}
+
+/// With `learn_limits`, a limit learned from the readings of both replicas' calls is the
+/// fleet's: page_calls ten times too low does not hold the fleet back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_learns_a_limit_above_page_calls_with_learn_limits() {
+    const LIMIT: u32 = 60;
+    let window = Duration::from_secs(2);
+    let redis = RedisServer::start();
+    let graph = FakeGraphConfig {
+        page_calls_limit: LIMIT,
+        page_window: window,
+        ..graph_config()
+    };
+    let f = Arc::new(
+        Fleet::start(
+            &redis,
+            graph,
+            "[quota]\npage_calls = 6\npage_window_s = 2\nqueue_timeout_ms = 3000\nlearn_limits = true\n",
+        )
+        .await,
+    );
+    let load = {
+        let f = f.clone();
+        tokio::spawn(crate::quota::drive(90.0, window * 3, move |n| {
+            let f = f.clone();
+            async move {
+                let via = if n % 2 == 0 { &f.a } else { &f.b };
+                let path = crate::quota::distinct("1001", n)
+                    .replace(&format!("&access_token={ADMIN_KEY}"), "");
+                f.get(via, &path).await
+            }
+        }))
+    };
+    let per_window = crate::quota::answered_per_window(&f.graph, window, 3).await;
+    load.await.expect("load");
+    assert_eq!(f.graph.stats().throttled, 0);
+    for n in &per_window[1..] {
+        assert!(*n as f64 >= 0.8 * f64::from(LIMIT), "{per_window:?}");
+    }
+    if let Ok(f) = Arc::try_unwrap(f) {
+        f.stop().await;
+    }
+}
+
+async fn pages_status(f: &Fleet, via: &Running) -> serde_json::Value {
+    let url = format!("{}/admin/pages", via.admin_url());
+    let r = send(
+        &f.http,
+        Method::GET,
+        &url,
+        &[("authorization", "Bearer test-admin-token")],
+        Bytes::new(),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    r.json()
+}
+
+/// Cut off from Redis, a replica decides alone on its share of each budget, and the share
+/// comes from the replicas it last saw alive (heartbeats in Redis), not a fixed fraction.
+#[tokio::test]
+async fn cut_off_from_redis_each_replica_uses_its_share_from_the_live_replica_count() {
+    let mut redis = RedisServer::start();
+    let graph = FakeGraphConfig {
+        page_calls_limit: 1000,
+        ..graph_config()
+    };
+    let f = Fleet::start(
+        &redis,
+        graph,
+        "[quota]\npage_calls = 10\npage_window_s = 60\nqueue_timeout_ms = 200\n",
+    )
+    .await;
+    let until = Instant::now() + Duration::from_secs(5);
+    while pages_status(&f, &f.a).await["local_share"] != 0.5 {
+        assert!(Instant::now() < until, "replica A never saw two replicas");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    redis.kill();
+    let until = Instant::now() + Duration::from_secs(3);
+    while metric_value(&f.metrics(&f.a).await, "graphgate_redis_up", &[]) != 0.0 {
+        assert!(Instant::now() < until, "redis_up stayed 1");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = pages_status(&f, &f.a).await;
+    assert_eq!(status["decided_by"], "local");
+    assert_eq!(status["local_share"], 0.5);
+    // page_calls 10 per minute: replica A alone counts its calls against its half, so 3
+    // calls are 60 % (the threshold), and it never goes beyond 5.
+    let mut ok = 0;
+    for n in 0..12 {
+        let r = f
+            .get(&f.a, &format!("/1001_{}?fields=id&n={n}", n + 1))
+            .await;
+        match r.status {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => {}
+            other => panic!("{other}: {}", r.text()),
+        }
+    }
+    assert!((3..=5).contains(&ok), "{ok}");
+    let status = pages_status(&f, &f.a).await;
+    let row = status["pages"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["id"] == "1001"))
+        .cloned()
+        .unwrap_or_default();
+    let usage = row["estimate"]["usage"].as_f64().unwrap_or(0.0);
+    assert!(usage >= 0.2 * ok as f64 - 1e-9, "{row}");
+    f.stop().await;
+}
+
+/// An app-level throttle (code 4) seen by one replica closes every replica's app gate: the
+/// other holds its Page calls instead of sending them into the throttle.
+#[tokio::test]
+async fn an_app_throttle_seen_by_one_replica_holds_every_call_of_the_other() {
+    let redis = RedisServer::start();
+    let f = Fleet::start(&redis, graph_config(), "[quota]\nqueue_timeout_ms = 300\n").await;
+    f.graph.set_fault(fake_graph::Fault::GraphError {
+        code: 4,
+        http_status: 403,
+    });
+    let r = f.get(&f.a, "/1001_1?fields=id").await;
+    assert_ne!(r.status, StatusCode::OK);
+    f.graph.set_fault(fake_graph::Fault::None);
+    let before = f.graph.stats().requests;
+    // B learns the pause at its next fleet tick, then holds Page calls (429 within its
+    // 300 ms deadline) instead of calling Graph.
+    let until = Instant::now() + Duration::from_secs(2);
+    let mut held = false;
+    while Instant::now() < until && !held {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        held = f.get(&f.b, "/1002_2?fields=id").await.status == StatusCode::TOO_MANY_REQUESTS;
+    }
+    assert!(held, "B did not honour A's app throttle");
+    let sent = f.graph.stats().requests - before;
+    assert!(
+        sent <= 1,
+        "{sent} of B's calls reached Graph during the app pause"
+    );
+    assert_eq!(
+        metric_value(&f.metrics(&f.b).await, "graphgate_quota_app_paused", &[]),
+        1.0
     );
     f.stop().await;
 }

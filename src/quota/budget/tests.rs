@@ -1,0 +1,400 @@
+//! The budget against a simulated Meta: an exact sliding window per Page, whole-percent
+//! readings (floored), throttled calls counted too, optional usage by other apps, and a fixed
+//! round trip. A greedy client keeps one call waiting at all times (unbounded overload).
+
+use std::collections::VecDeque;
+
+use super::*;
+
+const ROUND_TRIP: Duration = Duration::from_millis(50);
+
+struct Meta {
+    limit: u32,
+    window: Duration,
+    arrivals: VecDeque<Instant>,
+    /// Calls of other apps always present in the window.
+    other: u32,
+    /// (arrival, throttled) of every call.
+    log: Vec<(Instant, bool)>,
+}
+
+impl Meta {
+    fn new(limit: u32, window: Duration) -> Meta {
+        Meta {
+            limit,
+            window,
+            arrivals: VecDeque::new(),
+            other: 0,
+            log: Vec::new(),
+        }
+    }
+
+    /// Charges one call arriving at `at`: the reading and whether it was throttled.
+    fn call(&mut self, at: Instant) -> (Usage, bool) {
+        while self
+            .arrivals
+            .front()
+            .is_some_and(|&t| at.saturating_duration_since(t) >= self.window)
+        {
+            self.arrivals.pop_front();
+        }
+        self.arrivals.push_back(at);
+        let count = self.arrivals.len() as u64 + u64::from(self.other);
+        let throttled = count > u64::from(self.limit);
+        self.log.push((at, throttled));
+        let pct = (count * 100 / u64::from(self.limit)) as f64;
+        (
+            Usage {
+                call_count: pct,
+                total_time: (pct / 2.0).floor(),
+                total_cputime: (pct / 2.0).floor(),
+            },
+            throttled,
+        )
+    }
+
+    /// Calls answered (not throttled) per whole window since `t0`.
+    fn ok_per_window(&self, t0: Instant, windows: u32) -> Vec<u32> {
+        let mut out = vec![0; windows as usize];
+        for &(at, throttled) in &self.log {
+            let k = (at.saturating_duration_since(t0).as_secs_f64() / self.window.as_secs_f64())
+                as usize;
+            if !throttled && k < out.len() {
+                out[k] += 1;
+            }
+        }
+        out
+    }
+
+    fn throttled_per_window(&self, t0: Instant, windows: u32) -> Vec<u32> {
+        let mut out = vec![0; windows as usize];
+        for &(at, throttled) in &self.log {
+            let k = (at.saturating_duration_since(t0).as_secs_f64() / self.window.as_secs_f64())
+                as usize;
+            if throttled && k < out.len() {
+                out[k] += 1;
+            }
+        }
+        out
+    }
+}
+
+fn limits(guess: u32, window_s: u64, learn: bool) -> Limits {
+    Limits {
+        guess,
+        window: Duration::from_secs(window_s),
+        headroom_pct: 2.0,
+        threshold_pct: 60.0,
+        learn,
+    }
+}
+
+struct Reply {
+    at: Instant,
+    ticket: Ticket,
+    usage: Usage,
+    throttled: bool,
+}
+
+/// Runs a greedy client from `t0` for `windows` windows; returns the budget and Meta.
+fn overload(limits: Limits, meta: Meta, windows: u32) -> (Budget, Meta, Instant) {
+    let t0 = Instant::now();
+    let mut b = Budget::new(limits, t0);
+    let mut meta = meta;
+    let end = t0 + meta.window * windows;
+    let mut now = t0;
+    let mut pending: VecDeque<Reply> = VecDeque::new();
+    while now < end {
+        while pending.front().is_some_and(|r| r.at <= now) {
+            let r = pending.pop_front().expect("front");
+            let obs = Observation {
+                usage: Some(r.usage),
+                regain_minutes: Some(0.0),
+                throttled: r.throttled,
+                answered: true,
+            };
+            b.observe(Some(&r.ticket), &obs, r.at);
+            b.finish(&r.ticket, r.at);
+        }
+        match b.try_admit(1, now) {
+            Ok(ticket) => {
+                let (usage, throttled) = meta.call(now + ROUND_TRIP / 2);
+                pending.push_back(Reply {
+                    at: now + ROUND_TRIP,
+                    ticket,
+                    usage,
+                    throttled,
+                });
+            }
+            Err(hold) => {
+                assert!(hold.until > now || pending.front().is_some_and(|r| r.at <= now));
+                let mut next = hold.until.min(end);
+                if let Some(r) = pending.front() {
+                    next = next.min(r.at);
+                }
+                now = next.max(now + Duration::from_micros(1));
+            }
+        }
+    }
+    (b, meta, t0)
+}
+
+#[test]
+fn a_right_guess_under_overload_uses_the_whole_budget_and_is_never_throttled() {
+    for (limit, window_s) in [(60, 20), (200, 4), (4800, 3600)] {
+        let (_, meta, t0) = overload(
+            limits(limit, window_s, false),
+            Meta::new(limit, Duration::from_secs(window_s)),
+            4,
+        );
+        let throttled: u32 = meta.throttled_per_window(t0, 4).iter().sum();
+        assert_eq!(throttled, 0, "limit {limit}");
+        let ok = meta.ok_per_window(t0, 4);
+        // Where one call is worth more than the headroom, a window loses a whole call or two
+        // to the sub-bucket and round-trip margins.
+        let floor = if limit < 100 { 0.95 } else { 0.97 };
+        for (k, n) in ok.iter().enumerate().skip(1) {
+            let used = f64::from(*n) / f64::from(limit);
+            assert!(used >= floor, "limit {limit}, window {k}: {ok:?}");
+        }
+    }
+}
+
+#[test]
+fn a_guess_ten_times_too_high_is_lowered_by_the_readings() {
+    let (mut b, meta, t0) = overload(
+        limits(600, 20, false),
+        Meta::new(60, Duration::from_secs(20)),
+        3,
+    );
+    let throttled = meta.throttled_per_window(t0, 3);
+    assert!(throttled.iter().all(|&n| n <= 2), "{throttled:?}");
+    let ok: u32 = meta.ok_per_window(t0, 3).iter().sum();
+    assert!(f64::from(ok) >= 0.9 * 180.0, "{ok} of 180");
+    let est = b.estimate(t0 + Duration::from_secs(60));
+    assert_eq!(est.source, LimitSource::Lowered);
+    assert!((55.0..=60.0).contains(&est.limit), "{est:?}");
+}
+
+#[test]
+fn a_guess_ten_times_too_low_is_raised_only_with_learn_limits() {
+    // Eight windows: what was learned keeps holding as the readings that taught it age.
+    let (mut b, meta, t0) = overload(
+        limits(20, 20, true),
+        Meta::new(200, Duration::from_secs(20)),
+        8,
+    );
+    let ok = meta.ok_per_window(t0, 8);
+    assert_eq!(meta.throttled_per_window(t0, 8), [0; 8]);
+    for n in &ok[1..] {
+        assert!(f64::from(*n) >= 0.9 * 200.0, "{ok:?}");
+    }
+    let est = b.estimate(t0 + Duration::from_secs(160));
+    assert_eq!(est.source, LimitSource::Learned);
+    assert!((180.0..=200.0).contains(&est.limit), "{est:?}");
+
+    // Without learn_limits the guess is the ceiling.
+    let (_, meta, t0) = overload(
+        limits(20, 20, false),
+        Meta::new(200, Duration::from_secs(20)),
+        3,
+    );
+    for n in meta.ok_per_window(t0, 3) {
+        assert!(n <= 20, "{n}");
+    }
+}
+
+#[test]
+fn usage_of_other_apps_counts_as_consumed() {
+    let mut meta = Meta::new(100, Duration::from_secs(10));
+    meta.other = 50;
+    let (mut b, meta, t0) = overload(limits(100, 10, false), meta, 3);
+    assert_eq!(meta.throttled_per_window(t0, 3), [0, 0, 0]);
+    let ok = meta.ok_per_window(t0, 3);
+    // Others leave 50 calls a window; ours are counted conservatively (see below), and the
+    // first window after the start is still learning.
+    for n in &ok[2..] {
+        assert!((45..=50).contains(n), "{ok:?}");
+    }
+    // Whether the Page's limit is lower or others use it cannot be told apart from the
+    // readings alone; either way the estimate follows Meta's count, not ours.
+    let est = b.estimate(t0 + Duration::from_secs(30));
+    assert!(est.usage_pct >= 94.0, "{est:?}");
+}
+
+#[test]
+fn at_low_usage_calls_go_at_once_sequential_or_in_a_burst() {
+    let l = limits(4800, 3600, false);
+    let t0 = Instant::now();
+    let mut b = Budget::new(l, t0);
+    let mut meta = Meta::new(4800, l.window);
+    let mut now = t0;
+    // Sequential: each call waits for its reply, never for the budget.
+    for _ in 0..200 {
+        let t = b.try_admit(1, now).expect("sequential calls go at once");
+        let (usage, throttled) = meta.call(now + ROUND_TRIP / 2);
+        now += ROUND_TRIP;
+        let obs = Observation {
+            usage: Some(usage),
+            throttled,
+            answered: true,
+            ..Observation::default()
+        };
+        b.observe(Some(&t), &obs, now);
+        b.finish(&t, now);
+    }
+    // 200 at the same instant at ~4 % usage: all go, no in-flight cap.
+    for i in 0..200 {
+        assert!(b.try_admit(1, now).is_ok(), "call {i} of the burst");
+    }
+    assert_eq!(b.in_flight(), 200);
+}
+
+#[test]
+fn before_the_first_reading_only_the_blind_allowance_goes() {
+    let t0 = Instant::now();
+    let mut b = Budget::new(limits(600, 20, false), t0);
+    let tickets: Vec<Ticket> = (0..6).map(|_| b.try_admit(1, t0).unwrap()).collect();
+    let hold = b.try_admit(1, t0).unwrap_err();
+    assert_eq!(hold.reason, Reason::FirstReading);
+    // A reply without a usage header from a successful call is Meta's "about 0 %".
+    b.observe(
+        Some(&tickets[0]),
+        &Observation {
+            usage: Some(Usage::default()),
+            answered: true,
+            ..Observation::default()
+        },
+        t0 + ROUND_TRIP,
+    );
+    assert!(b.try_admit(1, t0 + ROUND_TRIP).is_ok());
+}
+
+#[test]
+fn a_throttle_pauses_until_counted_calls_leave_then_one_probe() {
+    let l = limits(100, 10, false);
+    let t0 = Instant::now();
+    let mut b = Budget::new(l, t0);
+    let mut tickets = Vec::new();
+    // 100 calls spread over the window: ours explain the limit.
+    for i in 0..100 {
+        tickets.push(b.dispatched(1, t0 + l.window / 100 * i, false));
+    }
+    let at = t0 + l.window;
+    // Graph throttles without a usage header or a regain time.
+    let throttled = Observation {
+        throttled: true,
+        answered: true,
+        ..Observation::default()
+    };
+    b.observe(Some(&tickets[49]), &throttled, at);
+    for t in &tickets {
+        b.finish(t, at);
+    }
+    let until = b.paused_until(at).expect("paused");
+    // 100 % now, and our calls explain it: the pause ends when the oldest few have left,
+    // a few hundredths of the window, not a fixed backoff.
+    let pause = until - at;
+    assert!(pause < l.window / 10, "{pause:?}");
+    assert!(pause >= b.window.slot(), "{pause:?}");
+    assert_eq!(b.try_admit(1, at).unwrap_err().reason, Reason::Paused);
+    let probe = b.try_admit(1, until).expect("the probe");
+    assert!(probe.probe);
+    assert_eq!(b.try_admit(1, until).unwrap_err().reason, Reason::Probing);
+    // The probe is throttled again: a longer pause, then another probe.
+    b.observe(Some(&probe), &throttled, until + ROUND_TRIP);
+    b.finish(&probe, until + ROUND_TRIP);
+    let second = b.paused_until(until + ROUND_TRIP).expect("paused again") - (until + ROUND_TRIP);
+    assert!(second > pause, "{second:?} after {pause:?}");
+    // A probe that comes back fine resumes the bucket.
+    let t = until + ROUND_TRIP + second;
+    let probe = b.try_admit(1, t).expect("second probe");
+    b.observe(
+        Some(&probe),
+        &Observation {
+            usage: Some(Usage {
+                call_count: 40.0,
+                ..Usage::default()
+            }),
+            answered: true,
+            ..Observation::default()
+        },
+        t + ROUND_TRIP,
+    );
+    b.finish(&probe, t + ROUND_TRIP);
+    assert!(b.try_admit(1, t + ROUND_TRIP).is_ok());
+}
+
+#[test]
+fn meta_regain_time_is_the_pause_and_total_time_counts_like_calls() {
+    let l = limits(100, 10, false);
+    let t0 = Instant::now();
+    let mut b = Budget::new(l, t0);
+    let t = b.try_admit(1, t0).unwrap();
+    // total_time at 100 % throttles as call_count would.
+    b.observe(
+        Some(&t),
+        &Observation {
+            usage: Some(Usage {
+                call_count: 3.0,
+                total_time: 100.0,
+                total_cputime: 10.0,
+            }),
+            regain_minutes: Some(7.0),
+            throttled: false,
+            answered: true,
+        },
+        t0,
+    );
+    assert_eq!(b.paused_until(t0), Some(t0 + Duration::from_secs(420)));
+}
+
+#[test]
+fn a_reading_the_bucket_cannot_explain_is_probed_not_waited_out() {
+    // Other apps hold the Page at 99 %: nothing of ours will leave to make room, so after the
+    // unexplained usage has probably drained one probe goes, rather than waiting a window.
+    let l = limits(100, 100, false);
+    let t0 = Instant::now();
+    let mut b = Budget::new(l, t0);
+    let reading = |pct: f64| Observation {
+        usage: Some(Usage {
+            call_count: pct,
+            ..Usage::default()
+        }),
+        answered: true,
+        ..Observation::default()
+    };
+    // 50 calls at 50 %: they explain the usage, and the limit of 100 holds.
+    let mut last = None;
+    for _ in 0..50 {
+        let t = b.dispatched(1, t0, false);
+        b.finish(&t, t0);
+        last = Some(t);
+    }
+    let t = last.unwrap();
+    b.observe(Some(&t), &reading(50.0), t0);
+    // Then the Page is at 99 %: 49 points our calls do not explain.
+    b.observe(Some(&t), &reading(99.0), t0);
+    let est = b.estimate(t0);
+    assert!(est.unexplained_pct >= 45.0, "{est:?}");
+    let hold = b.try_admit(1, t0).unwrap_err();
+    assert_eq!(hold.reason, Reason::Full);
+    assert!(hold.until - t0 < Duration::from_secs(10), "{hold:?}");
+    assert!(b.try_admit(1, hold.until).unwrap().probe);
+}
+
+#[test]
+fn predicted_wait_follows_the_window() {
+    let l = limits(10, 10, false);
+    let t0 = Instant::now();
+    let mut b = Budget::new(l, t0);
+    for _ in 0..10 {
+        let t = b.dispatched(1, t0, false);
+        b.finish(&t, t0);
+    }
+    // Full: the next call fits once the first sub-bucket leaves, one window later.
+    let w = b.predicted_wait(0, 1, t0);
+    assert!(w >= l.window && w <= l.window + b.window.slot(), "{w:?}");
+    assert_eq!(b.try_admit(1, t0).unwrap_err().reason, Reason::Full);
+    assert!(b.try_admit(1, t0 + w).is_ok());
+}
