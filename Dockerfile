@@ -9,28 +9,35 @@
 #
 # Configuration comes from the environment (GRAPHGATE_<SECTION>__<KEY>, see
 # docs/deployment.md), optionally on top of a file given with GRAPHGATE_CONFIG or --config;
-# nothing secret is in the image. The same image runs the simulated Graph API:
-# `graphgate fake-graph --listen 0.0.0.0:8081`.
+# nothing secret is in the image. The image is built without graphgate's `demo` feature, so
+# the simulated Graph API is not in it; `--build-arg FEATURES=demo` builds an image whose
+# binary also has the `demo` and `fake-graph` commands (docker-compose.yml's simulated Graph:
+# `graphgate fake-graph --listen 0.0.0.0:8081`).
 #
 # Checked by tests/it/deploy.rs: the rules below (pinned bases, non-root, no secrets,
 # health check, 0.0.0.0), and the build stage run in a directory holding only what it COPYs.
 
 FROM rust:1.95.0-slim-bookworm AS build
 WORKDIR /src
-# Manifests and the declared bench targets first (cargo needs every [[bench]] file to load
-# the manifest), with placeholder sources: this layer compiles the dependencies and is
-# cached across source edits.
+# Cargo features on top of none: empty for the production image, `demo` for the simulated
+# Graph API's image.
+ARG FEATURES=""
+# Manifests of the workspace (graphgate and its member fake-graph) and the declared bench
+# targets first (cargo needs every [[bench]] file to load the manifest), with placeholder
+# sources: this layer compiles the dependencies and is cached across source edits.
 COPY Cargo.toml Cargo.lock ./
+COPY fake-graph/Cargo.toml ./fake-graph/
 COPY benches ./benches
-RUN mkdir -p src \
+RUN mkdir -p src fake-graph/src \
     && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs \
-    && cargo build --release --locked --bin graphgate \
-    && rm -rf src
+    && touch src/lib.rs fake-graph/src/lib.rs \
+    && cargo build --release --locked -p graphgate --no-default-features --features "$FEATURES" --bin graphgate \
+    && rm -rf src fake-graph/src
 COPY src ./src
+COPY fake-graph/src ./fake-graph/src
 # Make cargo see the real sources as newer than the placeholders.
-RUN touch src/main.rs src/lib.rs \
-    && cargo build --release --locked --bin graphgate \
+RUN touch src/main.rs src/lib.rs fake-graph/src/lib.rs \
+    && cargo build --release --locked -p graphgate --no-default-features --features "$FEATURES" --bin graphgate \
     && cp target/release/graphgate graphgate
 
 FROM debian:12.12-slim AS runtime

@@ -15,13 +15,15 @@
 //! under `cargo test` (no `--bench` argument) it runs a short smoke version. See
 //! benches/README.md for the figures on the project machine.
 
+mod common;
+
 use std::net::TcpListener as StdListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use graphgate::config::Config;
-use graphgate::fake_graph::{FakeGraph, FakeGraphConfig};
+use common::{CLIENT_KEY, SYSTEM_TOKEN};
+use fake_graph::{FakeGraph, FakeGraphConfig};
 use graphgate::server::{self, Running};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -29,9 +31,6 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use tokio::task::JoinSet;
 
-const SYSTEM_TOKEN: &str = "bench-system-user-token";
-const APP_SECRET: &str = "bench-app-secret";
-const CLIENT_KEY: &str = "bench-client-key";
 const LATENCY: Duration = Duration::from_millis(50);
 
 type Http = Client<HttpConnector, Full<Bytes>>;
@@ -60,13 +59,11 @@ async fn get(http: &Http, url: &str) -> (StatusCode, Duration) {
 
 async fn fake_graph(limit: u32, window: Duration) -> FakeGraph {
     let cfg = FakeGraphConfig {
-        system_user_tokens: vec![SYSTEM_TOKEN.to_string()],
-        app_secret: Some(APP_SECRET.to_string()),
         page_calls_limit: limit,
         page_window: window,
         app_calls_limit: u32::MAX / 2,
         latency: LATENCY,
-        ..FakeGraphConfig::default()
+        ..common::credentials().graph_config()
     };
     let g = FakeGraph::start(cfg, "127.0.0.1:0".parse().expect("addr"))
         .await
@@ -82,30 +79,22 @@ async fn gateway(graph: &FakeGraph, quota: &str, redis: Option<&str>) -> Running
     let redis = redis.map_or(String::new(), |url| {
         format!("[redis]\nurl = \"{url}\"\ntimeout_ms = 250\nkey_prefix = \"bench:\"\n")
     });
-    let toml = format!(
+    // Not common::config: the quota here is the bench's subject, defaults unless given.
+    let extra = format!(
         r#"
 [server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
 max_in_flight = 100000
 max_connections = 100000
 [upstream]
-url = "{upstream}"
 timeout_ms = 10000
-[credentials]
-system_user_token = "{SYSTEM_TOKEN}"
-app_secret = "{APP_SECRET}"
-[[clients]]
-name = "bench"
-key = "{CLIENT_KEY}"
-pages = ["*"]
 [quota]
 {quota}
 {redis}
-"#,
-        upstream = graph.url()
+"#
     );
-    let config = Config::from_toml(&toml, |_| None).expect("bench config is valid");
+    let config = common::credentials()
+        .gateway_config(&graph.url(), &extra)
+        .expect("bench config is valid");
     server::start(config).await.expect("graphgate starts")
 }
 

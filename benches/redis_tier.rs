@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use fake_graph::FakeGraph;
 use graphgate::config::Config;
-use graphgate::fake_graph::FakeGraph;
 use graphgate::proxy::Gateway;
 use graphgate::server::{self, Running};
 

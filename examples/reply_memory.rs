@@ -15,7 +15,7 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use graphgate::fake_graph::{FakeGraph, FakeGraphConfig, Fault};
+use fake_graph::{FakeGraph, FakeGraphConfig, Fault};
 
 const TOKEN: &str = "EAAG-reply-memory-system-token";
 const KEY: &str = "reply-memory-client-key";

@@ -3,13 +3,13 @@
 //! A request flows through [`proxy::Gateway::handle`]: limits, parsing ([`graph`]), client
 //! keys ([`auth`]), token injection ([`tokens`]), the upstream client ([`upstream`]) and
 //! reply preparation ([`rewrite`]). [`server`] runs it on sockets, [`admin`] serves health and
-//! metrics, [`fake_graph`] simulates Graph for the demo, tests and benches.
+//! metrics. With the `demo` feature, `testkit` starts the simulated Graph API (the
+//! `fake-graph` crate) with graphgate in front of it, for the demo, tests and benches.
 pub mod admin;
 pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod error;
-pub mod fake_graph;
 pub mod graph;
 pub mod metrics;
 pub mod proxy;
@@ -17,6 +17,8 @@ pub mod quota;
 pub mod redis_conn;
 pub mod rewrite;
 pub mod server;
+#[cfg(feature = "demo")]
+pub mod testkit;
 pub mod tls;
 pub mod tokens;
 pub mod upstream;

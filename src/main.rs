@@ -1,4 +1,5 @@
-//! The `graphgate` command: serve, demo, check-config, fake-graph.
+//! The `graphgate` command: serve, check-config, healthcheck; with the `demo` feature (the
+//! default; the container image is built without it) also demo and fake-graph.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -7,7 +8,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use graphgate::config::env::Layers;
 use graphgate::config::{effective, Config, LogFormat};
-use graphgate::fake_graph::{FakeGraph, FakeGraphConfig};
 use graphgate::server;
 
 #[derive(Parser)]
@@ -33,6 +33,7 @@ enum Command {
     /// Run the gateway (the default).
     Serve,
     /// Run the simulated Graph API and graphgate in front of it, and print curl lines to try.
+    #[cfg(feature = "demo")]
     Demo {
         /// Address for graphgate.
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -55,6 +56,7 @@ enum Command {
         url: Option<String>,
     },
     /// Run only the simulated Graph API.
+    #[cfg(feature = "demo")]
     FakeGraph {
         #[arg(long, default_value = "127.0.0.1:8081")]
         listen: SocketAddr,
@@ -203,11 +205,13 @@ async fn main() -> ExitCode {
         Command::Serve => serve(config, flags).await,
         Command::CheckConfig => check_config(config, flags),
         Command::Healthcheck { url } => healthcheck(config, flags, url),
+        #[cfg(feature = "demo")]
         Command::Demo {
             listen,
             admin_listen,
             graph_listen,
         } => demo(listen, admin_listen, graph_listen).await,
+        #[cfg(feature = "demo")]
         Command::FakeGraph {
             listen,
             latency_ms,
@@ -352,6 +356,7 @@ fn healthcheck(
     }
 }
 
+#[cfg(feature = "demo")]
 async fn run_fake_graph(
     listen: SocketAddr,
     latency_ms: u64,
@@ -365,17 +370,17 @@ async fn run_fake_graph(
             let read = |p: &std::path::Path| {
                 std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))
             };
-            Some(graphgate::fake_graph::FakeGraphTls {
+            Some(fake_graph::FakeGraphTls {
                 cert_pem: read(&cert)?,
                 key_pem: read(&key)?,
             })
         }
         None => None,
     };
-    let mut cfg = FakeGraphConfig {
+    let mut cfg = fake_graph::FakeGraphConfig {
         latency: std::time::Duration::from_millis(latency_ms),
         tls,
-        ..FakeGraphConfig::default()
+        ..fake_graph::FakeGraphConfig::default()
     };
     if let Some(n) = page_calls {
         cfg.page_calls_limit = n;
@@ -383,7 +388,7 @@ async fn run_fake_graph(
     if let Some(s) = page_window_s {
         cfg.page_window = std::time::Duration::from_secs(s);
     }
-    let graph = FakeGraph::start(cfg, listen)
+    let graph = fake_graph::FakeGraph::start(cfg, listen)
         .await
         .map_err(|e| e.to_string())?;
     graph.set_record_limit(0);
@@ -399,14 +404,18 @@ async fn run_fake_graph(
     Ok(())
 }
 
-/// Demo credentials: the simulated Graph API accepts exactly these.
+/// The demo's client keys (the README and docker-compose.yml use them too).
+#[cfg(feature = "demo")]
 const DEMO_KEY: &str = "demo-client-key";
+#[cfg(feature = "demo")]
 const DEMO_READER_KEY: &str = "demo-reader-key";
 /// Bearer token of the demo's /admin/* endpoints.
+#[cfg(feature = "demo")]
 const DEMO_ADMIN_TOKEN: &str = "demo-admin-token";
 
 /// One GET through graphgate (HTTP/1.1, connection closed after), so a printed line that
 /// claims a cache hit finds the entry there.
+#[cfg(feature = "demo")]
 async fn warm_up(addr: SocketAddr, path_and_query: &str) -> Result<(), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut conn = tokio::net::TcpStream::connect(addr)
@@ -433,53 +442,46 @@ async fn warm_up(addr: SocketAddr, path_and_query: &str) -> Result<(), String> {
     }
 }
 
+#[cfg(feature = "demo")]
 async fn demo(
     listen: SocketAddr,
     admin_listen: SocketAddr,
     graph_listen: SocketAddr,
 ) -> Result<(), String> {
+    use graphgate::testkit::{Credentials, Stack, TestClient};
     let _log = init_logging(LogFormat::Text, "info");
-    let graph_cfg = FakeGraphConfig::default();
-    let token = graph_cfg
-        .system_user_tokens
-        .first()
-        .cloned()
-        .unwrap_or_default();
-    let secret = graph_cfg.app_secret.clone().unwrap_or_default();
-    let graph = FakeGraph::start(graph_cfg, graph_listen)
-        .await
-        .map_err(|e| format!("cannot start the simulated Graph API: {e}"))?;
-    let toml = format!(
+    // The simulated Graph's own defaults (Pages 1001 and 1002, its built-in token and app
+    // secret), which docker-compose.yml's replicas are configured with as well.
+    let graph_cfg = fake_graph::FakeGraphConfig::default();
+    let credentials = Credentials {
+        system_user_token: graph_cfg
+            .system_user_tokens
+            .first()
+            .cloned()
+            .unwrap_or_default(),
+        app_secret: graph_cfg.app_secret.clone().unwrap_or_default(),
+        admin_token: Some(DEMO_ADMIN_TOKEN.to_string()),
+        clients: vec![
+            TestClient::new("demo", DEMO_KEY, &["*"], true),
+            TestClient::new("reader", DEMO_READER_KEY, &["1001"], false),
+        ],
+    };
+    let extra = format!(
         r#"
 [server]
 listen = "{listen}"
 admin_listen = "{admin_listen}"
-admin_token = "{DEMO_ADMIN_TOKEN}"
 [cache]
 # Long enough that the printed cache-hit line still hits when tried a while later.
 default_ttl_s = 3600
 [upstream]
-url = "{graph_url}"
 timeout_ms = 5000
-[credentials]
-system_user_token = "{token}"
-app_secret = "{secret}"
-[[clients]]
-name = "demo"
-key = "{DEMO_KEY}"
-pages = ["*"]
-write = true
-[[clients]]
-name = "reader"
-key = "{DEMO_READER_KEY}"
-pages = ["1001"]
-"#,
-        graph_url = graph.url(),
+"#
     );
-    let config = Config::from_toml(&toml, |_| None).map_err(|e| e.to_string())?;
-    let running = server::start(config)
-        .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let Stack {
+        graph,
+        gateway: running,
+    } = Stack::start_on(graph_listen, &credentials, graph_cfg, &extra).await?;
     let base = running.url();
     let read = format!("/v21.0/1001?fields=id,name,fan_count&access_token={DEMO_KEY}");
     warm_up(running.addr, &read).await?;

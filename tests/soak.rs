@@ -11,7 +11,7 @@
 //! therefore checked as *growth between the warm point and the end*, with a generous margin.
 //! Length: `GRAPHGATE_SOAK_SECS` (default 30, at most 60).
 
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 #[path = "it/support.rs"]
 mod support;
 

@@ -6,10 +6,11 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use fake_graph::FakeGraph;
 use graphgate::config::Config;
-use graphgate::fake_graph::{FakeGraph, FakeGraphConfig};
 use graphgate::metrics::Metrics;
 use graphgate::proxy::Gateway;
+use graphgate::testkit::{Credentials, TestClient};
 use http::Request;
 use http_body_util::Full;
 
@@ -17,15 +18,23 @@ pub const SYSTEM_TOKEN: &str = "bench-system-user-token";
 pub const APP_SECRET: &str = "bench-app-secret";
 pub const CLIENT_KEY: &str = "bench-client-key";
 
+/// One client with every Page and write access.
+pub fn credentials() -> Credentials {
+    Credentials {
+        system_user_token: SYSTEM_TOKEN.to_string(),
+        app_secret: APP_SECRET.to_string(),
+        admin_token: None,
+        clients: vec![TestClient::new("bench", CLIENT_KEY, &["*"], true)],
+    }
+}
+
 /// Starts the simulated Graph API on a free loopback port, recording nothing and with rate
 /// limits no bench reaches.
 pub async fn fake_graph() -> FakeGraph {
-    let cfg = FakeGraphConfig {
-        system_user_tokens: vec![SYSTEM_TOKEN.to_string()],
-        app_secret: Some(APP_SECRET.to_string()),
+    let cfg = fake_graph::FakeGraphConfig {
         page_calls_limit: u32::MAX / 2,
         app_calls_limit: u32::MAX / 2,
-        ..FakeGraphConfig::default()
+        ..credentials().graph_config()
     };
     let g = FakeGraph::start(cfg, "127.0.0.1:0".parse().expect("addr"))
         .await
@@ -34,36 +43,29 @@ pub async fn fake_graph() -> FakeGraph {
     g
 }
 
-/// graphgate configuration in front of `upstream`: free ports, one client with every Page,
-/// a quota budget no bench reaches, `extra` appended (TOML).
-pub fn config(upstream: &str, extra: &str) -> Config {
-    let toml = format!(
-        r#"
+/// The limits and quota of every bench: far above what a bench sends.
+const BENCH_TOML: &str = r#"
 [server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
 max_in_flight = 100000
 max_connections = 100000
 [upstream]
-url = "{upstream}"
 timeout_ms = 10000
-[credentials]
-system_user_token = "{SYSTEM_TOKEN}"
-app_secret = "{APP_SECRET}"
 [quota]
 page_calls = 1000000000
 app_calls = 1000000000
 page_window_s = 1
 max_queue_depth = 100000
-[[clients]]
-name = "bench"
-key = "{CLIENT_KEY}"
-pages = ["*"]
-write = true
-{extra}
-"#
-    );
-    Config::from_toml(&toml, |_| None).expect("bench config is valid")
+"#;
+
+/// graphgate configuration in front of `upstream`: free ports, one client with every Page,
+/// a quota budget no bench reaches, `extra` (TOML) merged over it.
+pub fn config(upstream: &str, extra: &str) -> Config {
+    let mut table: toml::Table = BENCH_TOML.parse().expect("bench TOML");
+    let extra: toml::Table = extra.parse().expect("extra TOML");
+    graphgate::testkit::merge_toml(&mut table, extra);
+    credentials()
+        .gateway_config(upstream, &table.to_string())
+        .expect("bench config is valid")
 }
 
 /// An in-process gateway (no listener) in front of `upstream`.

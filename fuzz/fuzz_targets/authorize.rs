@@ -4,9 +4,9 @@
 //! what the client may do, and carries no client key.
 #![no_main]
 use bytes::Bytes;
+use fake_graph::interpret;
 use graphgate::auth::ClientRegistry;
 use graphgate::config::{ClientConfig, KeyDigest, Priority, Secret};
-use graphgate::fake_graph::interpret;
 use graphgate::proxy::{authorize, parse_call, upstream_request};
 use graphgate::tokens::Injected;
 use graphgate::upstream::http_request;

@@ -1,9 +1,12 @@
 //! The paging rewrite (`rewrite::prepare` + `finalize`): never panics, never leaves a known
 //! secret in the bytes nor in any JSON string a client would decode, keeps JSON valid, and
-//! points every paging link it keeps at graphgate.
+//! points every paging link it keeps at graphgate. A body it must read and cannot (not JSON)
+//! is refused, never passed on; JSON is always prepared.
 #![no_main]
+use std::sync::LazyLock;
+
 use bytes::Bytes;
-use graphgate::rewrite::{finalize, prepare};
+use graphgate::rewrite::{finalize, prepare, Secrets};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
@@ -13,6 +16,7 @@ const SECRETS: [&str; 3] = [
     "0123456789abcdef0123456789abcdef",
     "EAAGpagetoken1001",
 ];
+static HELD: LazyLock<Secrets> = LazyLock::new(|| Secrets::new(SECRETS));
 const CLIENT_KEY: &str = "client key/1";
 
 fn strings_contain_secret(v: &Value) -> Option<String> {
@@ -61,7 +65,17 @@ fuzz_target!(|data: &[u8]| {
     };
     let is_batch = flags & 1 == 1;
     let input_json = serde_json::from_slice::<Value>(body).is_ok();
-    let prepared = prepare(Bytes::copy_from_slice(body), is_batch, PUBLIC, &SECRETS);
+    let prepared = match prepare(Bytes::copy_from_slice(body), is_batch, PUBLIC, &HELD) {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            assert!(
+                !input_json,
+                "JSON refused ({e}): {:?}",
+                String::from_utf8_lossy(body)
+            );
+            return;
+        }
+    };
     let out = finalize(&prepared, CLIENT_KEY);
     for s in SECRETS {
         assert!(

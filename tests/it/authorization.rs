@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use graphgate::fake_graph::{ExecutedCall, FakeGraph, FakeGraphConfig, Fault};
+use fake_graph::{ExecutedCall, FakeGraph, FakeGraphConfig, Fault};
 use http::{Method, StatusCode};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};

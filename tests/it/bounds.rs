@@ -201,10 +201,9 @@ impl Drop for Child {
 
 #[tokio::test]
 async fn after_sigterm_readyz_answers_503_on_new_connections_until_exit() {
-    let graph =
-        graphgate::fake_graph::FakeGraph::start(graph_config(), "127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
+    let graph = fake_graph::FakeGraph::start(graph_config(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     let (port, admin_port) = (free_port(), free_port());
     let dir = std::env::temp_dir().join(format!(
         "graphgate-drain-{}-{}",
@@ -391,8 +390,7 @@ const BUDGET_TOML: &str =
 async fn upstream_replies_beyond_the_reply_budget_are_refused_with_503_and_the_memory_is_given_back(
 ) {
     let s = Stack::start_with(graph_config(), BUDGET_TOML).await;
-    s.graph
-        .set_fault(graphgate::fake_graph::Fault::LargeReply(BIG_REPLY));
+    s.graph.set_fault(fake_graph::Fault::LargeReply(BIG_REPLY));
     // Distinct uncached reads, each a 15 MiB reply, none read by its client yet.
     let mut clients = Vec::new();
     for i in 0..6 {
@@ -411,7 +409,7 @@ async fn upstream_replies_beyond_the_reply_budget_are_refused_with_503_and_the_m
     );
     assert_eq!(s.graph.stats().requests, 6);
     // Small replies still fit beside the two held ones.
-    s.graph.set_fault(graphgate::fake_graph::Fault::None);
+    s.graph.set_fault(fake_graph::Fault::None);
     let r = s
         .request(
             http::Method::GET,
@@ -447,8 +445,7 @@ async fn upstream_replies_beyond_the_reply_budget_are_refused_with_503_and_the_m
 #[tokio::test]
 async fn cached_bodies_decompressed_for_each_client_count_against_the_reply_budget() {
     let s = Stack::start_with(graph_config(), BUDGET_TOML).await;
-    s.graph
-        .set_fault(graphgate::fake_graph::Fault::LargeReply(BIG_REPLY));
+    s.graph.set_fault(fake_graph::Fault::LargeReply(BIG_REPLY));
     let path = format!("/v21.0/1001?fields=id&access_token={ADMIN_KEY}");
     // Six clients at once, one upstream call: a shared body is counted once, so all fit.
     s.graph.set_latency(Duration::from_millis(500));
@@ -463,7 +460,7 @@ async fn cached_bodies_decompressed_for_each_client_count_against_the_reply_budg
     }
     assert_eq!(s.graph.stats().requests, 1, "the misses were coalesced");
     s.graph.set_latency(Duration::ZERO);
-    s.graph.set_fault(graphgate::fake_graph::Fault::None);
+    s.graph.set_fault(fake_graph::Fault::None);
     metrics_until(&s, "the fill given back", |m| buffered(m) == 0.0).await;
     // Now cached (compressed): every hit decompresses its own 15 MiB copy.
     let mut clients = Vec::new();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use graphgate::fake_graph::Fault;
+use fake_graph::Fault;
 use http::{Method, StatusCode};
 use tokio::io::AsyncWriteExt;
 

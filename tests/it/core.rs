@@ -432,10 +432,9 @@ async fn upstream_unreachable_is_502_and_timeout_is_504() {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead_url = format!("http://{}", dead.local_addr().unwrap());
     drop(dead);
-    let graph =
-        graphgate::fake_graph::FakeGraph::start(graph_config(), "127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
+    let graph = fake_graph::FakeGraph::start(graph_config(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     let config =
         graphgate::config::Config::from_toml(&gateway_toml(&dead_url, ""), |_| None).unwrap();
     let gw = graphgate::server::start(config).await.unwrap();
@@ -470,11 +469,10 @@ async fn upstream_unreachable_is_502_and_timeout_is_504() {
 #[tokio::test]
 async fn upstream_garbage_is_502() {
     let s = Stack::start().await;
-    s.graph
-        .set_fault(graphgate::fake_graph::Fault::CloseConnection);
+    s.graph.set_fault(fake_graph::Fault::CloseConnection);
     let r = s.get(&format!("/1001?access_token={ADMIN_KEY}")).await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
-    s.graph.set_fault(graphgate::fake_graph::Fault::None);
+    s.graph.set_fault(fake_graph::Fault::None);
     let r = s.get(&format!("/1001?access_token={ADMIN_KEY}")).await;
     assert_eq!(r.status, StatusCode::OK);
     s.stop().await;

@@ -401,6 +401,20 @@ fn dockerfile_pins_its_bases_runs_as_non_root_holds_no_secret_and_listens_on_all
         build_runs.contains("cargo build --release --locked"),
         "{build_runs}"
     );
+    // The production binary holds no simulated Graph API: every build turns graphgate's
+    // default features (`demo`) off, and the features it names instead default to none.
+    for build in build_runs
+        .split(['\n'])
+        .flat_map(|l| l.split("&&"))
+        .filter(|c| c.contains("cargo build"))
+    {
+        assert!(build.contains("--no-default-features"), "{build}");
+    }
+    for s in &stages[..stages.len() - 1] {
+        if let Some(features) = s.env().get("FEATURES") {
+            assert!(features.is_empty(), "ARG FEATURES defaults to {features:?}");
+        }
+    }
 
     let runtime = stages.last().unwrap();
     let user = runtime
@@ -554,12 +568,25 @@ fn every_file_the_dockerfile_copies_is_in_the_context_with_every_declared_target
             );
         }
     }
-    assert!(
-        manifest.get("workspace").is_none(),
-        "a workspace: the Dockerfile must copy its members"
-    );
-    for needed in ["Cargo.toml", "Cargo.lock", "src/main.rs", "src/lib.rs"] {
-        assert!(copied.iter().any(|f| f == needed), "{needed} not copied");
+    // Cargo loads every workspace member to build any of them: each one's manifest and
+    // library are copied.
+    let mut needed: Vec<String> = ["Cargo.toml", "Cargo.lock", "src/main.rs", "src/lib.rs"]
+        .map(String::from)
+        .to_vec();
+    let members = manifest
+        .get("workspace")
+        .and_then(|w| w.get("members"))
+        .and_then(|m| m.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m.as_str())
+        .filter(|m| *m != ".");
+    for member in members {
+        needed.push(format!("{member}/Cargo.toml"));
+        needed.push(format!("{member}/src/lib.rs"));
+    }
+    for needed in &needed {
+        assert!(copied.contains(needed), "{needed} not copied");
     }
     // The Rust in the image can build what the lock file pins.
     let rust = stages
@@ -753,7 +780,49 @@ fn dockerfile_build_stage_builds_from_only_what_it_copies() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("listen = \"0.0.0.0:8080\""), "{text}");
+    // Built without the `demo` feature: the simulated Graph's commands are not in it.
+    for command in ["demo", "fake-graph"] {
+        let out = Command::new(&binary)
+            .args([command, "--help"])
+            .env_clear()
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "the image's binary runs `{command}`: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
     let _ = std::fs::remove_dir_all(&work);
+}
+
+/// The production build (graphgate without default features, as the Dockerfile builds it)
+/// does not depend on the simulated Graph API; the default build (the demo) does.
+#[test]
+fn the_production_build_has_no_simulated_graph() {
+    let tree = |args: &[&str]| {
+        let out = Command::new(env!("CARGO"))
+            .args(["tree", "-p", "graphgate", "-e", "normal,build"])
+            .args(["--prefix", "none", "--locked", "--offline"])
+            .args(args)
+            .current_dir(repo())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cargo tree: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let has_fake_graph = |tree: &str| tree.lines().any(|l| l.starts_with("fake-graph "));
+    let production = tree(&["--no-default-features"]);
+    assert!(
+        production.lines().any(|l| l.starts_with("hyper ")),
+        "{production}"
+    );
+    assert!(!has_fake_graph(&production), "{production}");
+    assert!(has_fake_graph(&tree(&[])), "the demo build uses fake-graph");
 }
 
 // -------------------------------------------------------------------------------------------

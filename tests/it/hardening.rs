@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use fake_graph::Fault;
 use graphgate::config::Config;
-use graphgate::fake_graph::Fault;
 use graphgate::server::{self, Running};
 use http::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -745,10 +745,9 @@ impl Drop for ChildGuard {
 
 #[tokio::test]
 async fn sighup_reloads_the_configuration_of_a_running_graphgate() {
-    let graph =
-        graphgate::fake_graph::FakeGraph::start(graph_config(), "127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
+    let graph = fake_graph::FakeGraph::start(graph_config(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     let dir = TempDir::new("sighup");
     let (port, admin_port) = (free_port(), free_port());
     let config_with = |key: &str| {
@@ -1098,15 +1097,15 @@ fn urlencode(s: &str) -> String {
 
 /// A simulated Graph API serving TLS (HTTP/2 or HTTP/1.1 by ALPN) with a certificate from
 /// `pki`, with quotas too large to matter.
-async fn tls_graph(pki: &TestPki) -> graphgate::fake_graph::FakeGraph {
+async fn tls_graph(pki: &TestPki) -> fake_graph::FakeGraph {
     let (cert_pem, key_pem) = pki.issue("graph", &["localhost", "127.0.0.1"], false);
-    let cfg = graphgate::fake_graph::FakeGraphConfig {
-        tls: Some(graphgate::fake_graph::FakeGraphTls { cert_pem, key_pem }),
+    let cfg = fake_graph::FakeGraphConfig {
+        tls: Some(fake_graph::FakeGraphTls { cert_pem, key_pem }),
         page_calls_limit: 1_000_000,
         app_calls_limit: 1_000_000,
         ..graph_config()
     };
-    graphgate::fake_graph::FakeGraph::start(cfg, "127.0.0.1:0".parse().unwrap())
+    fake_graph::FakeGraph::start(cfg, "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap()
 }
@@ -1122,7 +1121,7 @@ async fn gateway_trusting(upstream: &str, pki: &TestPki, extra: &str) -> Running
         .unwrap()
 }
 
-async fn write_via(gw: &Running, graph: &graphgate::fake_graph::FakeGraph, message: &str) -> Reply {
+async fn write_via(gw: &Running, graph: &fake_graph::FakeGraph, message: &str) -> Reply {
     send(
         &client(),
         Method::POST,
@@ -1135,7 +1134,7 @@ async fn write_via(gw: &Running, graph: &graphgate::fake_graph::FakeGraph, messa
 }
 
 /// How many posts on Page 1001 carry `message`: how often a write was applied.
-fn times_applied(graph: &graphgate::fake_graph::FakeGraph, message: &str) -> usize {
+fn times_applied(graph: &fake_graph::FakeGraph, message: &str) -> usize {
     graph
         .posts_of("1001")
         .iter()
@@ -1304,7 +1303,7 @@ async fn graph_rotating_http2_connections_with_goaway_loses_no_call_and_repeats_
 /// to `graph` byte for byte. Returns the front's URL and its connection counter.
 async fn goaway_first_front(
     pki: &TestPki,
-    graph: &graphgate::fake_graph::FakeGraph,
+    graph: &fake_graph::FakeGraph,
 ) -> (String, Arc<AtomicUsize>) {
     let (cert, key) = pki.issue("front", &["127.0.0.1"], false);
     let acceptor = tokio_rustls::TlsAcceptor::from(

@@ -13,6 +13,7 @@ mod core;
 mod dashboard;
 mod deploy;
 mod hardening;
+mod layering;
 mod observability;
 mod quota;
 mod redis;

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use graphgate::fake_graph::{FakeGraph, FakeGraphConfig};
+use fake_graph::{FakeGraph, FakeGraphConfig};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
@@ -277,6 +277,19 @@ fn compose_stack_dockerfile_and_replica_configs_are_well_formed() {
     assert!(
         cmd.contains("fake-graph") && cmd.contains("0.0.0.0:8081"),
         "{cmd}"
+    );
+    // The production image has no simulated Graph; its service builds the image with the
+    // `demo` feature, through the Dockerfile's FEATURES argument, under a tag of its own.
+    let build = &services["fake-graph"]["build"];
+    assert_eq!(build["context"], ".", "{build}");
+    assert_eq!(build["args"]["FEATURES"], "demo", "{build}");
+    assert_ne!(
+        services["fake-graph"]["image"], services["graphgate-1"]["image"],
+        "the demo image must not take the production image's tag"
+    );
+    assert!(
+        read("Dockerfile").contains("--features \"$FEATURES\""),
+        "the Dockerfile's build does not take FEATURES"
     );
     let prom_volumes = services["prometheus"]["volumes"].to_string();
     assert!(

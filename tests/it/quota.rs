@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use graphgate::fake_graph::{FakeGraph, FakeGraphConfig, Fault};
+use fake_graph::{FakeGraph, FakeGraphConfig, Fault};
 use http::{Method, StatusCode};
 use tokio::task::JoinSet;
 

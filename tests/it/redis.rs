@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use fake_graph::{FakeGraph, FakeGraphConfig};
 use graphgate::config::Config;
-use graphgate::fake_graph::{FakeGraph, FakeGraphConfig};
 use graphgate::server::{self, Running};
 use http::{Method, StatusCode};
 use tokio::task::JoinSet;
@@ -354,13 +354,13 @@ async fn a_pause_learned_by_one_replica_holds_the_other() {
     let redis = RedisServer::start();
     let f = Fleet::start(&redis, graph_config(), "[quota]\nqueue_timeout_ms = 300\n").await;
     // Graph throttles A's call (80001, no regain time): A pauses Page 1001 for 5 s.
-    f.graph.set_fault(graphgate::fake_graph::Fault::GraphError {
+    f.graph.set_fault(fake_graph::Fault::GraphError {
         code: 80001,
         http_status: 400,
     });
     let r = f.get(&f.a, "/1001_1?fields=id").await;
     assert_ne!(r.status, StatusCode::OK);
-    f.graph.set_fault(graphgate::fake_graph::Fault::None);
+    f.graph.set_fault(fake_graph::Fault::None);
     let before = f.graph.stats().requests;
     // B never saw a throttle, yet refuses to send for the paused Page (429 within its
     // 300 ms deadline) instead of calling Graph.
@@ -838,13 +838,13 @@ async fn cut_off_from_redis_each_replica_uses_its_share_from_the_live_replica_co
 async fn an_app_throttle_seen_by_one_replica_holds_every_call_of_the_other() {
     let redis = RedisServer::start();
     let f = Fleet::start(&redis, graph_config(), "[quota]\nqueue_timeout_ms = 300\n").await;
-    f.graph.set_fault(graphgate::fake_graph::Fault::GraphError {
+    f.graph.set_fault(fake_graph::Fault::GraphError {
         code: 4,
         http_status: 403,
     });
     let r = f.get(&f.a, "/1001_1?fields=id").await;
     assert_ne!(r.status, StatusCode::OK);
-    f.graph.set_fault(graphgate::fake_graph::Fault::None);
+    f.graph.set_fault(fake_graph::Fault::None);
     let before = f.graph.stats().requests;
     // B learns the pause at its next fleet tick, then holds Page calls (429 within its
     // 300 ms deadline) instead of calling Graph.

@@ -1,23 +1,19 @@
-//! Test harness: starts the simulated Graph API and a graphgate in front of it on free
-//! ports, and a plain HTTP client whose every response is checked for leaked secrets.
+//! Test harness: the simulated Graph API and a graphgate in front of it on free ports
+//! (`graphgate::testkit`, with its standard credentials), and a plain HTTP client whose every
+//! response is checked for leaked secrets.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use graphgate::config::Config;
-use graphgate::fake_graph::{FakeGraph, FakeGraphConfig};
-use graphgate::server::{self, Running};
+use fake_graph::{FakeGraph, FakeGraphConfig};
+use graphgate::server::Running;
+use graphgate::testkit::{self, Credentials};
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 
-pub const SYSTEM_TOKEN: &str = "EAAG-test-system-user-token-0001";
-pub const APP_SECRET: &str = "test-app-secret-0001";
-/// Read/write, every Page.
-pub const ADMIN_KEY: &str = "key-admin-all-pages";
-/// Read-only, Page 1001 only.
-pub const READER_KEY: &str = "key-reader-1001";
+pub use graphgate::testkit::{ADMIN_KEY, APP_SECRET, READER_KEY, SYSTEM_TOKEN};
 
 pub struct Stack {
     pub graph: FakeGraph,
@@ -50,54 +46,15 @@ impl Reply {
 }
 
 pub fn graph_config() -> FakeGraphConfig {
-    FakeGraphConfig {
-        system_user_tokens: vec![SYSTEM_TOKEN.to_string()],
-        app_secret: Some(APP_SECRET.to_string()),
-        ..FakeGraphConfig::default()
-    }
+    Credentials::standard().graph_config()
 }
 
 /// graphgate configuration for a test: free ports, the given upstream, two clients, with
 /// `extra` TOML merged over it key by key (so tests can write `[upstream]\ntimeout_ms = 200`).
 pub fn gateway_toml(upstream: &str, extra: &str) -> String {
-    let base = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-admin_token = "test-admin-token"
-[upstream]
-url = "{upstream}"
-timeout_ms = 3000
-[credentials]
-system_user_token = "{SYSTEM_TOKEN}"
-app_secret = "{APP_SECRET}"
-[[clients]]
-name = "admin"
-key = "{ADMIN_KEY}"
-pages = ["*"]
-write = true
-[[clients]]
-name = "reader"
-key = "{READER_KEY}"
-pages = ["1001"]
-"#
-    );
-    let mut table: toml::Table = base.parse().expect("base config is TOML");
-    let extra: toml::Table = extra.parse().expect("extra config is TOML");
-    merge(&mut table, extra);
-    table.to_string()
-}
-
-fn merge(into: &mut toml::Table, from: toml::Table) {
-    for (k, v) in from {
-        match (into.get_mut(&k), v) {
-            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
-            (_, v) => {
-                into.insert(k, v);
-            }
-        }
-    }
+    Credentials::standard()
+        .gateway_toml(upstream, extra)
+        .expect("extra config is TOML")
 }
 
 impl Stack {
@@ -106,12 +63,10 @@ impl Stack {
     }
 
     pub async fn start_with(graph_cfg: FakeGraphConfig, extra: &str) -> Stack {
-        let graph = FakeGraph::start(graph_cfg, "127.0.0.1:0".parse().unwrap())
-            .await
-            .expect("fake graph starts");
-        let toml = gateway_toml(&graph.url(), extra);
-        let config = Config::from_toml(&toml, |_| None).expect("test config is valid");
-        let gw = server::start(config).await.expect("graphgate starts");
+        let testkit::Stack { graph, gateway: gw } =
+            testkit::Stack::start(&Credentials::standard(), graph_cfg, extra)
+                .await
+                .unwrap_or_else(|e| panic!("test stack starts: {e}"));
         Stack {
             graph,
             gw,

@@ -14,6 +14,7 @@ mod fields;
 mod state;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -90,7 +91,7 @@ impl std::fmt::Debug for FakeGraphTls {
 
 impl FakeGraphTls {
     fn acceptor(&self) -> std::io::Result<TlsAcceptor> {
-        crate::tls::server_config_from_pem(&self.cert_pem, &self.key_pem)
+        tls::server_config_from_pem(&self.cert_pem, &self.key_pem)
             .map(TlsAcceptor::from)
             .map_err(|e| std::io::Error::other(format!("fake graph TLS: {e}")))
     }

@@ -946,7 +946,7 @@ async fn records_requests() {
     fg.shutdown();
 }
 
-/// Rough throughput check: `cargo test --release --lib fake_graph -- --ignored --nocapture`.
+/// Rough throughput check: `cargo test --release -p fake-graph -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn throughput_smoke() {

@@ -1,0 +1,112 @@
+//! `[cache]`: the in-process tier's size, freshness, and per-path TTL rules.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{invalid, ConfigError};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawCache {
+    max_bytes: u64,
+    default_ttl_s: u64,
+    stale_while_revalidate_s: u64,
+    stale_if_error_s: u64,
+    compress: bool,
+    rules: Vec<RawCacheRule>,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        RawCache {
+            max_bytes: 256 * 1024 * 1024,
+            default_ttl_s: 60,
+            stale_while_revalidate_s: 30,
+            stale_if_error_s: 600,
+            compress: true,
+            rules: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCacheRule {
+    #[serde(rename = "match")]
+    pattern: String,
+    ttl_s: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheRule {
+    /// A path pattern such as `/*/feed` or `/{page}`: see `cache::policy`.
+    pub pattern: String,
+    pub ttl: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub max_bytes: u64,
+    pub default_ttl: Duration,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+    /// Keep bodies LZ4-compressed in the in-process tier (`[cache] compress`, default on).
+    pub compress: bool,
+    pub rules: Vec<CacheRule>,
+}
+
+impl RawCache {
+    pub(super) fn validate(self) -> Result<CacheConfig, ConfigError> {
+        let mut rules = Vec::with_capacity(self.rules.len());
+        for (i, r) in self.rules.into_iter().enumerate() {
+            if !r.pattern.starts_with('/') {
+                return Err(invalid(
+                    &format!("cache.rules[{i}].match"),
+                    "must start with `/`",
+                ));
+            }
+            rules.push(CacheRule {
+                pattern: r.pattern,
+                ttl: Duration::from_secs(r.ttl_s),
+            });
+        }
+        Ok(CacheConfig {
+            max_bytes: self.max_bytes,
+            default_ttl: Duration::from_secs(self.default_ttl_s),
+            stale_while_revalidate: Duration::from_secs(self.stale_while_revalidate_s),
+            stale_if_error: Duration::from_secs(self.stale_if_error_s),
+            compress: self.compress,
+            rules,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_are_paths() {
+        let rule = |pattern: &str| RawCacheRule {
+            pattern: pattern.into(),
+            ttl_s: 5,
+        };
+        let ok = RawCache {
+            rules: vec![rule("/*/feed")],
+            ..RawCache::default()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(ok.rules[0].ttl, Duration::from_secs(5));
+        assert_eq!(ok.default_ttl, Duration::from_secs(60));
+        let err = RawCache {
+            rules: vec![rule("/{page}"), rule("feed")],
+            ..RawCache::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cache.rules[1].match"), "{err}");
+    }
+}
