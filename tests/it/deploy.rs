@@ -666,6 +666,16 @@ fn dockerfile_build_stage_builds_from_only_what_it_copies() {
         let mut workdir = "/".to_string();
         let mut env = stage.env();
         env.insert("CARGO_NET_OFFLINE".into(), "true".into());
+        // What is checked is that the stage builds from what it copies, not how fast the
+        // binary runs: an unoptimised release profile keeps this test to minutes in CI.
+        for (key, value) in [
+            ("CARGO_PROFILE_RELEASE_OPT_LEVEL", "0"),
+            ("CARGO_PROFILE_RELEASE_LTO", "false"),
+            ("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "256"),
+            ("CARGO_PROFILE_RELEASE_DEBUG", "false"),
+        ] {
+            env.insert(key.into(), value.into());
+        }
         for i in &stage.instructions {
             match i.keyword.as_str() {
                 "WORKDIR" => {
