@@ -20,6 +20,7 @@ pub mod subcode {
     pub const UPSTREAM_TOO_LARGE: i64 = 2_446_021;
     pub const BREAKER_OPEN: i64 = 2_446_022;
     pub const OVERLOADED: i64 = 2_446_030;
+    pub const WEBHOOK_REFUSED: i64 = 2_446_040;
 }
 
 /// Clone: one coalesced upstream failure is handed to every waiting request.
@@ -37,6 +38,8 @@ pub enum ProxyError {
     ForbiddenField(String),
     #[error("(#100) {0}")]
     BadRequest(String),
+    #[error("(#10) The webhook request was refused: {0}.")]
+    WebhookRefused(&'static str),
     #[error("(#100) Unsupported method {0}.")]
     MethodNotAllowed(String),
     #[error("(#100) {0}")]
@@ -82,7 +85,9 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             MissingKey | UnknownKey => StatusCode::UNAUTHORIZED,
-            ForbiddenPage(_) | ForbiddenWrite(_) | ForbiddenField(_) => StatusCode::FORBIDDEN,
+            ForbiddenPage(_) | ForbiddenWrite(_) | ForbiddenField(_) | WebhookRefused(_) => {
+                StatusCode::FORBIDDEN
+            }
             BadRequest(_) => StatusCode::BAD_REQUEST,
             MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -110,6 +115,7 @@ impl ProxyError {
             ForbiddenPage(_) => ("OAuthException", 10, Some(subcode::FORBIDDEN_PAGE)),
             ForbiddenWrite(_) => ("OAuthException", 200, Some(subcode::FORBIDDEN_WRITE)),
             ForbiddenField(_) => ("OAuthException", 200, Some(subcode::FORBIDDEN_FIELD)),
+            WebhookRefused(_) => ("OAuthException", 10, Some(subcode::WEBHOOK_REFUSED)),
             BadRequest(_)
             | MethodNotAllowed(_)
             | UnsupportedMediaType(_)
@@ -142,7 +148,9 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             MissingKey | UnknownKey => "unauthorized",
-            ForbiddenPage(_) | ForbiddenWrite(_) | ForbiddenField(_) => "forbidden",
+            ForbiddenPage(_) | ForbiddenWrite(_) | ForbiddenField(_) | WebhookRefused(_) => {
+                "forbidden"
+            }
             BadRequest(_) | MethodNotAllowed(_) | UnsupportedMediaType(_) | NotFound => {
                 "bad_request"
             }

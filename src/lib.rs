@@ -22,3 +22,4 @@ pub mod testkit;
 pub mod tls;
 pub mod tokens;
 pub mod upstream;
+pub mod webhooks;

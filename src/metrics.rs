@@ -18,7 +18,7 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 /// Label values of the per-request series, for [`HotSeries`] indexing.
-const ROUTES: [&str; 6] = ["node", "edge", "ids", "batch", "root", "invalid"];
+const ROUTES: [&str; 7] = ["node", "edge", "ids", "batch", "root", "invalid", "webhook"];
 const METHODS: [&str; 4] = ["GET", "POST", "DELETE", "OTHER"];
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 const CACHE_LABELS: [&str; 5] = ["hit", "miss", "stale", "bypass", "none"];
@@ -65,6 +65,8 @@ pub struct Metrics {
     pub large_get_rewrites: IntCounter,
     /// Errors graphgate itself answered, by reason.
     pub rejections: IntCounterVec,
+    /// Requests to the Meta Webhooks endpoint (handshakes and deliveries), by outcome.
+    pub webhook_notifications: IntCounterVec,
     /// Page tokens minted from the system user token.
     pub page_tokens_minted: IntCounter,
     /// Unix time of the last code 190/102 reply for the injected token; 0 = never.
@@ -468,6 +470,12 @@ impl Metrics {
                 "graphgate_rejections_total",
                 "Requests graphgate answered with its own error, by reason.",
                 &["reason"],
+            ),
+            webhook_notifications: counter_vec(
+                &r,
+                "graphgate_webhook_notifications_total",
+                "Requests to the Meta Webhooks endpoint (handshakes and deliveries), by outcome.",
+                &["outcome"],
             ),
             page_tokens_minted: counter(
                 &r,

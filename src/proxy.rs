@@ -14,6 +14,7 @@ use http_body_util::{BodyExt, Full, Limited};
 
 mod cached;
 mod fleet;
+mod webhook;
 
 use crate::auth::{self, Client, ClientRegistry};
 use crate::cache::Cache;
@@ -32,6 +33,7 @@ use crate::redis_conn::RedisConn;
 use crate::rewrite;
 use crate::tokens::{Injected, Tokens};
 use crate::upstream::{Reply, Upstream, UpstreamRequest, FORWARDED_REQUEST_HEADERS};
+use crate::webhooks::{self, Webhooks};
 
 /// One request counted in by [`Gateway::admit`]; counts it out when dropped.
 pub struct InFlight<'a>(&'a AtomicUsize);
@@ -57,6 +59,8 @@ pub struct Gateway {
     pub quota: Scheduler,
     pub metrics: Arc<Metrics>,
     pub cache: Cache,
+    /// The Meta Webhooks endpoint, when configured.
+    webhooks: Option<Webhooks>,
     draining: AtomicBool,
     trace_prefix: u32,
     trace_seq: AtomicU64,
@@ -155,6 +159,9 @@ impl Call {
 }
 
 /// What the handler produced, with the labels the request log and metrics need.
+/// A request answered with graphgate's own error: the error, the route, the client if known.
+type Rejection = (ProxyError, &'static str, Option<Arc<Client>>);
+
 struct Outcome {
     response: Response<Full<Bytes>>,
     route: &'static str,
@@ -185,8 +192,17 @@ impl Gateway {
         if let Some(conn) = &redis {
             cache = cache.with_redis(conn.clone());
         }
+        let webhooks = config.webhooks.as_ref().map(|w| {
+            for o in webhooks::Outcome::ALL {
+                metrics
+                    .webhook_notifications
+                    .with_label_values(&[o.label()]);
+            }
+            Webhooks::new(w, config.credentials.app_secret.clone().unwrap_or_default())
+        });
         Ok(Gateway {
             clients: ClientRegistry::new(&config.clients),
+            webhooks,
             tokens: Tokens::new(&config.credentials, metrics.clone()),
             upstream,
             quota: Scheduler::with_redis(&config.quota, metrics.clone(), redis, &config.redis),
@@ -250,7 +266,12 @@ impl Gateway {
         let started = Instant::now();
         let trace_id = self.next_trace_id();
         let method = req.method().clone();
-        let outcome = match self.process(req).await {
+        let result = if self.is_webhook(req.uri().path()) {
+            Box::pin(self.webhook(req)).await
+        } else {
+            self.process(req).await
+        };
+        let outcome = match result {
             Ok(o) => o,
             Err((e, route, client)) => {
                 self.metrics
@@ -316,10 +337,7 @@ impl Gateway {
         response
     }
 
-    async fn process<B>(
-        self: &Arc<Self>,
-        req: Request<B>,
-    ) -> Result<Outcome, (ProxyError, &'static str, Option<Arc<Client>>)>
+    async fn process<B>(self: &Arc<Self>, req: Request<B>) -> Result<Outcome, Rejection>
     where
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,

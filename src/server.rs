@@ -91,7 +91,7 @@ impl Running {
     /// keeps the current one. Reloaded: `[[clients]]` (keys, digests, certificate subjects,
     /// Pages, write permission) and the TLS certificate, key and client CA files (read again
     /// even if their paths did not change). Everything else (listeners, limits, upstream,
-    /// credentials, cache, quota, log) needs a restart: changes there are logged and ignored.
+    /// credentials, cache, quota, log, webhooks) needs a restart: changes there are logged and ignored.
     /// Turning TLS on or off is refused. Counted in `graphgate_config_reloads_total{result}`.
     pub fn reload(&self, config: Config) -> Result<(), String> {
         match self.apply(config) {
@@ -185,6 +185,12 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if differs(&old.log, &new.log) {
         out.push("log");
+    }
+    let token = |w: &Option<crate::config::WebhooksConfig>| {
+        w.as_ref().map(|w| w.verify_token.expose().to_string())
+    };
+    if differs(&old.webhooks, &new.webhooks) || token(&old.webhooks) != token(&new.webhooks) {
+        out.push("webhooks");
     }
     out
 }

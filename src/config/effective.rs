@@ -190,6 +190,13 @@ pub fn to_toml(c: &Config) -> String {
         ("format", Some(string(format))),
         ("level", Some(string(&c.log.level))),
     ]);
+    let webhooks = c.webhooks.as_ref().map(|w| {
+        table([
+            ("path", Some(string(&w.path))),
+            ("verify_token", Some(redacted())),
+            ("max_age_s", Some(secs(w.max_age))),
+        ])
+    });
     let Value::Table(doc) = table([
         ("server", Some(server)),
         ("upstream", Some(upstream)),
@@ -199,6 +206,7 @@ pub fn to_toml(c: &Config) -> String {
         ("redis", Some(redis)),
         ("quota", Some(quota)),
         ("log", Some(log)),
+        ("webhooks", webhooks),
     ]) else {
         return String::new();
     };
@@ -316,6 +324,9 @@ mod tests {
         [[quota.pages]]
         id = "1001"
         page_calls = 50
+        [webhooks]
+        path = "/webhooks"
+        verify_token = "verify-token-secret"
     "#;
 
     #[test]
@@ -336,6 +347,7 @@ mod tests {
             "app-secret-secret",
             "client-key-secret",
             "redis-password-secret",
+            "verify-token-secret",
         ] {
             assert!(!text.contains(s), "{text}");
         }

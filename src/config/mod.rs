@@ -21,6 +21,7 @@ mod quota;
 mod redis;
 mod server;
 mod upstream;
+mod webhooks;
 
 pub use cache::{CacheConfig, CacheRule};
 pub use clients::{ClientConfig, Priority};
@@ -30,6 +31,7 @@ pub use quota::QuotaConfig;
 pub use redis::RedisConfig;
 pub use server::{ServerConfig, TlsConfig};
 pub use upstream::{RetryConfig, UpstreamConfig};
+pub use webhooks::WebhooksConfig;
 
 use cache::RawCache;
 use clients::RawClient;
@@ -39,6 +41,7 @@ use quota::RawQuota;
 use redis::RawRedis;
 use server::RawServer;
 use upstream::RawUpstream;
+use webhooks::RawWebhooks;
 
 /// A value that must never be printed: tokens, app secret, client keys, admin token.
 #[derive(Clone, Default, PartialEq, Eq, Deserialize)]
@@ -261,6 +264,7 @@ struct RawConfig {
     redis: RawRedis,
     quota: RawQuota,
     log: RawLog,
+    webhooks: RawWebhooks,
     /// A TOML file of more `[[clients]]` (merged in by `env::Layers`).
     clients_file: Option<String>,
 }
@@ -277,6 +281,7 @@ impl RawConfig {
             &self.credentials.app_secret,
             &self.server.admin_token,
             &self.redis.url,
+            &self.webhooks.verify_token,
         ];
         out.extend(
             secrets
@@ -324,6 +329,8 @@ pub struct Config {
     pub redis: RedisConfig,
     pub quota: QuotaConfig,
     pub log: LogConfig,
+    /// The Meta Webhooks endpoint, when `[webhooks] path` is set.
+    pub webhooks: Option<WebhooksConfig>,
 }
 
 /// `server.admin_listen` when not set.
@@ -372,6 +379,7 @@ impl Config {
         let quota = raw.quota.validate()?;
         let redis = raw.redis.validate()?;
         let log = raw.log.validate()?;
+        let webhooks = raw.webhooks.validate(credentials.app_secret.as_ref())?;
         Ok(Config {
             server,
             upstream,
@@ -381,6 +389,7 @@ impl Config {
             redis,
             quota,
             log,
+            webhooks,
         })
     }
 }

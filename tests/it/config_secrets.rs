@@ -25,15 +25,17 @@ enum Location {
     ClientKey,
     ClientKeyDigest,
     RedisUrl,
+    WebhookVerifyToken,
 }
 
-const LOCATIONS: [Location; 6] = [
+const LOCATIONS: [Location; 7] = [
     Location::SystemUserToken,
     Location::AppSecret,
     Location::AdminToken,
     Location::ClientKey,
     Location::ClientKeyDigest,
     Location::RedisUrl,
+    Location::WebhookVerifyToken,
 ];
 
 impl Location {
@@ -43,6 +45,7 @@ impl Location {
             Location::AdminToken => "server",
             Location::ClientKey | Location::ClientKeyDigest => "clients",
             Location::RedisUrl => "redis",
+            Location::WebhookVerifyToken => "webhooks",
         }
     }
 
@@ -54,6 +57,7 @@ impl Location {
             Location::ClientKey => "key",
             Location::ClientKeyDigest => "key_sha256",
             Location::RedisUrl => "url",
+            Location::WebhookVerifyToken => "verify_token",
         }
     }
 
@@ -190,6 +194,10 @@ fn table_lines(table: &str, others: &SecretSet) -> Vec<String> {
             secret(Location::ClientKey, &others.second),
         ],
         "redis" => vec!["timeout_ms = 50".into()],
+        "webhooks" => vec![
+            "path = \"/webhooks\"".into(),
+            secret(Location::WebhookVerifyToken, &others.first),
+        ],
         _ => Vec::new(),
     }
 }
