@@ -193,7 +193,7 @@ async fn shutdown_signal() {
 }
 
 /// mimalloc instead of glibc malloc: per-thread free lists cut allocator time on the hit
-/// path, and far less fragmentation keeps RSS close to the cached bytes (issue 7 figures).
+/// path, and far less fragmentation keeps RSS close to the cached bytes (docs/performance.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -118,13 +118,13 @@ pub struct Metrics {
     /// Refreshes the time-dependent quota gauges just before a scrape.
     quota_refresh: OnceLock<Box<dyn Fn() + Send + Sync>>,
 
-    // --- Observability (issue 6): per-Page throttle state for alerting, listed Pages only. ---
+    // --- Observability: per-Page throttle state for alerting, listed Pages only. ---
     /// 1 while a Page is paused (throttle code or 100 % usage).
     pub quota_page_paused: IntGaugeVec,
     /// Throttle codes Graph returned for calls charged to a Page with per-Page series.
     pub quota_page_throttles: IntCounterVec,
 
-    // --- Read cache (issue 3) ---
+    // --- Read cache ---
     /// Cache lookups by tier and result (hit, miss, stale, bypass).
     pub cache_lookups: IntCounterVec,
     /// Requests that waited on another request's identical upstream call.
@@ -291,7 +291,7 @@ impl HardeningMetrics {
     }
 }
 
-/// The Redis scale-out metrics (issue 5), one block so they stay together. Every label is a
+/// The Redis scale-out metrics, one block so they stay together. Every label is a
 /// fixed set chosen in code.
 pub struct RedisMetrics {
     /// 1 while Redis answers, 0 while graphgate runs on local state only. Registered only

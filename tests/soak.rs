@@ -1,4 +1,4 @@
-//! Soak (issue 8 §2): a bounded run at a high request rate through real loopback sockets
+//! Soak: a bounded run at a high request rate through real loopback sockets
 //! against the simulated Graph API, with a mix of cache hits, misses over an ever-growing key
 //! space (so the cache must evict), stale serves, paging, `ids=`, writes and a throttled Page.
 //!

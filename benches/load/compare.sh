@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# graphgate vs nginx proxy_cache vs Varnish, side by side on loopback (issue 7).
+# graphgate vs nginx proxy_cache vs Varnish, side by side on loopback.
 #
 # Starts, on 127.0.0.1 only:
 #   - a static upstream (nginx `return 200`) serving a ~1 KB Graph-like JSON node with a

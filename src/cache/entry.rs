@@ -151,7 +151,7 @@ impl Entry {
     /// values copied into one exact-size buffer they all slice. Bytes from the upstream
     /// client are slices of hyper's read buffer (8 KB and more), and one slice kept alive
     /// pins the whole buffer: a cached 1 KB reply held several times its size. One buffer
-    /// instead of one per value also saves an allocation per header (issue 7 memory figures).
+    /// instead of one per value also saves an allocation per header.
     /// Costs one memcpy per fill.
     ///
     /// With `compress`, a body of [`COMPRESS_MIN_BYTES`] or more is kept LZ4-compressed when

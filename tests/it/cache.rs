@@ -667,7 +667,7 @@ async fn read_batches_answer_cached_operations_locally() {
     s.stop().await;
 }
 
-/// Rough figures, not a benchmark (issue 7 adds criterion benches): key building and
+/// Rough figures, not a benchmark (the criterion benches measure it): key building and
 /// sequential/concurrent cache hits through real sockets. Run with
 /// `cargo test --release --test it cache::rough_hit_path_figures -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

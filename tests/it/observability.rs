@@ -1,4 +1,4 @@
-//! Observability and deployment (issue 6), checked with the real tools:
+//! Observability and deployment, checked with the real tools:
 //! - `promtool` accepts deploy/prometheus/prometheus.yml and alerts.yml, and the alert unit
 //!   tests in alerts_test.yml pass;
 //! - the Grafana dashboard, the provisioning files and docker-compose.yml are well formed

@@ -1,4 +1,4 @@
-//! Security and reliability (issue 8): token hygiene over every feature with the real binary
+//! Security and reliability: token hygiene over every feature with the real binary
 //! at debug log level, the system token's 190 as an alertable state, and slow request bodies.
 
 use std::io::{BufRead, BufReader};

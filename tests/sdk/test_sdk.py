@@ -1,4 +1,4 @@
-"""Real Graph SDKs against graphgate (issue 8 §5).
+"""Real Graph SDKs against graphgate.
 
 Starts `graphgate fake-graph` (the simulated Graph API) and `graphgate serve` in front of it
 with a client key, then drives graphgate with Meta's `facebook-business` SDK and with
