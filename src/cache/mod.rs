@@ -17,6 +17,7 @@ pub mod l1;
 pub mod l2;
 pub mod lease;
 pub mod policy;
+pub mod projection;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

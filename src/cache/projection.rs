@@ -1,0 +1,261 @@
+//! Answering a request for some fields of a node from a cached reply for more of them, and
+//! asking Graph once for the union of several requests' fields.
+//!
+//! Graph returns one JSON member per requested field, named by its alias (`.as(x)`) or its
+//! name, so a reply for fields G holds the reply for any F whose every field is in G with
+//! the same member name and the same text (modifiers and nested selection identical: a
+//! `feed.limit(5)` member says nothing about `feed.limit(2)`). Graph omits fields that have no
+//! value; the projection omits them too. `id` is Graph's own: a node reply carries it when it
+//! was requested and, on the real Graph, also when it was not; whether the upstream appends
+//! it is learned from replies ([`IdHabit`]), and until it is known a projection that would
+//! have to guess is not made.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::graph::fields::{Field, Fields};
+use crate::rewrite::PreparedBody;
+
+/// Most top-level fields a union fill may ask for: Graph rejects very long field lists and a
+/// bigger union costs more CPU time on Meta's side (which counts against the Page).
+pub const MAX_UNION_FIELDS: usize = 100;
+
+/// The member a field comes back under: its last `.as(alias)`, else its name.
+pub fn member_name(field: &Field) -> &str {
+    field
+        .modifiers
+        .iter()
+        .rev()
+        .find(|m| m.name == "as")
+        .map(|m| m.args.as_str())
+        .unwrap_or(&field.name)
+}
+
+/// The fields of a list by member name, `None` when two fields share a member name (their
+/// reply members could not be told apart).
+fn by_member(fields: &Fields) -> Option<Vec<(&str, String)>> {
+    let mut out: Vec<(&str, String)> = Vec::with_capacity(fields.fields().len());
+    for f in fields.fields() {
+        let name = member_name(f);
+        let text = f.canonical();
+        match out.iter().find(|(n, _)| *n == name) {
+            Some((_, t)) if *t == text => {}
+            Some(_) => return None,
+            None => out.push((name, text)),
+        }
+    }
+    Some(out)
+}
+
+/// Does a reply for `have` hold the reply for `want`? Every wanted field must be in `have`
+/// under the same member name with the same text; no member name may be ambiguous.
+pub fn covers(have: &Fields, want: &Fields) -> bool {
+    if want.is_empty() || have.is_empty() {
+        return false;
+    }
+    let (Some(have), Some(want)) = (by_member(have), by_member(want)) else {
+        return false;
+    };
+    want.iter()
+        .all(|(name, text)| have.iter().any(|(n, t)| n == name && t == text))
+}
+
+/// The union of two field lists for one upstream call, in canonical form; `None` when they
+/// cannot share a call (one member name with different texts) or it would be too long.
+pub fn union(a: &Fields, b: &Fields) -> Option<Fields> {
+    let (ma, mb) = (by_member(a)?, by_member(b)?);
+    let mut fields: Vec<String> = ma.iter().map(|(_, t)| t.clone()).collect();
+    for (name, text) in &mb {
+        match ma.iter().find(|(n, _)| n == name) {
+            Some((_, t)) if t == text => {}
+            Some(_) => return None,
+            None => fields.push(text.clone()),
+        }
+    }
+    if fields.len() > MAX_UNION_FIELDS {
+        return None;
+    }
+    Fields::parse(&fields.join(",")).ok().map(|f| f.normalized())
+}
+
+/// Whether the upstream adds `id` to node replies that did not ask for it, as the real Graph
+/// does. Learned from the first reply that can tell; shared by every entry.
+#[derive(Debug, Default)]
+pub struct IdHabit(AtomicU8);
+
+const UNKNOWN: u8 = 0;
+const APPENDS: u8 = 1;
+const OMITS: u8 = 2;
+
+impl IdHabit {
+    /// Learns from a node reply for `fields`: only a reply to a list without `id` tells.
+    pub fn learn(&self, fields: &Fields, body: &[u8]) {
+        if fields.is_empty() || wants_id(fields) || self.0.load(Ordering::Relaxed) != UNKNOWN {
+            return;
+        }
+        if let Some(members) = members(body) {
+            let seen = if members.iter().any(|(k, _)| k == "id") {
+                APPENDS
+            } else {
+                OMITS
+            };
+            self.0.store(seen, Ordering::Relaxed);
+        }
+    }
+
+    fn get(&self) -> Option<bool> {
+        match self.0.load(Ordering::Relaxed) {
+            APPENDS => Some(true),
+            OMITS => Some(false),
+            _ => None,
+        }
+    }
+}
+
+fn wants_id(fields: &Fields) -> bool {
+    fields.fields().iter().any(|f| member_name(f) == "id")
+}
+
+/// The members of a JSON object in their order, each value as its original text.
+fn members(body: &[u8]) -> Option<Vec<(String, &RawValue)>> {
+    struct Members;
+    impl<'de> Visitor<'de> for Members {
+        type Value = Vec<(String, &'de RawValue)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some((k, v)) = map.next_entry::<String, &'de RawValue>()? {
+                out.push((k, v));
+            }
+            Ok(out)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let out = (&mut de).deserialize_map(Members).ok()?;
+    de.end().ok()?;
+    Some(out)
+}
+
+/// The reply for `want` cut from a cached reply for `have` (which must cover it): the wanted
+/// members in the cached reply's order, their bytes as Graph sent them, and `id` where Graph
+/// would return it. `None` when the body is not a JSON object, holds a member twice, or
+/// whether Graph would add `id` is not known yet.
+pub fn project(
+    body: &PreparedBody,
+    have: &Fields,
+    want: &Fields,
+    habit: &IdHabit,
+) -> Option<PreparedBody> {
+    let wanted = by_member(want)?;
+    let members = members(&body.bytes)?;
+    for (i, (k, _)) in members.iter().enumerate() {
+        if members[..i].iter().any(|(other, _)| other == k) {
+            return None;
+        }
+    }
+    let keep_id = if wants_id(want) {
+        true
+    } else if wants_id(have) {
+        // The cached reply has `id` because it was asked for; would Graph add it for `want`?
+        habit.get()?
+    } else {
+        // Whatever Graph did for `have` it does for `want`.
+        true
+    };
+    let mut out = BytesMut::with_capacity(body.bytes.len());
+    out.put_u8(b'{');
+    let mut first = true;
+    for (k, v) in &members {
+        let keep = wanted.iter().any(|(n, _)| n == k) || (k == "id" && keep_id);
+        if !keep {
+            continue;
+        }
+        if !first {
+            out.put_u8(b',');
+        }
+        first = false;
+        // The key again as JSON (serde_json unescaped it).
+        out.put_slice(serde_json::to_string(k).ok()?.as_bytes());
+        out.put_u8(b':');
+        out.put_slice(v.get().as_bytes());
+    }
+    out.put_u8(b'}');
+    Some(body.part(Bytes::from(out.freeze())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(s: &str) -> Fields {
+        Fields::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_superset_covers_only_fields_it_holds_with_the_same_text() {
+        assert!(covers(&f("id,name,fan_count"), &f("name,id")));
+        assert!(covers(&f("name,picture.as(p)"), &f("picture.as(p)")));
+        assert!(covers(&f("feed.limit(2){message}"), &f("feed.limit(2){message}")));
+        assert!(!covers(&f("id,name"), &f("name,about")));
+        assert!(!covers(&f("feed.limit(5){message}"), &f("feed.limit(2){message}")));
+        assert!(!covers(&f("feed{message,id}"), &f("feed{message}")));
+        assert!(!covers(&f("name"), &f("name.as(n)")));
+        // An alias that shadows another field's member: ambiguous either way.
+        assert!(!covers(&f("name,about.as(name)"), &f("name")));
+        assert!(!covers(&f(""), &f("name")));
+        assert!(!covers(&f("name"), &f("")));
+    }
+
+    #[test]
+    fn unions_merge_distinct_members_and_refuse_conflicts() {
+        assert_eq!(
+            union(&f("id,name"), &f("name,fan_count")).unwrap().canonical(),
+            "fan_count,id,name"
+        );
+        assert_eq!(
+            union(&f("feed.limit(2){id}"), &f("about")).unwrap().canonical(),
+            "about,feed.limit(2){id}"
+        );
+        assert!(union(&f("feed.limit(2){id}"), &f("feed.limit(3){id}")).is_none());
+        let many: Vec<String> = (0..MAX_UNION_FIELDS).map(|i| format!("f{i}")).collect();
+        assert!(union(&f(&many.join(",")), &f("extra")).is_none());
+    }
+
+    fn body(s: &str) -> PreparedBody {
+        PreparedBody::plain(Bytes::from(s.to_string()))
+    }
+
+    #[test]
+    fn projections_keep_graphs_bytes_and_order() {
+        let habit = IdHabit::default();
+        let cached = body(r#"{"name":"A \/ B","fan_count":7,"about":"x\u00e9","id":"1001"}"#);
+        let have = f("id,name,fan_count,about");
+        let p = project(&cached, &have, &f("about,name,id"), &habit).unwrap();
+        assert_eq!(&p.bytes[..], br#"{"name":"A \/ B","about":"x\u00e9","id":"1001"}"#);
+        // Without `id` wanted: unknown whether Graph adds it, so no projection yet.
+        assert!(project(&cached, &have, &f("name"), &habit).is_none());
+        habit.learn(&f("name"), br#"{"name":"A","id":"1001"}"#);
+        let p = project(&cached, &have, &f("name"), &habit).unwrap();
+        assert_eq!(&p.bytes[..], br#"{"name":"A \/ B","id":"1001"}"#);
+        let omits = IdHabit::default();
+        omits.learn(&f("name"), br#"{"name":"A"}"#);
+        let p = project(&cached, &have, &f("name"), &omits).unwrap();
+        assert_eq!(&p.bytes[..], br#"{"name":"A \/ B"}"#);
+        // A superset reply that did not ask for id: what Graph did there it does here.
+        let appended = body(r#"{"name":"A","about":"b","id":"1001"}"#);
+        let p = project(&appended, &f("name,about"), &f("about"), &IdHabit::default()).unwrap();
+        assert_eq!(&p.bytes[..], br#"{"about":"b","id":"1001"}"#);
+        // A field Graph left out (no value) stays out.
+        let p = project(&cached, &f("id,name,link"), &f("link,id"), &habit).unwrap();
+        assert_eq!(&p.bytes[..], br#"{"id":"1001"}"#);
+        // Not an object, or a member twice: no projection.
+        assert!(project(&body("[1]"), &have, &f("id"), &habit).is_none());
+        assert!(project(&body(r#"{"id":"1","id":"2"}"#), &have, &f("id"), &habit).is_none());
+        assert!(project(&body(r#"{"id":"1"} x"#), &have, &f("id"), &habit).is_none());
+    }
+}
