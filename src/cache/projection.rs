@@ -185,7 +185,7 @@ pub fn project(
         out.put_slice(v.get().as_bytes());
     }
     out.put_u8(b'}');
-    Some(body.part(Bytes::from(out.freeze())))
+    Some(body.part(out.freeze()))
 }
 
 #[cfg(test)]
