@@ -12,7 +12,7 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
@@ -227,7 +227,7 @@ mod tests {
     }
 
     fn body(s: &str) -> PreparedBody {
-        PreparedBody::plain(Bytes::from(s.to_string()))
+        PreparedBody::plain(bytes::Bytes::from(s.to_string()))
     }
 
     #[test]
