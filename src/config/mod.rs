@@ -27,7 +27,7 @@ pub use clients::{ClientConfig, Priority};
 pub use credentials::{Credentials, ENV_APP_SECRET, ENV_SYSTEM_USER_TOKEN};
 pub use log::{LogConfig, LogFormat};
 pub use quota::QuotaConfig;
-pub use redis::RedisConfig;
+pub use redis::{HostPort, RedisConfig, RedisTls, RedisTopology};
 pub use server::{ServerConfig, TlsConfig};
 pub use upstream::{RetryConfig, UpstreamConfig};
 
@@ -277,6 +277,8 @@ impl RawConfig {
             &self.credentials.app_secret,
             &self.server.admin_token,
             &self.redis.url,
+            &self.redis.password,
+            &self.redis.sentinel_password,
         ];
         out.extend(
             secrets

@@ -17,4 +17,5 @@ mod layering;
 mod observability;
 mod quota;
 mod redis;
+mod redis_topologies;
 mod security;
