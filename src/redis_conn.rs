@@ -26,6 +26,7 @@ use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, PubSub};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{
     Client, ClientTlsConfig, Cmd, ConnectionAddr, IntoConnectionInfo, Pipeline, RedisError,
@@ -285,6 +286,52 @@ impl RedisConn {
         matches!(tokio::time::timeout(wait, attempt).await, Ok(Ok(true)))
     }
 
+    /// The keyspaces a `SCAN` must walk: `[None]` (the one server) or, on a Cluster, each
+    /// primary by address. `None` when Redis is unavailable.
+    pub async fn keyspaces(&self) -> Option<Vec<Option<(String, u16)>>> {
+        let link = self.link.load_full()?;
+        if !matches!(*link, Link::Cluster(_)) {
+            return Some(vec![None]);
+        }
+        let nodes: String = self
+            .run("purge", |mut c| async move {
+                redis::cmd("CLUSTER").arg("NODES").query_async(&mut c).await
+            })
+            .await?;
+        Some(cluster_primaries(&nodes).into_iter().map(Some).collect())
+    }
+
+    /// One `SCAN` step (`MATCH pattern`) in one keyspace of [`RedisConn::keyspaces`].
+    pub async fn scan(
+        &self,
+        keyspace: Option<&(String, u16)>,
+        cursor: u64,
+        pattern: &str,
+    ) -> Option<(u64, Vec<String>)> {
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(500);
+        let route = keyspace.map(|(host, port)| {
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                host: host.clone(),
+                port: *port,
+            })
+        });
+        self.run("purge", |c| async move {
+            match (c, route) {
+                (Link::Cluster(mut c), Some(route)) => {
+                    let v = c.route_command(scan, route).await?;
+                    Ok(redis::from_redis_value(v)?)
+                }
+                (mut c, _) => scan.query_async(&mut c).await,
+            }
+        })
+        .await
+    }
+
     /// A dedicated pub/sub connection (invalidations, fill notices), on whichever server
     /// this topology delivers every message to.
     pub async fn pubsub(&self) -> RedisResult<PubSub> {
@@ -521,4 +568,46 @@ fn certificates(cfg: &RedisConfig) -> Result<Option<TlsCertificates>, String> {
         client_tls,
         root_cert,
     }))
+}
+
+/// The primaries' addresses in a `CLUSTER NODES` reply (`id host:port@bus flags …`).
+fn cluster_primaries(nodes: &str) -> Vec<(String, u16)> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            let addr = f.nth(1)?;
+            let flags = f.next()?;
+            if !flags.split(',').any(|x| x == "master") || flags.contains("fail") {
+                return None;
+            }
+            let addr = addr.split('@').next()?;
+            let (host, port) = addr.rsplit_once(':')?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            Some((host.to_string(), port.parse().ok().filter(|p| *p > 0)?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_primaries_are_read_from_cluster_nodes() {
+        let nodes = "\
+a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7001@17001 master - 0 1 2 connected 5461-10922
+c3 127.0.0.1:7002@17002 slave b2 0 1 2 connected
+d4 127.0.0.1:7003@17003 master,fail - 0 1 3 disconnected
+e5 :0@0 master,noaddr - 0 1 4 disconnected
+";
+        assert_eq!(
+            cluster_primaries(nodes),
+            vec![
+                ("127.0.0.1".to_string(), 7000),
+                ("127.0.0.1".to_string(), 7001)
+            ]
+        );
+    }
 }

@@ -205,62 +205,68 @@ impl L2 {
     pub async fn purge(&self, readable_prefix: &str) -> u64 {
         let pattern = format!("{}{{n:*}}:c:*", glob_escape(self.conn.prefix()));
         let started = Instant::now();
-        let mut cursor: u64 = 0;
         let mut deleted = 0;
-        loop {
-            let pattern = pattern.clone();
-            let Some((next, keys)) = self
+        // One keyspace per Cluster primary (a SCAN walks one node), else just the one.
+        let keyspaces = self.conn.keyspaces().await.unwrap_or_default();
+        'spaces: for space in &keyspaces {
+            let mut cursor: u64 = 0;
+            loop {
+                let Some((next, keys)) = self.conn.scan(space.as_ref(), cursor, &pattern).await
+                else {
+                    break;
+                };
+                deleted += self.purge_keys(keys, readable_prefix).await;
+                cursor = next;
+                if started.elapsed() > PURGE_BUDGET {
+                    break 'spaces;
+                }
+                if cursor == 0 {
+                    break;
+                }
+            }
+        }
+        deleted
+    }
+
+    /// Deletes those of `keys` whose readable key starts with `readable_prefix` (all when
+    /// empty); returns how many.
+    async fn purge_keys(&self, keys: Vec<String>, readable_prefix: &str) -> u64 {
+        let mut deleted = 0;
+        let doomed = if readable_prefix.is_empty() || keys.is_empty() {
+            keys
+        } else {
+            let mut values = Vec::with_capacity(keys.len());
+            for k in &keys {
+                // One key per command: keys of different nodes live in different slots.
+                let k = k.clone();
+                let v: Option<Vec<u8>> = self
+                    .conn
+                    .run("purge", |mut c| async move {
+                        redis::cmd("GET").arg(k).query_async(&mut c).await
+                    })
+                    .await
+                    .flatten();
+                values.push(v);
+            }
+            keys.into_iter()
+                .zip(values)
+                .filter(|(_, v)| {
+                    v.as_deref()
+                        .and_then(readable_of)
+                        .is_some_and(|r| r.starts_with(readable_prefix))
+                })
+                .map(|(k, _)| k)
+                .collect()
+        };
+        for k in doomed {
+            let n = self
                 .conn
                 .run("purge", |mut c| async move {
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(pattern)
-                        .arg("COUNT")
-                        .arg(500)
-                        .query_async::<(u64, Vec<String>)>(&mut c)
-                        .await
+                    redis::cmd("UNLINK").arg(k).query_async::<u64>(&mut c).await
                 })
                 .await
-            else {
-                break;
-            };
-            let doomed = if readable_prefix.is_empty() || keys.is_empty() {
-                keys
-            } else {
-                let ks = keys.clone();
-                let values: Vec<Option<Vec<u8>>> = self
-                    .conn
-                    .run("purge", |mut c| async move {
-                        redis::cmd("MGET").arg(&ks).query_async(&mut c).await
-                    })
-                    .await
-                    .unwrap_or_default();
-                keys.into_iter()
-                    .zip(values)
-                    .filter(|(_, v)| {
-                        v.as_deref()
-                            .and_then(readable_of)
-                            .is_some_and(|r| r.starts_with(readable_prefix))
-                    })
-                    .map(|(k, _)| k)
-                    .collect()
-            };
-            for k in doomed {
-                // One key per command: keys of different nodes live in different slots.
-                let n = self
-                    .conn
-                    .run("purge", |mut c| async move {
-                        redis::cmd("UNLINK").arg(k).query_async::<u64>(&mut c).await
-                    })
-                    .await
-                    .unwrap_or(0);
-                deleted += n;
-            }
-            cursor = next;
-            if cursor == 0 || started.elapsed() > PURGE_BUDGET {
-                break;
-            }
+                .unwrap_or(0);
+            deleted += n;
         }
         deleted
     }

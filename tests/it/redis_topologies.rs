@@ -11,8 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use fake_graph::FakeGraphConfig;
-use http::StatusCode;
+use http::{Method, StatusCode};
 use tokio::task::JoinSet;
 
 use crate::redis::{wait_until_redis_up, Fleet};
@@ -414,6 +415,37 @@ async fn on_a_redis_cluster_two_replicas_share_hits_budgets_and_invalidations() 
             "no Redis command failed (CROSSSLOT, MOVED, …)"
         );
     }
+    // An admin purge of everything on A empties every primary (and B's own tier): B's next
+    // read goes to Graph rather than finding the entry in Redis.
+    let path = "/1002?fields=name";
+    f.get(&f.a, path).await;
+    assert_eq!(f.get(&f.b, path).await.header("x-cache"), Some("HIT"));
+    let url = format!("{}/admin/cache/purge?all=true", f.a.admin_url());
+    let auth = [("authorization", "Bearer test-admin-token")];
+    let r = send(&f.http, Method::POST, &url, &auth, Bytes::new(), &[]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut purged = false;
+    while !purged && Instant::now() < until {
+        purged = f.get(&f.b, path).await.header("x-cache") == Some("MISS");
+        if !purged {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert!(purged, "an entry survived the purge: {}", r.text());
+    let left: u64 = cluster
+        .ports
+        .iter()
+        .map(|&p| {
+            cli(p, &["--scan", "--pattern", "cl:{n:*}:c:*"])
+                .lines()
+                .count() as u64
+        })
+        .sum();
+    assert!(
+        left <= 1,
+        "entries left in the cluster after a purge: {left}"
+    );
     stop(f).await;
 
     let list = format!(
