@@ -25,15 +25,19 @@ enum Location {
     ClientKey,
     ClientKeyDigest,
     RedisUrl,
+    RedisPassword,
+    SentinelPassword,
 }
 
-const LOCATIONS: [Location; 6] = [
+const LOCATIONS: [Location; 8] = [
     Location::SystemUserToken,
     Location::AppSecret,
     Location::AdminToken,
     Location::ClientKey,
     Location::ClientKeyDigest,
     Location::RedisUrl,
+    Location::RedisPassword,
+    Location::SentinelPassword,
 ];
 
 impl Location {
@@ -42,7 +46,7 @@ impl Location {
             Location::SystemUserToken | Location::AppSecret => "credentials",
             Location::AdminToken => "server",
             Location::ClientKey | Location::ClientKeyDigest => "clients",
-            Location::RedisUrl => "redis",
+            Location::RedisUrl | Location::RedisPassword | Location::SentinelPassword => "redis",
         }
     }
 
@@ -54,6 +58,8 @@ impl Location {
             Location::ClientKey => "key",
             Location::ClientKeyDigest => "key_sha256",
             Location::RedisUrl => "url",
+            Location::RedisPassword => "password",
+            Location::SentinelPassword => "sentinel_password",
         }
     }
 
