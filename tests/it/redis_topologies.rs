@@ -288,7 +288,7 @@ fn pki(dir: &Scratch) -> Pki {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_tls_with_a_client_certificate_two_replicas_share_hits_budgets_and_invalidations() {
     let dir = Scratch::new("redis-tls");
-    let pki = pki(&dir);
+    let certs = pki(&dir);
     let port = free_port();
     let mut args = base_args(0, &dir.0);
     args.extend(
@@ -296,11 +296,11 @@ async fn over_tls_with_a_client_certificate_two_replicas_share_hits_budgets_and_
             "--tls-port".to_string(),
             port.to_string(),
             "--tls-cert-file".into(),
-            pki.server.0.display().to_string(),
+            certs.server.0.display().to_string(),
             "--tls-key-file".into(),
-            pki.server.1.display().to_string(),
+            certs.server.1.display().to_string(),
             "--tls-ca-cert-file".into(),
-            pki.ca.display().to_string(),
+            certs.ca.display().to_string(),
             "--tls-auth-clients".into(),
             "yes".into(),
         ]
@@ -311,14 +311,28 @@ async fn over_tls_with_a_client_certificate_two_replicas_share_hits_budgets_and_
     let section = format!(
         "[redis]\nurl = \"rediss://127.0.0.1:{port}\"\nca_file = \"{}\"\ncert_file = \"{}\"\n\
          key_file = \"{}\"\ntimeout_ms = 500\nkey_prefix = \"tls:\"\n{QUOTA}",
-        pki.ca.display(),
-        pki.client.0.display(),
-        pki.client.1.display(),
+        certs.ca.display(),
+        certs.client.0.display(),
+        certs.client.1.display(),
     );
     let f = Arc::new(Fleet::start_with(&section, graph_cfg()).await);
     assert!(wait_until_redis_up(&f, &f.a, Duration::from_secs(15)).await);
     assert!(wait_until_redis_up(&f, &f.b, Duration::from_secs(15)).await);
     shares_hits_budgets_and_invalidations(&f, "1001", "1002").await;
+    stop(f).await;
+
+    // A replica trusting another CA refuses the server's certificate: it never shares, and
+    // still serves on its own.
+    let other_dir = Scratch::new("redis-tls-other");
+    let other = pki(&other_dir);
+    let section = section.replace(
+        &format!("ca_file = \"{}\"", certs.ca.display()),
+        &format!("ca_file = \"{}\"", other.ca.display()),
+    );
+    let f = Arc::new(Fleet::start_with(&section, graph_cfg()).await);
+    assert!(!wait_until_redis_up(&f, &f.a, Duration::from_secs(2)).await);
+    let r = f.get(&f.a, "/1002?fields=id").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     stop(f).await;
 }
 
