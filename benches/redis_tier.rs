@@ -159,6 +159,21 @@ fn tiers(c: &mut Criterion) {
         });
     }
     group.finish();
+    // The L2 cases must have been answered from Redis, not from an L1 after all.
+    for (name, gw) in [("lz4", &gb), ("plain", &gpb)] {
+        let hits = gw
+            .metrics
+            .render()
+            .lines()
+            .find(|l| {
+                l.starts_with("graphgate_cache_lookups_total")
+                    && l.contains("tier=\"l2\"")
+                    && l.contains("result=\"hit\"")
+            })
+            .map(str::to_string)
+            .unwrap_or_default();
+        println!("L2 lookups answered from Redis on the {name} replica: {hits}");
+    }
 
     let mut group = c.benchmark_group("64 concurrent hits");
     group.throughput(Throughput::Elements(64));
