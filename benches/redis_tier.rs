@@ -7,6 +7,11 @@
 //! Replica A fills the entries; replica B has an L1 too small to hold them, so every request
 //! on B is an L1 miss answered from Redis (lookup, decode, reply) — the L2 hit path.
 //!
+//! Shared-tier values are stored as L1 holds them: LZ4-compressed with `[cache] compress`
+//! (the default), plain without. A second pair of replicas runs with `compress = false` under
+//! another key prefix, so L2 hits are measured both ways, and the bytes per entry in Redis
+//! (`STRLEN` of the stored values) are printed for each case.
+//!
 //! Run: `cargo bench --bench redis_tier`.
 
 use std::net::TcpListener as StdListener;
@@ -51,15 +56,40 @@ fn redis_server() -> (RedisServer, u16) {
     (RedisServer(child), port)
 }
 
-/// The shared bench config with an L1 of `l1_bytes` and the test's Redis.
-fn config(graph: &str, redis_port: u16, l1_bytes: u64) -> Config {
+/// The shared bench config with an L1 of `l1_bytes`, compression on or off, and the
+/// bench's Redis (keys under `prefix`).
+fn config(graph: &str, redis_port: u16, l1_bytes: u64, compress: bool, prefix: &str) -> Config {
     common::config(
         graph,
         &format!(
-            "[cache]\nmax_bytes = {l1_bytes}\ndefault_ttl_s = 3600\n\
-             [redis]\nurl = \"redis://127.0.0.1:{redis_port}\"\n"
+            "[cache]\nmax_bytes = {l1_bytes}\ndefault_ttl_s = 3600\ncompress = {compress}\n\
+             [redis]\nurl = \"redis://127.0.0.1:{redis_port}\"\nkey_prefix = \"{prefix}\"\n"
         ),
     )
+}
+
+/// `redis-cli -p PORT args…`, its output.
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli comes with redis-server");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Bytes of each stored entry under `prefix`, smallest first.
+fn entry_sizes(port: u16, prefix: &str) -> Vec<usize> {
+    let keys = cli(
+        port,
+        &["--scan", "--pattern", &format!("{prefix}{{n:*}}:c:*")],
+    );
+    let mut sizes: Vec<usize> = keys
+        .lines()
+        .filter_map(|k| cli(port, &["STRLEN", k.trim()]).trim().parse().ok())
+        .collect();
+    sizes.sort_unstable();
+    sizes
 }
 
 async fn hit(gw: &Arc<Gateway>, path: &str) -> usize {
@@ -75,17 +105,20 @@ fn tiers(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let (_redis, port) = redis_server();
-    let (graph, a, b): (FakeGraph, Running, Running) = rt.block_on(async {
-        let graph = common::fake_graph().await;
-        let a = server::start(config(&graph.url(), port, 64 << 20))
-            .await
-            .expect("replica a");
-        // Too small for any entry: every read on B is an L1 miss.
-        let b = server::start(config(&graph.url(), port, 256))
-            .await
-            .expect("replica b");
-        (graph, a, b)
-    });
+    let (graph, a, b, pa, pb): (FakeGraph, Running, Running, Running, Running) =
+        rt.block_on(async {
+            let graph = common::fake_graph().await;
+            let start = |l1, compress, prefix| {
+                server::start(config(&graph.url(), port, l1, compress, prefix))
+            };
+            let a = start(64 << 20, true, "z:").await.expect("replica a");
+            // Too small for any entry: every read on B is an L1 miss.
+            let b = start(256, true, "z:").await.expect("replica b");
+            // The same pair storing bodies plain.
+            let pa = start(64 << 20, false, "p:").await.expect("replica pa");
+            let pb = start(256, false, "p:").await.expect("replica pb");
+            (graph, a, b, pa, pb)
+        });
     let cases = [
         ("node", "/v21.0/1001?fields=id,name,about,fan_count"),
         (
@@ -94,13 +127,23 @@ fn tiers(c: &mut Criterion) {
         ),
     ];
     let (ga, gb) = (a.gateway.clone(), b.gateway.clone());
+    let (gpa, gpb) = (pa.gateway.clone(), pb.gateway.clone());
     for (_, path) in cases {
         rt.block_on(async {
             hit(&ga, path).await;
             hit(&gb, path).await;
+            hit(&gpa, path).await;
+            hit(&gpb, path).await;
         });
     }
     let upstream_before = graph.stats().requests;
+    // One entry per case under each prefix: the smaller is the node, the larger the feed.
+    let (lz4, plain) = (entry_sizes(port, "z:"), entry_sizes(port, "p:"));
+    for (i, (name, _)) in cases.iter().enumerate() {
+        if let (Some(z), Some(p)) = (lz4.get(i), plain.get(i)) {
+            println!("bytes per entry in Redis, {name}: plain {p}, lz4 {z}");
+        }
+    }
 
     let mut group = c.benchmark_group("cache tier hit via Gateway::handle");
     group.throughput(Throughput::Elements(1));
@@ -111,8 +154,26 @@ fn tiers(c: &mut Criterion) {
         group.bench_function(format!("L2 hit {name}"), |bch| {
             bch.to_async(&rt).iter(|| hit(&gb, path))
         });
+        group.bench_function(format!("L2 hit {name} plain"), |bch| {
+            bch.to_async(&rt).iter(|| hit(&gpb, path))
+        });
     }
     group.finish();
+    // The L2 cases must have been answered from Redis, not from an L1 after all.
+    for (name, gw) in [("lz4", &gb), ("plain", &gpb)] {
+        let hits = gw
+            .metrics
+            .render()
+            .lines()
+            .find(|l| {
+                l.starts_with("graphgate_cache_lookups_total")
+                    && l.contains("tier=\"l2\"")
+                    && l.contains("result=\"hit\"")
+            })
+            .map(str::to_string)
+            .unwrap_or_default();
+        println!("L2 lookups answered from Redis on the {name} replica: {hits}");
+    }
 
     let mut group = c.benchmark_group("64 concurrent hits");
     group.throughput(Throughput::Elements(64));
@@ -139,8 +200,9 @@ fn tiers(c: &mut Criterion) {
         "every measured request was a cache hit"
     );
     rt.block_on(async {
-        a.shutdown().await;
-        b.shutdown().await;
+        for r in [a, b, pa, pb] {
+            r.shutdown().await;
+        }
     });
     graph.shutdown();
 }

@@ -182,11 +182,10 @@ impl Gateway {
     ) -> Result<Gateway, ProxyError> {
         let upstream = Upstream::new(&config.upstream, metrics.clone())?;
         // Scale-out: with `[redis] url`, cache, budgets and invalidations are shared.
-        let redis = match &config.redis.url {
-            Some(_) => {
-                Some(RedisConn::new(&config.redis, metrics.clone()).map_err(ProxyError::Internal)?)
-            }
-            None => None,
+        let redis = if config.redis.is_configured() {
+            Some(RedisConn::new(&config.redis, metrics.clone()).map_err(ProxyError::Internal)?)
+        } else {
+            None
         };
         let mut cache = Cache::new(&config.cache, metrics.clone());
         if let Some(conn) = &redis {

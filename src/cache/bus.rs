@@ -181,7 +181,7 @@ async fn subscriber(
     let mut was_subscribed = true;
     while !tx.is_closed() {
         let connect = async {
-            let mut ps = conn.client().get_async_pubsub().await?;
+            let mut ps = conn.pubsub().await?;
             ps.subscribe(&channel).await?;
             Ok::<_, redis::RedisError>(ps)
         };

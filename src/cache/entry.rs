@@ -117,6 +117,26 @@ impl Entry {
         })
     }
 
+    /// The body as held (LZ4-compressed when the second value, its plain length, is set):
+    /// the Redis tier stores it as it is.
+    pub fn stored_body(&self) -> (&PreparedBody, Option<u32>) {
+        (&self.body, self.plain_len)
+    }
+
+    /// An entry whose body is held LZ4-compressed, `plain_len` bytes plain. `None` when the
+    /// body does not decompress to exactly that (a damaged or foreign value).
+    pub fn with_compressed_body(
+        status: StatusCode,
+        headers: Vec<(HeaderName, HeaderValue)>,
+        body: PreparedBody,
+        plain_len: u32,
+        ttl: Duration,
+    ) -> Option<Entry> {
+        let mut e = Entry::new(status, headers, body, ttl);
+        e.plain_len = Some(plain_len);
+        e.body().is_ok().then_some(e)
+    }
+
     /// Length of the body as served (before the per-client key marker is filled in).
     pub fn body_len(&self) -> usize {
         self.plain_len

@@ -25,8 +25,10 @@ use crate::redis_conn::RedisConn;
 use crate::rewrite::{KeyMarker, PreparedBody, MARKER_LEN};
 
 /// First byte of every stored value. A reader that does not know the version treats the
-/// value as a miss, so a format change never serves garbage.
-pub const FORMAT_VERSION: u8 = 2;
+/// value as a miss, so a format change never serves garbage (version 3: bodies may be
+/// LZ4-compressed; a version-2 replica and a version-3 one each see the other's values as
+/// misses and overwrite them, never misread them).
+pub const FORMAT_VERSION: u8 = 3;
 /// A write epoch lives this long after its last bump: far longer than any fill takes.
 const EPOCH_TTL: Duration = Duration::from_secs(600);
 /// Admin purges by prefix or of everything walk the keyspace for at most this long.
@@ -205,62 +207,68 @@ impl L2 {
     pub async fn purge(&self, readable_prefix: &str) -> u64 {
         let pattern = format!("{}{{n:*}}:c:*", glob_escape(self.conn.prefix()));
         let started = Instant::now();
-        let mut cursor: u64 = 0;
         let mut deleted = 0;
-        loop {
-            let pattern = pattern.clone();
-            let Some((next, keys)) = self
+        // One keyspace per Cluster primary (a SCAN walks one node), else just the one.
+        let keyspaces = self.conn.keyspaces().await.unwrap_or_default();
+        'spaces: for space in &keyspaces {
+            let mut cursor: u64 = 0;
+            loop {
+                let Some((next, keys)) = self.conn.scan(space.as_ref(), cursor, &pattern).await
+                else {
+                    break;
+                };
+                deleted += self.purge_keys(keys, readable_prefix).await;
+                cursor = next;
+                if started.elapsed() > PURGE_BUDGET {
+                    break 'spaces;
+                }
+                if cursor == 0 {
+                    break;
+                }
+            }
+        }
+        deleted
+    }
+
+    /// Deletes those of `keys` whose readable key starts with `readable_prefix` (all when
+    /// empty); returns how many.
+    async fn purge_keys(&self, keys: Vec<String>, readable_prefix: &str) -> u64 {
+        let mut deleted = 0;
+        let doomed = if readable_prefix.is_empty() || keys.is_empty() {
+            keys
+        } else {
+            let mut values = Vec::with_capacity(keys.len());
+            for k in &keys {
+                // One key per command: keys of different nodes live in different slots.
+                let k = k.clone();
+                let v: Option<Vec<u8>> = self
+                    .conn
+                    .run("purge", |mut c| async move {
+                        redis::cmd("GET").arg(k).query_async(&mut c).await
+                    })
+                    .await
+                    .flatten();
+                values.push(v);
+            }
+            keys.into_iter()
+                .zip(values)
+                .filter(|(_, v)| {
+                    v.as_deref()
+                        .and_then(readable_of)
+                        .is_some_and(|r| r.starts_with(readable_prefix))
+                })
+                .map(|(k, _)| k)
+                .collect()
+        };
+        for k in doomed {
+            let n = self
                 .conn
                 .run("purge", |mut c| async move {
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(pattern)
-                        .arg("COUNT")
-                        .arg(500)
-                        .query_async::<(u64, Vec<String>)>(&mut c)
-                        .await
+                    redis::cmd("UNLINK").arg(k).query_async::<u64>(&mut c).await
                 })
                 .await
-            else {
-                break;
-            };
-            let doomed = if readable_prefix.is_empty() || keys.is_empty() {
-                keys
-            } else {
-                let ks = keys.clone();
-                let values: Vec<Option<Vec<u8>>> = self
-                    .conn
-                    .run("purge", |mut c| async move {
-                        redis::cmd("MGET").arg(&ks).query_async(&mut c).await
-                    })
-                    .await
-                    .unwrap_or_default();
-                keys.into_iter()
-                    .zip(values)
-                    .filter(|(_, v)| {
-                        v.as_deref()
-                            .and_then(readable_of)
-                            .is_some_and(|r| r.starts_with(readable_prefix))
-                    })
-                    .map(|(k, _)| k)
-                    .collect()
-            };
-            for k in doomed {
-                // One key per command: keys of different nodes live in different slots.
-                let n = self
-                    .conn
-                    .run("purge", |mut c| async move {
-                        redis::cmd("UNLINK").arg(k).query_async::<u64>(&mut c).await
-                    })
-                    .await
-                    .unwrap_or(0);
-                deleted += n;
-            }
-            cursor = next;
-            if cursor == 0 || started.elapsed() > PURGE_BUDGET {
-                break;
-            }
+                .unwrap_or(0);
+            deleted += n;
         }
         deleted
     }
@@ -294,22 +302,26 @@ fn instant_of(ms: u64) -> Instant {
 const FLAG_PLACEHOLDER: u8 = 1;
 const FLAG_EDGE: u8 = 2;
 const FLAG_NODE: u8 = 4;
+const FLAG_LZ4: u8 = 8;
 
-/// Version 2 layout, big-endian: version u8, stored-at unix ms u64, ttl ms u64, status u16,
+/// Version 3 layout, big-endian: version u8, stored-at unix ms u64, ttl ms u64, status u16,
 /// flags u8, readable (u32 len + bytes), node (u32 len + bytes, when flagged), header count
 /// u16 and per header name (u16 len) and value (u32 len), the body's key marker (22 bytes,
-/// when flagged), then the body (u32 len + bytes).
+/// when flagged), the body's plain length (u32, when flagged LZ4), then the body (u32 len +
+/// bytes), LZ4-compressed when flagged.
 /// The readable key sits early so a purge by prefix reads it without decoding the rest.
-/// The body is written plain, also for an entry L1 holds compressed.
+/// The body goes as the entry holds it: compressed when the in-process tier compresses
+/// (`[cache] compress`, bodies of 256 bytes and more that shrink by an eighth), so a shared
+/// hit moves and stores the smaller form and is kept compressed in L1 as it arrives.
 pub fn encode(e: &Entry) -> Option<Vec<u8>> {
-    let body = e.body().ok()?;
+    let (body, plain_len) = e.stored_body();
     let headers: usize = e
         .headers
         .iter()
         .map(|(n, v)| 6 + n.as_str().len() + v.len())
         .sum();
     let mut out = Vec::with_capacity(
-        32 + e.readable.len() + e.node.as_deref().map_or(0, str::len) + headers + body.bytes.len(),
+        36 + e.readable.len() + e.node.as_deref().map_or(0, str::len) + headers + body.bytes.len(),
     );
     out.push(FORMAT_VERSION);
     out.extend_from_slice(&unix_ms(e.stored_at).to_be_bytes());
@@ -324,6 +336,9 @@ pub fn encode(e: &Entry) -> Option<Vec<u8>> {
     }
     if e.node.is_some() {
         flags |= FLAG_NODE;
+    }
+    if plain_len.is_some() {
+        flags |= FLAG_LZ4;
     }
     out.push(flags);
     put(&mut out, e.readable.as_bytes());
@@ -340,6 +355,9 @@ pub fn encode(e: &Entry) -> Option<Vec<u8>> {
     }
     if let Some(m) = &body.key_marker {
         out.extend_from_slice(m.as_bytes());
+    }
+    if let Some(len) = plain_len {
+        out.extend_from_slice(&len.to_be_bytes());
     }
     put(&mut out, &body.bytes);
     Some(out)
@@ -426,19 +444,22 @@ pub fn decode(v: &[u8], key: &CacheKey) -> Option<Entry> {
     } else {
         None
     };
-    let body = Bytes::copy_from_slice(r.chunk()?);
+    let plain_len = if flags & FLAG_LZ4 != 0 {
+        Some(r.u32()?)
+    } else {
+        None
+    };
+    let body = PreparedBody {
+        bytes: Bytes::copy_from_slice(r.chunk()?),
+        key_marker,
+    };
     if !r.0.is_empty() {
         return None;
     }
-    let mut e = Entry::new(
-        status,
-        headers,
-        PreparedBody {
-            bytes: body,
-            key_marker,
-        },
-        ttl,
-    );
+    let mut e = match plain_len {
+        Some(len) => Entry::with_compressed_body(status, headers, body, len, ttl)?,
+        None => Entry::new(status, headers, body, ttl),
+    };
     e.stored_at = instant_of(stored_ms);
     e.readable = key.readable.clone();
     e.node = key.node.clone();
@@ -499,19 +520,35 @@ mod tests {
         assert!(d.has_edge);
         assert!(d.age(Instant::now()) < Duration::from_secs(2));
 
-        // An entry held compressed in L1 goes to Redis plain.
-        let mut big = Entry::new(
+        // An entry held compressed goes to Redis compressed, and comes back so.
+        let plain = Entry::new(
             StatusCode::OK,
             Vec::new(),
             PreparedBody::plain(Bytes::from(br#"{"id":"1","name":"Page"},"#.repeat(40))),
             Duration::from_secs(60),
-        )
-        .for_storage(true);
+        );
+        let mut big = plain.for_storage(true);
         assert!(big.is_compressed());
         big.readable = k.readable.clone();
-        let d = decode(&encode(&big).expect("encodes"), &k).expect("decodes");
-        assert!(!d.is_compressed());
-        assert_eq!(d.body().ok(), big.body().ok());
+        let v = encode(&big).expect("encodes");
+        assert_eq!(readable_of(&v), Some(&*k.readable));
+        let d = decode(&v, &k).expect("decodes");
+        assert!(d.is_compressed());
+        assert_eq!(d.body().ok(), plain.body().ok());
+        let mut flat = plain.for_storage(false);
+        flat.readable = k.readable.clone();
+        let flat = encode(&flat).expect("encodes");
+        assert!(v.len() * 2 < flat.len(), "{} vs {}", v.len(), flat.len());
+        // A damaged compressed body is a miss, not an error when served.
+        let mut bad = v.clone();
+        let n = bad.len();
+        bad[n - 3] ^= 0xff;
+        bad[n - 10] ^= 0xff;
+        assert!(decode(&bad, &k).is_none_or(|e| e.body().is_ok()));
+        let mut lying = v.clone();
+        let at = n - 4 - big.stored_body().0.bytes.len() - 4;
+        lying[at..at + 4].copy_from_slice(&5u32.to_be_bytes());
+        assert!(decode(&lying, &k).is_none());
     }
 
     #[test]
@@ -521,9 +558,13 @@ mod tests {
         let mut other = v.clone();
         other[0] = FORMAT_VERSION + 1;
         assert!(decode(&other, &k).is_none());
-        // Values an older graphgate wrote (version 1, a fixed key placeholder) are misses.
-        other[0] = 1;
-        assert!(decode(&other, &k).is_none());
+        // Values an older graphgate wrote (version 1, a fixed key placeholder; version 2,
+        // bodies always plain) are misses.
+        for old in [1, 2] {
+            other[0] = old;
+            assert!(decode(&other, &k).is_none());
+            assert!(readable_of(&other).is_none());
+        }
         for n in 0..v.len() {
             assert!(decode(&v[..n], &k).is_none(), "truncated at {n}");
         }

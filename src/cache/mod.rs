@@ -145,8 +145,8 @@ impl Cache {
         let Some(sh) = &self.shared else {
             return false;
         };
-        // Redis holds bodies plain: L2 values stay readable by every replica version.
-        let mut stored = entry.for_storage(false);
+        // Compressed as in L1 (the value format records it): less to move and to hold.
+        let mut stored = entry.for_storage(self.compress);
         stored.readable = key.readable.clone();
         stored.node = key.node.clone();
         stored.has_edge = key.has_edge;

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
-use super::{without_userinfo, Config, LogFormat, Priority, Secret, REDACTED};
+use super::{
+    without_userinfo, Config, HostPort, LogFormat, Priority, RedisTopology, Secret, REDACTED,
+};
 
 fn ms(d: Duration) -> Value {
     Value::Integer(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -41,6 +43,10 @@ fn table<const N: usize>(entries: [(&str, Option<Value>); N]) -> Value {
 
 fn path(p: &Option<std::path::PathBuf>) -> Option<Value> {
     p.as_ref().map(|p| string(p.display().to_string()))
+}
+
+fn host_list(hosts: &[HostPort]) -> Value {
+    Value::Array(hosts.iter().map(|h| string(h.to_string())).collect())
 }
 
 fn secret(s: &Option<Secret>) -> Option<Value> {
@@ -152,6 +158,45 @@ pub fn to_toml(c: &Config) -> String {
         (
             "url",
             r.url.as_ref().map(|u| string(without_userinfo(u.expose()))),
+        ),
+        (
+            "cluster_nodes",
+            match (&r.url, &r.topology) {
+                (None, Some(RedisTopology::Cluster(nodes))) => Some(host_list(nodes)),
+                _ => None,
+            },
+        ),
+        (
+            "sentinels",
+            match (&r.url, &r.topology) {
+                (None, Some(RedisTopology::Sentinel { sentinels, .. })) => {
+                    Some(host_list(sentinels))
+                }
+                _ => None,
+            },
+        ),
+        (
+            "master_name",
+            match &r.topology {
+                Some(RedisTopology::Sentinel { master_name, .. }) => Some(string(master_name)),
+                _ => None,
+            },
+        ),
+        ("username", r.username.as_ref().map(string)),
+        ("password", secret(&r.password)),
+        ("sentinel_password", secret(&r.sentinel_password)),
+        ("tls", Some(Value::Boolean(r.tls.is_some()))),
+        (
+            "ca_file",
+            path(&r.tls.as_ref().and_then(|t| t.ca_file.clone())),
+        ),
+        (
+            "cert_file",
+            path(&r.tls.as_ref().and_then(|t| t.cert_file.clone())),
+        ),
+        (
+            "key_file",
+            path(&r.tls.as_ref().and_then(|t| t.key_file.clone())),
         ),
         ("key_prefix", Some(string(&r.key_prefix))),
         ("timeout_ms", Some(ms(r.timeout))),
@@ -317,7 +362,12 @@ mod tests {
         match = "/*/feed"
         ttl_s = 15
         [redis]
-        url = "redis://:redis-password-secret@redis:6379"
+        url = "rediss://:redis-password-secret@redis:6379"
+        username = "gateway"
+        password = "redis-password-key-secret"
+        ca_file = "/redis-ca.pem"
+        cert_file = "/redis-client.pem"
+        key_file = "/redis-client-key.pem"
         local_budget_fraction = 0.5
         [quota]
         app_calls = 100
@@ -340,6 +390,15 @@ mod tests {
         let mut documented = documented_keys();
         documented.remove("clients.key_sha256");
         documented.remove("clients_file");
+        // The other ways to name Redis than a URL (checked below).
+        for k in [
+            "cluster_nodes",
+            "sentinels",
+            "master_name",
+            "sentinel_password",
+        ] {
+            documented.remove(&format!("redis.{k}"));
+        }
         assert_eq!(printed, documented, "{text}");
         for s in [
             "admin-token-secret",
@@ -348,13 +407,36 @@ mod tests {
             "client-key-secret",
             "redis-password-secret",
             "verify-token-secret",
+            "redis-password-key-secret",
         ] {
             assert!(!text.contains(s), "{text}");
         }
         assert_eq!(
             doc["redis"]["url"].as_str(),
-            Some("redis://[redacted]@redis:6379")
+            Some("rediss://[redacted]@redis:6379")
         );
+        assert_eq!(doc["redis"]["tls"].as_bool(), Some(true));
+
+        let sentinel = FULL.replace(
+            "url = \"rediss://:redis-password-secret@redis:6379\"",
+            "sentinels = [\"s1:26379\", \"[::1]:26380\"]\nmaster_name = \"mymaster\"\ntls = true\n\
+             sentinel_password = \"sentinel-password-secret\"",
+        );
+        let text = to_toml(&Config::from_toml(&sentinel, |_| None).unwrap());
+        assert!(!text.contains("sentinel-password-secret"), "{text}");
+        let doc: Table = text.parse().unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let r = &doc["redis"];
+        assert!(r.get("url").is_none(), "{text}");
+        assert_eq!(r["sentinels"][1].as_str(), Some("[::1]:26380"));
+        assert_eq!(r["master_name"].as_str(), Some("mymaster"));
+        assert_eq!(r["sentinel_password"].as_str(), Some(REDACTED));
+        let cluster = FULL.replace(
+            "url = \"rediss://:redis-password-secret@redis:6379\"",
+            "cluster_nodes = [\"n1:7000\", \"n2:7001\"]\ntls = true",
+        );
+        let text = to_toml(&Config::from_toml(&cluster, |_| None).unwrap());
+        let doc: Table = text.parse().unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(doc["redis"]["cluster_nodes"][1].as_str(), Some("n2:7001"));
         assert_eq!(
             doc["quota"]["pages"][0]["page_calls"].as_integer(),
             Some(50)

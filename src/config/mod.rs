@@ -28,7 +28,7 @@ pub use clients::{ClientConfig, Priority};
 pub use credentials::{Credentials, ENV_APP_SECRET, ENV_SYSTEM_USER_TOKEN};
 pub use log::{LogConfig, LogFormat};
 pub use quota::QuotaConfig;
-pub use redis::RedisConfig;
+pub use redis::{HostPort, RedisConfig, RedisTls, RedisTopology};
 pub use server::{ServerConfig, TlsConfig};
 pub use upstream::{RetryConfig, UpstreamConfig};
 pub use webhooks::WebhooksConfig;
@@ -282,6 +282,8 @@ impl RawConfig {
             &self.server.admin_token,
             &self.redis.url,
             &self.webhooks.verify_token,
+            &self.redis.password,
+            &self.redis.sentinel_password,
         ];
         out.extend(
             secrets

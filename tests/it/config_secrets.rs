@@ -26,9 +26,11 @@ enum Location {
     ClientKeyDigest,
     RedisUrl,
     WebhookVerifyToken,
+    RedisPassword,
+    SentinelPassword,
 }
 
-const LOCATIONS: [Location; 7] = [
+const LOCATIONS: [Location; 9] = [
     Location::SystemUserToken,
     Location::AppSecret,
     Location::AdminToken,
@@ -36,6 +38,8 @@ const LOCATIONS: [Location; 7] = [
     Location::ClientKeyDigest,
     Location::RedisUrl,
     Location::WebhookVerifyToken,
+    Location::RedisPassword,
+    Location::SentinelPassword,
 ];
 
 impl Location {
@@ -44,7 +48,7 @@ impl Location {
             Location::SystemUserToken | Location::AppSecret => "credentials",
             Location::AdminToken => "server",
             Location::ClientKey | Location::ClientKeyDigest => "clients",
-            Location::RedisUrl => "redis",
+            Location::RedisUrl | Location::RedisPassword | Location::SentinelPassword => "redis",
             Location::WebhookVerifyToken => "webhooks",
         }
     }
@@ -58,6 +62,8 @@ impl Location {
             Location::ClientKeyDigest => "key_sha256",
             Location::RedisUrl => "url",
             Location::WebhookVerifyToken => "verify_token",
+            Location::RedisPassword => "password",
+            Location::SentinelPassword => "sentinel_password",
         }
     }
 

@@ -17,5 +17,6 @@ mod layering;
 mod observability;
 mod quota;
 mod redis;
+mod redis_topologies;
 mod security;
 mod webhooks;
