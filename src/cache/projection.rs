@@ -78,7 +78,9 @@ pub fn union(a: &Fields, b: &Fields) -> Option<Fields> {
     if fields.len() > MAX_UNION_FIELDS {
         return None;
     }
-    Fields::parse(&fields.join(",")).ok().map(|f| f.normalized())
+    Fields::parse(&fields.join(","))
+        .ok()
+        .map(|f| f.normalized())
 }
 
 /// Whether the upstream adds `id` to node replies that did not ask for it, as the real Graph
@@ -200,9 +202,15 @@ mod tests {
     fn a_superset_covers_only_fields_it_holds_with_the_same_text() {
         assert!(covers(&f("id,name,fan_count"), &f("name,id")));
         assert!(covers(&f("name,picture.as(p)"), &f("picture.as(p)")));
-        assert!(covers(&f("feed.limit(2){message}"), &f("feed.limit(2){message}")));
+        assert!(covers(
+            &f("feed.limit(2){message}"),
+            &f("feed.limit(2){message}")
+        ));
         assert!(!covers(&f("id,name"), &f("name,about")));
-        assert!(!covers(&f("feed.limit(5){message}"), &f("feed.limit(2){message}")));
+        assert!(!covers(
+            &f("feed.limit(5){message}"),
+            &f("feed.limit(2){message}")
+        ));
         assert!(!covers(&f("feed{message,id}"), &f("feed{message}")));
         assert!(!covers(&f("name"), &f("name.as(n)")));
         // An alias that shadows another field's member: ambiguous either way.
@@ -214,11 +222,15 @@ mod tests {
     #[test]
     fn unions_merge_distinct_members_and_refuse_conflicts() {
         assert_eq!(
-            union(&f("id,name"), &f("name,fan_count")).unwrap().canonical(),
+            union(&f("id,name"), &f("name,fan_count"))
+                .unwrap()
+                .canonical(),
             "fan_count,id,name"
         );
         assert_eq!(
-            union(&f("feed.limit(2){id}"), &f("about")).unwrap().canonical(),
+            union(&f("feed.limit(2){id}"), &f("about"))
+                .unwrap()
+                .canonical(),
             "about,feed.limit(2){id}"
         );
         assert!(union(&f("feed.limit(2){id}"), &f("feed.limit(3){id}")).is_none());
@@ -236,7 +248,10 @@ mod tests {
         let cached = body(r#"{"name":"A \/ B","fan_count":7,"about":"x\u00e9","id":"1001"}"#);
         let have = f("id,name,fan_count,about");
         let p = project(&cached, &have, &f("about,name,id"), &habit).unwrap();
-        assert_eq!(&p.bytes[..], br#"{"name":"A \/ B","about":"x\u00e9","id":"1001"}"#);
+        assert_eq!(
+            &p.bytes[..],
+            br#"{"name":"A \/ B","about":"x\u00e9","id":"1001"}"#
+        );
         // Without `id` wanted: unknown whether Graph adds it, so no projection yet.
         assert!(project(&cached, &have, &f("name"), &habit).is_none());
         habit.learn(&f("name"), br#"{"name":"A","id":"1001"}"#);
@@ -248,7 +263,13 @@ mod tests {
         assert_eq!(&p.bytes[..], br#"{"name":"A \/ B"}"#);
         // A superset reply that did not ask for id: what Graph did there it does here.
         let appended = body(r#"{"name":"A","about":"b","id":"1001"}"#);
-        let p = project(&appended, &f("name,about"), &f("about"), &IdHabit::default()).unwrap();
+        let p = project(
+            &appended,
+            &f("name,about"),
+            &f("about"),
+            &IdHabit::default(),
+        )
+        .unwrap();
         assert_eq!(&p.bytes[..], br#"{"about":"b","id":"1001"}"#);
         // A field Graph left out (no value) stays out.
         let p = project(&cached, &f("id,name,link"), &f("link,id"), &habit).unwrap();
