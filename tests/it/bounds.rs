@@ -249,10 +249,13 @@ async fn after_sigterm_readyz_answers_503_on_new_connections_until_exit() {
         .unwrap()
         .starts_with("HTTP/1.1 200"));
 
-    // A slow request keeps the drain going while /readyz is probed.
-    graph.set_latency(Duration::from_secs(3));
+    // A slow request keeps the drain going while /readyz is probed. Its connection is a
+    // plain socket, so whether its reply has arrived can be asked without waiting.
+    graph.set_latency(Duration::from_secs(5));
     let slow_head = get_head(&format!("/1001?fields=id&access_token={ADMIN_KEY}"));
-    let slow = tokio::spawn(async move { raw_request(public, &slow_head).await });
+    let mut slow = std::net::TcpStream::connect(public).unwrap();
+    std::io::Write::write_all(&mut slow, slow_head.as_bytes()).unwrap();
+    slow.set_nonblocking(true).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while graph.stats().requests == 0 {
         assert!(
@@ -266,15 +269,23 @@ async fn after_sigterm_readyz_answers_503_on_new_connections_until_exit() {
         .status()
         .unwrap()
         .success());
-    // Every new connection to /readyz is answered 503 while the request drains; none hangs.
+    // Every new connection to /readyz is answered 503 while the request drains; none hangs
+    // or is refused. Only once the slow reply has been sent may graphgate be gone (a
+    // loopback reply is in our socket before graphgate can close its listener).
+    let answered = |slow: &std::net::TcpStream| match slow.peek(&mut [0u8; 1]) {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+        Err(e) => panic!("the slow connection failed: {e}"),
+    };
     let mut draining = 0;
     let mut healthy_while_draining = false;
-    while !slow.is_finished() {
+    while !answered(&slow) {
         match raw_request(admin, &get_head("/readyz")).await {
             Some(r) if r.starts_with("HTTP/1.1 503") => draining += 1,
             Some(r) if r.starts_with("HTTP/1.1 200") && draining == 0 => {
                 // The signal may not have been handled yet.
             }
+            None if answered(&slow) => break,
             other => panic!("during the drain /readyz answered {other:?}"),
         }
         if draining > 0 && !healthy_while_draining {
@@ -285,10 +296,12 @@ async fn after_sigterm_readyz_answers_503_on_new_connections_until_exit() {
     }
     assert!(draining >= 3, "only {draining} answers during the drain");
     assert!(healthy_while_draining, "/healthz stays up during the drain");
-    let slow = slow
-        .await
-        .unwrap()
-        .expect("the in-flight request was answered");
+    slow.set_nonblocking(false).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reply = Vec::new();
+    std::io::Read::read_to_end(&mut slow, &mut reply).expect("the in-flight request was answered");
+    let slow = String::from_utf8_lossy(&reply);
     assert!(slow.starts_with("HTTP/1.1 200"), "{slow}");
     // Then it exits, and connections are refused rather than left hanging.
     let mut child = child;
