@@ -346,18 +346,19 @@ async fn page_calls_ten_times_too_high_are_lowered_by_the_readings_without_a_fix
 async fn page_calls_ten_times_too_low_with_learn_limits_learn_the_limit() {
     const LIMIT: u32 = 60;
     let s = stack(
-        graph(LIMIT, WINDOW),
-        "[quota]\npage_calls = 6\npage_window_s = 2\nqueue_timeout_ms = 3000\nlearn_limits = true\n",
+        graph(LIMIT, LONG_WINDOW),
+        &long_window_toml("page_calls = 6\nlearn_limits = true\n"),
     )
     .await;
     let load = {
         let s = s.clone();
-        tokio::spawn(drive(90.0, WINDOW * 3, move |n| {
+        // Three times the limit, for three windows.
+        tokio::spawn(drive(18.0, LONG_WINDOW * 3, move |n| {
             let s = s.clone();
             async move { s.get(&distinct("1001", n)).await }
         }))
     };
-    let per_window = answered_per_window(&s.graph, WINDOW, 3).await;
+    let per_window = answered_per_window(&s.graph, LONG_WINDOW, 3).await;
     let row = page_row(&admin_pages(&s).await, "1001").clone();
     let replies = load.await.expect("load");
     assert_ok_or_429(&replies);
