@@ -79,8 +79,11 @@ impl<V> Table<V> {
             .map
             .len()
             .saturating_sub(self.per_shard.saturating_sub(1));
+        // The hand passes each entry at most once per insert, so a mark it clears is a
+        // second chance kept until the next insert, not one taken back on the same turn.
+        let mut steps = MAX_STEPS.min(shard.clock.len());
         for _ in 0..excess.min(2) {
-            if !shard.evict_one(&in_use) {
+            if !shard.evict_one(&in_use, &mut steps) {
                 break;
             }
         }
@@ -119,9 +122,11 @@ impl<V> Table<V> {
 }
 
 impl<V> Shard<V> {
-    /// Moves the hand until one entry is evicted; false if none could be within the limit.
-    fn evict_one(&mut self, in_use: &impl Fn(&Arc<V>) -> bool) -> bool {
-        for _ in 0..MAX_STEPS.max(1) {
+    /// Moves the hand until one entry is evicted; false if none could be within `steps`
+    /// (which counts down).
+    fn evict_one(&mut self, in_use: &impl Fn(&Arc<V>) -> bool, steps: &mut usize) -> bool {
+        while *steps > 0 {
+            *steps -= 1;
             let Some(key) = self.clock.pop_front() else {
                 return false;
             };
@@ -181,6 +186,28 @@ mod tests {
         }
         assert_eq!(t.get(&hot).as_deref(), Some(&1000));
         assert!(t.len() <= SHARDS * 4 + 8 + SHARDS, "{}", t.len());
+    }
+
+    #[test]
+    fn a_recently_used_entry_survives_in_a_shard_of_entries_in_use() {
+        let t: Table<u32> = Table::new(SHARDS * 4);
+        let hot = page(1000);
+        let same_shard = |k: &BucketKey| std::ptr::eq(t.shard(k), t.shard(&hot));
+        // Three entries in use fill hot's shard (four per shard) with hot.
+        let held: Vec<Arc<u32>> = (0..)
+            .filter(|&n| same_shard(&page(n)))
+            .take(3)
+            .map(|n| t.get_or_insert(&page(n), || n, |v| Arc::strong_count(v) > 1))
+            .collect();
+        t.get_or_insert(&hot, || 1000, |v| Arc::strong_count(v) > 1);
+        for n in (2000..).filter(|&n| same_shard(&page(n))).take(50) {
+            t.get_or_insert(&hot, || 0, |_| true);
+            t.get_or_insert(&page(n), || n, |v| Arc::strong_count(v) > 1);
+        }
+        assert_eq!(t.get(&hot).as_deref(), Some(&1000));
+        for v in &held {
+            assert_eq!(t.get(&page(**v)).as_deref(), Some(&**v));
+        }
     }
 
     #[test]
