@@ -538,6 +538,12 @@ impl Budget {
     pub fn observe(&mut self, ticket: Option<&Ticket>, obs: &Observation, now: Instant) {
         let count = self.window.count(now);
         let (at, ours, ours_low) = match ticket {
+            // A reply slower than the round trip `ours_low` allowed for: its call may have
+            // reached Meta after some of the calls counted in it had left Meta's window, so it
+            // proves no lower bound (a loaded host delays replies long after Meta sent them).
+            Some(t) if now.saturating_duration_since(t.at) > 2 * self.window.margin() => {
+                (t.at, t.ours, 0)
+            }
             Some(t) => (t.at, t.ours, t.ours_low),
             None => (now, count, count.saturating_sub(self.in_flight)),
         };
@@ -641,11 +647,11 @@ impl Budget {
         at_limit: bool,
         now: Instant,
     ) {
-        if ours_low == 0 || !pct.is_finite() {
+        if ours_high == 0 || !pct.is_finite() {
             return;
         }
         // Whole percentages, floored or rounded: the true usage is below `p + 1` and at least
-        // `p − 0.5`, so these bounds hold either way.
+        // `p − 0.5`, so these bounds hold either way. No call surely counted: no lower bound.
         let p = pct.floor();
         let lower = 100.0 * f64::from(ours_low) / (p + 1.0);
         let upper = if p >= 1.0 {
