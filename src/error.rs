@@ -3,7 +3,7 @@
 //! exceptions) and a short metric label.
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 
@@ -211,9 +211,7 @@ impl ProxyError {
             } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
                 // draft-ietf-httpapi-ratelimit-headers: nothing left until Retry-After.
-                for (name, value) in
-                    crate::quota::rate_limit_pair(policy, *limit, *window_s, 0, *retry_after_s)
-                {
+                for (name, value) in rate_limit_pair(policy, *limit, *window_s, 0, *retry_after_s) {
                     h.insert(name, value);
                 }
             }
@@ -225,6 +223,26 @@ impl ProxyError {
         }
         resp
     }
+}
+
+/// The two IETF RateLimit headers (draft-ietf-httpapi-ratelimit-headers) for one policy: `q`
+/// calls per `w` seconds, `r` left, `t` seconds until more. Here, at the bottom, because both
+/// a throttled reply and the quota scheduler render them.
+pub fn rate_limit_pair(
+    name: &str,
+    q: u32,
+    w: u64,
+    r: u32,
+    t: u64,
+) -> Vec<(HeaderName, HeaderValue)> {
+    let mut out = Vec::with_capacity(2);
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{name}\";q={q};w={w}")) {
+        out.push((HeaderName::from_static("ratelimit-policy"), v));
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{name}\";r={r};t={t}")) {
+        out.push((HeaderName::from_static("ratelimit"), v));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -20,7 +20,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig, ServerConnection};
 
-use crate::auth::PeerCertificate;
 use crate::config::TlsConfig;
 use crate::metrics::Metrics;
 
@@ -249,6 +248,13 @@ fn alpn_server_config(
     let mut config = builder.with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The names of a verified TLS client certificate (subject CN first, then DNS SANs), put
+/// into each request's extensions by the server.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerCertificate {
+    pub names: Vec<String>,
 }
 
 /// The names of the verified client certificate of a connection, if it presented one: the

@@ -40,35 +40,11 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::config::{RetryConfig, UpstreamConfig};
 use crate::error::ProxyError;
 use crate::graph::body::FilePart;
+use crate::graph::headers;
 use crate::graph::request::{GraphMethod, Params};
-use crate::graph::usage::{ErrorClass, GraphErrorInfo};
+use crate::graph::usage::{ErrorClass, GraphErrorInfo, ReplyView};
 use crate::metrics::Metrics;
 use reply_budget::{ReplyBudget, Reservation, Source};
-
-/// Headers from Graph that clients may see. Everything else (hop-by-hop, cookies, lengths,
-/// `x-fb-debug`: an opaque blob graphgate cannot check for tokens) is dropped; hyper
-/// recomputes framing.
-const PASSED_RESPONSE_HEADERS: &[&str] = &[
-    "content-type",
-    "facebook-api-version",
-    "x-fb-trace-id",
-    "x-fb-request-id",
-    "x-fb-rev",
-    "etag",
-    "www-authenticate",
-    "x-app-usage",
-    "x-page-usage",
-    "x-business-use-case-usage",
-    "x-ad-account-usage",
-    "x-fb-ads-insights-throttle",
-    "location",
-    "last-modified",
-];
-
-/// Request headers from the client that may reach Graph. Credentials, cookies and
-/// Accept-Encoding (replies must stay readable for paging rewrite) are not among them.
-pub const FORWARDED_REQUEST_HEADERS: &[&str] =
-    &["accept", "accept-language", "user-agent", "if-none-match"];
 
 /// A buffered reply from Graph (or from the cache, which stores the same thing).
 #[derive(Debug, Clone)]
@@ -82,19 +58,22 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// The reply as the usage readers (the quota scheduler) see it.
+    pub fn view(&self) -> ReplyView<'_> {
+        ReplyView {
+            status: self.status,
+            headers: &self.headers,
+            body: &self.body,
+        }
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.as_str() == name)
-            .and_then(|(_, v)| v.to_str().ok())
+        self.view().header(name)
     }
 
     /// Graph's error object, if this is an error reply.
     pub fn graph_error(&self) -> Option<GraphErrorInfo> {
-        if self.status.is_success() || self.status == StatusCode::NOT_MODIFIED {
-            return None;
-        }
-        GraphErrorInfo::from_body(&self.body)
+        self.view().graph_error()
     }
 
     /// Short bounded outcome label for metrics.
@@ -403,7 +382,7 @@ impl Upstream {
         let headers = parts
             .headers
             .iter()
-            .filter(|(n, _)| PASSED_RESPONSE_HEADERS.contains(&n.as_str()))
+            .filter(|(n, _)| headers::PASSED_RESPONSE.contains(&n.as_str()))
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect();
         let reply = Reply {

@@ -28,11 +28,12 @@ use super::budget::{Budget, Estimate, Hold, Limits, Observation, Reason, Ticket}
 use super::shared::{FleetParams, FleetTicket, SharedBudgets};
 use super::table::Table;
 use crate::config::{Priority, QuotaConfig, RedisConfig};
-use crate::error::ProxyError;
-use crate::graph::usage::{parse_app_usage, parse_buc_usage, ErrorClass, ThrottleScope, Usage};
+use crate::error::{rate_limit_pair, ProxyError};
+use crate::graph::usage::{
+    parse_app_usage, parse_buc_usage, ErrorClass, ReplyView, ThrottleScope, Usage,
+};
 use crate::metrics::Metrics;
 use crate::redis_conn::RedisConn;
-use crate::upstream::Reply;
 
 /// Node → Page mappings remembered from usage headers.
 const MAX_LEARNED_NODES: usize = 10_000;
@@ -533,11 +534,16 @@ impl Scheduler {
     /// Learns from a reply: usage readings, throttle codes (the charged Pages pause; an
     /// app-level code closes the app gate for every call), and which Page an opaque node id
     /// belongs to.
-    pub fn learn(&self, admission: &Admission, reply: &Reply, node: Option<&str>) -> Learned {
+    pub fn learn(
+        &self,
+        admission: &Admission,
+        reply: ReplyView<'_>,
+        node: Option<&str>,
+    ) -> Learned {
         let now = Instant::now();
         let inner = &self.inner;
         let graph_error = reply.graph_error();
-        let success = reply.status.is_success() || reply.status == http::StatusCode::NOT_MODIFIED;
+        let success = reply.is_success();
         let answered = success || graph_error.is_some();
         let scope = match graph_error.as_ref().map(|e| e.class()) {
             Some(ErrorClass::Throttle(scope)) => Some(scope),
@@ -738,24 +744,6 @@ impl Scheduler {
             "pages": pages,
         })
     }
-}
-
-/// The two IETF RateLimit headers for one policy.
-pub fn rate_limit_pair(
-    name: &str,
-    q: u32,
-    w: u64,
-    r: u32,
-    t: u64,
-) -> Vec<(HeaderName, HeaderValue)> {
-    let mut out = Vec::with_capacity(2);
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{name}\";q={q};w={w}")) {
-        out.push((HeaderName::from_static("ratelimit-policy"), v));
-    }
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{name}\";r={r};t={t}")) {
-        out.push((HeaderName::from_static("ratelimit"), v));
-    }
-    out
 }
 
 fn rounded(x: f64, digits: i32) -> f64 {
