@@ -7,6 +7,8 @@ use http::{header, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 
+use crate::metrics::Rejection;
+
 /// Subcodes of graphgate's own errors, so callers can tell them from Meta's.
 pub mod subcode {
     pub const NO_KEY: i64 = 2_446_001;
@@ -137,27 +139,32 @@ impl ProxyError {
         }
     }
 
-    /// Short, bounded label for metrics and logs.
-    pub fn label(&self) -> &'static str {
+    /// Why graphgate answered with this error, bounded, for metrics and logs.
+    pub fn rejection(&self) -> Rejection {
         use ProxyError::*;
         match self {
-            MissingKey | UnknownKey => "unauthorized",
-            ForbiddenPage(_) | ForbiddenWrite(_) | ForbiddenField(_) => "forbidden",
+            MissingKey | UnknownKey => Rejection::Unauthorized,
+            ForbiddenPage(_) | ForbiddenWrite(_) | ForbiddenField(_) => Rejection::Forbidden,
             BadRequest(_) | MethodNotAllowed(_) | UnsupportedMediaType(_) | NotFound => {
-                "bad_request"
+                Rejection::BadRequest
             }
-            BodyTooLarge(_) | HeadersTooLarge(_) => "too_large",
-            BodyTimeout(_) => "body_timeout",
-            UpstreamConnect(_) => "upstream_connect",
-            UpstreamTimeout(_) => "upstream_timeout",
-            UpstreamBadResponse(_) => "upstream_bad_response",
-            UpstreamTooLarge(_) => "upstream_too_large",
-            UpstreamUnavailable { .. } => "breaker_open",
-            Overloaded { .. } => "overloaded",
-            Throttled { .. } => "throttled",
-            ShuttingDown => "shutting_down",
-            Internal(_) => "internal",
+            BodyTooLarge(_) | HeadersTooLarge(_) => Rejection::TooLarge,
+            BodyTimeout(_) => Rejection::BodyTimeout,
+            UpstreamConnect(_) => Rejection::UpstreamConnect,
+            UpstreamTimeout(_) => Rejection::UpstreamTimeout,
+            UpstreamBadResponse(_) => Rejection::UpstreamBadResponse,
+            UpstreamTooLarge(_) => Rejection::UpstreamTooLarge,
+            UpstreamUnavailable { .. } => Rejection::BreakerOpen,
+            Overloaded { .. } => Rejection::Overloaded,
+            Throttled { .. } => Rejection::Throttled,
+            ShuttingDown => Rejection::ShuttingDown,
+            Internal(_) => Rejection::Internal,
         }
+    }
+
+    /// Short, bounded label for metrics and logs: the [`Rejection`]'s.
+    pub fn label(&self) -> &'static str {
+        self.rejection().as_str()
     }
 
     /// Graph-style JSON body: `{"error":{"message","type","code","error_subcode","fbtrace_id"}}`.

@@ -17,26 +17,140 @@ const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0,
 ];
 
-/// Label values of the per-request series, for [`HotSeries`] indexing.
-const ROUTES: [&str; 6] = ["node", "edge", "ids", "batch", "root", "invalid"];
-const METHODS: [&str; 4] = ["GET", "POST", "DELETE", "OTHER"];
-const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-const CACHE_LABELS: [&str; 5] = ["hit", "miss", "stale", "bypass", "none"];
-const LOOKUP_RESULTS: [&str; 4] = ["hit", "miss", "stale", "bypass"];
+/// Defines a bounded label as an enum: its variants, their label values, and `ALL` in
+/// declaration order (the variant's index into per-series arrays is `self as usize`).
+macro_rules! label_enum {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $value:literal,)+ }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant,)+
+        }
 
-fn index_of(set: &[&str], v: &str) -> Option<usize> {
-    set.iter().position(|s| *s == v)
+        impl $name {
+            /// Every variant, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+
+            /// The label value.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $value,)+
+                }
+            }
+        }
+    };
+}
+
+label_enum! {
+    /// The route class of a request (`route` label); `Invalid` when it did not parse.
+    Route {
+        Node => "node",
+        Edge => "edge",
+        Ids => "ids",
+        Batch => "batch",
+        Root => "root",
+        Invalid => "invalid",
+    }
+}
+
+label_enum! {
+    /// The method class of a request (`method` label); HEAD counts as GET.
+    RequestMethod {
+        Get => "GET",
+        Post => "POST",
+        Delete => "DELETE",
+        Other => "OTHER",
+    }
+}
+
+impl RequestMethod {
+    pub fn of(method: &http::Method) -> RequestMethod {
+        match *method {
+            http::Method::GET | http::Method::HEAD => RequestMethod::Get,
+            http::Method::POST => RequestMethod::Post,
+            http::Method::DELETE => RequestMethod::Delete,
+            _ => RequestMethod::Other,
+        }
+    }
+}
+
+label_enum! {
+    /// What the cache did: the `result` of a cache lookup and the `cache` label of a request
+    /// (`none` there for a request the cache never saw, see [`cache_label`]).
+    CacheResult {
+        Hit => "hit",
+        Miss => "miss",
+        Stale => "stale",
+        Bypass => "bypass",
+    }
+}
+
+/// The `cache` label of a request: its cache result, `none` for one answered before the
+/// cache (an error).
+pub fn cache_label(result: Option<CacheResult>) -> &'static str {
+    result.map_or("none", CacheResult::as_str)
+}
+
+label_enum! {
+    /// A cache tier (`tier` label): in-process L1, shared L2 (Redis).
+    CacheTier {
+        L1 => "l1",
+        L2 => "l2",
+    }
+}
+
+label_enum! {
+    /// Why graphgate answered with its own error (`graphgate_rejections_total{reason}`).
+    Rejection {
+        Unauthorized => "unauthorized",
+        Forbidden => "forbidden",
+        BadRequest => "bad_request",
+        TooLarge => "too_large",
+        BodyTimeout => "body_timeout",
+        UpstreamConnect => "upstream_connect",
+        UpstreamTimeout => "upstream_timeout",
+        UpstreamBadResponse => "upstream_bad_response",
+        UpstreamTooLarge => "upstream_too_large",
+        BreakerOpen => "breaker_open",
+        Overloaded => "overloaded",
+        Throttled => "throttled",
+        ShuttingDown => "shutting_down",
+        Internal => "internal",
+    }
+}
+
+/// Status classes of the `status` label, indexed by [`status_class`].
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Index into [`CLASSES`]; anything outside 100..=499 counts as 5xx.
+fn status_class(status: u16) -> usize {
+    match status {
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
+    }
+}
+
+/// Values of the request series' `cache` label: the results, then `none`.
+const CACHE_LABELS: usize = CacheResult::ALL.len() + 1;
+
+fn cache_index(result: Option<CacheResult>) -> usize {
+    result.map_or(CacheResult::ALL.len(), |r| r as usize)
 }
 
 /// The per-request series, resolved on first use and kept: `with_label_values` hashes every
 /// label value and takes the vector's lock, three times per request on the hit path. A
-/// series appears in /metrics only once used, exactly as before. Label values outside the
-/// known sets take the ordinary lookup.
+/// series appears in /metrics only once used, exactly as before.
 struct HotSeries {
     requests: Box<[OnceLock<IntCounter>]>,
     durations: Box<[OnceLock<Histogram>]>,
-    l1_lookups: [OnceLock<IntCounter>; LOOKUP_RESULTS.len()],
+    l1_lookups: [OnceLock<IntCounter>; CacheResult::ALL.len()],
 }
+
+/// Request series: every route, method, status class and cache label.
+const SERIES: usize = Route::ALL.len() * RequestMethod::ALL.len() * CLASSES.len() * CACHE_LABELS;
 
 impl HotSeries {
     fn new() -> HotSeries {
@@ -44,8 +158,8 @@ impl HotSeries {
             (0..n).map(|_| OnceLock::new()).collect()
         }
         HotSeries {
-            requests: cells(ROUTES.len() * METHODS.len() * CLASSES.len() * CACHE_LABELS.len()),
-            durations: cells(ROUTES.len() * METHODS.len() * CLASSES.len() * CACHE_LABELS.len()),
+            requests: cells(SERIES),
+            durations: cells(SERIES),
             l1_lookups: Default::default(),
         }
     }
@@ -642,57 +756,52 @@ impl Metrics {
 
     pub fn observe_request(
         &self,
-        route: &str,
-        method: &str,
+        route: Route,
+        method: RequestMethod,
         status: u16,
-        cache: &str,
+        cache: Option<CacheResult>,
         took: Duration,
     ) {
-        let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
+        let class = status_class(status);
+        let i = ((route as usize * RequestMethod::ALL.len() + method as usize) * CLASSES.len()
+            + class)
+            * CACHE_LABELS
+            + cache_index(cache);
+        let labels = || {
+            [
+                route.as_str(),
+                method.as_str(),
+                CLASSES[class],
+                cache_label(cache),
+            ]
         };
-        let idx = (
-            index_of(&ROUTES, route),
-            index_of(&METHODS, method),
-            index_of(&CLASSES, class),
-            index_of(&CACHE_LABELS, cache),
-        );
-        let (Some(r), Some(m), Some(k), Some(c)) = idx else {
-            self.requests
-                .with_label_values(&[route, method, class, cache])
-                .inc();
-            self.request_duration
-                .with_label_values(&[route, method, class, cache])
-                .observe(took.as_secs_f64());
-            return;
-        };
-        let i = ((r * METHODS.len() + m) * CLASSES.len() + k) * CACHE_LABELS.len() + c;
         self.hot.requests[i]
-            .get_or_init(|| {
-                self.requests
-                    .with_label_values(&[route, method, class, cache])
-            })
+            .get_or_init(|| self.requests.with_label_values(&labels()))
             .inc();
         self.hot.durations[i]
-            .get_or_init(|| {
-                self.request_duration
-                    .with_label_values(&[route, method, class, cache])
-            })
+            .get_or_init(|| self.request_duration.with_label_values(&labels()))
             .observe(took.as_secs_f64());
     }
 
     /// Counts one cache lookup by tier and result (`graphgate_cache_lookups_total`).
-    pub fn cache_lookup(&self, tier: &str, result: &str) {
-        match (tier, index_of(&LOOKUP_RESULTS, result)) {
-            ("l1", Some(i)) => self.hot.l1_lookups[i]
-                .get_or_init(|| self.cache_lookups.with_label_values(&["l1", result]))
+    pub fn cache_lookup(&self, tier: CacheTier, result: CacheResult) {
+        match tier {
+            CacheTier::L1 => self.hot.l1_lookups[result as usize]
+                .get_or_init(|| {
+                    self.cache_lookups
+                        .with_label_values(&[tier.as_str(), result.as_str()])
+                })
                 .inc(),
-            _ => self.cache_lookups.with_label_values(&[tier, result]).inc(),
+            CacheTier::L2 => self
+                .cache_lookups
+                .with_label_values(&[tier.as_str(), result.as_str()])
+                .inc(),
         }
+    }
+
+    /// Counts one request graphgate answered with its own error.
+    pub fn reject(&self, reason: Rejection) {
+        self.rejections.with_label_values(&[reason.as_str()]).inc();
     }
 
     /// Creates the series of every known label value of the sparse counters at 0, so
@@ -712,21 +821,6 @@ impl Metrics {
             "upstream_bad_response",
             "upstream_too_large",
         ];
-        const REJECTIONS: &[&str] = &[
-            "unauthorized",
-            "forbidden",
-            "bad_request",
-            "too_large",
-            "upstream_connect",
-            "upstream_timeout",
-            "upstream_bad_response",
-            "upstream_too_large",
-            "breaker_open",
-            "overloaded",
-            "throttled",
-            "shutting_down",
-            "internal",
-        ];
         let touch = |c: &IntCounterVec, values: &[&[&str]]| {
             for v in values {
                 c.with_label_values(v);
@@ -735,11 +829,12 @@ impl Metrics {
         for o in UPSTREAM_OUTCOMES {
             self.upstream_requests.with_label_values(&[o]);
         }
-        for r in REJECTIONS {
-            self.rejections.with_label_values(&[r]);
+        for r in Rejection::ALL {
+            self.rejections.with_label_values(&[r.as_str()]);
         }
-        for result in ["hit", "miss", "stale", "bypass"] {
-            self.cache_lookups.with_label_values(&["l1", result]);
+        for result in CacheResult::ALL {
+            self.cache_lookups
+                .with_label_values(&[CacheTier::L1.as_str(), result.as_str()]);
         }
         for cause in ["size", "expired", "explicit", "replaced"] {
             self.cache_evictions.with_label_values(&["l1", cause]);

@@ -22,7 +22,7 @@ use crate::error::ProxyError;
 use crate::graph::fields::Fields;
 use crate::graph::request::{parse_ids, BatchOp, GraphMethod, Params};
 use crate::graph::usage::ErrorClass;
-use crate::metrics::Metrics;
+use crate::metrics::{cache_label, CacheResult, Metrics, RequestMethod, Route};
 use crate::quota::{self, Scheduler};
 use crate::redis_conn::RedisConn;
 use crate::rewrite;
@@ -65,8 +65,9 @@ pub struct Gateway {
 /// What the handler produced, with the labels the request log and metrics need.
 struct Outcome {
     response: Response<Full<Bytes>>,
-    route: &'static str,
-    cache: &'static str,
+    route: Route,
+    /// `None` when the cache never saw the request (an error).
+    cache: Option<CacheResult>,
     client: Option<Arc<Client>>,
     upstream_ms: Option<u128>,
     /// The Page charged upstream, else the Page the call names (logs only).
@@ -161,14 +162,11 @@ impl Gateway {
         let outcome = match self.process(req).await {
             Ok(o) => o,
             Err((e, route, client)) => {
-                self.metrics
-                    .rejections
-                    .with_label_values(&[e.label()])
-                    .inc();
+                self.metrics.reject(e.rejection());
                 Outcome {
                     response: e.into_response(&trace_id),
                     route,
-                    cache: "none",
+                    cache: None,
                     client,
                     upstream_ms: None,
                     page: None,
@@ -178,12 +176,7 @@ impl Gateway {
         };
         let status = outcome.response.status();
         let took = started.elapsed();
-        let method_label = match method {
-            http::Method::GET | http::Method::HEAD => "GET",
-            http::Method::POST => "POST",
-            http::Method::DELETE => "DELETE",
-            _ => "OTHER",
-        };
+        let method_label = RequestMethod::of(&method);
         self.metrics.observe_request(
             outcome.route,
             method_label,
@@ -196,10 +189,10 @@ impl Gateway {
         // the fields only when the line is on.
         tracing::info!(
             trace_id = %trace_id,
-            method = method_label,
-            route = outcome.route,
+            method = method_label.as_str(),
+            route = outcome.route.as_str(),
             status = status.as_u16(),
-            cache = outcome.cache,
+            cache = cache_label(outcome.cache),
             page = outcome.page.as_deref().unwrap_or("-"),
             client = outcome.client.as_ref().map(|c| c.name.as_str()).unwrap_or("-"),
             upstream_ms = outcome.upstream_ms.map(|m| m as i64).unwrap_or(-1),
@@ -227,12 +220,12 @@ impl Gateway {
     async fn process<B>(
         self: &Arc<Self>,
         req: Request<B>,
-    ) -> Result<Outcome, (ProxyError, &'static str, Option<Arc<Client>>)>
+    ) -> Result<Outcome, (ProxyError, Route, Option<Arc<Client>>)>
     where
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let fail = |e: ProxyError| (e, "invalid", None);
+        let fail = |e: ProxyError| (e, Route::Invalid, None);
         if self.is_draining() {
             return Err(fail(ProxyError::ShuttingDown));
         }
@@ -277,7 +270,7 @@ impl Gateway {
             return Ok(Outcome {
                 response: served.response,
                 route,
-                cache: served.cache,
+                cache: Some(served.cache),
                 client: Some(client),
                 upstream_ms: served.upstream_ms,
                 page: log_page(&call),
@@ -311,11 +304,11 @@ impl Gateway {
             reply.hold.iter().cloned().collect(),
         );
         let mut response = build_response(&reply, body);
-        cached::mark_uncached(&mut response, &call);
+        let cache = cached::mark_uncached(&mut response, &call);
         Ok(Outcome {
             response,
             route,
-            cache: "bypass",
+            cache: Some(cache),
             client: Some(client),
             upstream_ms: Some(upstream_ms),
             page: log_page(&call),

@@ -48,7 +48,7 @@ use crate::admin;
 use crate::auth::PeerCertificate;
 use crate::config::{Config, ServerConfig};
 use crate::error::ProxyError;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Rejection};
 use crate::proxy::Gateway;
 use crate::tls;
 
@@ -645,10 +645,7 @@ async fn handle_limited(shared: &Shared, req: Request<Incoming>) -> Response<Ful
         Some(_counted) => gw.handle(req).await,
         None => {
             gw.metrics.hardening.load_shed.inc();
-            gw.metrics
-                .rejections
-                .with_label_values(&["overloaded"])
-                .inc();
+            gw.metrics.reject(Rejection::Overloaded);
             ProxyError::Overloaded { retry_after_s: 1 }.into_response("gg-shed")
         }
     }

@@ -17,6 +17,7 @@ pub mod l1;
 pub mod l2;
 pub mod lease;
 pub mod policy;
+pub mod status;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use std::sync::Arc;
 use crate::config::CacheConfig;
 use crate::error::ProxyError;
 use crate::graph::request::page_of_node;
-use crate::metrics::Metrics;
+use crate::metrics::{CacheResult, CacheTier, Metrics};
 use crate::redis_conn::RedisConn;
 use crate::rewrite::PreparedBody;
 use crate::upstream::reply_budget::Reservation;
@@ -130,12 +131,9 @@ impl Cache {
         self.shared.as_ref()
     }
 
-    /// Counts one lookup in `tier` (`l1`, `l2`).
-    pub fn count_tier(&self, tier: &str, result: &str) {
-        self.metrics
-            .cache_lookups
-            .with_label_values(&[tier, result])
-            .inc();
+    /// Counts one lookup in `tier`.
+    pub fn count_tier(&self, tier: CacheTier, result: CacheResult) {
+        self.metrics.cache_lookup(tier, result);
     }
 
     /// Writes `entry` to the Redis tier unless a write to its node (on any replica) moved the
@@ -188,10 +186,10 @@ impl Cache {
         self.l1.get(key.id)
     }
 
-    /// Counts one lookup: `hit`, `miss`, `stale` or `bypass`.
-    pub fn count(&self, result: &str) {
+    /// Counts one lookup in the in-process tier (L1).
+    pub fn count(&self, result: CacheResult) {
         // Through the metrics' resolved-series cache: a hash lookup per request otherwise.
-        self.metrics.cache_lookup("l1", result);
+        self.metrics.cache_lookup(CacheTier::L1, result);
     }
 
     /// Write epoch of the key's node, read before a fill starts.

@@ -17,6 +17,7 @@ use crate::graph::request::{
     canonical_ids, effective_method, page_of_node, parse_batch, parse_ids, BatchOp, GraphMethod,
     GraphPath, Params,
 };
+use crate::metrics::Route;
 
 /// A client request, parsed. Clone: a cache fill takes its own copy into its task.
 #[derive(Debug, Clone)]
@@ -92,18 +93,18 @@ impl Call {
         &self.presented_tokens
     }
 
-    /// Bounded label for metrics and logs.
-    pub fn route(&self) -> &'static str {
+    /// The route class, for metrics and logs.
+    pub fn route(&self) -> Route {
         if self.batch.is_some() {
-            "batch"
+            Route::Batch
         } else if !self.ids.is_empty() {
-            "ids"
+            Route::Ids
         } else if self.path.edge().is_some() {
-            "edge"
+            Route::Edge
         } else if self.path.node().is_some() {
-            "node"
+            Route::Node
         } else {
-            "root"
+            Route::Root
         }
     }
 

@@ -16,6 +16,7 @@ use crate::cache::key::CacheKey;
 use crate::cache::lease::{self, Lease, LeaseTry};
 use crate::cache::{Fill, FillKind, FillResult, Shared};
 use crate::error::ProxyError;
+use crate::metrics::{CacheResult, CacheTier};
 use crate::upstream::reply_budget::Source;
 
 /// Extra lease time beyond the upstream timeout (token minting, a short queue).
@@ -84,15 +85,15 @@ impl Gateway {
         };
         if let Some(found) = look.entry {
             if serve && self.fresh(&found) {
-                self.cache.count_tier("l2", "hit");
+                self.cache.count_tier(CacheTier::L2, CacheResult::Hit);
                 return FleetStart::Served(self.promote(key, found, FillKind::L2Hit, epoch).await);
             }
-            self.cache.count_tier("l2", "stale");
+            self.cache.count_tier(CacheTier::L2, CacheResult::Stale);
             if stale.is_none() {
                 *stale = Some(Arc::new(found));
             }
         } else {
-            self.cache.count_tier("l2", "miss");
+            self.cache.count_tier(CacheTier::L2, CacheResult::Miss);
         }
         if !serve {
             return FleetStart::Fetch(fleet);
