@@ -119,6 +119,44 @@ label_enum! {
     }
 }
 
+label_enum! {
+    /// Why an entry left a cache tier (`graphgate_cache_evictions_total{cause}`).
+    Eviction {
+        Size => "size",
+        Expired => "expired",
+        Explicit => "explicit",
+        Replaced => "replaced",
+    }
+}
+
+label_enum! {
+    /// Why entries were dropped on purpose (`graphgate_cache_invalidations_total{reason}`):
+    /// a successful write to their node, or an admin purge.
+    InvalidationReason {
+        Write => "write",
+        Purge => "purge",
+    }
+}
+
+label_enum! {
+    /// Why a stale entry was served (`graphgate_cache_stale_served_total{reason}`):
+    /// stale-while-revalidate, or stale-if-error.
+    StaleReason {
+        Revalidate => "revalidate",
+        Error => "error",
+    }
+}
+
+label_enum! {
+    /// How a miss that found another replica filling the key ended
+    /// (`graphgate_cache_lease_waits_total{outcome}`).
+    LeaseWait {
+        Filled => "filled",
+        TookOver => "took_over",
+        GaveUp => "gave_up",
+    }
+}
+
 /// Status classes of the `status` label, indexed by [`status_class`].
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
@@ -448,7 +486,7 @@ impl RedisMetrics {
             invalidations_received: counter(
                 r,
                 "graphgate_redis_invalidations_received_total",
-                "Invalidation messages from other replicas applied to the local cache tier.",
+                "InvalidationReason messages from other replicas applied to the local cache tier.",
             ),
             lease_waits: counter_vec(
                 r,
@@ -799,6 +837,45 @@ impl Metrics {
         }
     }
 
+    /// Counts one entry leaving a cache tier.
+    pub fn cache_evicted(&self, tier: CacheTier, cause: Eviction) {
+        self.cache_evictions
+            .with_label_values(&[tier.as_str(), cause.as_str()])
+            .inc();
+    }
+
+    /// Counts `n` entries dropped on purpose.
+    pub fn cache_invalidated(&self, reason: InvalidationReason, n: u64) {
+        self.cache_invalidations
+            .with_label_values(&[reason.as_str()])
+            .inc_by(n);
+    }
+
+    /// Sets a tier's entry and weighted byte gauges.
+    pub fn cache_size(&self, tier: CacheTier, entries: u64, bytes: u64) {
+        self.cache_entries
+            .with_label_values(&[tier.as_str()])
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+        self.cache_bytes
+            .with_label_values(&[tier.as_str()])
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Counts one stale entry served.
+    pub fn stale_served(&self, reason: StaleReason) {
+        self.cache_stale_served
+            .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+
+    /// Counts one wait for another replica's fill, by how it ended.
+    pub fn lease_waited(&self, outcome: LeaseWait) {
+        self.redis
+            .lease_waits
+            .with_label_values(&[outcome.as_str()])
+            .inc();
+    }
+
     /// Counts one request graphgate answered with its own error.
     pub fn reject(&self, reason: Rejection) {
         self.rejections.with_label_values(&[reason.as_str()]).inc();
@@ -836,11 +913,18 @@ impl Metrics {
             self.cache_lookups
                 .with_label_values(&[CacheTier::L1.as_str(), result.as_str()]);
         }
-        for cause in ["size", "expired", "explicit", "replaced"] {
-            self.cache_evictions.with_label_values(&["l1", cause]);
+        for cause in Eviction::ALL {
+            self.cache_evictions
+                .with_label_values(&[CacheTier::L1.as_str(), cause.as_str()]);
         }
-        touch(&self.cache_invalidations, &[&["write"], &["purge"]]);
-        touch(&self.cache_stale_served, &[&["revalidate"], &["error"]]);
+        for reason in InvalidationReason::ALL {
+            self.cache_invalidations
+                .with_label_values(&[reason.as_str()]);
+        }
+        for reason in StaleReason::ALL {
+            self.cache_stale_served
+                .with_label_values(&[reason.as_str()]);
+        }
         touch(
             &self.quota_rejections,
             &[&["queue_timeout"], &["queue_full"]],
@@ -923,5 +1007,134 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Label values of every variant, spelled out: dashboards and alerts query these.
+    #[test]
+    fn label_values_of_every_variant() {
+        let values = |all: Vec<&'static str>| all.join(",");
+        assert_eq!(
+            values(Route::ALL.iter().map(|v| v.as_str()).collect()),
+            "node,edge,ids,batch,root,invalid"
+        );
+        assert_eq!(
+            values(RequestMethod::ALL.iter().map(|v| v.as_str()).collect()),
+            "GET,POST,DELETE,OTHER"
+        );
+        assert_eq!(
+            values(CacheResult::ALL.iter().map(|v| v.as_str()).collect()),
+            "hit,miss,stale,bypass"
+        );
+        assert_eq!(cache_label(None), "none");
+        assert_eq!(cache_label(Some(CacheResult::Stale)), "stale");
+        assert_eq!(
+            values(CacheTier::ALL.iter().map(|v| v.as_str()).collect()),
+            "l1,l2"
+        );
+        assert_eq!(
+            values(Rejection::ALL.iter().map(|v| v.as_str()).collect()),
+            "unauthorized,forbidden,bad_request,too_large,body_timeout,upstream_connect,\
+             upstream_timeout,upstream_bad_response,upstream_too_large,breaker_open,overloaded,\
+             throttled,shutting_down,internal"
+        );
+        assert_eq!(
+            values(Eviction::ALL.iter().map(|v| v.as_str()).collect()),
+            "size,expired,explicit,replaced"
+        );
+        assert_eq!(
+            values(InvalidationReason::ALL.iter().map(|v| v.as_str()).collect()),
+            "write,purge"
+        );
+        assert_eq!(
+            values(StaleReason::ALL.iter().map(|v| v.as_str()).collect()),
+            "revalidate,error"
+        );
+        assert_eq!(
+            values(LeaseWait::ALL.iter().map(|v| v.as_str()).collect()),
+            "filled,took_over,gave_up"
+        );
+    }
+
+    #[test]
+    fn a_variant_indexes_all_at_its_own_place() {
+        for (i, v) in Route::ALL.iter().enumerate() {
+            assert_eq!(*v as usize, i);
+        }
+        for (i, v) in RequestMethod::ALL.iter().enumerate() {
+            assert_eq!(*v as usize, i);
+        }
+        for (i, v) in CacheResult::ALL.iter().enumerate() {
+            assert_eq!(*v as usize, i);
+        }
+        assert_eq!(cache_index(None), CACHE_LABELS - 1);
+    }
+
+    #[test]
+    fn methods_and_statuses_fall_into_their_classes() {
+        assert_eq!(RequestMethod::of(&http::Method::HEAD), RequestMethod::Get);
+        assert_eq!(RequestMethod::of(&http::Method::PUT), RequestMethod::Other);
+        let class = |s| CLASSES[status_class(s)];
+        assert_eq!(
+            [
+                class(101),
+                class(200),
+                class(304),
+                class(429),
+                class(503),
+                class(999)
+            ],
+            ["1xx", "2xx", "3xx", "4xx", "5xx", "5xx"]
+        );
+    }
+
+    /// Every combination of the request series' labels lands on its own series, rendered
+    /// with the right label values.
+    #[test]
+    fn request_series_are_one_per_label_combination() {
+        let m = Metrics::new();
+        let caches: Vec<Option<CacheResult>> = CacheResult::ALL
+            .iter()
+            .copied()
+            .map(Some)
+            .chain([None])
+            .collect();
+        for &route in Route::ALL {
+            for &method in RequestMethod::ALL {
+                for &cache in &caches {
+                    m.observe_request(route, method, 200, cache, Duration::from_millis(1));
+                }
+            }
+        }
+        m.observe_request(
+            Route::Node,
+            RequestMethod::Get,
+            404,
+            Some(CacheResult::Miss),
+            Duration::ZERO,
+        );
+        let families = m.registry().gather();
+        let requests = families
+            .iter()
+            .find(|f| f.name() == "graphgate_requests_total")
+            .expect("requests family");
+        assert_eq!(
+            requests.get_metric().len(),
+            Route::ALL.len() * RequestMethod::ALL.len() * caches.len() + 1
+        );
+        let text = m.render();
+        assert!(
+            text.contains(
+                "graphgate_requests_total{cache=\"none\",method=\"OTHER\",route=\"invalid\",status_class=\"2xx\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            "graphgate_requests_total{cache=\"miss\",method=\"GET\",route=\"node\",status_class=\"4xx\"} 1"
+        ));
     }
 }

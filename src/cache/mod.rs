@@ -25,7 +25,7 @@ use std::sync::Arc;
 use crate::config::CacheConfig;
 use crate::error::ProxyError;
 use crate::graph::request::page_of_node;
-use crate::metrics::{CacheResult, CacheTier, Metrics};
+use crate::metrics::{CacheResult, CacheTier, InvalidationReason, Metrics};
 use crate::redis_conn::RedisConn;
 use crate::rewrite::PreparedBody;
 use crate::upstream::reply_budget::Reservation;
@@ -259,7 +259,7 @@ impl Cache {
                 keys.extend(self.take_node(page, true));
             }
         }
-        self.drop_keys(keys, "write")
+        self.drop_keys(keys, InvalidationReason::Write)
     }
 
     /// Admin purge of everything cached for `node` (itself and its edges).
@@ -272,7 +272,7 @@ impl Cache {
 
     fn purge_node_local(&self, node: &str) -> usize {
         let keys = self.take_node(node, false);
-        self.drop_keys(keys, "purge")
+        self.drop_keys(keys, InvalidationReason::Purge)
     }
 
     /// Admin purge of every entry whose readable key starts with `prefix`.
@@ -291,7 +291,7 @@ impl Cache {
     fn purge_prefix_local(&self, prefix: &str) -> usize {
         self.global_epoch.fetch_add(1, Ordering::AcqRel);
         let keys = self.l1.keys_with_prefix(prefix);
-        self.drop_keys(keys, "purge")
+        self.drop_keys(keys, InvalidationReason::Purge)
     }
 
     pub async fn purge_all(&self) -> usize {
@@ -312,9 +312,7 @@ impl Cache {
         let n = self.l1.clear();
         self.index.clear();
         self.metrics
-            .cache_invalidations
-            .with_label_values(&["purge"])
-            .inc_by(n as u64);
+            .cache_invalidated(InvalidationReason::Purge, n as u64);
         n
     }
 
@@ -323,17 +321,14 @@ impl Cache {
         self.index.take(node, edges_only)
     }
 
-    fn drop_keys(&self, keys: Vec<KeyId>, reason: &str) -> usize {
+    fn drop_keys(&self, keys: Vec<KeyId>, reason: InvalidationReason) -> usize {
         let mut n = 0;
         for k in keys {
             if self.l1.remove(k) {
                 n += 1;
             }
         }
-        self.metrics
-            .cache_invalidations
-            .with_label_values(&[reason])
-            .inc_by(n as u64);
+        self.metrics.cache_invalidated(reason, n as u64);
         n
     }
 
@@ -341,14 +336,7 @@ impl Cache {
     /// byte gauges. Returns (entries, bytes).
     pub fn settle(&self) -> (u64, u64) {
         let (entries, bytes) = self.l1.settle();
-        self.metrics
-            .cache_entries
-            .with_label_values(&["l1"])
-            .set(i64::try_from(entries).unwrap_or(i64::MAX));
-        self.metrics
-            .cache_bytes
-            .with_label_values(&["l1"])
-            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.metrics.cache_size(CacheTier::L1, entries, bytes);
         (entries, bytes)
     }
 

@@ -21,7 +21,7 @@ use crate::cache::{batch, ids, Fill, FillKind, FillResult};
 use crate::error::ProxyError;
 use crate::graph::request::GraphMethod;
 use crate::graph::usage::ErrorClass;
-use crate::metrics::CacheResult;
+use crate::metrics::{CacheResult, StaleReason};
 use crate::rewrite::{self, PreparedBody};
 use crate::upstream::reply_budget::{self, ReplyBudget, Reservation, Source};
 use crate::upstream::Reply;
@@ -137,10 +137,7 @@ impl Gateway {
                     }
                     Freshness::StaleRevalidate => {
                         self.cache.count(CacheResult::Stale);
-                        self.metrics
-                            .cache_stale_served
-                            .with_label_values(&["revalidate"])
-                            .inc();
+                        self.metrics.stale_served(StaleReason::Revalidate);
                         // One refresh: if one is already running for this key, join nothing.
                         if let Role::Leader(flight, _) = self.cache.flights.join(key.id) {
                             let job = Job {
@@ -340,10 +337,7 @@ impl Gateway {
         let fwd_status = fill.entry.status.as_u16();
         let (status, age) = match fill.kind {
             FillKind::StaleOnError(why) => {
-                self.metrics
-                    .cache_stale_served
-                    .with_label_values(&["error"])
-                    .inc();
+                self.metrics.stale_served(StaleReason::Error);
                 let status = CacheStatus::StaleIfError {
                     fwd,
                     fwd_status: why,
