@@ -40,6 +40,10 @@ pub const STORED: &[&str] = &[
     "last-modified",
 ];
 
+/// Headers an `ids=` member's own entry keeps from the `ids=` reply it was cut from: only
+/// what describes the content (the reply's ETag and trace ids are the whole reply's).
+pub const MEMBER_STORED: &[&str] = &["content-type", "facebook-api-version"];
+
 /// Response headers graphgate adds that describe the quota at answer time (the IETF
 /// RateLimit pair); a cache must not replay them.
 pub const RATE_LIMIT: &[&str] = &["ratelimit", "ratelimit-policy"];
@@ -59,6 +63,7 @@ mod tests {
             .iter()
             .chain(PASSED_RESPONSE)
             .chain(STORED)
+            .chain(MEMBER_STORED)
             .chain(RATE_LIMIT)
             .chain([&PAGE, &MAX_WAIT])
         {
@@ -71,6 +76,9 @@ mod tests {
     fn stored_headers_are_ones_clients_may_see_and_never_per_call_ones() {
         for name in STORED {
             assert!(PASSED_RESPONSE.contains(name), "{name}");
+        }
+        for name in MEMBER_STORED {
+            assert!(STORED.contains(name), "{name}");
         }
         for per_call in ["x-app-usage", "x-page-usage", "x-business-use-case-usage"]
             .iter()

@@ -19,6 +19,7 @@ use crate::cache::policy::{request_directive, Directive};
 use crate::cache::status::{CacheStatus, Forward, MemberKind, Members};
 use crate::cache::{batch, ids, Fill, FillKind, FillResult};
 use crate::error::ProxyError;
+use crate::graph::headers;
 use crate::graph::request::GraphMethod;
 use crate::graph::usage::ErrorClass;
 use crate::metrics::{CacheResult, StaleReason};
@@ -571,11 +572,10 @@ impl Gateway {
         } else {
             None
         };
-        // Per-node entries replay only what describes the content.
         let node_headers: Vec<(HeaderName, HeaderValue)> = reply
             .headers
             .iter()
-            .filter(|(n, _)| *n == header::CONTENT_TYPE || n.as_str() == "facebook-api-version")
+            .filter(|(n, _)| headers::MEMBER_STORED.contains(&n.as_str()))
             .cloned()
             .collect();
         if let Some(pieces) = &pieces {
