@@ -486,7 +486,7 @@ impl RedisMetrics {
             invalidations_received: counter(
                 r,
                 "graphgate_redis_invalidations_received_total",
-                "InvalidationReason messages from other replicas applied to the local cache tier.",
+                "Invalidation messages from other replicas applied to the local cache tier.",
             ),
             lease_waits: counter_vec(
                 r,
