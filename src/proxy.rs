@@ -162,7 +162,7 @@ impl Gateway {
         let outcome = match self.process(req).await {
             Ok(o) => o,
             Err((e, route, client)) => {
-                self.metrics.reject(e.rejection());
+                self.metrics.server.reject(e.rejection());
                 Outcome {
                     response: e.into_response(&trace_id),
                     route,
@@ -177,7 +177,7 @@ impl Gateway {
         let status = outcome.response.status();
         let took = started.elapsed();
         let method_label = RequestMethod::of(&method);
-        self.metrics.observe_request(
+        self.metrics.server.observe_request(
             outcome.route,
             method_label,
             status.as_u16(),
@@ -379,7 +379,7 @@ impl Gateway {
             drop(admission);
             if learned.throttled && may_requeue && requeue_throttled && requeues < MAX_REQUEUES {
                 requeues += 1;
-                self.metrics.quota_requeues.inc();
+                self.metrics.quota.requeues.inc();
                 continue;
             }
             let graph_error = reply.graph_error();

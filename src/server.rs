@@ -98,7 +98,7 @@ impl Running {
             Ok(ignored) => {
                 self.gateway
                     .metrics
-                    .hardening
+                    .server
                     .config_reloads
                     .with_label_values(&["ok"])
                     .inc();
@@ -123,7 +123,7 @@ impl Running {
     pub fn reject_reload(&self, why: &str) {
         self.gateway
             .metrics
-            .hardening
+            .server
             .config_reloads
             .with_label_values(&["rejected"])
             .inc();
@@ -356,7 +356,7 @@ async fn serve(
                 };
                 let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
                     // At the connection limit: close at once rather than let it wait unserved.
-                    gateway.metrics.hardening.connections_refused.with_label_values(&["public"]).inc();
+                    gateway.metrics.server.connections_refused.with_label_values(&["public"]).inc();
                     drop(stream);
                     continue;
                 };
@@ -409,7 +409,7 @@ async fn accept_admin(
         tokio::time::sleep(Duration::from_millis(10)).await;
         return;
     };
-    let metrics = &shared.gateway.metrics.hardening;
+    let metrics = &shared.gateway.metrics.server;
     let Ok(permit) = shared.admin_connections.clone().try_acquire_owned() else {
         metrics
             .connections_refused
@@ -451,7 +451,7 @@ struct OpenConnection(Arc<Metrics>);
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.0.open_connections.dec();
+        self.0.server.open_connections.dec();
     }
 }
 
@@ -461,7 +461,7 @@ async fn serve_public(shared: Arc<Shared>, stream: TcpStream, _permit: OwnedSema
     let first_head_by = tokio::time::Instant::now() + shared.cfg.header_read_timeout;
     let _ = stream.set_nodelay(true);
     let metrics = shared.gateway.metrics.clone();
-    metrics.open_connections.inc();
+    metrics.server.open_connections.inc();
     let _open = OpenConnection(metrics.clone());
     match &shared.tls {
         None => serve_http(&shared, TokioIo::new(stream), None, first_head_by).await,
@@ -475,11 +475,11 @@ async fn serve_public(shared: Arc<Shared>, stream: TcpStream, _permit: OwnedSema
                     serve_http(&shared, TokioIo::new(stream), peer, first_head_by).await;
                 }
                 Ok(Err(e)) => {
-                    metrics.hardening.tls_handshake_failures.inc();
+                    metrics.tls.handshake_failures.inc();
                     tracing::debug!(error = %e, "TLS handshake failed");
                 }
                 Err(_) => {
-                    metrics.hardening.tls_handshake_failures.inc();
+                    metrics.tls.handshake_failures.inc();
                     tracing::debug!("TLS handshake timed out");
                 }
             }
@@ -579,7 +579,7 @@ impl Limits<'_> {
         if closing {
             conn.as_mut().graceful_shutdown();
         }
-        let h = &self.metrics.hardening;
+        let h = &self.metrics.server;
         loop {
             let idle_at = activity.deadline(self.idle);
             tokio::select! {
@@ -644,8 +644,8 @@ async fn handle_limited(shared: &Shared, req: Request<Incoming>) -> Response<Ful
     match gw.admit(shared.cfg.max_in_flight) {
         Some(_counted) => gw.handle(req).await,
         None => {
-            gw.metrics.hardening.load_shed.inc();
-            gw.metrics.reject(Rejection::Overloaded);
+            gw.metrics.server.load_shed.inc();
+            gw.metrics.server.reject(Rejection::Overloaded);
             ProxyError::Overloaded { retry_after_s: 1 }.into_response("gg-shed")
         }
     }

@@ -115,8 +115,8 @@ fn stamps(cfg: &TlsConfig) -> Vec<FileStamp> {
 fn record_expiry(metrics: &Metrics, cfg: &TlsConfig) {
     match leaf_not_after(&cfg.cert_file) {
         Ok(t) => metrics
-            .hardening
-            .tls_cert_expiry
+            .tls
+            .cert_expiry
             .with_label_values(&["public"])
             .set(t),
         Err(why) => tracing::warn!(reason = why, "cannot read the certificate's expiry"),

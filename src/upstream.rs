@@ -212,7 +212,7 @@ impl Upstream {
     fn build(&self, req: UpstreamRequest) -> Result<Prepared, ProxyError> {
         let (prepared, rewritten) = build_request(&self.base, self.max_get_url_bytes, req)?;
         if rewritten {
-            self.metrics.large_get_rewrites.inc();
+            self.metrics.upstream.large_get_rewrites.inc();
         }
         Ok(prepared)
     }
@@ -239,7 +239,7 @@ impl Upstream {
         let prepared = self.build(req)?;
         let deadline = tokio::time::Instant::now() + self.timeout;
         self.budget.deposit();
-        let h = &self.metrics.hardening;
+        let h = &self.metrics.upstream;
         let mut attempt: u32 = 0;
         let mut permit = match self.breaker.admit() {
             Ok(p) => p,
@@ -319,7 +319,7 @@ impl Upstream {
                     }
                     resends += 1;
                     self.metrics
-                        .hardening
+                        .upstream
                         .retries
                         .with_label_values(&[REFUSED])
                         .inc();
@@ -350,7 +350,7 @@ impl Upstream {
             Ok(reply) => reply.outcome(),
             Err(f) => f.error.label(),
         };
-        self.metrics.observe_upstream(outcome, started.elapsed());
+        self.metrics.upstream.observe(outcome, started.elapsed());
         result
     }
 

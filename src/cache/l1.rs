@@ -67,7 +67,7 @@ impl L1 {
                     RemovalCause::Explicit => Eviction::Explicit,
                     RemovalCause::Replaced => Eviction::Replaced,
                 };
-                metrics.cache_evicted(CacheTier::L1, why);
+                metrics.cache.evicted(CacheTier::L1, why);
                 // A replaced entry's key is still live (indexed under the new generation).
                 if cause != RemovalCause::Replaced {
                     if let Some(node) = &v.node {

@@ -133,7 +133,7 @@ impl Cache {
 
     /// Counts one lookup in `tier`.
     pub fn count_tier(&self, tier: CacheTier, result: CacheResult) {
-        self.metrics.cache_lookup(tier, result);
+        self.metrics.cache.lookup(tier, result);
     }
 
     /// Writes `entry` to the Redis tier unless a write to its node (on any replica) moved the
@@ -189,7 +189,7 @@ impl Cache {
     /// Counts one lookup in the in-process tier (L1).
     pub fn count(&self, result: CacheResult) {
         // Through the metrics' resolved-series cache: a hash lookup per request otherwise.
-        self.metrics.cache_lookup(CacheTier::L1, result);
+        self.metrics.cache.lookup(CacheTier::L1, result);
     }
 
     /// Write epoch of the key's node, read before a fill starts.
@@ -312,7 +312,8 @@ impl Cache {
         let n = self.l1.clear();
         self.index.clear();
         self.metrics
-            .cache_invalidated(InvalidationReason::Purge, n as u64);
+            .cache
+            .invalidated(InvalidationReason::Purge, n as u64);
         n
     }
 
@@ -328,7 +329,7 @@ impl Cache {
                 n += 1;
             }
         }
-        self.metrics.cache_invalidated(reason, n as u64);
+        self.metrics.cache.invalidated(reason, n as u64);
         n
     }
 
@@ -336,7 +337,7 @@ impl Cache {
     /// byte gauges. Returns (entries, bytes).
     pub fn settle(&self) -> (u64, u64) {
         let (entries, bytes) = self.l1.settle();
-        self.metrics.cache_size(CacheTier::L1, entries, bytes);
+        self.metrics.cache.size(CacheTier::L1, entries, bytes);
         (entries, bytes)
     }
 

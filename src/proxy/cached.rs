@@ -138,7 +138,7 @@ impl Gateway {
                     }
                     Freshness::StaleRevalidate => {
                         self.cache.count(CacheResult::Stale);
-                        self.metrics.stale_served(StaleReason::Revalidate);
+                        self.metrics.cache.served_stale(StaleReason::Revalidate);
                         // One refresh: if one is already running for this key, join nothing.
                         if let Role::Leader(flight, _) = self.cache.flights.join(key.id) {
                             let job = Job {
@@ -201,7 +201,7 @@ impl Gateway {
                 (waiter, false)
             }
             Role::Follower(waiter) => {
-                self.metrics.cache_coalesced.inc();
+                self.metrics.cache.coalesced.inc();
                 (waiter, true)
             }
         };
@@ -338,7 +338,7 @@ impl Gateway {
         let fwd_status = fill.entry.status.as_u16();
         let (status, age) = match fill.kind {
             FillKind::StaleOnError(why) => {
-                self.metrics.stale_served(StaleReason::Error);
+                self.metrics.cache.served_stale(StaleReason::Error);
                 let status = CacheStatus::StaleIfError {
                     fwd,
                     fwd_status: why,
@@ -479,7 +479,7 @@ impl Gateway {
                 (waiter, false)
             }
             Role::Follower(waiter) => {
-                self.metrics.cache_coalesced.inc();
+                self.metrics.cache.coalesced.inc();
                 (waiter, true)
             }
         };

@@ -182,27 +182,27 @@ impl Gateway {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let Some(look) = sh.l2.lookup(key).await else {
-                metrics.lease_waited(LeaseWait::GaveUp);
+                metrics.cache.lease_waited(LeaseWait::GaveUp);
                 return Waited::GaveUp;
             };
             if let Some(found) = look.entry.filter(|e| self.fresh(e)) {
-                metrics.lease_waited(LeaseWait::Filled);
-                self.metrics.cache_coalesced.inc();
+                metrics.cache.lease_waited(LeaseWait::Filled);
+                self.metrics.cache.coalesced.inc();
                 return Waited::Filled(self.promote(key, found, FillKind::Remote, epoch).await);
             }
             match lease::acquire(&sh.l2, key, lease_ttl).await {
                 LeaseTry::Acquired(l) => {
-                    metrics.lease_waited(LeaseWait::TookOver);
+                    metrics.cache.lease_waited(LeaseWait::TookOver);
                     return Waited::TookOver(l, look.epoch);
                 }
                 LeaseTry::Unavailable => {
-                    metrics.lease_waited(LeaseWait::GaveUp);
+                    metrics.cache.lease_waited(LeaseWait::GaveUp);
                     return Waited::GaveUp;
                 }
                 LeaseTry::Held => {}
             }
             if Instant::now() >= deadline {
-                metrics.lease_waited(LeaseWait::GaveUp);
+                metrics.cache.lease_waited(LeaseWait::GaveUp);
                 return Waited::GaveUp;
             }
             let _ = tokio::time::timeout(poll, notified).await;

@@ -425,11 +425,11 @@ impl Scheduler {
         // them before the first call.
         for p in &settings.listed {
             let m = &metrics;
-            m.quota_page_paused.with_label_values(&[p]).set(0);
-            m.quota_page_throttles.with_label_values(&[p]);
-            m.quota_page_queue_depth.with_label_values(&[p]).set(0);
-            m.quota_page_usage_ratio.with_label_values(&[p]).set(0.0);
-            m.quota_page_calls_in_window.with_label_values(&[p]).set(0);
+            m.quota.page_paused.with_label_values(&[p]).set(0);
+            m.quota.page_throttles.with_label_values(&[p]);
+            m.quota.page_queue_depth.with_label_values(&[p]).set(0);
+            m.quota.page_usage_ratio.with_label_values(&[p]).set(0.0);
+            m.quota.page_calls_in_window.with_label_values(&[p]).set(0);
         }
         let inner = Arc::new(Inner {
             gate: AppGate::new(page.window, page.headroom_pct),
@@ -441,7 +441,7 @@ impl Scheduler {
             exported: Mutex::new(HashSet::new()),
         });
         let weak: Weak<Inner> = Arc::downgrade(&inner);
-        metrics.set_quota_refresh(Box::new(move || {
+        metrics.quota.set_refresh(Box::new(move || {
             if let Some(inner) = weak.upgrade() {
                 inner.refresh_gauges();
             }
@@ -512,7 +512,8 @@ impl Scheduler {
                         }
                         h.bucket.wake.notify_one();
                     }
-                    m.quota_queue_wait
+                    m.quota
+                        .queue_wait
                         .with_label_values(&["rejected"])
                         .observe(started.elapsed().as_secs_f64());
                     return Err(e);
@@ -520,11 +521,13 @@ impl Scheduler {
             }
         }
         admission.waited = started.elapsed();
-        m.quota_queue_wait
+        m.quota
+            .queue_wait
             .with_label_values(&["admitted"])
             .observe(admission.waited.as_secs_f64());
         for h in &admission.held {
-            m.quota_dispatches
+            m.quota
+                .dispatches
                 .with_label_values(&[h.bucket.key.policy_name()])
                 .inc();
         }
@@ -653,7 +656,8 @@ impl Scheduler {
         if let Some(scope) = scope {
             inner
                 .metrics
-                .quota_throttles
+                .quota
+                .throttles
                 .with_label_values(&[scope.label()])
                 .inc();
             tracing::warn!(
@@ -906,7 +910,8 @@ impl Inner {
         if let BucketKey::Page(p) = key {
             if self.settings.listed.contains(p) || lock(&self.exported).contains(p) {
                 self.metrics
-                    .quota_page_throttles
+                    .quota
+                    .page_throttles
                     .with_label_values(&[p.as_str()])
                     .inc();
             }
@@ -926,7 +931,8 @@ impl Inner {
             "queue_timeout"
         };
         self.metrics
-            .quota_rejections
+            .quota
+            .rejections
             .with_label_values(&[reason])
             .inc();
         let now = Instant::now();
@@ -1019,7 +1025,7 @@ impl Inner {
                 Some(h) if !st.queued() => h.reason.label(),
                 _ => "queued_behind",
             };
-            self.metrics.quota_waits.with_label_values(&[why]).inc();
+            self.metrics.quota.waits.with_label_values(&[why]).inc();
             let (tx, rx) = oneshot::channel();
             st.queues[prio].push_back(Waiter {
                 tx,
@@ -1029,7 +1035,7 @@ impl Inner {
             st.waiting_units[prio] = st.waiting_units[prio].saturating_add(units);
             st.depth += 1;
             st.compact(self.settings.max_queue_depth);
-            self.metrics.quota_queue_depth.inc();
+            self.metrics.quota.queue_depth.inc();
             if !st.pump_running {
                 st.pump_running = true;
                 tokio::spawn(pump(self.clone(), bucket.clone()));
@@ -1143,9 +1149,11 @@ impl Inner {
         let now = Instant::now();
         let m = &self.metrics;
         let buckets = self.table.snapshot();
-        m.quota_buckets
+        m.quota
+            .buckets
             .set(i64::try_from(buckets.len()).unwrap_or(i64::MAX));
-        m.quota_app_paused
+        m.quota
+            .app_paused
             .set(i64::from(self.gate.paused_until(now).is_some()));
         let mut paused = 0;
         let mut pages: Vec<(u32, &Arc<Bucket>)> = Vec::new();
@@ -1168,7 +1176,7 @@ impl Inner {
                         .iter()
                         .zip(pcts)
                     {
-                        m.quota_app_usage.with_label_values(&[k]).set(v);
+                        m.quota.app_usage.with_label_values(&[k]).set(v);
                     }
                 }
                 BucketKey::Page(_) => {
@@ -1177,7 +1185,7 @@ impl Inner {
                 }
             }
         }
-        m.quota_paused_buckets.set(paused);
+        m.quota.paused_buckets.set(paused);
         // The busiest first; ties by id so the choice is stable between scrapes.
         pages.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.key.cmp(&b.1.key)));
         let mut exported = HashSet::new();
@@ -1202,19 +1210,24 @@ impl Inner {
             let is_paused = st.budget.paused_until(now).is_some()
                 || fleet.and_then(|f| f.paused_until).is_some();
             let label = [p.as_str()];
-            m.quota_page_usage_ratio
+            m.quota
+                .page_usage_ratio
                 .with_label_values(&label)
                 .set(usage / 100.0);
-            m.quota_page_estimated_limit
+            m.quota
+                .page_estimated_limit
                 .with_label_values(&label)
                 .set(limit);
-            m.quota_page_calls_in_window
+            m.quota
+                .page_calls_in_window
                 .with_label_values(&label)
                 .set(i64::from(count));
-            m.quota_page_queue_depth
+            m.quota
+                .page_queue_depth
                 .with_label_values(&label)
                 .set(i64::try_from(st.depth).unwrap_or(i64::MAX));
-            m.quota_page_paused
+            m.quota
+                .page_paused
                 .with_label_values(&label)
                 .set(i64::from(is_paused));
             let pcts = reading.map_or([0.0; 3], |r| {
@@ -1228,7 +1241,8 @@ impl Inner {
                 .iter()
                 .zip(pcts)
             {
-                m.quota_page_usage
+                m.quota
+                    .page_usage
                     .with_label_values(&[p.as_str(), k])
                     .set(v);
             }
@@ -1240,7 +1254,7 @@ impl Inner {
             if self.settings.listed.contains(gone) {
                 continue;
             }
-            m.remove_page_series(gone);
+            m.quota.remove_page_series(gone);
         }
         *previous = exported;
     }
@@ -1261,7 +1275,7 @@ impl Drop for Leave<'_> {
         st.depth = st.depth.saturating_sub(1);
         st.waiting_units[self.prio] = st.waiting_units[self.prio].saturating_sub(self.units);
         drop(st);
-        self.inner.metrics.quota_queue_depth.dec();
+        self.inner.metrics.quota.queue_depth.dec();
         self.bucket.wake.notify_one();
     }
 }

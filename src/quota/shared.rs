@@ -611,7 +611,7 @@ impl SharedBudgets {
     pub fn count(&self, source: &str) {
         self.conn
             .metrics()
-            .redis
+            .quota
             .admissions
             .with_label_values(&[source])
             .inc();
