@@ -43,7 +43,7 @@ use crate::graph::body::FilePart;
 use crate::graph::headers;
 use crate::graph::request::{GraphMethod, Params};
 use crate::graph::usage::{ErrorClass, GraphErrorInfo, ReplyView};
-use crate::metrics::Metrics;
+use crate::metrics::{GraphAnswer, Metrics, UpstreamOutcome};
 use reply_budget::{ReplyBudget, Reservation, Source};
 
 /// A buffered reply from Graph (or from the cache, which stores the same thing).
@@ -77,17 +77,17 @@ impl Reply {
     }
 
     /// Short bounded outcome label for metrics.
-    pub fn outcome(&self) -> &'static str {
+    pub fn outcome(&self) -> GraphAnswer {
         if self.status.is_success() || self.status == StatusCode::NOT_MODIFIED {
-            return "ok";
+            return GraphAnswer::Ok;
         }
         match self.graph_error().map(|e| e.class()) {
-            Some(ErrorClass::Throttle(_)) => "throttled",
-            Some(ErrorClass::Auth) => "auth_error",
-            Some(ErrorClass::Transient) => "transient_error",
-            Some(ErrorClass::Other) => "graph_error",
-            None if self.status.is_server_error() => "http_5xx",
-            None => "http_4xx",
+            Some(ErrorClass::Throttle(_)) => GraphAnswer::Throttled,
+            Some(ErrorClass::Auth) => GraphAnswer::AuthError,
+            Some(ErrorClass::Transient) => GraphAnswer::TransientError,
+            Some(ErrorClass::Other) => GraphAnswer::GraphError,
+            None if self.status.is_server_error() => GraphAnswer::Http5xx,
+            None => GraphAnswer::Http4xx,
         }
     }
 }
@@ -347,8 +347,8 @@ impl Upstream {
                 }),
             };
         let outcome = match &result {
-            Ok(reply) => reply.outcome(),
-            Err(f) => f.error.label(),
+            Ok(reply) => UpstreamOutcome::Answered(reply.outcome()),
+            Err(f) => UpstreamOutcome::Failed(f.error.rejection()),
         };
         self.metrics.upstream.observe(outcome, started.elapsed());
         result

@@ -228,4 +228,18 @@ mod tests {
         h.insert(headers::MAX_WAIT, "soon".parse().unwrap());
         assert_eq!(Hints::from_headers(&h), Hints::default());
     }
+
+    #[test]
+    fn binding_keeps_only_a_page_the_client_may_touch_and_takes_its_priority() {
+        let mut h = Hints {
+            page: Some("1001".into()),
+            ..Hints::default()
+        };
+        h.bind_to(Priority::Batch, |p| p == "1001");
+        assert_eq!(h.page.as_deref(), Some("1001"));
+        assert_eq!(h.priority, Priority::Batch);
+        h.bind_to(Priority::Interactive, |p| p == "2002");
+        assert_eq!(h.page, None);
+        assert_eq!(h.priority, Priority::Interactive);
+    }
 }

@@ -141,3 +141,42 @@ label_enum! {
         GaveUp => "gave_up",
     }
 }
+
+label_enum! {
+    /// How Graph answered a call (`graphgate_upstream_requests_total{outcome}`): success, or
+    /// the class of its error.
+    GraphAnswer {
+        Ok => "ok",
+        Throttled => "throttled",
+        AuthError => "auth_error",
+        TransientError => "transient_error",
+        GraphError => "graph_error",
+        Http4xx => "http_4xx",
+        Http5xx => "http_5xx",
+    }
+}
+
+/// How a call to Graph ended (`graphgate_upstream_requests_total{outcome}`): Graph's answer,
+/// or why there was none (labelled like the rejection it becomes, e.g. `upstream_timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UpstreamOutcome {
+    Answered(GraphAnswer),
+    Failed(Rejection),
+}
+
+impl UpstreamOutcome {
+    /// The ways a call fails without an answer: its series exist from the start.
+    pub const FAILURES: &'static [Rejection] = &[
+        Rejection::UpstreamTimeout,
+        Rejection::UpstreamConnect,
+        Rejection::UpstreamBadResponse,
+        Rejection::UpstreamTooLarge,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamOutcome::Answered(a) => a.as_str(),
+            UpstreamOutcome::Failed(r) => r.as_str(),
+        }
+    }
+}

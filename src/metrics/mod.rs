@@ -24,8 +24,8 @@ use prometheus::{
 };
 
 pub use labels::{
-    cache_label, CacheResult, CacheTier, Eviction, InvalidationReason, LeaseWait, Rejection,
-    RequestMethod, Route, StaleReason,
+    cache_label, CacheResult, CacheTier, Eviction, GraphAnswer, InvalidationReason, LeaseWait,
+    Rejection, RequestMethod, Route, StaleReason, UpstreamOutcome,
 };
 
 /// Latency buckets in seconds, from a cache hit (~50 µs) to a slow Graph call (30 s).
@@ -208,6 +208,23 @@ mod tests {
         assert_eq!(
             values(LeaseWait::ALL.iter().map(|v| v.as_str()).collect()),
             "filled,took_over,gave_up"
+        );
+        assert_eq!(
+            values(GraphAnswer::ALL.iter().map(|v| v.as_str()).collect()),
+            "ok,throttled,auth_error,transient_error,graph_error,http_4xx,http_5xx"
+        );
+        assert_eq!(
+            values(
+                UpstreamOutcome::FAILURES
+                    .iter()
+                    .map(|r| UpstreamOutcome::Failed(*r).as_str())
+                    .collect()
+            ),
+            "upstream_timeout,upstream_connect,upstream_bad_response,upstream_too_large"
+        );
+        assert_eq!(
+            UpstreamOutcome::Answered(GraphAnswer::Http5xx).as_str(),
+            "http_5xx"
         );
     }
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use prometheus::{HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry};
 
+use super::labels::{GraphAnswer, UpstreamOutcome};
 use super::{counter, counter_vec, gauge, histogram_vec};
 
 pub struct UpstreamMetrics {
@@ -91,20 +92,16 @@ impl UpstreamMetrics {
             ),
         };
         // Every series from the start, at 0: alerts on rates need them to exist.
-        for outcome in [
-            "ok",
-            "throttled",
-            "auth_error",
-            "transient_error",
-            "graph_error",
-            "http_4xx",
-            "http_5xx",
-            "upstream_timeout",
-            "upstream_connect",
-            "upstream_bad_response",
-            "upstream_too_large",
-        ] {
-            m.requests.with_label_values(&[outcome]);
+        let outcomes = GraphAnswer::ALL
+            .iter()
+            .map(|a| UpstreamOutcome::Answered(*a))
+            .chain(
+                UpstreamOutcome::FAILURES
+                    .iter()
+                    .map(|r| UpstreamOutcome::Failed(*r)),
+            );
+        for outcome in outcomes {
+            m.requests.with_label_values(&[outcome.as_str()]);
         }
         for reason in [
             "connect",
@@ -126,7 +123,8 @@ impl UpstreamMetrics {
     }
 
     /// Counts one call to Graph by outcome, with its duration.
-    pub fn observe(&self, outcome: &str, took: Duration) {
+    pub fn observe(&self, outcome: UpstreamOutcome, took: Duration) {
+        let outcome = outcome.as_str();
         self.requests.with_label_values(&[outcome]).inc();
         self.duration
             .with_label_values(&[outcome])
