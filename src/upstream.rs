@@ -43,7 +43,7 @@ use crate::graph::body::FilePart;
 use crate::graph::headers;
 use crate::graph::request::{GraphMethod, Params};
 use crate::graph::usage::{ErrorClass, GraphErrorInfo, ReplyView};
-use crate::metrics::{GraphAnswer, Metrics, UpstreamOutcome};
+use crate::metrics::{GraphAnswer, Metrics, RetrySkip, UpstreamOutcome};
 use reply_budget::{ReplyBudget, Reservation, Source};
 
 /// A buffered reply from Graph (or from the cache, which stores the same thing).
@@ -270,18 +270,18 @@ impl Upstream {
             let wait = retry::backoff(self.retry.backoff, attempt);
             // Leave the next attempt a fair share of the deadline, not just the backoff.
             if tokio::time::Instant::now() + wait + self.timeout / 10 >= deadline {
-                h.retries_skipped.with_label_values(&["deadline"]).inc();
+                h.retry_skipped(RetrySkip::Deadline);
                 return give_up(result);
             }
             if !self.budget.try_withdraw() {
-                h.retries_skipped.with_label_values(&["budget"]).inc();
+                h.retry_skipped(RetrySkip::Budget);
                 return give_up(result);
             }
             tokio::time::sleep(wait).await;
             permit = match self.breaker.admit() {
                 Ok(p) => p,
                 Err(_) => {
-                    h.retries_skipped.with_label_values(&["breaker"]).inc();
+                    h.retry_skipped(RetrySkip::Breaker);
                     return give_up(result);
                 }
             };

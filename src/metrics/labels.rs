@@ -143,6 +143,24 @@ label_enum! {
 }
 
 label_enum! {
+    /// Why a retry that was due was not made (`graphgate_upstream_retries_skipped_total`):
+    /// the retry budget was spent, the deadline was near, or the breaker opened.
+    RetrySkip {
+        Budget => "budget",
+        Deadline => "deadline",
+        Breaker => "breaker",
+    }
+}
+
+label_enum! {
+    /// How a call's wait at the quota scheduler ended (`graphgate_quota_queue_wait_seconds`).
+    QueueWait {
+        Admitted => "admitted",
+        Rejected => "rejected",
+    }
+}
+
+label_enum! {
     /// How Graph answered a call (`graphgate_upstream_requests_total{outcome}`): success, or
     /// the class of its error.
     GraphAnswer {

@@ -25,7 +25,7 @@ use prometheus::{
 
 pub use labels::{
     cache_label, CacheResult, CacheTier, Eviction, GraphAnswer, InvalidationReason, LeaseWait,
-    Rejection, RequestMethod, Route, StaleReason, UpstreamOutcome,
+    QueueWait, Rejection, RequestMethod, RetrySkip, Route, StaleReason, UpstreamOutcome,
 };
 
 /// Latency buckets in seconds, from a cache hit (~50 µs) to a slow Graph call (30 s).
@@ -208,6 +208,14 @@ mod tests {
         assert_eq!(
             values(LeaseWait::ALL.iter().map(|v| v.as_str()).collect()),
             "filled,took_over,gave_up"
+        );
+        assert_eq!(
+            values(RetrySkip::ALL.iter().map(|v| v.as_str()).collect()),
+            "budget,deadline,breaker"
+        );
+        assert_eq!(
+            values(QueueWait::ALL.iter().map(|v| v.as_str()).collect()),
+            "admitted,rejected"
         );
         assert_eq!(
             values(GraphAnswer::ALL.iter().map(|v| v.as_str()).collect()),

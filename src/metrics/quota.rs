@@ -8,6 +8,7 @@ use prometheus::{
     GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry,
 };
 
+use super::labels::QueueWait;
 use super::{counter, counter_vec, gauge, gauge_vec, histogram_vec, int_gauge_vec};
 
 pub struct QuotaMetrics {
@@ -186,6 +187,13 @@ impl QuotaMetrics {
             m.throttles.with_label_values(&[scope]);
         }
         m
+    }
+
+    /// Records how long a call waited at the scheduler, by how the wait ended.
+    pub fn waited(&self, outcome: QueueWait, seconds: f64) {
+        self.queue_wait
+            .with_label_values(&[outcome.as_str()])
+            .observe(seconds);
     }
 
     /// Drops every per-Page quota series of `page` (it left the busiest Pages).

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use prometheus::{HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry};
 
-use super::labels::{GraphAnswer, UpstreamOutcome};
+use super::labels::{GraphAnswer, RetrySkip, UpstreamOutcome};
 use super::{counter, counter_vec, gauge, histogram_vec};
 
 pub struct UpstreamMetrics {
@@ -113,13 +113,20 @@ impl UpstreamMetrics {
         ] {
             m.retries.with_label_values(&[reason]);
         }
-        for reason in ["budget", "deadline", "breaker"] {
-            m.retries_skipped.with_label_values(&[reason]);
+        for reason in RetrySkip::ALL {
+            m.retries_skipped.with_label_values(&[reason.as_str()]);
         }
         for source in ["upstream", "cache"] {
             m.reply_budget_rejections.with_label_values(&[source]);
         }
         m
+    }
+
+    /// Counts one retry that was due but not made.
+    pub fn retry_skipped(&self, why: RetrySkip) {
+        self.retries_skipped
+            .with_label_values(&[why.as_str()])
+            .inc();
     }
 
     /// Counts one call to Graph by outcome, with its duration.

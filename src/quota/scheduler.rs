@@ -32,7 +32,7 @@ use crate::error::{rate_limit_pair, ProxyError};
 use crate::graph::usage::{
     parse_app_usage, parse_buc_usage, ErrorClass, ReplyView, ThrottleScope, Usage,
 };
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, QueueWait};
 use crate::redis_conn::RedisConn;
 
 /// Node → Page mappings remembered from usage headers.
@@ -513,18 +513,14 @@ impl Scheduler {
                         h.bucket.wake.notify_one();
                     }
                     m.quota
-                        .queue_wait
-                        .with_label_values(&["rejected"])
-                        .observe(started.elapsed().as_secs_f64());
+                        .waited(QueueWait::Rejected, started.elapsed().as_secs_f64());
                     return Err(e);
                 }
             }
         }
         admission.waited = started.elapsed();
         m.quota
-            .queue_wait
-            .with_label_values(&["admitted"])
-            .observe(admission.waited.as_secs_f64());
+            .waited(QueueWait::Admitted, admission.waited.as_secs_f64());
         for h in &admission.held {
             m.quota
                 .dispatches
