@@ -21,7 +21,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, RedisResult};
 
 use crate::config::RedisConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RedisOp};
 
 /// Consecutive failures (timeouts, odd errors) that mark the link down.
 const FAILURES_TO_DOWN: u32 = 3;
@@ -121,7 +121,7 @@ impl RedisConn {
             loop {
                 tokio::time::sleep(HEARTBEAT).await;
                 let Some(conn) = me.upgrade() else { return };
-                conn.run("ping", |mut c| async move {
+                conn.run(RedisOp::Ping, |mut c| async move {
                     redis::cmd("PING").query_async::<String>(&mut c).await
                 })
                 .await;
@@ -156,7 +156,7 @@ impl RedisConn {
 
     /// Runs one Redis operation within the timeout. `None` when the link is down or the
     /// operation failed: the caller then does what a single node would do.
-    pub async fn run<T, F, Fut>(&self, op: &'static str, f: F) -> Option<T>
+    pub async fn run<T, F, Fut>(&self, op: RedisOp, f: F) -> Option<T>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
@@ -182,8 +182,8 @@ impl RedisConn {
 
     /// Counts a failure and decides whether the link is down. A full Redis (OOM) is not
     /// down: reads still work, and each refused write falls back on its own.
-    fn failed(&self, op: &'static str, e: Option<&RedisError>) {
-        self.metrics.redis.errors.with_label_values(&[op]).inc();
+    fn failed(&self, op: RedisOp, e: Option<&RedisError>) {
+        self.metrics.redis.error(op);
         let connection_lost = e.is_some_and(|e| {
             e.is_io_error()
                 || e.is_connection_dropped()
@@ -192,7 +192,7 @@ impl RedisConn {
         });
         let oom = e.and_then(|e| e.code()).is_some_and(|c| c == "OOM");
         if oom {
-            tracing::debug!(op, "Redis refused a write: out of memory");
+            tracing::debug!(op = op.as_str(), "Redis refused a write: out of memory");
             return;
         }
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
@@ -209,12 +209,12 @@ impl RedisConn {
         }
     }
 
-    fn mark_down(&self, op: &'static str, e: Option<&RedisError>) {
+    fn mark_down(&self, op: RedisOp, e: Option<&RedisError>) {
         if self.up.swap(false, Ordering::AcqRel) {
             self.metrics.redis.up.set(0);
             let why = e.map_or("timeout", |e| e.category());
             tracing::warn!(
-                op,
+                op = op.as_str(),
                 why,
                 "Redis unreachable: running on local state (L1 only, local budgets) until it returns"
             );

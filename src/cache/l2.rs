@@ -21,6 +21,7 @@ use redis::Script;
 
 use super::entry::Entry;
 use super::key::{CacheKey, KeyId};
+use crate::metrics::RedisOp;
 use crate::redis_conn::RedisConn;
 use crate::rewrite::{KeyMarker, PreparedBody, MARKER_LEN};
 
@@ -120,7 +121,7 @@ impl L2 {
         let keys = [format!("{t}:c:{}", hex_id(key.id)), format!("{t}:e")];
         let (value, epoch): (Option<Vec<u8>>, Option<String>) = self
             .conn
-            .run("get", |mut c| async move {
+            .run(RedisOp::Get, |mut c| async move {
                 redis::cmd("MGET").arg(&keys).query_async(&mut c).await
             })
             .await?;
@@ -160,7 +161,7 @@ impl L2 {
         let epoch = epoch.to_string();
         let script = &self.store;
         self.conn
-            .run("store", |mut c| async move {
+            .run(RedisOp::Store, |mut c| async move {
                 let mut inv = script.prepare_invoke();
                 for k in &keys {
                     inv.key(k);
@@ -185,7 +186,7 @@ impl L2 {
         let ttl = EPOCH_TTL.as_millis() as u64;
         let script = &self.invalidate;
         self.conn
-            .run("invalidate", |mut c| async move {
+            .run(RedisOp::Invalidate, |mut c| async move {
                 let mut inv = script.prepare_invoke();
                 for k in &keys {
                     inv.key(k);
@@ -211,7 +212,7 @@ impl L2 {
             let pattern = pattern.clone();
             let Some((next, keys)) = self
                 .conn
-                .run("purge", |mut c| async move {
+                .run(RedisOp::Purge, |mut c| async move {
                     redis::cmd("SCAN")
                         .arg(cursor)
                         .arg("MATCH")
@@ -231,7 +232,7 @@ impl L2 {
                 let ks = keys.clone();
                 let values: Vec<Option<Vec<u8>>> = self
                     .conn
-                    .run("purge", |mut c| async move {
+                    .run(RedisOp::Purge, |mut c| async move {
                         redis::cmd("MGET").arg(&ks).query_async(&mut c).await
                     })
                     .await
@@ -250,7 +251,7 @@ impl L2 {
                 // One key per command: keys of different nodes live in different slots.
                 let n = self
                     .conn
-                    .run("purge", |mut c| async move {
+                    .run(RedisOp::Purge, |mut c| async move {
                         redis::cmd("UNLINK").arg(k).query_async::<u64>(&mut c).await
                     })
                     .await

@@ -143,6 +143,25 @@ label_enum! {
 }
 
 label_enum! {
+    /// A Redis operation (`graphgate_redis_errors_total{op}`).
+    RedisOp {
+        Get => "get",
+        Store => "store",
+        Invalidate => "invalidate",
+        Publish => "publish",
+        Lease => "lease",
+        Admit => "admit",
+        Pause => "pause",
+        Refund => "refund",
+        Ping => "ping",
+        Subscribe => "subscribe",
+        Purge => "purge",
+        Observe => "observe",
+        Heartbeat => "heartbeat",
+    }
+}
+
+label_enum! {
     /// Why a retry that was due was not made (`graphgate_upstream_retries_skipped_total`):
     /// the retry budget was spent, the deadline was near, or the breaker opened.
     RetrySkip {

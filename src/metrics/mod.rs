@@ -25,7 +25,7 @@ use prometheus::{
 
 pub use labels::{
     cache_label, CacheResult, CacheTier, Eviction, GraphAnswer, InvalidationReason, LeaseWait,
-    QueueWait, Rejection, RequestMethod, RetrySkip, Route, StaleReason, UpstreamOutcome,
+    QueueWait, RedisOp, Rejection, RequestMethod, RetrySkip, Route, StaleReason, UpstreamOutcome,
 };
 
 /// Latency buckets in seconds, from a cache hit (~50 µs) to a slow Graph call (30 s).
@@ -208,6 +208,10 @@ mod tests {
         assert_eq!(
             values(LeaseWait::ALL.iter().map(|v| v.as_str()).collect()),
             "filled,took_over,gave_up"
+        );
+        assert_eq!(
+            values(RedisOp::ALL.iter().map(|v| v.as_str()).collect()),
+            "get,store,invalidate,publish,lease,admit,pause,refund,ping,subscribe,purge,observe,heartbeat"
         );
         assert_eq!(
             values(RetrySkip::ALL.iter().map(|v| v.as_str()).collect()),

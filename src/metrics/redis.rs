@@ -3,6 +3,7 @@
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
 
+use super::labels::RedisOp;
 use super::{counter, counter_vec, gauge};
 
 pub struct RedisMetrics {
@@ -14,13 +15,18 @@ pub struct RedisMetrics {
     /// by it.
     pub configured: IntGauge,
     /// Failed Redis operations, by op (get, store, invalidate, publish, lease, admit, pause,
-    /// refund, ping, subscribe, purge).
+    /// refund, ping, subscribe, purge, observe, heartbeat).
     pub errors: IntCounterVec,
     /// Invalidations received from other replicas and applied to the local tier.
     pub invalidations_received: IntCounter,
 }
 
 impl RedisMetrics {
+    /// Counts one Redis operation that failed or timed out.
+    pub fn error(&self, op: RedisOp) {
+        self.errors.with_label_values(&[op.as_str()]).inc();
+    }
+
     pub(super) fn new(r: &Registry) -> RedisMetrics {
         RedisMetrics {
             up: IntGauge::new(

@@ -25,6 +25,7 @@ use redis::Script;
 
 use super::attribution::BucketKey;
 use super::budget::{regain_duration, Limits, Observation, Reason};
+use crate::metrics::RedisOp;
 use crate::redis_conn::RedisConn;
 
 /// How often a replica announces itself and reads the fleet's app pause.
@@ -657,7 +658,7 @@ impl SharedBudgets {
         let script = &self.admit;
         let r: Vec<i64> = self
             .conn
-            .run("admit", |mut c| async move {
+            .run(RedisOp::Admit, |mut c| async move {
                 let mut inv = script.key(k);
                 inv.arg(units.max(1));
                 params.args(&mut inv);
@@ -715,7 +716,7 @@ impl SharedBudgets {
         let pct = obs.usage.map_or(0.0, |u| u.max());
         let (has_usage, throttled, answered) = (obs.usage.is_some(), obs.throttled, obs.answered);
         self.conn
-            .run("observe", |mut c| async move {
+            .run(RedisOp::Observe, |mut c| async move {
                 let mut inv = script.key(k);
                 inv.arg(u8::from(ticket.is_some()))
                     .arg(t.ours)
@@ -746,7 +747,7 @@ impl SharedBudgets {
         let k = self.key(key);
         let script = &self.finish;
         self.conn
-            .run("refund", |mut c| async move {
+            .run(RedisOp::Refund, |mut c| async move {
                 let mut inv = script.key(k);
                 inv.arg(t.at_us)
                     .arg(t.units)
@@ -781,7 +782,7 @@ impl SharedBudgets {
         let script = &self.pause_app;
         let us = micros(d);
         self.conn
-            .run("pause", |mut c| async move {
+            .run(RedisOp::Pause, |mut c| async move {
                 script.key(k).arg(us).invoke_async::<i64>(&mut c).await
             })
             .await;
@@ -802,7 +803,7 @@ impl SharedBudgets {
         let script = &self.fleet;
         let r: Option<Vec<i64>> = self
             .conn
-            .run("heartbeat", |mut c| async move {
+            .run(RedisOp::Heartbeat, |mut c| async move {
                 script
                     .key(replicas)
                     .key(pause)
