@@ -48,7 +48,7 @@ use crate::admin;
 use crate::auth::PeerCertificate;
 use crate::config::{Config, ServerConfig};
 use crate::error::ProxyError;
-use crate::metrics::{Metrics, Rejection};
+use crate::metrics::{ConfigReload, Listener, Metrics, Rejection};
 use crate::proxy::Gateway;
 use crate::tls;
 
@@ -96,12 +96,7 @@ impl Running {
     pub fn reload(&self, config: Config) -> Result<(), String> {
         match self.apply(config) {
             Ok(ignored) => {
-                self.gateway
-                    .metrics
-                    .server
-                    .config_reloads
-                    .with_label_values(&["ok"])
-                    .inc();
+                self.gateway.metrics.server.reloaded(ConfigReload::Ok);
                 if !ignored.is_empty() {
                     tracing::warn!(
                         sections = ?ignored,
@@ -121,12 +116,7 @@ impl Running {
     /// Records a reload that failed before [`Running::reload`] (e.g. the file did not parse):
     /// the running configuration stays.
     pub fn reject_reload(&self, why: &str) {
-        self.gateway
-            .metrics
-            .server
-            .config_reloads
-            .with_label_values(&["rejected"])
-            .inc();
+        self.gateway.metrics.server.reloaded(ConfigReload::Rejected);
         tracing::error!(
             reason = why,
             "configuration reload rejected; keeping the running configuration"
@@ -356,7 +346,7 @@ async fn serve(
                 };
                 let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
                     // At the connection limit: close at once rather than let it wait unserved.
-                    gateway.metrics.server.connections_refused.with_label_values(&["public"]).inc();
+                    gateway.metrics.server.refused(Listener::Public);
                     drop(stream);
                     continue;
                 };
@@ -411,10 +401,7 @@ async fn accept_admin(
     };
     let metrics = &shared.gateway.metrics.server;
     let Ok(permit) = shared.admin_connections.clone().try_acquire_owned() else {
-        metrics
-            .connections_refused
-            .with_label_values(&["admin"])
-            .inc();
+        metrics.refused(Listener::Admin);
         return;
     };
     let first_head_by = tokio::time::Instant::now() + shared.cfg.header_read_timeout;
@@ -436,7 +423,7 @@ async fn accept_admin(
             .builder
             .serve_connection(TokioIo::new(stream), service);
         let limits = Limits {
-            listener: "admin",
+            listener: Listener::Admin,
             first_head_by,
             idle: shared.cfg.idle_timeout,
             stop,
@@ -559,7 +546,7 @@ impl<T> Drop for Busy<T> {
 /// What a connection on either listener is held to.
 struct Limits<'a> {
     /// `public` or `admin`, for the metrics.
-    listener: &'static str,
+    listener: Listener,
     /// The first request head must have arrived by then. hyper's own header read timeout
     /// does not cover a connection that sends nothing: the auto builder first waits for
     /// bytes to tell HTTP/1 from HTTP/2, with no timer; nor HTTP/2 at all.
@@ -590,13 +577,13 @@ impl Limits<'_> {
                 }
                 _ = tokio::time::sleep_until(self.first_head_by), if !activity.started() => {
                     if !activity.started() {
-                        h.connections_head_timeout.with_label_values(&[self.listener]).inc();
+                        h.head_timed_out(self.listener);
                         break;
                     }
                 }
                 _ = tokio::time::sleep_until(idle_at), if !closing => {
                     if activity.is_idle_for(self.idle) {
-                        h.connections_idle_closed.with_label_values(&[self.listener]).inc();
+                        h.idle_closed(self.listener);
                         conn.as_mut().graceful_shutdown();
                         closing = true;
                     }
@@ -628,7 +615,7 @@ async fn serve_http<I>(
     };
     let conn = shared.builder.serve_connection(io, service);
     let limits = Limits {
-        listener: "public",
+        listener: Listener::Public,
         first_head_by,
         idle: shared.cfg.idle_timeout,
         stop: shared.stop.clone(),

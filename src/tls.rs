@@ -21,7 +21,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig, ServerConnection};
 
 use crate::config::TlsConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{Listener, Metrics};
 
 /// How often the certificate, key and client CA files are checked for changes.
 pub const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(3);
@@ -117,7 +117,7 @@ fn record_expiry(metrics: &Metrics, cfg: &TlsConfig) {
         Ok(t) => metrics
             .tls
             .cert_expiry
-            .with_label_values(&["public"])
+            .with_label_values(&[Listener::Public.as_str()])
             .set(t),
         Err(why) => tracing::warn!(reason = why, "cannot read the certificate's expiry"),
     }

@@ -143,6 +143,22 @@ label_enum! {
 }
 
 label_enum! {
+    /// A listener (`listener` label): the public one, or the admin one.
+    Listener {
+        Public => "public",
+        Admin => "admin",
+    }
+}
+
+label_enum! {
+    /// How a configuration reload ended (`graphgate_config_reloads_total{result}`).
+    ConfigReload {
+        Ok => "ok",
+        Rejected => "rejected",
+    }
+}
+
+label_enum! {
     /// A Redis operation (`graphgate_redis_errors_total{op}`).
     RedisOp {
         Get => "get",

@@ -24,8 +24,9 @@ use prometheus::{
 };
 
 pub use labels::{
-    cache_label, CacheResult, CacheTier, Eviction, GraphAnswer, InvalidationReason, LeaseWait,
-    QueueWait, RedisOp, Rejection, RequestMethod, RetrySkip, Route, StaleReason, UpstreamOutcome,
+    cache_label, CacheResult, CacheTier, ConfigReload, Eviction, GraphAnswer, InvalidationReason,
+    LeaseWait, Listener, QueueWait, RedisOp, Rejection, RequestMethod, RetrySkip, Route,
+    StaleReason, UpstreamOutcome,
 };
 
 /// Latency buckets in seconds, from a cache hit (~50 µs) to a slow Graph call (30 s).
@@ -208,6 +209,14 @@ mod tests {
         assert_eq!(
             values(LeaseWait::ALL.iter().map(|v| v.as_str()).collect()),
             "filled,took_over,gave_up"
+        );
+        assert_eq!(
+            values(Listener::ALL.iter().map(|v| v.as_str()).collect()),
+            "public,admin"
+        );
+        assert_eq!(
+            values(ConfigReload::ALL.iter().map(|v| v.as_str()).collect()),
+            "ok,rejected"
         );
         assert_eq!(
             values(RedisOp::ALL.iter().map(|v| v.as_str()).collect()),

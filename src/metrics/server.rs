@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry};
 
-use super::labels::{cache_label, CacheResult, Rejection, RequestMethod, Route};
+use super::labels::{
+    cache_label, CacheResult, ConfigReload, Listener, Rejection, RequestMethod, Route,
+};
 use super::{counter, counter_vec, gauge, histogram_vec};
 
 /// Status classes of the `status_class` label, indexed by [`status_class`].
@@ -132,13 +134,14 @@ impl ServerMetrics {
         for r in Rejection::ALL {
             m.rejections.with_label_values(&[r.as_str()]);
         }
-        for listener in ["public", "admin"] {
+        for listener in Listener::ALL {
+            let listener = listener.as_str();
             m.connections_refused.with_label_values(&[listener]);
             m.connections_idle_closed.with_label_values(&[listener]);
             m.connections_head_timeout.with_label_values(&[listener]);
         }
-        for result in ["ok", "rejected"] {
-            m.config_reloads.with_label_values(&[result]);
+        for result in ConfigReload::ALL {
+            m.config_reloads.with_label_values(&[result.as_str()]);
         }
         m
     }
@@ -170,6 +173,34 @@ impl ServerMetrics {
         self.hot_durations[i]
             .get_or_init(|| self.request_duration.with_label_values(&labels()))
             .observe(took.as_secs_f64());
+    }
+
+    /// Counts one configuration reload by how it ended.
+    pub fn reloaded(&self, result: ConfigReload) {
+        self.config_reloads
+            .with_label_values(&[result.as_str()])
+            .inc();
+    }
+
+    /// Counts one connection closed at once because the listener had its maximum open.
+    pub fn refused(&self, listener: Listener) {
+        self.connections_refused
+            .with_label_values(&[listener.as_str()])
+            .inc();
+    }
+
+    /// Counts one connection closed for sending no request head in time.
+    pub fn head_timed_out(&self, listener: Listener) {
+        self.connections_head_timeout
+            .with_label_values(&[listener.as_str()])
+            .inc();
+    }
+
+    /// Counts one connection closed after idling.
+    pub fn idle_closed(&self, listener: Listener) {
+        self.connections_idle_closed
+            .with_label_values(&[listener.as_str()])
+            .inc();
     }
 
     /// Counts one request graphgate answered with its own error.
