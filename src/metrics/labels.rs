@@ -196,6 +196,24 @@ label_enum! {
 }
 
 label_enum! {
+    /// Why the quota scheduler refused a call (`graphgate_quota_rejections_total{reason}`).
+    QuotaRejection {
+        QueueTimeout => "queue_timeout",
+        QueueFull => "queue_full",
+    }
+}
+
+label_enum! {
+    /// Where a quota admission was decided
+    /// (`graphgate_quota_admission_decisions_total{source}`): by the fleet's shared state in
+    /// Redis, or locally.
+    AdmissionSource {
+        Redis => "redis",
+        Local => "local",
+    }
+}
+
+label_enum! {
     /// How Graph answered a call (`graphgate_upstream_requests_total{outcome}`): success, or
     /// the class of its error.
     GraphAnswer {

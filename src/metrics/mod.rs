@@ -24,9 +24,9 @@ use prometheus::{
 };
 
 pub use labels::{
-    cache_label, CacheResult, CacheTier, ConfigReload, Eviction, GraphAnswer, InvalidationReason,
-    LeaseWait, Listener, QueueWait, RedisOp, Rejection, RequestMethod, RetrySkip, Route,
-    StaleReason, UpstreamOutcome,
+    cache_label, AdmissionSource, CacheResult, CacheTier, ConfigReload, Eviction, GraphAnswer,
+    InvalidationReason, LeaseWait, Listener, QueueWait, QuotaRejection, RedisOp, Rejection,
+    RequestMethod, RetrySkip, Route, StaleReason, UpstreamOutcome,
 };
 
 /// Latency buckets in seconds, from a cache hit (~50 µs) to a slow Graph call (30 s).
@@ -221,6 +221,14 @@ mod tests {
         assert_eq!(
             values(RedisOp::ALL.iter().map(|v| v.as_str()).collect()),
             "get,store,invalidate,publish,lease,admit,pause,refund,ping,subscribe,purge,observe,heartbeat"
+        );
+        assert_eq!(
+            values(QuotaRejection::ALL.iter().map(|v| v.as_str()).collect()),
+            "queue_timeout,queue_full"
+        );
+        assert_eq!(
+            values(AdmissionSource::ALL.iter().map(|v| v.as_str()).collect()),
+            "redis,local"
         );
         assert_eq!(
             values(RetrySkip::ALL.iter().map(|v| v.as_str()).collect()),

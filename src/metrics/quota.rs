@@ -8,7 +8,7 @@ use prometheus::{
     GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry,
 };
 
-use super::labels::QueueWait;
+use super::labels::{AdmissionSource, QueueWait, QuotaRejection};
 use super::{counter, counter_vec, gauge, gauge_vec, histogram_vec, int_gauge_vec};
 
 pub struct QuotaMetrics {
@@ -166,8 +166,8 @@ impl QuotaMetrics {
             refresh: OnceLock::new(),
         };
         // Every series from the start, at 0: alerts on rates need them to exist.
-        for reason in ["queue_timeout", "queue_full"] {
-            m.rejections.with_label_values(&[reason]);
+        for reason in QuotaRejection::ALL {
+            m.rejections.with_label_values(&[reason.as_str()]);
         }
         for kind in ["page", "app"] {
             m.dispatches.with_label_values(&[kind]);
@@ -194,6 +194,16 @@ impl QuotaMetrics {
         self.queue_wait
             .with_label_values(&[outcome.as_str()])
             .observe(seconds);
+    }
+
+    /// Counts one call the scheduler refused.
+    pub fn rejected(&self, reason: QuotaRejection) {
+        self.rejections.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    /// Counts one admission decision by where it was made.
+    pub fn decided(&self, source: AdmissionSource) {
+        self.admissions.with_label_values(&[source.as_str()]).inc();
     }
 
     /// Drops every per-Page quota series of `page` (it left the busiest Pages).

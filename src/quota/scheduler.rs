@@ -32,7 +32,7 @@ use crate::error::{rate_limit_pair, ProxyError};
 use crate::graph::usage::{
     parse_app_usage, parse_buc_usage, ErrorClass, ReplyView, ThrottleScope, Usage,
 };
-use crate::metrics::{Metrics, QueueWait};
+use crate::metrics::{AdmissionSource, Metrics, QueueWait, QuotaRejection};
 use crate::redis_conn::RedisConn;
 
 /// Node → Page mappings remembered from usage headers.
@@ -865,7 +865,7 @@ impl Inner {
             return Some(Err(hold));
         }
         let gate_probe = gate_probe && self.gate.take_probe();
-        shared.count("redis");
+        shared.count(AdmissionSource::Redis);
         Some(Ok(Granted {
             ticket: st.budget.dispatched(units, now, false),
             fleet: Some(d.ticket),
@@ -921,16 +921,11 @@ impl Inner {
         wait: Duration,
         queue_full: bool,
     ) -> ProxyError {
-        let reason = if queue_full {
-            "queue_full"
+        self.metrics.quota.rejected(if queue_full {
+            QuotaRejection::QueueFull
         } else {
-            "queue_timeout"
-        };
-        self.metrics
-            .quota
-            .rejections
-            .with_label_values(&[reason])
-            .inc();
+            QuotaRejection::QueueTimeout
+        });
         let now = Instant::now();
         let est = st.budget.estimate(now);
         let limits = st.budget.limits;
@@ -995,7 +990,7 @@ impl Inner {
                     match self.try_local(&mut st, units, now, gate_held) {
                         Ok(g) => {
                             if let Some(s) = &self.shared {
-                                s.count("local");
+                                s.count(AdmissionSource::Local);
                             }
                             st.hold = None;
                             return Ok(g);
@@ -1322,7 +1317,7 @@ async fn pump(inner: Arc<Inner>, bucket: Arc<Bucket>) {
                             st.hold = None;
                             if let Some((_, w)) = st.pop_head() {
                                 if let Some(s) = &inner.shared {
-                                    s.count("local");
+                                    s.count(AdmissionSource::Local);
                                 }
                                 hand_over(&inner, &bucket, &mut st, w, g);
                             } else {

@@ -25,7 +25,7 @@ use redis::Script;
 
 use super::attribution::BucketKey;
 use super::budget::{regain_duration, Limits, Observation, Reason};
-use crate::metrics::RedisOp;
+use crate::metrics::{AdmissionSource, RedisOp};
 use crate::redis_conn::RedisConn;
 
 /// How often a replica announces itself and reads the fleet's app pause.
@@ -609,13 +609,8 @@ impl SharedBudgets {
         self.conn.is_up()
     }
 
-    pub fn count(&self, source: &str) {
-        self.conn
-            .metrics()
-            .quota
-            .admissions
-            .with_label_values(&[source])
-            .inc();
+    pub fn count(&self, source: AdmissionSource) {
+        self.conn.metrics().quota.decided(source);
     }
 
     /// The share of each budget this replica uses while deciding alone.
