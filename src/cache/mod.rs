@@ -1,7 +1,9 @@
 //! The read cache: keys ([`key`]), TTL rules and client directives ([`policy`]), entries and
 //! their freshness ([`entry`]), the in-process tier ([`l1`]), collapsing of concurrent misses
 //! ([`coalesce`]), node index and write epochs ([`invalidate`]), `ids=` reassembly ([`ids`])
-//! and batch reads from per-operation entries ([`batch`]). The request-path glue that calls Graph lives in `proxy::cached`.
+//! and batch reads from per-operation entries ([`batch`]); what the cache did for a request,
+//! as `Cache-Status`, `X-Cache` and metric label ([`status`]). The request-path glue that
+//! calls Graph lives in `proxy::cached`.
 //!
 //! With `[redis] url`, the shared pieces join in: the Redis tier ([`l2`]), fill leases across
 //! replicas ([`lease`]) and the invalidation bus ([`bus`]).
