@@ -168,7 +168,7 @@ fn quota_admission(c: &mut Criterion) {
                 .admit(&charge, Priority::Interactive, deadline)
                 .await
                 .expect("admitted");
-            sched.learn(&adm, &reply, Some("1001_1"))
+            sched.learn(&adm, reply.view(), Some("1001_1"))
         })
     });
     g.finish();

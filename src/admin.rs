@@ -57,7 +57,7 @@ pub async fn handle<B>(gw: &Gateway, req: Request<B>) -> Response<Full<Bytes>> {
             // Entry and byte gauges are read from moka after its pending maintenance.
             gw.cache.settle();
             gw.metrics
-                .hardening
+                .server
                 .requests_in_flight
                 .set(i64::try_from(gw.in_flight()).unwrap_or(i64::MAX));
             text(

@@ -19,6 +19,7 @@ use http::HeaderMap;
 use crate::config::{ClientConfig, KeyDigest, Priority};
 use crate::error::ProxyError;
 use crate::graph::request::{page_of_node, GraphMethod, Params};
+pub use crate::tls::PeerCertificate;
 
 /// A known caller of graphgate.
 #[derive(Debug)]
@@ -138,13 +139,6 @@ impl ClientRegistry {
             Err(e) => Err(e),
         }
     }
-}
-
-/// The names of a verified TLS client certificate (subject CN first, then DNS SANs), put
-/// into each request's extensions by the server.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PeerCertificate {
-    pub names: Vec<String>,
 }
 
 /// The single key a request presents: from `access_token` parameters (query or form body,

@@ -3,9 +3,11 @@
 //! exceptions) and a short metric label.
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
+
+use crate::metrics::Rejection;
 
 /// Subcodes of graphgate's own errors, so callers can tell them from Meta's.
 pub mod subcode {
@@ -143,29 +145,34 @@ impl ProxyError {
         }
     }
 
-    /// Short, bounded label for metrics and logs.
-    pub fn label(&self) -> &'static str {
+    /// Why graphgate answered with this error, bounded, for metrics and logs.
+    pub fn rejection(&self) -> Rejection {
         use ProxyError::*;
         match self {
-            MissingKey | UnknownKey => "unauthorized",
+            MissingKey | UnknownKey => Rejection::Unauthorized,
             ForbiddenPage(_) | ForbiddenWrite(_) | ForbiddenField(_) | WebhookRefused(_) => {
-                "forbidden"
+                Rejection::Forbidden
             }
             BadRequest(_) | MethodNotAllowed(_) | UnsupportedMediaType(_) | NotFound => {
-                "bad_request"
+                Rejection::BadRequest
             }
-            BodyTooLarge(_) | HeadersTooLarge(_) => "too_large",
-            BodyTimeout(_) => "body_timeout",
-            UpstreamConnect(_) => "upstream_connect",
-            UpstreamTimeout(_) => "upstream_timeout",
-            UpstreamBadResponse(_) => "upstream_bad_response",
-            UpstreamTooLarge(_) => "upstream_too_large",
-            UpstreamUnavailable { .. } => "breaker_open",
-            Overloaded { .. } => "overloaded",
-            Throttled { .. } => "throttled",
-            ShuttingDown => "shutting_down",
-            Internal(_) => "internal",
+            BodyTooLarge(_) | HeadersTooLarge(_) => Rejection::TooLarge,
+            BodyTimeout(_) => Rejection::BodyTimeout,
+            UpstreamConnect(_) => Rejection::UpstreamConnect,
+            UpstreamTimeout(_) => Rejection::UpstreamTimeout,
+            UpstreamBadResponse(_) => Rejection::UpstreamBadResponse,
+            UpstreamTooLarge(_) => Rejection::UpstreamTooLarge,
+            UpstreamUnavailable { .. } => Rejection::BreakerOpen,
+            Overloaded { .. } => Rejection::Overloaded,
+            Throttled { .. } => Rejection::Throttled,
+            ShuttingDown => Rejection::ShuttingDown,
+            Internal(_) => Rejection::Internal,
         }
+    }
+
+    /// Short, bounded label for metrics and logs: the [`Rejection`]'s.
+    pub fn label(&self) -> &'static str {
+        self.rejection().as_str()
     }
 
     /// Graph-style JSON body: `{"error":{"message","type","code","error_subcode","fbtrace_id"}}`.
@@ -219,9 +226,7 @@ impl ProxyError {
             } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
                 // draft-ietf-httpapi-ratelimit-headers: nothing left until Retry-After.
-                for (name, value) in
-                    crate::quota::rate_limit_pair(policy, *limit, *window_s, 0, *retry_after_s)
-                {
+                for (name, value) in rate_limit_pair(policy, *limit, *window_s, 0, *retry_after_s) {
                     h.insert(name, value);
                 }
             }
@@ -233,6 +238,26 @@ impl ProxyError {
         }
         resp
     }
+}
+
+/// The two IETF RateLimit headers (draft-ietf-httpapi-ratelimit-headers) for one policy: `q`
+/// calls per `w` seconds, `r` left, `t` seconds until more. Here, at the bottom, because both
+/// a throttled reply and the quota scheduler render them.
+pub fn rate_limit_pair(
+    name: &str,
+    q: u32,
+    w: u64,
+    r: u32,
+    t: u64,
+) -> Vec<(HeaderName, HeaderValue)> {
+    let mut out = Vec::with_capacity(2);
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{name}\";q={q};w={w}")) {
+        out.push((HeaderName::from_static("ratelimit-policy"), v));
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{name}\";r={r};t={t}")) {
+        out.push((HeaderName::from_static("ratelimit"), v));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -20,20 +20,18 @@ use crate::auth::{self, Client, ClientRegistry};
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::error::ProxyError;
-use crate::graph::body::{self, FilePart};
 use crate::graph::fields::Fields;
-use crate::graph::request::{
-    canonical_ids, effective_method, page_of_node, parse_batch, parse_ids, BatchOp, GraphMethod,
-    GraphPath, Params,
-};
+use crate::graph::request::{parse_ids, BatchOp, GraphMethod, Params};
 use crate::graph::usage::ErrorClass;
-use crate::metrics::Metrics;
+use crate::metrics::{cache_label, CacheResult, Metrics, RequestMethod, Route};
 use crate::quota::{self, Scheduler};
 use crate::redis_conn::RedisConn;
 use crate::rewrite;
 use crate::tokens::{Injected, Tokens};
-use crate::upstream::{Reply, Upstream, UpstreamRequest, FORWARDED_REQUEST_HEADERS};
-use crate::webhooks::{self, Webhooks};
+use crate::upstream::{Reply, Upstream, UpstreamRequest};
+use crate::webhooks::Webhooks;
+
+pub use crate::graph::call::{parse_call, Call, CallStats};
 
 /// One request counted in by [`Gateway::admit`]; counts it out when dropped.
 pub struct InFlight<'a>(&'a AtomicUsize);
@@ -68,104 +66,15 @@ pub struct Gateway {
     in_flight: AtomicUsize,
 }
 
-/// A client request, parsed. Clone: a cache fill takes its own copy into its task.
-#[derive(Debug, Clone)]
-pub struct Call {
-    /// The method Graph will execute (after `method=`).
-    pub method: GraphMethod,
-    http_method: GraphMethod,
-    pub path: GraphPath,
-    /// Query and body parameters together, one value per name (see
-    /// [`Params::collapse_duplicates`]), without the client's key: what is checked here is
-    /// what goes upstream.
-    pub params: Params,
-    /// The `access_token` parameters, query first, then body (taken out of `params`): the
-    /// client keys presented, for authentication.
-    presented_tokens: Params,
-    /// Uploaded files of a multipart body, forwarded as they came.
-    pub files: Vec<FilePart>,
-    /// The ids of an `ids=` read, checked; `params` holds exactly these.
-    pub ids: Vec<String>,
-    pub batch: Option<Vec<BatchOp>>,
-    forwarded: Vec<(HeaderName, HeaderValue)>,
-    /// `X-Graphgate-Page` / `X-Graphgate-Max-Wait-Ms`.
-    pub quota_hints: quota::Hints,
-    /// What the upstream phase learned for the request log; shared with a fill's copy.
-    pub stats: Arc<CallStats>,
-}
-
-/// Per-request facts recorded while the call is forwarded, for the request log line.
-#[derive(Debug, Default)]
-pub struct CallStats {
-    /// Microseconds spent waiting for quota budget, plus one (0 = never reached the
-    /// scheduler).
-    queue_us: AtomicU64,
-    /// The Page the scheduler charged, when the call went to exactly one Page.
-    charged_page: std::sync::OnceLock<String>,
-}
-
-impl CallStats {
-    /// Time waited for quota budget, if the call reached the scheduler.
-    pub fn queue_wait(&self) -> Option<Duration> {
-        match self.queue_us.load(Ordering::Relaxed) {
-            0 => None,
-            n => Some(Duration::from_micros(n - 1)),
-        }
-    }
-
-    pub fn charged_page(&self) -> Option<&str> {
-        self.charged_page.get().map(String::as_str)
-    }
-
-    fn add_queue_wait(&self, waited: Duration) {
-        let us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX / 2);
-        // First wait also sets the "reached the scheduler" bit (the +1).
-        let _ = self
-            .queue_us
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                Some(n.max(1).saturating_add(us))
-            });
-    }
-}
-
-impl Call {
-    /// The client keys the request presented (`access_token` in the query or body).
-    pub fn presented_tokens(&self) -> &Params {
-        &self.presented_tokens
-    }
-
-    /// Bounded label for metrics and logs.
-    pub fn route(&self) -> &'static str {
-        if self.batch.is_some() {
-            "batch"
-        } else if !self.ids.is_empty() {
-            "ids"
-        } else if self.path.edge().is_some() {
-            "edge"
-        } else if self.path.node().is_some() {
-            "node"
-        } else {
-            "root"
-        }
-    }
-
-    /// The Page this call is charged to and may use a Page token for, when it is one Page.
-    pub fn page(&self) -> Option<&str> {
-        if self.batch.is_some() || !self.ids.is_empty() {
-            return None;
-        }
-        self.path.node().and_then(page_of_node)
-    }
-}
-
 /// What the handler produced, with the labels the request log and metrics need.
 /// A request answered with graphgate's own error: the error, the route, the client if known.
-type Rejection = (ProxyError, &'static str, Option<Arc<Client>>);
+type Failure = (ProxyError, Route, Option<Arc<Client>>);
 
 struct Outcome {
     response: Response<Full<Bytes>>,
-    route: &'static str,
-    cache: &'static str,
+    route: Route,
+    /// `None` when the cache never saw the request (an error).
+    cache: Option<CacheResult>,
     client: Option<Arc<Client>>,
     upstream_ms: Option<u128>,
     /// The Page charged upstream, else the Page the call names (logs only).
@@ -192,11 +101,7 @@ impl Gateway {
             cache = cache.with_redis(conn.clone());
         }
         let webhooks = config.webhooks.as_ref().map(|w| {
-            for o in webhooks::Outcome::ALL {
-                metrics
-                    .webhook_notifications
-                    .with_label_values(&[o.label()]);
-            }
+            metrics.server.webhooks_served();
             Webhooks::new(w, config.credentials.app_secret.clone().unwrap_or_default())
         });
         Ok(Gateway {
@@ -273,14 +178,11 @@ impl Gateway {
         let outcome = match result {
             Ok(o) => o,
             Err((e, route, client)) => {
-                self.metrics
-                    .rejections
-                    .with_label_values(&[e.label()])
-                    .inc();
+                self.metrics.server.reject(e.rejection());
                 Outcome {
                     response: e.into_response(&trace_id),
                     route,
-                    cache: "none",
+                    cache: None,
                     client,
                     upstream_ms: None,
                     page: None,
@@ -290,13 +192,8 @@ impl Gateway {
         };
         let status = outcome.response.status();
         let took = started.elapsed();
-        let method_label = match method {
-            http::Method::GET | http::Method::HEAD => "GET",
-            http::Method::POST => "POST",
-            http::Method::DELETE => "DELETE",
-            _ => "OTHER",
-        };
-        self.metrics.observe_request(
+        let method_label = RequestMethod::of(&method);
+        self.metrics.server.observe_request(
             outcome.route,
             method_label,
             status.as_u16(),
@@ -308,10 +205,10 @@ impl Gateway {
         // the fields only when the line is on.
         tracing::info!(
             trace_id = %trace_id,
-            method = method_label,
-            route = outcome.route,
+            method = method_label.as_str(),
+            route = outcome.route.as_str(),
             status = status.as_u16(),
-            cache = outcome.cache,
+            cache = cache_label(outcome.cache),
             page = outcome.page.as_deref().unwrap_or("-"),
             client = outcome.client.as_ref().map(|c| c.name.as_str()).unwrap_or("-"),
             upstream_ms = outcome.upstream_ms.map(|m| m as i64).unwrap_or(-1),
@@ -336,12 +233,12 @@ impl Gateway {
         response
     }
 
-    async fn process<B>(self: &Arc<Self>, req: Request<B>) -> Result<Outcome, Rejection>
+    async fn process<B>(self: &Arc<Self>, req: Request<B>) -> Result<Outcome, Failure>
     where
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let fail = |e: ProxyError| (e, "invalid", None);
+        let fail = |e: ProxyError| (e, Route::Invalid, None);
         if self.is_draining() {
             return Err(fail(ProxyError::ShuttingDown));
         }
@@ -368,7 +265,8 @@ impl Gateway {
             .map_err(|e| (e, route, None))?;
         let with_client = |e: ProxyError| (e, route, Some(client.clone()));
         authorize(&self.clients, &client, &key, &call).map_err(with_client)?;
-        call.quota_hints.bind_to(&client);
+        call.quota_hints
+            .bind_to(client.priority, |page| client.may_touch(page));
 
         let version = call
             .path
@@ -385,7 +283,7 @@ impl Gateway {
             return Ok(Outcome {
                 response: served.response,
                 route,
-                cache: served.cache,
+                cache: Some(served.cache),
                 client: Some(client),
                 upstream_ms: served.upstream_ms,
                 page: log_page(&call),
@@ -419,11 +317,11 @@ impl Gateway {
             reply.hold.iter().cloned().collect(),
         );
         let mut response = build_response(&reply, body);
-        cached::mark_uncached(&mut response, &call);
+        let cache = cached::mark_uncached(&mut response, &call);
         Ok(Outcome {
             response,
             route,
-            cache: "bypass",
+            cache: Some(cache),
             client: Some(client),
             upstream_ms: Some(upstream_ms),
             page: log_page(&call),
@@ -472,7 +370,7 @@ impl Gateway {
             .quota
             .charge_for(&quota::call_units(call), call.quota_hints.page.as_deref());
         if let Some(quota::BucketKey::Page(p)) = charge.single() {
-            let _ = call.stats.charged_page.set(p.clone());
+            call.stats.set_charged_page(p);
         }
         let deadline = self.quota.deadline(call.quota_hints.max_wait);
         let may_requeue = call.method == GraphMethod::Get && call.batch.is_none();
@@ -490,11 +388,11 @@ impl Gateway {
                 .await?;
             call.stats.add_queue_wait(admission.waited);
             let reply = self.upstream.send_with_policy(request, may_requeue).await?;
-            let learned = self.quota.learn(&admission, &reply, call.path.node());
+            let learned = self.quota.learn(&admission, reply.view(), call.path.node());
             drop(admission);
             if learned.throttled && may_requeue && requeue_throttled && requeues < MAX_REQUEUES {
                 requeues += 1;
-                self.metrics.quota_requeues.inc();
+                self.metrics.quota.requeues.inc();
                 continue;
             }
             let graph_error = reply.graph_error();
@@ -796,56 +694,6 @@ where
             "Could not read the request body: {e}"
         ))),
     }
-}
-
-/// Parses method, path, query and body into a [`Call`]: every parameter of the query and the
-/// body (url-encoded, multipart or JSON; see [`body::parse`]), one value per name.
-pub fn parse_call(
-    method: &http::Method,
-    uri: &http::Uri,
-    headers: &HeaderMap,
-    body: Bytes,
-) -> Result<Call, ProxyError> {
-    let http_method = GraphMethod::from_http(method)?;
-    let path = GraphPath::parse(uri.path())?;
-    let mut params = Params::parse(uri.query().unwrap_or(""))?;
-    let body = body::parse(method, headers, body)?;
-    params.extend(body.params);
-    params.collapse_duplicates()?;
-    let method = effective_method(http_method, &params)?;
-    if !body.files.is_empty() && method != GraphMethod::Post {
-        return Err(ProxyError::BadRequest(
-            "Files can only be uploaded with a POST.".into(),
-        ));
-    }
-    let presented_tokens = params.take("access_token");
-    params.remove("appsecret_proof");
-    let ids = parse_ids(&params)?;
-    if !ids.is_empty() {
-        params.set("ids", canonical_ids(&ids));
-    }
-    let batch = match params.get("batch") {
-        Some(b) => Some(parse_batch(b)?),
-        None => None,
-    };
-    let forwarded = headers
-        .iter()
-        .filter(|(n, _)| FORWARDED_REQUEST_HEADERS.contains(&n.as_str()))
-        .map(|(n, v)| (n.clone(), v.clone()))
-        .collect();
-    Ok(Call {
-        method,
-        http_method,
-        path,
-        params,
-        presented_tokens,
-        files: body.files,
-        ids,
-        batch,
-        forwarded,
-        quota_hints: quota::Hints::from_headers(headers),
-        stats: Arc::default(),
-    })
 }
 
 fn build_response(reply: &Reply, body: Bytes) -> Response<Full<Bytes>> {

@@ -34,7 +34,7 @@ use redis::{
 };
 
 use crate::config::{HostPort, RedisConfig, RedisTopology};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RedisOp};
 
 /// Consecutive failures (timeouts, odd errors) that mark the link down.
 const FAILURES_TO_DOWN: u32 = 3;
@@ -294,7 +294,7 @@ impl RedisConn {
             return Some(vec![None]);
         }
         let nodes: String = self
-            .run("purge", |mut c| async move {
+            .run(RedisOp::Purge, |mut c| async move {
                 redis::cmd("CLUSTER").arg("NODES").query_async(&mut c).await
             })
             .await?;
@@ -320,7 +320,7 @@ impl RedisConn {
                 port: *port,
             })
         });
-        self.run("purge", |c| async move {
+        self.run(RedisOp::Purge, |c| async move {
             match (c, route) {
                 (Link::Cluster(mut c), Some(route)) => {
                     let v = c.route_command(scan, route).await?;
@@ -385,7 +385,7 @@ impl RedisConn {
             loop {
                 tokio::time::sleep(HEARTBEAT).await;
                 let Some(conn) = me.upgrade() else { return };
-                conn.run("ping", |mut c| async move {
+                conn.run(RedisOp::Ping, |mut c| async move {
                     redis::cmd("PING").query_async::<String>(&mut c).await
                 })
                 .await;
@@ -415,7 +415,7 @@ impl RedisConn {
 
     /// Runs one Redis operation within the timeout. `None` when the link is down or the
     /// operation failed: the caller then does what a single node would do.
-    pub async fn run<T, F, Fut>(&self, op: &'static str, f: F) -> Option<T>
+    pub async fn run<T, F, Fut>(&self, op: RedisOp, f: F) -> Option<T>
     where
         F: FnOnce(Link) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
@@ -442,8 +442,8 @@ impl RedisConn {
 
     /// Counts a failure and decides whether the link is down. A full Redis (OOM) is not
     /// down: reads still work, and each refused write falls back on its own.
-    fn failed(&self, op: &'static str, e: Option<&RedisError>) {
-        self.metrics.redis.errors.with_label_values(&[op]).inc();
+    fn failed(&self, op: RedisOp, e: Option<&RedisError>) {
+        self.metrics.redis.error(op);
         // READONLY: the server became a replica (a Sentinel failover); the prober asks the
         // Sentinels for the new primary.
         let connection_lost = e.is_some_and(|e| {
@@ -456,7 +456,7 @@ impl RedisConn {
         });
         let oom = e.and_then(|e| e.code()).is_some_and(|c| c == "OOM");
         if oom {
-            tracing::debug!(op, "Redis refused a write: out of memory");
+            tracing::debug!(op = op.as_str(), "Redis refused a write: out of memory");
             return;
         }
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
@@ -473,12 +473,12 @@ impl RedisConn {
         }
     }
 
-    fn mark_down(&self, op: &'static str, e: Option<&RedisError>) {
+    fn mark_down(&self, op: RedisOp, e: Option<&RedisError>) {
         if self.up.swap(false, Ordering::AcqRel) {
             self.metrics.redis.up.set(0);
             let why = e.map_or("timeout", |e| e.category());
             tracing::warn!(
-                op,
+                op = op.as_str(),
                 why,
                 "Redis unreachable: running on local state (L1 only, local budgets) until it returns"
             );

@@ -48,7 +48,7 @@ use crate::admin;
 use crate::auth::PeerCertificate;
 use crate::config::{Config, ServerConfig};
 use crate::error::ProxyError;
-use crate::metrics::Metrics;
+use crate::metrics::{ConfigReload, Listener, Metrics, Rejection};
 use crate::proxy::Gateway;
 use crate::tls;
 
@@ -96,12 +96,7 @@ impl Running {
     pub fn reload(&self, config: Config) -> Result<(), String> {
         match self.apply(config) {
             Ok(ignored) => {
-                self.gateway
-                    .metrics
-                    .hardening
-                    .config_reloads
-                    .with_label_values(&["ok"])
-                    .inc();
+                self.gateway.metrics.server.reloaded(ConfigReload::Ok);
                 if !ignored.is_empty() {
                     tracing::warn!(
                         sections = ?ignored,
@@ -121,12 +116,7 @@ impl Running {
     /// Records a reload that failed before [`Running::reload`] (e.g. the file did not parse):
     /// the running configuration stays.
     pub fn reject_reload(&self, why: &str) {
-        self.gateway
-            .metrics
-            .hardening
-            .config_reloads
-            .with_label_values(&["rejected"])
-            .inc();
+        self.gateway.metrics.server.reloaded(ConfigReload::Rejected);
         tracing::error!(
             reason = why,
             "configuration reload rejected; keeping the running configuration"
@@ -362,7 +352,7 @@ async fn serve(
                 };
                 let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
                     // At the connection limit: close at once rather than let it wait unserved.
-                    gateway.metrics.hardening.connections_refused.with_label_values(&["public"]).inc();
+                    gateway.metrics.server.refused(Listener::Public);
                     drop(stream);
                     continue;
                 };
@@ -415,12 +405,9 @@ async fn accept_admin(
         tokio::time::sleep(Duration::from_millis(10)).await;
         return;
     };
-    let metrics = &shared.gateway.metrics.hardening;
+    let metrics = &shared.gateway.metrics.server;
     let Ok(permit) = shared.admin_connections.clone().try_acquire_owned() else {
-        metrics
-            .connections_refused
-            .with_label_values(&["admin"])
-            .inc();
+        metrics.refused(Listener::Admin);
         return;
     };
     let first_head_by = tokio::time::Instant::now() + shared.cfg.header_read_timeout;
@@ -442,7 +429,7 @@ async fn accept_admin(
             .builder
             .serve_connection(TokioIo::new(stream), service);
         let limits = Limits {
-            listener: "admin",
+            listener: Listener::Admin,
             first_head_by,
             idle: shared.cfg.idle_timeout,
             stop,
@@ -457,7 +444,7 @@ struct OpenConnection(Arc<Metrics>);
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.0.open_connections.dec();
+        self.0.server.open_connections.dec();
     }
 }
 
@@ -467,7 +454,7 @@ async fn serve_public(shared: Arc<Shared>, stream: TcpStream, _permit: OwnedSema
     let first_head_by = tokio::time::Instant::now() + shared.cfg.header_read_timeout;
     let _ = stream.set_nodelay(true);
     let metrics = shared.gateway.metrics.clone();
-    metrics.open_connections.inc();
+    metrics.server.open_connections.inc();
     let _open = OpenConnection(metrics.clone());
     match &shared.tls {
         None => serve_http(&shared, TokioIo::new(stream), None, first_head_by).await,
@@ -481,11 +468,11 @@ async fn serve_public(shared: Arc<Shared>, stream: TcpStream, _permit: OwnedSema
                     serve_http(&shared, TokioIo::new(stream), peer, first_head_by).await;
                 }
                 Ok(Err(e)) => {
-                    metrics.hardening.tls_handshake_failures.inc();
+                    metrics.tls.handshake_failures.inc();
                     tracing::debug!(error = %e, "TLS handshake failed");
                 }
                 Err(_) => {
-                    metrics.hardening.tls_handshake_failures.inc();
+                    metrics.tls.handshake_failures.inc();
                     tracing::debug!("TLS handshake timed out");
                 }
             }
@@ -565,7 +552,7 @@ impl<T> Drop for Busy<T> {
 /// What a connection on either listener is held to.
 struct Limits<'a> {
     /// `public` or `admin`, for the metrics.
-    listener: &'static str,
+    listener: Listener,
     /// The first request head must have arrived by then. hyper's own header read timeout
     /// does not cover a connection that sends nothing: the auto builder first waits for
     /// bytes to tell HTTP/1 from HTTP/2, with no timer; nor HTTP/2 at all.
@@ -585,7 +572,7 @@ impl Limits<'_> {
         if closing {
             conn.as_mut().graceful_shutdown();
         }
-        let h = &self.metrics.hardening;
+        let h = &self.metrics.server;
         loop {
             let idle_at = activity.deadline(self.idle);
             tokio::select! {
@@ -596,13 +583,13 @@ impl Limits<'_> {
                 }
                 _ = tokio::time::sleep_until(self.first_head_by), if !activity.started() => {
                     if !activity.started() {
-                        h.connections_head_timeout.with_label_values(&[self.listener]).inc();
+                        h.head_timed_out(self.listener);
                         break;
                     }
                 }
                 _ = tokio::time::sleep_until(idle_at), if !closing => {
                     if activity.is_idle_for(self.idle) {
-                        h.connections_idle_closed.with_label_values(&[self.listener]).inc();
+                        h.idle_closed(self.listener);
                         conn.as_mut().graceful_shutdown();
                         closing = true;
                     }
@@ -634,7 +621,7 @@ async fn serve_http<I>(
     };
     let conn = shared.builder.serve_connection(io, service);
     let limits = Limits {
-        listener: "public",
+        listener: Listener::Public,
         first_head_by,
         idle: shared.cfg.idle_timeout,
         stop: shared.stop.clone(),
@@ -650,11 +637,8 @@ async fn handle_limited(shared: &Shared, req: Request<Incoming>) -> Response<Ful
     match gw.admit(shared.cfg.max_in_flight) {
         Some(_counted) => gw.handle(req).await,
         None => {
-            gw.metrics.hardening.load_shed.inc();
-            gw.metrics
-                .rejections
-                .with_label_values(&["overloaded"])
-                .inc();
+            gw.metrics.server.load_shed.inc();
+            gw.metrics.server.reject(Rejection::Overloaded);
             ProxyError::Overloaded { retry_after_s: 1 }.into_response("gg-shed")
         }
     }

@@ -20,9 +20,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig, ServerConnection};
 
-use crate::auth::PeerCertificate;
 use crate::config::TlsConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{Listener, Metrics};
 
 /// How often the certificate, key and client CA files are checked for changes.
 pub const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(3);
@@ -116,9 +115,9 @@ fn stamps(cfg: &TlsConfig) -> Vec<FileStamp> {
 fn record_expiry(metrics: &Metrics, cfg: &TlsConfig) {
     match leaf_not_after(&cfg.cert_file) {
         Ok(t) => metrics
-            .hardening
-            .tls_cert_expiry
-            .with_label_values(&["public"])
+            .tls
+            .cert_expiry
+            .with_label_values(&[Listener::Public.as_str()])
             .set(t),
         Err(why) => tracing::warn!(reason = why, "cannot read the certificate's expiry"),
     }
@@ -249,6 +248,13 @@ fn alpn_server_config(
     let mut config = builder.with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The names of a verified TLS client certificate (subject CN first, then DNS SANs), put
+/// into each request's extensions by the server.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerCertificate {
+    pub names: Vec<String>,
 }
 
 /// The names of the verified client certificate of a connection, if it presented one: the

@@ -161,7 +161,7 @@ impl Tokens {
             map.insert(page.to_string(), injected.clone());
         }
         self.refresh_secrets();
-        self.metrics.page_tokens_minted.inc();
+        self.metrics.tokens.page_tokens_minted.inc();
         Ok(injected)
     }
 
@@ -194,11 +194,11 @@ impl Tokens {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs() as i64)
                 .unwrap_or(0);
-            self.metrics.token_last_invalid.set(now);
+            self.metrics.tokens.last_invalid.set(now);
         }
         self.metrics
-            .hardening
-            .token_valid
+            .tokens
+            .valid
             .with_label_values(&[kind])
             .set(i64::from(accepted));
         if flag.swap(accepted, Ordering::SeqCst) != accepted {

@@ -40,35 +40,11 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::config::{RetryConfig, UpstreamConfig};
 use crate::error::ProxyError;
 use crate::graph::body::FilePart;
+use crate::graph::headers;
 use crate::graph::request::{GraphMethod, Params};
-use crate::graph::usage::{ErrorClass, GraphErrorInfo};
-use crate::metrics::Metrics;
+use crate::graph::usage::{ErrorClass, GraphErrorInfo, ReplyView};
+use crate::metrics::{GraphAnswer, Metrics, RetrySkip, UpstreamOutcome};
 use reply_budget::{ReplyBudget, Reservation, Source};
-
-/// Headers from Graph that clients may see. Everything else (hop-by-hop, cookies, lengths,
-/// `x-fb-debug`: an opaque blob graphgate cannot check for tokens) is dropped; hyper
-/// recomputes framing.
-const PASSED_RESPONSE_HEADERS: &[&str] = &[
-    "content-type",
-    "facebook-api-version",
-    "x-fb-trace-id",
-    "x-fb-request-id",
-    "x-fb-rev",
-    "etag",
-    "www-authenticate",
-    "x-app-usage",
-    "x-page-usage",
-    "x-business-use-case-usage",
-    "x-ad-account-usage",
-    "x-fb-ads-insights-throttle",
-    "location",
-    "last-modified",
-];
-
-/// Request headers from the client that may reach Graph. Credentials, cookies and
-/// Accept-Encoding (replies must stay readable for paging rewrite) are not among them.
-pub const FORWARDED_REQUEST_HEADERS: &[&str] =
-    &["accept", "accept-language", "user-agent", "if-none-match"];
 
 /// A buffered reply from Graph (or from the cache, which stores the same thing).
 #[derive(Debug, Clone)]
@@ -82,33 +58,36 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// The reply as the usage readers (the quota scheduler) see it.
+    pub fn view(&self) -> ReplyView<'_> {
+        ReplyView {
+            status: self.status,
+            headers: &self.headers,
+            body: &self.body,
+        }
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.as_str() == name)
-            .and_then(|(_, v)| v.to_str().ok())
+        self.view().header(name)
     }
 
     /// Graph's error object, if this is an error reply.
     pub fn graph_error(&self) -> Option<GraphErrorInfo> {
-        if self.status.is_success() || self.status == StatusCode::NOT_MODIFIED {
-            return None;
-        }
-        GraphErrorInfo::from_body(&self.body)
+        self.view().graph_error()
     }
 
     /// Short bounded outcome label for metrics.
-    pub fn outcome(&self) -> &'static str {
+    pub fn outcome(&self) -> GraphAnswer {
         if self.status.is_success() || self.status == StatusCode::NOT_MODIFIED {
-            return "ok";
+            return GraphAnswer::Ok;
         }
         match self.graph_error().map(|e| e.class()) {
-            Some(ErrorClass::Throttle(_)) => "throttled",
-            Some(ErrorClass::Auth) => "auth_error",
-            Some(ErrorClass::Transient) => "transient_error",
-            Some(ErrorClass::Other) => "graph_error",
-            None if self.status.is_server_error() => "http_5xx",
-            None => "http_4xx",
+            Some(ErrorClass::Throttle(_)) => GraphAnswer::Throttled,
+            Some(ErrorClass::Auth) => GraphAnswer::AuthError,
+            Some(ErrorClass::Transient) => GraphAnswer::TransientError,
+            Some(ErrorClass::Other) => GraphAnswer::GraphError,
+            None if self.status.is_server_error() => GraphAnswer::Http5xx,
+            None => GraphAnswer::Http4xx,
         }
     }
 }
@@ -233,7 +212,7 @@ impl Upstream {
     fn build(&self, req: UpstreamRequest) -> Result<Prepared, ProxyError> {
         let (prepared, rewritten) = build_request(&self.base, self.max_get_url_bytes, req)?;
         if rewritten {
-            self.metrics.large_get_rewrites.inc();
+            self.metrics.upstream.large_get_rewrites.inc();
         }
         Ok(prepared)
     }
@@ -260,7 +239,7 @@ impl Upstream {
         let prepared = self.build(req)?;
         let deadline = tokio::time::Instant::now() + self.timeout;
         self.budget.deposit();
-        let h = &self.metrics.hardening;
+        let h = &self.metrics.upstream;
         let mut attempt: u32 = 0;
         let mut permit = match self.breaker.admit() {
             Ok(p) => p,
@@ -291,18 +270,18 @@ impl Upstream {
             let wait = retry::backoff(self.retry.backoff, attempt);
             // Leave the next attempt a fair share of the deadline, not just the backoff.
             if tokio::time::Instant::now() + wait + self.timeout / 10 >= deadline {
-                h.retries_skipped.with_label_values(&["deadline"]).inc();
+                h.retry_skipped(RetrySkip::Deadline);
                 return give_up(result);
             }
             if !self.budget.try_withdraw() {
-                h.retries_skipped.with_label_values(&["budget"]).inc();
+                h.retry_skipped(RetrySkip::Budget);
                 return give_up(result);
             }
             tokio::time::sleep(wait).await;
             permit = match self.breaker.admit() {
                 Ok(p) => p,
                 Err(_) => {
-                    h.retries_skipped.with_label_values(&["breaker"]).inc();
+                    h.retry_skipped(RetrySkip::Breaker);
                     return give_up(result);
                 }
             };
@@ -340,7 +319,7 @@ impl Upstream {
                     }
                     resends += 1;
                     self.metrics
-                        .hardening
+                        .upstream
                         .retries
                         .with_label_values(&[REFUSED])
                         .inc();
@@ -368,10 +347,10 @@ impl Upstream {
                 }),
             };
         let outcome = match &result {
-            Ok(reply) => reply.outcome(),
-            Err(f) => f.error.label(),
+            Ok(reply) => UpstreamOutcome::Answered(reply.outcome()),
+            Err(f) => UpstreamOutcome::Failed(f.error.rejection()),
         };
-        self.metrics.observe_upstream(outcome, started.elapsed());
+        self.metrics.upstream.observe(outcome, started.elapsed());
         result
     }
 
@@ -403,7 +382,7 @@ impl Upstream {
         let headers = parts
             .headers
             .iter()
-            .filter(|(n, _)| PASSED_RESPONSE_HEADERS.contains(&n.as_str()))
+            .filter(|(n, _)| headers::PASSED_RESPONSE.contains(&n.as_str()))
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect();
         let reply = Reply {

@@ -15,6 +15,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::config::{Secret, WebhooksConfig};
+/// What became of a request to the endpoint; also its metric label.
+pub use crate::metrics::WebhookOutcome as Outcome;
 
 /// The signature header Meta sends with every delivery.
 pub const SIGNATURE_HEADER: &str = "x-hub-signature-256";
@@ -23,53 +25,6 @@ pub const SIGNATURE_HEADER: &str = "x-hub-signature-256";
 const MAX_REMEMBERED: u64 = 100_000;
 /// Entries and changes read from one delivery: Meta batches at most 1 000 changes.
 const MAX_CHANGES: usize = 1_000;
-
-/// What became of one request to the endpoint; also the metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// A handshake with the right verify token, answered with its challenge.
-    Verified,
-    /// A handshake with a wrong token or mode, or without a usable challenge.
-    HandshakeRefused,
-    /// A delivery without a valid signature.
-    BadSignature,
-    /// A signed delivery whose entries are older (or further ahead) than `max_age_s`.
-    Stale,
-    /// A signed delivery seen before within `max_age_s`: acknowledged, nothing purged.
-    Replayed,
-    /// A signed delivery that is not a notification graphgate can read.
-    Malformed,
-    /// A signed delivery for an object other than a Page: acknowledged, nothing to purge.
-    Ignored,
-    /// A signed delivery whose nodes were purged.
-    Purged,
-}
-
-impl Outcome {
-    pub const ALL: [Outcome; 8] = [
-        Outcome::Verified,
-        Outcome::HandshakeRefused,
-        Outcome::BadSignature,
-        Outcome::Stale,
-        Outcome::Replayed,
-        Outcome::Malformed,
-        Outcome::Ignored,
-        Outcome::Purged,
-    ];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Outcome::Verified => "verified",
-            Outcome::HandshakeRefused => "handshake_refused",
-            Outcome::BadSignature => "bad_signature",
-            Outcome::Stale => "stale",
-            Outcome::Replayed => "replayed",
-            Outcome::Malformed => "malformed",
-            Outcome::Ignored => "ignored",
-            Outcome::Purged => "purged",
-        }
-    }
-}
 
 /// The endpoint's state: its configuration and the deliveries seen lately.
 pub struct Webhooks {

@@ -15,6 +15,7 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, Notify};
 
 use super::key::KeyId;
+use crate::metrics::RedisOp;
 use crate::redis_conn::RedisConn;
 
 /// Received invalidations waiting to be applied; beyond this they are dropped (counted as a
@@ -130,7 +131,7 @@ impl Bus {
         let text = encode(self.conn.replica(), &m);
         let channel = self.channel.clone();
         self.conn
-            .run("publish", |mut c| async move {
+            .run(RedisOp::Publish, |mut c| async move {
                 redis::cmd("PUBLISH")
                     .arg(channel)
                     .arg(text)
@@ -190,11 +191,7 @@ async fn subscriber(
             Ok(Ok(ps)) => ps,
             _ => {
                 if was_subscribed {
-                    conn.metrics()
-                        .redis
-                        .errors
-                        .with_label_values(&["subscribe"])
-                        .inc();
+                    conn.metrics().redis.error(RedisOp::Subscribe);
                     was_subscribed = false;
                 }
                 tokio::time::sleep(delay).await;
@@ -235,11 +232,7 @@ async fn subscriber(
                 Message::Invalidate(_) if from == conn.replica() => {}
                 Message::Invalidate(inv) => {
                     if tx.try_send(inv).is_err() {
-                        conn.metrics()
-                            .redis
-                            .errors
-                            .with_label_values(&["subscribe"])
-                            .inc();
+                        conn.metrics().redis.error(RedisOp::Subscribe);
                     }
                 }
             }

@@ -8,20 +8,8 @@ use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, StatusCode};
 
 use crate::error::ProxyError;
+use crate::graph::headers;
 use crate::rewrite::PreparedBody;
-
-/// Headers kept in a stored entry. Per-call headers such as usage reports are not replayed:
-/// they describe a call that happened long ago and would mislead SDKs that pace themselves
-/// by them.
-const STORED_HEADERS: &[&str] = &[
-    "content-type",
-    "facebook-api-version",
-    "x-fb-trace-id",
-    "x-fb-request-id",
-    "x-fb-rev",
-    "etag",
-    "last-modified",
-];
 
 /// Graph's content type for JSON; served when an entry stores none.
 pub const DEFAULT_CONTENT_TYPE: &str = "application/json; charset=UTF-8";
@@ -186,7 +174,7 @@ impl Entry {
                 if n == header::CONTENT_TYPE && v == DEFAULT_CONTENT_TYPE {
                     return None;
                 }
-                let name = STORED_HEADERS.iter().find(|s| **s == n.as_str())?;
+                let name = headers::STORED.iter().find(|s| **s == n.as_str())?;
                 Some((HeaderName::from_static(name), v))
             })
             .collect();

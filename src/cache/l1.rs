@@ -15,7 +15,7 @@ use moka::Expiry;
 use super::entry::Entry;
 use super::invalidate::NodeIndex;
 use super::key::KeyId;
-use crate::metrics::Metrics;
+use crate::metrics::{CacheTier, Eviction, Metrics};
 
 struct EntryExpiry {
     stale_window: Duration,
@@ -61,16 +61,13 @@ impl L1 {
             .weigher(|_k: &KeyId, v: &Arc<Entry>| v.weight())
             .expire_after(EntryExpiry { stale_window })
             .eviction_listener(move |k: Arc<KeyId>, v: Arc<Entry>, cause| {
-                let label = match cause {
-                    RemovalCause::Size => "size",
-                    RemovalCause::Expired => "expired",
-                    RemovalCause::Explicit => "explicit",
-                    RemovalCause::Replaced => "replaced",
+                let why = match cause {
+                    RemovalCause::Size => Eviction::Size,
+                    RemovalCause::Expired => Eviction::Expired,
+                    RemovalCause::Explicit => Eviction::Explicit,
+                    RemovalCause::Replaced => Eviction::Replaced,
                 };
-                metrics
-                    .cache_evictions
-                    .with_label_values(&["l1", label])
-                    .inc();
+                metrics.cache.evicted(CacheTier::L1, why);
                 // A replaced entry's key is still live (indexed under the new generation).
                 if cause != RemovalCause::Replaced {
                     if let Some(node) = &v.node {

@@ -21,6 +21,7 @@ use redis::Script;
 
 use super::entry::Entry;
 use super::key::{CacheKey, KeyId};
+use crate::metrics::RedisOp;
 use crate::redis_conn::RedisConn;
 use crate::rewrite::{KeyMarker, PreparedBody, MARKER_LEN};
 
@@ -122,7 +123,7 @@ impl L2 {
         let keys = [format!("{t}:c:{}", hex_id(key.id)), format!("{t}:e")];
         let (value, epoch): (Option<Vec<u8>>, Option<String>) = self
             .conn
-            .run("get", |mut c| async move {
+            .run(RedisOp::Get, |mut c| async move {
                 redis::cmd("MGET").arg(&keys).query_async(&mut c).await
             })
             .await?;
@@ -162,7 +163,7 @@ impl L2 {
         let epoch = epoch.to_string();
         let script = &self.store;
         self.conn
-            .run("store", |mut c| async move {
+            .run(RedisOp::Store, |mut c| async move {
                 let mut inv = script.prepare_invoke();
                 for k in &keys {
                     inv.key(k);
@@ -187,7 +188,7 @@ impl L2 {
         let ttl = EPOCH_TTL.as_millis() as u64;
         let script = &self.invalidate;
         self.conn
-            .run("invalidate", |mut c| async move {
+            .run(RedisOp::Invalidate, |mut c| async move {
                 let mut inv = script.prepare_invoke();
                 for k in &keys {
                     inv.key(k);
@@ -243,7 +244,7 @@ impl L2 {
                 let k = k.clone();
                 let v: Option<Vec<u8>> = self
                     .conn
-                    .run("purge", |mut c| async move {
+                    .run(RedisOp::Purge, |mut c| async move {
                         redis::cmd("GET").arg(k).query_async(&mut c).await
                     })
                     .await
@@ -263,7 +264,7 @@ impl L2 {
         for k in doomed {
             let n = self
                 .conn
-                .run("purge", |mut c| async move {
+                .run(RedisOp::Purge, |mut c| async move {
                     redis::cmd("UNLINK").arg(k).query_async::<u64>(&mut c).await
                 })
                 .await

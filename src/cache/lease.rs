@@ -14,6 +14,7 @@ use redis::Script;
 
 use super::key::CacheKey;
 use super::l2::L2;
+use crate::metrics::RedisOp;
 use crate::redis_conn::RedisConn;
 
 const RELEASE: &str = r"
@@ -50,7 +51,7 @@ pub async fn acquire(l2: &L2, key: &CacheKey, ttl: Duration) -> LeaseTry {
     let px = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
     let (k, t) = (lkey.clone(), token.clone());
     let got: Option<Option<String>> = conn
-        .run("lease", |mut c| async move {
+        .run(RedisOp::Lease, |mut c| async move {
             redis::cmd("SET")
                 .arg(k)
                 .arg(t)
@@ -83,7 +84,7 @@ impl Lease {
 async fn release(conn: &RedisConn, key: &str, token: &str) {
     let script = Script::new(RELEASE);
     let (k, t) = (key.to_string(), token.to_string());
-    conn.run("lease", |mut c| async move {
+    conn.run(RedisOp::Lease, |mut c| async move {
         script.key(k).arg(t).invoke_async::<i64>(&mut c).await
     })
     .await;

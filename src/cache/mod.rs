@@ -1,7 +1,9 @@
 //! The read cache: keys ([`key`]), TTL rules and client directives ([`policy`]), entries and
 //! their freshness ([`entry`]), the in-process tier ([`l1`]), collapsing of concurrent misses
 //! ([`coalesce`]), node index and write epochs ([`invalidate`]), `ids=` reassembly ([`ids`])
-//! and batch reads from per-operation entries ([`batch`]). The request-path glue that calls Graph lives in `proxy::cached`.
+//! and batch reads from per-operation entries ([`batch`]); what the cache did for a request,
+//! as `Cache-Status`, `X-Cache` and metric label ([`status`]). The request-path glue that
+//! calls Graph lives in `proxy::cached`.
 //!
 //! With `[redis] url`, the shared pieces join in: the Redis tier ([`l2`]), fill leases across
 //! replicas ([`lease`]) and the invalidation bus ([`bus`]).
@@ -18,6 +20,7 @@ pub mod l2;
 pub mod lease;
 pub mod policy;
 pub mod projection;
+pub mod status;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,7 +28,7 @@ use std::sync::Arc;
 use crate::config::CacheConfig;
 use crate::error::ProxyError;
 use crate::graph::request::page_of_node;
-use crate::metrics::Metrics;
+use crate::metrics::{CacheResult, CacheTier, InvalidationReason, Metrics};
 use crate::redis_conn::RedisConn;
 use crate::rewrite::PreparedBody;
 use crate::upstream::reply_budget::Reservation;
@@ -131,12 +134,9 @@ impl Cache {
         self.shared.as_ref()
     }
 
-    /// Counts one lookup in `tier` (`l1`, `l2`).
-    pub fn count_tier(&self, tier: &str, result: &str) {
-        self.metrics
-            .cache_lookups
-            .with_label_values(&[tier, result])
-            .inc();
+    /// Counts one lookup in `tier`.
+    pub fn count_tier(&self, tier: CacheTier, result: CacheResult) {
+        self.metrics.cache.lookup(tier, result);
     }
 
     /// Writes `entry` to the Redis tier unless a write to its node (on any replica) moved the
@@ -189,10 +189,10 @@ impl Cache {
         self.l1.get(key.id)
     }
 
-    /// Counts one lookup: `hit`, `miss`, `stale` or `bypass`.
-    pub fn count(&self, result: &str) {
+    /// Counts one lookup in the in-process tier (L1).
+    pub fn count(&self, result: CacheResult) {
         // Through the metrics' resolved-series cache: a hash lookup per request otherwise.
-        self.metrics.cache_lookup("l1", result);
+        self.metrics.cache.lookup(CacheTier::L1, result);
     }
 
     /// Write epoch of the key's node, read before a fill starts.
@@ -262,7 +262,7 @@ impl Cache {
                 keys.extend(self.take_node(page, true));
             }
         }
-        self.drop_keys(keys, "write")
+        self.drop_keys(keys, InvalidationReason::Write)
     }
 
     /// Admin purge of everything cached for `node` (itself and its edges).
@@ -275,7 +275,7 @@ impl Cache {
 
     fn purge_node_local(&self, node: &str) -> usize {
         let keys = self.take_node(node, false);
-        self.drop_keys(keys, "purge")
+        self.drop_keys(keys, InvalidationReason::Purge)
     }
 
     /// Admin purge of every entry whose readable key starts with `prefix`.
@@ -294,7 +294,7 @@ impl Cache {
     fn purge_prefix_local(&self, prefix: &str) -> usize {
         self.global_epoch.fetch_add(1, Ordering::AcqRel);
         let keys = self.l1.keys_with_prefix(prefix);
-        self.drop_keys(keys, "purge")
+        self.drop_keys(keys, InvalidationReason::Purge)
     }
 
     pub async fn purge_all(&self) -> usize {
@@ -315,9 +315,8 @@ impl Cache {
         let n = self.l1.clear();
         self.index.clear();
         self.metrics
-            .cache_invalidations
-            .with_label_values(&["purge"])
-            .inc_by(n as u64);
+            .cache
+            .invalidated(InvalidationReason::Purge, n as u64);
         n
     }
 
@@ -326,17 +325,14 @@ impl Cache {
         self.index.take(node, edges_only)
     }
 
-    fn drop_keys(&self, keys: Vec<KeyId>, reason: &str) -> usize {
+    fn drop_keys(&self, keys: Vec<KeyId>, reason: InvalidationReason) -> usize {
         let mut n = 0;
         for k in keys {
             if self.l1.remove(k) {
                 n += 1;
             }
         }
-        self.metrics
-            .cache_invalidations
-            .with_label_values(&[reason])
-            .inc_by(n as u64);
+        self.metrics.cache.invalidated(reason, n as u64);
         n
     }
 
@@ -344,14 +340,7 @@ impl Cache {
     /// byte gauges. Returns (entries, bytes).
     pub fn settle(&self) -> (u64, u64) {
         let (entries, bytes) = self.l1.settle();
-        self.metrics
-            .cache_entries
-            .with_label_values(&["l1"])
-            .set(i64::try_from(entries).unwrap_or(i64::MAX));
-        self.metrics
-            .cache_bytes
-            .with_label_values(&["l1"])
-            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.metrics.cache.size(CacheTier::L1, entries, bytes);
         (entries, bytes)
     }
 

@@ -8,6 +8,7 @@
 
 use std::fmt;
 
+use http::{HeaderName, HeaderValue, StatusCode};
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::Value;
@@ -166,6 +167,39 @@ fn buc_entry(business_id: &str, entry: &Value) -> Option<BucUsage> {
         usage: usage_from_object(obj)?,
         regain_access_minutes: obj.get("estimated_time_to_regain_access").and_then(number),
     })
+}
+
+/// A Graph reply as the usage readers see it: status, headers and body, borrowed from
+/// whichever type carries the reply, so what learns from replies needs nothing of the client
+/// that received them.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplyView<'a> {
+    pub status: StatusCode,
+    pub headers: &'a [(HeaderName, HeaderValue)],
+    pub body: &'a [u8],
+}
+
+impl<'a> ReplyView<'a> {
+    /// The first value of header `name` (lowercase), if it is text.
+    pub fn header(&self, name: &str) -> Option<&'a str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.as_str() == name)
+            .and_then(|(_, v)| v.to_str().ok())
+    }
+
+    /// 2xx, or 304 to a conditional request.
+    pub fn is_success(&self) -> bool {
+        self.status.is_success() || self.status == StatusCode::NOT_MODIFIED
+    }
+
+    /// Graph's error object, if this is an error reply.
+    pub fn graph_error(&self) -> Option<GraphErrorInfo> {
+        if self.is_success() {
+            return None;
+        }
+        GraphErrorInfo::from_body(self.body)
+    }
 }
 
 /// The fields of a Graph error body that the gateway acts on.

@@ -16,10 +16,13 @@ use crate::cache::coalesce::{Flight, Role, WaitError};
 use crate::cache::entry::{Entry, Freshness, DEFAULT_CONTENT_TYPE};
 use crate::cache::key::{self, CacheKey};
 use crate::cache::policy::{request_directive, Directive};
+use crate::cache::status::{CacheStatus, Forward, MemberKind, Members};
 use crate::cache::{batch, ids, Fill, FillKind, FillResult};
 use crate::error::ProxyError;
+use crate::graph::headers;
 use crate::graph::request::GraphMethod;
 use crate::graph::usage::ErrorClass;
+use crate::metrics::{CacheResult, StaleReason};
 use crate::rewrite::{self, PreparedBody};
 use crate::upstream::reply_budget::{self, ReplyBudget, Reservation, Source};
 use crate::upstream::Reply;
@@ -32,8 +35,8 @@ const FILL_MARGIN: Duration = Duration::from_secs(1);
 /// A reply produced by the cache phase.
 pub(super) struct Served {
     pub response: Response<Full<Bytes>>,
-    /// `hit`, `miss` or `stale`: the request metric's and log's cache label.
-    pub cache: &'static str,
+    /// The request metric's and log's cache label.
+    pub cache: CacheResult,
     pub upstream_ms: Option<u128>,
 }
 
@@ -71,7 +74,7 @@ impl Gateway {
         }
         let directive = request_directive(headers);
         if directive == Directive::Bypass {
-            self.cache.count("bypass");
+            self.cache.count(CacheResult::Bypass);
             return Ok(None);
         }
         let caller = Caller {
@@ -106,7 +109,7 @@ impl Gateway {
             .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
         let ttl = self.cache.policy.ttl_for(&key.rule_path);
         if ttl.is_zero() {
-            self.cache.count("bypass");
+            self.cache.count(CacheResult::Bypass);
             return Ok(None);
         }
         let found = self.cache.get(&key);
@@ -119,28 +122,23 @@ impl Gateway {
                     self.cache.policy.stale_if_error,
                 ) {
                     Freshness::Fresh => {
-                        self.cache.count("hit");
-                        // By hand: `format!` was ~700 instructions of a ~30 k-instruction hit.
-                        let mut status = String::with_capacity(40);
-                        status.push_str("graphgate; hit; ttl=");
-                        push_decimal(&mut status, e.ttl_left_s(now));
-                        let response =
-                            reply_from(e, &caller, "HIT", status, Some(now), Origin::Cached)?;
+                        self.cache.count(CacheResult::Hit);
+                        let status = CacheStatus::Hit {
+                            ttl: e.ttl_left_s(now),
+                        };
+                        let response = reply_from(e, &caller, status, Some(now), Origin::Cached)?;
                         if e.became_hot() {
                             self.cache.store_plain(&key, e);
                         }
                         return Ok(Some(Served {
                             response,
-                            cache: "hit",
+                            cache: status.result(),
                             upstream_ms: None,
                         }));
                     }
                     Freshness::StaleRevalidate => {
-                        self.cache.count("stale");
-                        self.metrics
-                            .cache_stale_served
-                            .with_label_values(&["revalidate"])
-                            .inc();
+                        self.cache.count(CacheResult::Stale);
+                        self.metrics.cache.served_stale(StaleReason::Revalidate);
                         // One refresh: if one is already running for this key, join nothing.
                         if let Role::Leader(flight, _) = self.cache.flights.join(key.id) {
                             let job = Job {
@@ -151,20 +149,12 @@ impl Gateway {
                             };
                             self.spawn_fill(flight, call.clone(), version, job);
                         }
-                        let status = format!(
-                            "graphgate; hit; ttl={}; detail=stale-while-revalidate",
-                            e.ttl_left_s(now)
-                        );
+                        let status = CacheStatus::StaleWhileRevalidate {
+                            ttl: e.ttl_left_s(now),
+                        };
                         return Ok(Some(Served {
-                            response: reply_from(
-                                e,
-                                &caller,
-                                "STALE",
-                                status,
-                                Some(now),
-                                Origin::Cached,
-                            )?,
-                            cache: "stale",
+                            response: reply_from(e, &caller, status, Some(now), Origin::Cached)?,
+                            cache: status.result(),
                             upstream_ms: None,
                         }));
                     }
@@ -172,13 +162,13 @@ impl Gateway {
                 }
             }
         }
-        self.cache.count("miss");
+        self.cache.count(CacheResult::Miss);
         let fwd = if directive == Directive::Revalidate {
-            "request"
+            Forward::Request
         } else if found.is_some() {
-            "stale"
+            Forward::Stale
         } else {
-            "miss"
+            Forward::Miss
         };
         let started = Instant::now();
         let job = Job {
@@ -211,7 +201,7 @@ impl Gateway {
                 (waiter, false)
             }
             Role::Follower(waiter) => {
-                self.metrics.cache_coalesced.inc();
+                self.metrics.cache.coalesced.inc();
                 (waiter, true)
             }
         };
@@ -339,68 +329,58 @@ impl Gateway {
         &self,
         fill: &Fill,
         caller: &Caller<'_>,
-        fwd: &str,
+        fwd: Forward,
         collapsed: bool,
         upstream_ms: Option<u128>,
     ) -> Result<Served, ProxyError> {
         let now = Instant::now();
-        let collapsed = if collapsed { "; collapsed" } else { "" };
-        let (x_cache, label, status, age) = match fill.kind {
+        let ttl = fill.entry.ttl_left_s(now);
+        let fwd_status = fill.entry.status.as_u16();
+        let (status, age) = match fill.kind {
             FillKind::StaleOnError(why) => {
-                self.metrics
-                    .cache_stale_served
-                    .with_label_values(&["error"])
-                    .inc();
-                (
-                    "STALE",
-                    "stale",
-                    format!(
-                        "graphgate; fwd={fwd}; fwd-status={why}; ttl={}; detail=stale-if-error{collapsed}",
-                        fill.entry.ttl_left_s(now)
-                    ),
-                    Some(now),
-                )
+                self.metrics.cache.served_stale(StaleReason::Error);
+                let status = CacheStatus::StaleIfError {
+                    fwd,
+                    fwd_status: why,
+                    ttl,
+                    collapsed,
+                };
+                (status, Some(now))
             }
-            FillKind::L2Hit => (
-                "HIT",
-                "hit",
-                format!(
-                    "graphgate; hit; ttl={}; detail=l2{collapsed}",
-                    fill.entry.ttl_left_s(now)
-                ),
-                Some(now),
-            ),
+            FillKind::L2Hit => (CacheStatus::SharedHit { ttl, collapsed }, Some(now)),
+            // Another replica's fill: this request waited for it.
             FillKind::Remote => (
-                "HIT",
-                "hit",
-                format!(
-                    "graphgate; hit; ttl={}; detail=l2; collapsed",
-                    fill.entry.ttl_left_s(now)
-                ),
+                CacheStatus::SharedHit {
+                    ttl,
+                    collapsed: true,
+                },
                 Some(now),
             ),
             FillKind::Revalidated => (
-                "MISS",
-                "miss",
-                format!("graphgate; fwd={fwd}; fwd-status=304; stored{collapsed}"),
+                CacheStatus::Forwarded {
+                    fwd,
+                    fwd_status: 304,
+                    stored: true,
+                    collapsed,
+                },
                 Some(now),
             ),
             FillKind::Stored => (
-                "MISS",
-                "miss",
-                format!(
-                    "graphgate; fwd={fwd}; fwd-status={}; stored{collapsed}",
-                    fill.entry.status.as_u16()
-                ),
+                CacheStatus::Forwarded {
+                    fwd,
+                    fwd_status,
+                    stored: true,
+                    collapsed,
+                },
                 Some(now),
             ),
             FillKind::Fetched | FillKind::Passed => (
-                "MISS",
-                "miss",
-                format!(
-                    "graphgate; fwd={fwd}; fwd-status={}{collapsed}",
-                    fill.entry.status.as_u16()
-                ),
+                CacheStatus::Forwarded {
+                    fwd,
+                    fwd_status,
+                    stored: false,
+                    collapsed,
+                },
                 None,
             ),
         };
@@ -408,12 +388,11 @@ impl Gateway {
             response: reply_from(
                 &fill.entry,
                 caller,
-                x_cache,
                 status,
                 age,
                 Origin::Fetched(fill.hold.clone()),
             )?,
-            cache: label,
+            cache: status.result(),
             upstream_ms,
         })
     }
@@ -445,12 +424,21 @@ impl Gateway {
             } else {
                 None
             };
-            self.cache.count(if hit.is_some() { "hit" } else { "miss" });
+            self.cache.count(if hit.is_some() {
+                CacheResult::Hit
+            } else {
+                CacheResult::Miss
+            });
             have.push(hit);
             keys.push(k);
         }
         let missing: Vec<usize> = (0..wanted.len()).filter(|&i| have[i].is_none()).collect();
         let hits = wanted.len() - missing.len();
+        let members = Members {
+            kind: MemberKind::Ids,
+            hits,
+            total: wanted.len(),
+        };
 
         if missing.is_empty() {
             let bodies = wanted
@@ -464,10 +452,10 @@ impl Gateway {
                 .map(|e| e.headers.clone())
                 .unwrap_or_else(|| Vec::new().into());
             let entry = assembled_entry(headers, ids::assemble(&parts)?);
-            let status = format!("graphgate; hit; detail=\"ids {hits}/{}\"", wanted.len());
+            let status = CacheStatus::MembersHit(members);
             return Ok(Served {
-                response: reply_from(&entry, caller, "HIT", status, None, Origin::Assembled)?,
-                cache: "hit",
+                response: reply_from(&entry, caller, status, None, Origin::Assembled)?,
+                cache: status.result(),
                 upstream_ms: None,
             });
         }
@@ -491,7 +479,7 @@ impl Gateway {
                 (waiter, false)
             }
             Role::Follower(waiter) => {
-                self.metrics.cache_coalesced.inc();
+                self.metrics.cache.coalesced.inc();
                 (waiter, true)
             }
         };
@@ -509,27 +497,27 @@ impl Gateway {
             }
         };
         let upstream_ms = Some(started.elapsed().as_millis());
-        let collapsed = if collapsed { "; collapsed" } else { "" };
         let Some(pieces) = fill
             .pieces
             .as_ref()
             .filter(|_| fill.entry.status.is_success())
         else {
             // Graph's error (one bad id fails the whole request) is handed on as it is.
-            let status = format!(
-                "graphgate; fwd=miss; fwd-status={}{collapsed}",
-                fill.entry.status.as_u16()
-            );
+            let status = CacheStatus::Forwarded {
+                fwd: Forward::Miss,
+                fwd_status: fill.entry.status.as_u16(),
+                stored: false,
+                collapsed,
+            };
             return Ok(Served {
                 response: reply_from(
                     &fill.entry,
                     caller,
-                    "MISS",
                     status,
                     None,
                     Origin::Fetched(fill.hold.clone()),
                 )?,
-                cache: "miss",
+                cache: status.result(),
                 upstream_ms,
             });
         };
@@ -552,14 +540,19 @@ impl Gateway {
         }
         let parts: Vec<(&str, &PreparedBody)> = bodies.iter().map(|(id, b)| (*id, b)).collect();
         let entry = assembled_entry(fill.entry.headers.clone(), ids::assemble(&parts)?);
-        let fwd = if hits > 0 { "partial" } else { "miss" };
-        let status = format!(
-            "graphgate; fwd={fwd}; fwd-status=200; stored; detail=\"ids {hits}/{}\"{collapsed}",
-            wanted.len()
-        );
+        let status = CacheStatus::MembersFetched {
+            fwd: if hits > 0 {
+                Forward::Partial
+            } else {
+                Forward::Miss
+            },
+            fwd_status: 200,
+            members,
+            collapsed,
+        };
         Ok(Served {
-            response: reply_from(&entry, caller, "MISS", status, None, Origin::Assembled)?,
-            cache: "miss",
+            response: reply_from(&entry, caller, status, None, Origin::Assembled)?,
+            cache: status.result(),
             upstream_ms,
         })
     }
@@ -579,11 +572,10 @@ impl Gateway {
         } else {
             None
         };
-        // Per-node entries replay only what describes the content.
         let node_headers: Vec<(HeaderName, HeaderValue)> = reply
             .headers
             .iter()
-            .filter(|(n, _)| *n == header::CONTENT_TYPE || n.as_str() == "facebook-api-version")
+            .filter(|(n, _)| headers::MEMBER_STORED.contains(&n.as_str()))
             .cloned()
             .collect();
         if let Some(pieces) = &pieces {
@@ -652,26 +644,28 @@ impl Gateway {
             } else {
                 None
             };
-            self.cache.count(if hit.is_some() { "hit" } else { "miss" });
+            self.cache.count(if hit.is_some() {
+                CacheResult::Hit
+            } else {
+                CacheResult::Miss
+            });
             have.push(hit);
             keys.push((k, ttl));
         }
         let missing: Vec<usize> = (0..ops.len()).filter(|&i| have[i].is_none()).collect();
         let hits = ops.len() - missing.len();
-        let detail = format!("detail=\"batch {hits}/{}\"", ops.len());
+        let members = Members {
+            kind: MemberKind::Batch,
+            hits,
+            total: ops.len(),
+        };
         if missing.is_empty() {
             let parts: Vec<&PreparedBody> = have.iter().flatten().collect();
             let entry = assembled_entry(Vec::new().into(), batch::assemble(&parts)?);
+            let status = CacheStatus::MembersHit(members);
             return Ok(Served {
-                response: reply_from(
-                    &entry,
-                    caller,
-                    "HIT",
-                    format!("graphgate; hit; {detail}"),
-                    None,
-                    Origin::Assembled,
-                )?,
-                cache: "hit",
+                response: reply_from(&entry, caller, status, None, Origin::Assembled)?,
+                cache: status.result(),
                 upstream_ms: None,
             });
         }
@@ -705,17 +699,15 @@ impl Gateway {
             }
             // A whole-batch error from Graph is handed on as it is.
             let entry = Entry::new(status, reply.headers, prepared, Duration::ZERO);
-            let cs = format!("graphgate; fwd=miss; fwd-status={}", status.as_u16());
+            let cs = CacheStatus::Forwarded {
+                fwd: Forward::Miss,
+                fwd_status: status.as_u16(),
+                stored: false,
+                collapsed: false,
+            };
             return Ok(Served {
-                response: reply_from(
-                    &entry,
-                    caller,
-                    "MISS",
-                    cs,
-                    None,
-                    Origin::Fetched(reply.hold),
-                )?,
-                cache: "miss",
+                response: reply_from(&entry, caller, cs, None, Origin::Fetched(reply.hold))?,
+                cache: cs.result(),
                 upstream_ms,
             });
         };
@@ -749,14 +741,19 @@ impl Gateway {
             }
         }
         let entry = assembled_entry(reply.headers.into(), batch::assemble(&elements)?);
-        let fwd = if hits > 0 { "partial" } else { "miss" };
-        let cs = format!(
-            "graphgate; fwd={fwd}; fwd-status={}; stored; {detail}",
-            status.as_u16()
-        );
+        let cs = CacheStatus::MembersFetched {
+            fwd: if hits > 0 {
+                Forward::Partial
+            } else {
+                Forward::Miss
+            },
+            fwd_status: status.as_u16(),
+            members,
+            collapsed: false,
+        };
         Ok(Served {
-            response: reply_from(&entry, caller, "MISS", cs, None, Origin::Assembled)?,
-            cache: "miss",
+            response: reply_from(&entry, caller, cs, None, Origin::Assembled)?,
+            cache: cs.result(),
             upstream_ms,
         })
     }
@@ -829,8 +826,7 @@ fn reply_allows_stale(reply: &Reply) -> bool {
 fn reply_from(
     entry: &Entry,
     caller: &Caller<'_>,
-    x_cache: &'static str,
-    cache_status: String,
+    status: CacheStatus,
     age_at: Option<Instant>,
     origin: Origin,
 ) -> Result<Response<Full<Bytes>>, ProxyError> {
@@ -872,60 +868,24 @@ fn reply_from(
             HeaderValue::from_static(DEFAULT_CONTENT_TYPE),
         );
     }
-    h.insert(X_CACHE, HeaderValue::from_static(x_cache));
-    // The header takes the string's buffer as it is (no second copy).
-    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(cache_status)) {
-        h.insert(CACHE_STATUS, v);
-    }
+    h.insert(X_CACHE, status.x_cache());
+    h.insert(CACHE_STATUS, status.header_value());
     if let Some(at) = age_at {
         h.insert(header::AGE, HeaderValue::from(entry.age(at).as_secs()));
     }
     Ok(response)
 }
 
-/// Appends `v` in decimal.
-fn push_decimal(out: &mut String, v: i64) {
-    if v < 0 {
-        out.push('-');
-    }
-    let mut digits = [0u8; 20];
-    let mut n = v.unsigned_abs();
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    for &d in &digits[at..] {
-        out.push(char::from(d));
-    }
-}
-
 /// Marks a reply that did not involve the cache (writes, batches, `no-store`, TTL 0).
-pub(super) fn mark_uncached(response: &mut Response<Full<Bytes>>, call: &Call) {
-    let fwd = if call.method.is_write() || call.batch.is_some() {
-        "graphgate; fwd=method"
+/// Returns the request's cache label.
+pub(super) fn mark_uncached(response: &mut Response<Full<Bytes>>, call: &Call) -> CacheResult {
+    let status = CacheStatus::Uncached(if call.method.is_write() || call.batch.is_some() {
+        Forward::Method
     } else {
-        "graphgate; fwd=bypass"
-    };
+        Forward::Bypass
+    });
     let h = response.headers_mut();
-    h.insert(X_CACHE, HeaderValue::from_static("BYPASS"));
-    h.insert(CACHE_STATUS, HeaderValue::from_static(fwd));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::push_decimal;
-
-    #[test]
-    fn hand_written_decimal_matches_format() {
-        for v in [0i64, 7, -7, 10, 59, 3600, -86_400, i64::MAX, i64::MIN] {
-            let mut s = String::from("ttl=");
-            push_decimal(&mut s, v);
-            assert_eq!(s, format!("ttl={v}"));
-        }
-    }
+    h.insert(X_CACHE, status.x_cache());
+    h.insert(CACHE_STATUS, status.header_value());
+    status.result()
 }

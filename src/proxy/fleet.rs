@@ -16,6 +16,7 @@ use crate::cache::key::CacheKey;
 use crate::cache::lease::{self, Lease, LeaseTry};
 use crate::cache::{Fill, FillKind, FillResult, Shared};
 use crate::error::ProxyError;
+use crate::metrics::{CacheResult, CacheTier, LeaseWait};
 use crate::upstream::reply_budget::Source;
 
 /// Extra lease time beyond the upstream timeout (token minting, a short queue).
@@ -84,15 +85,15 @@ impl Gateway {
         };
         if let Some(found) = look.entry {
             if serve && self.fresh(&found) {
-                self.cache.count_tier("l2", "hit");
+                self.cache.count_tier(CacheTier::L2, CacheResult::Hit);
                 return FleetStart::Served(self.promote(key, found, FillKind::L2Hit, epoch).await);
             }
-            self.cache.count_tier("l2", "stale");
+            self.cache.count_tier(CacheTier::L2, CacheResult::Stale);
             if stale.is_none() {
                 *stale = Some(Arc::new(found));
             }
         } else {
-            self.cache.count_tier("l2", "miss");
+            self.cache.count_tier(CacheTier::L2, CacheResult::Miss);
         }
         if !serve {
             return FleetStart::Fetch(fleet);
@@ -171,7 +172,7 @@ impl Gateway {
         lease_ttl: Duration,
         epoch: u64,
     ) -> Waited {
-        let metrics = &self.metrics.redis.lease_waits;
+        let metrics = &self.metrics;
         let deadline =
             Instant::now() + self.config.upstream.timeout + self.config.quota.queue_timeout;
         let mut poll = POLL_MIN;
@@ -181,27 +182,27 @@ impl Gateway {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let Some(look) = sh.l2.lookup(key).await else {
-                metrics.with_label_values(&["gave_up"]).inc();
+                metrics.cache.lease_waited(LeaseWait::GaveUp);
                 return Waited::GaveUp;
             };
             if let Some(found) = look.entry.filter(|e| self.fresh(e)) {
-                metrics.with_label_values(&["filled"]).inc();
-                self.metrics.cache_coalesced.inc();
+                metrics.cache.lease_waited(LeaseWait::Filled);
+                self.metrics.cache.coalesced.inc();
                 return Waited::Filled(self.promote(key, found, FillKind::Remote, epoch).await);
             }
             match lease::acquire(&sh.l2, key, lease_ttl).await {
                 LeaseTry::Acquired(l) => {
-                    metrics.with_label_values(&["took_over"]).inc();
+                    metrics.cache.lease_waited(LeaseWait::TookOver);
                     return Waited::TookOver(l, look.epoch);
                 }
                 LeaseTry::Unavailable => {
-                    metrics.with_label_values(&["gave_up"]).inc();
+                    metrics.cache.lease_waited(LeaseWait::GaveUp);
                     return Waited::GaveUp;
                 }
                 LeaseTry::Held => {}
             }
             if Instant::now() >= deadline {
-                metrics.with_label_values(&["gave_up"]).inc();
+                metrics.cache.lease_waited(LeaseWait::GaveUp);
                 return Waited::GaveUp;
             }
             let _ = tokio::time::timeout(poll, notified).await;

@@ -9,11 +9,12 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
-use super::{check_header_size, Gateway, Outcome, Rejection};
+use super::{check_header_size, Failure, Gateway, Outcome};
 use crate::error::ProxyError;
+use crate::metrics::Route;
 use crate::webhooks::{self, SIGNATURE_HEADER};
 
-const ROUTE: &str = "webhook";
+const ROUTE: Route = Route::Webhook;
 
 impl Gateway {
     /// Is this request for the webhooks endpoint?
@@ -22,7 +23,7 @@ impl Gateway {
     }
 
     /// Answers a request to the webhooks endpoint; never sends anything to Graph.
-    pub(super) async fn webhook<B>(self: &Arc<Self>, req: Request<B>) -> Result<Outcome, Rejection>
+    pub(super) async fn webhook<B>(self: &Arc<Self>, req: Request<B>) -> Result<Outcome, Failure>
     where
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -31,12 +32,7 @@ impl Gateway {
         let Some(hooks) = self.webhooks.as_ref() else {
             return Err(fail(ProxyError::NotFound));
         };
-        let count = |o: webhooks::Outcome| {
-            self.metrics
-                .webhook_notifications
-                .with_label_values(&[o.label()])
-                .inc();
-        };
+        let count = |o: webhooks::Outcome| self.metrics.server.webhook(o);
         check_header_size(&req, self.config.server.max_header_bytes).map_err(fail)?;
         let response = match *req.method() {
             Method::GET => match hooks.handshake(req.uri().query()) {
@@ -75,7 +71,7 @@ impl Gateway {
                         };
                         count(outcome);
                         tracing::info!(
-                            outcome = outcome.label(),
+                            outcome = outcome.as_str(),
                             nodes = nodes.len(),
                             entries,
                             "webhook delivery"
@@ -89,7 +85,7 @@ impl Gateway {
                     }
                     Err(o) => {
                         count(o);
-                        tracing::warn!(outcome = o.label(), "webhook delivery refused");
+                        tracing::warn!(outcome = o.as_str(), "webhook delivery refused");
                         return Err(fail(match o {
                             webhooks::Outcome::Malformed => ProxyError::BadRequest(
                                 "The webhook notification cannot be read.".into(),
@@ -109,7 +105,7 @@ impl Gateway {
         Ok(Outcome {
             response,
             route: ROUTE,
-            cache: "none",
+            cache: None,
             client: None,
             upstream_ms: None,
             page: None,

@@ -10,8 +10,8 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 
+use crate::graph::call::Call;
 use crate::graph::request::{page_of_node, parse_ids};
-use crate::proxy::Call;
 
 /// A budget: one Page's BUC quota or the app's platform quota.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -150,7 +150,7 @@ impl NodePages {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::parse_call;
+    use crate::graph::call::parse_call;
     use bytes::Bytes;
     use http::{HeaderMap, Method};
 

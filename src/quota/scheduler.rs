@@ -28,11 +28,12 @@ use super::budget::{Budget, Estimate, Hold, Limits, Observation, Reason, Ticket}
 use super::shared::{FleetParams, FleetTicket, SharedBudgets};
 use super::table::Table;
 use crate::config::{Priority, QuotaConfig, RedisConfig};
-use crate::error::ProxyError;
-use crate::graph::usage::{parse_app_usage, parse_buc_usage, ErrorClass, ThrottleScope, Usage};
-use crate::metrics::Metrics;
+use crate::error::{rate_limit_pair, ProxyError};
+use crate::graph::usage::{
+    parse_app_usage, parse_buc_usage, ErrorClass, ReplyView, ThrottleScope, Usage,
+};
+use crate::metrics::{AdmissionSource, Metrics, QueueWait, QuotaRejection};
 use crate::redis_conn::RedisConn;
-use crate::upstream::Reply;
 
 /// Node → Page mappings remembered from usage headers.
 const MAX_LEARNED_NODES: usize = 10_000;
@@ -424,11 +425,11 @@ impl Scheduler {
         // them before the first call.
         for p in &settings.listed {
             let m = &metrics;
-            m.quota_page_paused.with_label_values(&[p]).set(0);
-            m.quota_page_throttles.with_label_values(&[p]);
-            m.quota_page_queue_depth.with_label_values(&[p]).set(0);
-            m.quota_page_usage_ratio.with_label_values(&[p]).set(0.0);
-            m.quota_page_calls_in_window.with_label_values(&[p]).set(0);
+            m.quota.page_paused.with_label_values(&[p]).set(0);
+            m.quota.page_throttles.with_label_values(&[p]);
+            m.quota.page_queue_depth.with_label_values(&[p]).set(0);
+            m.quota.page_usage_ratio.with_label_values(&[p]).set(0.0);
+            m.quota.page_calls_in_window.with_label_values(&[p]).set(0);
         }
         let inner = Arc::new(Inner {
             gate: AppGate::new(page.window, page.headroom_pct),
@@ -440,7 +441,7 @@ impl Scheduler {
             exported: Mutex::new(HashSet::new()),
         });
         let weak: Weak<Inner> = Arc::downgrade(&inner);
-        metrics.set_quota_refresh(Box::new(move || {
+        metrics.quota.set_refresh(Box::new(move || {
             if let Some(inner) = weak.upgrade() {
                 inner.refresh_gauges();
             }
@@ -511,19 +512,18 @@ impl Scheduler {
                         }
                         h.bucket.wake.notify_one();
                     }
-                    m.quota_queue_wait
-                        .with_label_values(&["rejected"])
-                        .observe(started.elapsed().as_secs_f64());
+                    m.quota
+                        .waited(QueueWait::Rejected, started.elapsed().as_secs_f64());
                     return Err(e);
                 }
             }
         }
         admission.waited = started.elapsed();
-        m.quota_queue_wait
-            .with_label_values(&["admitted"])
-            .observe(admission.waited.as_secs_f64());
+        m.quota
+            .waited(QueueWait::Admitted, admission.waited.as_secs_f64());
         for h in &admission.held {
-            m.quota_dispatches
+            m.quota
+                .dispatches
                 .with_label_values(&[h.bucket.key.policy_name()])
                 .inc();
         }
@@ -533,11 +533,16 @@ impl Scheduler {
     /// Learns from a reply: usage readings, throttle codes (the charged Pages pause; an
     /// app-level code closes the app gate for every call), and which Page an opaque node id
     /// belongs to.
-    pub fn learn(&self, admission: &Admission, reply: &Reply, node: Option<&str>) -> Learned {
+    pub fn learn(
+        &self,
+        admission: &Admission,
+        reply: ReplyView<'_>,
+        node: Option<&str>,
+    ) -> Learned {
         let now = Instant::now();
         let inner = &self.inner;
         let graph_error = reply.graph_error();
-        let success = reply.status.is_success() || reply.status == http::StatusCode::NOT_MODIFIED;
+        let success = reply.is_success();
         let answered = success || graph_error.is_some();
         let scope = match graph_error.as_ref().map(|e| e.class()) {
             Some(ErrorClass::Throttle(scope)) => Some(scope),
@@ -647,7 +652,8 @@ impl Scheduler {
         if let Some(scope) = scope {
             inner
                 .metrics
-                .quota_throttles
+                .quota
+                .throttles
                 .with_label_values(&[scope.label()])
                 .inc();
             tracing::warn!(
@@ -738,24 +744,6 @@ impl Scheduler {
             "pages": pages,
         })
     }
-}
-
-/// The two IETF RateLimit headers for one policy.
-pub fn rate_limit_pair(
-    name: &str,
-    q: u32,
-    w: u64,
-    r: u32,
-    t: u64,
-) -> Vec<(HeaderName, HeaderValue)> {
-    let mut out = Vec::with_capacity(2);
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{name}\";q={q};w={w}")) {
-        out.push((HeaderName::from_static("ratelimit-policy"), v));
-    }
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{name}\";r={r};t={t}")) {
-        out.push((HeaderName::from_static("ratelimit"), v));
-    }
-    out
 }
 
 fn rounded(x: f64, digits: i32) -> f64 {
@@ -877,7 +865,7 @@ impl Inner {
             return Some(Err(hold));
         }
         let gate_probe = gate_probe && self.gate.take_probe();
-        shared.count("redis");
+        shared.count(AdmissionSource::Redis);
         Some(Ok(Granted {
             ticket: st.budget.dispatched(units, now, false),
             fleet: Some(d.ticket),
@@ -918,7 +906,8 @@ impl Inner {
         if let BucketKey::Page(p) = key {
             if self.settings.listed.contains(p) || lock(&self.exported).contains(p) {
                 self.metrics
-                    .quota_page_throttles
+                    .quota
+                    .page_throttles
                     .with_label_values(&[p.as_str()])
                     .inc();
             }
@@ -932,15 +921,11 @@ impl Inner {
         wait: Duration,
         queue_full: bool,
     ) -> ProxyError {
-        let reason = if queue_full {
-            "queue_full"
+        self.metrics.quota.rejected(if queue_full {
+            QuotaRejection::QueueFull
         } else {
-            "queue_timeout"
-        };
-        self.metrics
-            .quota_rejections
-            .with_label_values(&[reason])
-            .inc();
+            QuotaRejection::QueueTimeout
+        });
         let now = Instant::now();
         let est = st.budget.estimate(now);
         let limits = st.budget.limits;
@@ -1005,7 +990,7 @@ impl Inner {
                     match self.try_local(&mut st, units, now, gate_held) {
                         Ok(g) => {
                             if let Some(s) = &self.shared {
-                                s.count("local");
+                                s.count(AdmissionSource::Local);
                             }
                             st.hold = None;
                             return Ok(g);
@@ -1031,7 +1016,7 @@ impl Inner {
                 Some(h) if !st.queued() => h.reason.label(),
                 _ => "queued_behind",
             };
-            self.metrics.quota_waits.with_label_values(&[why]).inc();
+            self.metrics.quota.waits.with_label_values(&[why]).inc();
             let (tx, rx) = oneshot::channel();
             st.queues[prio].push_back(Waiter {
                 tx,
@@ -1041,7 +1026,7 @@ impl Inner {
             st.waiting_units[prio] = st.waiting_units[prio].saturating_add(units);
             st.depth += 1;
             st.compact(self.settings.max_queue_depth);
-            self.metrics.quota_queue_depth.inc();
+            self.metrics.quota.queue_depth.inc();
             if !st.pump_running {
                 st.pump_running = true;
                 tokio::spawn(pump(self.clone(), bucket.clone()));
@@ -1155,9 +1140,11 @@ impl Inner {
         let now = Instant::now();
         let m = &self.metrics;
         let buckets = self.table.snapshot();
-        m.quota_buckets
+        m.quota
+            .buckets
             .set(i64::try_from(buckets.len()).unwrap_or(i64::MAX));
-        m.quota_app_paused
+        m.quota
+            .app_paused
             .set(i64::from(self.gate.paused_until(now).is_some()));
         let mut paused = 0;
         let mut pages: Vec<(u32, &Arc<Bucket>)> = Vec::new();
@@ -1180,7 +1167,7 @@ impl Inner {
                         .iter()
                         .zip(pcts)
                     {
-                        m.quota_app_usage.with_label_values(&[k]).set(v);
+                        m.quota.app_usage.with_label_values(&[k]).set(v);
                     }
                 }
                 BucketKey::Page(_) => {
@@ -1189,7 +1176,7 @@ impl Inner {
                 }
             }
         }
-        m.quota_paused_buckets.set(paused);
+        m.quota.paused_buckets.set(paused);
         // The busiest first; ties by id so the choice is stable between scrapes.
         pages.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.key.cmp(&b.1.key)));
         let mut exported = HashSet::new();
@@ -1214,19 +1201,24 @@ impl Inner {
             let is_paused = st.budget.paused_until(now).is_some()
                 || fleet.and_then(|f| f.paused_until).is_some();
             let label = [p.as_str()];
-            m.quota_page_usage_ratio
+            m.quota
+                .page_usage_ratio
                 .with_label_values(&label)
                 .set(usage / 100.0);
-            m.quota_page_estimated_limit
+            m.quota
+                .page_estimated_limit
                 .with_label_values(&label)
                 .set(limit);
-            m.quota_page_calls_in_window
+            m.quota
+                .page_calls_in_window
                 .with_label_values(&label)
                 .set(i64::from(count));
-            m.quota_page_queue_depth
+            m.quota
+                .page_queue_depth
                 .with_label_values(&label)
                 .set(i64::try_from(st.depth).unwrap_or(i64::MAX));
-            m.quota_page_paused
+            m.quota
+                .page_paused
                 .with_label_values(&label)
                 .set(i64::from(is_paused));
             let pcts = reading.map_or([0.0; 3], |r| {
@@ -1240,7 +1232,8 @@ impl Inner {
                 .iter()
                 .zip(pcts)
             {
-                m.quota_page_usage
+                m.quota
+                    .page_usage
                     .with_label_values(&[p.as_str(), k])
                     .set(v);
             }
@@ -1252,7 +1245,7 @@ impl Inner {
             if self.settings.listed.contains(gone) {
                 continue;
             }
-            m.remove_page_series(gone);
+            m.quota.remove_page_series(gone);
         }
         *previous = exported;
     }
@@ -1273,7 +1266,7 @@ impl Drop for Leave<'_> {
         st.depth = st.depth.saturating_sub(1);
         st.waiting_units[self.prio] = st.waiting_units[self.prio].saturating_sub(self.units);
         drop(st);
-        self.inner.metrics.quota_queue_depth.dec();
+        self.inner.metrics.quota.queue_depth.dec();
         self.bucket.wake.notify_one();
     }
 }
@@ -1324,7 +1317,7 @@ async fn pump(inner: Arc<Inner>, bucket: Arc<Bucket>) {
                             st.hold = None;
                             if let Some((_, w)) = st.pop_head() {
                                 if let Some(s) = &inner.shared {
-                                    s.count("local");
+                                    s.count(AdmissionSource::Local);
                                 }
                                 hand_over(&inner, &bucket, &mut st, w, g);
                             } else {

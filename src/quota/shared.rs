@@ -25,6 +25,7 @@ use redis::Script;
 
 use super::attribution::BucketKey;
 use super::budget::{regain_duration, Limits, Observation, Reason};
+use crate::metrics::{AdmissionSource, RedisOp};
 use crate::redis_conn::RedisConn;
 
 /// How often a replica announces itself and reads the fleet's app pause.
@@ -608,13 +609,8 @@ impl SharedBudgets {
         self.conn.is_up()
     }
 
-    pub fn count(&self, source: &str) {
-        self.conn
-            .metrics()
-            .redis
-            .admissions
-            .with_label_values(&[source])
-            .inc();
+    pub fn count(&self, source: AdmissionSource) {
+        self.conn.metrics().quota.decided(source);
     }
 
     /// The share of each budget this replica uses while deciding alone.
@@ -657,7 +653,7 @@ impl SharedBudgets {
         let script = &self.admit;
         let r: Vec<i64> = self
             .conn
-            .run("admit", |mut c| async move {
+            .run(RedisOp::Admit, |mut c| async move {
                 let mut inv = script.key(k);
                 inv.arg(units.max(1));
                 params.args(&mut inv);
@@ -715,7 +711,7 @@ impl SharedBudgets {
         let pct = obs.usage.map_or(0.0, |u| u.max());
         let (has_usage, throttled, answered) = (obs.usage.is_some(), obs.throttled, obs.answered);
         self.conn
-            .run("observe", |mut c| async move {
+            .run(RedisOp::Observe, |mut c| async move {
                 let mut inv = script.key(k);
                 inv.arg(u8::from(ticket.is_some()))
                     .arg(t.ours)
@@ -746,7 +742,7 @@ impl SharedBudgets {
         let k = self.key(key);
         let script = &self.finish;
         self.conn
-            .run("refund", |mut c| async move {
+            .run(RedisOp::Refund, |mut c| async move {
                 let mut inv = script.key(k);
                 inv.arg(t.at_us)
                     .arg(t.units)
@@ -781,7 +777,7 @@ impl SharedBudgets {
         let script = &self.pause_app;
         let us = micros(d);
         self.conn
-            .run("pause", |mut c| async move {
+            .run(RedisOp::Pause, |mut c| async move {
                 script.key(k).arg(us).invoke_async::<i64>(&mut c).await
             })
             .await;
@@ -802,7 +798,7 @@ impl SharedBudgets {
         let script = &self.fleet;
         let r: Option<Vec<i64>> = self
             .conn
-            .run("heartbeat", |mut c| async move {
+            .run(RedisOp::Heartbeat, |mut c| async move {
                 script
                     .key(replicas)
                     .key(pause)

@@ -34,7 +34,7 @@ pub struct Permit<'a> {
 impl Breaker {
     /// `threshold` 0 disables the breaker (every call is admitted).
     pub fn new(threshold: u32, cooldown: Duration, metrics: Arc<Metrics>) -> Breaker {
-        metrics.hardening.breaker_state.set(0);
+        metrics.upstream.breaker_state.set(0);
         Breaker {
             threshold,
             cooldown,
@@ -55,10 +55,10 @@ impl Breaker {
             State::Open { .. } => 2,
         };
         if matches!(new, State::Open { .. }) && !matches!(*st, State::Open { .. }) {
-            self.metrics.hardening.breaker_opened.inc();
+            self.metrics.upstream.breaker_opened.inc();
         }
         *st = new;
-        self.metrics.hardening.breaker_state.set(gauge);
+        self.metrics.upstream.breaker_state.set(gauge);
     }
 
     /// Admits a call, or says how long until the breaker may let one through.
@@ -178,7 +178,7 @@ mod tests {
         b.admit().unwrap().record(false);
         assert!(b.is_open());
         assert!(b.admit().is_err());
-        assert_eq!(b.metrics.hardening.breaker_state.get(), 2);
+        assert_eq!(b.metrics.upstream.breaker_state.get(), 2);
     }
 
     #[test]
@@ -195,7 +195,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         let probe = b.admit().unwrap();
         probe.record(true);
-        assert_eq!(b.metrics.hardening.breaker_state.get(), 0);
+        assert_eq!(b.metrics.upstream.breaker_state.get(), 0);
         assert!(b.admit().is_ok());
     }
 

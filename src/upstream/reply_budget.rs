@@ -84,7 +84,7 @@ impl Inner {
             .is_ok();
         if taken {
             self.metrics
-                .hardening
+                .upstream
                 .buffered_reply_bytes
                 .add(i64::try_from(bytes).unwrap_or(i64::MAX));
         }
@@ -94,7 +94,7 @@ impl Inner {
     fn give_back(&self, bytes: usize) {
         self.used.fetch_sub(bytes, Ordering::AcqRel);
         self.metrics
-            .hardening
+            .upstream
             .buffered_reply_bytes
             .sub(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
@@ -115,7 +115,7 @@ impl Reservation {
             };
             self.budget
                 .metrics
-                .hardening
+                .upstream
                 .reply_budget_rejections
                 .with_label_values(&[label])
                 .inc();
@@ -181,14 +181,14 @@ mod tests {
         assert!(!c.grow_to(41, Source::Cache), "100 would be exceeded");
         assert_eq!(c.bytes(), 40);
         assert_eq!(b.used(), 100);
-        assert_eq!(m.hardening.buffered_reply_bytes.get(), 100);
+        assert_eq!(m.upstream.buffered_reply_bytes.get(), 100);
         drop(a);
         assert_eq!(b.used(), 40);
         drop(c);
         assert_eq!(b.used(), 0);
-        assert_eq!(m.hardening.buffered_reply_bytes.get(), 0);
+        assert_eq!(m.upstream.buffered_reply_bytes.get(), 0);
         let rejected = |s: &str| {
-            m.hardening
+            m.upstream
                 .reply_budget_rejections
                 .with_label_values(&[s])
                 .get()
