@@ -31,19 +31,50 @@ use crate::quota::{self, Scheduler};
 use crate::redis_conn::RedisConn;
 use crate::rewrite;
 use crate::tokens::{Injected, Tokens};
+use crate::tracecontext::RequestContext;
 use crate::upstream::{Reply, Upstream, UpstreamRequest, FORWARDED_REQUEST_HEADERS};
 
-/// One request counted in by [`Gateway::admit`]; counts it out when dropped.
-pub struct InFlight<'a>(&'a AtomicUsize);
+/// Requests being handled now (`server.max_in_flight` is measured against it). One shared
+/// counter, two atomic operations per request: a semaphore permit plus a separate gauge were
+/// six, on cache lines both workers write.
+#[derive(Debug, Default)]
+pub struct InFlight(AtomicUsize);
 
-impl Drop for InFlight<'_> {
+impl InFlight {
+    /// Counts a request in if fewer than `max` are being handled; `None` means shed it. The
+    /// guard counts it out however the request ends, also when the client goes away
+    /// mid-request.
+    pub fn admit<T: AsRef<InFlight>>(owner: T, max: usize) -> Option<Counted<T>> {
+        let before = owner.as_ref().0.fetch_add(1, Ordering::AcqRel);
+        let counted = Counted(owner);
+        (before < max).then_some(counted)
+    }
+
+    pub fn current(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+impl AsRef<InFlight> for InFlight {
+    fn as_ref(&self) -> &InFlight {
+        self
+    }
+}
+
+/// One request counted in by [`InFlight::admit`]; counts it out when dropped. Generic over
+/// what owns the counter, so a future can hold it without a reference into the gateway.
+pub struct Counted<T: AsRef<InFlight>>(T);
+
+impl<T: AsRef<InFlight>> Drop for Counted<T> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.as_ref().0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 const X_FB_TRACE_ID: HeaderName = HeaderName::from_static("x-fb-trace-id");
-const X_GRAPHGATE_TRACE_ID: HeaderName = HeaderName::from_static("x-graphgate-trace-id");
+pub const X_GRAPHGATE_TRACE_ID: HeaderName = HeaderName::from_static("x-graphgate-trace-id");
+/// Longest User-Agent written to the request log line.
+const MAX_LOGGED_USER_AGENT: usize = 256;
 
 /// Shared state of one running gateway: configuration and the handles every request uses.
 pub struct Gateway {
@@ -58,10 +89,8 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     pub cache: Cache,
     draining: AtomicBool,
-    trace_prefix: u32,
-    trace_seq: AtomicU64,
-    /// Requests being handled through [`Gateway::admit`].
-    in_flight: AtomicUsize,
+    /// Requests being handled (see the public stack's load shedding).
+    in_flight: Arc<InFlight>,
 }
 
 /// A client request, parsed. Clone: a cache fill takes its own copy into its task.
@@ -86,6 +115,9 @@ pub struct Call {
     forwarded: Vec<(HeaderName, HeaderValue)>,
     /// `X-Graphgate-Page` / `X-Graphgate-Max-Wait-Ms`.
     pub quota_hints: quota::Hints,
+    /// The trace and request id passed on to Graph (`traceparent`, `X-Request-Id`); set
+    /// after parsing, added to the upstream request only when it is built.
+    pub trace: Option<RequestContext>,
     /// What the upstream phase learned for the request log; shared with a fill's copy.
     pub stats: Arc<CallStats>,
 }
@@ -163,6 +195,8 @@ struct Outcome {
     upstream_ms: Option<u128>,
     /// The Page charged upstream, else the Page the call names (logs only).
     page: Option<String>,
+    /// The node of the call's path (logs only).
+    node: Option<String>,
     /// Time waited for quota budget (logs only).
     queue_wait: Option<Duration>,
 }
@@ -194,9 +228,7 @@ impl Gateway {
             cache,
             metrics,
             draining: AtomicBool::new(false),
-            trace_prefix: fastrand::u32(..),
-            trace_seq: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
+            in_flight: Arc::default(),
             config: Arc::new(config),
         })
     }
@@ -210,47 +242,49 @@ impl Gateway {
         self.draining.store(true, Ordering::SeqCst);
     }
 
-    /// Counts a request in if fewer than `max` are being handled (`server.max_in_flight`);
-    /// `None` means shed it. The guard counts it out however the request ends, also when the
-    /// client goes away mid-request. One shared counter, two atomic operations per request:
-    /// a semaphore permit plus a separate gauge were six, on cache lines both workers write.
-    pub fn admit(&self, max: usize) -> Option<InFlight<'_>> {
-        let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
-        let counted = InFlight(&self.in_flight);
-        (before < max).then_some(counted)
+    /// The counter `server.max_in_flight` is measured against (the public stack's load
+    /// shedding counts requests in and out of it).
+    pub fn in_flight_counter(&self) -> &Arc<InFlight> {
+        &self.in_flight
     }
 
     /// Requests being handled now (the `graphgate_requests_in_flight` gauge, set when
     /// /metrics is read).
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
+        self.in_flight.current()
     }
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
 
-    /// `gg`, this process's random prefix (8 hex digits), then the request's sequence number in
-    /// hex. Written by hand: `format!` was ~700 instructions of a ~30 k-instruction hit.
-    fn next_trace_id(&self) -> String {
-        let n = self.trace_seq.fetch_add(1, Ordering::Relaxed);
-        let mut id = String::with_capacity(2 + 8 + 16);
-        id.push_str("gg");
-        push_hex(&mut id, u64::from(self.trace_prefix), 8);
-        push_hex(&mut id, n, 1);
-        id
-    }
-
-    /// Answers one client request. Never fails: errors become Graph-style replies.
+    /// Answers one request that came without a socket (benches, in-process use): a new
+    /// trace, no client address.
     pub async fn handle<B>(self: &Arc<Self>, req: Request<B>) -> Response<Full<Bytes>>
     where
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let context = RequestContext::from_headers(req.headers(), None);
+        self.handle_in(req, context).await
+    }
+
+    /// Answers one client request within its trace: the innermost service of the public
+    /// stack. Never fails: errors become Graph-style replies. Records the request metric and
+    /// writes the access log line.
+    pub async fn handle_in<B>(
+        self: &Arc<Self>,
+        req: Request<B>,
+        context: RequestContext,
+    ) -> Response<Full<Bytes>>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let started = Instant::now();
-        let trace_id = self.next_trace_id();
         let method = req.method().clone();
-        let outcome = match self.process(req).await {
+        let record = RequestRecord::capture(&req);
+        let outcome = match self.process(req, &context).await {
             Ok(o) => o,
             Err((e, route, client)) => {
                 self.metrics
@@ -258,12 +292,13 @@ impl Gateway {
                     .with_label_values(&[e.label()])
                     .inc();
                 Outcome {
-                    response: e.into_response(&trace_id),
+                    response: e.into_response(context.trace.trace_id()),
                     route,
                     cache: "none",
                     client,
                     upstream_ms: None,
                     page: None,
+                    node: None,
                     queue_wait: None,
                 }
             }
@@ -283,17 +318,25 @@ impl Gateway {
             outcome.cache,
             took,
         );
-        // Only bounded labels, ids and numbers: no key, token or query string is a field, so
-        // nothing secret can reach the log (redacted by construction). The macro evaluates
-        // the fields only when the line is on.
+        // Only bounded labels, ids, numbers and checked client values: no key, token or query
+        // string is a field, so nothing secret can reach the log (redacted by construction).
+        // The macro evaluates the fields only when the line is on.
         tracing::info!(
-            trace_id = %trace_id,
+            trace_id = context.trace.trace_id(),
+            request_id = context.request_id(),
             method = method_label,
+            path = record.as_ref().map_or("-", |r| r.path.as_str()),
             route = outcome.route,
+            node = outcome.node.as_deref().unwrap_or("-"),
             status = status.as_u16(),
             cache = outcome.cache,
             page = outcome.page.as_deref().unwrap_or("-"),
             client = outcome.client.as_ref().map(|c| c.name.as_str()).unwrap_or("-"),
+            bytes = hyper::body::Body::size_hint(outcome.response.body()).exact().unwrap_or(0),
+            client_addr = %context
+                .client_addr
+                .map_or_else(|| "-".to_string(), |a| a.to_string()),
+            user_agent = record.as_ref().map_or("-", |r| r.user_agent.as_str()),
             upstream_ms = outcome.upstream_ms.map(|m| m as i64).unwrap_or(-1),
             queue_ms = outcome
                 .queue_wait
@@ -309,8 +352,7 @@ impl Gateway {
             "request"
         );
         let mut response = outcome.response;
-        // The header takes the formatted id's buffer as it is (no second copy).
-        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(trace_id)) {
+        if let Ok(v) = HeaderValue::from_str(context.trace.trace_id()) {
             response.headers_mut().insert(X_GRAPHGATE_TRACE_ID, v);
         }
         response
@@ -319,6 +361,7 @@ impl Gateway {
     async fn process<B>(
         self: &Arc<Self>,
         req: Request<B>,
+        context: &RequestContext,
     ) -> Result<Outcome, (ProxyError, &'static str, Option<Arc<Client>>)>
     where
         B: hyper::body::Body<Data = Bytes>,
@@ -342,6 +385,7 @@ impl Gateway {
                 .map_err(fail)?
         };
         let mut call = parse_call(&parts.method, &parts.uri, &parts.headers, body).map_err(fail)?;
+        call.trace = Some(context.clone());
         let route = call.route();
 
         // Phase: authenticate and authorize.
@@ -372,6 +416,7 @@ impl Gateway {
                 client: Some(client),
                 upstream_ms: served.upstream_ms,
                 page: log_page(&call),
+                node: log_node(&call),
                 queue_wait: call.stats.queue_wait(),
             });
         }
@@ -410,6 +455,7 @@ impl Gateway {
             client: Some(client),
             upstream_ms: Some(upstream_ms),
             page: log_page(&call),
+            node: log_node(&call),
             queue_wait: call.stats.queue_wait(),
         })
     }
@@ -585,11 +631,15 @@ pub fn upstream_request(
     if let Some(ops) = &call.batch {
         params.set("batch", upstream_batch(ops, system)?);
     }
+    let mut headers = call.forwarded.clone();
+    if let Some(trace) = &call.trace {
+        headers.extend(trace.upstream_headers());
+    }
     Ok(UpstreamRequest {
         method,
         path: call.path.to_upstream_path(),
         params,
-        headers: call.forwarded.clone(),
+        headers,
         files: call.files.clone(),
     })
 }
@@ -625,7 +675,11 @@ fn check_key_stays(key: &str, call: &Call) -> Result<(), ProxyError> {
         .iter()
         .chain(ops.iter().flat_map(|op| &op.path.segments))
         .any(|s| holds(s.as_bytes()));
-    let in_headers = call.forwarded.iter().any(|(_, v)| holds(v.as_bytes()));
+    let in_headers = call.forwarded.iter().any(|(_, v)| holds(v.as_bytes()))
+        || call
+            .trace
+            .as_ref()
+            .is_some_and(|t| holds(t.request_id().as_bytes()));
     let in_params = call
         .params
         .iter()
@@ -688,6 +742,72 @@ fn log_page(call: &Call) -> Option<String> {
         .map(str::to_string)
 }
 
+/// The node a request log line names. `None` when the line will not be written.
+fn log_node(call: &Call) -> Option<String> {
+    if !tracing::enabled!(tracing::Level::INFO) {
+        return None;
+    }
+    call.path.node().map(str::to_string)
+}
+
+/// What the access log line needs from the request before it is taken apart: its path
+/// without anything that could be a secret, and the bounded User-Agent. Captured only when
+/// the line will be written.
+struct RequestRecord {
+    path: String,
+    user_agent: String,
+}
+
+impl RequestRecord {
+    fn capture<B>(req: &Request<B>) -> Option<RequestRecord> {
+        if !tracing::enabled!(tracing::Level::INFO) {
+            return None;
+        }
+        let user_agent = req
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map_or("-", |ua| {
+                let mut end = ua.len().min(MAX_LOGGED_USER_AGENT);
+                while !ua.is_char_boundary(end) {
+                    end -= 1;
+                }
+                &ua[..end]
+            })
+            .to_string();
+        Some(RequestRecord {
+            path: loggable_path(req.uri().path()),
+            user_agent,
+        })
+    }
+}
+
+/// The request path for the log: no query string, and every segment that is not a Graph
+/// version, id or edge name written as `-` (a key pasted into a path is never logged).
+fn loggable_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len().min(128));
+    for segment in path.split('/').filter(|s| !s.is_empty()).take(16) {
+        out.push('/');
+        let b = segment.as_bytes();
+        let version = b.len() <= 8
+            && b.first() == Some(&b'v')
+            && b[1..].iter().all(|c| c.is_ascii_digit() || *c == b'.');
+        let id = b.len() <= 64 && b.iter().all(|c| c.is_ascii_digit() || *c == b'_');
+        let account =
+            b.len() <= 64 && b.starts_with(b"act_") && b[4..].iter().all(|c| c.is_ascii_digit());
+        let edge = b.len() <= 40 && b.iter().all(|c| c.is_ascii_lowercase() || *c == b'_');
+        if version || id || account || edge {
+            out.push_str(segment);
+        } else {
+            out.push('-');
+        }
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
 /// Re-queues of one throttled GET; each waits out a pause, so the deadline ends it sooner.
 const MAX_REQUEUES: u32 = 8;
 
@@ -725,17 +845,6 @@ fn names_token(text: &str) -> bool {
             && b.get(at - UNDERSCORE_AT..at - UNDERSCORE_AT + NEEDLE.len())
                 .is_some_and(|w| w.eq_ignore_ascii_case(NEEDLE))
     })
-}
-
-/// Appends `v` in lower-case hex, zero-padded to at least `min_digits`.
-fn push_hex(out: &mut String, v: u64, min_digits: usize) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let digits = (16 - v.leading_zeros() as usize / 4)
-        .max(min_digits)
-        .min(16);
-    for i in (0..digits).rev() {
-        out.push(char::from(DIGITS[((v >> (i * 4)) & 0xf) as usize]));
-    }
 }
 
 /// Total size of the request head as the client sent it (approximately: names, values,
@@ -828,6 +937,7 @@ pub fn parse_call(
         forwarded,
         quota_hints: quota::Hints::from_headers(headers),
         stats: Arc::default(),
+        trace: None,
     })
 }
 
@@ -851,16 +961,22 @@ fn build_response(reply: &Reply, body: Bytes) -> Response<Full<Bytes>> {
 
 #[cfg(test)]
 mod tests {
-    use super::push_hex;
+    use super::loggable_path;
 
     #[test]
-    fn hand_written_hex_matches_format() {
-        for v in [0u64, 1, 15, 16, 0xabc, 0x1234_5678, 0x1_0000_0000, u64::MAX] {
-            for min in [1, 8] {
-                let mut s = String::new();
-                push_hex(&mut s, v, min);
-                assert_eq!(s, format!("{v:0min$x}"));
-            }
+    fn logged_paths_hold_no_query_and_nothing_that_could_be_a_key() {
+        for (path, logged) in [
+            ("/v21.0/1001/feed", "/v21.0/1001/feed"),
+            ("/", "/"),
+            ("/me/accounts", "/me/accounts"),
+            ("/v21.0/act_123/insights", "/v21.0/act_123/insights"),
+            ("/v21.0/1001_2002/comments", "/v21.0/1001_2002/comments"),
+            ("/v21.0/EAABsecretToken123", "/v21.0/-"),
+            ("/v21.0/key-reader-1001/feed", "/v21.0/-/feed"),
+            ("/v21.0/3f2a9c0d1e/feed", "/v21.0/-/feed"),
+            ("/v21.0/%41bc", "/v21.0/-"),
+        ] {
+            assert_eq!(loggable_path(path), logged, "{path}");
         }
     }
 }

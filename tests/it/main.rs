@@ -18,3 +18,4 @@ mod observability;
 mod quota;
 mod redis;
 mod security;
+mod trace_context;
