@@ -1,7 +1,9 @@
-//! The request pipeline, one named phase after another:
-//! limits → parse → authenticate → authorize → cache (lookup, coalesced fill; see
-//! [`cached`]) → choose token → send upstream → learn → invalidate after writes →
-//! prepare body (paging links, scrubbing) → respond.
+//! The gateway: the innermost service of the public stack (`crate::stack`), in stages that
+//! hand each other a fuller exchange ([`Gateway::handle_in`]):
+//! parse (draining, limits, body, [`Call`]) → authenticate and authorize → cache
+//! read-through (lookup, coalesced fill; see [`cached`]) → upstream (choose token, quota,
+//! send, learn, invalidate after writes, prepare body: paging links, scrubbing) → respond,
+//! then the request metric and the access log line.
 //! Every failure is a [`ProxyError`] answered in Graph's error shape.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -186,6 +188,51 @@ impl Call {
     }
 }
 
+/// A refused request: the error, the route label, and the client once it is known.
+type Rejection = (ProxyError, &'static str, Option<Arc<Client>>);
+
+/// A request after the parse stage: its head (the cache stage reads its conditional and
+/// cache-control headers) and the parsed call.
+struct Parsed {
+    parts: http::request::Parts,
+    call: Call,
+    route: &'static str,
+}
+
+/// A request after authentication and authorization: who sent it, with which key.
+struct Admitted {
+    parts: http::request::Parts,
+    call: Call,
+    route: &'static str,
+    client: Arc<Client>,
+    /// The client key presented; paging links in the reply carry it.
+    key: String,
+}
+
+impl Admitted {
+    fn reject(&self, e: ProxyError) -> Rejection {
+        (e, self.route, Some(self.client.clone()))
+    }
+
+    fn outcome(
+        self,
+        response: Response<Full<Bytes>>,
+        cache: &'static str,
+        upstream_ms: Option<u128>,
+    ) -> Outcome {
+        Outcome {
+            response,
+            route: self.route,
+            cache,
+            client: Some(self.client),
+            upstream_ms,
+            page: log_page(&self.call),
+            node: log_node(&self.call),
+            queue_wait: self.call.stats.queue_wait(),
+        }
+    }
+}
+
 /// What the handler produced, with the labels the request log and metrics need.
 struct Outcome {
     response: Response<Full<Bytes>>,
@@ -358,11 +405,28 @@ impl Gateway {
         response
     }
 
+    /// The gateway's stages, in order; each hands the next a fuller exchange or refuses the
+    /// request: parse → authenticate and authorize → cache read-through → upstream.
     async fn process<B>(
         self: &Arc<Self>,
         req: Request<B>,
         context: &RequestContext,
-    ) -> Result<Outcome, (ProxyError, &'static str, Option<Arc<Client>>)>
+    ) -> Result<Outcome, Rejection>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let parsed = self.parse(req, context).await?;
+        let admitted = self.admit_client(parsed)?;
+        if let Some(served) = self.read_through(&admitted).await? {
+            return Ok(admitted.outcome(served.response, served.cache, served.upstream_ms));
+        }
+        self.upstream(admitted).await
+    }
+
+    /// Stage: limits (draining, head size, body size and time) and parsing into a [`Call`]
+    /// that carries the request's trace for the upstream request.
+    async fn parse<B>(&self, req: Request<B>, context: &RequestContext) -> Result<Parsed, Rejection>
     where
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -371,7 +435,6 @@ impl Gateway {
         if self.is_draining() {
             return Err(fail(ProxyError::ShuttingDown));
         }
-        // Phase: limits and parsing.
         check_header_size(&req, self.config.server.max_header_bytes).map_err(fail)?;
         let (parts, body) = req.into_parts();
         let body_timeout = self.config.server.body_read_timeout;
@@ -386,78 +449,88 @@ impl Gateway {
         };
         let mut call = parse_call(&parts.method, &parts.uri, &parts.headers, body).map_err(fail)?;
         call.trace = Some(context.clone());
-        let route = call.route();
+        Ok(Parsed {
+            route: call.route(),
+            parts,
+            call,
+        })
+    }
 
-        // Phase: authenticate and authorize.
+    /// Stage: authenticate the client and authorize everything the call asks for.
+    fn admit_client(&self, parsed: Parsed) -> Result<Admitted, Rejection> {
+        let Parsed {
+            parts,
+            mut call,
+            route,
+        } = parsed;
         let (client, key) = self
             .clients
             .authenticate(&parts.headers, &parts.extensions, call.presented_tokens())
             .map_err(|e| (e, route, None))?;
-        let with_client = |e: ProxyError| (e, route, Some(client.clone()));
-        authorize(&self.clients, &client, &key, &call).map_err(with_client)?;
+        if let Err(e) = authorize(&self.clients, &client, &key, &call) {
+            return Err((e, route, Some(client)));
+        }
         call.quota_hints.bind_to(&client);
+        Ok(Admitted {
+            parts,
+            call,
+            route,
+            client,
+            key,
+        })
+    }
 
-        let version = call
-            .path
-            .version
-            .as_deref()
-            .unwrap_or(&self.config.upstream.default_version);
+    /// Stage: cacheable reads end here (hit, stale, or one coalesced fill); `None` sends the
+    /// call upstream uncached.
+    async fn read_through(
+        self: &Arc<Self>,
+        a: &Admitted,
+    ) -> Result<Option<cached::Served>, Rejection> {
+        self.cached_read(
+            &a.call,
+            self.version_of(&a.call),
+            &a.parts.headers,
+            a.key.as_str(),
+        )
+        .await
+        .map_err(|e| a.reject(e))
+    }
 
-        // Phase: cache. Cacheable reads end here (hit, stale, or one coalesced fill).
-        if let Some(served) = self
-            .cached_read(&call, version, &parts.headers, key.as_str())
-            .await
-            .map_err(with_client)?
-        {
-            return Ok(Outcome {
-                response: served.response,
-                route,
-                cache: served.cache,
-                client: Some(client),
-                upstream_ms: served.upstream_ms,
-                page: log_page(&call),
-                node: log_node(&call),
-                queue_wait: call.stats.queue_wait(),
-            });
-        }
-
-        // Phase: choose the token and send upstream.
+    /// Stage: choose the token and send upstream (within the quota), make cached reads of a
+    /// written node stale, prepare the body for this client and answer.
+    async fn upstream(self: &Arc<Self>, a: Admitted) -> Result<Outcome, Rejection> {
+        let call = &a.call;
         let upstream_started = Instant::now();
-        let reply = Box::pin(self.forward(&call, version, true))
+        let reply = Box::pin(self.forward(call, self.version_of(call), true))
             .await
-            .map_err(with_client)?;
+            .map_err(|e| a.reject(e))?;
         let upstream_ms = upstream_started.elapsed().as_millis();
-
-        // Phase: a successful write makes cached reads of its node stale.
         if reply.status.is_success() {
-            Box::pin(self.invalidate_after_write(&call)).await;
+            Box::pin(self.invalidate_after_write(call)).await;
         }
-
-        // Phase: prepare the body for this client and answer.
         let prepared = rewrite::prepare(
             reply.body.clone(),
             call.batch.is_some(),
             &self.public_url,
             &self.tokens.secrets(),
         )
-        .map_err(with_client)?;
+        .map_err(|e| a.reject(e))?;
         // The reply's share of the budget stays with the body until it is written.
         let body = crate::upstream::reply_budget::held(
-            rewrite::finalize(&prepared, key.as_str()),
+            rewrite::finalize(&prepared, a.key.as_str()),
             reply.hold.iter().cloned().collect(),
         );
         let mut response = build_response(&reply, body);
-        cached::mark_uncached(&mut response, &call);
-        Ok(Outcome {
-            response,
-            route,
-            cache: "bypass",
-            client: Some(client),
-            upstream_ms: Some(upstream_ms),
-            page: log_page(&call),
-            node: log_node(&call),
-            queue_wait: call.stats.queue_wait(),
-        })
+        cached::mark_uncached(&mut response, call);
+        Ok(a.outcome(response, "bypass", Some(upstream_ms)))
+    }
+
+    /// The Graph version a call goes to: its path's, else `upstream.default_version`.
+    fn version_of<'a>(&'a self, call: &'a Call) -> &'a str {
+        call.path
+            .version
+            .as_deref()
+            .unwrap_or(&self.config.upstream.default_version)
     }
 
     /// Reads a request body, bounded in size (`server.max_body_bytes`, 413) and time
