@@ -399,9 +399,9 @@ impl Gateway {
             "request"
         );
         let mut response = outcome.response;
-        if let Ok(v) = HeaderValue::from_str(context.trace.trace_id()) {
-            response.headers_mut().insert(X_GRAPHGATE_TRACE_ID, v);
-        }
+        response
+            .headers_mut()
+            .insert(X_GRAPHGATE_TRACE_ID, context.trace.trace_id_header());
         response
     }
 

@@ -64,6 +64,11 @@ impl TraceContext {
         std::str::from_utf8(&self.trace_id).unwrap_or("")
     }
 
+    /// The trace id as a header value (`X-Graphgate-Trace-Id`, a generated `X-Request-Id`).
+    pub fn trace_id_header(&self) -> HeaderValue {
+        HeaderValue::from_bytes(&self.trace_id).unwrap_or(EMPTY)
+    }
+
     pub fn span_id(&self) -> &str {
         std::str::from_utf8(&self.span_id).unwrap_or("")
     }
@@ -169,15 +174,26 @@ impl RequestContext {
     /// Reads `traceparent`, `tracestate` and `X-Request-Id` from `headers`, replacing what is
     /// missing or invalid.
     pub fn from_headers(headers: &HeaderMap, client_addr: Option<IpAddr>) -> RequestContext {
-        let continued = headers
-            .get(TRACEPARENT)
-            .and_then(|v| TraceContext::continue_from(v.as_bytes()));
+        // One pass over the (few) headers: a lookup by a name that is not a standard header
+        // hashes the name each time.
+        let (mut traceparent, mut tracestate, mut request_id) = (None, None, None);
+        for (name, value) in headers {
+            let slot = match name.as_str() {
+                "traceparent" => &mut traceparent,
+                "tracestate" => &mut tracestate,
+                "x-request-id" => &mut request_id,
+                _ => continue,
+            };
+            // The first of several, as `HeaderMap::get` would.
+            slot.get_or_insert(value);
+        }
+        let continued = traceparent.and_then(|v| TraceContext::continue_from(v.as_bytes()));
         let trace = continued.unwrap_or_else(TraceContext::new_root);
         let tracestate = continued
-            .and(headers.get(TRACESTATE))
+            .and(tracestate)
             .filter(|v| v.len() <= MAX_TRACESTATE && v.to_str().is_ok())
             .cloned();
-        let client_request_id = headers.get(X_REQUEST_ID).and_then(valid_request_id);
+        let client_request_id = request_id.and_then(valid_request_id);
         RequestContext {
             trace,
             tracestate,
@@ -204,7 +220,7 @@ impl RequestContext {
     pub fn request_id_header(&self) -> HeaderValue {
         match &self.client_request_id {
             Some(v) => v.clone(),
-            None => HeaderValue::from_bytes(&self.trace.trace_id).unwrap_or(EMPTY),
+            None => self.trace.trace_id_header(),
         }
     }
 
