@@ -417,11 +417,16 @@ impl Gateway {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let parsed = self.parse(req, context).await?;
-        let admitted = self.admit_client(parsed)?;
-        if let Some(served) = self.read_through(&admitted).await? {
-            return Ok(admitted.outcome(served.response, served.cache, served.upstream_ms));
+        let a = self.admit_client(parsed)?;
+        // Stage: cacheable reads end here (hit, stale, or one coalesced fill); the others go
+        // upstream uncached.
+        let read = self.cached_read(&a.call, self.version_of(&a.call), &a.parts.headers, &a.key);
+        if let Some(served) = read.await.map_err(|e| a.reject(e))? {
+            return Ok(a.outcome(served.response, served.cache, served.upstream_ms));
         }
-        self.upstream(admitted).await
+        // Boxed: only misses and writes get here, and the request future stays the size the
+        // hit path needs (it is moved through every layer of the stack).
+        Box::pin(self.upstream(a)).await
     }
 
     /// Stage: limits (draining, head size, body size and time) and parsing into a [`Call`]
@@ -478,22 +483,6 @@ impl Gateway {
             client,
             key,
         })
-    }
-
-    /// Stage: cacheable reads end here (hit, stale, or one coalesced fill); `None` sends the
-    /// call upstream uncached.
-    async fn read_through(
-        self: &Arc<Self>,
-        a: &Admitted,
-    ) -> Result<Option<cached::Served>, Rejection> {
-        self.cached_read(
-            &a.call,
-            self.version_of(&a.call),
-            &a.parts.headers,
-            a.key.as_str(),
-        )
-        .await
-        .map_err(|e| a.reject(e))
     }
 
     /// Stage: choose the token and send upstream (within the quota), make cached reads of a
