@@ -120,6 +120,18 @@ impl std::str::FromStr for IpNet {
     }
 }
 
+/// `10.0.0.0/8`; a single address without its prefix length.
+impl std::fmt::Display for IpNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let full = if self.addr.is_ipv4() { 32 } else { 128 };
+        if self.prefix == full {
+            write!(f, "{}", self.addr)
+        } else {
+            write!(f, "{}/{}", self.addr, self.prefix)
+        }
+    }
+}
+
 impl IpNet {
     /// Whether `ip` is in the block (an IPv4-mapped IPv6 peer counts as its IPv4 address).
     pub fn contains(&self, ip: IpAddr) -> bool {
