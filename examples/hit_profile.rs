@@ -1,6 +1,7 @@
 //! Profiling harness for the cache-hit path: an in-process gateway (no client sockets) in
 //! front of the simulated Graph API, set up as the benches set it up (benches/common); one
-//! warm-up fill, then N hits through `Gateway::handle` on a current-thread runtime. Meant for
+//! warm-up fill, then N hits through the public tower stack (`graphgate::stack::public`:
+//! load shedding, trace, gateway) on a current-thread runtime. Meant for
 //! callgrind, whose instruction counts do not depend on machine load:
 //!
 //! ```text
@@ -9,15 +10,19 @@
 //! # instructions per hit = (Ir(12000) - Ir(2000)) / 10000
 //! ```
 //! A second argument sets a log filter (`info`, `warn`) for the production fmt subscriber
-//! writing to a sink; without it no subscriber is installed.
+//! writing to a sink; without it (or with `none`) no subscriber is installed. A third
+//! argument `handle` calls `Gateway::handle` directly, without the stack's layers.
 
 #[path = "../benches/common/mod.rs"]
 mod common;
 
+use tower::ServiceExt;
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let n: usize = args.first().map_or(10_000, |s| s.parse().expect("count"));
-    let _guard = args.get(1).map(|level| {
+    let direct = args.get(2).is_some_and(|a| a == "handle");
+    let _guard = args.get(1).filter(|l| *l != "none").map(|level| {
         let sub = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(level))
             .with_writer(std::io::sink)
@@ -35,9 +40,15 @@ fn main() {
         let req = || common::get("/v21.0/1001?fields=id,name,about,fan_count,category");
         let warm = gw.handle(req()).await;
         assert_eq!(warm.status(), 200);
+        let stack = graphgate::stack::public(&gw, None);
         let mut hits = 0;
         for _ in 0..n {
-            let r = gw.handle(req()).await;
+            let r = if direct {
+                gw.handle(req()).await
+            } else {
+                let r = stack.clone().oneshot(req()).await;
+                r.unwrap_or_else(|e| match e {})
+            };
             if r.headers().get("x-cache").is_some_and(|v| v == "HIT") {
                 hits += 1;
             }

@@ -1,6 +1,7 @@
 //! graphgate: a drop-in gateway in front of Meta's Graph API.
 //!
-//! A request flows through [`proxy::Gateway::handle`]: limits, parsing ([`graph`]), client
+//! A request flows through the tower stack of [`stack::public`] (load shedding, trace and
+//! request id) into [`proxy::Gateway::handle_in`]: limits, parsing ([`graph`]), client
 //! keys ([`auth`]), token injection ([`tokens`]), the upstream client ([`upstream`]) and
 //! reply preparation ([`rewrite`]). [`server`] runs it on sockets, [`admin`] serves health and
 //! metrics. With the `demo` feature, `testkit` starts the simulated Graph API (the
@@ -17,9 +18,11 @@ pub mod quota;
 pub mod redis_conn;
 pub mod rewrite;
 pub mod server;
+pub mod stack;
 #[cfg(feature = "demo")]
 pub mod testkit;
 pub mod tls;
 pub mod tokens;
+pub mod tracecontext;
 pub mod upstream;
 pub mod webhooks;

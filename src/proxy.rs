@@ -1,10 +1,12 @@
-//! The request pipeline, one named phase after another:
-//! limits → parse → authenticate → authorize → cache (lookup, coalesced fill; see
-//! [`cached`]) → choose token → send upstream → learn → invalidate after writes →
-//! prepare body (paging links, scrubbing) → respond.
+//! The gateway: the innermost service of the public stack (`crate::stack`), in stages that
+//! hand each other a fuller exchange ([`Gateway::handle_in`]):
+//! parse (draining, limits, body, [`Call`]) → authenticate and authorize → cache
+//! read-through (lookup, coalesced fill; see [`cached`]) → upstream (choose token, quota,
+//! send, learn, invalidate after writes, prepare body: paging links, scrubbing) → respond,
+//! then the request metric and the access log line.
 //! Every failure is a [`ProxyError`] answered in Graph's error shape.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,22 +30,53 @@ use crate::quota::{self, Scheduler};
 use crate::redis_conn::RedisConn;
 use crate::rewrite;
 use crate::tokens::{Injected, Tokens};
+use crate::tracecontext::RequestContext;
 use crate::upstream::{Reply, Upstream, UpstreamRequest};
 use crate::webhooks::Webhooks;
 
 pub use crate::graph::call::{parse_call, Call, CallStats};
 
-/// One request counted in by [`Gateway::admit`]; counts it out when dropped.
-pub struct InFlight<'a>(&'a AtomicUsize);
+/// Requests being handled now (`server.max_in_flight` is measured against it). One shared
+/// counter, two atomic operations per request: a semaphore permit plus a separate gauge were
+/// six, on cache lines both workers write.
+#[derive(Debug, Default)]
+pub struct InFlight(AtomicUsize);
 
-impl Drop for InFlight<'_> {
+impl InFlight {
+    /// Counts a request in if fewer than `max` are being handled; `None` means shed it. The
+    /// guard counts it out however the request ends, also when the client goes away
+    /// mid-request.
+    pub fn admit<T: AsRef<InFlight>>(owner: T, max: usize) -> Option<Counted<T>> {
+        let before = owner.as_ref().0.fetch_add(1, Ordering::AcqRel);
+        let counted = Counted(owner);
+        (before < max).then_some(counted)
+    }
+
+    pub fn current(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+impl AsRef<InFlight> for InFlight {
+    fn as_ref(&self) -> &InFlight {
+        self
+    }
+}
+
+/// One request counted in by [`InFlight::admit`]; counts it out when dropped. Generic over
+/// what owns the counter, so a future can hold it without a reference into the gateway.
+pub struct Counted<T: AsRef<InFlight>>(T);
+
+impl<T: AsRef<InFlight>> Drop for Counted<T> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.as_ref().0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 const X_FB_TRACE_ID: HeaderName = HeaderName::from_static("x-fb-trace-id");
-const X_GRAPHGATE_TRACE_ID: HeaderName = HeaderName::from_static("x-graphgate-trace-id");
+pub const X_GRAPHGATE_TRACE_ID: HeaderName = HeaderName::from_static("x-graphgate-trace-id");
+/// Longest User-Agent written to the request log line.
+const MAX_LOGGED_USER_AGENT: usize = 256;
 
 /// Shared state of one running gateway: configuration and the handles every request uses.
 pub struct Gateway {
@@ -60,16 +93,56 @@ pub struct Gateway {
     /// The Meta Webhooks endpoint, when configured.
     webhooks: Option<Webhooks>,
     draining: AtomicBool,
-    trace_prefix: u32,
-    trace_seq: AtomicU64,
-    /// Requests being handled through [`Gateway::admit`].
-    in_flight: AtomicUsize,
+    /// Requests being handled (see the public stack's load shedding).
+    in_flight: Arc<InFlight>,
+}
+
+/// A refused request: the error, the route label, and the client once it is known.
+type Failure = (ProxyError, Route, Option<Arc<Client>>);
+
+/// A request after the parse stage: its head (the cache stage reads its conditional and
+/// cache-control headers) and the parsed call.
+struct Parsed {
+    parts: http::request::Parts,
+    call: Call,
+    route: Route,
+}
+
+/// A request after authentication and authorization: who sent it, with which key.
+struct Admitted {
+    parts: http::request::Parts,
+    call: Call,
+    route: Route,
+    client: Arc<Client>,
+    /// The client key presented; paging links in the reply carry it.
+    key: String,
+}
+
+impl Admitted {
+    fn reject(&self, e: ProxyError) -> Failure {
+        (e, self.route, Some(self.client.clone()))
+    }
+
+    fn outcome(
+        self,
+        response: Response<Full<Bytes>>,
+        cache: CacheResult,
+        upstream_ms: Option<u128>,
+    ) -> Outcome {
+        Outcome {
+            response,
+            route: self.route,
+            cache: Some(cache),
+            client: Some(self.client),
+            upstream_ms,
+            page: log_page(&self.call),
+            node: log_node(&self.call),
+            queue_wait: self.call.stats.queue_wait(),
+        }
+    }
 }
 
 /// What the handler produced, with the labels the request log and metrics need.
-/// A request answered with graphgate's own error: the error, the route, the client if known.
-type Failure = (ProxyError, Route, Option<Arc<Client>>);
-
 struct Outcome {
     response: Response<Full<Bytes>>,
     route: Route,
@@ -79,6 +152,8 @@ struct Outcome {
     upstream_ms: Option<u128>,
     /// The Page charged upstream, else the Page the call names (logs only).
     page: Option<String>,
+    /// The node of the call's path (logs only).
+    node: Option<String>,
     /// Time waited for quota budget (logs only).
     queue_wait: Option<Duration>,
 }
@@ -114,9 +189,7 @@ impl Gateway {
             cache,
             metrics,
             draining: AtomicBool::new(false),
-            trace_prefix: fastrand::u32(..),
-            trace_seq: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
+            in_flight: Arc::default(),
             config: Arc::new(config),
         })
     }
@@ -130,62 +203,65 @@ impl Gateway {
         self.draining.store(true, Ordering::SeqCst);
     }
 
-    /// Counts a request in if fewer than `max` are being handled (`server.max_in_flight`);
-    /// `None` means shed it. The guard counts it out however the request ends, also when the
-    /// client goes away mid-request. One shared counter, two atomic operations per request:
-    /// a semaphore permit plus a separate gauge were six, on cache lines both workers write.
-    pub fn admit(&self, max: usize) -> Option<InFlight<'_>> {
-        let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
-        let counted = InFlight(&self.in_flight);
-        (before < max).then_some(counted)
+    /// The counter `server.max_in_flight` is measured against (the public stack's load
+    /// shedding counts requests in and out of it).
+    pub fn in_flight_counter(&self) -> &Arc<InFlight> {
+        &self.in_flight
     }
 
     /// Requests being handled now (the `graphgate_requests_in_flight` gauge, set when
     /// /metrics is read).
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
+        self.in_flight.current()
     }
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
 
-    /// `gg`, this process's random prefix (8 hex digits), then the request's sequence number in
-    /// hex. Written by hand: `format!` was ~700 instructions of a ~30 k-instruction hit.
-    fn next_trace_id(&self) -> String {
-        let n = self.trace_seq.fetch_add(1, Ordering::Relaxed);
-        let mut id = String::with_capacity(2 + 8 + 16);
-        id.push_str("gg");
-        push_hex(&mut id, u64::from(self.trace_prefix), 8);
-        push_hex(&mut id, n, 1);
-        id
-    }
-
-    /// Answers one client request. Never fails: errors become Graph-style replies.
+    /// Answers one request that came without a socket (benches, in-process use): a new
+    /// trace, no client address.
     pub async fn handle<B>(self: &Arc<Self>, req: Request<B>) -> Response<Full<Bytes>>
     where
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let context = RequestContext::from_headers(req.headers(), None);
+        self.handle_in(req, context).await
+    }
+
+    /// Answers one client request within its trace: the innermost service of the public
+    /// stack. Never fails: errors become Graph-style replies. Records the request metric and
+    /// writes the access log line.
+    pub async fn handle_in<B>(
+        self: &Arc<Self>,
+        req: Request<B>,
+        context: RequestContext,
+    ) -> Response<Full<Bytes>>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let started = Instant::now();
-        let trace_id = self.next_trace_id();
         let method = req.method().clone();
+        let record = RequestRecord::capture(&req);
         let result = if self.is_webhook(req.uri().path()) {
             Box::pin(self.webhook(req)).await
         } else {
-            self.process(req).await
+            self.process(req, &context).await
         };
         let outcome = match result {
             Ok(o) => o,
             Err((e, route, client)) => {
                 self.metrics.server.reject(e.rejection());
                 Outcome {
-                    response: e.into_response(&trace_id),
+                    response: e.into_response(context.trace.trace_id()),
                     route,
                     cache: None,
                     client,
                     upstream_ms: None,
                     page: None,
+                    node: None,
                     queue_wait: None,
                 }
             }
@@ -200,17 +276,25 @@ impl Gateway {
             outcome.cache,
             took,
         );
-        // Only bounded labels, ids and numbers: no key, token or query string is a field, so
-        // nothing secret can reach the log (redacted by construction). The macro evaluates
-        // the fields only when the line is on.
+        // Only bounded labels, ids, numbers and checked client values: no key, token or query
+        // string is a field, so nothing secret can reach the log (redacted by construction).
+        // The macro evaluates the fields only when the line is on.
         tracing::info!(
-            trace_id = %trace_id,
+            trace_id = context.trace.trace_id(),
+            request_id = context.request_id(),
             method = method_label.as_str(),
+            path = record.as_ref().map_or("-", |r| r.path.as_str()),
             route = outcome.route.as_str(),
+            node = outcome.node.as_deref().unwrap_or("-"),
             status = status.as_u16(),
             cache = cache_label(outcome.cache),
             page = outcome.page.as_deref().unwrap_or("-"),
             client = outcome.client.as_ref().map(|c| c.name.as_str()).unwrap_or("-"),
+            bytes = hyper::body::Body::size_hint(outcome.response.body()).exact().unwrap_or(0),
+            client_addr = %context
+                .client_addr
+                .map_or_else(|| "-".to_string(), |a| a.to_string()),
+            user_agent = record.as_ref().map_or("-", |r| r.user_agent.as_str()),
             upstream_ms = outcome.upstream_ms.map(|m| m as i64).unwrap_or(-1),
             queue_ms = outcome
                 .queue_wait
@@ -226,14 +310,39 @@ impl Gateway {
             "request"
         );
         let mut response = outcome.response;
-        // The header takes the formatted id's buffer as it is (no second copy).
-        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(trace_id)) {
-            response.headers_mut().insert(X_GRAPHGATE_TRACE_ID, v);
-        }
+        response
+            .headers_mut()
+            .insert(X_GRAPHGATE_TRACE_ID, context.trace.trace_id_header());
         response
     }
 
-    async fn process<B>(self: &Arc<Self>, req: Request<B>) -> Result<Outcome, Failure>
+    /// The gateway's stages, in order; each hands the next a fuller exchange or refuses the
+    /// request: parse → authenticate and authorize → cache read-through → upstream.
+    async fn process<B>(
+        self: &Arc<Self>,
+        req: Request<B>,
+        context: &RequestContext,
+    ) -> Result<Outcome, Failure>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let parsed = self.parse(req, context).await?;
+        let a = self.admit_client(parsed)?;
+        // Stage: cacheable reads end here (hit, stale, or one coalesced fill); the others go
+        // upstream uncached.
+        let read = self.cached_read(&a.call, self.version_of(&a.call), &a.parts.headers, &a.key);
+        if let Some(served) = read.await.map_err(|e| a.reject(e))? {
+            return Ok(a.outcome(served.response, served.cache, served.upstream_ms));
+        }
+        // Boxed: only misses and writes get here, and the request future stays the size the
+        // hit path needs (it is moved through every layer of the stack).
+        Box::pin(self.upstream(a)).await
+    }
+
+    /// Stage: limits (draining, head size, body size and time) and parsing into a [`Call`]
+    /// that carries the request's trace for the upstream request.
+    async fn parse<B>(&self, req: Request<B>, context: &RequestContext) -> Result<Parsed, Failure>
     where
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -242,7 +351,6 @@ impl Gateway {
         if self.is_draining() {
             return Err(fail(ProxyError::ShuttingDown));
         }
-        // Phase: limits and parsing.
         check_header_size(&req, self.config.server.max_header_bytes).map_err(fail)?;
         let (parts, body) = req.into_parts();
         let body_timeout = self.config.server.body_read_timeout;
@@ -256,77 +364,74 @@ impl Gateway {
                 .map_err(fail)?
         };
         let mut call = parse_call(&parts.method, &parts.uri, &parts.headers, body).map_err(fail)?;
-        let route = call.route();
+        call.trace = Some(context.clone());
+        Ok(Parsed {
+            route: call.route(),
+            parts,
+            call,
+        })
+    }
 
-        // Phase: authenticate and authorize.
+    /// Stage: authenticate the client and authorize everything the call asks for.
+    fn admit_client(&self, parsed: Parsed) -> Result<Admitted, Failure> {
+        let Parsed {
+            parts,
+            mut call,
+            route,
+        } = parsed;
         let (client, key) = self
             .clients
             .authenticate(&parts.headers, &parts.extensions, call.presented_tokens())
             .map_err(|e| (e, route, None))?;
-        let with_client = |e: ProxyError| (e, route, Some(client.clone()));
-        authorize(&self.clients, &client, &key, &call).map_err(with_client)?;
+        if let Err(e) = authorize(&self.clients, &client, &key, &call) {
+            return Err((e, route, Some(client)));
+        }
         call.quota_hints
             .bind_to(client.priority, |page| client.may_touch(page));
+        Ok(Admitted {
+            parts,
+            call,
+            route,
+            client,
+            key,
+        })
+    }
 
-        let version = call
-            .path
-            .version
-            .as_deref()
-            .unwrap_or(&self.config.upstream.default_version);
-
-        // Phase: cache. Cacheable reads end here (hit, stale, or one coalesced fill).
-        if let Some(served) = self
-            .cached_read(&call, version, &parts.headers, key.as_str())
-            .await
-            .map_err(with_client)?
-        {
-            return Ok(Outcome {
-                response: served.response,
-                route,
-                cache: Some(served.cache),
-                client: Some(client),
-                upstream_ms: served.upstream_ms,
-                page: log_page(&call),
-                queue_wait: call.stats.queue_wait(),
-            });
-        }
-
-        // Phase: choose the token and send upstream.
+    /// Stage: choose the token and send upstream (within the quota), make cached reads of a
+    /// written node stale, prepare the body for this client and answer.
+    async fn upstream(self: &Arc<Self>, a: Admitted) -> Result<Outcome, Failure> {
+        let call = &a.call;
         let upstream_started = Instant::now();
-        let reply = Box::pin(self.forward(&call, version, true))
+        let reply = Box::pin(self.forward(call, self.version_of(call), true))
             .await
-            .map_err(with_client)?;
+            .map_err(|e| a.reject(e))?;
         let upstream_ms = upstream_started.elapsed().as_millis();
-
-        // Phase: a successful write makes cached reads of its node stale.
         if reply.status.is_success() {
-            Box::pin(self.invalidate_after_write(&call)).await;
+            Box::pin(self.invalidate_after_write(call)).await;
         }
-
-        // Phase: prepare the body for this client and answer.
         let prepared = rewrite::prepare(
             reply.body.clone(),
             call.batch.is_some(),
             &self.public_url,
             &self.tokens.secrets(),
         )
-        .map_err(with_client)?;
+        .map_err(|e| a.reject(e))?;
         // The reply's share of the budget stays with the body until it is written.
         let body = crate::upstream::reply_budget::held(
-            rewrite::finalize(&prepared, key.as_str()),
+            rewrite::finalize(&prepared, a.key.as_str()),
             reply.hold.iter().cloned().collect(),
         );
         let mut response = build_response(&reply, body);
-        let cache = cached::mark_uncached(&mut response, &call);
-        Ok(Outcome {
-            response,
-            route,
-            cache: Some(cache),
-            client: Some(client),
-            upstream_ms: Some(upstream_ms),
-            page: log_page(&call),
-            queue_wait: call.stats.queue_wait(),
-        })
+        let cache = cached::mark_uncached(&mut response, call);
+        Ok(a.outcome(response, cache, Some(upstream_ms)))
+    }
+
+    /// The Graph version a call goes to: its path's, else `upstream.default_version`.
+    fn version_of<'a>(&'a self, call: &'a Call) -> &'a str {
+        call.path
+            .version
+            .as_deref()
+            .unwrap_or(&self.config.upstream.default_version)
     }
 
     /// Reads a request body, bounded in size (`server.max_body_bytes`, 413) and time
@@ -500,11 +605,15 @@ pub fn upstream_request(
     if let Some(ops) = &call.batch {
         params.set("batch", upstream_batch(ops, system)?);
     }
+    let mut headers = call.forwarded.clone();
+    if let Some(trace) = &call.trace {
+        headers.extend(trace.upstream_headers());
+    }
     Ok(UpstreamRequest {
         method,
         path: call.path.to_upstream_path(),
         params,
-        headers: call.forwarded.clone(),
+        headers,
         files: call.files.clone(),
     })
 }
@@ -540,7 +649,11 @@ fn check_key_stays(key: &str, call: &Call) -> Result<(), ProxyError> {
         .iter()
         .chain(ops.iter().flat_map(|op| &op.path.segments))
         .any(|s| holds(s.as_bytes()));
-    let in_headers = call.forwarded.iter().any(|(_, v)| holds(v.as_bytes()));
+    let in_headers = call.forwarded.iter().any(|(_, v)| holds(v.as_bytes()))
+        || call
+            .trace
+            .as_ref()
+            .is_some_and(|t| holds(t.request_id().as_bytes()));
     let in_params = call
         .params
         .iter()
@@ -603,6 +716,72 @@ fn log_page(call: &Call) -> Option<String> {
         .map(str::to_string)
 }
 
+/// The node a request log line names. `None` when the line will not be written.
+fn log_node(call: &Call) -> Option<String> {
+    if !tracing::enabled!(tracing::Level::INFO) {
+        return None;
+    }
+    call.path.node().map(str::to_string)
+}
+
+/// What the access log line needs from the request before it is taken apart: its path
+/// without anything that could be a secret, and the bounded User-Agent. Captured only when
+/// the line will be written.
+struct RequestRecord {
+    path: String,
+    user_agent: String,
+}
+
+impl RequestRecord {
+    fn capture<B>(req: &Request<B>) -> Option<RequestRecord> {
+        if !tracing::enabled!(tracing::Level::INFO) {
+            return None;
+        }
+        let user_agent = req
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map_or("-", |ua| {
+                let mut end = ua.len().min(MAX_LOGGED_USER_AGENT);
+                while !ua.is_char_boundary(end) {
+                    end -= 1;
+                }
+                &ua[..end]
+            })
+            .to_string();
+        Some(RequestRecord {
+            path: loggable_path(req.uri().path()),
+            user_agent,
+        })
+    }
+}
+
+/// The request path for the log: no query string, and every segment that is not a Graph
+/// version, id or edge name written as `-` (a key pasted into a path is never logged).
+fn loggable_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len().min(128));
+    for segment in path.split('/').filter(|s| !s.is_empty()).take(16) {
+        out.push('/');
+        let b = segment.as_bytes();
+        let version = b.len() <= 8
+            && b.first() == Some(&b'v')
+            && b[1..].iter().all(|c| c.is_ascii_digit() || *c == b'.');
+        let id = b.len() <= 64 && b.iter().all(|c| c.is_ascii_digit() || *c == b'_');
+        let account =
+            b.len() <= 64 && b.starts_with(b"act_") && b[4..].iter().all(|c| c.is_ascii_digit());
+        let edge = b.len() <= 40 && b.iter().all(|c| c.is_ascii_lowercase() || *c == b'_');
+        if version || id || account || edge {
+            out.push_str(segment);
+        } else {
+            out.push('-');
+        }
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
 /// Re-queues of one throttled GET; each waits out a pause, so the deadline ends it sooner.
 const MAX_REQUEUES: u32 = 8;
 
@@ -640,17 +819,6 @@ fn names_token(text: &str) -> bool {
             && b.get(at - UNDERSCORE_AT..at - UNDERSCORE_AT + NEEDLE.len())
                 .is_some_and(|w| w.eq_ignore_ascii_case(NEEDLE))
     })
-}
-
-/// Appends `v` in lower-case hex, zero-padded to at least `min_digits`.
-fn push_hex(out: &mut String, v: u64, min_digits: usize) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let digits = (16 - v.leading_zeros() as usize / 4)
-        .max(min_digits)
-        .min(16);
-    for i in (0..digits).rev() {
-        out.push(char::from(DIGITS[((v >> (i * 4)) & 0xf) as usize]));
-    }
 }
 
 /// Total size of the request head as the client sent it (approximately: names, values,
@@ -716,16 +884,22 @@ fn build_response(reply: &Reply, body: Bytes) -> Response<Full<Bytes>> {
 
 #[cfg(test)]
 mod tests {
-    use super::push_hex;
+    use super::loggable_path;
 
     #[test]
-    fn hand_written_hex_matches_format() {
-        for v in [0u64, 1, 15, 16, 0xabc, 0x1234_5678, 0x1_0000_0000, u64::MAX] {
-            for min in [1, 8] {
-                let mut s = String::new();
-                push_hex(&mut s, v, min);
-                assert_eq!(s, format!("{v:0min$x}"));
-            }
+    fn logged_paths_hold_no_query_and_nothing_that_could_be_a_key() {
+        for (path, logged) in [
+            ("/v21.0/1001/feed", "/v21.0/1001/feed"),
+            ("/", "/"),
+            ("/me/accounts", "/me/accounts"),
+            ("/v21.0/act_123/insights", "/v21.0/act_123/insights"),
+            ("/v21.0/1001_2002/comments", "/v21.0/1001_2002/comments"),
+            ("/v21.0/EAABsecretToken123", "/v21.0/-"),
+            ("/v21.0/key-reader-1001/feed", "/v21.0/-/feed"),
+            ("/v21.0/3f2a9c0d1e/feed", "/v21.0/-/feed"),
+            ("/v21.0/%41bc", "/v21.0/-"),
+        ] {
+            assert_eq!(loggable_path(path), logged, "{path}");
         }
     }
 }

@@ -14,7 +14,8 @@
 //! - `server.idle_timeout_ms`: a connection with no request in flight for that long is closed
 //!   gracefully (HTTP/2 gets a GOAWAY), on both listeners;
 //! - `server.max_in_flight`: requests beyond it are not queued but answered at once with 503,
-//!   `Retry-After` and a Graph-style error (load shedding).
+//!   `Retry-After` and a Graph-style error (load shedding, the first layer of
+//!   [`crate::stack::public`], which every public request goes through).
 //!
 //! Public connections are served by `server.workers` threads, each with its own
 //! single-threaded runtime (see [`Workers`]); accepting, the admin listener and background
@@ -43,13 +44,14 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
+use tower::ServiceExt;
 
 use crate::admin;
 use crate::auth::PeerCertificate;
 use crate::config::{Config, ServerConfig};
-use crate::error::ProxyError;
-use crate::metrics::{ConfigReload, Listener, Metrics, Rejection};
+use crate::metrics::{ConfigReload, Listener, Metrics};
 use crate::proxy::Gateway;
+use crate::stack;
 use crate::tls;
 
 /// A running graphgate: both listeners bound, serving until [`Running::shutdown`].
@@ -318,14 +320,20 @@ impl Workers {
 
     /// Hands an accepted connection to the next worker. The socket moves to that worker's
     /// event loop (it was registered with the accepting runtime's).
-    fn serve(&self, shared: Arc<Shared>, stream: TcpStream, permit: OwnedSemaphorePermit) {
+    fn serve(
+        &self,
+        shared: Arc<Shared>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        permit: OwnedSemaphorePermit,
+    ) {
         let Ok(stream) = stream.into_std() else {
             return;
         };
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
         self.handles[i].spawn(async move {
             if let Ok(stream) = TcpStream::from_std(stream) {
-                serve_public(shared, stream, permit).await;
+                serve_public(shared, stream, peer, permit).await;
             }
         });
     }
@@ -345,7 +353,7 @@ async fn serve(
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else {
+                let Ok((stream, peer)) = accepted else {
                     // Out of fds or similar: back off briefly instead of spinning.
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
@@ -356,7 +364,7 @@ async fn serve(
                     drop(stream);
                     continue;
                 };
-                workers.serve(shared.clone(), stream, permit);
+                workers.serve(shared.clone(), stream, peer, permit);
             }
             accepted = admin_listener.accept() => accept_admin(&shared, accepted, &admin_stop_rx).await,
             _ = stop.changed() => break,
@@ -450,22 +458,27 @@ impl Drop for OpenConnection {
 
 /// One public connection: TLS handshake (bounded by the header read timeout) if configured,
 /// then HTTP. The first request head is due within the header read timeout of accepting.
-async fn serve_public(shared: Arc<Shared>, stream: TcpStream, _permit: OwnedSemaphorePermit) {
+async fn serve_public(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+) {
     let first_head_by = tokio::time::Instant::now() + shared.cfg.header_read_timeout;
     let _ = stream.set_nodelay(true);
     let metrics = shared.gateway.metrics.clone();
     metrics.server.open_connections.inc();
     let _open = OpenConnection(metrics.clone());
     match &shared.tls {
-        None => serve_http(&shared, TokioIo::new(stream), None, first_head_by).await,
+        None => serve_http(&shared, TokioIo::new(stream), peer, None, first_head_by).await,
         Some(tls) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
             let handshake =
                 tokio::time::timeout(shared.cfg.header_read_timeout, acceptor.accept(stream));
             match handshake.await {
                 Ok(Ok(stream)) => {
-                    let peer = tls::peer_certificate(stream.get_ref().1);
-                    serve_http(&shared, TokioIo::new(stream), peer, first_head_by).await;
+                    let cert = tls::peer_certificate(stream.get_ref().1);
+                    serve_http(&shared, TokioIo::new(stream), peer, cert, first_head_by).await;
                 }
                 Ok(Err(e)) => {
                     metrics.tls.handshake_failures.inc();
@@ -599,24 +612,32 @@ impl Limits<'_> {
     }
 }
 
-/// Serves HTTP on one public connection, within [`Limits`].
+/// Serves HTTP on one public connection, within [`Limits`]: every request through the
+/// public stack ([`stack::public`]).
 async fn serve_http<I>(
     shared: &Arc<Shared>,
     io: TokioIo<I>,
-    peer: Option<PeerCertificate>,
+    peer: SocketAddr,
+    cert: Option<PeerCertificate>,
     first_head_by: tokio::time::Instant,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let activity = Activity::new(shared.clone());
+    let activity = Activity::new(());
+    let stack = stack::public::<Incoming>(&shared.gateway, Some(peer));
     let service = {
         let activity = activity.clone();
         service_fn(move |mut req: Request<Incoming>| {
-            if let Some(p) = &peer {
-                req.extensions_mut().insert(p.clone());
+            if let Some(c) = &cert {
+                req.extensions_mut().insert(c.clone());
             }
             let busy = activity.enter();
-            async move { Ok::<_, Infallible>(handle_limited(&busy.0.ctx, req).await) }
+            let stack = stack.clone();
+            async move {
+                let response = stack.oneshot(req).await;
+                drop(busy);
+                response
+            }
         })
     };
     let conn = shared.builder.serve_connection(io, service);
@@ -628,18 +649,4 @@ async fn serve_http<I>(
         metrics: &shared.gateway.metrics,
     };
     limits.watch(conn, &activity).await;
-}
-
-/// Handles a request if fewer than `server.max_in_flight` are being handled, else sheds it:
-/// 503 with `Retry-After` at once, never a queue.
-async fn handle_limited(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let gw = &shared.gateway;
-    match gw.admit(shared.cfg.max_in_flight) {
-        Some(_counted) => gw.handle(req).await,
-        None => {
-            gw.metrics.server.load_shed.inc();
-            gw.metrics.server.reject(Rejection::Overloaded);
-            ProxyError::Overloaded { retry_after_s: 1 }.into_response("gg-shed")
-        }
-    }
 }

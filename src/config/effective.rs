@@ -78,6 +78,15 @@ pub fn to_toml(c: &Config) -> String {
             "tls_client_ca_file",
             path(&tls.and_then(|t| t.client_ca_file.clone())),
         ),
+        (
+            "trusted_proxies",
+            Some(Value::Array(
+                s.trusted_proxies
+                    .iter()
+                    .map(|n| string(n.to_string()))
+                    .collect(),
+            )),
+        ),
     ]);
     let u = &c.upstream;
     let upstream = table([
@@ -348,6 +357,7 @@ mod tests {
         tls_cert_file = "/c.pem"
         tls_key_file = "/k.pem"
         tls_client_ca_file = "/ca.pem"
+        trusted_proxies = ["10.0.0.0/8", "192.168.1.5"]
         [upstream]
         ca_file = "/egress.pem"
         [credentials]

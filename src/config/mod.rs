@@ -29,7 +29,7 @@ pub use credentials::{Credentials, ENV_APP_SECRET, ENV_SYSTEM_USER_TOKEN};
 pub use log::{LogConfig, LogFormat};
 pub use quota::QuotaConfig;
 pub use redis::{HostPort, RedisConfig, RedisTls, RedisTopology};
-pub use server::{ServerConfig, TlsConfig};
+pub use server::{IpNet, ServerConfig, TlsConfig};
 pub use upstream::{RetryConfig, UpstreamConfig};
 pub use webhooks::WebhooksConfig;
 

@@ -1,6 +1,6 @@
 //! `[server]`: the public and admin listeners, their limits, inbound TLS.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -29,6 +29,7 @@ pub(super) struct RawServer {
     tls_cert_file: Option<String>,
     tls_key_file: Option<String>,
     tls_client_ca_file: Option<String>,
+    trusted_proxies: Vec<String>,
 }
 
 impl Default for RawServer {
@@ -51,6 +52,7 @@ impl Default for RawServer {
             tls_cert_file: None,
             tls_key_file: None,
             tls_client_ca_file: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -81,6 +83,75 @@ pub struct ServerConfig {
     /// (`server.workers`; 0 in the file means one per CPU).
     pub workers: usize,
     pub tls: Option<TlsConfig>,
+    /// Peers whose `X-Forwarded-For` names the client (`server.trusted_proxies`).
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// An address block (`10.0.0.0/8`, `2001:db8::/32`) or one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for IpNet {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<IpNet, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{text}` is not an address or CIDR block"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("`{text}`: the prefix length must be 0..={max}"))?,
+        };
+        Ok(IpNet { addr, prefix })
+    }
+}
+
+/// `10.0.0.0/8`; a single address without its prefix length.
+impl std::fmt::Display for IpNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let full = if self.addr.is_ipv4() { 32 } else { 128 };
+        if self.prefix == full {
+            write!(f, "{}", self.addr)
+        } else {
+            write!(f, "{}/{}", self.addr, self.prefix)
+        }
+    }
+}
+
+impl IpNet {
+    /// Whether `ip` is in the block (an IPv4-mapped IPv6 peer counts as its IPv4 address).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let bits = |a: IpAddr| match a {
+            IpAddr::V4(a) => (u128::from(u32::from(a)) << 96, 32),
+            IpAddr::V6(a) => (u128::from(a), 128),
+        };
+        let ((net, net_len), (other, other_len)) = (bits(self.addr), bits(ip));
+        if net_len != other_len {
+            return false;
+        }
+        let mask = u128::MAX
+            .checked_shl(128 - u32::from(self.prefix))
+            .unwrap_or(0);
+        net & mask == other & mask
+    }
 }
 
 /// Inbound TLS: PEM files, read at start and on every reload.
@@ -93,6 +164,11 @@ pub struct TlsConfig {
 }
 
 impl ServerConfig {
+    /// Whether `ip` is one of `server.trusted_proxies`.
+    pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|n| n.contains(ip))
+    }
+
     /// Whether client certificates are verified (against `server.tls_client_ca_file`), so
     /// `[[clients]]` may name a `cert_subject`.
     pub(super) fn verifies_client_certificates(&self) -> bool {
@@ -179,6 +255,11 @@ impl RawServer {
                 ))
             }
         };
+        let trusted_proxies = s
+            .trusted_proxies
+            .iter()
+            .map(|t| t.parse().map_err(|e| invalid("server.trusted_proxies", e)))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(ServerConfig {
             listen,
             public_url,
@@ -195,6 +276,7 @@ impl RawServer {
             body_read_timeout: Duration::from_millis(s.body_read_timeout_ms),
             workers,
             tls,
+            trusted_proxies,
         })
     }
 }
@@ -215,6 +297,36 @@ mod tests {
         let text = format!("[server]\nworkers = 5000\n{MIN}");
         let err = Config::from_toml(&text, no_env).unwrap_err().to_string();
         assert!(err.contains("server.workers"), "{err}");
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_blocks() {
+        let text = format!(
+            "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.168.1.5\", \"2001:db8::/32\"]\n{MIN}"
+        );
+        let s = Config::from_toml(&text, no_env).unwrap().server;
+        for (ip, trusted) in [
+            ("10.1.2.3", true),
+            ("11.0.0.1", false),
+            ("192.168.1.5", true),
+            ("192.168.1.6", false),
+            ("::ffff:10.9.9.9", true),
+            ("2001:db8:1::1", true),
+            ("2001:db9::1", false),
+        ] {
+            assert_eq!(s.is_trusted_proxy(ip.parse().unwrap()), trusted, "{ip}");
+        }
+        assert!(!RawServer::default()
+            .validate()
+            .unwrap()
+            .is_trusted_proxy("127.0.0.1".parse().unwrap()));
+        let all: IpNet = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "not-an-ip", "10.0.0.0/x", "::/129"] {
+            let text = format!("[server]\ntrusted_proxies = [\"{bad}\"]\n{MIN}");
+            let err = Config::from_toml(&text, no_env).unwrap_err().to_string();
+            assert!(err.contains("server.trusted_proxies"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::graph::request::{
     GraphPath, Params,
 };
 use crate::metrics::Route;
+use crate::tracecontext::RequestContext;
 
 /// A client request, parsed. Clone: a cache fill takes its own copy into its task.
 #[derive(Debug, Clone)]
@@ -42,6 +43,9 @@ pub struct Call {
     pub(crate) forwarded: Vec<(HeaderName, HeaderValue)>,
     /// `X-Graphgate-Page` / `X-Graphgate-Max-Wait-Ms`.
     pub quota_hints: Hints,
+    /// The trace and request id passed on to Graph (`traceparent`, `X-Request-Id`); set
+    /// after parsing, added to the upstream request only when it is built.
+    pub trace: Option<RequestContext>,
     /// What the upstream phase learned for the request log; shared with a fill's copy.
     pub stats: Arc<CallStats>,
 }
@@ -204,6 +208,7 @@ pub fn parse_call(
         forwarded,
         quota_hints: Hints::from_headers(headers),
         stats: Arc::default(),
+        trace: None,
     })
 }
 

@@ -109,6 +109,7 @@ impl Gateway {
             client: None,
             upstream_ms: None,
             page: None,
+            node: None,
             queue_wait: None,
         })
     }

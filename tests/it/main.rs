@@ -19,4 +19,5 @@ mod quota;
 mod redis;
 mod redis_topologies;
 mod security;
+mod trace_context;
 mod webhooks;

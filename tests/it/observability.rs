@@ -988,6 +988,17 @@ async fn json_request_logs_carry_the_fields_and_no_secret_even_at_debug() {
     assert_eq!(revoked.status, StatusCode::OK, "{}", revoked.text());
     let unknown = get("/v21.0/1001?access_token=not-a-key", &[]).await;
     assert_eq!(unknown.status, StatusCode::UNAUTHORIZED);
+    // Keys where the access line's path, request id and user agent come from.
+    let key_in_path = get(
+        &format!("/v21.0/{ADMIN_KEY}/feed?access_token={READER_KEY}"),
+        &[("x-request-id", "rid-1"), ("user-agent", "sdk/1.0")],
+    )
+    .await;
+    assert!(
+        key_in_path.status.is_client_error(),
+        "{}",
+        key_in_path.text()
+    );
     let secrets = [secrets, vec![graph.page_token("1001")]].concat();
 
     let trace_of = |r: &Reply| r.header("x-graphgate-trace-id").unwrap().to_string();
@@ -1018,6 +1029,12 @@ async fn json_request_logs_carry_the_fields_and_no_secret_even_at_debug() {
         "queue_ms",
         "total_us",
         "fbtrace_id",
+        "request_id",
+        "path",
+        "node",
+        "bytes",
+        "client_addr",
+        "user_agent",
     ] {
         assert!(!f[field].is_null(), "field {field} missing: {miss_line}");
     }
@@ -1037,6 +1054,14 @@ async fn json_request_logs_carry_the_fields_and_no_secret_even_at_debug() {
     assert_eq!(hit_line["fields"]["queue_ms"], -1.0);
     let revoked_line = line_for(trace_of(&revoked));
     assert_eq!(revoked_line["fields"]["client"], "reader");
+    assert_eq!(f["path"], "/v21.0/1001");
+    assert_eq!(f["node"], "1001");
+    assert_eq!(f["client_addr"], "127.0.0.1");
+    assert_eq!(f["request_id"], miss_line["span"]["request_id"]);
+    let key_line = line_for(trace_of(&key_in_path));
+    assert_eq!(key_line["fields"]["path"], "/v21.0/-/feed");
+    assert_eq!(key_line["fields"]["request_id"], "rid-1");
+    assert_eq!(key_line["fields"]["user_agent"], "sdk/1.0");
     let unknown_line = line_for(trace_of(&unknown));
     assert_eq!(unknown_line["fields"]["status"], 401);
     assert_eq!(unknown_line["fields"]["client"], "-");
