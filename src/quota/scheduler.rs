@@ -738,6 +738,30 @@ impl Scheduler {
             "pages": pages,
         })
     }
+
+    /// The fleet-wide state Redis holds for each bucket named as in [`Scheduler::status`]
+    /// (`app` or a Page id), in order. `None` without Redis or when Redis cannot answer.
+    pub async fn shared_status(&self, ids: &[String]) -> Option<Vec<Value>> {
+        let shared = self.inner.shared.as_ref()?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let key = if id == "app" {
+                BucketKey::App
+            } else {
+                BucketKey::Page(id.clone())
+            };
+            let params = FleetParams::from(self.inner.limits_for(&key));
+            let p = shared.peek(&key, params).await?;
+            out.push(json!({
+                "calls_in_window": p.calls_in_window,
+                "usage": rounded(p.usage_pct / 100.0, 4),
+                "limit": rounded(p.limit, 1),
+                "paused_s": rounded(p.paused.as_secs_f64(), 3),
+                "known": p.exists,
+            }));
+        }
+        Some(out)
+    }
 }
 
 /// The two IETF RateLimit headers for one policy.
