@@ -334,7 +334,7 @@ pub async fn pages(gw: &Gateway) -> Value {
             })
         })
     };
-    rows.sort_by(|a, b| total(b).cmp(&total(a)));
+    rows.sort_by_key(|r| std::cmp::Reverse(total(r)));
     let replicas: Vec<Value> = records.iter().map(Record::identity).collect();
     let body = json!({ "replicas": replicas, "pages": rows });
     framed(body, &me, fleet)

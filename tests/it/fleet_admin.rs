@@ -224,6 +224,45 @@ async fn a_stopped_replica_leaves_the_fleet_view() {
         "the record expires with the heartbeat: {pttl}"
     );
 
+    // A replica that vanished without a goodbye (a crash): its record outlives it by at
+    // most the TTL, then the view drops it, even while the heartbeat set still names it.
+    let ghost = serde_json::json!({
+        "v": 1, "replica": "00000000deadbeef", "host": "gone", "pid": 1,
+        "public_url": "http://10.0.0.9:8080", "started_at": 1, "version": "0.0.0",
+        "cache": {"entries": 0, "bytes": 0, "max_bytes": 0, "hits": 0, "misses": 0,
+                  "stale": 0, "shared_hits": 0, "shared_misses": 0},
+        "pages": [],
+    });
+    let cli = |args: &[&str]| {
+        let out = Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        assert!(out.status.success());
+    };
+    cli(&[
+        "ZADD",
+        "t:{fleet}:replicas",
+        "9000000000000",
+        "00000000deadbeef",
+    ]);
+    cli(&[
+        "SET",
+        "t:{fleet}:status:00000000deadbeef",
+        &ghost.to_string(),
+        "PX",
+        "4000",
+    ]);
+    let with_ghost = |v: &Value| replica_ids(v).contains("00000000deadbeef");
+    let seen = admin(&adm, &a, "/admin/cache").await;
+    let gone = admin_until(&adm, &a, "/admin/cache", Duration::from_secs(15), |v| {
+        !with_ghost(v)
+    })
+    .await;
+    assert!(with_ghost(&seen), "{seen}");
+    assert!(!with_ghost(&gone), "{gone}");
+
     b.shutdown().await;
     let view = admin_until(
         &adm,
