@@ -7,6 +7,7 @@
 //! Records are JSON with a version field: a reader skips a record of another version, and
 //! fields it does not know are ignored, so replicas of different versions can share a fleet.
 
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -21,6 +22,8 @@ use crate::redis_conn::RedisConn;
 pub const RECORD_VERSION: u32 = 1;
 /// Pages per record: the busiest, as the local `/admin/pages` orders them.
 pub const PAGES_PER_RECORD: usize = 20;
+/// At most this many Pages are shown in the fleet's Pages view.
+const MAX_PAGES: usize = 100;
 /// At most this many replicas are read for one fleet view.
 const MAX_REPLICAS: isize = 256;
 /// How often a replica publishes its record (well within [`REPLICA_TTL`]).
@@ -181,7 +184,7 @@ pub fn local_record(gw: &Gateway) -> Record {
         started_at: started_at(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         cache: cache_stats(gw),
-        pages: page_rows(&gw.quota.status()),
+        pages: page_rows(&gw.quota.status_of(PAGES_PER_RECORD)),
     }
 }
 
@@ -284,21 +287,20 @@ pub async fn pages(gw: &Gateway) -> Value {
         Ok(r) => (r, Ok(())),
         Err(why) => (vec![me.clone()], Err(why)),
     };
-    let mut ids: Vec<String> = Vec::new();
+    // The Pages the replicas are busiest with, by their calls together; Redis is asked
+    // about at most MAX_PAGES of them (one round trip each).
+    let mut calls: HashMap<&str, u64> = HashMap::new();
     for r in &records {
         for p in &r.pages {
-            if !ids.contains(&p.id) {
-                ids.push(p.id.clone());
-            }
+            *calls.entry(p.id.as_str()).or_default() += p.calls_in_window;
         }
     }
-    let mut fleet = fleet;
+    let mut ids: Vec<(&str, u64)> = calls.into_iter().collect();
+    ids.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+    ids.truncate(MAX_PAGES);
+    let ids: Vec<String> = ids.into_iter().map(|(id, _)| id.to_string()).collect();
     let shared = if fleet.is_ok() {
-        let s = gw.quota.shared_status(&ids).await;
-        if s.is_none() {
-            fleet = Err("Redis did not answer: this replica's view only");
-        }
-        s
+        gw.quota.shared_status(&ids).await
     } else {
         None
     };
@@ -336,7 +338,10 @@ pub async fn pages(gw: &Gateway) -> Value {
     };
     rows.sort_by_key(|r| std::cmp::Reverse(total(r)));
     let replicas: Vec<Value> = records.iter().map(Record::identity).collect();
-    let body = json!({ "replicas": replicas, "pages": rows });
+    let mut body = json!({ "replicas": replicas, "pages": rows });
+    if fleet.is_ok() && shared.is_none() {
+        body["explanation"] = json!("Redis did not answer for the Pages' shared counts");
+    }
     framed(body, &me, fleet)
 }
 

@@ -704,6 +704,12 @@ impl Scheduler {
     /// JSON status of the busiest buckets (and every listed Page): the estimate, the limit
     /// and where it comes from, and why a call waits.
     pub fn status(&self) -> Value {
+        self.status_of(STATUS_ROWS)
+    }
+
+    /// [`Scheduler::status`] with at most `limit` of the busiest buckets (listed Pages
+    /// always), busiest first.
+    pub fn status_of(&self, limit: usize) -> Value {
         let now = Instant::now();
         let inner = &self.inner;
         let all = inner.table.snapshot();
@@ -723,7 +729,7 @@ impl Scheduler {
         let pages: Vec<Value> = rows
             .iter()
             .enumerate()
-            .filter(|(i, r)| *i < STATUS_ROWS || inner.settings.listed.contains(&r.2))
+            .filter(|(i, r)| *i < limit || inner.settings.listed.contains(&r.2))
             .map(|(_, (_, _, _, b))| inner.status_row(b, gate_paused, now))
             .collect();
         json!({
