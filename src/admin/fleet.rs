@@ -241,7 +241,8 @@ async fn fleet_records(gw: &Gateway, me: &Record) -> Result<Vec<Record>, &'stati
     let index = format!("{}{{fleet}}:replicas", conn.prefix());
     let ids: Vec<String> = conn
         .run("status", |mut c| async move {
-            redis::cmd("ZRANGE")
+            // Latest expiry first: the replicas heard from most recently.
+            redis::cmd("ZREVRANGE")
                 .arg(index)
                 .arg(0)
                 .arg(MAX_REPLICAS - 1)
