@@ -1,7 +1,10 @@
 //! The admin listener: `/healthz` (process alive), `/readyz` (accepting traffic; fails while
 //! draining), `/metrics` (Prometheus text). Endpoints under `/admin/` require the admin token
 //! (`Authorization: Bearer <server.admin_token>`) and are refused when none is configured:
-//! - `GET /admin/pages`: the quota estimate of the busiest Pages and why calls wait;
+//! - `GET /admin/pages`: the quota estimate of the busiest Pages and why calls wait
+//!   (`?scope=fleet`: every live replica's busiest Pages, a row per replica, and the fleet's
+//!   shared counts from Redis; see [`fleet`]);
+//! - `GET /admin/cache`: cache figures, this replica's and (with Redis) a row per replica;
 //! - `POST /admin/cache/purge?node=ID | ?prefix=READABLE_KEY_PREFIX | ?all=true` → `{"purged": N}`.
 
 use bytes::Bytes;
@@ -9,6 +12,8 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 
 use crate::proxy::Gateway;
+
+pub mod fleet;
 
 fn text(
     status: StatusCode,
@@ -74,7 +79,14 @@ pub async fn handle<B>(gw: &Gateway, req: Request<B>) -> Response<Full<Bytes>> {
                 );
             }
             if req.method() == http::Method::GET && path == "/admin/pages" {
-                return json(StatusCode::OK, gw.quota.status());
+                return match scope(req.uri().query().unwrap_or("")) {
+                    Some(Scope::Local) => json(StatusCode::OK, gw.quota.status()),
+                    Some(Scope::Fleet) => json(StatusCode::OK, fleet::pages(gw).await),
+                    None => bad_scope(),
+                };
+            }
+            if req.method() == http::Method::GET && path == "/admin/cache" {
+                return json(StatusCode::OK, fleet::cache(gw).await);
             }
             if req.method() == http::Method::POST && path == "/admin/cache/purge" {
                 return purge(gw, req.uri().query().unwrap_or("")).await;
@@ -89,6 +101,34 @@ pub async fn handle<B>(gw: &Gateway, req: Request<B>) -> Response<Full<Bytes>> {
             serde_json::json!({"error": {"message": "not found", "type": "GraphMethodException", "code": 803}}),
         ),
     }
+}
+
+/// Which replicas an admin view covers.
+enum Scope {
+    Local,
+    Fleet,
+}
+
+/// `scope=local` (the default) or `scope=fleet`; `None` for anything else.
+fn scope(query: &str) -> Option<Scope> {
+    let mut out = Scope::Local;
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        if name == "scope" {
+            out = match value.as_ref() {
+                "local" => Scope::Local,
+                "fleet" => Scope::Fleet,
+                _ => return None,
+            };
+        }
+    }
+    Some(out)
+}
+
+fn bad_scope() -> Response<Full<Bytes>> {
+    json(
+        StatusCode::BAD_REQUEST,
+        serde_json::json!({"error": {"message": "scope must be local or fleet", "type": "GraphMethodException", "code": 100}}),
+    )
 }
 
 /// `POST /admin/cache/purge` with exactly one of `node=`, `prefix=` or `all=true`.

@@ -213,6 +213,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
         Gateway::new(config, public_url, metrics).map_err(|e| io::Error::other(e.to_string()))?,
     );
     gateway.start_fleet().await;
+    admin::fleet::spawn_publisher(&gateway);
     if let Some(t) = &tls {
         t.watch_files(gateway.metrics.clone());
     }

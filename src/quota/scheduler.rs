@@ -710,6 +710,12 @@ impl Scheduler {
     /// JSON status of the busiest buckets (and every listed Page): the estimate, the limit
     /// and where it comes from, and why a call waits.
     pub fn status(&self) -> Value {
+        self.status_of(STATUS_ROWS)
+    }
+
+    /// [`Scheduler::status`] with at most `limit` of the busiest buckets (listed Pages
+    /// always), busiest first.
+    pub fn status_of(&self, limit: usize) -> Value {
         let now = Instant::now();
         let inner = &self.inner;
         let all = inner.table.snapshot();
@@ -729,7 +735,7 @@ impl Scheduler {
         let pages: Vec<Value> = rows
             .iter()
             .enumerate()
-            .filter(|(i, r)| *i < STATUS_ROWS || inner.settings.listed.contains(&r.2))
+            .filter(|(i, r)| *i < limit || inner.settings.listed.contains(&r.2))
             .map(|(_, (_, _, _, b))| inner.status_row(b, gate_paused, now))
             .collect();
         json!({
@@ -743,6 +749,30 @@ impl Scheduler {
             "learned_nodes": lock(&inner.learned).len(),
             "pages": pages,
         })
+    }
+
+    /// The fleet-wide state Redis holds for each bucket named as in [`Scheduler::status`]
+    /// (`app` or a Page id), in order. `None` without Redis or when Redis cannot answer.
+    pub async fn shared_status(&self, ids: &[String]) -> Option<Vec<Value>> {
+        let shared = self.inner.shared.as_ref()?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let key = if id == "app" {
+                BucketKey::App
+            } else {
+                BucketKey::Page(id.clone())
+            };
+            let params = FleetParams::from(self.inner.limits_for(&key));
+            let p = shared.peek(&key, params).await?;
+            out.push(json!({
+                "calls_in_window": p.calls_in_window,
+                "usage": rounded(p.usage_pct / 100.0, 4),
+                "limit": rounded(p.limit, 1),
+                "paused_s": rounded(p.paused.as_secs_f64(), 3),
+                "known": p.exists,
+            }));
+        }
+        Some(out)
     }
 }
 

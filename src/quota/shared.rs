@@ -31,7 +31,7 @@ use crate::redis_conn::RedisConn;
 /// How often a replica announces itself and reads the fleet's app pause.
 pub const FLEET_TICK: Duration = Duration::from_millis(250);
 /// A replica not heard from for this long no longer counts as alive.
-const REPLICA_TTL: Duration = Duration::from_secs(3);
+pub const REPLICA_TTL: Duration = Duration::from_secs(3);
 /// A fleet probe (or blind call) whose replica never reported back stops counting after this.
 const PROBE_TTL: Duration = Duration::from_secs(10);
 
@@ -460,6 +460,22 @@ save(S, P)
 return 1
 ";
 
+/// Reads a bucket's fleet-wide state without changing it (an admin view must not keep an
+/// idle bucket alive): calls in the window, estimate, limit, pause left. ARGV: the bucket's
+/// parameters. Returns {exists, calls, usage ×1000, limit ×1000, paused µs}.
+const PEEK: &str = r"
+local P = params(1)
+if redis.call('EXISTS', key) == 0 then return {0, 0, 0, 0, 0} end
+local S = load()
+local cutoff = math.floor((now - P.W - S.mg) / P.slot)
+if S.o == nil or S.o < cutoff then S.o = cutoff end
+S.t = sum_slots(S, S.o, math.floor(now / P.slot))
+local est, L = estimate(S, P)
+local paused = 0
+if S.pu ~= nil and S.pu > now then paused = S.pu - now end
+return {1, S.t, math.floor(est * 1000), math.floor(L * 1000), math.floor(paused)}
+";
+
 /// KEYS: the fleet's app pause. ARGV: pause µs. Never shortens a longer pause.
 const PAUSE_APP: &str = r"
 local tt = redis.call('TIME')
@@ -550,6 +566,17 @@ pub struct Decision {
     pub paused: Duration,
 }
 
+/// One bucket's fleet-wide state, read by [`SharedBudgets::peek`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Peek {
+    /// False: no such bucket in Redis (never used, or idle past its expiry).
+    pub exists: bool,
+    pub calls_in_window: u32,
+    pub usage_pct: f64,
+    pub limit: f64,
+    pub paused: Duration,
+}
+
 /// The scheduler's handle on the shared budgets.
 pub struct SharedBudgets {
     conn: Arc<RedisConn>,
@@ -558,6 +585,7 @@ pub struct SharedBudgets {
     finish: Script,
     pause_app: Script,
     fleet: Script,
+    peek: Script,
     /// `redis.local_budget_fraction`, when set.
     fraction: Option<f64>,
     /// Replicas alive at the last fleet tick (0: never seen).
@@ -592,6 +620,7 @@ impl SharedBudgets {
             finish: script(FINISH),
             pause_app: Script::new(PAUSE_APP),
             fleet: Script::new(FLEET),
+            peek: script(PEEK),
             fraction,
             replicas: AtomicU32::new(0),
             app_pause: AtomicU64::new(0),
@@ -769,6 +798,28 @@ impl SharedBudgets {
         params: FleetParams,
     ) {
         self.finish_call(key, t, params, false).await;
+    }
+
+    /// The fleet's view of one bucket as Redis holds it. `None`: Redis could not answer.
+    pub async fn peek(&self, key: &BucketKey, params: FleetParams) -> Option<Peek> {
+        let k = self.key(key);
+        let script = &self.peek;
+        let r: Vec<i64> = self
+            .conn
+            .run("peek", |mut c| async move {
+                let mut inv = script.key(k);
+                params.args(&mut inv);
+                inv.invoke_async(&mut c).await
+            })
+            .await?;
+        let at = |i: usize| r.get(i).copied().unwrap_or(0).max(0);
+        Some(Peek {
+            exists: at(0) == 1,
+            calls_in_window: u32::try_from(at(1)).unwrap_or(u32::MAX),
+            usage_pct: at(2) as f64 / 1000.0,
+            limit: at(3) as f64 / 1000.0,
+            paused: Duration::from_micros(at(4) as u64),
+        })
     }
 
     /// Closes every replica's app gate for `d` (Redis' clock); never shortens a longer pause.

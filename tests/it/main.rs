@@ -12,6 +12,7 @@ mod config_secrets;
 mod core;
 mod dashboard;
 mod deploy;
+mod fleet_admin;
 mod hardening;
 mod layering;
 mod observability;
