@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::metrics::{CacheResult, CacheTier, RedisOp};
 use crate::proxy::Gateway;
 use crate::quota::shared::REPLICA_TTL;
 use crate::redis_conn::RedisConn;
@@ -139,21 +140,22 @@ fn status_key(conn: &RedisConn, id: &str) -> String {
 
 fn cache_stats(gw: &Gateway) -> CacheStats {
     let (entries, bytes) = gw.cache.settle();
-    let lookups = |tier: &str, result: &str| {
+    let lookups = |tier: CacheTier, result: CacheResult| {
         gw.metrics
-            .cache_lookups
-            .with_label_values(&[tier, result])
+            .cache
+            .lookups
+            .with_label_values(&[tier.as_str(), result.as_str()])
             .get()
     };
     CacheStats {
         entries,
         bytes,
         max_bytes: gw.cache.max_bytes(),
-        hits: lookups("l1", "hit"),
-        misses: lookups("l1", "miss"),
-        stale: lookups("l1", "stale"),
-        shared_hits: lookups("l2", "hit"),
-        shared_misses: lookups("l2", "miss"),
+        hits: lookups(CacheTier::L1, CacheResult::Hit),
+        misses: lookups(CacheTier::L1, CacheResult::Miss),
+        stale: lookups(CacheTier::L1, CacheResult::Stale),
+        shared_hits: lookups(CacheTier::L2, CacheResult::Hit),
+        shared_misses: lookups(CacheTier::L2, CacheResult::Miss),
     }
 }
 
@@ -205,7 +207,7 @@ pub fn spawn_publisher(gw: &Arc<Gateway>) {
             };
             let key = status_key(&conn, &replica_id(&gw));
             if gw.is_draining() {
-                conn.run("status", |mut c| async move {
+                conn.run(RedisOp::Status, |mut c| async move {
                     redis::cmd("DEL").arg(key).query_async::<i64>(&mut c).await
                 })
                 .await;
@@ -213,7 +215,7 @@ pub fn spawn_publisher(gw: &Arc<Gateway>) {
             }
             if conn.is_up() {
                 let value = local_record(&gw).encode();
-                conn.run("status", |mut c| async move {
+                conn.run(RedisOp::Status, |mut c| async move {
                     redis::cmd("SET")
                         .arg(key)
                         .arg(value)
@@ -240,7 +242,7 @@ async fn fleet_records(gw: &Gateway, me: &Record) -> Result<Vec<Record>, &'stati
     }
     let index = format!("{}{{fleet}}:replicas", conn.prefix());
     let ids: Vec<String> = conn
-        .run("status", |mut c| async move {
+        .run(RedisOp::Status, |mut c| async move {
             // Latest expiry first: the replicas heard from most recently.
             redis::cmd("ZREVRANGE")
                 .arg(index)
@@ -256,7 +258,7 @@ async fn fleet_records(gw: &Gateway, me: &Record) -> Result<Vec<Record>, &'stati
     if !others.is_empty() {
         let keys: Vec<String> = others.iter().map(|id| status_key(conn, id)).collect();
         let values: Vec<Option<Vec<u8>>> = conn
-            .run("status", |mut c| async move {
+            .run(RedisOp::Status, |mut c| async move {
                 redis::cmd("MGET").arg(keys).query_async(&mut c).await
             })
             .await

@@ -199,6 +199,10 @@ label_enum! {
         Purge => "purge",
         Observe => "observe",
         Heartbeat => "heartbeat",
+        /// A replica's status record for the fleet-wide admin views.
+        Status => "status",
+        /// A read-only look at a shared Page budget (the fleet-wide admin view).
+        Peek => "peek",
     }
 }
 

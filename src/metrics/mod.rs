@@ -224,7 +224,7 @@ mod tests {
         );
         assert_eq!(
             values(RedisOp::ALL.iter().map(|v| v.as_str()).collect()),
-            "get,store,invalidate,publish,lease,admit,pause,refund,ping,subscribe,purge,observe,heartbeat"
+            "get,store,invalidate,publish,lease,admit,pause,refund,ping,subscribe,purge,observe,heartbeat,status,peek"
         );
         assert_eq!(
             values(QuotaRejection::ALL.iter().map(|v| v.as_str()).collect()),

@@ -806,7 +806,7 @@ impl SharedBudgets {
         let script = &self.peek;
         let r: Vec<i64> = self
             .conn
-            .run("peek", |mut c| async move {
+            .run(RedisOp::Peek, |mut c| async move {
                 let mut inv = script.key(k);
                 params.args(&mut inv);
                 inv.invoke_async(&mut c).await
