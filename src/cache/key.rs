@@ -95,6 +95,20 @@ pub fn build(
     })
 }
 
+/// The key of the same read without `fields` (the base that reads for different fields of
+/// one node share), or `None` when the read names no fields.
+pub fn base_of(
+    version: &str,
+    segments: &[String],
+    params: &Params,
+    identity: &str,
+) -> Option<KeyId> {
+    params.get("fields")?;
+    let mut rest = params.clone();
+    rest.remove("fields");
+    build(version, segments, &rest, identity).ok().map(|k| k.id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

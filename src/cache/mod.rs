@@ -89,6 +89,8 @@ pub struct Cache {
     metrics: Arc<Metrics>,
     /// The Redis tier and bus, when `[redis] url` is set.
     shared: Option<Shared>,
+    /// Stored node replies by the fields they hold, for answering subsets.
+    pub projections: projection::ProjectionIndex,
 }
 
 /// What replicas share through Redis.
@@ -118,6 +120,7 @@ impl Cache {
             compress: cfg.compress,
             metrics,
             shared: None,
+            projections: projection::ProjectionIndex::default(),
         }
     }
 
@@ -187,6 +190,11 @@ impl Cache {
 
     pub fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
         self.l1.get(key.id)
+    }
+
+    /// The entry stored under a key's digest (the projection index keeps digests).
+    pub fn get_id(&self, id: KeyId) -> Option<Arc<Entry>> {
+        self.l1.get(id)
     }
 
     /// Counts one lookup in the in-process tier (L1).

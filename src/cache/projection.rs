@@ -11,11 +11,13 @@
 //! have to guess is not made.
 
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, BytesMut};
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
+use super::key::KeyId;
 use crate::graph::fields::{Field, Fields};
 use crate::rewrite::PreparedBody;
 
@@ -119,6 +121,58 @@ impl IdHabit {
 
 fn wants_id(fields: &Fields) -> bool {
     fields.fields().iter().any(|f| member_name(f) == "id")
+}
+
+/// Node reads with the same key but for `fields` (their base) that have replies stored: most
+/// bases kept, and most field lists kept per base (newest win).
+const MAX_BASES: u64 = 100_000;
+const MAX_PER_BASE: usize = 8;
+
+/// The field lists stored under one base, oldest first, with the key each is stored as.
+type Stored = Vec<(Fields, KeyId)>;
+
+/// Which stored node replies hold which fields, by base key (the read's key without
+/// `fields`). Entries are not removed when the cache drops them: a lookup reads the cache
+/// and skips what is gone.
+pub struct ProjectionIndex {
+    bases: moka::sync::Cache<KeyId, Arc<Mutex<Stored>>>,
+    /// Whether the upstream adds `id` to replies (shared by every base).
+    pub id_habit: IdHabit,
+}
+
+impl Default for ProjectionIndex {
+    fn default() -> Self {
+        ProjectionIndex {
+            bases: moka::sync::Cache::new(MAX_BASES),
+            id_habit: IdHabit::default(),
+        }
+    }
+}
+
+impl ProjectionIndex {
+    /// Notes that the reply for `fields` under `base` is stored as `key`.
+    pub fn record(&self, base: KeyId, fields: Fields, key: KeyId) {
+        let list = self.bases.get_with(base, Arc::default);
+        let mut list = list.lock().unwrap_or_else(|e| e.into_inner());
+        list.retain(|(_, k)| *k != key);
+        if list.len() >= MAX_PER_BASE {
+            list.remove(0);
+        }
+        list.push((fields, key));
+    }
+
+    /// The stored replies of `base` whose fields cover `want`, newest first.
+    pub fn covering(&self, base: KeyId, want: &Fields) -> Vec<(Fields, KeyId)> {
+        let Some(list) = self.bases.get(&base) else {
+            return Vec::new();
+        };
+        let list = list.lock().unwrap_or_else(|e| e.into_inner());
+        list.iter()
+            .rev()
+            .filter(|(have, _)| covers(have, want))
+            .cloned()
+            .collect()
+    }
 }
 
 /// The members of a JSON object in their order, each value as its original text.

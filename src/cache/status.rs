@@ -73,6 +73,9 @@ pub enum CacheStatus {
     /// An entry from the shared tier (Redis), read for this request or, `collapsed`, for a
     /// fill this request joined (another replica's included).
     SharedHit { ttl: i64, collapsed: bool },
+    /// A fresh stored reply for more fields of the same node, cut down to the fields asked
+    /// for (`ttl` seconds left on it).
+    Projected { ttl: i64 },
     /// Graph answered with `fwd_status` (304 when a stale entry was revalidated); `stored`
     /// when the reply (or the renewed entry) was stored; `collapsed` when this request
     /// waited for another request's call.
@@ -102,6 +105,7 @@ impl CacheStatus {
         match self {
             CacheStatus::Hit { .. }
             | CacheStatus::SharedHit { .. }
+            | CacheStatus::Projected { .. }
             | CacheStatus::MembersHit(_) => CacheResult::Hit,
             CacheStatus::StaleWhileRevalidate { .. } | CacheStatus::StaleIfError { .. } => {
                 CacheResult::Stale
@@ -149,6 +153,11 @@ impl CacheStatus {
                 p.int("ttl", ttl);
                 p.token("detail", "stale-if-error");
                 p.flag_if("collapsed", collapsed);
+            }
+            CacheStatus::Projected { ttl } => {
+                p.flag("hit");
+                p.int("ttl", ttl);
+                p.token("detail", "projected");
             }
             CacheStatus::SharedHit { ttl, collapsed } => {
                 p.flag("hit");
@@ -293,6 +302,12 @@ mod tests {
             (
                 Hit { ttl: 42 },
                 "graphgate; hit; ttl=42",
+                CacheResult::Hit,
+                "HIT",
+            ),
+            (
+                Projected { ttl: 12 },
+                "graphgate; hit; ttl=12; detail=projected",
                 CacheResult::Hit,
                 "HIT",
             ),

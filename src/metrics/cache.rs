@@ -13,6 +13,8 @@ pub struct CacheMetrics {
     pub lookups: IntCounterVec,
     /// Requests that waited on another request's identical upstream call.
     pub coalesced: IntCounter,
+    /// Node reads answered from a cached reply for more fields of the same node.
+    pub projected: IntCounter,
     /// Entries and weighted bytes per tier (refreshed when /metrics is read).
     pub entries: IntGaugeVec,
     pub bytes: IntGaugeVec,
@@ -44,6 +46,11 @@ impl CacheMetrics {
                 r,
                 "graphgate_cache_coalesced_total",
                 "Requests answered by another request's in-flight upstream call.",
+            ),
+            projected: counter(
+                r,
+                "graphgate_cache_projected_hits_total",
+                "Node reads answered from a cached reply for more fields of the same node.",
             ),
             entries: int_gauge_vec(
                 r,

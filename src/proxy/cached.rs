@@ -17,8 +17,9 @@ use crate::cache::entry::{Entry, Freshness, DEFAULT_CONTENT_TYPE};
 use crate::cache::key::{self, CacheKey};
 use crate::cache::policy::{request_directive, Directive};
 use crate::cache::status::{CacheStatus, Forward, MemberKind, Members};
-use crate::cache::{batch, ids, Fill, FillKind, FillResult};
+use crate::cache::{batch, ids, projection, Fill, FillKind, FillResult};
 use crate::error::ProxyError;
+use crate::graph::fields::Fields;
 use crate::graph::headers;
 use crate::graph::request::GraphMethod;
 use crate::graph::usage::ErrorClass;
@@ -160,6 +161,14 @@ impl Gateway {
                     }
                     Freshness::StaleIfError | Freshness::Expired => {}
                 }
+            }
+        }
+        if directive == Directive::Normal {
+            // Not stored as asked: a stored reply for more of the node's fields may hold it.
+            if let Some(served) =
+                self.projected_read(call, version, &key, &identity, &caller, now)?
+            {
+                return Ok(Some(served));
             }
         }
         self.cache.count(CacheResult::Miss);
@@ -310,6 +319,7 @@ impl Gateway {
         let kind = if !entry.status.is_success() {
             FillKind::Passed
         } else if self.cache.store(key, &entry, epoch) {
+            self.note_projectable(&call, version, key, &entry);
             FillKind::Stored
         } else {
             FillKind::Fetched
@@ -322,6 +332,82 @@ impl Gateway {
             pieces: None,
             hold: reply.hold,
         })
+    }
+
+    /// Notes a stored node reply in the projection index, and learns from it whether Graph
+    /// adds `id` to replies that did not ask for it.
+    fn note_projectable(&self, call: &Call, version: &str, key: &CacheKey, entry: &Entry) {
+        let Some(fields) = projectable(call) else {
+            return;
+        };
+        if let Ok(body) = entry.body() {
+            self.cache.projections.id_habit.learn(&fields, &body.bytes);
+        }
+        let identity = self.tokens.identity_for(call.page());
+        if let Some(base) = key::base_of(version, &call.path.segments, &call.params, &identity) {
+            self.cache.projections.record(base, fields, key.id);
+        }
+    }
+
+    /// Answers a node read from a fresh stored reply for more fields of the same node (same
+    /// version, other parameters and token identity), and stores the cut-down reply under
+    /// the read's own key so the next one is a plain hit. `None` when no stored reply
+    /// provably holds it, or a write to the node came in between.
+    fn projected_read(
+        &self,
+        call: &Call,
+        version: &str,
+        key: &CacheKey,
+        identity: &str,
+        caller: &Caller<'_>,
+        now: Instant,
+    ) -> Result<Option<Served>, ProxyError> {
+        let Some(want) = projectable(call) else {
+            return Ok(None);
+        };
+        let Some(base) = key::base_of(version, &call.path.segments, &call.params, identity) else {
+            return Ok(None);
+        };
+        let epoch = self.cache.epoch(key);
+        for (have, id) in self.cache.projections.covering(base, &want) {
+            let Some(stored) = self.cache.get_id(id) else {
+                continue;
+            };
+            let policy = &self.cache.policy;
+            let fresh = stored.freshness(now, policy.stale_while_revalidate, policy.stale_if_error)
+                == Freshness::Fresh;
+            if !fresh || !stored.status.is_success() {
+                continue;
+            }
+            let body = stored.body()?;
+            let projections = &self.cache.projections;
+            let Some(cut) = projection::project(&body, &have, &want, &projections.id_habit) else {
+                continue;
+            };
+            // Only what describes the content: the stored reply's ETag is for its own bytes.
+            let kept = stored
+                .headers
+                .iter()
+                .filter(|(n, _)| headers::MEMBER_STORED.contains(&n.as_str()))
+                .cloned()
+                .collect();
+            let mut entry = Entry::new(stored.status, kept, cut, stored.ttl);
+            entry.stored_at = stored.stored_at;
+            if !self.cache.store(key, &entry, epoch) {
+                return Ok(None);
+            }
+            self.cache.count(CacheResult::Hit);
+            self.metrics.cache.projected.inc();
+            let status = CacheStatus::Projected {
+                ttl: entry.ttl_left_s(now),
+            };
+            return Ok(Some(Served {
+                response: reply_from(&entry, caller, status, Some(now), Origin::Cached)?,
+                cache: status.result(),
+                upstream_ms: None,
+            }));
+        }
+        Ok(None)
     }
 
     /// The reply for one waiter of a fill.
@@ -888,4 +974,14 @@ pub(super) fn mark_uncached(response: &mut Response<Full<Bytes>>, call: &Call) -
     h.insert(X_CACHE, status.x_cache());
     h.insert(CACHE_STATUS, status.header_value());
     status.result()
+}
+
+/// The fields of a node read (`GET /{node}?fields=…`): what a stored reply can be projected
+/// onto. `None` for edges, `ids=`, batches and reads without `fields`.
+fn projectable(call: &Call) -> Option<Fields> {
+    if call.path.segments.len() != 1 || !call.ids.is_empty() || call.batch.is_some() {
+        return None;
+    }
+    let fields = Fields::parse(call.params.get("fields")?).ok()?;
+    (!fields.is_empty()).then_some(fields)
 }

@@ -16,6 +16,7 @@ mod fleet_admin;
 mod hardening;
 mod layering;
 mod observability;
+mod projection;
 mod quota;
 mod redis;
 mod redis_topologies;
