@@ -514,14 +514,14 @@ async fn page_tokens_are_minted_used_and_reminted_after_190() {
         seen[1].appsecret_proof.as_deref(),
         Some(appsecret_proof(APP_SECRET, &page_token).as_str())
     );
-    // Reused.
-    s.get(&format!("/1001?fields=id&access_token={ADMIN_KEY}"))
+    // Reused (fields the first reply does not hold, so the read goes to Graph).
+    s.get(&format!("/1001?fields=id,about&access_token={ADMIN_KEY}"))
         .await;
     assert_eq!(s.graph.requests().len(), 3);
     // Revoked: the call is retried once with a freshly minted token and succeeds.
     s.graph.revoke_token(&page_token);
     let r = s
-        .get(&format!("/1001?fields=name&access_token={ADMIN_KEY}"))
+        .get(&format!("/1001?fields=fan_count&access_token={ADMIN_KEY}"))
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     let m = s.admin_get("/metrics").await.text();

@@ -615,12 +615,10 @@ async fn drive_traffic(s: &Arc<Stack>) {
         get("/v21.0/1001".into()).await.status,
         StatusCode::UNAUTHORIZED
     );
-    // A Page token Graph rejects (190): minted again, the call retried.
+    // A Page token Graph rejects (190): minted again, the call retried. (A field the long
+    // read above did not ask for, so the read is not cut from its stored reply.)
     s.graph.revoke_token(&s.graph.page_token("1001"));
-    let r = get(format!(
-        "/v21.0/1001?fields=fan_count&access_token={ADMIN_KEY}"
-    ))
-    .await;
+    let r = get(format!("/v21.0/1001?fields=link&access_token={ADMIN_KEY}")).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     // Page 1002: other apps use up its quota behind graphgate's back (all 10 calls per 2 s
     // on the simulated Graph, for the rest of the test), so graphgate's next calls are
