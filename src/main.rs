@@ -155,7 +155,6 @@ fn startup_warnings(config: &Config) -> Vec<&'static str> {
 fn init_logging(config: &LogConfig) -> Result<Logging, String> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::Layer;
 
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
@@ -163,37 +162,52 @@ fn init_logging(config: &LogConfig) -> Result<Logging, String> {
         .finish(std::io::BufWriter::new(std::io::stdout()));
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.level));
+    #[cfg(feature = "otlp")]
+    if let Some(endpoint) = &config.otlp_endpoint {
+        use tracing_subscriber::Layer;
+        let (exporter, spans) = graphgate::otlp::start(endpoint, &config.otlp_service_name)?;
+        // The log level filters the log lines only: graphgate's spans (and the events in
+        // them) at info and above are exported whatever it is.
+        let exported = tracing_subscriber::filter::Targets::new()
+            .with_target("graphgate", tracing::Level::INFO);
+        let _ = tracing_subscriber::registry()
+            .with(fmt_layer(config.format, writer).with_filter(filter))
+            .with(spans.with_filter(exported))
+            .try_init();
+        return Ok(Logging {
+            _guard: guard,
+            exporter: Some(exporter),
+        });
+    }
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt_layer(config.format, writer))
+        .try_init();
+    Ok(Logging {
+        _guard: guard,
+        #[cfg(feature = "otlp")]
+        exporter: None,
+    })
+}
+
+/// Log lines as text or JSON, to `writer`.
+fn fmt_layer<S>(
+    format: LogFormat,
+    writer: tracing_appender::non_blocking::NonBlocking,
+) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+{
+    use tracing_subscriber::Layer;
     // Colour codes only for a person at a terminal, never into files or log collectors.
     use std::io::IsTerminal;
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(writer)
         .with_ansi(std::io::stdout().is_terminal())
         .with_target(false);
-    let fmt = match config.format {
+    match format {
         LogFormat::Json => fmt.json().boxed(),
         LogFormat::Text => fmt.boxed(),
-    };
-    let registry = tracing_subscriber::registry().with(filter).with(fmt);
-    #[cfg(feature = "otlp")]
-    {
-        let (exporter, layer) = match &config.otlp_endpoint {
-            Some(endpoint) => {
-                let (exporter, layer) =
-                    graphgate::otlp::start(endpoint, &config.otlp_service_name)?;
-                (Some(exporter), Some(layer))
-            }
-            None => (None, None),
-        };
-        let _ = registry.with(layer).try_init();
-        Ok(Logging {
-            _guard: guard,
-            exporter,
-        })
-    }
-    #[cfg(not(feature = "otlp"))]
-    {
-        let _ = registry.try_init();
-        Ok(Logging { _guard: guard })
     }
 }
 
