@@ -29,8 +29,8 @@ static ENABLED: AtomicBool = AtomicBool::new(false);
 /// How long one export may take before its batch is given up.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The exporter, the batch processor and the `tracing` layer that feeds them. Keep it
-/// until exit and call [`Exporter::shutdown`] to send what is still queued.
+/// The running export (the tracer provider with its batch processor). Keep it until exit
+/// and call [`Exporter::shutdown`] to send what is still queued.
 pub struct Exporter {
     provider: SdkTracerProvider,
 }
