@@ -20,7 +20,7 @@
 FROM rust:1.95.0-slim-bookworm AS build
 WORKDIR /src
 # Cargo features on top of none: empty for the production image, `demo` for the simulated
-# Graph API's image.
+# Graph API's image, `otlp` for OpenTelemetry span export (docs/observability.md).
 ARG FEATURES=""
 # Manifests of the workspace (graphgate and its member fake-graph) and the declared bench
 # targets first (cargo needs every [[bench]] file to load the manifest), with placeholder

@@ -13,6 +13,8 @@ pub mod config;
 pub mod error;
 pub mod graph;
 pub mod metrics;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 pub mod proxy;
 pub mod quota;
 pub mod redis_conn;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use graphgate::config::env::Layers;
-use graphgate::config::{effective, Config, LogFormat};
+use graphgate::config::{effective, Config, LogConfig, LogFormat};
 use graphgate::server;
 
 #[derive(Parser)]
@@ -149,25 +149,94 @@ fn startup_warnings(config: &Config) -> Vec<&'static str> {
 /// request log is one line per request). Lines are batched into 8 KB writes while they come
 /// fast; none are dropped (a full queue of 128 k lines makes loggers wait). Hold the guard
 /// until exit: dropping it flushes what is queued.
-fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
+///
+/// With the `otlp` feature and `log.otlp_endpoint` set, the request spans are also exported
+/// to an OpenTelemetry collector (see `graphgate::otlp`).
+fn init_logging(config: &LogConfig) -> Result<Logging, String> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .thread_name("graphgate-log")
         .finish(std::io::BufWriter::new(std::io::stdout()));
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.level));
+    #[cfg(feature = "otlp")]
+    if let Some(endpoint) = &config.otlp_endpoint {
+        use tracing_subscriber::Layer;
+        let (exporter, spans) = graphgate::otlp::start(endpoint, &config.otlp_service_name)?;
+        // The log level filters the log lines only: graphgate's spans (and the events in
+        // them) at info and above are exported whatever it is.
+        let exported = tracing_subscriber::filter::Targets::new()
+            .with_target("graphgate", tracing::Level::INFO);
+        let _ = tracing_subscriber::registry()
+            .with(fmt_layer(config.format, writer).with_filter(filter))
+            .with(spans.with_filter(exported))
+            .try_init();
+        return Ok(Logging {
+            _guard: guard,
+            exporter: Some(exporter),
+        });
+    }
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt_layer(config.format, writer))
+        .try_init();
+    Ok(Logging {
+        _guard: guard,
+        #[cfg(feature = "otlp")]
+        exporter: None,
+    })
+}
+
+/// Log lines as text or JSON, to `writer`.
+fn fmt_layer<S>(
+    format: LogFormat,
+    writer: tracing_appender::non_blocking::NonBlocking,
+) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+{
+    use tracing_subscriber::Layer;
     // Colour codes only for a person at a terminal, never into files or log collectors.
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(writer)
         .with_ansi(std::io::stdout().is_terminal())
         .with_target(false);
-    let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
-    guard
+    match format {
+        LogFormat::Json => fmt.json().boxed(),
+        LogFormat::Text => fmt.boxed(),
+    }
+}
+
+/// Text logs at `info`, no export: for the demo and the simulated Graph.
+#[cfg(feature = "demo")]
+fn plain_log() -> LogConfig {
+    LogConfig {
+        format: LogFormat::Text,
+        level: "info".into(),
+        otlp_endpoint: None,
+        otlp_service_name: "graphgate".into(),
+    }
+}
+
+/// What keeps logging (and span export) running until exit.
+struct Logging {
+    _guard: tracing_appender::non_blocking::WorkerGuard,
+    #[cfg(feature = "otlp")]
+    exporter: Option<graphgate::otlp::Exporter>,
+}
+
+impl Logging {
+    /// Sends the spans still queued for export; log lines are flushed when this drops.
+    async fn finish(self) {
+        #[cfg(feature = "otlp")]
+        if let Some(exporter) = self.exporter {
+            exporter.shutdown().await;
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -235,7 +304,7 @@ async fn main() -> ExitCode {
 
 async fn serve(config_path: Option<&Path>, flags: &[String]) -> Result<(), String> {
     let config = load_config(config_path, flags)?;
-    let _log = init_logging(config.log.format, &config.log.level);
+    let log = init_logging(&config.log)?;
     for warning in startup_warnings(&config) {
         tracing::warn!("{warning}");
     }
@@ -259,6 +328,7 @@ async fn serve(config_path: Option<&Path>, flags: &[String]) -> Result<(), Strin
     }
     tracing::info!("shutting down: draining in-flight requests");
     running.shutdown().await;
+    log.finish().await;
     Ok(())
 }
 
@@ -364,7 +434,7 @@ async fn run_fake_graph(
     page_window_s: Option<u64>,
     tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 ) -> Result<(), String> {
-    let _log = init_logging(LogFormat::Text, "info");
+    let _log = init_logging(&plain_log())?;
     let tls = match tls {
         Some((cert, key)) => {
             let read = |p: &std::path::Path| {
@@ -449,7 +519,7 @@ async fn demo(
     graph_listen: SocketAddr,
 ) -> Result<(), String> {
     use graphgate::testkit::{Credentials, Stack, TestClient};
-    let _log = init_logging(LogFormat::Text, "info");
+    let _log = init_logging(&plain_log())?;
     // The simulated Graph's own defaults (Pages 1001 and 1002, its built-in token and app
     // secret), which docker-compose.yml's replicas are configured with as well.
     let graph_cfg = fake_graph::FakeGraphConfig::default();

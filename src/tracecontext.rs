@@ -73,6 +73,18 @@ impl TraceContext {
         std::str::from_utf8(&self.span_id).unwrap_or("")
     }
 
+    /// The client's parent-id (16 hex digits), when the trace came from the client.
+    pub fn parent_id(&self) -> Option<&str> {
+        self.parent_id
+            .as_ref()
+            .and_then(|p| std::str::from_utf8(p).ok())
+    }
+
+    /// Trace flags as received (bit 0: sampled); 0 for a new trace.
+    pub fn flags(&self) -> u8 {
+        self.flags
+    }
+
     /// Whether the trace came from the client.
     pub fn is_continued(&self) -> bool {
         self.parent_id.is_some()

@@ -243,6 +243,8 @@ pub fn to_toml(c: &Config) -> String {
     let log = table([
         ("format", Some(string(format))),
         ("level", Some(string(&c.log.level))),
+        ("otlp_endpoint", c.log.otlp_endpoint.as_deref().map(string)),
+        ("otlp_service_name", Some(string(&c.log.otlp_service_name))),
     ]);
     let webhooks = c.webhooks.as_ref().map(|w| {
         table([
@@ -391,7 +393,13 @@ mod tests {
 
     #[test]
     fn prints_every_documented_key_and_no_secret() {
-        let c = Config::from_toml(FULL, |_| None).unwrap();
+        // Only a build with the `otlp` feature takes an OTLP endpoint.
+        let full = if cfg!(feature = "otlp") {
+            format!("{FULL}\n[log]\notlp_endpoint = \"http://collector:4318\"\n")
+        } else {
+            FULL.to_string()
+        };
+        let c = Config::from_toml(&full, |_| None).unwrap();
         let text = to_toml(&c);
         let doc: Table = text.parse().unwrap_or_else(|e| panic!("{e}\n{text}"));
         let mut printed = std::collections::BTreeSet::new();
@@ -400,6 +408,9 @@ mod tests {
         let mut documented = documented_keys();
         documented.remove("clients.key_sha256");
         documented.remove("clients_file");
+        if !cfg!(feature = "otlp") {
+            documented.remove("log.otlp_endpoint");
+        }
         // The other ways to name Redis than a URL (checked below).
         for k in [
             "cluster_nodes",

@@ -85,6 +85,8 @@ where
             trace_id = context.trace.trace_id(),
             request_id = context.request_id()
         );
+        #[cfg(feature = "otlp")]
+        crate::otlp::adopt(&span, &context.trace);
         let request_id = context.request_id_header();
         let inner = {
             let _entered = span.enter();

@@ -54,6 +54,37 @@ pages = ["1001"]
     }
 }
 
+/// A build without the `otlp` feature cannot export spans: it says so instead of starting
+/// without the export the configuration asks for.
+#[cfg(not(feature = "otlp"))]
+#[test]
+fn check_config_refuses_an_otlp_endpoint_without_the_feature() {
+    let path = temp_config(
+        "otlp",
+        r#"
+[credentials]
+system_user_token = "EAAB-otlp-system-token"
+app_secret = "otlp-app-secret"
+[log]
+otlp_endpoint = "http://127.0.0.1:4318"
+"#,
+    );
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env_remove("GRAPHGATE_SYSTEM_USER_TOKEN")
+        .env_remove("GRAPHGATE_APP_SECRET")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("log.otlp_endpoint"), "{err}");
+    assert!(
+        err.contains("this graphgate was built without the otlp feature"),
+        "{err}"
+    );
+}
+
 #[test]
 fn check_config_names_the_bad_key() {
     let path = temp_config("bad", "[upstream]\nurll = \"x\"\n");

@@ -161,9 +161,14 @@ struct Logged {
 
 impl Logged {
     async fn start(graph: &FakeGraph, tag: &str, extra: &str) -> Logged {
+        Logged::start_at(graph, tag, "debug", extra).await
+    }
+
+    /// With `log.level` = `level` (which must let `graphgate listening` through).
+    async fn start_at(graph: &FakeGraph, tag: &str, level: &str, extra: &str) -> Logged {
         let toml = gateway_toml(
             &graph.url(),
-            &format!("[log]\nformat = \"json\"\nlevel = \"debug\"\n{extra}"),
+            &format!("[log]\nformat = \"json\"\nlevel = \"{level}\"\n{extra}"),
         );
         let dir = std::env::temp_dir().join(format!(
             "graphgate-tracing-{tag}-{}-{}",
@@ -351,4 +356,177 @@ async fn forwarded_for_names_the_client_only_behind_a_trusted_proxy() {
     );
     drop(gw);
     graph.shutdown();
+}
+
+/// OpenTelemetry export (the `otlp` feature): the request span reaches a collector over
+/// OTLP/HTTP with the request's W3C ids, and a collector that is down costs requests nothing.
+#[cfg(feature = "otlp")]
+mod otlp {
+    use std::net::SocketAddr;
+
+    use http_body_util::{BodyExt, Full};
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    use super::*;
+
+    /// A tiny OTLP/HTTP collector on a free loopback port: records the body of every
+    /// `POST /v1/traces` and answers 200 (an empty protobuf reply).
+    struct Collector {
+        addr: SocketAddr,
+        bodies: Arc<Mutex<Vec<Bytes>>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Collector {
+        async fn start() -> Collector {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let bodies = Arc::new(Mutex::new(Vec::new()));
+            let seen = bodies.clone();
+            let task = tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let seen = seen.clone();
+                    tokio::spawn(async move {
+                        let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                            let seen = seen.clone();
+                            async move {
+                                let ok = req.method() == Method::POST
+                                    && req.uri().path() == "/v1/traces";
+                                let body = req.into_body().collect().await?.to_bytes();
+                                let status = if ok {
+                                    seen.lock().unwrap().push(body);
+                                    StatusCode::OK
+                                } else {
+                                    StatusCode::NOT_FOUND
+                                };
+                                let reply = http::Response::builder()
+                                    .status(status)
+                                    .header("content-type", "application/x-protobuf")
+                                    .body(Full::new(Bytes::new()))
+                                    .expect("a static reply");
+                                Ok::<_, hyper::Error>(reply)
+                            }
+                        });
+                        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                    });
+                }
+            });
+            Collector { addr, bodies, task }
+        }
+
+        /// Waits (up to 30 s: spans are sent in batches) for an export that contains all of
+        /// `needles`, and returns it.
+        async fn export_with(&self, needles: &[&[u8]]) -> Bytes {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let found = self
+                    .bodies
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|b| needles.iter().all(|n| contains(b, n)))
+                    .cloned();
+                if let Some(body) = found {
+                    return body;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "no export with the request's ids; {} exports received",
+                    self.bodies.lock().unwrap().len()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    impl Drop for Collector {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[tokio::test]
+    async fn otlp_export_carries_the_request_span_with_the_client_trace_and_graphs_parent() {
+        let collector = Collector::start().await;
+        let graph = FakeGraph::start(graph_config(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let secrets = secrets_of(&graph);
+        let extra = format!(
+            "otlp_endpoint = \"http://{}\"\notlp_service_name = \"gateway-under-test\"\n",
+            collector.addr
+        );
+        // The log level leaves out the request's lines; the export does not depend on it.
+        let gw = Logged::start_at(&graph, "otlp", "warn,graphgate::server=info", &extra).await;
+        let path = format!("/v21.0/1001?fields=id,name&access_token={ADMIN_KEY}");
+        let r = gw
+            .get(&path, &[("traceparent", TRACEPARENT)], &secrets)
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        // graphgate's span is the parent-id Graph was given.
+        let sent = upstream_header(&graph, "traceparent").expect("traceparent upstream");
+        let (_, graphgate_span, _) = parts(&sent);
+        let trace = hex::decode(TRACE).unwrap();
+        let client_span = hex::decode("00f067aa0ba902b7").unwrap();
+        let own_span = hex::decode(&graphgate_span).unwrap();
+        // The protobuf holds the ids as raw bytes: the client's trace, the client's span as
+        // the parent, graphgate's span as the one Graph saw, and the service name.
+        let body = collector
+            .export_with(&[&trace, &client_span, &own_span, b"gateway-under-test"])
+            .await;
+        assert!(contains(&body, b"request"), "the span is named `request`");
+        // The access log line travels as an event of the span.
+        assert!(
+            contains(&body, b"client_addr"),
+            "the access log line is a span event"
+        );
+        assert!(
+            gw.find(&|v| v["fields"]["message"] == "request").is_none(),
+            "no access log line at level warn"
+        );
+
+        // Without a traceparent the exported trace is the new one graphgate logs and names.
+        let r = gw.get(&path, &[], &secrets).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        let new_trace = hex::decode(r.header("x-graphgate-trace-id").unwrap()).unwrap();
+        assert_ne!(new_trace, trace);
+        collector.export_with(&[&new_trace]).await;
+        graph.shutdown();
+    }
+
+    #[tokio::test]
+    async fn otlp_collector_down_costs_requests_nothing() {
+        // A port that was free a moment ago: nothing listens there.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let graph = FakeGraph::start(graph_config(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let secrets = secrets_of(&graph);
+        let extra = format!("otlp_endpoint = \"http://{closed}\"\n");
+        let gw = Logged::start(&graph, "otlp-down", &extra).await;
+        for node in ["1001", "1002", "1001"] {
+            let path = format!("/v21.0/{node}?fields=id,name&access_token={ADMIN_KEY}");
+            let r = gw
+                .get(&path, &[("traceparent", TRACEPARENT)], &secrets)
+                .await;
+            assert_eq!(r.status, StatusCode::OK, "{node}: {}", r.text());
+            gw.access_line(&r).await;
+        }
+        // Still serving once the first batch has failed to go out.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let path = format!("/v21.0/1002?fields=id,name&access_token={ADMIN_KEY}");
+        let r = gw.get(&path, &[], &secrets).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        graph.shutdown();
+    }
 }
