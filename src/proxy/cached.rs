@@ -518,6 +518,17 @@ impl Gateway {
             have.push(hit);
             keys.push(k);
         }
+        // What the in-process tier lacks may be in the Redis tier (another replica's fill).
+        let mut l2_epochs: Vec<Option<String>> = vec![None; wanted.len()];
+        let lacking: Vec<usize> = (0..wanted.len()).filter(|&i| have[i].is_none()).collect();
+        let lacking_keys: Vec<&CacheKey> = lacking.iter().map(|&i| &keys[i]).collect();
+        let shared = self
+            .shared_members(&lacking_keys, directive == Directive::Normal)
+            .await;
+        for (&i, (entry, epoch)) in lacking.iter().zip(shared) {
+            have[i] = entry;
+            l2_epochs[i] = epoch;
+        }
         let missing: Vec<usize> = (0..wanted.len()).filter(|&i| have[i].is_none()).collect();
         let hits = wanted.len() - missing.len();
         let members = Members {
@@ -552,7 +563,10 @@ impl Gateway {
         sub.params.set("ids", missing_ids.join(","));
         let sub_key = key::build(version, &[], &sub.params, &identity)
             .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
-        let node_keys: Vec<CacheKey> = missing.iter().map(|&i| keys[i].clone()).collect();
+        let node_keys: Vec<(CacheKey, Option<String>)> = missing
+            .iter()
+            .map(|&i| (keys[i].clone(), l2_epochs[i].take()))
+            .collect();
         let started = Instant::now();
         let (waiter, collapsed) = match self.cache.flights.join(sub_key.id) {
             Role::Leader(flight, waiter) => {
@@ -644,8 +658,15 @@ impl Gateway {
     }
 
     /// The upstream `ids=` call for missing ids; each member is stored under its node's key.
-    async fn fill_ids(&self, call: Call, version: &str, node_keys: Vec<CacheKey>) -> FillResult {
-        let epochs: Vec<u64> = node_keys.iter().map(|k| self.cache.epoch(k)).collect();
+    /// The `ids=` call for the members no tier had; each member's reply is stored in L1 and,
+    /// with its Redis epoch (read before the call), in the Redis tier.
+    async fn fill_ids(
+        &self,
+        call: Call,
+        version: &str,
+        node_keys: Vec<(CacheKey, Option<String>)>,
+    ) -> FillResult {
+        let epochs: Vec<u64> = node_keys.iter().map(|(k, _)| self.cache.epoch(k)).collect();
         let reply = self.forward(&call, version, true).await?;
         let prepared = rewrite::prepare(
             reply.body.clone(),
@@ -665,7 +686,7 @@ impl Gateway {
             .cloned()
             .collect();
         if let Some(pieces) = &pieces {
-            for (k, epoch) in node_keys.iter().zip(epochs) {
+            for ((k, l2_epoch), epoch) in node_keys.iter().zip(epochs) {
                 let Some(node) = k.node.as_deref() else {
                     continue;
                 };
@@ -677,7 +698,9 @@ impl Gateway {
                     continue;
                 }
                 let e = Entry::new(reply.status, node_headers.clone(), body.clone(), ttl);
-                self.cache.store(k, &e, epoch);
+                if let (true, Some(l2_epoch)) = (self.cache.store(k, &e, epoch), l2_epoch) {
+                    self.cache.store_shared(k, &e, l2_epoch).await;
+                }
             }
         }
         let kind = if reply.status.is_success() {
@@ -737,6 +760,19 @@ impl Gateway {
             });
             have.push(hit);
             keys.push((k, ttl));
+        }
+        // What the in-process tier lacks may be in the Redis tier (another replica's fill).
+        let mut l2_epochs: Vec<Option<String>> = vec![None; ops.len()];
+        let lacking: Vec<usize> = (0..ops.len())
+            .filter(|&i| have[i].is_none() && !keys[i].1.is_zero())
+            .collect();
+        let lacking_keys: Vec<&CacheKey> = lacking.iter().map(|&i| &keys[i].0).collect();
+        let shared = self
+            .shared_members(&lacking_keys, directive == Directive::Normal)
+            .await;
+        for (&i, (entry, epoch)) in lacking.iter().zip(shared) {
+            have[i] = entry.and_then(|e| batch::element(&e, include_headers));
+            l2_epochs[i] = epoch;
         }
         let missing: Vec<usize> = (0..ops.len()).filter(|&i| have[i].is_none()).collect();
         let hits = ops.len() - missing.len();
@@ -807,7 +843,10 @@ impl Gateway {
                         body.clone(),
                         *ttl,
                     );
-                    self.cache.store(k, &e, epoch);
+                    if let (true, Some(l2_epoch)) = (self.cache.store(k, &e, epoch), &l2_epochs[i])
+                    {
+                        self.cache.store_shared(k, &e, l2_epoch).await;
+                    }
                 }
             }
         }

@@ -114,6 +114,44 @@ impl Gateway {
         FleetStart::Fetch(fleet)
     }
 
+    /// Members of an `ids=` or batch read that missed the in-process tier, looked up in the
+    /// Redis tier at once: with `serve`, a fresh entry is promoted into L1 and returned. Each
+    /// comes with its node's Redis epoch (what a later store of that member must match).
+    /// Without Redis, or while it is down: nothing found, no epochs.
+    pub(super) async fn shared_members(
+        &self,
+        keys: &[&CacheKey],
+        serve: bool,
+    ) -> Vec<(Option<Arc<Entry>>, Option<String>)> {
+        let Some(sh) = self.cache.shared() else {
+            return vec![(None, None); keys.len()];
+        };
+        let epochs: Vec<u64> = keys.iter().map(|k| self.cache.epoch(k)).collect();
+        let looks = futures_util::future::join_all(keys.iter().map(|k| sh.l2.lookup(k))).await;
+        let mut out = Vec::with_capacity(keys.len());
+        for ((key, epoch), look) in keys.iter().zip(epochs).zip(looks) {
+            let Some(look) = look else {
+                out.push((None, None));
+                continue;
+            };
+            let found = look
+                .entry
+                .filter(|e| serve && e.status.is_success() && self.fresh(e));
+            match found {
+                Some(entry) => {
+                    self.cache.count_tier(CacheTier::L2, CacheResult::Hit);
+                    self.cache.store(key, &entry, epoch);
+                    out.push((Some(Arc::new(entry)), Some(look.epoch)));
+                }
+                None => {
+                    self.cache.count_tier(CacheTier::L2, CacheResult::Miss);
+                    out.push((None, Some(look.epoch)));
+                }
+            }
+        }
+        out
+    }
+
     /// After a fill's upstream call: the entry goes to Redis (if it went into L1 and no write
     /// intervened anywhere), then the lease is freed and waiting replicas are woken.
     pub(super) async fn after_fill(

@@ -873,3 +873,77 @@ async fn an_app_throttle_seen_by_one_replica_holds_every_call_of_the_other() {
     );
     f.stop().await;
 }
+
+/// `ids=` and batch reads are answered member by member from the Redis tier too: members one
+/// replica fetched are hits on the other, and the members an `ids=` or batch call fetched
+/// serve single reads fleet-wide.
+#[tokio::test]
+async fn ids_and_batch_members_are_shared_through_redis() {
+    let redis = RedisServer::start();
+    let f = Fleet::start(&redis, graph_config(), "").await;
+    let ids = "/?ids=1001,1002&fields=id,name";
+    let first = f.get(&f.a, ids).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text());
+    assert_eq!(f.graph.stats().requests, 1);
+    // B has nothing in-process: both members come from Redis.
+    let second = f.get(&f.b, ids).await;
+    assert_eq!(second.status, StatusCode::OK, "{}", second.text());
+    assert_eq!(
+        second.header("x-cache"),
+        Some("HIT"),
+        "{:?}",
+        second.headers
+    );
+    assert_eq!(second.json(), first.json());
+    // A member fetched by an ids= call serves a single read on the other replica.
+    let single = f.get(&f.b, "/1002?fields=id,name").await;
+    assert_eq!(single.header("x-cache"), Some("HIT"));
+    assert_eq!(single.json(), first.json()["1002"]);
+    assert_eq!(
+        f.graph.stats().requests,
+        1,
+        "one upstream call for the fleet"
+    );
+
+    // A read-only batch on A, then the same operations on B: answered from Redis.
+    let batch = serde_json::json!([
+        {"method": "GET", "relative_url": "1001_7?fields=id,message"},
+        {"method": "GET", "relative_url": "1002_8?fields=id,message"},
+    ])
+    .to_string();
+    let form = format!(
+        "batch={}",
+        percent_encoding::utf8_percent_encode(&batch, percent_encoding::NON_ALPHANUMERIC)
+    );
+    let a = f.post(&f.a, "/", &form).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert_eq!(f.graph.stats().requests, 2);
+    let b = f.post(&f.b, "/", &form).await;
+    assert_eq!(b.status, StatusCode::OK, "{}", b.text());
+    assert_eq!(b.header("x-cache"), Some("HIT"), "{:?}", b.headers);
+    // The same operations' answers (per-call headers such as usage are not replayed).
+    let answers = |r: &Reply| -> Vec<(serde_json::Value, serde_json::Value)> {
+        r.json()
+            .as_array()
+            .expect("a batch reply is an array")
+            .iter()
+            .map(|op| (op["code"].clone(), op["body"].clone()))
+            .collect()
+    };
+    assert_eq!(answers(&b), answers(&a));
+    assert_eq!(
+        f.graph.stats().requests,
+        2,
+        "the batch was answered from Redis"
+    );
+    let mb = f.metrics(&f.b).await;
+    assert!(
+        metric_value(
+            &mb,
+            "graphgate_cache_lookups_total",
+            &["tier=\"l2\"", "result=\"hit\""]
+        ) >= 4.0,
+        "{mb}"
+    );
+    f.stop().await;
+}
