@@ -83,6 +83,7 @@ fn main() {
             stale_while_revalidate: Duration::from_secs(60),
             stale_if_error: Duration::from_secs(600),
             compress: std::env::var_os("GG_NO_COMPRESS").is_none(),
+            project_fields: true,
             rules: Vec::new(),
         };
         let cache = Cache::new(&cfg, Arc::new(Metrics::new()));

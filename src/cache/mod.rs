@@ -86,6 +86,8 @@ pub struct Cache {
     max_bytes: u64,
     /// Store bodies compressed in L1 (`[cache] compress`).
     compress: bool,
+    /// Answer field subsets from stored supersets (`[cache] project_fields`).
+    pub project_fields: bool,
     metrics: Arc<Metrics>,
     /// The Redis tier and bus, when `[redis] url` is set.
     shared: Option<Shared>,
@@ -118,6 +120,7 @@ impl Cache {
             global_epoch: AtomicU64::new(0),
             max_bytes: cfg.max_bytes,
             compress: cfg.compress,
+            project_fields: cfg.project_fields,
             metrics,
             shared: None,
             projections: projection::ProjectionIndex::default(),

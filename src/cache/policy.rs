@@ -126,6 +126,7 @@ mod tests {
             stale_while_revalidate: Duration::from_secs(30),
             stale_if_error: Duration::from_secs(600),
             compress: true,
+            project_fields: true,
             rules: rules
                 .iter()
                 .map(|(p, t)| CacheRule {

@@ -14,6 +14,7 @@ pub(super) struct RawCache {
     stale_while_revalidate_s: u64,
     stale_if_error_s: u64,
     compress: bool,
+    project_fields: bool,
     rules: Vec<RawCacheRule>,
 }
 
@@ -25,6 +26,7 @@ impl Default for RawCache {
             stale_while_revalidate_s: 30,
             stale_if_error_s: 600,
             compress: true,
+            project_fields: true,
             rules: Vec::new(),
         }
     }
@@ -53,6 +55,9 @@ pub struct CacheConfig {
     pub stale_if_error: Duration,
     /// Keep bodies LZ4-compressed in the in-process tier (`[cache] compress`, default on).
     pub compress: bool,
+    /// Answer a node read for some fields from a stored reply for more of them
+    /// (`[cache] project_fields`, default on).
+    pub project_fields: bool,
     pub rules: Vec<CacheRule>,
 }
 
@@ -77,6 +82,7 @@ impl RawCache {
             stale_while_revalidate: Duration::from_secs(self.stale_while_revalidate_s),
             stale_if_error: Duration::from_secs(self.stale_if_error_s),
             compress: self.compress,
+            project_fields: self.project_fields,
             rules,
         })
     }

@@ -160,6 +160,7 @@ pub fn to_toml(c: &Config) -> String {
         ),
         ("stale_if_error_s", Some(secs(ca.stale_if_error))),
         ("compress", Some(Value::Boolean(ca.compress))),
+        ("project_fields", Some(Value::Boolean(ca.project_fields))),
         ("rules", Some(Value::Array(rules))),
     ]);
     let r = &c.redis;

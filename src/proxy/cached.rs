@@ -163,7 +163,7 @@ impl Gateway {
                 }
             }
         }
-        if directive == Directive::Normal {
+        if directive == Directive::Normal && self.cache.project_fields {
             // Not stored as asked: a stored reply for more of the node's fields may hold it.
             if let Some(served) =
                 self.projected_read(call, version, &key, &identity, &caller, now)?

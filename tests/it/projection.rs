@@ -115,3 +115,14 @@ async fn id_is_returned_as_graph_returns_it_and_a_write_drops_the_cut_copy() {
     assert_eq!(r.header("x-cache"), Some("MISS"));
     s.stop().await;
 }
+
+#[tokio::test]
+async fn project_fields_off_keeps_exact_key_caching() {
+    let s = Stack::start_with(graph_config(), "[cache]\nproject_fields = false\n").await;
+    s.get(&q("/v21.0/1001?fields=id,name,fan_count")).await;
+    let r = s.get(&q("/v21.0/1001?fields=name,id")).await;
+    assert_eq!(r.header("x-cache"), Some("MISS"));
+    assert_eq!(s.graph.stats().requests, 2);
+    assert_eq!(projected_hits(&s).await, 0.0);
+    s.stop().await;
+}
