@@ -182,23 +182,6 @@ async fn the_admin_listener_has_a_connection_cap_and_an_idle_timeout() {
 // Draining after SIGTERM
 // ---------------------------------------------------------------------------------------------
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Kills the child on drop (only the process this test started).
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn after_sigterm_readyz_answers_503_on_new_connections_until_exit() {
     let graph = fake_graph::FakeGraph::start(graph_config(), "127.0.0.1:0".parse().unwrap())
@@ -223,7 +206,7 @@ async fn after_sigterm_readyz_answers_503_on_new_connections_until_exit() {
         ),
     )
     .unwrap();
-    let child = Child(
+    let child = ChildGuard(
         Command::new(env!("CARGO_BIN_EXE_graphgate"))
             .args(["serve", "--config"])
             .arg(&path)

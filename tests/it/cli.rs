@@ -4,6 +4,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::support::ChildGuard;
+
 const BIN: &str = env!("CARGO_BIN_EXE_graphgate");
 
 fn temp_config(name: &str, text: &str) -> std::path::PathBuf {
@@ -115,18 +117,9 @@ fn shipped_config_file_parses_with_secrets_from_env() {
     assert!(!text.contains("EAAB-token-from-env-123"));
 }
 
-/// Kills the child on drop so a failing test leaves no process behind.
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn demo_starts_and_answers_through_the_simulated_graph() {
-    let mut child = Child(
+    let mut child = ChildGuard(
         Command::new(BIN)
             .args([
                 "demo",
@@ -307,7 +300,7 @@ fn run_curl(c: &CurlLine) -> (u16, String) {
 
 #[test]
 fn every_line_the_demo_prints_does_what_it_says() {
-    let mut child = Child(
+    let mut child = ChildGuard(
         Command::new(BIN)
             .args([
                 "demo",

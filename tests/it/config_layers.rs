@@ -12,36 +12,6 @@ use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_graphgate");
 
-/// A temporary directory, removed on drop.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!(
-            "graphgate-layers-{tag}-{}-{}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-
-    /// Writes through a rename, so a reader never sees half a file.
-    fn write(&self, name: &str, text: &str) -> String {
-        let p = self.0.join(name);
-        let tmp = self.0.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, &p).unwrap();
-        p.display().to_string()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The binary with none of the caller's GRAPHGATE_* variables (or RUST_LOG).
 fn graphgate(args: &[&str]) -> Command {
     let mut c = Command::new(BIN);

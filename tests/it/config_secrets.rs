@@ -427,15 +427,6 @@ fn check_config_prints_no_secret_of_a_broken_file() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Kills the child on drop (only the process this test started).
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn a_rejected_sighup_reload_logs_no_secret_of_the_broken_file() {
     let dir = temp_dir("sighup");
@@ -456,7 +447,7 @@ async fn a_rejected_sighup_reload_logs_no_secret_of_the_broken_file() {
     };
     let (port, admin) = (free_port(), free_port());
     std::fs::write(&path, good(port, admin)).unwrap();
-    let mut child = Child(
+    let mut child = ChildGuard(
         Command::new(BIN)
             .args(["serve", "--config"])
             .arg(&path)

@@ -348,14 +348,6 @@ fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Starts Prometheus scraping `target` (host:port of graphgate's admin listener) every
 /// second, with the repo's alert rules evaluated every second.
 fn start_prometheus(target: &str) -> Prometheus {

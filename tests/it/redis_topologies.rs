@@ -80,13 +80,6 @@ fn bindable(port: u16) -> bool {
     StdListener::bind(("127.0.0.1", port)).is_ok()
 }
 
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 /// A free port whose cluster bus port (port + 10000) is free too.
 fn free_cluster_port(taken: &[u16]) -> u16 {
     loop {
