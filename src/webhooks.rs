@@ -93,12 +93,8 @@ impl Webhooks {
             .strip_prefix(b"sha256=")
             .and_then(|hex_mac| hex::decode(hex_mac).ok())
             .ok_or(Outcome::BadSignature)?;
-        let mut expected =
-            <Hmac<Sha256> as Mac>::new_from_slice(self.app_secret.expose().as_bytes())
-                .map_err(|_| Outcome::BadSignature)?;
-        expected.update(body);
         // Constant time: `verify_slice` compares without an early exit.
-        expected
+        mac_of(self.app_secret.expose(), body)
             .verify_slice(&mac)
             .map_err(|_| Outcome::BadSignature)?;
 
@@ -214,10 +210,16 @@ fn same_digest(a: &[u8], b: &[u8]) -> bool {
 
 /// `sha256=<hex>` of `body` under `app_secret`, as Meta signs a delivery.
 pub fn sign(app_secret: &str, body: &[u8]) -> String {
+    let digest = mac_of(app_secret, body).finalize().into_bytes();
+    format!("sha256={}", hex::encode(digest))
+}
+
+/// HMAC-SHA256 of `body` keyed with the app secret, as Meta signs deliveries.
+fn mac_of(app_secret: &str, body: &[u8]) -> Hmac<Sha256> {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(app_secret.as_bytes())
         .expect("HMAC takes a key of any length");
     mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    mac
 }
 
 #[cfg(test)]

@@ -134,17 +134,20 @@ impl Gateway {
                 out.push((None, None));
                 continue;
             };
-            let found = look
-                .entry
-                .filter(|e| serve && e.status.is_success() && self.fresh(e));
-            match found {
-                Some(entry) => {
+            match look.entry {
+                Some(entry) if serve && entry.status.is_success() && self.fresh(&entry) => {
                     self.cache.count_tier(CacheTier::L2, CacheResult::Hit);
                     self.cache.store(key, &entry, epoch);
                     out.push((Some(Arc::new(entry)), Some(look.epoch)));
                 }
-                None => {
-                    self.cache.count_tier(CacheTier::L2, CacheResult::Miss);
+                found => {
+                    // Counted as a single read's lookup is: an entry too old is stale.
+                    let result = if found.is_some() {
+                        CacheResult::Stale
+                    } else {
+                        CacheResult::Miss
+                    };
+                    self.cache.count_tier(CacheTier::L2, result);
                     out.push((None, Some(look.epoch)));
                 }
             }
