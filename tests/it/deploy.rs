@@ -595,12 +595,28 @@ fn every_file_the_dockerfile_copies_is_in_the_context_with_every_declared_target
         .find(|b| b.starts_with("rust:"))
         .expect("a rust: build stage");
     let image_version = version_of(rust.trim_start_matches("rust:"));
+    // Only this platform's packages: the others (Windows crates) need not be downloaded.
+    let rustc = Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .expect("rustc -vV");
+    let rustc = String::from_utf8_lossy(&rustc.stdout);
+    let host = rustc
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .expect("rustc names its host");
     let out = Command::new(env!("CARGO"))
         .args(["metadata", "--format-version", "1", "--locked", "--offline"])
+        .args(["--filter-platform", host])
         .current_dir(repo())
         .output()
         .unwrap();
-    let meta: Value = serde_json::from_slice(&out.stdout).expect("cargo metadata");
+    let meta: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "cargo metadata: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
     for p in meta["packages"].as_array().unwrap() {
         if let Some(v) = p["rust_version"].as_str() {
             assert!(
