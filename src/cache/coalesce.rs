@@ -105,6 +105,11 @@ pub enum WaitError {
 }
 
 impl<T: Clone> Waiter<T> {
+    /// Waits on a channel that another mechanism (a union fill) completes.
+    pub(super) fn new(rx: watch::Receiver<Option<T>>) -> Self {
+        Waiter(rx)
+    }
+
     pub async fn wait(mut self, deadline: Duration) -> Result<T, WaitError> {
         match tokio::time::timeout(deadline, self.0.wait_for(Option::is_some)).await {
             Err(_) => Err(WaitError::TimedOut),

@@ -21,9 +21,11 @@ pub mod lease;
 pub mod policy;
 pub mod projection;
 pub mod status;
+pub mod union;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::CacheConfig;
 use crate::error::ProxyError;
@@ -93,6 +95,11 @@ pub struct Cache {
     shared: Option<Shared>,
     /// Stored node replies by the fields they hold, for answering subsets.
     pub projections: projection::ProjectionIndex,
+    /// Concurrent misses for one node gathered into one upstream call for their fields.
+    pub unions: union::Unions,
+    /// How long the first miss for a node waits for others to join its call
+    /// (`[cache] union_window_ms`; zero: only calls already in flight are joined).
+    pub union_window: Duration,
 }
 
 /// What replicas share through Redis.
@@ -124,6 +131,8 @@ impl Cache {
             metrics,
             shared: None,
             projections: projection::ProjectionIndex::default(),
+            unions: union::Unions::new(!cfg.union_window.is_zero()),
+            union_window: cfg.union_window,
         }
     }
 

@@ -85,6 +85,14 @@ pub enum CacheStatus {
         stored: bool,
         collapsed: bool,
     },
+    /// A miss answered from one upstream call for the union of several concurrent misses'
+    /// fields of the node, cut down to this request's fields; `collapsed` when another
+    /// request led the call.
+    UnionFetched {
+        fwd_status: u16,
+        stored: bool,
+        collapsed: bool,
+    },
     /// An `ids=` or batch read answered entirely from stored members.
     MembersHit(Members),
     /// An `ids=` or batch read whose missing members were fetched (with `fwd_status`) and
@@ -110,7 +118,9 @@ impl CacheStatus {
             CacheStatus::StaleWhileRevalidate { .. } | CacheStatus::StaleIfError { .. } => {
                 CacheResult::Stale
             }
-            CacheStatus::Forwarded { .. } | CacheStatus::MembersFetched { .. } => CacheResult::Miss,
+            CacheStatus::Forwarded { .. }
+            | CacheStatus::UnionFetched { .. }
+            | CacheStatus::MembersFetched { .. } => CacheResult::Miss,
             CacheStatus::Uncached(_) => CacheResult::Bypass,
         }
     }
@@ -174,6 +184,17 @@ impl CacheStatus {
                 p.token("fwd", fwd.as_str());
                 p.int("fwd-status", fwd_status.into());
                 p.flag_if("stored", stored);
+                p.flag_if("collapsed", collapsed);
+            }
+            CacheStatus::UnionFetched {
+                fwd_status,
+                stored,
+                collapsed,
+            } => {
+                p.token("fwd", Forward::Miss.as_str());
+                p.int("fwd-status", fwd_status.into());
+                p.flag_if("stored", stored);
+                p.token("detail", "union");
                 p.flag_if("collapsed", collapsed);
             }
             CacheStatus::MembersHit(members) => {
@@ -310,6 +331,16 @@ mod tests {
                 "graphgate; hit; ttl=12; detail=projected",
                 CacheResult::Hit,
                 "HIT",
+            ),
+            (
+                UnionFetched {
+                    fwd_status: 200,
+                    stored: true,
+                    collapsed: true,
+                },
+                "graphgate; fwd=miss; fwd-status=200; stored; detail=union; collapsed",
+                CacheResult::Miss,
+                "MISS",
             ),
             (
                 StaleWhileRevalidate { ttl: -3 },

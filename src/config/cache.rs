@@ -15,6 +15,7 @@ pub(super) struct RawCache {
     stale_if_error_s: u64,
     compress: bool,
     project_fields: bool,
+    union_window_ms: u64,
     rules: Vec<RawCacheRule>,
 }
 
@@ -27,10 +28,14 @@ impl Default for RawCache {
             stale_if_error_s: 600,
             compress: true,
             project_fields: true,
+            union_window_ms: 0,
             rules: Vec::new(),
         }
     }
 }
+
+/// Every miss of a node waits this long at most for others to join its call.
+const MAX_UNION_WINDOW_MS: u64 = 50;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,6 +63,9 @@ pub struct CacheConfig {
     /// Answer a node read for some fields from a stored reply for more of them
     /// (`[cache] project_fields`, default on).
     pub project_fields: bool,
+    /// How long the first miss for a node gathers other misses' fields into its call
+    /// (`[cache] union_window_ms`, default 0: only calls already in flight are shared).
+    pub union_window: Duration,
     pub rules: Vec<CacheRule>,
 }
 
@@ -76,6 +84,12 @@ impl RawCache {
                 ttl: Duration::from_secs(r.ttl_s),
             });
         }
+        if self.union_window_ms > MAX_UNION_WINDOW_MS {
+            return Err(invalid(
+                "cache.union_window_ms",
+                format!("must be at most {MAX_UNION_WINDOW_MS}"),
+            ));
+        }
         Ok(CacheConfig {
             max_bytes: self.max_bytes,
             default_ttl: Duration::from_secs(self.default_ttl_s),
@@ -83,6 +97,7 @@ impl RawCache {
             stale_if_error: Duration::from_secs(self.stale_if_error_s),
             compress: self.compress,
             project_fields: self.project_fields,
+            union_window: Duration::from_millis(self.union_window_ms),
             rules,
         })
     }
@@ -114,5 +129,13 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("cache.rules[1].match"), "{err}");
+        let err = RawCache {
+            union_window_ms: 51,
+            ..RawCache::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cache.union_window_ms"), "{err}");
     }
 }

@@ -161,6 +161,10 @@ pub fn to_toml(c: &Config) -> String {
         ("stale_if_error_s", Some(secs(ca.stale_if_error))),
         ("compress", Some(Value::Boolean(ca.compress))),
         ("project_fields", Some(Value::Boolean(ca.project_fields))),
+        (
+            "union_window_ms",
+            Some(int(ca.union_window.as_millis() as u64)),
+        ),
         ("rules", Some(Value::Array(rules))),
     ]);
     let r = &c.redis;

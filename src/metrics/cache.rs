@@ -15,6 +15,11 @@ pub struct CacheMetrics {
     pub coalesced: IntCounter,
     /// Node reads answered from a cached reply for more fields of the same node.
     pub projected: IntCounter,
+    /// Upstream calls that asked for the union of several concurrent reads' fields.
+    pub union_fills: IntCounter,
+    /// Reads that waited for a union fill and then made a call of their own (Graph rejected
+    /// the union, or its reply could not be cut down, or it was abandoned).
+    pub union_fallbacks: IntCounter,
     /// Entries and weighted bytes per tier (refreshed when /metrics is read).
     pub entries: IntGaugeVec,
     pub bytes: IntGaugeVec,
@@ -51,6 +56,16 @@ impl CacheMetrics {
                 r,
                 "graphgate_cache_projected_hits_total",
                 "Node reads answered from a cached reply for more fields of the same node.",
+            ),
+            union_fills: counter(
+                r,
+                "graphgate_cache_union_fills_total",
+                "Upstream calls that asked for the union of several concurrent node reads' fields.",
+            ),
+            union_fallbacks: counter(
+                r,
+                "graphgate_cache_union_fallbacks_total",
+                "Node reads that waited for a union fill, then called Graph on their own (union rejected or abandoned).",
             ),
             entries: int_gauge_vec(
                 r,

@@ -17,6 +17,7 @@ use crate::cache::entry::{Entry, Freshness, DEFAULT_CONTENT_TYPE};
 use crate::cache::key::{self, CacheKey};
 use crate::cache::policy::{request_directive, Directive};
 use crate::cache::status::{CacheStatus, Forward, MemberKind, Members};
+use crate::cache::union::{Lead, Part};
 use crate::cache::{batch, ids, projection, Fill, FillKind, FillResult};
 use crate::error::ProxyError;
 use crate::graph::fields::Fields;
@@ -163,15 +164,26 @@ impl Gateway {
                 }
             }
         }
-        if directive == Directive::Normal && self.cache.project_fields {
-            // Not stored as asked: a stored reply for more of the node's fields may hold it.
-            if let Some(served) =
-                self.projected_read(call, version, &key, &identity, &caller, now)?
-            {
+        // A node read for some fields: a stored reply for more fields of the node may hold
+        // it, or a call for the node in flight (or gathering fields) may be joined.
+        let projection = (directive == Directive::Normal && self.cache.project_fields)
+            .then(|| projectable(call))
+            .flatten()
+            .and_then(|want| {
+                key::base_of(version, &call.path.segments, &call.params, &identity)
+                    .map(|base| (want, base))
+            });
+        if let Some((want, base)) = &projection {
+            if let Some(served) = self.projected_read(&key, want, *base, &caller, now)? {
                 return Ok(Some(served));
             }
         }
         self.cache.count(CacheResult::Miss);
+        if let (Some((want, base)), None) = (projection, &found) {
+            return Box::pin(self.union_read(call, version, key, ttl, want, base, &caller))
+                .await
+                .map(Some);
+        }
         let fwd = if directive == Directive::Revalidate {
             Forward::Request
         } else if found.is_some() {
@@ -195,6 +207,176 @@ impl Gateway {
             collapsed,
             upstream_ms,
         )?))
+    }
+
+    /// A miss for some fields of a node: joins a call for the node that is gathering fields
+    /// or in flight with fields covering these, or leads one (see [`crate::cache::union`]),
+    /// and answers with this request's fields cut from the union's reply. Falls back to a
+    /// call of its own when the union's call was abandoned, Graph rejected it with a client
+    /// error (one caller's field may be what it rejected) or its reply cannot be cut down.
+    #[allow(clippy::too_many_arguments)]
+    async fn union_read(
+        self: &Arc<Self>,
+        call: &Call,
+        version: &str,
+        key: CacheKey,
+        ttl: Duration,
+        want: Fields,
+        base: key::KeyId,
+        caller: &Caller<'_>,
+    ) -> Result<Served, ProxyError> {
+        let started = Instant::now();
+        let epoch = self.cache.epoch(&key);
+        let max_url = self.config.upstream.max_get_url_bytes;
+        let (waiter, collapsed) = match self
+            .cache
+            .unions
+            .join(base, &want, |u| union_fits(call, u, max_url))
+        {
+            Part::Lead(lead, waiter) => {
+                self.spawn_union_fill(lead, call.clone(), version, ttl);
+                (waiter, false)
+            }
+            Part::Joined(waiter) => {
+                self.metrics.cache.coalesced.inc();
+                (waiter, true)
+            }
+            Part::Alone => return self.fill_alone(call, version, key, ttl, caller).await,
+        };
+        let (union, fill) = match waiter
+            .wait(self.fill_deadline() + self.cache.union_window)
+            .await
+        {
+            Ok(result) => result?,
+            Err(WaitError::TimedOut) => {
+                return Err(ProxyError::UpstreamTimeout(
+                    self.fill_deadline().as_millis() as u64,
+                ))
+            }
+            Err(WaitError::Abandoned) => {
+                self.metrics.cache.union_fallbacks.inc();
+                return self.fill_alone(call, version, key, ttl, caller).await;
+            }
+        };
+        let upstream_ms = Some(started.elapsed().as_millis());
+        if union == want.normalized() {
+            return self.served_from_fill(&fill, caller, Forward::Miss, collapsed, upstream_ms);
+        }
+        let status = fill.entry.status;
+        if status.is_client_error() {
+            self.metrics.cache.union_fallbacks.inc();
+            return self.fill_alone(call, version, key, ttl, caller).await;
+        }
+        if !status.is_success() {
+            // Graph or the path to it failed: every caller gets the same answer.
+            return self.served_from_fill(&fill, caller, Forward::Miss, collapsed, upstream_ms);
+        }
+        let body = fill.entry.body()?;
+        let id_habit = &self.cache.projections.id_habit;
+        let Some(cut) = projection::project(&body, &union, &want, id_habit) else {
+            self.metrics.cache.union_fallbacks.inc();
+            return self.fill_alone(call, version, key, ttl, caller).await;
+        };
+        let kept = fill
+            .entry
+            .headers
+            .iter()
+            .filter(|(n, _)| headers::MEMBER_STORED.contains(&n.as_str()))
+            .cloned()
+            .collect();
+        let mut entry = Entry::new(status, kept, cut, ttl);
+        entry.stored_at = fill.entry.stored_at;
+        let storable = matches!(
+            fill.kind,
+            FillKind::Stored | FillKind::L2Hit | FillKind::Remote
+        );
+        let stored = storable && self.cache.store(&key, &entry, epoch);
+        let now = Instant::now();
+        let status = CacheStatus::UnionFetched {
+            fwd_status: status.as_u16(),
+            stored,
+            collapsed,
+        };
+        Ok(Served {
+            response: reply_from(
+                &entry,
+                caller,
+                status,
+                stored.then_some(now),
+                Origin::Fetched(fill.hold.clone()),
+            )?,
+            cache: status.result(),
+            upstream_ms,
+        })
+    }
+
+    /// Runs a union fill in its own task once the gathering window has passed, so a caller
+    /// that hangs up cancels nothing.
+    fn spawn_union_fill(self: &Arc<Self>, lead: Lead, call: Call, version: &str, ttl: Duration) {
+        let gw = self.clone();
+        let version = version.to_string();
+        let window = self.cache.union_window;
+        tokio::spawn(async move {
+            if !window.is_zero() {
+                tokio::time::sleep(window).await;
+            }
+            let (fields, callers) = lead.close();
+            let result = gw.union_fill(call, &version, ttl, &fields, callers).await;
+            lead.complete(result.map(|fill| (fields, fill)));
+        });
+    }
+
+    /// The upstream call for a union of fields: the leader's own call when no one else's
+    /// fields were added, else the same read for the union (stored under its own key, so
+    /// later subsets are projected from it).
+    async fn union_fill(
+        self: &Arc<Self>,
+        mut call: Call,
+        version: &str,
+        ttl: Duration,
+        fields: &Fields,
+        callers: usize,
+    ) -> FillResult {
+        let own = projectable(&call).map(|f| f.normalized());
+        if own.as_ref() != Some(fields) {
+            call.params.set("fields", fields.canonical());
+        }
+        if callers > 1 {
+            self.metrics.cache.union_fills.inc();
+        }
+        let identity = self.tokens.identity_for(call.page());
+        let key = key::build(version, &call.path.segments, &call.params, &identity)
+            .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
+        let job = Job {
+            key,
+            ttl,
+            stale: None,
+            shared: true,
+        };
+        self.fill_coalesced(&call, version, job)
+            .await
+            .map(|(fill, _)| fill)
+    }
+
+    /// A miss filled by a call of its own (coalesced only with identical reads).
+    async fn fill_alone(
+        self: &Arc<Self>,
+        call: &Call,
+        version: &str,
+        key: CacheKey,
+        ttl: Duration,
+        caller: &Caller<'_>,
+    ) -> Result<Served, ProxyError> {
+        let started = Instant::now();
+        let job = Job {
+            key,
+            ttl,
+            stale: None,
+            shared: true,
+        };
+        let (fill, collapsed) = self.fill_coalesced(call, version, job).await?;
+        let upstream_ms = Some(started.elapsed().as_millis());
+        self.served_from_fill(&fill, caller, Forward::Miss, collapsed, upstream_ms)
     }
 
     /// Joins (or leads) the fill for `key` and waits for it within the fill deadline.
@@ -350,26 +532,43 @@ impl Gateway {
     }
 
     /// Answers a node read from a fresh stored reply for more fields of the same node (same
-    /// version, other parameters and token identity), and stores the cut-down reply under
-    /// the read's own key so the next one is a plain hit. `None` when no stored reply
+    /// version, other parameters and token identity: `base`), and stores the cut-down reply
+    /// under the read's own key so the next one is a plain hit. `None` when no stored reply
     /// provably holds it, or a write to the node came in between.
     fn projected_read(
         &self,
-        call: &Call,
-        version: &str,
         key: &CacheKey,
-        identity: &str,
+        want: &Fields,
+        base: key::KeyId,
         caller: &Caller<'_>,
         now: Instant,
     ) -> Result<Option<Served>, ProxyError> {
-        let Some(want) = projectable(call) else {
+        let Some(entry) = self.project_stored(key, want, base, now)? else {
             return Ok(None);
         };
-        let Some(base) = key::base_of(version, &call.path.segments, &call.params, identity) else {
-            return Ok(None);
+        self.cache.count(CacheResult::Hit);
+        let status = CacheStatus::Projected {
+            ttl: entry.ttl_left_s(now),
         };
+        Ok(Some(Served {
+            response: reply_from(&entry, caller, status, Some(now), Origin::Cached)?,
+            cache: status.result(),
+            upstream_ms: None,
+        }))
+    }
+
+    /// Cuts the reply for `want` from a fresh stored reply of the node (`base`) that holds it,
+    /// and stores it under `key` (counted as projected). `None` when none does, or a write
+    /// to the node came in between.
+    fn project_stored(
+        &self,
+        key: &CacheKey,
+        want: &Fields,
+        base: key::KeyId,
+        now: Instant,
+    ) -> Result<Option<Arc<Entry>>, ProxyError> {
         let epoch = self.cache.epoch(key);
-        for (have, id) in self.cache.projections.covering(base, &want) {
+        for (have, id) in self.cache.projections.covering(base, want) {
             let Some(stored) = self.cache.get_id(id) else {
                 continue;
             };
@@ -381,7 +580,7 @@ impl Gateway {
             }
             let body = stored.body()?;
             let projections = &self.cache.projections;
-            let Some(cut) = projection::project(&body, &have, &want, &projections.id_habit) else {
+            let Some(cut) = projection::project(&body, &have, want, &projections.id_habit) else {
                 continue;
             };
             // Only what describes the content: the stored reply's ETag is for its own bytes.
@@ -396,16 +595,8 @@ impl Gateway {
             if !self.cache.store(key, &entry, epoch) {
                 return Ok(None);
             }
-            self.cache.count(CacheResult::Hit);
             self.metrics.cache.projected.inc();
-            let status = CacheStatus::Projected {
-                ttl: entry.ttl_left_s(now),
-            };
-            return Ok(Some(Served {
-                response: reply_from(&entry, caller, status, Some(now), Origin::Cached)?,
-                cache: status.result(),
-                upstream_ms: None,
-            }));
+            return Ok(Some(Arc::new(entry)));
         }
         Ok(None)
     }
@@ -497,12 +688,17 @@ impl Gateway {
         node_params.remove("ids");
         let identity = self.tokens.identity_for(None);
         let now = Instant::now();
+        // Members may be cut from stored replies for more of their node's fields.
+        let want = (directive == Directive::Normal && self.cache.project_fields)
+            .then(|| member_fields(&node_params))
+            .flatten();
         let mut keys = Vec::with_capacity(wanted.len());
         let mut have: Vec<Option<Arc<Entry>>> = Vec::with_capacity(wanted.len());
         for id in &wanted {
-            let k = key::build(version, std::slice::from_ref(id), &node_params, &identity)
+            let node = std::slice::from_ref(id);
+            let k = key::build(version, node, &node_params, &identity)
                 .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
-            let hit = if directive == Directive::Normal {
+            let mut hit = if directive == Directive::Normal {
                 self.cache.get(&k).filter(|e| {
                     e.status.is_success()
                         && e.freshness(now, Duration::ZERO, Duration::ZERO) == Freshness::Fresh
@@ -510,6 +706,11 @@ impl Gateway {
             } else {
                 None
             };
+            if let (None, Some(want)) = (&hit, &want) {
+                if let Some(base) = key::base_of(version, node, &node_params, &identity) {
+                    hit = self.project_stored(&k, want, base, now)?;
+                }
+            }
             self.cache.count(if hit.is_some() {
                 CacheResult::Hit
             } else {
@@ -685,6 +886,14 @@ impl Gateway {
             .filter(|(n, _)| headers::MEMBER_STORED.contains(&n.as_str()))
             .cloned()
             .collect();
+        // Stored members are noted for projection, like single node reads.
+        let identity = self.tokens.identity_for(None);
+        let member_index = self.cache.project_fields.then(|| {
+            let mut node_params = call.params.clone();
+            node_params.remove("ids");
+            member_fields(&node_params).map(|f| (f, node_params))
+        });
+        let member_index = member_index.flatten();
         if let Some(pieces) = &pieces {
             for ((k, l2_epoch), epoch) in node_keys.iter().zip(epochs) {
                 let Some(node) = k.node.as_deref() else {
@@ -698,7 +907,15 @@ impl Gateway {
                     continue;
                 }
                 let e = Entry::new(reply.status, node_headers.clone(), body.clone(), ttl);
-                if let (true, Some(l2_epoch)) = (self.cache.store(k, &e, epoch), l2_epoch) {
+                let stored = self.cache.store(k, &e, epoch);
+                if let (true, Some((fields, node_params))) = (stored, &member_index) {
+                    self.cache.projections.id_habit.learn(fields, &body.bytes);
+                    let node = [node.to_string()];
+                    if let Some(base) = key::base_of(version, &node, node_params, &identity) {
+                        self.cache.projections.record(base, fields.clone(), k.id);
+                    }
+                }
+                if let (true, Some(l2_epoch)) = (stored, l2_epoch) {
                     self.cache.store_shared(k, &e, l2_epoch).await;
                 }
             }
@@ -1013,6 +1230,25 @@ pub(super) fn mark_uncached(response: &mut Response<Full<Bytes>>, call: &Call) -
     h.insert(X_CACHE, status.x_cache());
     h.insert(CACHE_STATUS, status.header_value());
     status.result()
+}
+
+/// The fields of a node read's parameters (an `ids=` read's without `ids`), normalized;
+/// `None` without `fields`.
+fn member_fields(node_params: &crate::graph::request::Params) -> Option<Fields> {
+    let fields = Fields::parse(node_params.get("fields")?).ok()?;
+    (!fields.is_empty()).then(|| fields.normalized())
+}
+
+/// Room a GET URL needs besides the path and parameters: the base URL, the access token and
+/// `appsecret_proof`.
+const URL_ROOM_FOR_CREDENTIALS: usize = 600;
+
+/// Whether the read with its fields replaced by `union` stays a GET of at most `max_url`
+/// bytes (Graph is asked for a union only as a plain GET).
+fn union_fits(call: &Call, union: &Fields, max_url: usize) -> bool {
+    let mut params = call.params.clone();
+    params.set("fields", union.canonical());
+    call.path.to_upstream_path().len() + params.encode().len() + URL_ROOM_FOR_CREDENTIALS <= max_url
 }
 
 /// The fields of a node read (`GET /{node}?fields=…`): what a stored reply can be projected

@@ -126,3 +126,254 @@ async fn project_fields_off_keeps_exact_key_caching() {
     assert_eq!(projected_hits(&s).await, 0.0);
     s.stop().await;
 }
+
+// Union fills: concurrent misses for one node with different fields share one call.
+
+async fn counter(s: &Stack, name: &str) -> f64 {
+    let m = s.admin_get("/metrics").await.text();
+    metric_value(&m, name, &[])
+}
+
+/// The `fields` of each call Graph received for `node`.
+fn fields_sent(s: &Stack, node: &str) -> Vec<String> {
+    s.graph
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with(&format!("/{node}")))
+        .map(|r| {
+            r.query
+                .iter()
+                .chain(&r.form)
+                .find(|(k, _)| k == "fields")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// Teaches graphgate that this Graph does not add `id` to replies that did not ask for it
+/// (until it knows, no cut that leaves `id` out is made).
+async fn learn_id_habit(s: &Stack) {
+    let r = s.get(&q("/v21.0/1002?fields=name")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+}
+
+#[tokio::test]
+async fn a_miss_covered_by_a_call_in_flight_waits_for_it() {
+    let s = Stack::start().await;
+    learn_id_habit(&s).await;
+    s.graph.set_latency(std::time::Duration::from_millis(1500));
+    let wide = {
+        let http = client();
+        let url = format!("{}{}", s.gw.url(), q("/v21.0/1001?fields=id,name,about"));
+        let secrets = s.secrets();
+        tokio::spawn(
+            async move { send(&http, Method::GET, &url, &[], Bytes::new(), &secrets).await },
+        )
+    };
+    // Once Graph has the wide call, a read for some of its fields joins it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fields_sent(&s, "1001").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the wide call never reached Graph"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let narrow = s.get(&q("/v21.0/1001?fields=about")).await;
+    assert_eq!(narrow.status, StatusCode::OK, "{}", narrow.text());
+    let status = narrow.header("cache-status").unwrap_or_default();
+    assert!(
+        status.contains("detail=union") && status.contains("collapsed"),
+        "{status}"
+    );
+    let wide = wide.await.unwrap();
+    assert_eq!(wide.status, StatusCode::OK);
+    assert_eq!(fields_sent(&s, "1001").len(), 1, "one call to Graph");
+    s.graph.set_latency(std::time::Duration::ZERO);
+    assert_eq!(
+        narrow.json(),
+        from_graph(&s, "/v21.0/1001?fields=about").await
+    );
+    assert_eq!(counter(&s, "graphgate_cache_coalesced_total").await, 1.0);
+    s.stop().await;
+}
+
+/// Sends `fields` reads of `node` at once; returns the replies in order.
+async fn at_once(s: &Stack, node: &str, fields: &[&str]) -> Vec<Reply> {
+    let calls = fields.iter().map(|f| {
+        let http = client();
+        let url = format!("{}{}", s.gw.url(), q(&format!("/v21.0/{node}?fields={f}")));
+        let secrets = s.secrets();
+        async move { send(&http, Method::GET, &url, &[], Bytes::new(), &secrets).await }
+    });
+    futures_join_all(calls).await
+}
+
+async fn futures_join_all<F: std::future::Future<Output = Reply> + Send + 'static>(
+    calls: impl Iterator<Item = F>,
+) -> Vec<Reply> {
+    let handles: Vec<_> = calls.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.expect("request task"));
+    }
+    out
+}
+
+#[tokio::test]
+async fn misses_within_the_window_are_one_call_for_the_union_and_each_gets_its_fields() {
+    let s = Stack::start_with(graph_config(), "[cache]\nunion_window_ms = 50\n").await;
+    learn_id_habit(&s).await;
+    let wanted = ["id,message", "created_time", "message,created_time"];
+    // Arrival within 50 ms is up to the scheduler: a round whose reads did not meet is
+    // still checked for correct replies, and another node is tried.
+    let mut unioned = false;
+    for n in 1..=5 {
+        let node = format!("1001_{n}");
+        let replies = at_once(&s, &node, &wanted).await;
+        for (f, r) in wanted.iter().zip(&replies) {
+            assert_eq!(r.status, StatusCode::OK, "{f}: {}", r.text());
+            assert_eq!(
+                r.json(),
+                from_graph(&s, &format!("/v21.0/{node}?fields={f}")).await,
+                "{f}"
+            );
+        }
+        let sent: Vec<String> = fields_sent(&s, &node)
+            .into_iter()
+            .filter(|f| !f.is_empty())
+            .collect();
+        // The replies compared above went past the cache: count only the reads' own calls.
+        let own = sent.len() - wanted.len();
+        if own == 1 {
+            assert_eq!(
+                sent[0], "created_time,id,message",
+                "the union, in canonical form"
+            );
+            for r in &replies {
+                let status = r.header("cache-status").unwrap_or_default();
+                assert!(status.starts_with("graphgate; fwd=miss"), "{status}");
+            }
+            let unions = replies
+                .iter()
+                .filter(|r| {
+                    r.header("cache-status")
+                        .is_some_and(|v| v.contains("detail=union"))
+                })
+                .count();
+            assert!(unions >= 2, "at least two callers were cut from the union");
+            unioned = true;
+            break;
+        }
+    }
+    assert!(unioned, "no round of concurrent misses shared a call");
+    assert!(counter(&s, "graphgate_cache_union_fills_total").await >= 1.0);
+    // The union's reply is stored: a later subset is a projected hit.
+    let r = s.get(&q("/v21.0/1001_1?fields=message")).await;
+    assert_eq!(r.header("x-cache"), Some("HIT"), "{:?}", r.headers);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_union_graph_rejects_sends_each_caller_to_graph_alone() {
+    let s = Stack::start_with(graph_config(), "[cache]\nunion_window_ms = 50\n").await;
+    learn_id_habit(&s).await;
+    let mut unioned = false;
+    for n in 1..=5 {
+        let node = format!("1001_{n}");
+        let fallbacks = counter(&s, "graphgate_cache_union_fallbacks_total").await;
+        let replies = at_once(&s, &node, &["id,message", "no_such_field"]).await;
+        // Whether or not the two met, the good read gets its fields and the bad one Graph's
+        // error for its own field.
+        assert_eq!(replies[0].status, StatusCode::OK, "{}", replies[0].text());
+        assert_eq!(
+            replies[0].json(),
+            from_graph(&s, &format!("/v21.0/{node}?fields=id,message")).await
+        );
+        assert_eq!(replies[1].status, StatusCode::BAD_REQUEST);
+        assert_eq!(replies[1].error_code(), 100, "{}", replies[1].text());
+        assert!(
+            replies[1].text().contains("no_such_field"),
+            "{}",
+            replies[1].text()
+        );
+        if counter(&s, "graphgate_cache_union_fallbacks_total").await >= fallbacks + 2.0 {
+            let sent = fields_sent(&s, &node);
+            assert!(
+                sent.iter().any(|f| f == "id,message,no_such_field"),
+                "{sent:?}"
+            );
+            unioned = true;
+            break;
+        }
+    }
+    assert!(unioned, "no round of concurrent misses shared a call");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn without_a_window_concurrent_different_fields_each_make_their_own_call() {
+    let s = Stack::start().await;
+    learn_id_habit(&s).await;
+    let replies = at_once(&s, "1001_1", &["id,message", "created_time"]).await;
+    for r in &replies {
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    }
+    let sent = fields_sent(&s, "1001_1");
+    assert!(
+        sent.iter()
+            .all(|f| f == "id,message" || f == "created_time"),
+        "{sent:?}"
+    );
+    assert_eq!(counter(&s, "graphgate_cache_union_fills_total").await, 0.0);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn ids_members_are_cut_from_stored_supersets() {
+    let s = Stack::start().await;
+    learn_id_habit(&s).await;
+    let wide = s
+        .get(&q(
+            "/v21.0/?ids=1001_1,1001_2&fields=id,message,created_time",
+        ))
+        .await;
+    assert_eq!(wide.status, StatusCode::OK, "{}", wide.text());
+    let calls = s.graph.stats().requests;
+    let projected = projected_hits(&s).await;
+    let narrow = s.get(&q("/v21.0/?ids=1001_2,1001_1&fields=message")).await;
+    assert_eq!(narrow.status, StatusCode::OK, "{}", narrow.text());
+    assert_eq!(
+        narrow.header("x-cache"),
+        Some("HIT"),
+        "{:?}",
+        narrow.headers
+    );
+    assert_eq!(s.graph.stats().requests, calls, "no call to Graph");
+    assert_eq!(projected_hits(&s).await, projected + 2.0);
+    assert_eq!(
+        narrow.json(),
+        from_graph(&s, "/v21.0/?ids=1001_2,1001_1&fields=message").await
+    );
+    // A member the stored replies cannot prove goes to Graph with the rest cut locally.
+    let mixed = s
+        .get(&q("/v21.0/?ids=1001_1,1001_3&fields=id,message"))
+        .await;
+    assert_eq!(mixed.status, StatusCode::OK, "{}", mixed.text());
+    let status = mixed.header("cache-status").unwrap_or_default();
+    assert!(status.contains("fwd=partial"), "{status}");
+    let sent = s.graph.requests();
+    let last = sent.last().expect("a call");
+    let ids = last
+        .query
+        .iter()
+        .find(|(k, _)| k == "ids")
+        .map(|(_, v)| v.as_str());
+    assert_eq!(ids, Some("1001_3"), "only the unproven member is fetched");
+    assert_eq!(
+        mixed.json(),
+        from_graph(&s, "/v21.0/?ids=1001_1,1001_3&fields=id,message").await
+    );
+    s.stop().await;
+}
