@@ -1,8 +1,11 @@
 //! Field reuse on a realistic read trace: reads of 50 nodes with overlapping field sets
 //! (`id,message`, `id,message,created_time`, `message`, …) and `ids=` reads of 5–20 of them,
-//! replayed through graphgate twice against a fresh simulated Graph each time: with
-//! `[cache] project_fields` on and off. Reports the upstream calls each run made, checks that
-//! every reply body is the same in both runs, and the p50 of cache hits in each.
+//! replayed through graphgate against a fresh simulated Graph for each of three
+//! configurations: exact-key caching (`[cache] project_fields = false`), the defaults
+//! (projection on, no union window) and a 2 ms `union_window_ms`; once by one reader against
+//! a Graph that answers at once, once by 16 concurrent readers against a Graph taking 50 ms
+//! a call. Checks that every reply body is the same in every run, and reports the upstream
+//! calls of each, the share saved against exact-key caching and the p50 of plain hits.
 //!
 //!   cargo bench --bench field_reuse            # 2 000 reads
 //!   FIELD_REUSE_READS=10000 cargo bench --bench field_reuse
@@ -11,6 +14,8 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -67,19 +72,97 @@ fn trace(n: usize) -> Vec<String> {
         .collect()
 }
 
+/// What graphgate reuses in a run.
+#[derive(Clone, Copy)]
+struct Mode {
+    name: &'static str,
+    project_fields: bool,
+    union_window_ms: u64,
+}
+
+const MODES: [Mode; 3] = [
+    Mode {
+        name: "exact-key caching",
+        project_fields: false,
+        union_window_ms: 0,
+    },
+    Mode {
+        name: "field reuse (defaults)",
+        project_fields: true,
+        union_window_ms: 0,
+    },
+    Mode {
+        name: "field reuse, 2 ms union window",
+        project_fields: true,
+        union_window_ms: 2,
+    },
+];
+
+/// How the trace is sent: one read at a time against an instant Graph, or by `readers`
+/// concurrent clients against a Graph that takes `latency` per call (a fleet of services).
+#[derive(Clone, Copy)]
+struct Load {
+    readers: usize,
+    latency: Duration,
+}
+
 struct Run {
     upstream_calls: u64,
     bodies: Vec<serde_json::Value>,
     hit_latencies: Vec<Duration>,
     projected: usize,
+    unions: usize,
     took: Duration,
 }
 
-async fn replay(paths: &[String], project_fields: bool) -> Run {
+/// One read's outcome.
+struct Read {
+    body: serde_json::Value,
+    took: Duration,
+    plain_hit: bool,
+    projected: bool,
+    union: bool,
+}
+
+async fn read(http: &Http, base: &str, path: &str) -> Read {
+    let url = format!("{base}{path}&access_token={CLIENT_KEY}");
+    let req = Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let sent = Instant::now();
+    let resp = http.request(req).await.expect("graphgate answers");
+    let status = resp.status();
+    let hit = resp.headers().get("x-cache").and_then(|v| v.to_str().ok()) == Some("HIT");
+    let cache_status = resp
+        .headers()
+        .get("cache-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let took = sent.elapsed();
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{path}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    let projected = cache_status.contains("projected");
+    Read {
+        body: serde_json::from_slice(&body).expect("a JSON reply"),
+        took,
+        plain_hit: hit && !projected,
+        projected,
+        union: cache_status.contains("detail=union"),
+    }
+}
+
+async fn replay(paths: &[String], mode: Mode, load: Load) -> Run {
     let graph = FakeGraph::start(
         FakeGraphConfig {
             page_calls_limit: u32::MAX / 2,
             app_calls_limit: u32::MAX / 2,
+            latency: load.latency,
             ..common::credentials().graph_config()
         },
         "127.0.0.1:0".parse().expect("addr"),
@@ -87,50 +170,55 @@ async fn replay(paths: &[String], project_fields: bool) -> Run {
     .await
     .expect("fake graph starts");
     graph.set_record_limit(0);
-    let extra = format!("[cache]\ndefault_ttl_s = 3600\nproject_fields = {project_fields}\n");
+    let extra = format!(
+        "[cache]\ndefault_ttl_s = 3600\nproject_fields = {}\nunion_window_ms = {}\n",
+        mode.project_fields, mode.union_window_ms
+    );
     let gw: Running = server::start(common::config(&graph.url(), &extra))
         .await
         .expect("graphgate starts");
     let http: Http = Client::builder(TokioExecutor::new()).build_http();
+    let started = Instant::now();
+    // Readers take the trace's reads in order from a shared cursor.
+    let next = Arc::new(AtomicUsize::new(0));
+    let paths: Arc<[String]> = paths.into();
+    let readers: Vec<_> = (0..load.readers)
+        .map(|_| {
+            let (http, next, paths, base) = (http.clone(), next.clone(), paths.clone(), gw.url());
+            tokio::spawn(async move {
+                let mut done = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(path) = paths.get(i) else {
+                        return done;
+                    };
+                    done.push((i, read(&http, &base, path).await));
+                }
+            })
+        })
+        .collect();
+    let mut reads: Vec<Option<Read>> = (0..paths.len()).map(|_| None).collect();
+    for r in readers {
+        for (i, read) in r.await.expect("reader") {
+            reads[i] = Some(read);
+        }
+    }
     let mut run = Run {
-        upstream_calls: 0,
+        upstream_calls: graph.stats().requests,
         bodies: Vec::with_capacity(paths.len()),
         hit_latencies: Vec::new(),
         projected: 0,
-        took: Duration::ZERO,
+        unions: 0,
+        took: started.elapsed(),
     };
-    let started = Instant::now();
-    for path in paths {
-        let url = format!("{}{path}&access_token={CLIENT_KEY}", gw.url());
-        let req = Request::get(url)
-            .body(Full::new(Bytes::new()))
-            .expect("request");
-        let sent = Instant::now();
-        let resp = http.request(req).await.expect("graphgate answers");
-        let status = resp.status();
-        let hit = resp.headers().get("x-cache").and_then(|v| v.to_str().ok()) == Some("HIT");
-        let projected = resp
-            .headers()
-            .get("cache-status")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.contains("projected"));
-        let body = resp.into_body().collect().await.expect("body").to_bytes();
-        let took = sent.elapsed();
-        assert_eq!(
-            status,
-            StatusCode::OK,
-            "{path}: {}",
-            String::from_utf8_lossy(&body)
-        );
-        if hit && !projected {
-            run.hit_latencies.push(took);
+    for r in reads.into_iter().map(|r| r.expect("every read done")) {
+        if r.plain_hit {
+            run.hit_latencies.push(r.took);
         }
-        run.projected += usize::from(projected);
-        run.bodies
-            .push(serde_json::from_slice(&body).expect("a JSON reply"));
+        run.projected += usize::from(r.projected);
+        run.unions += usize::from(r.union);
+        run.bodies.push(r.body);
     }
-    run.took = started.elapsed();
-    run.upstream_calls = graph.stats().requests;
     gw.shutdown().await;
     graph.shutdown();
     run
@@ -156,30 +244,54 @@ fn main() {
         .build()
         .expect("runtime");
     let paths = trace(reads);
+    println!(
+        "field reuse: {reads} reads of 50 nodes ({} field sets, ~10 % ids= of 5-20), identical bodies in every run",
+        FIELD_SETS.len()
+    );
+    let loads = [
+        (
+            "one reader, Graph answering at once",
+            Load {
+                readers: 1,
+                latency: Duration::ZERO,
+            },
+        ),
+        (
+            "16 concurrent readers, Graph taking 50 ms a call",
+            Load {
+                readers: 16,
+                latency: Duration::from_millis(50),
+            },
+        ),
+    ];
     rt.block_on(async {
-        let exact = replay(&paths, false).await;
-        let reuse = replay(&paths, true).await;
-        for (i, (a, b)) in exact.bodies.iter().zip(&reuse.bodies).enumerate() {
-            assert_eq!(a, b, "read {i} ({}) differs between the runs", paths[i]);
+        let mut reference: Option<Vec<serde_json::Value>> = None;
+        for (what, load) in loads {
+            println!("{what}:");
+            let mut exact_calls = None;
+            for mode in MODES {
+                let run = replay(&paths, mode, load).await;
+                match &reference {
+                    None => reference = Some(run.bodies.clone()),
+                    Some(r) => {
+                        for (i, (a, b)) in r.iter().zip(&run.bodies).enumerate() {
+                            assert_eq!(a, b, "read {i} ({}) differs: {}", paths[i], mode.name);
+                        }
+                    }
+                }
+                let exact = *exact_calls.get_or_insert(run.upstream_calls);
+                let saved = 1.0 - run.upstream_calls as f64 / exact as f64;
+                println!(
+                    "  {:<32} {:>5} upstream calls ({:>5.1} % saved), hit p50 {:>7.1} us, {:.2} s, {} projected, {} from unions",
+                    mode.name,
+                    run.upstream_calls,
+                    saved * 100.0,
+                    p50(run.hit_latencies),
+                    run.took.as_secs_f64(),
+                    run.projected,
+                    run.unions,
+                );
+            }
         }
-        let saved = 1.0 - reuse.upstream_calls as f64 / exact.upstream_calls as f64;
-        println!(
-            "field reuse: {reads} reads of 50 nodes ({} field sets, ~10 % ids= of 5-20), identical bodies in both runs",
-            FIELD_SETS.len()
-        );
-        println!(
-            "  exact-key caching:  {:>5} upstream calls, hit p50 {:>7.1} us, {:.2} s",
-            exact.upstream_calls,
-            p50(exact.hit_latencies),
-            exact.took.as_secs_f64()
-        );
-        println!(
-            "  with field reuse:   {:>5} upstream calls, hit p50 {:>7.1} us, {:.2} s ({} projected)",
-            reuse.upstream_calls,
-            p50(reuse.hit_latencies),
-            reuse.took.as_secs_f64(),
-            reuse.projected
-        );
-        println!("  upstream calls saved: {:.1} %", saved * 100.0);
     });
 }
