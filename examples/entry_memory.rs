@@ -85,6 +85,7 @@ fn main() {
             compress: std::env::var_os("GG_NO_COMPRESS").is_none(),
             project_fields: true,
             union_window: Duration::ZERO,
+            merge_window: Duration::ZERO,
             rules: Vec::new(),
         };
         let cache = Cache::new(&cfg, Arc::new(Metrics::new()));

@@ -12,12 +12,14 @@ pub mod batch;
 pub mod bus;
 pub mod coalesce;
 pub mod entry;
+pub mod gather;
 pub mod ids;
 pub mod invalidate;
 pub mod key;
 pub mod l1;
 pub mod l2;
 pub mod lease;
+pub mod merge;
 pub mod policy;
 pub mod projection;
 pub mod status;
@@ -100,6 +102,10 @@ pub struct Cache {
     /// How long the first miss for a node waits for others to join its call
     /// (`[cache] union_window_ms`; zero: only calls already in flight are joined).
     pub union_window: Duration,
+    /// Concurrent misses for nodes of one Page gathered into one `ids=` call.
+    pub merges: merge::Merges,
+    /// How long the first miss waits for others (`[cache] merge_window_ms`; zero: off).
+    pub merge_window: Duration,
 }
 
 /// What replicas share through Redis.
@@ -133,6 +139,8 @@ impl Cache {
             projections: projection::ProjectionIndex::default(),
             unions: union::Unions::new(!cfg.union_window.is_zero()),
             union_window: cfg.union_window,
+            merges: merge::Merges::new(true),
+            merge_window: cfg.merge_window,
         }
     }
 

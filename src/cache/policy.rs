@@ -128,6 +128,7 @@ mod tests {
             compress: true,
             project_fields: true,
             union_window: Duration::ZERO,
+            merge_window: Duration::ZERO,
             rules: rules
                 .iter()
                 .map(|(p, t)| CacheRule {

@@ -16,6 +16,7 @@ pub(super) struct RawCache {
     compress: bool,
     project_fields: bool,
     union_window_ms: u64,
+    merge_window_ms: u64,
     rules: Vec<RawCacheRule>,
 }
 
@@ -29,13 +30,14 @@ impl Default for RawCache {
             compress: true,
             project_fields: true,
             union_window_ms: 0,
+            merge_window_ms: 0,
             rules: Vec::new(),
         }
     }
 }
 
-/// Every miss of a node waits this long at most for others to join its call.
-const MAX_UNION_WINDOW_MS: u64 = 50;
+/// A miss waits this long at most for others to join its call.
+const MAX_GATHER_WINDOW_MS: u64 = 50;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -66,6 +68,9 @@ pub struct CacheConfig {
     /// How long the first miss for a node gathers other misses' fields into its call
     /// (`[cache] union_window_ms`, default 0: only calls already in flight are shared).
     pub union_window: Duration,
+    /// How long the first miss for a node of a Page gathers misses for other nodes of the
+    /// Page into one `ids=` call (`[cache] merge_window_ms`, default 0: off).
+    pub merge_window: Duration,
     pub rules: Vec<CacheRule>,
 }
 
@@ -84,11 +89,16 @@ impl RawCache {
                 ttl: Duration::from_secs(r.ttl_s),
             });
         }
-        if self.union_window_ms > MAX_UNION_WINDOW_MS {
-            return Err(invalid(
-                "cache.union_window_ms",
-                format!("must be at most {MAX_UNION_WINDOW_MS}"),
-            ));
+        for (key, ms) in [
+            ("cache.union_window_ms", self.union_window_ms),
+            ("cache.merge_window_ms", self.merge_window_ms),
+        ] {
+            if ms > MAX_GATHER_WINDOW_MS {
+                return Err(invalid(
+                    key,
+                    format!("must be at most {MAX_GATHER_WINDOW_MS}"),
+                ));
+            }
         }
         Ok(CacheConfig {
             max_bytes: self.max_bytes,
@@ -98,6 +108,7 @@ impl RawCache {
             compress: self.compress,
             project_fields: self.project_fields,
             union_window: Duration::from_millis(self.union_window_ms),
+            merge_window: Duration::from_millis(self.merge_window_ms),
             rules,
         })
     }
@@ -137,5 +148,13 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("cache.union_window_ms"), "{err}");
+        let err = RawCache {
+            merge_window_ms: 51,
+            ..RawCache::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cache.merge_window_ms"), "{err}");
     }
 }

@@ -165,6 +165,10 @@ pub fn to_toml(c: &Config) -> String {
             "union_window_ms",
             Some(int(ca.union_window.as_millis() as u64)),
         ),
+        (
+            "merge_window_ms",
+            Some(int(ca.merge_window.as_millis() as u64)),
+        ),
         ("rules", Some(Value::Array(rules))),
     ]);
     let r = &c.redis;

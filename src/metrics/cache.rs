@@ -17,6 +17,8 @@ pub struct CacheMetrics {
     pub projected: IntCounter,
     /// Upstream calls that asked for the union of several concurrent reads' fields.
     pub union_fills: IntCounter,
+    /// `ids=` calls that fetched concurrent misses for several nodes of one Page.
+    pub merged_fills: IntCounter,
     /// Reads that waited for a union fill and then made a call of their own (Graph rejected
     /// the union, or its reply could not be cut down, or it was abandoned).
     pub union_fallbacks: IntCounter,
@@ -61,6 +63,11 @@ impl CacheMetrics {
                 r,
                 "graphgate_cache_union_fills_total",
                 "Upstream calls that asked for the union of several concurrent node reads' fields.",
+            ),
+            merged_fills: counter(
+                r,
+                "graphgate_cache_merged_fills_total",
+                "ids= calls that fetched concurrent misses for several nodes of one Page.",
             ),
             union_fallbacks: counter(
                 r,

@@ -14,15 +14,16 @@ use super::fleet::FleetStart;
 use super::{Call, Gateway};
 use crate::cache::coalesce::{Flight, Role, WaitError};
 use crate::cache::entry::{Entry, Freshness, DEFAULT_CONTENT_TYPE};
+use crate::cache::gather::{Lead, Part};
 use crate::cache::key::{self, CacheKey};
 use crate::cache::policy::{request_directive, Directive};
 use crate::cache::status::{CacheStatus, Forward, MemberKind, Members};
-use crate::cache::union::{Lead, Part};
-use crate::cache::{batch, ids, projection, Fill, FillKind, FillResult};
+use crate::cache::union::{self, UnionFields, UnionResult};
+use crate::cache::{batch, ids, merge, projection, Fill, FillKind, FillResult};
 use crate::error::ProxyError;
 use crate::graph::fields::Fields;
 use crate::graph::headers;
-use crate::graph::request::GraphMethod;
+use crate::graph::request::{page_of_node, GraphMethod};
 use crate::graph::usage::ErrorClass;
 use crate::metrics::{CacheResult, StaleReason};
 use crate::rewrite::{self, PreparedBody};
@@ -228,11 +229,8 @@ impl Gateway {
         let started = Instant::now();
         let epoch = self.cache.epoch(&key);
         let max_url = self.config.upstream.max_get_url_bytes;
-        let (waiter, collapsed) = match self
-            .cache
-            .unions
-            .join(base, &want, |u| union_fits(call, u, max_url))
-        {
+        let fits = |u: &Fields| union_fits(call, u, max_url);
+        let (waiter, collapsed) = match union::join(&self.cache.unions, base, &want, fits) {
             Part::Lead(lead, waiter) => {
                 self.spawn_union_fill(lead, call.clone(), version, ttl);
                 (waiter, false)
@@ -312,7 +310,13 @@ impl Gateway {
 
     /// Runs a union fill in its own task once the gathering window has passed, so a caller
     /// that hangs up cancels nothing.
-    fn spawn_union_fill(self: &Arc<Self>, lead: Lead, call: Call, version: &str, ttl: Duration) {
+    fn spawn_union_fill(
+        self: &Arc<Self>,
+        lead: Lead<UnionFields, UnionResult>,
+        call: Call,
+        version: &str,
+        ttl: Duration,
+    ) {
         let gw = self.clone();
         let version = version.to_string();
         let window = self.cache.union_window;
@@ -320,7 +324,7 @@ impl Gateway {
             if !window.is_zero() {
                 tokio::time::sleep(window).await;
             }
-            let (fields, callers) = lead.close();
+            let UnionFields { fields, callers } = lead.close();
             let result = gw.union_fill(call, &version, ttl, &fields, callers).await;
             lead.complete(result.map(|fill| (fields, fill)));
         });
@@ -353,9 +357,148 @@ impl Gateway {
             stale: None,
             shared: true,
         };
-        self.fill_coalesced(&call, version, job)
-            .await
-            .map(|(fill, _)| fill)
+        self.fill_node(call, version, job).await
+    }
+
+    /// The fill of a node read that missed: merged with concurrent misses for other nodes of
+    /// the same Page into one `ids=` call (`[cache] merge_window_ms`), else on its own.
+    async fn fill_node(self: &Arc<Self>, call: Call, version: &str, job: Job) -> FillResult {
+        let window = self.cache.merge_window;
+        let node = call.path.node().filter(|_| call.path.segments.len() == 1);
+        let page = node.and_then(page_of_node);
+        // Merged calls go with the system token: reads that would use a Page token are not.
+        let identity = self.tokens.identity_for(None);
+        let (Some(node), Some(page), false, true) = (
+            node,
+            page,
+            window.is_zero(),
+            self.tokens.identity_for(call.page()) == identity,
+        ) else {
+            return self
+                .fill_coalesced(&call, version, job)
+                .await
+                .map(|(f, _)| f);
+        };
+        let node = node.to_string();
+        let group = key::build(version, &[page.to_string()], &call.params, &identity)
+            .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?
+            .id;
+        let waiter = match merge::join(&self.cache.merges, group, &node) {
+            Part::Lead(lead, waiter) => {
+                let gw = self.clone();
+                let (call, version, job) = (call.clone(), version.to_string(), job.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(window).await;
+                    let nodes = lead.close();
+                    let result = if nodes.len() == 1 {
+                        let fill = gw.fill_coalesced(&call, &version, job).await;
+                        fill.map(|(f, _)| Arc::new(vec![(nodes[0].clone(), f)]))
+                    } else {
+                        gw.merged_fill(call, &version, nodes, job.ttl).await
+                    };
+                    lead.complete(result);
+                });
+                waiter
+            }
+            Part::Joined(waiter) => waiter,
+            Part::Alone => {
+                return self
+                    .fill_coalesced(&call, version, job)
+                    .await
+                    .map(|(f, _)| f)
+            }
+        };
+        let fills = match waiter.wait(self.fill_deadline() + window).await {
+            Ok(result) => result?,
+            Err(WaitError::TimedOut) => {
+                return Err(ProxyError::UpstreamTimeout(
+                    self.fill_deadline().as_millis() as u64,
+                ))
+            }
+            Err(WaitError::Abandoned) => Arc::default(),
+        };
+        match fills.iter().find(|(n, _)| *n == node) {
+            Some((_, fill)) => Ok(fill.clone()),
+            // Graph rejected the merged call (one bad id fails it all) or left this node out.
+            None => self
+                .fill_coalesced(&call, version, job)
+                .await
+                .map(|(f, _)| f),
+        }
+    }
+
+    /// One `ids=` call for the nodes of a merge (after the shared tier, with Redis); each
+    /// member is stored under its node's key as a single read's reply would be.
+    async fn merged_fill(
+        self: &Arc<Self>,
+        call: Call,
+        version: &str,
+        nodes: Vec<String>,
+        ttl: Duration,
+    ) -> Result<Arc<Vec<(String, Fill)>>, ProxyError> {
+        let identity = self.tokens.identity_for(None);
+        let keys = nodes
+            .iter()
+            .map(|n| key::build(version, std::slice::from_ref(n), &call.params, &identity))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
+        let key_refs: Vec<&CacheKey> = keys.iter().collect();
+        let shared = self.shared_members(&key_refs, true).await;
+        let mut fills = Vec::with_capacity(nodes.len());
+        let mut fetch = Vec::new();
+        for ((node, key), (entry, l2_epoch)) in nodes.iter().zip(keys).zip(shared) {
+            match entry {
+                Some(entry) => fills.push((
+                    node.clone(),
+                    Fill {
+                        entry,
+                        kind: FillKind::L2Hit,
+                        pieces: None,
+                        hold: None,
+                    },
+                )),
+                None => fetch.push((node.clone(), key, l2_epoch)),
+            }
+        }
+        if fetch.is_empty() {
+            return Ok(Arc::new(fills));
+        }
+        self.metrics.cache.merged_fills.inc();
+        let ids: Vec<String> = fetch.iter().map(|(n, _, _)| n.clone()).collect();
+        let mut sub = call;
+        sub.path.segments.clear();
+        sub.params.set("ids", ids.join(","));
+        sub.ids = ids;
+        let node_keys = fetch
+            .iter()
+            .map(|(_, k, e)| (k.clone(), e.clone()))
+            .collect();
+        let fill = self.fill_ids(sub, version, node_keys).await?;
+        let (Some(pieces), true) = (&fill.pieces, fill.entry.status.is_success()) else {
+            return Ok(Arc::new(fills));
+        };
+        let kept: Vec<(HeaderName, HeaderValue)> = fill
+            .entry
+            .headers
+            .iter()
+            .filter(|(n, _)| headers::MEMBER_STORED.contains(&n.as_str()))
+            .cloned()
+            .collect();
+        for (node, _, _) in fetch {
+            if let Some((_, body)) = pieces.iter().find(|(id, _)| *id == node) {
+                let entry = Entry::new(StatusCode::OK, kept.clone(), body.clone(), ttl);
+                fills.push((
+                    node,
+                    Fill {
+                        entry: Arc::new(entry),
+                        kind: FillKind::Stored,
+                        pieces: None,
+                        hold: fill.hold.clone(),
+                    },
+                ));
+            }
+        }
+        Ok(Arc::new(fills))
     }
 
     /// A miss filled by a call of its own (coalesced only with identical reads).
@@ -762,6 +905,8 @@ impl Gateway {
         let missing_ids: Vec<&str> = missing.iter().map(|&i| wanted[i].as_str()).collect();
         let mut sub = call.clone();
         sub.params.set("ids", missing_ids.join(","));
+        // The quota charges one unit per id sent, not per id asked for.
+        sub.ids = missing_ids.iter().map(|id| id.to_string()).collect();
         let sub_key = key::build(version, &[], &sub.params, &identity)
             .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
         let node_keys: Vec<(CacheKey, Option<String>)> = missing
@@ -1119,6 +1264,7 @@ impl Gateway {
 /// What a single-key fill needs to know: the key, its TTL, the stale copy (if any), and
 /// whether an entry from the shared tier may answer (not when the client asked to
 /// revalidate).
+#[derive(Clone)]
 pub(super) struct Job {
     pub key: CacheKey,
     pub ttl: Duration,

@@ -377,3 +377,104 @@ async fn ids_members_are_cut_from_stored_supersets() {
     );
     s.stop().await;
 }
+
+// Merged node reads: concurrent misses for nodes of one Page in one `ids=` call.
+
+/// Sends reads of `paths` at once; returns the replies in order.
+async fn paths_at_once(s: &Stack, paths: &[String]) -> Vec<Reply> {
+    let calls = paths.iter().map(|p| {
+        let http = client();
+        let url = format!("{}{}", s.gw.url(), q(p));
+        let secrets = s.secrets();
+        async move { send(&http, Method::GET, &url, &[], Bytes::new(), &secrets).await }
+    });
+    futures_join_all(calls).await
+}
+
+#[tokio::test]
+async fn misses_for_nodes_of_one_page_within_the_window_are_one_ids_call() {
+    let s = Stack::start_with(graph_config(), "[cache]\nmerge_window_ms = 50\n").await;
+    let mut merged = false;
+    for round in 0..5 {
+        let nodes: Vec<String> = (1..=4).map(|n| format!("1001_{}", round * 4 + n)).collect();
+        let paths: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("/v21.0/{n}?fields=id,message"))
+            .collect();
+        let before = s.graph.stats();
+        let replies = paths_at_once(&s, &paths).await;
+        let after = s.graph.stats();
+        for (p, r) in paths.iter().zip(&replies) {
+            assert_eq!(r.status, StatusCode::OK, "{p}: {}", r.text());
+            assert_eq!(r.header("x-cache"), Some("MISS"), "{p}");
+        }
+        // Graph counts one call per id however they came.
+        assert_eq!(after.calls - before.calls, 4, "{:?}", s.graph.requests());
+        for (p, r) in paths.iter().zip(&replies) {
+            assert_eq!(r.json(), from_graph(&s, p).await, "{p}");
+        }
+        if after.requests - before.requests < 4 {
+            let ids_call = s
+                .graph
+                .requests()
+                .into_iter()
+                .find(|r| {
+                    r.query
+                        .iter()
+                        .any(|(k, v)| k == "ids" && v.contains(&nodes[0]))
+                })
+                .or_else(|| {
+                    s.graph.requests().into_iter().find(|r| {
+                        r.query
+                            .iter()
+                            .any(|(k, v)| k == "ids" && v.contains(&nodes[1]))
+                    })
+                });
+            assert!(ids_call.is_some(), "an ids= call carried the merged nodes");
+            merged = true;
+            // Each member was stored under its node's own key.
+            for p in &paths {
+                assert_eq!(s.get(&q(p)).await.header("x-cache"), Some("HIT"), "{p}");
+            }
+            break;
+        }
+    }
+    assert!(merged, "no round of concurrent misses was merged");
+    assert!(counter(&s, "graphgate_cache_merged_fills_total").await >= 1.0);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_merged_call_graph_rejects_sends_each_read_to_graph_alone() {
+    let s = Stack::start_with(graph_config(), "[cache]\nmerge_window_ms = 50\n").await;
+    let mut merged = false;
+    for round in 0..5 {
+        let good = format!("/v21.0/1001_{}?fields=id,message", round + 1);
+        let bad = format!("/v21.0/1001_{}?fields=id,message", 9000 + round);
+        let merges = counter(&s, "graphgate_cache_merged_fills_total").await;
+        let replies = paths_at_once(&s, &[good.clone(), bad.clone()]).await;
+        assert_eq!(replies[0].status, StatusCode::OK, "{}", replies[0].text());
+        assert_eq!(replies[0].json(), from_graph(&s, &good).await);
+        let direct = s
+            .request(
+                Method::GET,
+                &q(&bad),
+                &[("cache-control", "no-store")],
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(replies[1].status, direct.status, "{}", replies[1].text());
+        // Graph's own error for the bad node (its trace id aside).
+        assert_eq!(
+            replies[1].json()["error"]["message"],
+            direct.json()["error"]["message"]
+        );
+        assert_eq!(replies[1].error_code(), direct.error_code());
+        if counter(&s, "graphgate_cache_merged_fills_total").await > merges {
+            merged = true;
+            break;
+        }
+    }
+    assert!(merged, "no round of concurrent misses was merged");
+    s.stop().await;
+}
