@@ -1,11 +1,13 @@
 //! Field reuse on a realistic read trace: reads of 50 nodes with overlapping field sets
 //! (`id,message`, `id,message,created_time`, `message`, …) and `ids=` reads of 5–20 of them,
-//! replayed through graphgate against a fresh simulated Graph for each of three
-//! configurations: exact-key caching (`[cache] project_fields = false`), the defaults
-//! (projection on, no union window) and a 2 ms `union_window_ms`; once by one reader against
-//! a Graph that answers at once, once by 16 concurrent readers against a Graph taking 50 ms
-//! a call. Checks that every reply body is the same in every run, and reports the upstream
-//! calls of each, the share saved against exact-key caching and the p50 of plain hits.
+//! replayed through graphgate against a fresh simulated Graph for each configuration:
+//! exact-key caching (`[cache] project_fields = false`), the defaults (projection on, no
+//! windows), a 2 ms `union_window_ms`, and that plus a 2 ms `merge_window_ms`; once by one
+//! reader against a Graph that answers at once, once by 16 concurrent readers against a
+//! Graph taking 50 ms a call. Checks that every reply body is the same in every run, and
+//! reports the HTTP requests Graph received, the calls it counted against the Pages (one per
+//! id of an `ids=` request), the share of each saved against exact-key caching, and the p50
+//! of plain hits.
 //!
 //!   cargo bench --bench field_reuse            # 2 000 reads
 //!   FIELD_REUSE_READS=10000 cargo bench --bench field_reuse
@@ -78,23 +80,33 @@ struct Mode {
     name: &'static str,
     project_fields: bool,
     union_window_ms: u64,
+    merge_window_ms: u64,
 }
 
-const MODES: [Mode; 3] = [
+const MODES: [Mode; 4] = [
     Mode {
         name: "exact-key caching",
         project_fields: false,
         union_window_ms: 0,
+        merge_window_ms: 0,
     },
     Mode {
         name: "field reuse (defaults)",
         project_fields: true,
         union_window_ms: 0,
+        merge_window_ms: 0,
     },
     Mode {
         name: "field reuse, 2 ms union window",
         project_fields: true,
         union_window_ms: 2,
+        merge_window_ms: 0,
+    },
+    Mode {
+        name: "  + 2 ms merge window",
+        project_fields: true,
+        union_window_ms: 2,
+        merge_window_ms: 2,
     },
 ];
 
@@ -107,6 +119,9 @@ struct Load {
 }
 
 struct Run {
+    /// HTTP requests Graph received.
+    upstream_requests: u64,
+    /// Calls Graph counted against the Pages (one per id of an `ids=` request).
     upstream_calls: u64,
     bodies: Vec<serde_json::Value>,
     hit_latencies: Vec<Duration>,
@@ -171,8 +186,8 @@ async fn replay(paths: &[String], mode: Mode, load: Load) -> Run {
     .expect("fake graph starts");
     graph.set_record_limit(0);
     let extra = format!(
-        "[cache]\ndefault_ttl_s = 3600\nproject_fields = {}\nunion_window_ms = {}\n",
-        mode.project_fields, mode.union_window_ms
+        "[cache]\ndefault_ttl_s = 3600\nproject_fields = {}\nunion_window_ms = {}\nmerge_window_ms = {}\n",
+        mode.project_fields, mode.union_window_ms, mode.merge_window_ms
     );
     let gw: Running = server::start(common::config(&graph.url(), &extra))
         .await
@@ -203,8 +218,10 @@ async fn replay(paths: &[String], mode: Mode, load: Load) -> Run {
             reads[i] = Some(read);
         }
     }
+    let stats = graph.stats();
     let mut run = Run {
-        upstream_calls: graph.stats().requests,
+        upstream_requests: stats.requests,
+        upstream_calls: stats.calls,
         bodies: Vec::with_capacity(paths.len()),
         hit_latencies: Vec::new(),
         projected: 0,
@@ -268,7 +285,7 @@ fn main() {
         let mut reference: Option<Vec<serde_json::Value>> = None;
         for (what, load) in loads {
             println!("{what}:");
-            let mut exact_calls = None;
+            let mut exact = None;
             for mode in MODES {
                 let run = replay(&paths, mode, load).await;
                 match &reference {
@@ -279,13 +296,16 @@ fn main() {
                         }
                     }
                 }
-                let exact = *exact_calls.get_or_insert(run.upstream_calls);
-                let saved = 1.0 - run.upstream_calls as f64 / exact as f64;
+                let (requests, calls) =
+                    *exact.get_or_insert((run.upstream_requests, run.upstream_calls));
+                let saved = |now: u64, before: u64| 100.0 * (1.0 - now as f64 / before as f64);
                 println!(
-                    "  {:<32} {:>5} upstream calls ({:>5.1} % saved), hit p50 {:>7.1} us, {:.2} s, {} projected, {} from unions",
+                    "  {:<32} {:>4} requests ({:>4.1} % saved), {:>5} Page calls ({:>4.1} % saved), hit p50 {:>6.1} us, {:.2} s, {} projected, {} from unions",
                     mode.name,
+                    run.upstream_requests,
+                    saved(run.upstream_requests, requests),
                     run.upstream_calls,
-                    saved * 100.0,
+                    saved(run.upstream_calls, calls),
                     p50(run.hit_latencies),
                     run.took.as_secs_f64(),
                     run.projected,

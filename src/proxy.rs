@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Full, Limited};
 
 mod cached;
 mod fleet;
+mod members;
 mod webhook;
 
 use crate::auth::{self, Client, ClientRegistry};

@@ -17,9 +17,9 @@ use crate::cache::entry::{Entry, Freshness, DEFAULT_CONTENT_TYPE};
 use crate::cache::gather::{Lead, Part};
 use crate::cache::key::{self, CacheKey};
 use crate::cache::policy::{request_directive, Directive};
-use crate::cache::status::{CacheStatus, Forward, MemberKind, Members};
+use crate::cache::status::{CacheStatus, Forward};
 use crate::cache::union::{self, UnionFields, UnionResult};
-use crate::cache::{batch, ids, merge, projection, Fill, FillKind, FillResult};
+use crate::cache::{batch, merge, projection, Fill, FillKind, FillResult};
 use crate::error::ProxyError;
 use crate::graph::fields::Fields;
 use crate::graph::headers;
@@ -45,14 +45,14 @@ pub(super) struct Served {
 
 /// Values the reply builder needs about the calling client, and the budget its reply body
 /// is counted against.
-struct Caller<'a> {
+pub(super) struct Caller<'a> {
     key: &'a str,
     if_none_match: Option<&'a HeaderValue>,
     budget: &'a ReplyBudget,
 }
 
 /// Where the body a reply is built from comes from, for the reply budget.
-enum Origin {
+pub(super) enum Origin {
     /// A cached entry, shared by every reader.
     Cached,
     /// Fetched for this request (or the fill it joined): its reservation comes along.
@@ -437,16 +437,23 @@ impl Gateway {
         ttl: Duration,
     ) -> Result<Arc<Vec<(String, Fill)>>, ProxyError> {
         let identity = self.tokens.identity_for(None);
-        let keys = nodes
+        let members = nodes
             .iter()
-            .map(|n| key::build(version, std::slice::from_ref(n), &call.params, &identity))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
-        let key_refs: Vec<&CacheKey> = keys.iter().collect();
-        let shared = self.shared_members(&key_refs, true).await;
+            .map(|n| {
+                self.member(
+                    version,
+                    std::slice::from_ref(n),
+                    &call.params,
+                    &identity,
+                    true,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let keys: Vec<&CacheKey> = members.iter().map(|m| &m.key).collect();
+        let shared = self.shared_members(&keys, true).await;
         let mut fills = Vec::with_capacity(nodes.len());
         let mut fetch = Vec::new();
-        for ((node, key), (entry, l2_epoch)) in nodes.iter().zip(keys).zip(shared) {
+        for ((node, member), (entry, l2_epoch)) in nodes.iter().zip(members).zip(shared) {
             match entry {
                 Some(entry) => fills.push((
                     node.clone(),
@@ -457,7 +464,7 @@ impl Gateway {
                         hold: None,
                     },
                 )),
-                None => fetch.push((node.clone(), key, l2_epoch)),
+                None => fetch.push((node.clone(), member, l2_epoch)),
             }
         }
         if fetch.is_empty() {
@@ -469,11 +476,11 @@ impl Gateway {
         sub.path.segments.clear();
         sub.params.set("ids", ids.join(","));
         sub.ids = ids;
-        let node_keys = fetch
+        let nodes = fetch
             .iter()
-            .map(|(_, k, e)| (k.clone(), e.clone()))
+            .map(|(_, m, e)| (m.clone(), e.clone()))
             .collect();
-        let fill = self.fill_ids(sub, version, node_keys).await?;
+        let fill = self.fill_ids(sub, version, nodes).await?;
         let (Some(pieces), true) = (&fill.pieces, fill.entry.status.is_success()) else {
             return Ok(Arc::new(fills));
         };
@@ -552,7 +559,7 @@ impl Gateway {
 
     /// How long any request waits for a fill: its own deadline, whoever leads. A fill may
     /// wait for quota budget before its upstream call, so the queue deadline counts too.
-    fn fill_deadline(&self) -> Duration {
+    pub(super) fn fill_deadline(&self) -> Duration {
         self.config.upstream.timeout + self.config.quota.queue_timeout + FILL_MARGIN
     }
 
@@ -703,7 +710,7 @@ impl Gateway {
     /// Cuts the reply for `want` from a fresh stored reply of the node (`base`) that holds it,
     /// and stores it under `key` (counted as projected). `None` when none does, or a write
     /// to the node came in between.
-    fn project_stored(
+    pub(super) fn project_stored(
         &self,
         key: &CacheKey,
         want: &Fields,
@@ -817,434 +824,6 @@ impl Gateway {
         })
     }
 
-    /// `GET /?ids=a,b,c`: ids with a fresh per-node entry are answered locally, the rest go
-    /// upstream as one `ids=` call whose members are stored per node.
-    async fn ids_read(
-        self: &Arc<Self>,
-        call: &Call,
-        version: &str,
-        directive: Directive,
-        caller: &Caller<'_>,
-    ) -> Result<Served, ProxyError> {
-        let wanted = ids::unique(&call.ids);
-        let mut node_params = call.params.clone();
-        node_params.remove("ids");
-        let identity = self.tokens.identity_for(None);
-        let now = Instant::now();
-        // Members may be cut from stored replies for more of their node's fields.
-        let want = (directive == Directive::Normal && self.cache.project_fields)
-            .then(|| member_fields(&node_params))
-            .flatten();
-        let mut keys = Vec::with_capacity(wanted.len());
-        let mut have: Vec<Option<Arc<Entry>>> = Vec::with_capacity(wanted.len());
-        for id in &wanted {
-            let node = std::slice::from_ref(id);
-            let k = key::build(version, node, &node_params, &identity)
-                .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
-            let mut hit = if directive == Directive::Normal {
-                self.cache.get(&k).filter(|e| {
-                    e.status.is_success()
-                        && e.freshness(now, Duration::ZERO, Duration::ZERO) == Freshness::Fresh
-                })
-            } else {
-                None
-            };
-            if let (None, Some(want)) = (&hit, &want) {
-                if let Some(base) = key::base_of(version, node, &node_params, &identity) {
-                    hit = self.project_stored(&k, want, base, now)?;
-                }
-            }
-            self.cache.count(if hit.is_some() {
-                CacheResult::Hit
-            } else {
-                CacheResult::Miss
-            });
-            have.push(hit);
-            keys.push(k);
-        }
-        // What the in-process tier lacks may be in the Redis tier (another replica's fill).
-        let mut l2_epochs: Vec<Option<String>> = vec![None; wanted.len()];
-        let lacking: Vec<usize> = (0..wanted.len()).filter(|&i| have[i].is_none()).collect();
-        let lacking_keys: Vec<&CacheKey> = lacking.iter().map(|&i| &keys[i]).collect();
-        let shared = self
-            .shared_members(&lacking_keys, directive == Directive::Normal)
-            .await;
-        for (&i, (entry, epoch)) in lacking.iter().zip(shared) {
-            have[i] = entry;
-            l2_epochs[i] = epoch;
-        }
-        let missing: Vec<usize> = (0..wanted.len()).filter(|&i| have[i].is_none()).collect();
-        let hits = wanted.len() - missing.len();
-        let members = Members {
-            kind: MemberKind::Ids,
-            hits,
-            total: wanted.len(),
-        };
-
-        if missing.is_empty() {
-            let bodies = wanted
-                .iter()
-                .zip(&have)
-                .filter_map(|(id, e)| e.as_ref().map(|e| Ok((id.as_str(), e.body()?))))
-                .collect::<Result<Vec<_>, ProxyError>>()?;
-            let parts: Vec<(&str, &PreparedBody)> = bodies.iter().map(|(id, b)| (*id, b)).collect();
-            let first = have.iter().flatten().next().cloned();
-            let headers = first
-                .map(|e| e.headers.clone())
-                .unwrap_or_else(|| Vec::new().into());
-            let entry = assembled_entry(headers, ids::assemble(&parts)?);
-            let status = CacheStatus::MembersHit(members);
-            return Ok(Served {
-                response: reply_from(&entry, caller, status, None, Origin::Assembled)?,
-                cache: status.result(),
-                upstream_ms: None,
-            });
-        }
-
-        // One upstream call for the missing ids, coalesced with identical ones.
-        let missing_ids: Vec<&str> = missing.iter().map(|&i| wanted[i].as_str()).collect();
-        let mut sub = call.clone();
-        sub.params.set("ids", missing_ids.join(","));
-        // The quota charges one unit per id sent, not per id asked for.
-        sub.ids = missing_ids.iter().map(|id| id.to_string()).collect();
-        let sub_key = key::build(version, &[], &sub.params, &identity)
-            .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
-        let node_keys: Vec<(CacheKey, Option<String>)> = missing
-            .iter()
-            .map(|&i| (keys[i].clone(), l2_epochs[i].take()))
-            .collect();
-        let started = Instant::now();
-        let (waiter, collapsed) = match self.cache.flights.join(sub_key.id) {
-            Role::Leader(flight, waiter) => {
-                let gw = self.clone();
-                let version = version.to_string();
-                tokio::spawn(async move {
-                    let result = gw.fill_ids(sub, &version, node_keys).await;
-                    flight.complete(result);
-                });
-                (waiter, false)
-            }
-            Role::Follower(waiter) => {
-                self.metrics.cache.coalesced.inc();
-                (waiter, true)
-            }
-        };
-        let fill = match waiter.wait(self.fill_deadline()).await {
-            Ok(r) => r?,
-            Err(WaitError::TimedOut) => {
-                return Err(ProxyError::UpstreamTimeout(
-                    self.fill_deadline().as_millis() as u64,
-                ))
-            }
-            Err(WaitError::Abandoned) => {
-                return Err(ProxyError::Internal(
-                    "the upstream call for this read was abandoned".into(),
-                ))
-            }
-        };
-        let upstream_ms = Some(started.elapsed().as_millis());
-        let Some(pieces) = fill
-            .pieces
-            .as_ref()
-            .filter(|_| fill.entry.status.is_success())
-        else {
-            // Graph's error (one bad id fails the whole request) is handed on as it is.
-            let status = CacheStatus::Forwarded {
-                fwd: Forward::Miss,
-                fwd_status: fill.entry.status.as_u16(),
-                stored: false,
-                collapsed,
-            };
-            return Ok(Served {
-                response: reply_from(
-                    &fill.entry,
-                    caller,
-                    status,
-                    None,
-                    Origin::Fetched(fill.hold.clone()),
-                )?,
-                cache: status.result(),
-                upstream_ms,
-            });
-        };
-        let mut bodies: Vec<(&str, PreparedBody)> = Vec::with_capacity(wanted.len());
-        for (id, hit) in wanted.iter().zip(&have) {
-            let body = match hit {
-                Some(e) => e.body()?,
-                None => match pieces.iter().find(|(pid, _)| pid == id) {
-                    Some((_, b)) => b.clone(),
-                    None => {
-                        return Err(ProxyError::UpstreamBadResponse(format!(
-                            "the ids= reply has no member for a requested id ({} of {})",
-                            missing.len(),
-                            wanted.len()
-                        )))
-                    }
-                },
-            };
-            bodies.push((id.as_str(), body));
-        }
-        let parts: Vec<(&str, &PreparedBody)> = bodies.iter().map(|(id, b)| (*id, b)).collect();
-        let entry = assembled_entry(fill.entry.headers.clone(), ids::assemble(&parts)?);
-        let status = CacheStatus::MembersFetched {
-            fwd: if hits > 0 {
-                Forward::Partial
-            } else {
-                Forward::Miss
-            },
-            fwd_status: 200,
-            members,
-            collapsed,
-        };
-        Ok(Served {
-            response: reply_from(&entry, caller, status, None, Origin::Assembled)?,
-            cache: status.result(),
-            upstream_ms,
-        })
-    }
-
-    /// The upstream `ids=` call for missing ids; each member is stored under its node's key.
-    /// The `ids=` call for the members no tier had; each member's reply is stored in L1 and,
-    /// with its Redis epoch (read before the call), in the Redis tier.
-    async fn fill_ids(
-        &self,
-        call: Call,
-        version: &str,
-        node_keys: Vec<(CacheKey, Option<String>)>,
-    ) -> FillResult {
-        let epochs: Vec<u64> = node_keys.iter().map(|(k, _)| self.cache.epoch(k)).collect();
-        let reply = self.forward(&call, version, true).await?;
-        let prepared = rewrite::prepare(
-            reply.body.clone(),
-            false,
-            &self.public_url,
-            &self.tokens.secrets(),
-        )?;
-        let pieces = if reply.status.is_success() {
-            ids::split(&prepared)
-        } else {
-            None
-        };
-        let node_headers: Vec<(HeaderName, HeaderValue)> = reply
-            .headers
-            .iter()
-            .filter(|(n, _)| headers::MEMBER_STORED.contains(&n.as_str()))
-            .cloned()
-            .collect();
-        // Stored members are noted for projection, like single node reads.
-        let identity = self.tokens.identity_for(None);
-        let member_index = self.cache.project_fields.then(|| {
-            let mut node_params = call.params.clone();
-            node_params.remove("ids");
-            member_fields(&node_params).map(|f| (f, node_params))
-        });
-        let member_index = member_index.flatten();
-        if let Some(pieces) = &pieces {
-            for ((k, l2_epoch), epoch) in node_keys.iter().zip(epochs) {
-                let Some(node) = k.node.as_deref() else {
-                    continue;
-                };
-                let Some((_, body)) = pieces.iter().find(|(id, _)| id == node) else {
-                    continue;
-                };
-                let ttl = self.cache.policy.ttl_for(&k.rule_path);
-                if ttl.is_zero() {
-                    continue;
-                }
-                let e = Entry::new(reply.status, node_headers.clone(), body.clone(), ttl);
-                let stored = self.cache.store(k, &e, epoch);
-                if let (true, Some((fields, node_params))) = (stored, &member_index) {
-                    self.cache.projections.id_habit.learn(fields, &body.bytes);
-                    let node = [node.to_string()];
-                    if let Some(base) = key::base_of(version, &node, node_params, &identity) {
-                        self.cache.projections.record(base, fields.clone(), k.id);
-                    }
-                }
-                if let (true, Some(l2_epoch)) = (stored, l2_epoch) {
-                    self.cache.store_shared(k, &e, l2_epoch).await;
-                }
-            }
-        }
-        let kind = if reply.status.is_success() {
-            FillKind::Fetched
-        } else {
-            FillKind::Passed
-        };
-        Ok(Fill {
-            entry: Arc::new(Entry::new(
-                reply.status,
-                reply.headers,
-                prepared,
-                Duration::ZERO,
-            )),
-            kind,
-            pieces: pieces.map(Arc::new),
-            hold: reply.hold,
-        })
-    }
-
-    /// A read-only batch: operations with a fresh entry are answered locally, the rest go
-    /// upstream as one smaller batch (not coalesced: batches rarely repeat exactly), whose
-    /// successful operations are stored per operation; elements are merged in request order.
-    async fn batch_read(
-        &self,
-        call: &Call,
-        version: &str,
-        directive: Directive,
-        caller: &Caller<'_>,
-    ) -> Result<Served, ProxyError> {
-        let ops = call.batch.as_deref().unwrap_or_default();
-        let include_headers = call.params.get("include_headers") != Some("false");
-        // Batch operations run with the system token (see `upstream_batch`).
-        let identity = self.tokens.identity_for(None);
-        let now = Instant::now();
-        let mut keys = Vec::with_capacity(ops.len());
-        let mut have: Vec<Option<PreparedBody>> = Vec::with_capacity(ops.len());
-        for op in ops {
-            let op_version = op.path.version.as_deref().unwrap_or(version);
-            let k = key::build(op_version, &op.path.segments, &op.all_params(), &identity)
-                .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
-            let ttl = self.cache.policy.ttl_for(&k.rule_path);
-            let hit = if directive == Directive::Normal && !ttl.is_zero() {
-                self.cache
-                    .get(&k)
-                    .filter(|e| {
-                        e.freshness(now, Duration::ZERO, Duration::ZERO) == Freshness::Fresh
-                    })
-                    .and_then(|e| batch::element(&e, include_headers))
-            } else {
-                None
-            };
-            self.cache.count(if hit.is_some() {
-                CacheResult::Hit
-            } else {
-                CacheResult::Miss
-            });
-            have.push(hit);
-            keys.push((k, ttl));
-        }
-        // What the in-process tier lacks may be in the Redis tier (another replica's fill).
-        let mut l2_epochs: Vec<Option<String>> = vec![None; ops.len()];
-        let lacking: Vec<usize> = (0..ops.len())
-            .filter(|&i| have[i].is_none() && !keys[i].1.is_zero())
-            .collect();
-        let lacking_keys: Vec<&CacheKey> = lacking.iter().map(|&i| &keys[i].0).collect();
-        let shared = self
-            .shared_members(&lacking_keys, directive == Directive::Normal)
-            .await;
-        for (&i, (entry, epoch)) in lacking.iter().zip(shared) {
-            have[i] = entry.and_then(|e| batch::element(&e, include_headers));
-            l2_epochs[i] = epoch;
-        }
-        let missing: Vec<usize> = (0..ops.len()).filter(|&i| have[i].is_none()).collect();
-        let hits = ops.len() - missing.len();
-        let members = Members {
-            kind: MemberKind::Batch,
-            hits,
-            total: ops.len(),
-        };
-        if missing.is_empty() {
-            let parts: Vec<&PreparedBody> = have.iter().flatten().collect();
-            let entry = assembled_entry(Vec::new().into(), batch::assemble(&parts)?);
-            let status = CacheStatus::MembersHit(members);
-            return Ok(Served {
-                response: reply_from(&entry, caller, status, None, Origin::Assembled)?,
-                cache: status.result(),
-                upstream_ms: None,
-            });
-        }
-
-        let mut sub = call.clone();
-        sub.batch = Some(missing.iter().map(|&i| ops[i].clone()).collect());
-        let epochs: Vec<u64> = missing
-            .iter()
-            .map(|&i| self.cache.epoch(&keys[i].0))
-            .collect();
-        let started = Instant::now();
-        let reply = self.forward(&sub, version, true).await?;
-        let upstream_ms = Some(started.elapsed().as_millis());
-        let prepared = rewrite::prepare(
-            reply.body.clone(),
-            true,
-            &self.public_url,
-            &self.tokens.secrets(),
-        )?;
-        let status = reply.status;
-        let parts = if status.is_success() {
-            batch::split(&prepared).filter(|p| p.len() == missing.len())
-        } else {
-            None
-        };
-        let Some(parts) = parts else {
-            if status.is_success() {
-                return Err(ProxyError::UpstreamBadResponse(
-                    "the batch reply does not match the operations sent".into(),
-                ));
-            }
-            // A whole-batch error from Graph is handed on as it is.
-            let entry = Entry::new(status, reply.headers, prepared, Duration::ZERO);
-            let cs = CacheStatus::Forwarded {
-                fwd: Forward::Miss,
-                fwd_status: status.as_u16(),
-                stored: false,
-                collapsed: false,
-            };
-            return Ok(Served {
-                response: reply_from(&entry, caller, cs, None, Origin::Fetched(reply.hold))?,
-                cache: cs.result(),
-                upstream_ms,
-            });
-        };
-        for ((&i, part), epoch) in missing.iter().zip(&parts).zip(epochs) {
-            let (k, ttl) = &keys[i];
-            if let Some((body, etag)) = &part.ok_body {
-                if !ttl.is_zero() {
-                    let e = Entry::new(
-                        StatusCode::OK,
-                        batch::entry_headers(etag.clone()),
-                        body.clone(),
-                        *ttl,
-                    );
-                    if let (true, Some(l2_epoch)) = (self.cache.store(k, &e, epoch), &l2_epochs[i])
-                    {
-                        self.cache.store_shared(k, &e, l2_epoch).await;
-                    }
-                }
-            }
-        }
-        let mut fetched = parts.iter();
-        let mut elements: Vec<&PreparedBody> = Vec::with_capacity(ops.len());
-        for hit in &have {
-            match hit {
-                Some(e) => elements.push(e),
-                None => match fetched.next() {
-                    Some(p) => elements.push(&p.element),
-                    None => {
-                        return Err(ProxyError::Internal(
-                            "batch merge ran out of replies".into(),
-                        ))
-                    }
-                },
-            }
-        }
-        let entry = assembled_entry(reply.headers.into(), batch::assemble(&elements)?);
-        let cs = CacheStatus::MembersFetched {
-            fwd: if hits > 0 {
-                Forward::Partial
-            } else {
-                Forward::Miss
-            },
-            fwd_status: status.as_u16(),
-            members,
-            collapsed: false,
-        };
-        Ok(Served {
-            response: reply_from(&entry, caller, cs, None, Origin::Assembled)?,
-            cache: cs.result(),
-            upstream_ms,
-        })
-    }
-
     /// After a successful write: drop what it made stale (its node; a post's Page edges).
     pub(super) async fn invalidate_after_write(&self, call: &Call) {
         if let Some(ops) = &call.batch {
@@ -1273,7 +852,10 @@ pub(super) struct Job {
 }
 
 /// A reply merged from several sources (`ids=`, batch) has no single ETag.
-fn assembled_entry(headers: Arc<[(HeaderName, HeaderValue)]>, body: PreparedBody) -> Entry {
+pub(super) fn assembled_entry(
+    headers: Arc<[(HeaderName, HeaderValue)]>,
+    body: PreparedBody,
+) -> Entry {
     let headers: Vec<_> = headers
         .iter()
         .filter(|(n, _)| *n != header::ETAG)
@@ -1311,7 +893,7 @@ fn reply_allows_stale(reply: &Reply) -> bool {
 /// A body made for this client alone (decompressed, the key filled in, assembled) is
 /// counted against the reply budget until written, as is a fetched body; 503 when it does
 /// not fit. A plain cached body costs nothing more to serve: it is shared.
-fn reply_from(
+pub(super) fn reply_from(
     entry: &Entry,
     caller: &Caller<'_>,
     status: CacheStatus,
@@ -1380,7 +962,7 @@ pub(super) fn mark_uncached(response: &mut Response<Full<Bytes>>, call: &Call) -
 
 /// The fields of a node read's parameters (an `ids=` read's without `ids`), normalized;
 /// `None` without `fields`.
-fn member_fields(node_params: &crate::graph::request::Params) -> Option<Fields> {
+pub(super) fn member_fields(node_params: &crate::graph::request::Params) -> Option<Fields> {
     let fields = Fields::parse(node_params.get("fields")?).ok()?;
     (!fields.is_empty()).then(|| fields.normalized())
 }
