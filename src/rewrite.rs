@@ -386,8 +386,18 @@ pub fn scrub(body: Bytes, secrets: &Secrets) -> Bytes {
             }
         }
     }
-    // Not JSON, or a secret that survives re-serialization: bytes, whatever that does to
-    // the syntax (secrecy wins).
+    // A secret spelled across an escape JSON itself writes (a control character's
+    // `\u0012` followed by text): the string (or key) that encodes to it goes whole.
+    if secrets.is_in(&body) {
+        if let Ok(mut value) = serde_json::from_slice::<Value>(&body) {
+            redact_encoded(&mut value, secrets);
+            if let Ok(out) = serde_json::to_vec(&value) {
+                body = Bytes::from(out);
+            }
+        }
+    }
+    // Not JSON, or a secret that survives all that: bytes, whatever that does to the syntax
+    // (secrecy wins).
     if secrets.is_in(&body) {
         body = Bytes::from(secrets.redact_bytes(&body));
     }
@@ -422,6 +432,29 @@ fn scrub_value(value: &mut Value, secrets: &Secrets, changed: &mut bool) {
             }
             map.values_mut()
                 .for_each(|v| scrub_value(v, secrets, changed));
+        }
+        _ => {}
+    }
+}
+
+/// Replaces every string and key whose JSON encoding holds a secret with the redaction mark.
+fn redact_encoded(value: &mut Value, secrets: &Secrets) {
+    let encodes_secret =
+        |t: &str| serde_json::to_string(t).map_or(true, |enc| secrets.is_in(enc.as_bytes()));
+    match value {
+        Value::String(t) if encodes_secret(t) => *t = REDACTED.into(),
+        Value::Array(items) => items.iter_mut().for_each(|v| redact_encoded(v, secrets)),
+        Value::Object(map) => {
+            let old = std::mem::take(map);
+            for (k, mut v) in old {
+                redact_encoded(&mut v, secrets);
+                let k = if encodes_secret(&k) {
+                    REDACTED.into()
+                } else {
+                    k
+                };
+                map.insert(k, v);
+            }
         }
         _ => {}
     }
@@ -748,6 +781,22 @@ mod tests {
             "{out:?}"
         );
         assert_eq!(v.as_str().unwrap(), "\u{e31e}AAGpagetoken10016");
+    }
+
+    /// Found by the `rewrite` fuzz target: `\u0012` then `3456…` spells `0123456…` in the
+    /// bytes serde_json writes back, though no decoded string holds it.
+    #[test]
+    fn a_secret_spelled_across_an_escape_json_writes_keeps_the_json_valid() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        for body in [
+            r#""x\u00123456789abcdef0123456789abcdef""#,
+            r#"{"\u00123456789abcdef0123456789abcdef":[1]}"#,
+        ] {
+            let out = scrub(Bytes::from(body), &secrets(&[secret]));
+            let v: Value = serde_json::from_slice(&out).expect("still JSON");
+            assert!(memmem::find(&out, secret.as_bytes()).is_none(), "{out:?}");
+            assert!(v.to_string().contains(REDACTED), "{v}");
+        }
     }
 
     #[test]
