@@ -6,6 +6,8 @@
 //! then the request metric and the access log line.
 //! Every failure is a [`ProxyError`] answered in Graph's error shape.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +36,7 @@ use crate::tokens::{Injected, Tokens};
 use crate::tracecontext::RequestContext;
 use crate::upstream::{Reply, Upstream, UpstreamRequest};
 use crate::webhooks::Webhooks;
+use cached::ReadStart;
 
 pub use crate::graph::call::{parse_call, Call, CallStats};
 
@@ -100,6 +103,14 @@ pub struct Gateway {
 
 /// A refused request: the error, the route label, and the client once it is known.
 type Failure = (ProxyError, Route, Option<Arc<Client>>);
+
+/// How far a request got without waiting: answered (or refused), or the rest to await.
+/// Not boxed when answered: that is the hit path, and a box would allocate on every hit.
+#[allow(clippy::large_enum_variant)]
+enum Step {
+    Now(Result<Outcome, Failure>),
+    Later(Pin<Box<dyn Future<Output = Result<Outcome, Failure>> + Send>>),
+}
 
 /// A request after the parse stage: its head (the cache stage reads its conditional and
 /// cache-control headers) and the parsed call.
@@ -224,7 +235,7 @@ impl Gateway {
     /// trace, no client address.
     pub async fn handle<B>(self: &Arc<Self>, req: Request<B>) -> Response<Full<Bytes>>
     where
-        B: hyper::body::Body<Data = Bytes>,
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let context = RequestContext::from_headers(req.headers(), None);
@@ -234,23 +245,48 @@ impl Gateway {
     /// Answers one client request within its trace: the innermost service of the public
     /// stack. Never fails: errors become Graph-style replies. Records the request metric and
     /// writes the access log line.
-    pub async fn handle_in<B>(
+    ///
+    /// A request without a body goes through the stages as far as they need no waiting
+    /// before this returns (a cache hit is answered here); only what waits (reading a body,
+    /// a miss, an upstream call) is a boxed future. The future returned stays small: every
+    /// layer of the stack moves it.
+    pub fn handle_in<B>(
         self: &Arc<Self>,
         req: Request<B>,
         context: RequestContext,
-    ) -> Response<Full<Bytes>>
+    ) -> impl Future<Output = Response<Full<Bytes>>> + Send + '_
     where
-        B: hyper::body::Body<Data = Bytes>,
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let started = Instant::now();
-        let method = req.method().clone();
+        let method = RequestMethod::of(req.method());
         let record = RequestRecord::capture(&req);
-        let result = if self.is_webhook(req.uri().path()) {
-            Box::pin(self.webhook(req)).await
+        let step = if self.is_webhook(req.uri().path()) {
+            let gw = self.clone();
+            Step::Later(Box::pin(async move { gw.webhook(req).await }))
         } else {
-            self.process(req, &context).await
+            self.process_now(req, &context)
         };
+        async move {
+            let result = match step {
+                Step::Now(result) => result,
+                Step::Later(rest) => rest.await,
+            };
+            self.respond(result, &context, method, record, started)
+        }
+    }
+
+    /// The reply to a request whatever came of it, after the request metric and the access
+    /// log line.
+    fn respond(
+        &self,
+        result: Result<Outcome, Failure>,
+        context: &RequestContext,
+        method_label: RequestMethod,
+        record: Option<RequestRecord>,
+        started: Instant,
+    ) -> Response<Full<Bytes>> {
         let outcome = match result {
             Ok(o) => o,
             Err((e, route, client)) => {
@@ -269,7 +305,6 @@ impl Gateway {
         };
         let status = outcome.response.status();
         let took = started.elapsed();
-        let method_label = RequestMethod::of(&method);
         self.metrics.server.observe_request(
             outcome.route,
             method_label,
@@ -317,54 +352,102 @@ impl Gateway {
         response
     }
 
-    /// The gateway's stages, in order; each hands the next a fuller exchange or refuses the
-    /// request: parse → authenticate and authorize → cache read-through → upstream.
+    /// The stages, as far as they go without waiting: a request without a body is parsed,
+    /// admitted and looked up in the cache here. What has to wait is boxed with the request
+    /// moved in.
+    fn process_now<B>(self: &Arc<Self>, req: Request<B>, context: &RequestContext) -> Step
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if !hyper::body::Body::is_end_stream(req.body()) {
+            return Step::Later(Box::pin(self.clone().process(req, context.clone())));
+        }
+        let admitted = self
+            .check_head(&req)
+            .and_then(|()| self.parse_parts(req.into_parts().0, Bytes::new(), context))
+            .and_then(|parsed| self.admit_client(parsed));
+        let a = match admitted {
+            Ok(a) => a,
+            Err(failure) => return Step::Now(Err(failure)),
+        };
+        let version = self.version_of(&a.call);
+        match self.start_read(&a.call, version, &a.parts.headers, &a.key) {
+            Err(e) => Step::Now(Err(a.reject(e))),
+            Ok(ReadStart::Served(s)) => {
+                Step::Now(Ok(a.outcome(s.response, s.cache, s.upstream_ms)))
+            }
+            Ok(start) => Step::Later(Box::pin(self.clone().after_lookup(a, start))),
+        }
+    }
+
+    /// The gateway's stages for a request with a body, in order; each hands the next a
+    /// fuller exchange or refuses the request: limits and body → parse → authenticate and
+    /// authorize → cache read-through → upstream.
     async fn process<B>(
-        self: &Arc<Self>,
+        self: Arc<Self>,
         req: Request<B>,
-        context: &RequestContext,
+        context: RequestContext,
     ) -> Result<Outcome, Failure>
     where
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let parsed = self.parse(req, context).await?;
+        self.check_head(&req)?;
+        let (parts, body) = req.into_parts();
+        let body = self
+            .read_body_within(body, &parts.headers, self.config.server.body_read_timeout)
+            .await
+            .map_err(|e| (e, Route::Invalid, None))?;
+        let parsed = self.parse_parts(parts, body, &context)?;
         let a = self.admit_client(parsed)?;
-        // Stage: cacheable reads end here (hit, stale, or one coalesced fill); the others go
-        // upstream uncached.
-        let read = self.cached_read(&a.call, self.version_of(&a.call), &a.parts.headers, &a.key);
-        if let Some(served) = read.await.map_err(|e| a.reject(e))? {
-            return Ok(a.outcome(served.response, served.cache, served.upstream_ms));
+        let version = self.version_of(&a.call);
+        let start = self
+            .start_read(&a.call, version, &a.parts.headers, &a.key)
+            .map_err(|e| a.reject(e))?;
+        if let ReadStart::Served(s) = start {
+            return Ok(a.outcome(s.response, s.cache, s.upstream_ms));
         }
-        // Boxed: only misses and writes get here, and the request future stays the size the
-        // hit path needs (it is moved through every layer of the stack).
-        Box::pin(self.upstream(a)).await
+        self.after_lookup(a, start).await
     }
 
-    /// Stage: limits (draining, head size, body size and time) and parsing into a [`Call`]
-    /// that carries the request's trace for the upstream request.
-    async fn parse<B>(&self, req: Request<B>, context: &RequestContext) -> Result<Parsed, Failure>
-    where
-        B: hyper::body::Body<Data = Bytes>,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
+    /// Stages after the in-process lookup: the rest of a cacheable read (ends here), else
+    /// upstream uncached.
+    async fn after_lookup(
+        self: Arc<Self>,
+        a: Admitted,
+        start: ReadStart,
+    ) -> Result<Outcome, Failure> {
+        if let ReadStart::Pending(pending) = start {
+            let version = self.version_of(&a.call);
+            let served = self
+                .finish_read(&a.call, version, &a.parts.headers, &a.key, pending)
+                .await
+                .map_err(|e| a.reject(e))?;
+            return Ok(a.outcome(served.response, served.cache, served.upstream_ms));
+        }
+        self.upstream(a).await
+    }
+
+    /// Stage: limits on the request head (and refusing new work while draining).
+    fn check_head<B>(&self, req: &Request<B>) -> Result<(), Failure> {
         let fail = |e: ProxyError| (e, Route::Invalid, None);
         if self.is_draining() {
             return Err(fail(ProxyError::ShuttingDown));
         }
-        check_header_size(&req, self.config.server.max_header_bytes).map_err(fail)?;
-        let (parts, body) = req.into_parts();
-        let body_timeout = self.config.server.body_read_timeout;
-        // Most reads have no body: skip arming a timer for nothing (a timer-wheel insert and
-        // removal per request on the hit path).
-        let body = if hyper::body::Body::is_end_stream(&body) {
-            Bytes::new()
-        } else {
-            Box::pin(self.read_body_within(body, &parts.headers, body_timeout))
-                .await
-                .map_err(fail)?
-        };
-        let mut call = parse_call(&parts.method, &parts.uri, &parts.headers, body).map_err(fail)?;
+        check_header_size(req, self.config.server.max_header_bytes).map_err(fail)
+    }
+
+    /// Stage: parsing the head and body into a [`Call`] that carries the request's trace for
+    /// the upstream request.
+    fn parse_parts(
+        &self,
+        parts: http::request::Parts,
+        body: Bytes,
+        context: &RequestContext,
+    ) -> Result<Parsed, Failure> {
+        let mut call = parse_call(&parts.method, &parts.uri, &parts.headers, body)
+            .map_err(|e| (e, Route::Invalid, None))?;
         call.trace = Some(context.clone());
         Ok(Parsed {
             route: call.route(),

@@ -35,6 +35,36 @@ const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 /// Extra time a waiter gives a fill beyond the upstream timeout (token minting, queuing).
 const FILL_MARGIN: Duration = Duration::from_secs(1);
 
+/// Where a read stands after [`Gateway::start_read`].
+pub(super) enum ReadStart {
+    /// Answered from the in-process cache.
+    Served(Served),
+    /// Not cacheable: the call goes upstream uncached.
+    Uncached,
+    /// The rest needs waiting: [`Gateway::finish_read`].
+    Pending(PendingRead),
+}
+
+/// A read that [`Gateway::start_read`] could not answer at once.
+pub(super) enum PendingRead {
+    /// A read-only batch, answered operation by operation.
+    Batch(Directive),
+    /// `GET /?ids=…`, answered node by node.
+    Ids(Directive),
+    /// A node read that missed (or found an entry past its TTL) in-process.
+    Node(NodeRead),
+}
+
+/// What the in-process lookup of a node read learned.
+pub(super) struct NodeRead {
+    key: CacheKey,
+    ttl: Duration,
+    found: Option<Arc<Entry>>,
+    directive: Directive,
+    identity: Arc<str>,
+    now: Instant,
+}
+
 /// A reply produced by the cache phase.
 pub(super) struct Served {
     pub response: Response<Full<Bytes>>,
@@ -62,50 +92,42 @@ pub(super) enum Origin {
 }
 
 impl Gateway {
-    /// Answers a cacheable read, or `None` when the call is not one (writes, batches,
-    /// `no-store`, TTL 0), which then goes upstream uncached.
-    pub(super) async fn cached_read(
+    /// The part of a read that needs no waiting: whether the call is cacheable at all, and
+    /// the in-process lookup, which answers hits (and stale entries while one refresh runs)
+    /// at once. Everything that may wait is left to [`Gateway::finish_read`], which the
+    /// caller boxes: the request future stays the size the hit path needs (it is moved
+    /// through every layer of the stack, and each move copies it).
+    pub(super) fn start_read(
         self: &Arc<Self>,
         call: &Call,
         version: &str,
         headers: &HeaderMap,
         client_key: &str,
-    ) -> Result<Option<Served>, ProxyError> {
+    ) -> Result<ReadStart, ProxyError> {
         let batch_read = call.batch.as_deref().is_some_and(batch::cacheable);
         if (call.method != GraphMethod::Get && !batch_read) || !call.files.is_empty() {
-            return Ok(None);
+            return Ok(ReadStart::Uncached);
         }
         let directive = request_directive(headers);
         if directive == Directive::Bypass {
             self.cache.count(CacheResult::Bypass);
-            return Ok(None);
+            return Ok(ReadStart::Uncached);
         }
-        let caller = Caller {
-            key: client_key,
-            if_none_match: headers.get(header::IF_NONE_MATCH),
-            budget: self.upstream.reply_budget(),
-        };
-        // Paths other than the plain hit are boxed: the request future stays small (hyper
-        // moves it by value; at 5 KB those copies were 1 % of a hit's CPU).
         if batch_read {
-            return Box::pin(self.batch_read(call, version, directive, &caller))
-                .await
-                .map(Some);
+            return Ok(ReadStart::Pending(PendingRead::Batch(directive)));
         }
         if call.batch.is_some() {
-            return Ok(None);
+            return Ok(ReadStart::Uncached);
         }
         if !call.ids.is_empty() {
             if call.path.segments.is_empty() {
-                return Box::pin(self.ids_read(call, version, directive, &caller))
-                    .await
-                    .map(Some);
+                return Ok(ReadStart::Pending(PendingRead::Ids(directive)));
             }
             // `/{edge}?ids=` spans nodes in a way invalidation cannot follow: not cached.
-            return Ok(None);
+            return Ok(ReadStart::Uncached);
         }
         if call.path.segments.is_empty() {
-            return Ok(None);
+            return Ok(ReadStart::Uncached);
         }
         let identity = self.tokens.identity_for(call.page());
         let key = key::build(version, &call.path.segments, &call.params, &identity)
@@ -113,12 +135,17 @@ impl Gateway {
         let ttl = self.cache.policy.ttl_for(&key.rule_path);
         if ttl.is_zero() {
             self.cache.count(CacheResult::Bypass);
-            return Ok(None);
+            return Ok(ReadStart::Uncached);
         }
         let found = self.cache.get(&key);
         let now = Instant::now();
         if directive == Directive::Normal {
             if let Some(e) = &found {
+                let caller = Caller {
+                    key: client_key,
+                    if_none_match: headers.get(header::IF_NONE_MATCH),
+                    budget: self.upstream.reply_budget(),
+                };
                 match e.freshness(
                     now,
                     self.cache.policy.stale_while_revalidate,
@@ -133,7 +160,7 @@ impl Gateway {
                         if e.became_hot() {
                             self.cache.store_plain(&key, e);
                         }
-                        return Ok(Some(Served {
+                        return Ok(ReadStart::Served(Served {
                             response,
                             cache: status.result(),
                             upstream_ms: None,
@@ -155,7 +182,7 @@ impl Gateway {
                         let status = CacheStatus::StaleWhileRevalidate {
                             ttl: e.ttl_left_s(now),
                         };
-                        return Ok(Some(Served {
+                        return Ok(ReadStart::Served(Served {
                             response: reply_from(e, &caller, status, Some(now), Origin::Cached)?,
                             cache: status.result(),
                             upstream_ms: None,
@@ -165,6 +192,47 @@ impl Gateway {
                 }
             }
         }
+        Ok(ReadStart::Pending(PendingRead::Node(NodeRead {
+            key,
+            ttl,
+            found,
+            directive,
+            identity,
+            now,
+        })))
+    }
+
+    /// The rest of a read [`Gateway::start_read`] could not answer: member reads (`ids=`,
+    /// batch), a cut from a stored superset, or a fill (joined, gathered or led).
+    pub(super) async fn finish_read(
+        self: &Arc<Self>,
+        call: &Call,
+        version: &str,
+        headers: &HeaderMap,
+        client_key: &str,
+        pending: PendingRead,
+    ) -> Result<Served, ProxyError> {
+        let caller = Caller {
+            key: client_key,
+            if_none_match: headers.get(header::IF_NONE_MATCH),
+            budget: self.upstream.reply_budget(),
+        };
+        let NodeRead {
+            key,
+            ttl,
+            found,
+            directive,
+            identity,
+            now,
+        } = match pending {
+            PendingRead::Batch(directive) => {
+                return self.batch_read(call, version, directive, &caller).await
+            }
+            PendingRead::Ids(directive) => {
+                return self.ids_read(call, version, directive, &caller).await
+            }
+            PendingRead::Node(node) => node,
+        };
         // A node read for some fields: a stored reply for more fields of the node may hold
         // it, or a call for the node in flight (or gathering fields) may be joined.
         let projection = (directive == Directive::Normal && self.cache.project_fields)
@@ -176,14 +244,14 @@ impl Gateway {
             });
         if let Some((want, base)) = &projection {
             if let Some(served) = self.projected_read(&key, want, *base, &caller, now)? {
-                return Ok(Some(served));
+                return Ok(served);
             }
         }
         self.cache.count(CacheResult::Miss);
         if let (Some((want, base)), None) = (projection, &found) {
-            return Box::pin(self.union_read(call, version, key, ttl, want, base, &caller))
-                .await
-                .map(Some);
+            return self
+                .union_read(call, version, key, ttl, want, base, &caller)
+                .await;
         }
         let fwd = if directive == Directive::Revalidate {
             Forward::Request
@@ -199,15 +267,9 @@ impl Gateway {
             stale: found,
             shared: directive == Directive::Normal,
         };
-        let (fill, collapsed) = Box::pin(self.fill_coalesced(call, version, job)).await?;
+        let (fill, collapsed) = self.fill_coalesced(call, version, job).await?;
         let upstream_ms = Some(started.elapsed().as_millis());
-        Ok(Some(self.served_from_fill(
-            &fill,
-            &caller,
-            fwd,
-            collapsed,
-            upstream_ms,
-        )?))
+        self.served_from_fill(&fill, &caller, fwd, collapsed, upstream_ms)
     }
 
     /// A miss for some fields of a node: joins a call for the node that is gathering fields
