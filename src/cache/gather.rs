@@ -94,6 +94,20 @@ impl<S: Clone, R: Clone> Gatherings<S, R> {
         )
     }
 
+    /// Joins the gathering of `group` if there is one and `join` accepts (as in
+    /// [`Gatherings::join`]); never opens one.
+    pub fn join_existing(
+        &self,
+        group: KeyId,
+        join: impl FnOnce(&mut S, bool) -> bool,
+    ) -> Option<Waiter<R>> {
+        let map = lock(&self.map);
+        let g = map.get(&group)?;
+        let mut state = lock(&g.state);
+        let (s, open) = &mut *state;
+        join(s, *open).then(|| Waiter::new(g.tx.subscribe()))
+    }
+
     /// Gatherings open or in flight (for tests).
     pub fn in_flight(&self) -> usize {
         lock(&self.map).len()
@@ -177,6 +191,10 @@ mod tests {
         assert_eq!(g.in_flight(), 1);
         drop(other);
         assert_eq!(g.in_flight(), 0);
+        assert!(
+            g.join_existing(KeyId(2), |_, _| true).is_none(),
+            "join_existing opens nothing"
+        );
     }
 
     #[tokio::test]

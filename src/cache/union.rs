@@ -7,6 +7,7 @@
 //! `upstream.max_get_url_bytes`. While the call is in flight, a miss whose fields the union
 //! covers waits for it. See [`super::gather`].
 
+use super::coalesce::Waiter;
 use super::gather::{Gatherings, Part};
 use super::key::KeyId;
 use super::projection;
@@ -17,14 +18,9 @@ use crate::graph::fields::Fields;
 /// What a union fill produced: the fields it asked Graph for and its fill.
 pub type UnionResult = Result<(Fields, Fill), ProxyError>;
 
-/// A gathering's fields (normalized) and how many distinct callers they serve.
-#[derive(Clone)]
-pub struct UnionFields {
-    pub fields: Fields,
-    pub callers: usize,
-}
-
-pub type Unions = Gatherings<UnionFields, UnionResult>;
+/// The gatherings of node reads by base key; each collects the union of its callers' fields
+/// (normalized).
+pub type Unions = Gatherings<Fields, UnionResult>;
 
 /// Joins the union call for `base` that covers `want` (or can take it, while gathering),
 /// or opens one. `fits` says whether a union still makes an acceptable upstream call.
@@ -33,32 +29,33 @@ pub fn join(
     base: KeyId,
     want: &Fields,
     fits: impl Fn(&Fields) -> bool,
-) -> Part<UnionFields, UnionResult> {
+) -> Part<Fields, UnionResult> {
     let want = want.normalized();
     unions.join(
         base,
-        || UnionFields {
-            fields: want.clone(),
-            callers: 1,
-        },
+        || want.clone(),
         |u, open| {
-            if projection::covers(&u.fields, &want) {
-                u.callers += 1;
+            if projection::covers(u, &want) {
                 return true;
             }
             if !open {
                 return false;
             }
-            match projection::union(&u.fields, &want).filter(|f| fits(f)) {
+            match projection::union(u, &want).filter(|f| fits(f)) {
                 Some(f) => {
-                    u.fields = f;
-                    u.callers += 1;
+                    *u = f;
                     true
                 }
                 None => false,
             }
         },
     )
+}
+
+/// Joins the union call for `base` when one is gathering or in flight and its fields cover
+/// `want`; opens nothing (an `ids=` member waits for a node read's call this way).
+pub fn join_covering(unions: &Unions, base: KeyId, want: &Fields) -> Option<Waiter<UnionResult>> {
+    unions.join_existing(base, |u, _| projection::covers(u, want))
 }
 
 #[cfg(test)]
@@ -90,9 +87,7 @@ mod tests {
             join(&unions, base, &f("category"), |u| u.fields().len() < 4),
             Part::Alone
         ));
-        let closed = lead.close();
-        assert_eq!(closed.fields.canonical(), "about,id,name");
-        assert_eq!(closed.callers, 2);
+        assert_eq!(lead.close().canonical(), "about,id,name");
         // In flight: covered fields join, others fill alone.
         assert!(matches!(
             join(&unions, base, &f("name"), |_| true),

@@ -18,7 +18,7 @@ use crate::cache::gather::{Lead, Part};
 use crate::cache::key::{self, CacheKey};
 use crate::cache::policy::{request_directive, Directive};
 use crate::cache::status::{CacheStatus, Forward};
-use crate::cache::union::{self, UnionFields, UnionResult};
+use crate::cache::union::{self, UnionResult};
 use crate::cache::{batch, merge, projection, Fill, FillKind, FillResult};
 use crate::error::ProxyError;
 use crate::graph::fields::Fields;
@@ -374,7 +374,7 @@ impl Gateway {
     /// that hangs up cancels nothing.
     fn spawn_union_fill(
         self: &Arc<Self>,
-        lead: Lead<UnionFields, UnionResult>,
+        lead: Lead<Fields, UnionResult>,
         call: Call,
         version: &str,
         ttl: Duration,
@@ -386,14 +386,14 @@ impl Gateway {
             if !window.is_zero() {
                 tokio::time::sleep(window).await;
             }
-            let UnionFields { fields, callers } = lead.close();
-            let result = gw.union_fill(call, &version, ttl, &fields, callers).await;
+            let fields = lead.close();
+            let result = gw.union_fill(call, &version, ttl, &fields).await;
             lead.complete(result.map(|fill| (fields, fill)));
         });
     }
 
     /// The upstream call for a union of fields: the leader's own call when no one else's
-    /// fields were added, else the same read for the union (stored under its own key, so
+    /// fields were added (counted as a union fill otherwise), else the same read for the union (stored under its own key, so
     /// later subsets are projected from it).
     async fn union_fill(
         self: &Arc<Self>,
@@ -401,13 +401,10 @@ impl Gateway {
         version: &str,
         ttl: Duration,
         fields: &Fields,
-        callers: usize,
     ) -> FillResult {
         let own = projectable(&call).map(|f| f.normalized());
         if own.as_ref() != Some(fields) {
             call.params.set("fields", fields.canonical());
-        }
-        if callers > 1 {
             self.metrics.cache.union_fills.inc();
         }
         let identity = self.tokens.identity_for(call.page());

@@ -15,7 +15,7 @@ use crate::cache::entry::{Entry, Freshness};
 use crate::cache::key::{self, CacheKey, KeyId};
 use crate::cache::policy::Directive;
 use crate::cache::status::{CacheStatus, Forward, MemberKind, Members};
-use crate::cache::{batch, ids, Fill, FillKind, FillResult};
+use crate::cache::{batch, ids, projection, union, Fill, FillKind, FillResult};
 use crate::error::ProxyError;
 use crate::graph::fields::Fields;
 use crate::graph::headers;
@@ -158,15 +158,15 @@ impl Gateway {
             .await?
             .into_iter()
             .unzip();
-        let missing: Vec<usize> = (0..wanted.len()).filter(|&i| have[i].is_none()).collect();
-        let hits = wanted.len() - missing.len();
+        let lacking: Vec<usize> = (0..wanted.len()).filter(|&i| have[i].is_none()).collect();
+        let hits = wanted.len() - lacking.len();
         let members = Members {
             kind: MemberKind::Ids,
             hits,
             total: wanted.len(),
         };
 
-        if missing.is_empty() {
+        if lacking.is_empty() {
             let bodies = wanted
                 .iter()
                 .zip(&have)
@@ -186,91 +186,151 @@ impl Gateway {
             });
         }
 
-        // One upstream call for the missing ids, coalesced with identical ones.
-        let missing_ids: Vec<&str> = missing.iter().map(|&i| wanted[i].as_str()).collect();
-        let mut sub = call.clone();
-        sub.params.set("ids", missing_ids.join(","));
-        // The quota charges one unit per id sent, not per id asked for.
-        sub.ids = missing_ids.iter().map(|id| id.to_string()).collect();
-        let sub_key = key::build(version, &[], &sub.params, &identity)
-            .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
-        let node_keys: Vec<(Member, Option<String>)> = missing
-            .iter()
-            .map(|&i| (nodes[i].clone(), l2_epochs[i].take()))
-            .collect();
-        let started = Instant::now();
-        let (waiter, collapsed) = match self.cache.flights.join(sub_key.id) {
-            Role::Leader(flight, waiter) => {
-                let gw = self.clone();
-                let version = version.to_string();
-                tokio::spawn(async move {
-                    let result = gw.fill_ids(sub, &version, node_keys).await;
-                    flight.complete(result);
-                });
-                (waiter, false)
+        // A member whose node a single read is fetching (its fields covered) waits for that
+        // call; the rest go upstream in one `ids=` call, coalesced with identical ones.
+        let mut joined = Vec::new();
+        let mut missing = Vec::new();
+        for i in lacking {
+            let waiter = nodes[i]
+                .projection
+                .as_ref()
+                .filter(|_| directive == Directive::Normal)
+                .and_then(|(want, base)| union::join_covering(&self.cache.unions, *base, want));
+            match waiter {
+                Some(w) => joined.push((i, w)),
+                None => missing.push(i),
             }
-            Role::Follower(waiter) => {
-                self.metrics.cache.coalesced.inc();
-                (waiter, true)
-            }
-        };
-        let fill = match waiter.wait(self.fill_deadline()).await {
-            Ok(r) => r?,
-            Err(WaitError::TimedOut) => {
-                return Err(ProxyError::UpstreamTimeout(
-                    self.fill_deadline().as_millis() as u64,
-                ))
-            }
-            Err(WaitError::Abandoned) => {
-                return Err(ProxyError::Internal(
-                    "the upstream call for this read was abandoned".into(),
-                ))
-            }
-        };
-        let upstream_ms = Some(started.elapsed().as_millis());
-        let Some(pieces) = fill
-            .pieces
-            .as_ref()
-            .filter(|_| fill.entry.status.is_success())
-        else {
-            // Graph's error (one bad id fails the whole request) is handed on as it is.
-            let status = CacheStatus::Forwarded {
-                fwd: Forward::Miss,
-                fwd_status: fill.entry.status.as_u16(),
-                stored: false,
-                collapsed,
-            };
-            return Ok(Served {
-                response: reply_from(
-                    &fill.entry,
-                    caller,
-                    status,
-                    None,
-                    Origin::Fetched(fill.hold.clone()),
-                )?,
-                cache: status.result(),
-                upstream_ms,
-            });
-        };
-        let mut bodies: Vec<(&str, PreparedBody)> = Vec::with_capacity(wanted.len());
-        for (id, hit) in wanted.iter().zip(&have) {
-            let body = match hit {
-                Some(e) => e.body()?,
-                None => match pieces.iter().find(|(pid, _)| pid == id) {
-                    Some((_, b)) => b.clone(),
-                    None => {
-                        return Err(ProxyError::UpstreamBadResponse(format!(
-                            "the ids= reply has no member for a requested id ({} of {})",
-                            missing.len(),
-                            wanted.len()
-                        )))
-                    }
-                },
-            };
-            bodies.push((id.as_str(), body));
         }
-        let parts: Vec<(&str, &PreparedBody)> = bodies.iter().map(|(id, b)| (*id, b)).collect();
-        let entry = assembled_entry(fill.entry.headers.clone(), ids::assemble(&parts)?);
+        let started = Instant::now();
+        let deadline = self.fill_deadline();
+        let fetch = async {
+            if missing.is_empty() {
+                return Ok(None);
+            }
+            let batch = missing
+                .iter()
+                .map(|&i| (nodes[i].clone(), l2_epochs[i].take()));
+            self.fetch_ids(call, version, &identity, batch.collect())
+                .await
+                .map(Some)
+        };
+        let wait = futures_util::future::join_all(
+            joined
+                .into_iter()
+                .map(|(i, w)| async move { (i, w.wait(deadline).await) }),
+        );
+        let (fetched, waited) = tokio::join!(fetch, wait);
+        let fetched = fetched?;
+        let mut bodies: Vec<Option<PreparedBody>> = have
+            .iter()
+            .map(|h| h.as_ref().map(|e| e.body()).transpose())
+            .collect::<Result<_, _>>()?;
+        let mut collapsed = waited.iter().any(|(_, r)| r.is_ok());
+        let mut headers = None;
+        if let Some((fill, was_collapsed)) = &fetched {
+            collapsed |= *was_collapsed;
+            let Some(pieces) = fill
+                .pieces
+                .as_ref()
+                .filter(|_| fill.entry.status.is_success())
+            else {
+                // Graph's error (one bad id fails the whole request) is handed on as it is.
+                let status = CacheStatus::Forwarded {
+                    fwd: Forward::Miss,
+                    fwd_status: fill.entry.status.as_u16(),
+                    stored: false,
+                    collapsed,
+                };
+                return Ok(Served {
+                    response: reply_from(
+                        &fill.entry,
+                        caller,
+                        status,
+                        None,
+                        Origin::Fetched(fill.hold.clone()),
+                    )?,
+                    cache: status.result(),
+                    upstream_ms: Some(started.elapsed().as_millis()),
+                });
+            };
+            for &i in &missing {
+                bodies[i] = pieces
+                    .iter()
+                    .find(|(pid, _)| *pid == wanted[i])
+                    .map(|(_, b)| b.clone());
+            }
+            headers = Some(fill.entry.headers.clone());
+        }
+        // A joined call that failed, or whose reply cannot be cut down: fetched after all.
+        let mut again = Vec::new();
+        for (i, result) in waited {
+            let Some((want, _)) = &nodes[i].projection else {
+                continue;
+            };
+            let cut = match result {
+                Ok(Ok((union, fill))) if fill.entry.status.is_success() => {
+                    let body = fill.entry.body()?;
+                    if union == want.normalized() {
+                        Some(body)
+                    } else {
+                        let id_habit = &self.cache.projections.id_habit;
+                        projection::project(&body, &union, want, id_habit)
+                    }
+                }
+                _ => None,
+            };
+            match cut {
+                Some(body) => bodies[i] = Some(body),
+                None => again.push((nodes[i].clone(), None)),
+            }
+        }
+        if !again.is_empty() {
+            let ids: Vec<String> = again
+                .iter()
+                .filter_map(|(m, _)| m.key.node.as_deref().map(str::to_string))
+                .collect();
+            let (fill, _) = self.fetch_ids(call, version, &identity, again).await?;
+            match fill
+                .pieces
+                .as_ref()
+                .filter(|_| fill.entry.status.is_success())
+            {
+                Some(pieces) => {
+                    for (i, id) in wanted.iter().enumerate() {
+                        if bodies[i].is_none() && ids.contains(id) {
+                            bodies[i] =
+                                pieces.iter().find(|(p, _)| p == id).map(|(_, b)| b.clone());
+                        }
+                    }
+                }
+                None => {
+                    return Err(ProxyError::UpstreamBadResponse(format!(
+                        "the ids= call for {} member(s) failed with {}",
+                        ids.len(),
+                        fill.entry.status
+                    )))
+                }
+            }
+            headers = headers.or(Some(fill.entry.headers.clone()));
+        }
+        let upstream_ms = Some(started.elapsed().as_millis());
+        let mut parts: Vec<(&str, &PreparedBody)> = Vec::with_capacity(wanted.len());
+        for (id, body) in wanted.iter().zip(&bodies) {
+            match body {
+                Some(b) => parts.push((id.as_str(), b)),
+                None => {
+                    return Err(ProxyError::UpstreamBadResponse(format!(
+                        "the ids= reply has no member for a requested id ({} of {})",
+                        wanted.len() - hits,
+                        wanted.len()
+                    )))
+                }
+            }
+        }
+        let headers = headers
+            .or_else(|| have.iter().flatten().next().map(|e| e.headers.clone()))
+            .unwrap_or_else(|| Vec::new().into());
+        let entry = assembled_entry(headers, ids::assemble(&parts)?);
         let status = CacheStatus::MembersFetched {
             fwd: if hits > 0 {
                 Forward::Partial
@@ -286,6 +346,51 @@ impl Gateway {
             cache: status.result(),
             upstream_ms,
         })
+    }
+
+    /// One `ids=` call for `nodes` (coalesced with an identical one in flight); each member
+    /// fetched is stored per node. Returns the fill and whether it was another request's.
+    async fn fetch_ids(
+        self: &Arc<Self>,
+        call: &Call,
+        version: &str,
+        identity: &str,
+        nodes: Vec<(Member, Option<String>)>,
+    ) -> Result<(Fill, bool), ProxyError> {
+        let ids: Vec<String> = nodes
+            .iter()
+            .filter_map(|(m, _)| m.key.node.as_deref().map(str::to_string))
+            .collect();
+        let mut sub = call.clone();
+        sub.params.set("ids", ids.join(","));
+        // The quota charges one unit per id sent, not per id asked for.
+        sub.ids = ids;
+        let sub_key = key::build(version, &[], &sub.params, identity)
+            .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
+        let (waiter, collapsed) = match self.cache.flights.join(sub_key.id) {
+            Role::Leader(flight, waiter) => {
+                let gw = self.clone();
+                let version = version.to_string();
+                tokio::spawn(async move {
+                    let result = gw.fill_ids(sub, &version, nodes).await;
+                    flight.complete(result);
+                });
+                (waiter, false)
+            }
+            Role::Follower(waiter) => {
+                self.metrics.cache.coalesced.inc();
+                (waiter, true)
+            }
+        };
+        match waiter.wait(self.fill_deadline()).await {
+            Ok(r) => r.map(|fill| (fill, collapsed)),
+            Err(WaitError::TimedOut) => Err(ProxyError::UpstreamTimeout(
+                self.fill_deadline().as_millis() as u64,
+            )),
+            Err(WaitError::Abandoned) => Err(ProxyError::Internal(
+                "the upstream call for this read was abandoned".into(),
+            )),
+        }
     }
 
     /// The `ids=` call for the members no tier had; each member's reply is stored as its

@@ -478,3 +478,53 @@ async fn a_merged_call_graph_rejects_sends_each_read_to_graph_alone() {
     assert!(merged, "no round of concurrent misses was merged");
     s.stop().await;
 }
+
+#[tokio::test]
+async fn an_ids_member_waits_for_a_node_read_in_flight_that_covers_it() {
+    let s = Stack::start().await;
+    learn_id_habit(&s).await;
+    s.graph.set_latency(std::time::Duration::from_millis(1500));
+    let single = {
+        let http = client();
+        let url = format!(
+            "{}{}",
+            s.gw.url(),
+            q("/v21.0/1001_1?fields=id,message,created_time")
+        );
+        let secrets = s.secrets();
+        tokio::spawn(
+            async move { send(&http, Method::GET, &url, &[], Bytes::new(), &secrets).await },
+        )
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fields_sent(&s, "1001_1").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node read never reached Graph"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let ids = s
+        .get(&q("/v21.0/?ids=1001_1,1001_2&fields=id,message"))
+        .await;
+    assert_eq!(ids.status, StatusCode::OK, "{}", ids.text());
+    assert_eq!(single.await.unwrap().status, StatusCode::OK);
+    let sent: Vec<String> = s
+        .graph
+        .requests()
+        .iter()
+        .filter_map(|r| {
+            r.query
+                .iter()
+                .find(|(k, _)| k == "ids")
+                .map(|(_, v)| v.clone())
+        })
+        .collect();
+    assert_eq!(sent, ["1001_2"], "only the member no call was fetching");
+    s.graph.set_latency(std::time::Duration::ZERO);
+    assert_eq!(
+        ids.json(),
+        from_graph(&s, "/v21.0/?ids=1001_1,1001_2&fields=id,message").await
+    );
+    s.stop().await;
+}
