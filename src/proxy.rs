@@ -987,3 +987,149 @@ mod tests {
         }
     }
 }
+
+/// The stages without sockets: a gateway whose upstream (port 9 on loopback) is never
+/// called, driven one request at a time.
+#[cfg(test)]
+mod stage_tests {
+    use http::StatusCode;
+    use http_body_util::BodyExt;
+
+    use super::cached::PendingRead;
+    use super::*;
+    use crate::cache::entry::Entry;
+    use crate::cache::key;
+    use crate::rewrite::PreparedBody;
+
+    const CONFIG: &str = r#"
+        [upstream]
+        url = "http://127.0.0.1:9"
+        [credentials]
+        system_user_token = "EAAB-system-token-secret"
+        app_secret = "shh-app-secret"
+        [[clients]]
+        name = "reader"
+        key = "reader-key"
+        pages = ["1001"]
+    "#;
+    const READ: &str = "/v21.0/1001?fields=id,name&access_token=reader-key";
+
+    fn gateway() -> Arc<Gateway> {
+        let config = Config::from_toml(CONFIG, |_| None).expect("config");
+        let metrics = Arc::new(Metrics::new());
+        Arc::new(Gateway::new(config, "http://gw.test".into(), metrics).expect("gateway"))
+    }
+
+    fn get(path: &str, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
+        let mut req = Request::get(path);
+        for (n, v) in headers {
+            req = req.header(*n, *v);
+        }
+        req.body(Full::new(Bytes::new())).expect("request")
+    }
+
+    /// The parse and admission stages for `req`.
+    fn admit(gw: &Arc<Gateway>, req: Request<Full<Bytes>>) -> Result<Admitted, Failure> {
+        let context = RequestContext::from_headers(req.headers(), None);
+        gw.check_head(&req)?;
+        let parsed = gw.parse_parts(req.into_parts().0, Bytes::new(), &context)?;
+        gw.admit_client(parsed)
+    }
+
+    fn status_of(result: Result<Admitted, Failure>) -> StatusCode {
+        match result {
+            Ok(_) => StatusCode::OK,
+            Err((e, _, _)) => e.status(),
+        }
+    }
+
+    /// Stores `body` under the key `READ` looks up, as a fill would.
+    fn store(gw: &Arc<Gateway>, body: &'static str) {
+        let a = admit(gw, get(READ, &[])).expect("admitted");
+        let identity = gw.tokens.identity_for(a.call.page());
+        let k = key::build(
+            gw.version_of(&a.call),
+            &a.call.path.segments,
+            &a.call.params,
+            &identity,
+        )
+        .expect("key");
+        let body = PreparedBody::plain(Bytes::from_static(body.as_bytes()));
+        let entry = Entry::new(StatusCode::OK, Vec::new(), body, Duration::from_secs(60));
+        assert!(gw.cache.store(&k, &entry, gw.cache.epoch(&k)));
+    }
+
+    #[tokio::test]
+    async fn admission_refuses_unknown_keys_other_pages_and_token_fields() {
+        let gw = gateway();
+        assert_eq!(status_of(admit(&gw, get(READ, &[]))), StatusCode::OK);
+        for (path, status) in [
+            ("/v21.0/1001?fields=id", StatusCode::UNAUTHORIZED),
+            ("/v21.0/1001?access_token=nope", StatusCode::UNAUTHORIZED),
+            ("/v21.0/1002?access_token=reader-key", StatusCode::FORBIDDEN),
+            (
+                "/v21.0/1001?fields=name.as(x),access_token&access_token=reader-key",
+                StatusCode::FORBIDDEN,
+            ),
+            (
+                "/v21.0/1001?fields=id&fields=name&access_token=reader-key",
+                StatusCode::BAD_REQUEST,
+            ),
+        ] {
+            assert_eq!(status_of(admit(&gw, get(path, &[]))), status, "{path}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_read_stage_answers_a_stored_entry_at_once_and_leaves_the_rest_pending() {
+        let gw = gateway();
+        let start = |headers: &[(&str, &str)]| {
+            let a = admit(&gw, get(READ, headers)).expect("admitted");
+            gw.start_read(&a.call, gw.version_of(&a.call), &a.parts.headers, &a.key)
+                .expect("read starts")
+        };
+        assert!(matches!(
+            start(&[]),
+            ReadStart::Pending(PendingRead::Node(_))
+        ));
+        store(&gw, r#"{"id":"1001","name":"Stored"}"#);
+        let ReadStart::Served(served) = start(&[]) else {
+            panic!("a stored entry is served at once");
+        };
+        assert_eq!(served.response.status(), StatusCode::OK);
+        assert_eq!(served.response.headers()["x-cache"], "HIT");
+        // The client's directives still count.
+        assert!(matches!(
+            start(&[("cache-control", "no-store")]),
+            ReadStart::Uncached
+        ));
+        assert!(matches!(
+            start(&[("cache-control", "no-cache")]),
+            ReadStart::Pending(PendingRead::Node(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_hit_is_answered_whole_without_the_upstream() {
+        let gw = gateway();
+        store(&gw, r#"{"id":"1001","name":"Stored"}"#);
+        let req = get(READ, &[]);
+        let context = RequestContext::from_headers(req.headers(), None);
+        let response = gw.handle_in(req, context).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["x-cache"], "HIT");
+        assert!(response.headers().contains_key("x-graphgate-trace-id"));
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        assert_eq!(&body[..], br#"{"id":"1001","name":"Stored"}"#);
+        // A miss goes to the upstream, which is not there: Graph-style 502, not a panic.
+        let req = get("/v21.0/1001?fields=about&access_token=reader-key", &[]);
+        let context = RequestContext::from_headers(req.headers(), None);
+        let response = gw.handle_in(req, context).await;
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    }
+}
