@@ -3,6 +3,7 @@
 //! writes. The fill runs in its own task through [`Gateway::forward`], so a client that hangs
 //! up never cancels a fill others are waiting for.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -308,11 +309,7 @@ impl Gateway {
             .await
         {
             Ok(result) => result?,
-            Err(WaitError::TimedOut) => {
-                return Err(ProxyError::UpstreamTimeout(
-                    self.fill_deadline().as_millis() as u64,
-                ))
-            }
+            Err(e @ WaitError::TimedOut) => return Err(self.fill_wait_failed(e)),
             Err(WaitError::Abandoned) => {
                 self.metrics.cache.union_fallbacks.inc();
                 return self.fill_alone(call, version, key, ttl, caller).await;
@@ -469,11 +466,7 @@ impl Gateway {
         };
         let fills = match waiter.wait(self.fill_deadline() + window).await {
             Ok(result) => result?,
-            Err(WaitError::TimedOut) => {
-                return Err(ProxyError::UpstreamTimeout(
-                    self.fill_deadline().as_millis() as u64,
-                ))
-            }
+            Err(e @ WaitError::TimedOut) => return Err(self.fill_wait_failed(e)),
             Err(WaitError::Abandoned) => Arc::default(),
         };
         match fills.iter().find(|(n, _)| *n == node) {
@@ -595,9 +588,29 @@ impl Gateway {
         version: &str,
         job: Job,
     ) -> Result<(Fill, bool), ProxyError> {
-        let (waiter, collapsed) = match self.cache.flights.join(job.key.id) {
+        let gw = self.clone();
+        let (call, version) = (call.clone(), version.to_string());
+        self.coalesced(job.key.id, move || async move {
+            gw.fill(call, &version, job).await
+        })
+        .await
+    }
+
+    /// Joins the fill running for `id`, or leads it: `fill` then runs in a task of its own
+    /// (a leader whose client hangs up cancels nothing). Everyone waits within the fill
+    /// deadline. Returns the fill and whether another request led it.
+    pub(super) async fn coalesced<F>(
+        &self,
+        id: key::KeyId,
+        fill: impl FnOnce() -> F,
+    ) -> Result<(Fill, bool), ProxyError>
+    where
+        F: Future<Output = FillResult> + Send + 'static,
+    {
+        let (waiter, collapsed) = match self.cache.flights.join(id) {
             Role::Leader(flight, waiter) => {
-                self.spawn_fill(flight, call.clone(), version, job);
+                let fill = fill();
+                tokio::spawn(async move { flight.complete(fill.await) });
                 (waiter, false)
             }
             Role::Follower(waiter) => {
@@ -607,12 +620,19 @@ impl Gateway {
         };
         match waiter.wait(self.fill_deadline()).await {
             Ok(result) => result.map(|f| (f, collapsed)),
-            Err(WaitError::TimedOut) => Err(ProxyError::UpstreamTimeout(
-                self.fill_deadline().as_millis() as u64,
-            )),
-            Err(WaitError::Abandoned) => Err(ProxyError::Internal(
-                "the upstream call for this read was abandoned".into(),
-            )),
+            Err(e) => Err(self.fill_wait_failed(e)),
+        }
+    }
+
+    /// The error for a request whose fill did not answer in time or at all.
+    pub(super) fn fill_wait_failed(&self, e: WaitError) -> ProxyError {
+        match e {
+            WaitError::TimedOut => {
+                ProxyError::UpstreamTimeout(self.fill_deadline().as_millis() as u64)
+            }
+            WaitError::Abandoned => {
+                ProxyError::Internal("the upstream call for this read was abandoned".into())
+            }
         }
     }
 

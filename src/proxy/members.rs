@@ -10,7 +10,6 @@ use http::{HeaderName, HeaderValue, StatusCode};
 
 use super::cached::{assembled_entry, member_fields, reply_from, Caller, Origin, Served};
 use super::{Call, Gateway};
-use crate::cache::coalesce::{Role, WaitError};
 use crate::cache::entry::{Entry, Freshness};
 use crate::cache::key::{self, CacheKey, KeyId};
 use crate::cache::policy::Directive;
@@ -367,30 +366,12 @@ impl Gateway {
         sub.ids = ids;
         let sub_key = key::build(version, &[], &sub.params, identity)
             .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
-        let (waiter, collapsed) = match self.cache.flights.join(sub_key.id) {
-            Role::Leader(flight, waiter) => {
-                let gw = self.clone();
-                let version = version.to_string();
-                tokio::spawn(async move {
-                    let result = gw.fill_ids(sub, &version, nodes).await;
-                    flight.complete(result);
-                });
-                (waiter, false)
-            }
-            Role::Follower(waiter) => {
-                self.metrics.cache.coalesced.inc();
-                (waiter, true)
-            }
-        };
-        match waiter.wait(self.fill_deadline()).await {
-            Ok(r) => r.map(|fill| (fill, collapsed)),
-            Err(WaitError::TimedOut) => Err(ProxyError::UpstreamTimeout(
-                self.fill_deadline().as_millis() as u64,
-            )),
-            Err(WaitError::Abandoned) => Err(ProxyError::Internal(
-                "the upstream call for this read was abandoned".into(),
-            )),
-        }
+        let gw = self.clone();
+        let version = version.to_string();
+        self.coalesced(sub_key.id, move || async move {
+            gw.fill_ids(sub, &version, nodes).await
+        })
+        .await
     }
 
     /// The `ids=` call for the members no tier had; each member's reply is stored as its
