@@ -125,13 +125,30 @@ fn quota_admission(c: &mut Criterion) {
     let cfg = common::config("http://127.0.0.1:9", "");
     let mut g = c.benchmark_group("quota admission");
     g.throughput(Throughput::Elements(1));
-    for pages in [1usize, 100, 10_000] {
-        let sched = Scheduler::new(&cfg.quota, Arc::new(Metrics::new()));
+    // The default table keeps 50 000 buckets: 100 000 Pages in turn evict one another. The
+    // last case gives the table room for all of them.
+    let cases = [
+        (1usize, None),
+        (100, None),
+        (10_000, None),
+        (100_000, None),
+        (100_000, Some(200_000)),
+    ];
+    for (pages, max_buckets) in cases {
+        let mut quota = cfg.quota.clone();
+        if let Some(max) = max_buckets {
+            quota.max_buckets = max;
+        }
+        let sched = Scheduler::new(&quota, Arc::new(Metrics::new()));
         let units: Vec<Vec<Option<String>>> = (0..pages)
             .map(|p| vec![Some(format!("{}_1", 100_000 + p))])
             .collect();
         let mut i = 0usize;
-        g.bench_function(BenchmarkId::new("admit, Pages", pages), |b| {
+        let id = match max_buckets {
+            None => pages.to_string(),
+            Some(max) => format!("{pages} (max_buckets {max})"),
+        };
+        g.bench_function(BenchmarkId::new("admit, Pages", id), |b| {
             b.to_async(&rt).iter(|| {
                 i = (i + 1) % pages;
                 let u = &units[i];
