@@ -44,6 +44,18 @@ pub const STORED: &[&str] = &[
 /// what describes the content (the reply's ETag and trace ids are the whole reply's).
 pub const MEMBER_STORED: &[&str] = &["content-type", "facebook-api-version"];
 
+/// The [`MEMBER_STORED`] headers among `headers`: what an entry cut from another reply
+/// (an `ids=` member, a projection, a union's part) keeps of that reply's headers.
+pub fn member_stored(
+    headers: &[(http::HeaderName, http::HeaderValue)],
+) -> Vec<(http::HeaderName, http::HeaderValue)> {
+    headers
+        .iter()
+        .filter(|(n, _)| MEMBER_STORED.contains(&n.as_str()))
+        .cloned()
+        .collect()
+}
+
 /// Response headers graphgate adds that describe the quota at answer time (the IETF
 /// RateLimit pair); a cache must not replay them.
 pub const RATE_LIMIT: &[&str] = &["ratelimit", "ratelimit-policy"];

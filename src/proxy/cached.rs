@@ -334,13 +334,7 @@ impl Gateway {
             self.metrics.cache.union_fallbacks.inc();
             return self.fill_alone(call, version, key, ttl, caller).await;
         };
-        let kept = fill
-            .entry
-            .headers
-            .iter()
-            .filter(|(n, _)| headers::MEMBER_STORED.contains(&n.as_str()))
-            .cloned()
-            .collect();
+        let kept = headers::member_stored(&fill.entry.headers);
         let mut entry = Entry::new(status, kept, cut, ttl);
         entry.stored_at = fill.entry.stored_at;
         let storable = matches!(
@@ -536,13 +530,7 @@ impl Gateway {
         let (Some(pieces), true) = (&fill.pieces, fill.entry.status.is_success()) else {
             return Ok(Arc::new(fills));
         };
-        let kept: Vec<(HeaderName, HeaderValue)> = fill
-            .entry
-            .headers
-            .iter()
-            .filter(|(n, _)| headers::MEMBER_STORED.contains(&n.as_str()))
-            .cloned()
-            .collect();
+        let kept = headers::member_stored(&fill.entry.headers);
         for (node, _, _) in fetch {
             if let Some((_, body)) = pieces.iter().find(|(id, _)| *id == node) {
                 let entry = Entry::new(StatusCode::OK, kept.clone(), body.clone(), ttl);
@@ -813,12 +801,7 @@ impl Gateway {
                 continue;
             };
             // Only what describes the content: the stored reply's ETag is for its own bytes.
-            let kept = stored
-                .headers
-                .iter()
-                .filter(|(n, _)| headers::MEMBER_STORED.contains(&n.as_str()))
-                .cloned()
-                .collect();
+            let kept = headers::member_stored(&stored.headers);
             let mut entry = Entry::new(stored.status, kept, cut, stored.ttl);
             entry.stored_at = stored.stored_at;
             if !self.cache.store(key, &entry, epoch) {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{HeaderName, HeaderValue, StatusCode};
+use http::StatusCode;
 
 use super::cached::{assembled_entry, member_fields, reply_from, Caller, Origin, Served};
 use super::{Call, Gateway};
@@ -398,12 +398,7 @@ impl Gateway {
         } else {
             None
         };
-        let node_headers: Vec<(HeaderName, HeaderValue)> = reply
-            .headers
-            .iter()
-            .filter(|(n, _)| headers::MEMBER_STORED.contains(&n.as_str()))
-            .cloned()
-            .collect();
+        let node_headers = headers::member_stored(&reply.headers);
         if let Some(pieces) = &pieces {
             for ((m, l2_epoch), epoch) in nodes.iter().zip(epochs) {
                 let Some(node) = m.key.node.as_deref() else {

@@ -163,23 +163,9 @@ async fn a_miss_covered_by_a_call_in_flight_waits_for_it() {
     let s = Stack::start().await;
     learn_id_habit(&s).await;
     s.graph.set_latency(std::time::Duration::from_millis(1500));
-    let wide = {
-        let http = client();
-        let url = format!("{}{}", s.gw.url(), q("/v21.0/1001?fields=id,name,about"));
-        let secrets = s.secrets();
-        tokio::spawn(
-            async move { send(&http, Method::GET, &url, &[], Bytes::new(), &secrets).await },
-        )
-    };
+    let wide = get_in_background(&s, "/v21.0/1001?fields=id,name,about");
     // Once Graph has the wide call, a read for some of its fields joins it.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while fields_sent(&s, "1001").is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the wide call never reached Graph"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    wait_until_graph_has(&s, "1001").await;
     let narrow = s.get(&q("/v21.0/1001?fields=about")).await;
     assert_eq!(narrow.status, StatusCode::OK, "{}", narrow.text());
     let status = narrow.header("cache-status").unwrap_or_default();
@@ -199,26 +185,43 @@ async fn a_miss_covered_by_a_call_in_flight_waits_for_it() {
     s.stop().await;
 }
 
-/// Sends `fields` reads of `node` at once; returns the replies in order.
-async fn at_once(s: &Stack, node: &str, fields: &[&str]) -> Vec<Reply> {
-    let calls = fields.iter().map(|f| {
-        let http = client();
-        let url = format!("{}{}", s.gw.url(), q(&format!("/v21.0/{node}?fields={f}")));
-        let secrets = s.secrets();
-        async move { send(&http, Method::GET, &url, &[], Bytes::new(), &secrets).await }
-    });
-    futures_join_all(calls).await
+/// Sends a GET of `path` (the client key appended) in a task of its own.
+fn get_in_background(s: &Stack, path: &str) -> tokio::task::JoinHandle<Reply> {
+    let http = client();
+    let url = format!("{}{}", s.gw.url(), q(path));
+    let secrets = s.secrets();
+    tokio::spawn(async move { send(&http, Method::GET, &url, &[], Bytes::new(), &secrets).await })
 }
 
-async fn futures_join_all<F: std::future::Future<Output = Reply> + Send + 'static>(
-    calls: impl Iterator<Item = F>,
-) -> Vec<Reply> {
-    let handles: Vec<_> = calls.map(tokio::spawn).collect();
+/// Waits until Graph has received a call for `node`.
+async fn wait_until_graph_has(s: &Stack, node: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fields_sent(s, node).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no call for {node} reached Graph"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Sends reads of `paths` at once; returns the replies in order.
+async fn paths_at_once(s: &Stack, paths: &[String]) -> Vec<Reply> {
+    let handles: Vec<_> = paths.iter().map(|p| get_in_background(s, p)).collect();
     let mut out = Vec::with_capacity(handles.len());
     for h in handles {
         out.push(h.await.expect("request task"));
     }
     out
+}
+
+/// Sends `fields` reads of `node` at once; returns the replies in order.
+async fn at_once(s: &Stack, node: &str, fields: &[&str]) -> Vec<Reply> {
+    let paths: Vec<String> = fields
+        .iter()
+        .map(|f| format!("/v21.0/{node}?fields={f}"))
+        .collect();
+    paths_at_once(s, &paths).await
 }
 
 #[tokio::test]
@@ -380,17 +383,6 @@ async fn ids_members_are_cut_from_stored_supersets() {
 
 // Merged node reads: concurrent misses for nodes of one Page in one `ids=` call.
 
-/// Sends reads of `paths` at once; returns the replies in order.
-async fn paths_at_once(s: &Stack, paths: &[String]) -> Vec<Reply> {
-    let calls = paths.iter().map(|p| {
-        let http = client();
-        let url = format!("{}{}", s.gw.url(), q(p));
-        let secrets = s.secrets();
-        async move { send(&http, Method::GET, &url, &[], Bytes::new(), &secrets).await }
-    });
-    futures_join_all(calls).await
-}
-
 #[tokio::test]
 async fn misses_for_nodes_of_one_page_within_the_window_are_one_ids_call() {
     let s = Stack::start_with(graph_config(), "[cache]\nmerge_window_ms = 50\n").await;
@@ -484,26 +476,8 @@ async fn an_ids_member_waits_for_a_node_read_in_flight_that_covers_it() {
     let s = Stack::start().await;
     learn_id_habit(&s).await;
     s.graph.set_latency(std::time::Duration::from_millis(1500));
-    let single = {
-        let http = client();
-        let url = format!(
-            "{}{}",
-            s.gw.url(),
-            q("/v21.0/1001_1?fields=id,message,created_time")
-        );
-        let secrets = s.secrets();
-        tokio::spawn(
-            async move { send(&http, Method::GET, &url, &[], Bytes::new(), &secrets).await },
-        )
-    };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while fields_sent(&s, "1001_1").is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the node read never reached Graph"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let single = get_in_background(&s, "/v21.0/1001_1?fields=id,message,created_time");
+    wait_until_graph_has(&s, "1001_1").await;
     let ids = s
         .get(&q("/v21.0/?ids=1001_1,1001_2&fields=id,message"))
         .await;
