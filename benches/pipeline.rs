@@ -1,4 +1,4 @@
-//! Criterion benches for the in-process pipeline: an L1 hit through `Gateway::handle`
+//! Criterion benches for the in-process pipeline: an L1 hit through `stack::handle`
 //! (with and without a log subscriber), coalescing fan-in on one cold key, and quota
 //! admission. The gateway's upstream is the simulated Graph API on loopback (only fills use
 //! it). See benches/README.md for what each measures and the figures on the project machine.
@@ -35,16 +35,16 @@ fn l1_hit(c: &mut Criterion) {
     let rt = current_thread();
     let graph = rt.block_on(common::fake_graph());
     let gw = common::gateway(&graph.url());
-    let warm = rt.block_on(gw.handle(common::get(HIT_URL)));
+    let warm = rt.block_on(graphgate::stack::handle(&gw, common::get(HIT_URL)));
     assert_eq!(warm.status(), StatusCode::OK);
-    let hit = rt.block_on(gw.handle(common::get(HIT_URL)));
+    let hit = rt.block_on(graphgate::stack::handle(&gw, common::get(HIT_URL)));
     assert_eq!(hit.headers()["x-cache"], "HIT");
 
-    let mut g = c.benchmark_group("L1 hit through Gateway::handle");
+    let mut g = c.benchmark_group("L1 hit through stack::handle");
     g.throughput(Throughput::Elements(1));
     g.bench_function("no log subscriber", |b| {
         b.to_async(&rt)
-            .iter(|| async { gw.handle(common::get(HIT_URL)).await })
+            .iter(|| async { graphgate::stack::handle(&gw, common::get(HIT_URL)).await })
     });
     for level in ["warn", "info"] {
         // The production subscriber (fmt, env filter) writing to a sink: `info` formats the
@@ -57,7 +57,7 @@ fn l1_hit(c: &mut Criterion) {
         let _guard = tracing::subscriber::set_default(sub);
         g.bench_function(format!("log filter {level} (fmt to sink)"), |b| {
             b.to_async(&rt)
-                .iter(|| async { gw.handle(common::get(HIT_URL)).await })
+                .iter(|| async { graphgate::stack::handle(&gw, common::get(HIT_URL)).await })
         });
     }
     g.finish();
@@ -99,7 +99,7 @@ fn coalescing_fan_in(c: &mut Criterion) {
                             let gw = gw.clone();
                             let req = common::get(&url);
                             set.spawn(async move {
-                                let r = gw.handle(req).await;
+                                let r = graphgate::stack::handle(&gw, req).await;
                                 assert_eq!(r.status(), StatusCode::OK);
                             });
                         }

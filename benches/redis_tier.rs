@@ -1,5 +1,5 @@
 //! The Redis tier next to the in-process one: a cache hit answered from L1 vs from L2
-//! (Redis on loopback), both through `Gateway::handle` in-process (no client sockets), for a
+//! (Redis on loopback), both through `stack::handle` in-process (no client sockets), for a
 //! small node read and a feed page. Also 64 concurrent L2 hits, for throughput over the one
 //! multiplexed Redis connection.
 //!
@@ -93,7 +93,7 @@ fn entry_sizes(port: u16, prefix: &str) -> Vec<usize> {
 }
 
 async fn hit(gw: &Arc<Gateway>, path: &str) -> usize {
-    let resp = gw.handle(common::get(path)).await;
+    let resp = graphgate::stack::handle(gw, common::get(path)).await;
     assert_eq!(resp.status(), 200);
     resp.headers().len()
 }
@@ -145,7 +145,7 @@ fn tiers(c: &mut Criterion) {
         }
     }
 
-    let mut group = c.benchmark_group("cache tier hit via Gateway::handle");
+    let mut group = c.benchmark_group("cache tier hit via stack::handle");
     group.throughput(Throughput::Elements(1));
     for (name, path) in cases {
         group.bench_function(format!("L1 hit {name}"), |bch| {

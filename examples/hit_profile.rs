@@ -11,7 +11,7 @@
 //! ```
 //! A second argument sets a log filter (`info`, `warn`) for the production fmt subscriber
 //! writing to a sink; without it (or with `none`) no subscriber is installed. A third
-//! argument `handle` calls `Gateway::handle` directly, without the stack's layers.
+//! argument `handle` calls `stack::handle` directly: the stages without the shed and trace layers.
 
 #[path = "../benches/common/mod.rs"]
 mod common;
@@ -38,13 +38,13 @@ fn main() {
         let graph = common::fake_graph().await;
         let gw = common::gateway(&graph.url());
         let req = || common::get("/v21.0/1001?fields=id,name,about,fan_count,category");
-        let warm = gw.handle(req()).await;
+        let warm = graphgate::stack::handle(&gw, req()).await;
         assert_eq!(warm.status(), 200);
         let stack = graphgate::stack::public(&gw, None);
         let mut hits = 0;
         for _ in 0..n {
             let r = if direct {
-                gw.handle(req()).await
+                graphgate::stack::handle(&gw, req()).await
             } else {
                 let r = stack.clone().oneshot(req()).await;
                 r.unwrap_or_else(|e| match e {})

@@ -1,9 +1,10 @@
 //! graphgate: a drop-in gateway in front of Meta's Graph API.
 //!
-//! A request flows through the tower stack of [`stack::public`] (load shedding, trace and
-//! request id) into [`proxy::Gateway::handle_in`]: limits, parsing ([`graph`]), client
-//! keys ([`auth`]), token injection ([`tokens`]), the upstream client ([`upstream`]) and
-//! reply preparation ([`rewrite`]). [`server`] runs it on sockets, [`admin`] serves health and
+//! A request flows through the tower stack of [`stack::public`], one layer per stage: load
+//! shedding, trace and request id, respond, limits, parsing ([`graph`]), client keys
+//! ([`auth`]), cache read-through ([`cache`]), then upstream: token injection ([`tokens`]),
+//! quota ([`quota`]), the upstream client ([`upstream`]) and reply preparation ([`rewrite`]);
+//! the stages share the state of [`proxy::Gateway`]. [`server`] runs it on sockets, [`admin`] serves health and
 //! metrics. With the `demo` feature, `testkit` starts the simulated Graph API (the
 //! `fake-graph` crate) with graphgate in front of it, for the demo, tests and benches.
 pub mod admin;

@@ -1,22 +1,21 @@
-//! The gateway: the innermost service of the public stack (`crate::stack`), in stages that
-//! hand each other a fuller exchange ([`Gateway::handle_in`]):
-//! parse (draining, limits, body, [`Call`]) → authenticate and authorize → cache
-//! read-through (lookup, coalesced fill; see [`cached`]) → upstream (choose token, quota,
-//! send, learn, invalidate after writes, prepare body: paging links, scrubbing) → respond,
-//! then the request metric and the access log line.
-//! Every failure is a [`ProxyError`] answered in Graph's error shape.
+//! The gateway: the state every request uses (configuration, clients, tokens, cache, quota,
+//! upstream) and the work of the stages the public stack (`crate::stack`) runs in order:
+//! limits, authenticate and authorize ([`Gateway::admit_client`]), cache read-through
+//! ([`cached`]: lookup, coalesced fill), upstream ([`Gateway::upstream`]: choose token, quota,
+//! send, learn, invalidate after writes, prepare body: paging links, scrubbing). What the
+//! stages hand each other is in [`exchange`]. Every failure is a [`ProxyError`] answered in
+//! Graph's error shape.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
+use http::{header, HeaderMap, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Full, Limited};
 
 mod cached;
+mod exchange;
 mod fleet;
 mod members;
 mod webhook;
@@ -28,15 +27,15 @@ use crate::error::ProxyError;
 use crate::graph::fields::Fields;
 use crate::graph::request::{parse_ids, BatchOp, GraphMethod, Params};
 use crate::graph::usage::ErrorClass;
-use crate::metrics::{cache_label, CacheResult, Metrics, RequestMethod, Route};
+use crate::metrics::Metrics;
 use crate::quota::{self, Scheduler};
 use crate::redis_conn::RedisConn;
 use crate::rewrite;
 use crate::tokens::{Injected, Tokens};
-use crate::tracecontext::RequestContext;
 use crate::upstream::{Reply, Upstream, UpstreamRequest};
 use crate::webhooks::Webhooks;
-use cached::ReadStart;
+pub(crate) use cached::ReadStart;
+pub use exchange::{Admitted, Answer, Parsed, Record};
 
 pub use crate::graph::call::{parse_call, Call, CallStats};
 
@@ -77,11 +76,6 @@ impl<T: AsRef<InFlight>> Drop for Counted<T> {
     }
 }
 
-const X_FB_TRACE_ID: HeaderName = HeaderName::from_static("x-fb-trace-id");
-pub const X_GRAPHGATE_TRACE_ID: HeaderName = HeaderName::from_static("x-graphgate-trace-id");
-/// Longest User-Agent written to the request log line.
-const MAX_LOGGED_USER_AGENT: usize = 256;
-
 /// Shared state of one running gateway: configuration and the handles every request uses.
 pub struct Gateway {
     pub config: Arc<Config>,
@@ -99,75 +93,6 @@ pub struct Gateway {
     draining: AtomicBool,
     /// Requests being handled (see the public stack's load shedding).
     in_flight: Arc<InFlight>,
-}
-
-/// A refused request: the error, the route label, and the client once it is known.
-type Failure = (ProxyError, Route, Option<Arc<Client>>);
-
-/// How far a request got without waiting: answered (or refused), or the rest to await.
-/// Not boxed when answered: that is the hit path, and a box would allocate on every hit.
-#[allow(clippy::large_enum_variant)]
-enum Step {
-    Now(Result<Outcome, Failure>),
-    Later(Pin<Box<dyn Future<Output = Result<Outcome, Failure>> + Send>>),
-}
-
-/// A request after the parse stage: its head (the cache stage reads its conditional and
-/// cache-control headers) and the parsed call.
-struct Parsed {
-    parts: http::request::Parts,
-    call: Call,
-    route: Route,
-}
-
-/// A request after authentication and authorization: who sent it, with which key.
-struct Admitted {
-    parts: http::request::Parts,
-    call: Call,
-    route: Route,
-    client: Arc<Client>,
-    /// The client key presented; paging links in the reply carry it.
-    key: String,
-}
-
-impl Admitted {
-    fn reject(&self, e: ProxyError) -> Failure {
-        (e, self.route, Some(self.client.clone()))
-    }
-
-    fn outcome(
-        self,
-        response: Response<Full<Bytes>>,
-        cache: CacheResult,
-        upstream_ms: Option<u128>,
-    ) -> Outcome {
-        Outcome {
-            response,
-            route: self.route,
-            cache: Some(cache),
-            client: Some(self.client),
-            upstream_ms,
-            page: log_page(&self.call),
-            node: log_node(&self.call),
-            queue_wait: self.call.stats.queue_wait(),
-        }
-    }
-}
-
-/// What the handler produced, with the labels the request log and metrics need.
-struct Outcome {
-    response: Response<Full<Bytes>>,
-    route: Route,
-    /// `None` when the cache never saw the request (an error).
-    cache: Option<CacheResult>,
-    client: Option<Arc<Client>>,
-    upstream_ms: Option<u128>,
-    /// The Page charged upstream, else the Page the call names (logs only).
-    page: Option<String>,
-    /// The node of the call's path (logs only).
-    node: Option<String>,
-    /// Time waited for quota budget (logs only).
-    queue_wait: Option<Duration>,
 }
 
 impl Gateway {
@@ -231,233 +156,37 @@ impl Gateway {
         self.draining.load(Ordering::SeqCst)
     }
 
-    /// Answers one request that came without a socket (benches, in-process use): a new
-    /// trace, no client address.
-    pub async fn handle<B>(self: &Arc<Self>, req: Request<B>) -> Response<Full<Bytes>>
-    where
-        B: hyper::body::Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
-        let context = RequestContext::from_headers(req.headers(), None);
-        self.handle_in(req, context).await
-    }
-
-    /// Answers one client request within its trace: the innermost service of the public
-    /// stack. Never fails: errors become Graph-style replies. Records the request metric and
-    /// writes the access log line.
-    ///
-    /// A request without a body goes through the stages as far as they need no waiting
-    /// before this returns (a cache hit is answered here); only what waits (reading a body,
-    /// a miss, an upstream call) is a boxed future. The future returned stays small: every
-    /// layer of the stack moves it.
-    pub fn handle_in<B>(
-        self: &Arc<Self>,
-        req: Request<B>,
-        context: RequestContext,
-    ) -> impl Future<Output = Response<Full<Bytes>>> + Send + '_
-    where
-        B: hyper::body::Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
-        let started = Instant::now();
-        let method = RequestMethod::of(req.method());
-        let record = RequestRecord::capture(&req);
-        let step = if self.is_webhook(req.uri().path()) {
-            let gw = self.clone();
-            Step::Later(Box::pin(async move { gw.webhook(req).await }))
-        } else {
-            self.process_now(req, &context)
-        };
-        async move {
-            let result = match step {
-                Step::Now(result) => result,
-                Step::Later(rest) => rest.await,
-            };
-            self.respond(result, &context, method, record, started)
-        }
-    }
-
-    /// The reply to a request whatever came of it, after the request metric and the access
-    /// log line.
-    fn respond(
-        &self,
-        result: Result<Outcome, Failure>,
-        context: &RequestContext,
-        method_label: RequestMethod,
-        record: Option<RequestRecord>,
-        started: Instant,
-    ) -> Response<Full<Bytes>> {
-        let outcome = match result {
-            Ok(o) => o,
-            Err((e, route, client)) => {
-                self.metrics.server.reject(e.rejection());
-                Outcome {
-                    response: e.into_response(context.trace.trace_id()),
-                    route,
-                    cache: None,
-                    client,
-                    upstream_ms: None,
-                    page: None,
-                    node: None,
-                    queue_wait: None,
+    /// Stage: the rest of a read the in-process lookup could not answer (ends here), else
+    /// the call goes upstream uncached.
+    pub(crate) async fn after_lookup(self: Arc<Self>, a: Admitted, start: ReadStart) -> Answer {
+        match start {
+            ReadStart::Pending(pending) => {
+                let version = self.version_of(&a.call);
+                match self
+                    .finish_read(&a.call, version, &a.parts.headers, &a.key, pending)
+                    .await
+                {
+                    Ok(s) => a.answer(s.response, s.cache, s.upstream_ms),
+                    Err(e) => a.reject(e),
                 }
             }
-        };
-        let status = outcome.response.status();
-        let took = started.elapsed();
-        self.metrics.server.observe_request(
-            outcome.route,
-            method_label,
-            status.as_u16(),
-            outcome.cache,
-            took,
-        );
-        // Only bounded labels, ids, numbers and checked client values: no key, token or query
-        // string is a field, so nothing secret can reach the log (redacted by construction).
-        // The macro evaluates the fields only when the line is on.
-        tracing::info!(
-            trace_id = context.trace.trace_id(),
-            request_id = context.request_id(),
-            method = method_label.as_str(),
-            path = record.as_ref().map_or("-", |r| r.path.as_str()),
-            route = outcome.route.as_str(),
-            node = outcome.node.as_deref().unwrap_or("-"),
-            status = status.as_u16(),
-            cache = cache_label(outcome.cache),
-            page = outcome.page.as_deref().unwrap_or("-"),
-            client = outcome.client.as_ref().map(|c| c.name.as_str()).unwrap_or("-"),
-            bytes = hyper::body::Body::size_hint(outcome.response.body()).exact().unwrap_or(0),
-            client_addr = %context
-                .client_addr
-                .map_or_else(|| "-".to_string(), |a| a.to_string()),
-            user_agent = record.as_ref().map_or("-", |r| r.user_agent.as_str()),
-            upstream_ms = outcome.upstream_ms.map(|m| m as i64).unwrap_or(-1),
-            queue_ms = outcome
-                .queue_wait
-                .map(|d| d.as_secs_f64() * 1000.0)
-                .unwrap_or(-1.0),
-            total_us = took.as_micros() as u64,
-            fbtrace_id = outcome
-                .response
-                .headers()
-                .get(X_FB_TRACE_ID)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or(""),
-            "request"
-        );
-        let mut response = outcome.response;
-        response
-            .headers_mut()
-            .insert(X_GRAPHGATE_TRACE_ID, context.trace.trace_id_header());
-        response
-    }
-
-    /// The stages, as far as they go without waiting: a request without a body is parsed,
-    /// admitted and looked up in the cache here. What has to wait is boxed with the request
-    /// moved in.
-    fn process_now<B>(self: &Arc<Self>, req: Request<B>, context: &RequestContext) -> Step
-    where
-        B: hyper::body::Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
-        if !hyper::body::Body::is_end_stream(req.body()) {
-            return Step::Later(Box::pin(self.clone().process(req, context.clone())));
+            ReadStart::Served(s) => a.answer(s.response, s.cache, s.upstream_ms),
+            ReadStart::Uncached => self.upstream(a).await,
         }
-        let admitted = self
-            .check_head(&req)
-            .and_then(|()| self.parse_parts(req.into_parts().0, Bytes::new(), context))
-            .and_then(|parsed| self.admit_client(parsed));
-        let a = match admitted {
-            Ok(a) => a,
-            Err(failure) => return Step::Now(Err(failure)),
-        };
-        let version = self.version_of(&a.call);
-        match self.start_read(&a.call, version, &a.parts.headers, &a.key) {
-            Err(e) => Step::Now(Err(a.reject(e))),
-            Ok(ReadStart::Served(s)) => {
-                Step::Now(Ok(a.outcome(s.response, s.cache, s.upstream_ms)))
-            }
-            Ok(start) => Step::Later(Box::pin(self.clone().after_lookup(a, start))),
-        }
-    }
-
-    /// The gateway's stages for a request with a body, in order; each hands the next a
-    /// fuller exchange or refuses the request: limits and body → parse → authenticate and
-    /// authorize → cache read-through → upstream.
-    async fn process<B>(
-        self: Arc<Self>,
-        req: Request<B>,
-        context: RequestContext,
-    ) -> Result<Outcome, Failure>
-    where
-        B: hyper::body::Body<Data = Bytes>,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
-        self.check_head(&req)?;
-        let (parts, body) = req.into_parts();
-        let body = self
-            .read_body_within(body, &parts.headers, self.config.server.body_read_timeout)
-            .await
-            .map_err(|e| (e, Route::Invalid, None))?;
-        let parsed = self.parse_parts(parts, body, &context)?;
-        let a = self.admit_client(parsed)?;
-        let version = self.version_of(&a.call);
-        let start = self
-            .start_read(&a.call, version, &a.parts.headers, &a.key)
-            .map_err(|e| a.reject(e))?;
-        if let ReadStart::Served(s) = start {
-            return Ok(a.outcome(s.response, s.cache, s.upstream_ms));
-        }
-        self.after_lookup(a, start).await
-    }
-
-    /// Stages after the in-process lookup: the rest of a cacheable read (ends here), else
-    /// upstream uncached.
-    async fn after_lookup(
-        self: Arc<Self>,
-        a: Admitted,
-        start: ReadStart,
-    ) -> Result<Outcome, Failure> {
-        if let ReadStart::Pending(pending) = start {
-            let version = self.version_of(&a.call);
-            let served = self
-                .finish_read(&a.call, version, &a.parts.headers, &a.key, pending)
-                .await
-                .map_err(|e| a.reject(e))?;
-            return Ok(a.outcome(served.response, served.cache, served.upstream_ms));
-        }
-        self.upstream(a).await
     }
 
     /// Stage: limits on the request head (and refusing new work while draining).
-    fn check_head<B>(&self, req: &Request<B>) -> Result<(), Failure> {
-        let fail = |e: ProxyError| (e, Route::Invalid, None);
+    pub(crate) fn check_head<B>(&self, req: &Request<B>) -> Result<(), ProxyError> {
         if self.is_draining() {
-            return Err(fail(ProxyError::ShuttingDown));
+            return Err(ProxyError::ShuttingDown);
         }
-        check_header_size(req, self.config.server.max_header_bytes).map_err(fail)
+        check_header_size(req, self.config.server.max_header_bytes)
     }
 
-    /// Stage: parsing the head and body into a [`Call`] that carries the request's trace for
-    /// the upstream request.
-    fn parse_parts(
-        &self,
-        parts: http::request::Parts,
-        body: Bytes,
-        context: &RequestContext,
-    ) -> Result<Parsed, Failure> {
-        let mut call = parse_call(&parts.method, &parts.uri, &parts.headers, body)
-            .map_err(|e| (e, Route::Invalid, None))?;
-        call.trace = Some(context.clone());
-        Ok(Parsed {
-            route: call.route(),
-            parts,
-            call,
-        })
-    }
-
-    /// Stage: authenticate the client and authorize everything the call asks for.
-    fn admit_client(&self, parsed: Parsed) -> Result<Admitted, Failure> {
+    /// Stage: authenticate the client and authorize everything the call asks for. A refusal
+    /// is the request's answer, returned as it is (no box on a path every request takes).
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn admit_client(&self, parsed: Parsed) -> Result<Admitted, Answer> {
         let Parsed {
             parts,
             mut call,
@@ -466,9 +195,9 @@ impl Gateway {
         let (client, key) = self
             .clients
             .authenticate(&parts.headers, &parts.extensions, call.presented_tokens())
-            .map_err(|e| (e, route, None))?;
+            .map_err(|e| Answer::refused(e, route, None))?;
         if let Err(e) = authorize(&self.clients, &client, &key, &call) {
-            return Err((e, route, Some(client)));
+            return Err(Answer::refused(e, route, Some(client)));
         }
         call.quota_hints
             .bind_to(client.priority, |page| client.may_touch(page));
@@ -483,23 +212,26 @@ impl Gateway {
 
     /// Stage: choose the token and send upstream (within the quota), make cached reads of a
     /// written node stale, prepare the body for this client and answer.
-    async fn upstream(self: &Arc<Self>, a: Admitted) -> Result<Outcome, Failure> {
+    pub(crate) async fn upstream(self: Arc<Self>, a: Admitted) -> Answer {
         let call = &a.call;
         let upstream_started = Instant::now();
-        let reply = Box::pin(self.forward(call, self.version_of(call), true))
-            .await
-            .map_err(|e| a.reject(e))?;
+        let reply = match Box::pin(self.forward(call, self.version_of(call), true)).await {
+            Ok(reply) => reply,
+            Err(e) => return a.reject(e),
+        };
         let upstream_ms = upstream_started.elapsed().as_millis();
         if reply.status.is_success() {
             Box::pin(self.invalidate_after_write(call)).await;
         }
-        let prepared = rewrite::prepare(
+        let prepared = match rewrite::prepare(
             reply.body.clone(),
             call.batch.is_some(),
             &self.public_url,
             &self.tokens.secrets(),
-        )
-        .map_err(|e| a.reject(e))?;
+        ) {
+            Ok(p) => p,
+            Err(e) => return a.reject(e),
+        };
         // The reply's share of the budget stays with the body until it is written.
         let body = crate::upstream::reply_budget::held(
             rewrite::finalize(&prepared, a.key.as_str()),
@@ -507,11 +239,11 @@ impl Gateway {
         );
         let mut response = build_response(&reply, body);
         let cache = cached::mark_uncached(&mut response, call);
-        Ok(a.outcome(response, cache, Some(upstream_ms)))
+        a.answer(response, cache, Some(upstream_ms))
     }
 
     /// The Graph version a call goes to: its path's, else `upstream.default_version`.
-    fn version_of<'a>(&'a self, call: &'a Call) -> &'a str {
+    pub(crate) fn version_of<'a>(&'a self, call: &'a Call) -> &'a str {
         call.path
             .version
             .as_deref()
@@ -520,7 +252,7 @@ impl Gateway {
 
     /// Reads a request body, bounded in size (`server.max_body_bytes`, 413) and time
     /// (`server.body_read_timeout_ms`, 408).
-    async fn read_body_within<B>(
+    pub(crate) async fn read_body_within<B>(
         &self,
         body: B,
         headers: &HeaderMap,
@@ -789,7 +521,7 @@ fn targets<'a>(params: &Params, ids: &'a [String]) -> std::borrow::Cow<'a, [Stri
 
 /// The Page a request log line names: the one charged upstream, else the one the call names.
 /// `None` when the line will not be written (no copy of the id per hit for nothing).
-fn log_page(call: &Call) -> Option<String> {
+pub(crate) fn log_page(call: &Call) -> Option<String> {
     if !tracing::enabled!(tracing::Level::INFO) {
         return None;
     }
@@ -801,69 +533,11 @@ fn log_page(call: &Call) -> Option<String> {
 }
 
 /// The node a request log line names. `None` when the line will not be written.
-fn log_node(call: &Call) -> Option<String> {
+pub(crate) fn log_node(call: &Call) -> Option<String> {
     if !tracing::enabled!(tracing::Level::INFO) {
         return None;
     }
     call.path.node().map(str::to_string)
-}
-
-/// What the access log line needs from the request before it is taken apart: its path
-/// without anything that could be a secret, and the bounded User-Agent. Captured only when
-/// the line will be written.
-struct RequestRecord {
-    path: String,
-    user_agent: String,
-}
-
-impl RequestRecord {
-    fn capture<B>(req: &Request<B>) -> Option<RequestRecord> {
-        if !tracing::enabled!(tracing::Level::INFO) {
-            return None;
-        }
-        let user_agent = req
-            .headers()
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map_or("-", |ua| {
-                let mut end = ua.len().min(MAX_LOGGED_USER_AGENT);
-                while !ua.is_char_boundary(end) {
-                    end -= 1;
-                }
-                &ua[..end]
-            })
-            .to_string();
-        Some(RequestRecord {
-            path: loggable_path(req.uri().path()),
-            user_agent,
-        })
-    }
-}
-
-/// The request path for the log: no query string, and every segment that is not a Graph
-/// version, id or edge name written as `-` (a key pasted into a path is never logged).
-fn loggable_path(path: &str) -> String {
-    let mut out = String::with_capacity(path.len().min(128));
-    for segment in path.split('/').filter(|s| !s.is_empty()).take(16) {
-        out.push('/');
-        let b = segment.as_bytes();
-        let version = b.len() <= 8
-            && b.first() == Some(&b'v')
-            && b[1..].iter().all(|c| c.is_ascii_digit() || *c == b'.');
-        let id = b.len() <= 64 && b.iter().all(|c| c.is_ascii_digit() || *c == b'_');
-        let account =
-            b.len() <= 64 && b.starts_with(b"act_") && b[4..].iter().all(|c| c.is_ascii_digit());
-        let edge = b.len() <= 40 && b.iter().all(|c| c.is_ascii_lowercase() || *c == b'_');
-        if version || id || account || edge {
-            out.push_str(segment);
-        } else {
-            out.push('-');
-        }
-    }
-    if out.is_empty() {
-        out.push('/');
-    }
-    out
 }
 
 /// Re-queues of one throttled GET; each waits out a pause, so the deadline ends it sooner.
@@ -907,7 +581,7 @@ fn names_token(text: &str) -> bool {
 
 /// Total size of the request head as the client sent it (approximately: names, values,
 /// separators, request line).
-fn check_header_size<B>(req: &Request<B>, max: usize) -> Result<(), ProxyError> {
+pub(crate) fn check_header_size<B>(req: &Request<B>, max: usize) -> Result<(), ProxyError> {
     // The request-target's length from its parts: formatting the URI to measure it was a
     // per-request allocation.
     let uri = req.uri();
@@ -964,172 +638,4 @@ fn build_response(reply: &Reply, body: Bytes) -> Response<Full<Bytes>> {
         );
     }
     response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::loggable_path;
-
-    #[test]
-    fn logged_paths_hold_no_query_and_nothing_that_could_be_a_key() {
-        for (path, logged) in [
-            ("/v21.0/1001/feed", "/v21.0/1001/feed"),
-            ("/", "/"),
-            ("/me/accounts", "/me/accounts"),
-            ("/v21.0/act_123/insights", "/v21.0/act_123/insights"),
-            ("/v21.0/1001_2002/comments", "/v21.0/1001_2002/comments"),
-            ("/v21.0/EAABsecretToken123", "/v21.0/-"),
-            ("/v21.0/key-reader-1001/feed", "/v21.0/-/feed"),
-            ("/v21.0/3f2a9c0d1e/feed", "/v21.0/-/feed"),
-            ("/v21.0/%41bc", "/v21.0/-"),
-        ] {
-            assert_eq!(loggable_path(path), logged, "{path}");
-        }
-    }
-}
-
-/// The stages without sockets: a gateway whose upstream (port 9 on loopback) is never
-/// called, driven one request at a time.
-#[cfg(test)]
-mod stage_tests {
-    use http::StatusCode;
-    use http_body_util::BodyExt;
-
-    use super::cached::PendingRead;
-    use super::*;
-    use crate::cache::entry::Entry;
-    use crate::cache::key;
-    use crate::rewrite::PreparedBody;
-
-    const CONFIG: &str = r#"
-        [upstream]
-        url = "http://127.0.0.1:9"
-        [credentials]
-        system_user_token = "EAAB-system-token-secret"
-        app_secret = "shh-app-secret"
-        [[clients]]
-        name = "reader"
-        key = "reader-key"
-        pages = ["1001"]
-    "#;
-    const READ: &str = "/v21.0/1001?fields=id,name&access_token=reader-key";
-
-    fn gateway() -> Arc<Gateway> {
-        let config = Config::from_toml(CONFIG, |_| None).expect("config");
-        let metrics = Arc::new(Metrics::new());
-        Arc::new(Gateway::new(config, "http://gw.test".into(), metrics).expect("gateway"))
-    }
-
-    fn get(path: &str, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
-        let mut req = Request::get(path);
-        for (n, v) in headers {
-            req = req.header(*n, *v);
-        }
-        req.body(Full::new(Bytes::new())).expect("request")
-    }
-
-    /// The parse and admission stages for `req`.
-    fn admit(gw: &Arc<Gateway>, req: Request<Full<Bytes>>) -> Result<Admitted, Failure> {
-        let context = RequestContext::from_headers(req.headers(), None);
-        gw.check_head(&req)?;
-        let parsed = gw.parse_parts(req.into_parts().0, Bytes::new(), &context)?;
-        gw.admit_client(parsed)
-    }
-
-    fn status_of(result: Result<Admitted, Failure>) -> StatusCode {
-        match result {
-            Ok(_) => StatusCode::OK,
-            Err((e, _, _)) => e.status(),
-        }
-    }
-
-    /// Stores `body` under the key `READ` looks up, as a fill would.
-    fn store(gw: &Arc<Gateway>, body: &'static str) {
-        let a = admit(gw, get(READ, &[])).expect("admitted");
-        let identity = gw.tokens.identity_for(a.call.page());
-        let k = key::build(
-            gw.version_of(&a.call),
-            &a.call.path.segments,
-            &a.call.params,
-            &identity,
-        )
-        .expect("key");
-        let body = PreparedBody::plain(Bytes::from_static(body.as_bytes()));
-        let entry = Entry::new(StatusCode::OK, Vec::new(), body, Duration::from_secs(60));
-        assert!(gw.cache.store(&k, &entry, gw.cache.epoch(&k)));
-    }
-
-    #[tokio::test]
-    async fn admission_refuses_unknown_keys_other_pages_and_token_fields() {
-        let gw = gateway();
-        assert_eq!(status_of(admit(&gw, get(READ, &[]))), StatusCode::OK);
-        for (path, status) in [
-            ("/v21.0/1001?fields=id", StatusCode::UNAUTHORIZED),
-            ("/v21.0/1001?access_token=nope", StatusCode::UNAUTHORIZED),
-            ("/v21.0/1002?access_token=reader-key", StatusCode::FORBIDDEN),
-            (
-                "/v21.0/1001?fields=name.as(x),access_token&access_token=reader-key",
-                StatusCode::FORBIDDEN,
-            ),
-            (
-                "/v21.0/1001?fields=id&fields=name&access_token=reader-key",
-                StatusCode::BAD_REQUEST,
-            ),
-        ] {
-            assert_eq!(status_of(admit(&gw, get(path, &[]))), status, "{path}");
-        }
-    }
-
-    #[tokio::test]
-    async fn the_read_stage_answers_a_stored_entry_at_once_and_leaves_the_rest_pending() {
-        let gw = gateway();
-        let start = |headers: &[(&str, &str)]| {
-            let a = admit(&gw, get(READ, headers)).expect("admitted");
-            gw.start_read(&a.call, gw.version_of(&a.call), &a.parts.headers, &a.key)
-                .expect("read starts")
-        };
-        assert!(matches!(
-            start(&[]),
-            ReadStart::Pending(PendingRead::Node(_))
-        ));
-        store(&gw, r#"{"id":"1001","name":"Stored"}"#);
-        let ReadStart::Served(served) = start(&[]) else {
-            panic!("a stored entry is served at once");
-        };
-        assert_eq!(served.response.status(), StatusCode::OK);
-        assert_eq!(served.response.headers()["x-cache"], "HIT");
-        // The client's directives still count.
-        assert!(matches!(
-            start(&[("cache-control", "no-store")]),
-            ReadStart::Uncached
-        ));
-        assert!(matches!(
-            start(&[("cache-control", "no-cache")]),
-            ReadStart::Pending(PendingRead::Node(_))
-        ));
-    }
-
-    #[tokio::test]
-    async fn a_hit_is_answered_whole_without_the_upstream() {
-        let gw = gateway();
-        store(&gw, r#"{"id":"1001","name":"Stored"}"#);
-        let req = get(READ, &[]);
-        let context = RequestContext::from_headers(req.headers(), None);
-        let response = gw.handle_in(req, context).await;
-        assert_eq!(response.status(), StatusCode::OK);
-        assert_eq!(response.headers()["x-cache"], "HIT");
-        assert!(response.headers().contains_key("x-graphgate-trace-id"));
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
-        assert_eq!(&body[..], br#"{"id":"1001","name":"Stored"}"#);
-        // A miss goes to the upstream, which is not there: Graph-style 502, not a panic.
-        let req = get("/v21.0/1001?fields=about&access_token=reader-key", &[]);
-        let context = RequestContext::from_headers(req.headers(), None);
-        let response = gw.handle_in(req, context).await;
-        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
-    }
 }

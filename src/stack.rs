@@ -6,9 +6,19 @@
 //!    503 at once.
 //! 2. [`trace`]: request id and trace. The client's `traceparent` / `X-Request-Id` or new
 //!    ones, the client's address, a `request` span around the rest, `X-Request-Id` echoed.
-//! 3. The gateway ([`Gateway::handle_in`]): draining, limits, parse, authenticate,
-//!    authorize, cache read-through, quota admission and upstream, respond; then the request
-//!    metric and the access log line.
+//! 3. [`respond`]: the reply (errors in Graph's shape), the request metric and the access
+//!    log line, from the request's record.
+//! 4. [`webhook`]: the Meta Webhooks endpoint, when configured; every other request goes on.
+//! 5. [`limits`]: draining, head size, the body read within its size and time limits.
+//! 6. [`parse`]: the request as Graph reads it (a `Call`).
+//! 7. [`admit`]: authenticate the client, authorize everything the call asks for.
+//! 8. [`read_through`]: cache lookup (a hit is answered here), coalesced fills for misses.
+//! 9. [`upstream`]: token, per-Page quota admission, the call to Graph with retry and
+//!    breaker, learning from usage headers, invalidation after writes.
+//!
+//! Stages 4–9 answer with a [`stage::Staged`]: a hit is answered without allocating a
+//! future; what has to wait is boxed once. The state they share is the gateway
+//! ([`crate::proxy::Gateway`]): configuration, clients, tokens, cache, quota, upstream.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,15 +28,58 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
-use tower::{service_fn, Service, ServiceBuilder};
+use tower::{Service, ServiceBuilder, ServiceExt};
 
 use crate::proxy::Gateway;
+use crate::tracecontext::RequestContext;
 
+pub mod admit;
+pub mod limits;
+pub mod parse;
+pub mod read_through;
+pub mod respond;
 pub mod shed;
+pub mod stage;
+#[cfg(test)]
+mod testing;
 pub mod trace;
+pub mod upstream;
+pub mod webhook;
 
+use admit::AdmitLayer;
+use limits::LimitsLayer;
+use parse::ParseLayer;
+use read_through::ReadThroughLayer;
+use respond::RespondLayer;
 use shed::ShedLayer;
 use trace::{TraceLayer, Traced};
+use webhook::WebhookLayer;
+
+/// The gateway as the stages hold it: a handle of the connection's own, so cloning the
+/// stack per request touches a count no other worker writes (the gateway's own count would
+/// be a cache line every worker writes).
+#[derive(Clone)]
+#[allow(clippy::redundant_allocation)]
+pub struct GatewayHandle(Arc<Arc<Gateway>>);
+
+impl GatewayHandle {
+    pub fn new(gateway: &Arc<Gateway>) -> GatewayHandle {
+        GatewayHandle(Arc::new(gateway.clone()))
+    }
+
+    /// The gateway itself, for a future that outlives the stage's call.
+    pub fn owned(&self) -> Arc<Gateway> {
+        (*self.0).clone()
+    }
+}
+
+impl std::ops::Deref for GatewayHandle {
+    type Target = Arc<Gateway>;
+
+    fn deref(&self) -> &Arc<Gateway> {
+        &self.0
+    }
+}
 
 /// The public listener's stack for one connection from `peer` (`None`: in-process use).
 pub fn public<B>(
@@ -45,9 +98,6 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let server = &gateway.config.server;
-    // A handle of the connection's own: cloning it per request touches a count no other
-    // worker writes (the gateway's own count would be a cache line every worker writes).
-    let handle = Arc::new(gateway.clone());
     ServiceBuilder::new()
         .layer(ShedLayer::new(
             gateway.in_flight_counter().clone(),
@@ -55,8 +105,77 @@ where
             gateway.metrics.clone(),
         ))
         .layer(TraceLayer::new(peer, server.trusted_proxies.clone()))
-        .service(service_fn(move |t: Traced<B>| {
-            let gateway = handle.clone();
-            async move { Ok(gateway.handle_in(t.request, t.context).await) }
-        }))
+        .service(stages(GatewayHandle::new(gateway)))
+}
+
+/// The stages below the trace layer: from a traced request to its reply.
+pub fn stages<B>(
+    gateway: GatewayHandle,
+) -> impl Service<
+    Traced<B>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = respond::RespondFuture,
+> + Clone
+       + Send
+       + 'static
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    ServiceBuilder::new()
+        .layer(RespondLayer::new(gateway.clone()))
+        .layer(WebhookLayer::new(gateway.clone()))
+        .layer(LimitsLayer::new(gateway.clone()))
+        .layer(ParseLayer)
+        .layer(AdmitLayer::new(gateway.clone()))
+        .layer(ReadThroughLayer::new(gateway.clone()))
+        .service(upstream::Upstream::new(gateway))
+}
+
+/// Answers one request that came without a socket (benches, in-process use): a new trace,
+/// no client address, through the same stages as a served request.
+pub async fn handle<B>(gateway: &Arc<Gateway>, request: Request<B>) -> Response<Full<Bytes>>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let context = RequestContext::from_headers(request.headers(), None);
+    match stages(GatewayHandle::new(gateway))
+        .oneshot(Traced { request, context })
+        .await
+    {
+        Ok(response) => response,
+        Err(never) => match never {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::StatusCode;
+    use http_body_util::BodyExt;
+
+    use super::testing::{gateway, store, READ};
+    use super::*;
+
+    fn get(path: &str) -> Request<Full<Bytes>> {
+        Request::get(path)
+            .body(Full::new(Bytes::new()))
+            .expect("request")
+    }
+
+    #[tokio::test]
+    async fn a_hit_goes_through_every_stage_without_the_upstream() {
+        let gw = gateway();
+        store(&gw, READ, r#"{"id":"1001","name":"Stored"}"#);
+        let response = handle(&gw, get(READ)).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["x-cache"], "HIT");
+        assert!(response.headers().contains_key("x-graphgate-trace-id"));
+        let body = response.into_body().collect().await.expect("body");
+        assert_eq!(&body.to_bytes()[..], br#"{"id":"1001","name":"Stored"}"#);
+        // A miss goes to the upstream, which is not there: Graph-style 502, not a panic.
+        let response = handle(&gw, get("/v21.0/1001?fields=about&access_token=reader-key")).await;
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    }
 }

@@ -37,7 +37,7 @@ const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 const FILL_MARGIN: Duration = Duration::from_secs(1);
 
 /// Where a read stands after [`Gateway::start_read`].
-pub(super) enum ReadStart {
+pub(crate) enum ReadStart {
     /// Answered from the in-process cache.
     Served(Served),
     /// Not cacheable: the call goes upstream uncached.
@@ -47,7 +47,7 @@ pub(super) enum ReadStart {
 }
 
 /// A read that [`Gateway::start_read`] could not answer at once.
-pub(super) enum PendingRead {
+pub(crate) enum PendingRead {
     /// A read-only batch, answered operation by operation.
     Batch(Directive),
     /// `GET /?ids=…`, answered node by node.
@@ -57,7 +57,7 @@ pub(super) enum PendingRead {
 }
 
 /// What the in-process lookup of a node read learned.
-pub(super) struct NodeRead {
+pub(crate) struct NodeRead {
     key: CacheKey,
     ttl: Duration,
     found: Option<Arc<Entry>>,
@@ -67,7 +67,7 @@ pub(super) struct NodeRead {
 }
 
 /// A reply produced by the cache phase.
-pub(super) struct Served {
+pub(crate) struct Served {
     pub response: Response<Full<Bytes>>,
     /// The request metric's and log's cache label.
     pub cache: CacheResult,
@@ -98,7 +98,7 @@ impl Gateway {
     /// at once. Everything that may wait is left to [`Gateway::finish_read`], which the
     /// caller boxes: the request future stays the size the hit path needs (it is moved
     /// through every layer of the stack, and each move copies it).
-    pub(super) fn start_read(
+    pub(crate) fn start_read(
         self: &Arc<Self>,
         call: &Call,
         version: &str,

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
-use super::{check_header_size, Failure, Gateway, Outcome};
+use super::{check_header_size, Answer, Gateway};
 use crate::error::ProxyError;
 use crate::metrics::Route;
 use crate::webhooks::{self, SIGNATURE_HEADER};
@@ -18,17 +18,28 @@ const ROUTE: Route = Route::Webhook;
 
 impl Gateway {
     /// Is this request for the webhooks endpoint?
-    pub(super) fn is_webhook(&self, path: &str) -> bool {
+    pub(crate) fn is_webhook(&self, path: &str) -> bool {
         self.webhooks.as_ref().is_some_and(|w| w.path() == path)
     }
 
     /// Answers a request to the webhooks endpoint; never sends anything to Graph.
-    pub(super) async fn webhook<B>(self: &Arc<Self>, req: Request<B>) -> Result<Outcome, Failure>
+    pub(crate) async fn webhook<B>(self: Arc<Self>, req: Request<B>) -> Answer
     where
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let fail = |e: ProxyError| (e, ROUTE, None);
+        match self.webhook_reply(req).await {
+            Ok(response) => Answer::plain(response, ROUTE),
+            Err(e) => Answer::refused(e, ROUTE, None),
+        }
+    }
+
+    async fn webhook_reply<B>(&self, req: Request<B>) -> Result<Response<Full<Bytes>>, ProxyError>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let fail = |e: ProxyError| e;
         let Some(hooks) = self.webhooks.as_ref() else {
             return Err(fail(ProxyError::NotFound));
         };
@@ -102,16 +113,7 @@ impl Gateway {
             }
             ref other => return Err(fail(ProxyError::MethodNotAllowed(other.to_string()))),
         };
-        Ok(Outcome {
-            response,
-            route: ROUTE,
-            cache: None,
-            client: None,
-            upstream_ms: None,
-            page: None,
-            node: None,
-            queue_wait: None,
-        })
+        Ok(response)
     }
 }
 
