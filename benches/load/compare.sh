@@ -6,12 +6,17 @@
 #     low X-Business-Use-Case-Usage reading, as Graph sends;
 #   - nginx with proxy_cache + proxy_cache_lock, Varnish (malloc storage), and graphgate
 #     (release build, in-memory cache) in front of it;
+#   - the floor: nginx answering the same body with the same Content-Type straight from
+#     memory (`return 200 '...'`, no proxy, no cache), the least a server can do per reply
+#     (checked byte for byte against the upstream's reply before measuring);
 #   - for the cold-key fan-in: one simulated Graph API per system
 #     (`graphgate fake-graph --latency-ms 200`), which counts the calls it receives.
 # and measures, alternating the targets within one run:
-#   1. cache hits: wrk, 64 connections, ROUNDS x HIT_SECONDS per target: req/s, p50, p99,
-#      and server CPU per hit (utime+stime of the server's whole process tree from /proc,
-#      before and after, divided by the requests served);
+#   1. cache hits: wrk, 64 connections, ROUNDS x HIT_SECONDS per target (graphgate, nginx,
+#      Varnish and the floor, alternating): req/s, p50, p99, and server CPU per hit
+#      (utime+stime of the server's whole process tree from /proc, before and after,
+#      divided by the requests served); then graphgate's CPU per hit over the floor's CPU
+#      per reply and over nginx's, and its req/s over nginx's;
 #   2. cold-key fan-in: 500 requests for one cold key at once (examples/burst.rs): p99, the
 #      upstream calls made, and the added waiter latency (p99 minus one uncached request's
 #      latency through the same system);
@@ -26,6 +31,8 @@
 # Needs (Debian packages): nginx, varnish, wrk; plus cargo, curl, openssl, awk. Installs
 # nothing. Usage:  benches/load/compare.sh        (env: ROUNDS, HIT_SECONDS, MISS_SECONDS,
 #                                                   ENTRIES, BURST, PORT_BASE)
+# The table reads its arrays by name (row), which shellcheck does not follow:
+# shellcheck disable=SC2034
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-2}
@@ -83,6 +90,7 @@ P_GG=$((PORT_BASE + 3))             # graphgate -> static (admin +4)
 P_NGINX_SLOW=$((PORT_BASE + 5))     # nginx -> fake graph (nginx's)
 P_VARNISH_SLOW=$((PORT_BASE + 6))   # varnish -> fake graph (varnish's)
 P_GG_SLOW=$((PORT_BASE + 7))        # graphgate -> fake graph (graphgate's) (admin +8)
+P_FLOOR=$((PORT_BASE + 9))          # nginx `return 200` with the same body (the floor)
 P_F_NGINX=$((PORT_BASE + 10))       # fake graphs, one per system (each counts its calls)
 P_F_VARNISH=$((PORT_BASE + 11))
 P_F_GG=$((PORT_BASE + 12))
@@ -101,6 +109,11 @@ BODY="{\"id\":\"1001\",\"name\":\"Acme Coffee\",\"about\":\"Small-batch roasts -
 # Pad the description to exactly 1024 bytes of JSON: the issue's "1 KB entries".
 BODY="${BODY%\"\}}$(printf '%*s' $((1024 - ${#BODY})) '' | tr ' ' '.')\"}"
 BODY_BYTES=${#BODY}
+# The body as an nginx quoted string: `\` and `'` escaped. nginx has no escape for `$` (it
+# would read a variable), so a body with one cannot be served by `return`.
+case $BODY in *'$'*) echo "compare.sh: the body has a '\$'; nginx's return cannot serve it" >&2; exit 1 ;; esac
+BODY_NGX=${BODY//\\/\\\\}
+BODY_NGX=${BODY_NGX//\'/\\\'}
 
 mkdir -p "$WORK/nginx-cache" "$WORK/nginx-tmp" "$WORK/logs"
 cat >"$WORK/nginx.conf" <<EOF
@@ -129,7 +142,15 @@ http {
             default_type "application/json; charset=UTF-8";
             add_header X-Business-Use-Case-Usage '{"1001":[{"type":"pages","call_count":1,"total_cputime":1,"total_time":1,"estimated_time_to_regain_access":0}]}';
             add_header facebook-api-version v21.0;
-            return 200 '$BODY';
+            return 200 '$BODY_NGX';
+        }
+    }
+    # The floor: the same body and Content-Type from memory, no proxy, no cache.
+    server {
+        listen 127.0.0.1:$P_FLOOR;
+        location / {
+            default_type "application/json; charset=UTF-8";
+            return 200 '$BODY_NGX';
         }
     }
     # nginx as the cache in front of it.
@@ -244,7 +265,7 @@ F_VARNISH_PID=$(start_fake "$P_F_VARNISH" "$WORK/logs/f-varnish.log"); PIDS+=("$
 F_GG_PID=$(start_fake "$P_F_GG" "$WORK/logs/f-gg.log"); PIDS+=("$F_GG_PID")
 "$GG" --config "$WORK/gg-slow.toml" serve >"$WORK/logs/gg-slow.out" 2>&1 &
 GG_SLOW_PID=$!; PIDS+=("$GG_SLOW_PID")
-for p in $P_STATIC $P_NGINX $P_VARNISH $P_GG $P_NGINX_SLOW $P_VARNISH_SLOW $P_GG_SLOW $P_F_NGINX $P_F_VARNISH $P_F_GG; do
+for p in $P_STATIC $P_NGINX $P_VARNISH $P_GG $P_FLOOR $P_NGINX_SLOW $P_VARNISH_SLOW $P_GG_SLOW $P_F_NGINX $P_F_VARNISH $P_F_GG; do
     wait_port "$p"
 done
 
@@ -305,7 +326,23 @@ EOF
 URL_N="http://127.0.0.1:$P_NGINX$NODE_PATH&access_token=$KEY"
 URL_V="http://127.0.0.1:$P_VARNISH$NODE_PATH&access_token=$KEY"
 URL_G="http://127.0.0.1:$P_GG$NODE_PATH&access_token=$KEY"
+URL_F="http://127.0.0.1:$P_FLOOR$NODE_PATH&access_token=$KEY"
 URL_DIRECT="http://127.0.0.1:$P_STATIC$NODE_PATH&access_token=$KEY"
+
+# The floor must send what the upstream sends: the same body, byte for byte, and the same
+# Content-Type.
+curl -sf -D "$WORK/direct.h" -o "$WORK/direct.body" "$URL_DIRECT"
+curl -sf -D "$WORK/floor.h" -o "$WORK/floor.body" "$URL_F"
+if ! cmp -s "$WORK/direct.body" "$WORK/floor.body"; then
+    echo "compare.sh: the floor's body differs from the upstream's:" >&2
+    cmp "$WORK/direct.body" "$WORK/floor.body" >&2 || true
+    exit 1
+fi
+ctype() { grep -i '^content-type:' "$1" | tr -d '\r'; }
+if [ "$(ctype "$WORK/direct.h")" != "$(ctype "$WORK/floor.h")" ] || [ -z "$(ctype "$WORK/floor.h")" ]; then
+    echo "compare.sh: Content-Type differs: upstream '$(ctype "$WORK/direct.h")', floor '$(ctype "$WORK/floor.h")'" >&2
+    exit 1
+fi
 
 for u in "$URL_N" "$URL_V" "$URL_G"; do
     for _ in 1 2 3; do curl -sf -o /dev/null "$u"; done
@@ -313,15 +350,18 @@ done
 curl -s -D - -o /dev/null "$URL_G" | grep -qi '^x-cache: HIT' || { echo "graphgate is not serving hits" >&2; exit 1; }
 curl -s -D - -o /dev/null "$URL_N" >/dev/null
 
-declare -A PID_OF=([nginx]=$NGINX_PID [varnish]=$VARNISH_PID [graphgate]=$GG_PID)
-declare -A URL_OF=([nginx]=$URL_N [varnish]=$URL_V [graphgate]=$URL_G)
+# The floor shares the nginx master with the proxy_cache server; only one of them is
+# loaded at a time, so the tree's CPU is the loaded one's.
+declare -A PID_OF=([nginx]=$NGINX_PID [varnish]=$VARNISH_PID [graphgate]=$GG_PID [floor]=$NGINX_PID)
+declare -A URL_OF=([nginx]=$URL_N [varnish]=$URL_V [graphgate]=$URL_G [floor]=$URL_F)
+HIT_TARGETS=(nginx varnish graphgate floor)
 declare -A RPS P50 P99 CPU REQS
-for s in nginx varnish graphgate; do RPS[$s]=0; P50[$s]=0; P99[$s]=0; CPU[$s]=0; REQS[$s]=0; done
+for s in "${HIT_TARGETS[@]}"; do RPS[$s]=0; P50[$s]=0; P99[$s]=0; CPU[$s]=0; REQS[$s]=0; done
 
 echo "load before the run: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 echo "1/4 cache hits: $ROUNDS rounds x ${HIT_SECONDS}s per target, $CONNS connections" >&2
 for round in $(seq 1 "$ROUNDS"); do
-    for s in nginx varnish graphgate; do
+    for s in "${HIT_TARGETS[@]}"; do
         before=$(cpu_ticks "${PID_OF[$s]}")
         read -r rps p50 p99 req bad < <(wrk_run "${URL_OF[$s]}" "$HIT_SECONDS" $CONNS 2)
         after=$(cpu_ticks "${PID_OF[$s]}")
@@ -335,7 +375,7 @@ for round in $(seq 1 "$ROUNDS"); do
     done
 done
 declare -A CPU_US
-for s in nginx varnish graphgate; do
+for s in "${HIT_TARGETS[@]}"; do
     RPS[$s]=$(awk -v a="${RPS[$s]}" -v n="$ROUNDS" 'BEGIN{printf "%.0f", a / n}')
     P50[$s]=$(awk -v a="${P50[$s]}" -v n="$ROUNDS" 'BEGIN{printf "%.3f", a / n}')
     CPU_US[$s]=$(awk -v t="${CPU[$s]}" -v k="$TICK" -v r="${REQS[$s]}" 'BEGIN{printf "%.1f", t / k * 1e6 / r}')
@@ -400,24 +440,41 @@ RSS_RATIO=$(awk -v r="$rss1" -v n="$entries1" -v b="$BODY_BYTES" 'BEGIN{printf "
 echo "  $FILLED entries in $(( $(date +%s) - FILL_START )) s: RSS $((rss0 / 1024)) MB -> $((rss1 / 1024)) MB" >&2
 
 # --- the table ---------------------------------------------------------------------------------
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b + 0 == 0) print "-"; else printf "%.2f", a / b }'; }
+# a / b to two places; "-" when either is not a number or b is 0.
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ n = "^-?[0-9]+([.][0-9]*)?$"; if (a !~ n || b !~ n || b + 0 == 0) print "-"; else printf "%.2f", a / b }'; }
+COLS=(graphgate nginx varnish floor)
+declare -A HEAD=([graphgate]=graphgate [nginx]=nginx [varnish]=Varnish [floor]="nginx floor")
+row() { # label array-name: one value per column from the array ("-" where unmeasured)
+    local -n v=$2
+    local c
+    printf '| %-44s |' "$1"
+    for c in "${COLS[@]}"; do printf ' %11s |' "${v[$c]:--}"; done
+    printf ' %9s | %9s |\n' "$(ratio "${v[graphgate]:--}" "${v[nginx]:--}")" "$(ratio "${v[graphgate]:--}" "${v[varnish]:--}")"
+}
 echo
 echo "graphgate vs nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///') proxy_cache vs Varnish $("$VARNISHD" -V 2>&1 | head -1 | sed 's/.*varnish-\([0-9.]*\).*/\1/'), loopback, $(nproc) cores; load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "body ${BODY_BYTES} B; hits: wrk -t2 -c$CONNS, ${ROUNDS}x${HIT_SECONDS}s per target alternating; fan-in: $BURST at once, 200 ms upstream"
+echo "nginx floor: the same body and Content-Type by nginx \`return 200\` from memory (no proxy, no cache)"
 echo
-printf '| %-44s | %10s | %10s | %10s | %9s | %9s |\n' "measure" "graphgate" "nginx" "Varnish" "gg/nginx" "gg/Varnish"
-printf '|%s|%s|%s|%s|%s|%s|\n' "----------------------------------------------" "------------" "------------" "------------" "-----------" "-----------"
-row() { printf '| %-44s | %10s | %10s | %10s | %9s | %9s |\n' "$1" "$2" "$3" "$4" "$(ratio "$2" "$3")" "$(ratio "$2" "$4")"; }
-row "cache hits, req/s (64 conns)" "${RPS[graphgate]}" "${RPS[nginx]}" "${RPS[varnish]}"
-row "cache hit p50, ms" "${P50[graphgate]}" "${P50[nginx]}" "${P50[varnish]}"
-row "cache hit p99, ms (worst round)" "${P99[graphgate]}" "${P99[nginx]}" "${P99[varnish]}"
-row "server CPU per hit, us" "${CPU_US[graphgate]}" "${CPU_US[nginx]}" "${CPU_US[varnish]}"
-row "fan-in $BURST cold: p99, ms" "${FAN_P99[graphgate]}" "${FAN_P99[nginx]}" "${FAN_P99[varnish]}"
-row "fan-in: single uncached request, ms" "${SINGLE[graphgate]}" "${SINGLE[nginx]}" "${SINGLE[varnish]}"
-row "fan-in: added waiter latency (p99-single), ms" "${ADDED[graphgate]}" "${ADDED[nginx]}" "${ADDED[varnish]}"
-row "fan-in: upstream calls" "${CALLS[graphgate]}" "${CALLS[nginx]}" "${CALLS[varnish]}"
-row "miss overhead vs direct (p50), us" "${MISS_OVER[graphgate]}" "${MISS_OVER[nginx]}" "${MISS_OVER[varnish]}"
+printf '| %-44s |' "measure"
+for c in "${COLS[@]}"; do printf ' %11s |' "${HEAD[$c]}"; done
+printf ' %9s | %9s |\n' "gg/nginx" "gg/Varnish"
+printf '|%s|' "----------------------------------------------"
+for c in "${COLS[@]}"; do printf '%s|' "-------------"; done
+printf '%s|%s|\n' "-----------" "-----------"
+row "cache hits, req/s (64 conns)" RPS
+row "cache hit p50, ms" P50
+row "cache hit p99, ms (worst round)" P99
+row "server CPU per hit, us" CPU_US
+row "fan-in $BURST cold: p99, ms" FAN_P99
+row "fan-in: single uncached request, ms" SINGLE
+row "fan-in: added waiter latency (p99-single), ms" ADDED
+row "fan-in: upstream calls" CALLS
+row "miss overhead vs direct (p50), us" MISS_OVER
 echo
+for g in graphgate; do
+    echo "$g: CPU per hit / floor CPU per reply $(ratio "${CPU_US[$g]:--}" "${CPU_US[floor]:--}"); CPU per hit / nginx proxy_cache's $(ratio "${CPU_US[$g]:--}" "${CPU_US[nginx]:--}"); hit req/s / nginx proxy_cache's $(ratio "${RPS[$g]:--}" "${RPS[nginx]:--}")"
+done
 echo "direct to the static upstream, unique keys, 1 connection: p50 ${MISS_DIRECT} ms"
 echo "graphgate memory: $entries1 cached entries of a ${BODY_BYTES} B body ($((entries1 * BODY_BYTES / 1048576)) MiB of payload):"
 echo "  RSS $((rss1 / 1024)) MiB = ${RSS_RATIO}x the payload; growth while filling: $PER_ENTRY B per entry = ${PER_ENTRY_RATIO}x"
