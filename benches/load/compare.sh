@@ -9,19 +9,23 @@
 #   - the floor: nginx answering the same body with the same Content-Type straight from
 #     memory (`return 200 '...'`, no proxy, no cache), the least a server can do per reply
 #     (checked byte for byte against the upstream's reply before measuring);
+#   - with GG_BASELINE=/path/to/graphgate (a build of an older commit): a second graphgate,
+#     the same config, on its own port in front of the same upstream, measured as the
+#     target "graphgate-baseline" in the same hit rounds and miss-overhead run, so before
+#     and after figures come from one sitting (not in the fan-in or the RSS phase);
 #   - for the cold-key fan-in: one simulated Graph API per system
 #     (`graphgate fake-graph --latency-ms 200`), which counts the calls it receives.
 # and measures, alternating the targets within one run:
 #   1. cache hits: wrk, 64 connections, ROUNDS x HIT_SECONDS per target (graphgate, nginx,
 #      Varnish and the floor, alternating): req/s, p50, p99, and server CPU per hit
 #      (utime+stime of the server's whole process tree from /proc, before and after,
-#      divided by the requests served); then graphgate's CPU per hit over the floor's CPU
-#      per reply and over nginx's, and its req/s over nginx's;
+#      divided by the requests served); then graphgate's (and the baseline's) CPU per hit
+#      over the floor's CPU per reply and over nginx's, and its req/s over nginx's;
 #   2. cold-key fan-in: 500 requests for one cold key at once (examples/burst.rs): p99, the
 #      upstream calls made, and the added waiter latency (p99 minus one uncached request's
 #      latency through the same system);
 #   3. cache-miss overhead: p50 of unique-key requests on 1 connection, through each proxy
-#      vs direct to the static upstream;
+#      (and the baseline) vs direct to the static upstream;
 #   4. graphgate RSS with ENTRIES (default 1 M) cached 1 KB entries, filled by unique-key
 #      misses: total RSS over the payload bytes, and RSS growth per entry.
 # Both caches are told to ignore Graph's `Cache-Control: private, no-store` (anyone putting
@@ -30,7 +34,8 @@
 #
 # Needs (Debian packages): nginx, varnish, wrk; plus cargo, curl, openssl, awk. Installs
 # nothing. Usage:  benches/load/compare.sh        (env: ROUNDS, HIT_SECONDS, MISS_SECONDS,
-#                                                   ENTRIES, BURST, PORT_BASE)
+#                                                   ENTRIES, BURST, PORT_BASE, GG_BASELINE)
+#   GG_BASELINE=/tmp/old/target/release/graphgate benches/load/compare.sh
 # The table reads its arrays by name (row), which shellcheck does not follow:
 # shellcheck disable=SC2034
 set -euo pipefail
@@ -41,6 +46,7 @@ MISS_SECONDS=${MISS_SECONDS:-5}
 ENTRIES=${ENTRIES:-1000000}
 BURST=${BURST:-500}
 PORT_BASE=${PORT_BASE:-18080}
+GG_BASELINE=${GG_BASELINE:-}
 CONNS=64
 
 # --- requirements -------------------------------------------------------------------------
@@ -53,6 +59,10 @@ missing=()
 [ -n "$VARNISHD" ] || missing+=(varnish)
 [ -n "$WRK" ] || missing+=(wrk)
 for c in cargo curl openssl awk; do command -v "$c" >/dev/null || missing+=("$c"); done
+if [ -n "$GG_BASELINE" ] && [ ! -x "$GG_BASELINE" ]; then
+    echo "compare.sh: GG_BASELINE=$GG_BASELINE is not an executable file" >&2
+    exit 1
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     echo "compare.sh: missing: ${missing[*]}" >&2
     echo "install with: sudo apt-get install nginx varnish wrk curl openssl gawk (and rustup for cargo)" >&2
@@ -94,6 +104,7 @@ P_FLOOR=$((PORT_BASE + 9))          # nginx `return 200` with the same body (the
 P_F_NGINX=$((PORT_BASE + 10))       # fake graphs, one per system (each counts its calls)
 P_F_VARNISH=$((PORT_BASE + 11))
 P_F_GG=$((PORT_BASE + 12))
+P_GG_BASE=$((PORT_BASE + 13))       # baseline graphgate -> static (admin +14), with GG_BASELINE
 
 KEY=cmp-client-key
 FAKE_TOKEN=demo-system-user-token   # what `graphgate fake-graph` accepts
@@ -235,6 +246,7 @@ EOF
 }
 gg_conf "$P_GG" $((P_GG + 1)) "http://127.0.0.1:$P_STATIC" >"$WORK/gg.toml"
 gg_conf "$P_GG_SLOW" $((P_GG_SLOW + 1)) "http://127.0.0.1:$P_F_GG" >"$WORK/gg-slow.toml"
+gg_conf "$P_GG_BASE" $((P_GG_BASE + 1)) "http://127.0.0.1:$P_STATIC" >"$WORK/gg-baseline.toml"
 
 wait_port() { # port
     for _ in $(seq 1 100); do
@@ -265,6 +277,12 @@ F_VARNISH_PID=$(start_fake "$P_F_VARNISH" "$WORK/logs/f-varnish.log"); PIDS+=("$
 F_GG_PID=$(start_fake "$P_F_GG" "$WORK/logs/f-gg.log"); PIDS+=("$F_GG_PID")
 "$GG" --config "$WORK/gg-slow.toml" serve >"$WORK/logs/gg-slow.out" 2>&1 &
 GG_SLOW_PID=$!; PIDS+=("$GG_SLOW_PID")
+GG_BASE_PID=
+if [ -n "$GG_BASELINE" ]; then
+    "$GG_BASELINE" --config "$WORK/gg-baseline.toml" serve >"$WORK/logs/gg-baseline.out" 2>&1 &
+    GG_BASE_PID=$!; PIDS+=("$GG_BASE_PID")
+    wait_port "$P_GG_BASE"
+fi
 for p in $P_STATIC $P_NGINX $P_VARNISH $P_GG $P_FLOOR $P_NGINX_SLOW $P_VARNISH_SLOW $P_GG_SLOW $P_F_NGINX $P_F_VARNISH $P_F_GG; do
     wait_port "$p"
 done
@@ -327,6 +345,7 @@ URL_N="http://127.0.0.1:$P_NGINX$NODE_PATH&access_token=$KEY"
 URL_V="http://127.0.0.1:$P_VARNISH$NODE_PATH&access_token=$KEY"
 URL_G="http://127.0.0.1:$P_GG$NODE_PATH&access_token=$KEY"
 URL_F="http://127.0.0.1:$P_FLOOR$NODE_PATH&access_token=$KEY"
+URL_B="http://127.0.0.1:$P_GG_BASE$NODE_PATH&access_token=$KEY"
 URL_DIRECT="http://127.0.0.1:$P_STATIC$NODE_PATH&access_token=$KEY"
 
 # The floor must send what the upstream sends: the same body, byte for byte, and the same
@@ -344,17 +363,27 @@ if [ "$(ctype "$WORK/direct.h")" != "$(ctype "$WORK/floor.h")" ] || [ -z "$(ctyp
     exit 1
 fi
 
-for u in "$URL_N" "$URL_V" "$URL_G"; do
-    for _ in 1 2 3; do curl -sf -o /dev/null "$u"; done
-done
-curl -s -D - -o /dev/null "$URL_G" | grep -qi '^x-cache: HIT' || { echo "graphgate is not serving hits" >&2; exit 1; }
-curl -s -D - -o /dev/null "$URL_N" >/dev/null
-
 # The floor shares the nginx master with the proxy_cache server; only one of them is
 # loaded at a time, so the tree's CPU is the loaded one's.
 declare -A PID_OF=([nginx]=$NGINX_PID [varnish]=$VARNISH_PID [graphgate]=$GG_PID [floor]=$NGINX_PID)
 declare -A URL_OF=([nginx]=$URL_N [varnish]=$URL_V [graphgate]=$URL_G [floor]=$URL_F)
-HIT_TARGETS=(nginx varnish graphgate floor)
+HIT_TARGETS=(nginx varnish graphgate)
+if [ -n "$GG_BASELINE" ]; then
+    PID_OF[graphgate-baseline]=$GG_BASE_PID; URL_OF[graphgate-baseline]=$URL_B
+    HIT_TARGETS+=(graphgate-baseline)
+fi
+HIT_TARGETS+=(floor)
+MISS_TARGETS=()   # the hit targets that are caches (not the floor)
+for s in "${HIT_TARGETS[@]}"; do [ "$s" = floor ] || MISS_TARGETS+=("$s"); done
+
+for s in "${HIT_TARGETS[@]}"; do
+    for _ in 1 2 3; do curl -sf -o /dev/null "${URL_OF[$s]}"; done
+done
+for s in graphgate graphgate-baseline; do
+    [ -n "${URL_OF[$s]:-}" ] || continue
+    curl -s -D - -o /dev/null "${URL_OF[$s]}" | grep -qi '^x-cache: HIT' || { echo "$s is not serving hits" >&2; exit 1; }
+done
+
 declare -A RPS P50 P99 CPU REQS
 for s in "${HIT_TARGETS[@]}"; do RPS[$s]=0; P50[$s]=0; P99[$s]=0; CPU[$s]=0; REQS[$s]=0; done
 
@@ -410,16 +439,16 @@ done
 echo "3/4 cache-miss overhead: unique keys, 1 connection, ${MISS_SECONDS}s each" >&2
 declare -A MISS_P50
 read -r _ MISS_DIRECT _ _ _ < <(wrk_run "$URL_DIRECT" "$MISS_SECONDS" 1 1 "$WORK/unique.lua")
-for s in nginx varnish graphgate; do
+for s in "${MISS_TARGETS[@]}"; do
     read -r _ p50 _ _ bad < <(wrk_run "${URL_OF[$s]}" "$MISS_SECONDS" 1 1 "$WORK/unique.lua")
     [ "$bad" = 0 ] || echo "  $s: $bad non-2xx replies" >&2
     MISS_P50[$s]=$p50
 done
 declare -A MISS_OVER
-for s in nginx varnish graphgate; do
+for s in "${MISS_TARGETS[@]}"; do
     MISS_OVER[$s]=$(awk -v a="${MISS_P50[$s]}" -v b="$MISS_DIRECT" 'BEGIN{printf "%.0f", (a - b) * 1000}')
 done
-echo "  direct p50 ${MISS_DIRECT} ms; nginx ${MISS_P50[nginx]} varnish ${MISS_P50[varnish]} graphgate ${MISS_P50[graphgate]} ms" >&2
+echo "  direct p50 ${MISS_DIRECT} ms;$(for s in "${MISS_TARGETS[@]}"; do printf ' %s %s' "$s" "${MISS_P50[$s]}"; done) ms" >&2
 
 echo "4/4 graphgate RSS with $ENTRIES cached entries (unique-key misses until there)" >&2
 metric() { curl -s "http://127.0.0.1:$((P_GG + 1))/metrics" | awk -v m="$1" '$1 ~ "^"m"[{ ]" || $1 == m {s += $2} END {printf "%.0f", s}'; }
@@ -443,25 +472,37 @@ echo "  $FILLED entries in $(( $(date +%s) - FILL_START )) s: RSS $((rss0 / 1024
 # a / b to two places; "-" when either is not a number or b is 0.
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ n = "^-?[0-9]+([.][0-9]*)?$"; if (a !~ n || b !~ n || b + 0 == 0) print "-"; else printf "%.2f", a / b }'; }
 COLS=(graphgate nginx varnish floor)
-declare -A HEAD=([graphgate]=graphgate [nginx]=nginx [varnish]=Varnish [floor]="nginx floor")
+GGS=(graphgate)   # the graphgates the summary lines are for
+RATIO_HEADS=("gg/nginx" "gg/Varnish")
+if [ -n "$GG_BASELINE" ]; then
+    COLS=(graphgate graphgate-baseline nginx varnish floor)
+    GGS+=(graphgate-baseline)
+    RATIO_HEADS+=("gg/baseline")
+fi
+declare -A HEAD=([graphgate]=graphgate [graphgate-baseline]=gg-baseline [nginx]=nginx [varnish]=Varnish [floor]="nginx floor")
 row() { # label array-name: one value per column from the array ("-" where unmeasured)
     local -n v=$2
     local c
     printf '| %-44s |' "$1"
     for c in "${COLS[@]}"; do printf ' %11s |' "${v[$c]:--}"; done
-    printf ' %9s | %9s |\n' "$(ratio "${v[graphgate]:--}" "${v[nginx]:--}")" "$(ratio "${v[graphgate]:--}" "${v[varnish]:--}")"
+    printf ' %11s | %11s |' "$(ratio "${v[graphgate]:--}" "${v[nginx]:--}")" "$(ratio "${v[graphgate]:--}" "${v[varnish]:--}")"
+    [ -z "$GG_BASELINE" ] || printf ' %11s |' "$(ratio "${v[graphgate]:--}" "${v[graphgate-baseline]:--}")"
+    echo
 }
 echo
 echo "graphgate vs nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///') proxy_cache vs Varnish $("$VARNISHD" -V 2>&1 | head -1 | sed 's/.*varnish-\([0-9.]*\).*/\1/'), loopback, $(nproc) cores; load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "body ${BODY_BYTES} B; hits: wrk -t2 -c$CONNS, ${ROUNDS}x${HIT_SECONDS}s per target alternating; fan-in: $BURST at once, 200 ms upstream"
 echo "nginx floor: the same body and Content-Type by nginx \`return 200\` from memory (no proxy, no cache)"
+[ -z "$GG_BASELINE" ] || echo "gg-baseline: $GG_BASELINE, same config, hits and miss overhead only"
 echo
 printf '| %-44s |' "measure"
 for c in "${COLS[@]}"; do printf ' %11s |' "${HEAD[$c]}"; done
-printf ' %9s | %9s |\n' "gg/nginx" "gg/Varnish"
+for h in "${RATIO_HEADS[@]}"; do printf ' %11s |' "$h"; done
+echo
 printf '|%s|' "----------------------------------------------"
 for c in "${COLS[@]}"; do printf '%s|' "-------------"; done
-printf '%s|%s|\n' "-----------" "-----------"
+for h in "${RATIO_HEADS[@]}"; do printf '%s|' "-------------"; done
+echo
 row "cache hits, req/s (64 conns)" RPS
 row "cache hit p50, ms" P50
 row "cache hit p99, ms (worst round)" P99
@@ -472,7 +513,7 @@ row "fan-in: added waiter latency (p99-single), ms" ADDED
 row "fan-in: upstream calls" CALLS
 row "miss overhead vs direct (p50), us" MISS_OVER
 echo
-for g in graphgate; do
+for g in "${GGS[@]}"; do
     echo "$g: CPU per hit / floor CPU per reply $(ratio "${CPU_US[$g]:--}" "${CPU_US[floor]:--}"); CPU per hit / nginx proxy_cache's $(ratio "${CPU_US[$g]:--}" "${CPU_US[nginx]:--}"); hit req/s / nginx proxy_cache's $(ratio "${RPS[$g]:--}" "${RPS[nginx]:--}")"
 done
 echo "direct to the static upstream, unique keys, 1 connection: p50 ${MISS_DIRECT} ms"
