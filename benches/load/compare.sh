@@ -34,8 +34,15 @@
 #
 # Needs (Debian packages): nginx, varnish, wrk; plus cargo, curl, openssl, awk. Installs
 # nothing. Usage:  benches/load/compare.sh        (env: ROUNDS, HIT_SECONDS, MISS_SECONDS,
-#                                                   ENTRIES, BURST, PORT_BASE, GG_BASELINE)
+#                                                   ENTRIES, BURST, PORT_BASE, GG_BASELINE,
+#                                                   TARGETS, SKIP_BURST, SKIP_RSS)
 #   GG_BASELINE=/tmp/old/target/release/graphgate benches/load/compare.sh
+#   TARGETS="graphgate nginx floor" SKIP_BURST=1 SKIP_RSS=1 benches/load/compare.sh
+# TARGETS picks the hit (and miss-overhead) targets among: graphgate, graphgate-baseline
+# (needs GG_BASELINE), nginx, varnish, floor; default all (the baseline when GG_BASELINE is
+# set); they run in that order within a round whatever the order given. SKIP_BURST=1 skips
+# the fan-in (and its rows), SKIP_RSS=1 the RSS phase (filling 1 M entries takes minutes);
+# targets not run print "-".
 # The table reads its arrays by name (row), which shellcheck does not follow:
 # shellcheck disable=SC2034
 set -euo pipefail
@@ -47,6 +54,22 @@ ENTRIES=${ENTRIES:-1000000}
 BURST=${BURST:-500}
 PORT_BASE=${PORT_BASE:-18080}
 GG_BASELINE=${GG_BASELINE:-}
+SKIP_BURST=${SKIP_BURST:-0}
+SKIP_RSS=${SKIP_RSS:-0}
+if [ -z "${TARGETS:-}" ]; then
+    TARGETS="graphgate nginx varnish floor"
+    [ -z "$GG_BASELINE" ] || TARGETS+=" graphgate-baseline"
+fi
+read -ra TARGET_LIST <<<"$TARGETS"
+for t in "${TARGET_LIST[@]}"; do
+    case $t in
+        graphgate | nginx | varnish | floor) ;;
+        graphgate-baseline) [ -n "$GG_BASELINE" ] || { echo "compare.sh: TARGETS names graphgate-baseline but GG_BASELINE is not set" >&2; exit 1; } ;;
+        *) echo "compare.sh: unknown target '$t' in TARGETS (graphgate, graphgate-baseline, nginx, varnish, floor)" >&2; exit 1 ;;
+    esac
+done
+[ ${#TARGET_LIST[@]} -gt 0 ] || { echo "compare.sh: TARGETS is empty" >&2; exit 1; }
+selected() { case " ${TARGET_LIST[*]} " in *" $1 "*) return 0 ;; esac; return 1; }
 CONNS=64
 
 # --- requirements -------------------------------------------------------------------------
@@ -367,28 +390,28 @@ fi
 # loaded at a time, so the tree's CPU is the loaded one's.
 declare -A PID_OF=([nginx]=$NGINX_PID [varnish]=$VARNISH_PID [graphgate]=$GG_PID [floor]=$NGINX_PID)
 declare -A URL_OF=([nginx]=$URL_N [varnish]=$URL_V [graphgate]=$URL_G [floor]=$URL_F)
-HIT_TARGETS=(nginx varnish graphgate)
 if [ -n "$GG_BASELINE" ]; then
     PID_OF[graphgate-baseline]=$GG_BASE_PID; URL_OF[graphgate-baseline]=$URL_B
-    HIT_TARGETS+=(graphgate-baseline)
 fi
-HIT_TARGETS+=(floor)
+HIT_TARGETS=()    # those of TARGETS, in this order
+for s in nginx varnish graphgate graphgate-baseline floor; do
+    if selected "$s"; then HIT_TARGETS+=("$s"); fi
+done
 MISS_TARGETS=()   # the hit targets that are caches (not the floor)
 for s in "${HIT_TARGETS[@]}"; do [ "$s" = floor ] || MISS_TARGETS+=("$s"); done
 
 for s in "${HIT_TARGETS[@]}"; do
     for _ in 1 2 3; do curl -sf -o /dev/null "${URL_OF[$s]}"; done
-done
-for s in graphgate graphgate-baseline; do
-    [ -n "${URL_OF[$s]:-}" ] || continue
-    curl -s -D - -o /dev/null "${URL_OF[$s]}" | grep -qi '^x-cache: HIT' || { echo "$s is not serving hits" >&2; exit 1; }
+    case $s in
+        graphgate*) curl -s -D - -o /dev/null "${URL_OF[$s]}" | grep -qi '^x-cache: HIT' || { echo "$s is not serving hits" >&2; exit 1; } ;;
+    esac
 done
 
 declare -A RPS P50 P99 CPU REQS
 for s in "${HIT_TARGETS[@]}"; do RPS[$s]=0; P50[$s]=0; P99[$s]=0; CPU[$s]=0; REQS[$s]=0; done
 
 echo "load before the run: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
-echo "1/4 cache hits: $ROUNDS rounds x ${HIT_SECONDS}s per target, $CONNS connections" >&2
+echo "1/4 cache hits: $ROUNDS rounds x ${HIT_SECONDS}s per target (${HIT_TARGETS[*]}), $CONNS connections" >&2
 for round in $(seq 1 "$ROUNDS"); do
     for s in "${HIT_TARGETS[@]}"; do
         before=$(cpu_ticks "${PID_OF[$s]}")
@@ -410,31 +433,34 @@ for s in "${HIT_TARGETS[@]}"; do
     CPU_US[$s]=$(awk -v t="${CPU[$s]}" -v k="$TICK" -v r="${REQS[$s]}" 'BEGIN{printf "%.1f", t / k * 1e6 / r}')
 done
 
-echo "2/4 cold-key fan-in: $BURST requests at once, 200 ms upstream" >&2
-declare -A FAN_P99 SINGLE CALLS
-fan() { # name base-url fake-pid fake-log  (base-url ends in '?...&' ready for k=)
-    local name=$1 base=$2
-    local single burst
-    single=$("$BURST_BIN" "${base}k=single-$name" 1)
-    echo "$single" | grep -q ' ok=1 ' || echo "  $name: the single request failed: $single" >&2
-    single=$(echo "$single" | sed 's/.*p50_ms=\([0-9.]*\).*/\1/')
-    burst=$("$BURST_BIN" "${base}k=burst-$name" "$BURST")
-    echo "$burst" | grep -q " ok=$BURST " || echo "  $name: not every burst request got a 200" >&2
-    echo "  $name: single uncached ${single} ms; burst: $burst" >&2
-    SINGLE[$name]=$single
-    FAN_P99[$name]=$(echo "$burst" | sed 's/.*p99_ms=\([0-9.]*\).*/\1/')
-    kill -INT "$3"
-    for _ in $(seq 1 50); do grep -q 'stopped' "$4" 2>/dev/null && break; sleep 0.1; done
-    # Upstream calls for the burst = all calls minus the single request's one.
-    CALLS[$name]=$(( $(sed -n 's/.*requests=\([0-9]*\).*/\1/p' "$4") - 1 ))
-}
-fan nginx "http://127.0.0.1:$P_NGINX_SLOW$SLOW_PATH&access_token=$FAKE_TOKEN&appsecret_proof=$PROOF&" "$F_NGINX_PID" "$WORK/logs/f-nginx.log"
-fan varnish "http://127.0.0.1:$P_VARNISH_SLOW$SLOW_PATH&access_token=$FAKE_TOKEN&appsecret_proof=$PROOF&" "$F_VARNISH_PID" "$WORK/logs/f-varnish.log"
-fan graphgate "http://127.0.0.1:$P_GG_SLOW$SLOW_PATH&access_token=$KEY&" "$F_GG_PID" "$WORK/logs/f-gg.log"
-declare -A ADDED
-for s in nginx varnish graphgate; do
-    ADDED[$s]=$(awk -v a="${FAN_P99[$s]}" -v b="${SINGLE[$s]}" 'BEGIN{printf "%.1f", a - b}')
-done
+declare -A FAN_P99 SINGLE CALLS ADDED
+if [ "$SKIP_BURST" = 1 ]; then
+    echo "2/4 cold-key fan-in: skipped (SKIP_BURST=1)" >&2
+else
+    echo "2/4 cold-key fan-in: $BURST requests at once, 200 ms upstream" >&2
+    fan() { # name base-url fake-pid fake-log  (base-url ends in '?...&' ready for k=)
+        local name=$1 base=$2
+        local single burst
+        single=$("$BURST_BIN" "${base}k=single-$name" 1)
+        echo "$single" | grep -q ' ok=1 ' || echo "  $name: the single request failed: $single" >&2
+        single=$(echo "$single" | sed 's/.*p50_ms=\([0-9.]*\).*/\1/')
+        burst=$("$BURST_BIN" "${base}k=burst-$name" "$BURST")
+        echo "$burst" | grep -q " ok=$BURST " || echo "  $name: not every burst request got a 200" >&2
+        echo "  $name: single uncached ${single} ms; burst: $burst" >&2
+        SINGLE[$name]=$single
+        FAN_P99[$name]=$(echo "$burst" | sed 's/.*p99_ms=\([0-9.]*\).*/\1/')
+        kill -INT "$3"
+        for _ in $(seq 1 50); do grep -q 'stopped' "$4" 2>/dev/null && break; sleep 0.1; done
+        # Upstream calls for the burst = all calls minus the single request's one.
+        CALLS[$name]=$(( $(sed -n 's/.*requests=\([0-9]*\).*/\1/p' "$4") - 1 ))
+    }
+    fan nginx "http://127.0.0.1:$P_NGINX_SLOW$SLOW_PATH&access_token=$FAKE_TOKEN&appsecret_proof=$PROOF&" "$F_NGINX_PID" "$WORK/logs/f-nginx.log"
+    fan varnish "http://127.0.0.1:$P_VARNISH_SLOW$SLOW_PATH&access_token=$FAKE_TOKEN&appsecret_proof=$PROOF&" "$F_VARNISH_PID" "$WORK/logs/f-varnish.log"
+    fan graphgate "http://127.0.0.1:$P_GG_SLOW$SLOW_PATH&access_token=$KEY&" "$F_GG_PID" "$WORK/logs/f-gg.log"
+    for s in nginx varnish graphgate; do
+        ADDED[$s]=$(awk -v a="${FAN_P99[$s]}" -v b="${SINGLE[$s]}" 'BEGIN{printf "%.1f", a - b}')
+    done
+fi
 
 echo "3/4 cache-miss overhead: unique keys, 1 connection, ${MISS_SECONDS}s each" >&2
 declare -A MISS_P50
@@ -450,33 +476,37 @@ for s in "${MISS_TARGETS[@]}"; do
 done
 echo "  direct p50 ${MISS_DIRECT} ms;$(for s in "${MISS_TARGETS[@]}"; do printf ' %s %s' "$s" "${MISS_P50[$s]}"; done) ms" >&2
 
-echo "4/4 graphgate RSS with $ENTRIES cached entries (unique-key misses until there)" >&2
-metric() { curl -s "http://127.0.0.1:$((P_GG + 1))/metrics" | awk -v m="$1" '$1 ~ "^"m"[{ ]" || $1 == m {s += $2} END {printf "%.0f", s}'; }
-rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$GG_PID/status"; }
-entries0=$(metric 'graphgate_cache_entries')
-rss0=$(rss_kb)
-FILL_START=$(date +%s)
-while [ "$(metric 'graphgate_cache_entries')" -lt "$ENTRIES" ] && [ $(( $(date +%s) - FILL_START )) -lt 600 ]; do
-    wrk_run "$URL_G" 10 16 2 "$WORK/unique.lua" >/dev/null
-done
-sleep 1
-entries1=$(metric 'graphgate_cache_entries')
-rss1=$(rss_kb)
-FILLED=$((entries1 - entries0))
-PER_ENTRY=$(awk -v a="$rss0" -v b="$rss1" -v n="$FILLED" 'BEGIN{printf "%.0f", (b - a) * 1024 / n}')
-PER_ENTRY_RATIO=$(awk -v p="$PER_ENTRY" -v b="$BODY_BYTES" 'BEGIN{printf "%.2f", p / b}')
-RSS_RATIO=$(awk -v r="$rss1" -v n="$entries1" -v b="$BODY_BYTES" 'BEGIN{printf "%.2f", r * 1024 / (n * b)}')
-echo "  $FILLED entries in $(( $(date +%s) - FILL_START )) s: RSS $((rss0 / 1024)) MB -> $((rss1 / 1024)) MB" >&2
+if [ "$SKIP_RSS" = 1 ]; then
+    echo "4/4 graphgate RSS: skipped (SKIP_RSS=1)" >&2
+else
+    echo "4/4 graphgate RSS with $ENTRIES cached entries (unique-key misses until there)" >&2
+    metric() { curl -s "http://127.0.0.1:$((P_GG + 1))/metrics" | awk -v m="$1" '$1 ~ "^"m"[{ ]" || $1 == m {s += $2} END {printf "%.0f", s}'; }
+    rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$GG_PID/status"; }
+    entries0=$(metric 'graphgate_cache_entries')
+    rss0=$(rss_kb)
+    FILL_START=$(date +%s)
+    while [ "$(metric 'graphgate_cache_entries')" -lt "$ENTRIES" ] && [ $(( $(date +%s) - FILL_START )) -lt 600 ]; do
+        wrk_run "$URL_G" 10 16 2 "$WORK/unique.lua" >/dev/null
+    done
+    sleep 1
+    entries1=$(metric 'graphgate_cache_entries')
+    rss1=$(rss_kb)
+    FILLED=$((entries1 - entries0))
+    PER_ENTRY=$(awk -v a="$rss0" -v b="$rss1" -v n="$FILLED" 'BEGIN{printf "%.0f", (b - a) * 1024 / n}')
+    PER_ENTRY_RATIO=$(awk -v p="$PER_ENTRY" -v b="$BODY_BYTES" 'BEGIN{printf "%.2f", p / b}')
+    RSS_RATIO=$(awk -v r="$rss1" -v n="$entries1" -v b="$BODY_BYTES" 'BEGIN{printf "%.2f", r * 1024 / (n * b)}')
+    echo "  $FILLED entries in $(( $(date +%s) - FILL_START )) s: RSS $((rss0 / 1024)) MB -> $((rss1 / 1024)) MB" >&2
+fi
 
 # --- the table ---------------------------------------------------------------------------------
 # a / b to two places; "-" when either is not a number or b is 0.
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ n = "^-?[0-9]+([.][0-9]*)?$"; if (a !~ n || b !~ n || b + 0 == 0) print "-"; else printf "%.2f", a / b }'; }
 COLS=(graphgate nginx varnish floor)
-GGS=(graphgate)   # the graphgates the summary lines are for
+GGS=()   # the graphgates the summary lines are for
+for g in graphgate graphgate-baseline; do if selected "$g"; then GGS+=("$g"); fi; done
 RATIO_HEADS=("gg/nginx" "gg/Varnish")
 if [ -n "$GG_BASELINE" ]; then
     COLS=(graphgate graphgate-baseline nginx varnish floor)
-    GGS+=(graphgate-baseline)
     RATIO_HEADS+=("gg/baseline")
 fi
 declare -A HEAD=([graphgate]=graphgate [graphgate-baseline]=gg-baseline [nginx]=nginx [varnish]=Varnish [floor]="nginx floor")
@@ -507,15 +537,19 @@ row "cache hits, req/s (64 conns)" RPS
 row "cache hit p50, ms" P50
 row "cache hit p99, ms (worst round)" P99
 row "server CPU per hit, us" CPU_US
-row "fan-in $BURST cold: p99, ms" FAN_P99
-row "fan-in: single uncached request, ms" SINGLE
-row "fan-in: added waiter latency (p99-single), ms" ADDED
-row "fan-in: upstream calls" CALLS
+if [ "$SKIP_BURST" != 1 ]; then
+    row "fan-in $BURST cold: p99, ms" FAN_P99
+    row "fan-in: single uncached request, ms" SINGLE
+    row "fan-in: added waiter latency (p99-single), ms" ADDED
+    row "fan-in: upstream calls" CALLS
+fi
 row "miss overhead vs direct (p50), us" MISS_OVER
 echo
 for g in "${GGS[@]}"; do
     echo "$g: CPU per hit / floor CPU per reply $(ratio "${CPU_US[$g]:--}" "${CPU_US[floor]:--}"); CPU per hit / nginx proxy_cache's $(ratio "${CPU_US[$g]:--}" "${CPU_US[nginx]:--}"); hit req/s / nginx proxy_cache's $(ratio "${RPS[$g]:--}" "${RPS[nginx]:--}")"
 done
 echo "direct to the static upstream, unique keys, 1 connection: p50 ${MISS_DIRECT} ms"
-echo "graphgate memory: $entries1 cached entries of a ${BODY_BYTES} B body ($((entries1 * BODY_BYTES / 1048576)) MiB of payload):"
-echo "  RSS $((rss1 / 1024)) MiB = ${RSS_RATIO}x the payload; growth while filling: $PER_ENTRY B per entry = ${PER_ENTRY_RATIO}x"
+if [ "$SKIP_RSS" != 1 ]; then
+    echo "graphgate memory: $entries1 cached entries of a ${BODY_BYTES} B body ($((entries1 * BODY_BYTES / 1048576)) MiB of payload):"
+    echo "  RSS $((rss1 / 1024)) MiB = ${RSS_RATIO}x the payload; growth while filling: $PER_ENTRY B per entry = ${PER_ENTRY_RATIO}x"
+fi
