@@ -6,17 +6,26 @@
 #     low X-Business-Use-Case-Usage reading, as Graph sends;
 #   - nginx with proxy_cache + proxy_cache_lock, Varnish (malloc storage), and graphgate
 #     (release build, in-memory cache) in front of it;
+#   - the floor: nginx answering the same body with the same Content-Type straight from
+#     memory (`return 200 '...'`, no proxy, no cache), the least a server can do per reply
+#     (checked byte for byte against the upstream's reply before measuring);
+#   - with GG_BASELINE=/path/to/graphgate (a build of an older commit): a second graphgate,
+#     the same config, on its own port in front of the same upstream, measured as the
+#     target "graphgate-baseline" in the same hit rounds and miss-overhead run, so before
+#     and after figures come from one sitting (not in the fan-in or the RSS phase);
 #   - for the cold-key fan-in: one simulated Graph API per system
 #     (`graphgate fake-graph --latency-ms 200`), which counts the calls it receives.
 # and measures, alternating the targets within one run:
-#   1. cache hits: wrk, 64 connections, ROUNDS x HIT_SECONDS per target: req/s, p50, p99,
-#      and server CPU per hit (utime+stime of the server's whole process tree from /proc,
-#      before and after, divided by the requests served);
+#   1. cache hits: wrk, 64 connections, ROUNDS x HIT_SECONDS per target (graphgate, nginx,
+#      Varnish and the floor, alternating): req/s, p50, p99, and server CPU per hit
+#      (utime+stime of the server's whole process tree from /proc, before and after,
+#      divided by the requests served); then graphgate's (and the baseline's) CPU per hit
+#      over the floor's CPU per reply and over nginx's, and its req/s over nginx's;
 #   2. cold-key fan-in: 500 requests for one cold key at once (examples/burst.rs): p99, the
 #      upstream calls made, and the added waiter latency (p99 minus one uncached request's
 #      latency through the same system);
 #   3. cache-miss overhead: p50 of unique-key requests on 1 connection, through each proxy
-#      vs direct to the static upstream;
+#      (and the baseline) vs direct to the static upstream;
 #   4. graphgate RSS with ENTRIES (default 1 M) cached 1 KB entries, filled by unique-key
 #      misses: total RSS over the payload bytes, and RSS growth per entry.
 # Both caches are told to ignore Graph's `Cache-Control: private, no-store` (anyone putting
@@ -25,7 +34,17 @@
 #
 # Needs (Debian packages): nginx, varnish, wrk; plus cargo, curl, openssl, awk. Installs
 # nothing. Usage:  benches/load/compare.sh        (env: ROUNDS, HIT_SECONDS, MISS_SECONDS,
-#                                                   ENTRIES, BURST, PORT_BASE)
+#                                                   ENTRIES, BURST, PORT_BASE, GG_BASELINE,
+#                                                   TARGETS, SKIP_BURST, SKIP_RSS)
+#   GG_BASELINE=/tmp/old/target/release/graphgate benches/load/compare.sh
+#   TARGETS="graphgate nginx floor" SKIP_BURST=1 SKIP_RSS=1 benches/load/compare.sh
+# TARGETS picks the hit (and miss-overhead) targets among: graphgate, graphgate-baseline
+# (needs GG_BASELINE), nginx, varnish, floor; default all (the baseline when GG_BASELINE is
+# set); they run in that order within a round whatever the order given. SKIP_BURST=1 skips
+# the fan-in (and its rows), SKIP_RSS=1 the RSS phase (filling 1 M entries takes minutes);
+# targets not run print "-".
+# The table reads its arrays by name (row), which shellcheck does not follow:
+# shellcheck disable=SC2034
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-2}
@@ -34,6 +53,23 @@ MISS_SECONDS=${MISS_SECONDS:-5}
 ENTRIES=${ENTRIES:-1000000}
 BURST=${BURST:-500}
 PORT_BASE=${PORT_BASE:-18080}
+GG_BASELINE=${GG_BASELINE:-}
+SKIP_BURST=${SKIP_BURST:-0}
+SKIP_RSS=${SKIP_RSS:-0}
+if [ -z "${TARGETS:-}" ]; then
+    TARGETS="graphgate nginx varnish floor"
+    [ -z "$GG_BASELINE" ] || TARGETS+=" graphgate-baseline"
+fi
+read -ra TARGET_LIST <<<"$TARGETS"
+for t in "${TARGET_LIST[@]}"; do
+    case $t in
+        graphgate | nginx | varnish | floor) ;;
+        graphgate-baseline) [ -n "$GG_BASELINE" ] || { echo "compare.sh: TARGETS names graphgate-baseline but GG_BASELINE is not set" >&2; exit 1; } ;;
+        *) echo "compare.sh: unknown target '$t' in TARGETS (graphgate, graphgate-baseline, nginx, varnish, floor)" >&2; exit 1 ;;
+    esac
+done
+[ ${#TARGET_LIST[@]} -gt 0 ] || { echo "compare.sh: TARGETS is empty" >&2; exit 1; }
+selected() { case " ${TARGET_LIST[*]} " in *" $1 "*) return 0 ;; esac; return 1; }
 CONNS=64
 
 # --- requirements -------------------------------------------------------------------------
@@ -46,6 +82,10 @@ missing=()
 [ -n "$VARNISHD" ] || missing+=(varnish)
 [ -n "$WRK" ] || missing+=(wrk)
 for c in cargo curl openssl awk; do command -v "$c" >/dev/null || missing+=("$c"); done
+if [ -n "$GG_BASELINE" ] && [ ! -x "$GG_BASELINE" ]; then
+    echo "compare.sh: GG_BASELINE=$GG_BASELINE is not an executable file" >&2
+    exit 1
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     echo "compare.sh: missing: ${missing[*]}" >&2
     echo "install with: sudo apt-get install nginx varnish wrk curl openssl gawk (and rustup for cargo)" >&2
@@ -83,9 +123,11 @@ P_GG=$((PORT_BASE + 3))             # graphgate -> static (admin +4)
 P_NGINX_SLOW=$((PORT_BASE + 5))     # nginx -> fake graph (nginx's)
 P_VARNISH_SLOW=$((PORT_BASE + 6))   # varnish -> fake graph (varnish's)
 P_GG_SLOW=$((PORT_BASE + 7))        # graphgate -> fake graph (graphgate's) (admin +8)
+P_FLOOR=$((PORT_BASE + 9))          # nginx `return 200` with the same body (the floor)
 P_F_NGINX=$((PORT_BASE + 10))       # fake graphs, one per system (each counts its calls)
 P_F_VARNISH=$((PORT_BASE + 11))
 P_F_GG=$((PORT_BASE + 12))
+P_GG_BASE=$((PORT_BASE + 13))       # baseline graphgate -> static (admin +14), with GG_BASELINE
 
 KEY=cmp-client-key
 FAKE_TOKEN=demo-system-user-token   # what `graphgate fake-graph` accepts
@@ -101,6 +143,11 @@ BODY="{\"id\":\"1001\",\"name\":\"Acme Coffee\",\"about\":\"Small-batch roasts -
 # Pad the description to exactly 1024 bytes of JSON: the issue's "1 KB entries".
 BODY="${BODY%\"\}}$(printf '%*s' $((1024 - ${#BODY})) '' | tr ' ' '.')\"}"
 BODY_BYTES=${#BODY}
+# The body as an nginx quoted string: `\` and `'` escaped. nginx has no escape for `$` (it
+# would read a variable), so a body with one cannot be served by `return`.
+case $BODY in *'$'*) echo "compare.sh: the body has a '\$'; nginx's return cannot serve it" >&2; exit 1 ;; esac
+BODY_NGX=${BODY//\\/\\\\}
+BODY_NGX=${BODY_NGX//\'/\\\'}
 
 mkdir -p "$WORK/nginx-cache" "$WORK/nginx-tmp" "$WORK/logs"
 cat >"$WORK/nginx.conf" <<EOF
@@ -129,7 +176,15 @@ http {
             default_type "application/json; charset=UTF-8";
             add_header X-Business-Use-Case-Usage '{"1001":[{"type":"pages","call_count":1,"total_cputime":1,"total_time":1,"estimated_time_to_regain_access":0}]}';
             add_header facebook-api-version v21.0;
-            return 200 '$BODY';
+            return 200 '$BODY_NGX';
+        }
+    }
+    # The floor: the same body and Content-Type from memory, no proxy, no cache.
+    server {
+        listen 127.0.0.1:$P_FLOOR;
+        location / {
+            default_type "application/json; charset=UTF-8";
+            return 200 '$BODY_NGX';
         }
     }
     # nginx as the cache in front of it.
@@ -214,6 +269,7 @@ EOF
 }
 gg_conf "$P_GG" $((P_GG + 1)) "http://127.0.0.1:$P_STATIC" >"$WORK/gg.toml"
 gg_conf "$P_GG_SLOW" $((P_GG_SLOW + 1)) "http://127.0.0.1:$P_F_GG" >"$WORK/gg-slow.toml"
+gg_conf "$P_GG_BASE" $((P_GG_BASE + 1)) "http://127.0.0.1:$P_STATIC" >"$WORK/gg-baseline.toml"
 
 wait_port() { # port
     for _ in $(seq 1 100); do
@@ -244,7 +300,13 @@ F_VARNISH_PID=$(start_fake "$P_F_VARNISH" "$WORK/logs/f-varnish.log"); PIDS+=("$
 F_GG_PID=$(start_fake "$P_F_GG" "$WORK/logs/f-gg.log"); PIDS+=("$F_GG_PID")
 "$GG" --config "$WORK/gg-slow.toml" serve >"$WORK/logs/gg-slow.out" 2>&1 &
 GG_SLOW_PID=$!; PIDS+=("$GG_SLOW_PID")
-for p in $P_STATIC $P_NGINX $P_VARNISH $P_GG $P_NGINX_SLOW $P_VARNISH_SLOW $P_GG_SLOW $P_F_NGINX $P_F_VARNISH $P_F_GG; do
+GG_BASE_PID=
+if [ -n "$GG_BASELINE" ]; then
+    "$GG_BASELINE" --config "$WORK/gg-baseline.toml" serve >"$WORK/logs/gg-baseline.out" 2>&1 &
+    GG_BASE_PID=$!; PIDS+=("$GG_BASE_PID")
+    wait_port "$P_GG_BASE"
+fi
+for p in $P_STATIC $P_NGINX $P_VARNISH $P_GG $P_FLOOR $P_NGINX_SLOW $P_VARNISH_SLOW $P_GG_SLOW $P_F_NGINX $P_F_VARNISH $P_F_GG; do
     wait_port "$p"
 done
 
@@ -305,23 +367,53 @@ EOF
 URL_N="http://127.0.0.1:$P_NGINX$NODE_PATH&access_token=$KEY"
 URL_V="http://127.0.0.1:$P_VARNISH$NODE_PATH&access_token=$KEY"
 URL_G="http://127.0.0.1:$P_GG$NODE_PATH&access_token=$KEY"
+URL_F="http://127.0.0.1:$P_FLOOR$NODE_PATH&access_token=$KEY"
+URL_B="http://127.0.0.1:$P_GG_BASE$NODE_PATH&access_token=$KEY"
 URL_DIRECT="http://127.0.0.1:$P_STATIC$NODE_PATH&access_token=$KEY"
 
-for u in "$URL_N" "$URL_V" "$URL_G"; do
-    for _ in 1 2 3; do curl -sf -o /dev/null "$u"; done
-done
-curl -s -D - -o /dev/null "$URL_G" | grep -qi '^x-cache: HIT' || { echo "graphgate is not serving hits" >&2; exit 1; }
-curl -s -D - -o /dev/null "$URL_N" >/dev/null
+# The floor must send what the upstream sends: the same body, byte for byte, and the same
+# Content-Type.
+curl -sf -D "$WORK/direct.h" -o "$WORK/direct.body" "$URL_DIRECT"
+curl -sf -D "$WORK/floor.h" -o "$WORK/floor.body" "$URL_F"
+if ! cmp -s "$WORK/direct.body" "$WORK/floor.body"; then
+    echo "compare.sh: the floor's body differs from the upstream's:" >&2
+    cmp "$WORK/direct.body" "$WORK/floor.body" >&2 || true
+    exit 1
+fi
+ctype() { grep -i '^content-type:' "$1" | tr -d '\r'; }
+if [ "$(ctype "$WORK/direct.h")" != "$(ctype "$WORK/floor.h")" ] || [ -z "$(ctype "$WORK/floor.h")" ]; then
+    echo "compare.sh: Content-Type differs: upstream '$(ctype "$WORK/direct.h")', floor '$(ctype "$WORK/floor.h")'" >&2
+    exit 1
+fi
 
-declare -A PID_OF=([nginx]=$NGINX_PID [varnish]=$VARNISH_PID [graphgate]=$GG_PID)
-declare -A URL_OF=([nginx]=$URL_N [varnish]=$URL_V [graphgate]=$URL_G)
+# The floor shares the nginx master with the proxy_cache server; only one of them is
+# loaded at a time, so the tree's CPU is the loaded one's.
+declare -A PID_OF=([nginx]=$NGINX_PID [varnish]=$VARNISH_PID [graphgate]=$GG_PID [floor]=$NGINX_PID)
+declare -A URL_OF=([nginx]=$URL_N [varnish]=$URL_V [graphgate]=$URL_G [floor]=$URL_F)
+if [ -n "$GG_BASELINE" ]; then
+    PID_OF[graphgate-baseline]=$GG_BASE_PID; URL_OF[graphgate-baseline]=$URL_B
+fi
+HIT_TARGETS=()    # those of TARGETS, in this order
+for s in nginx varnish graphgate graphgate-baseline floor; do
+    if selected "$s"; then HIT_TARGETS+=("$s"); fi
+done
+MISS_TARGETS=()   # the hit targets that are caches (not the floor)
+for s in "${HIT_TARGETS[@]}"; do [ "$s" = floor ] || MISS_TARGETS+=("$s"); done
+
+for s in "${HIT_TARGETS[@]}"; do
+    for _ in 1 2 3; do curl -sf -o /dev/null "${URL_OF[$s]}"; done
+    case $s in
+        graphgate*) curl -s -D - -o /dev/null "${URL_OF[$s]}" | grep -qi '^x-cache: HIT' || { echo "$s is not serving hits" >&2; exit 1; } ;;
+    esac
+done
+
 declare -A RPS P50 P99 CPU REQS
-for s in nginx varnish graphgate; do RPS[$s]=0; P50[$s]=0; P99[$s]=0; CPU[$s]=0; REQS[$s]=0; done
+for s in "${HIT_TARGETS[@]}"; do RPS[$s]=0; P50[$s]=0; P99[$s]=0; CPU[$s]=0; REQS[$s]=0; done
 
 echo "load before the run: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
-echo "1/4 cache hits: $ROUNDS rounds x ${HIT_SECONDS}s per target, $CONNS connections" >&2
+echo "1/4 cache hits: $ROUNDS rounds x ${HIT_SECONDS}s per target (${HIT_TARGETS[*]}), $CONNS connections" >&2
 for round in $(seq 1 "$ROUNDS"); do
-    for s in nginx varnish graphgate; do
+    for s in "${HIT_TARGETS[@]}"; do
         before=$(cpu_ticks "${PID_OF[$s]}")
         read -r rps p50 p99 req bad < <(wrk_run "${URL_OF[$s]}" "$HIT_SECONDS" $CONNS 2)
         after=$(cpu_ticks "${PID_OF[$s]}")
@@ -335,89 +427,129 @@ for round in $(seq 1 "$ROUNDS"); do
     done
 done
 declare -A CPU_US
-for s in nginx varnish graphgate; do
+for s in "${HIT_TARGETS[@]}"; do
     RPS[$s]=$(awk -v a="${RPS[$s]}" -v n="$ROUNDS" 'BEGIN{printf "%.0f", a / n}')
     P50[$s]=$(awk -v a="${P50[$s]}" -v n="$ROUNDS" 'BEGIN{printf "%.3f", a / n}')
     CPU_US[$s]=$(awk -v t="${CPU[$s]}" -v k="$TICK" -v r="${REQS[$s]}" 'BEGIN{printf "%.1f", t / k * 1e6 / r}')
 done
 
-echo "2/4 cold-key fan-in: $BURST requests at once, 200 ms upstream" >&2
-declare -A FAN_P99 SINGLE CALLS
-fan() { # name base-url fake-pid fake-log  (base-url ends in '?...&' ready for k=)
-    local name=$1 base=$2
-    local single burst
-    single=$("$BURST_BIN" "${base}k=single-$name" 1)
-    echo "$single" | grep -q ' ok=1 ' || echo "  $name: the single request failed: $single" >&2
-    single=$(echo "$single" | sed 's/.*p50_ms=\([0-9.]*\).*/\1/')
-    burst=$("$BURST_BIN" "${base}k=burst-$name" "$BURST")
-    echo "$burst" | grep -q " ok=$BURST " || echo "  $name: not every burst request got a 200" >&2
-    echo "  $name: single uncached ${single} ms; burst: $burst" >&2
-    SINGLE[$name]=$single
-    FAN_P99[$name]=$(echo "$burst" | sed 's/.*p99_ms=\([0-9.]*\).*/\1/')
-    kill -INT "$3"
-    for _ in $(seq 1 50); do grep -q 'stopped' "$4" 2>/dev/null && break; sleep 0.1; done
-    # Upstream calls for the burst = all calls minus the single request's one.
-    CALLS[$name]=$(( $(sed -n 's/.*requests=\([0-9]*\).*/\1/p' "$4") - 1 ))
-}
-fan nginx "http://127.0.0.1:$P_NGINX_SLOW$SLOW_PATH&access_token=$FAKE_TOKEN&appsecret_proof=$PROOF&" "$F_NGINX_PID" "$WORK/logs/f-nginx.log"
-fan varnish "http://127.0.0.1:$P_VARNISH_SLOW$SLOW_PATH&access_token=$FAKE_TOKEN&appsecret_proof=$PROOF&" "$F_VARNISH_PID" "$WORK/logs/f-varnish.log"
-fan graphgate "http://127.0.0.1:$P_GG_SLOW$SLOW_PATH&access_token=$KEY&" "$F_GG_PID" "$WORK/logs/f-gg.log"
-declare -A ADDED
-for s in nginx varnish graphgate; do
-    ADDED[$s]=$(awk -v a="${FAN_P99[$s]}" -v b="${SINGLE[$s]}" 'BEGIN{printf "%.1f", a - b}')
-done
+declare -A FAN_P99 SINGLE CALLS ADDED
+if [ "$SKIP_BURST" = 1 ]; then
+    echo "2/4 cold-key fan-in: skipped (SKIP_BURST=1)" >&2
+else
+    echo "2/4 cold-key fan-in: $BURST requests at once, 200 ms upstream" >&2
+    fan() { # name base-url fake-pid fake-log  (base-url ends in '?...&' ready for k=)
+        local name=$1 base=$2
+        local single burst
+        single=$("$BURST_BIN" "${base}k=single-$name" 1)
+        echo "$single" | grep -q ' ok=1 ' || echo "  $name: the single request failed: $single" >&2
+        single=$(echo "$single" | sed 's/.*p50_ms=\([0-9.]*\).*/\1/')
+        burst=$("$BURST_BIN" "${base}k=burst-$name" "$BURST")
+        echo "$burst" | grep -q " ok=$BURST " || echo "  $name: not every burst request got a 200" >&2
+        echo "  $name: single uncached ${single} ms; burst: $burst" >&2
+        SINGLE[$name]=$single
+        FAN_P99[$name]=$(echo "$burst" | sed 's/.*p99_ms=\([0-9.]*\).*/\1/')
+        kill -INT "$3"
+        for _ in $(seq 1 50); do grep -q 'stopped' "$4" 2>/dev/null && break; sleep 0.1; done
+        # Upstream calls for the burst = all calls minus the single request's one.
+        CALLS[$name]=$(( $(sed -n 's/.*requests=\([0-9]*\).*/\1/p' "$4") - 1 ))
+    }
+    fan nginx "http://127.0.0.1:$P_NGINX_SLOW$SLOW_PATH&access_token=$FAKE_TOKEN&appsecret_proof=$PROOF&" "$F_NGINX_PID" "$WORK/logs/f-nginx.log"
+    fan varnish "http://127.0.0.1:$P_VARNISH_SLOW$SLOW_PATH&access_token=$FAKE_TOKEN&appsecret_proof=$PROOF&" "$F_VARNISH_PID" "$WORK/logs/f-varnish.log"
+    fan graphgate "http://127.0.0.1:$P_GG_SLOW$SLOW_PATH&access_token=$KEY&" "$F_GG_PID" "$WORK/logs/f-gg.log"
+    for s in nginx varnish graphgate; do
+        ADDED[$s]=$(awk -v a="${FAN_P99[$s]}" -v b="${SINGLE[$s]}" 'BEGIN{printf "%.1f", a - b}')
+    done
+fi
 
 echo "3/4 cache-miss overhead: unique keys, 1 connection, ${MISS_SECONDS}s each" >&2
 declare -A MISS_P50
 read -r _ MISS_DIRECT _ _ _ < <(wrk_run "$URL_DIRECT" "$MISS_SECONDS" 1 1 "$WORK/unique.lua")
-for s in nginx varnish graphgate; do
+for s in "${MISS_TARGETS[@]}"; do
     read -r _ p50 _ _ bad < <(wrk_run "${URL_OF[$s]}" "$MISS_SECONDS" 1 1 "$WORK/unique.lua")
     [ "$bad" = 0 ] || echo "  $s: $bad non-2xx replies" >&2
     MISS_P50[$s]=$p50
 done
 declare -A MISS_OVER
-for s in nginx varnish graphgate; do
+for s in "${MISS_TARGETS[@]}"; do
     MISS_OVER[$s]=$(awk -v a="${MISS_P50[$s]}" -v b="$MISS_DIRECT" 'BEGIN{printf "%.0f", (a - b) * 1000}')
 done
-echo "  direct p50 ${MISS_DIRECT} ms; nginx ${MISS_P50[nginx]} varnish ${MISS_P50[varnish]} graphgate ${MISS_P50[graphgate]} ms" >&2
+echo "  direct p50 ${MISS_DIRECT} ms;$(for s in "${MISS_TARGETS[@]}"; do printf ' %s %s' "$s" "${MISS_P50[$s]}"; done) ms" >&2
 
-echo "4/4 graphgate RSS with $ENTRIES cached entries (unique-key misses until there)" >&2
-metric() { curl -s "http://127.0.0.1:$((P_GG + 1))/metrics" | awk -v m="$1" '$1 ~ "^"m"[{ ]" || $1 == m {s += $2} END {printf "%.0f", s}'; }
-rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$GG_PID/status"; }
-entries0=$(metric 'graphgate_cache_entries')
-rss0=$(rss_kb)
-FILL_START=$(date +%s)
-while [ "$(metric 'graphgate_cache_entries')" -lt "$ENTRIES" ] && [ $(( $(date +%s) - FILL_START )) -lt 600 ]; do
-    wrk_run "$URL_G" 10 16 2 "$WORK/unique.lua" >/dev/null
-done
-sleep 1
-entries1=$(metric 'graphgate_cache_entries')
-rss1=$(rss_kb)
-FILLED=$((entries1 - entries0))
-PER_ENTRY=$(awk -v a="$rss0" -v b="$rss1" -v n="$FILLED" 'BEGIN{printf "%.0f", (b - a) * 1024 / n}')
-PER_ENTRY_RATIO=$(awk -v p="$PER_ENTRY" -v b="$BODY_BYTES" 'BEGIN{printf "%.2f", p / b}')
-RSS_RATIO=$(awk -v r="$rss1" -v n="$entries1" -v b="$BODY_BYTES" 'BEGIN{printf "%.2f", r * 1024 / (n * b)}')
-echo "  $FILLED entries in $(( $(date +%s) - FILL_START )) s: RSS $((rss0 / 1024)) MB -> $((rss1 / 1024)) MB" >&2
+if [ "$SKIP_RSS" = 1 ]; then
+    echo "4/4 graphgate RSS: skipped (SKIP_RSS=1)" >&2
+else
+    echo "4/4 graphgate RSS with $ENTRIES cached entries (unique-key misses until there)" >&2
+    metric() { curl -s "http://127.0.0.1:$((P_GG + 1))/metrics" | awk -v m="$1" '$1 ~ "^"m"[{ ]" || $1 == m {s += $2} END {printf "%.0f", s}'; }
+    rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$GG_PID/status"; }
+    entries0=$(metric 'graphgate_cache_entries')
+    rss0=$(rss_kb)
+    FILL_START=$(date +%s)
+    while [ "$(metric 'graphgate_cache_entries')" -lt "$ENTRIES" ] && [ $(( $(date +%s) - FILL_START )) -lt 600 ]; do
+        wrk_run "$URL_G" 10 16 2 "$WORK/unique.lua" >/dev/null
+    done
+    sleep 1
+    entries1=$(metric 'graphgate_cache_entries')
+    rss1=$(rss_kb)
+    FILLED=$((entries1 - entries0))
+    PER_ENTRY=$(awk -v a="$rss0" -v b="$rss1" -v n="$FILLED" 'BEGIN{printf "%.0f", (b - a) * 1024 / n}')
+    PER_ENTRY_RATIO=$(awk -v p="$PER_ENTRY" -v b="$BODY_BYTES" 'BEGIN{printf "%.2f", p / b}')
+    RSS_RATIO=$(awk -v r="$rss1" -v n="$entries1" -v b="$BODY_BYTES" 'BEGIN{printf "%.2f", r * 1024 / (n * b)}')
+    echo "  $FILLED entries in $(( $(date +%s) - FILL_START )) s: RSS $((rss0 / 1024)) MB -> $((rss1 / 1024)) MB" >&2
+fi
 
 # --- the table ---------------------------------------------------------------------------------
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b + 0 == 0) print "-"; else printf "%.2f", a / b }'; }
+# a / b to two places; "-" when either is not a number or b is 0.
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ n = "^-?[0-9]+([.][0-9]*)?$"; if (a !~ n || b !~ n || b + 0 == 0) print "-"; else printf "%.2f", a / b }'; }
+COLS=(graphgate nginx varnish floor)
+GGS=()   # the graphgates the summary lines are for
+for g in graphgate graphgate-baseline; do if selected "$g"; then GGS+=("$g"); fi; done
+RATIO_HEADS=("gg/nginx" "gg/Varnish")
+if [ -n "$GG_BASELINE" ]; then
+    COLS=(graphgate graphgate-baseline nginx varnish floor)
+    RATIO_HEADS+=("gg/baseline")
+fi
+declare -A HEAD=([graphgate]=graphgate [graphgate-baseline]=gg-baseline [nginx]=nginx [varnish]=Varnish [floor]="nginx floor")
+row() { # label array-name: one value per column from the array ("-" where unmeasured)
+    local -n v=$2
+    local c
+    printf '| %-44s |' "$1"
+    for c in "${COLS[@]}"; do printf ' %11s |' "${v[$c]:--}"; done
+    printf ' %11s | %11s |' "$(ratio "${v[graphgate]:--}" "${v[nginx]:--}")" "$(ratio "${v[graphgate]:--}" "${v[varnish]:--}")"
+    [ -z "$GG_BASELINE" ] || printf ' %11s |' "$(ratio "${v[graphgate]:--}" "${v[graphgate-baseline]:--}")"
+    echo
+}
 echo
 echo "graphgate vs nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///') proxy_cache vs Varnish $("$VARNISHD" -V 2>&1 | head -1 | sed 's/.*varnish-\([0-9.]*\).*/\1/'), loopback, $(nproc) cores; load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "body ${BODY_BYTES} B; hits: wrk -t2 -c$CONNS, ${ROUNDS}x${HIT_SECONDS}s per target alternating; fan-in: $BURST at once, 200 ms upstream"
+echo "nginx floor: the same body and Content-Type by nginx \`return 200\` from memory (no proxy, no cache)"
+[ -z "$GG_BASELINE" ] || echo "gg-baseline: $GG_BASELINE, same config, hits and miss overhead only"
 echo
-printf '| %-44s | %10s | %10s | %10s | %9s | %9s |\n' "measure" "graphgate" "nginx" "Varnish" "gg/nginx" "gg/Varnish"
-printf '|%s|%s|%s|%s|%s|%s|\n' "----------------------------------------------" "------------" "------------" "------------" "-----------" "-----------"
-row() { printf '| %-44s | %10s | %10s | %10s | %9s | %9s |\n' "$1" "$2" "$3" "$4" "$(ratio "$2" "$3")" "$(ratio "$2" "$4")"; }
-row "cache hits, req/s (64 conns)" "${RPS[graphgate]}" "${RPS[nginx]}" "${RPS[varnish]}"
-row "cache hit p50, ms" "${P50[graphgate]}" "${P50[nginx]}" "${P50[varnish]}"
-row "cache hit p99, ms (worst round)" "${P99[graphgate]}" "${P99[nginx]}" "${P99[varnish]}"
-row "server CPU per hit, us" "${CPU_US[graphgate]}" "${CPU_US[nginx]}" "${CPU_US[varnish]}"
-row "fan-in $BURST cold: p99, ms" "${FAN_P99[graphgate]}" "${FAN_P99[nginx]}" "${FAN_P99[varnish]}"
-row "fan-in: single uncached request, ms" "${SINGLE[graphgate]}" "${SINGLE[nginx]}" "${SINGLE[varnish]}"
-row "fan-in: added waiter latency (p99-single), ms" "${ADDED[graphgate]}" "${ADDED[nginx]}" "${ADDED[varnish]}"
-row "fan-in: upstream calls" "${CALLS[graphgate]}" "${CALLS[nginx]}" "${CALLS[varnish]}"
-row "miss overhead vs direct (p50), us" "${MISS_OVER[graphgate]}" "${MISS_OVER[nginx]}" "${MISS_OVER[varnish]}"
+printf '| %-44s |' "measure"
+for c in "${COLS[@]}"; do printf ' %11s |' "${HEAD[$c]}"; done
+for h in "${RATIO_HEADS[@]}"; do printf ' %11s |' "$h"; done
 echo
+printf '|%s|' "----------------------------------------------"
+for c in "${COLS[@]}"; do printf '%s|' "-------------"; done
+for h in "${RATIO_HEADS[@]}"; do printf '%s|' "-------------"; done
+echo
+row "cache hits, req/s (64 conns)" RPS
+row "cache hit p50, ms" P50
+row "cache hit p99, ms (worst round)" P99
+row "server CPU per hit, us" CPU_US
+if [ "$SKIP_BURST" != 1 ]; then
+    row "fan-in $BURST cold: p99, ms" FAN_P99
+    row "fan-in: single uncached request, ms" SINGLE
+    row "fan-in: added waiter latency (p99-single), ms" ADDED
+    row "fan-in: upstream calls" CALLS
+fi
+row "miss overhead vs direct (p50), us" MISS_OVER
+echo
+for g in "${GGS[@]}"; do
+    echo "$g: CPU per hit / floor CPU per reply $(ratio "${CPU_US[$g]:--}" "${CPU_US[floor]:--}"); CPU per hit / nginx proxy_cache's $(ratio "${CPU_US[$g]:--}" "${CPU_US[nginx]:--}"); hit req/s / nginx proxy_cache's $(ratio "${RPS[$g]:--}" "${RPS[nginx]:--}")"
+done
 echo "direct to the static upstream, unique keys, 1 connection: p50 ${MISS_DIRECT} ms"
-echo "graphgate memory: $entries1 cached entries of a ${BODY_BYTES} B body ($((entries1 * BODY_BYTES / 1048576)) MiB of payload):"
-echo "  RSS $((rss1 / 1024)) MiB = ${RSS_RATIO}x the payload; growth while filling: $PER_ENTRY B per entry = ${PER_ENTRY_RATIO}x"
+if [ "$SKIP_RSS" != 1 ]; then
+    echo "graphgate memory: $entries1 cached entries of a ${BODY_BYTES} B body ($((entries1 * BODY_BYTES / 1048576)) MiB of payload):"
+    echo "  RSS $((rss1 / 1024)) MiB = ${RSS_RATIO}x the payload; growth while filling: $PER_ENTRY B per entry = ${PER_ENTRY_RATIO}x"
+fi
