@@ -1,4 +1,4 @@
-//! Who fills a cache key: one lock with explicit outcomes.
+//! Who fills a cache key: one lock with explicit outcomes, two backends.
 //!
 //! A caller that misses asks the key's lock. [`Locked::Write`]: it fills the key and then
 //! releases the permit with the value. [`Locked::Read`]: someone else is filling it, so it
@@ -12,6 +12,9 @@
 //!   upstream call; the value reaches the readers through a channel. The fill runs in a task
 //!   of its own that a client hanging up cannot end, so only a panic or an abort drops its
 //!   permit; its readers then see [`WaitError::Abandoned`] rather than take over.
+//! - Across replicas, [`super::lease::FleetLock`]: a Redis lease per key; readers find the
+//!   value in the Redis tier, woken by the bus or by polling, and take the lease over when it
+//!   comes free without an entry.
 
 use std::future::Future;
 use std::time::Duration;

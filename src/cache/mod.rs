@@ -5,8 +5,8 @@
 //! the cache did for a request, as `Cache-Status`, `X-Cache` and metric label ([`status`]).
 //! The request-path glue that calls Graph lives in `proxy::cached`.
 //!
-//! With `[redis] url`, the shared pieces join in: the Redis tier ([`l2`]), fill leases across
-//! replicas ([`lease`]) and the invalidation bus ([`bus`]).
+//! With `[redis] url`, the shared pieces join in: the Redis tier ([`l2`]), the fill lock
+//! across replicas ([`lease`]) and the invalidation bus ([`bus`]).
 
 pub mod batch;
 pub mod bus;

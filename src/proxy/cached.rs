@@ -700,11 +700,11 @@ impl Gateway {
         };
         if reply.status == StatusCode::NOT_MODIFIED {
             if let Some(old) = &stale {
-                let renewed = old.renewed(ttl);
+                let renewed = Arc::new(old.renewed(ttl));
                 let stored = self.cache.store(key, &renewed, epoch);
                 self.after_fill(key, &renewed, stored, fleet).await;
                 return Ok(Fill {
-                    entry: Arc::new(renewed),
+                    entry: renewed,
                     kind: FillKind::Revalidated,
                     pieces: None,
                     hold: None,
@@ -722,7 +722,7 @@ impl Gateway {
             &self.public_url,
             &self.tokens.secrets(),
         )?;
-        let entry = Entry::new(reply.status, reply.headers, prepared, ttl);
+        let entry = Arc::new(Entry::new(reply.status, reply.headers, prepared, ttl));
         let kind = if !entry.status.is_success() {
             FillKind::Passed
         } else if self.cache.store(key, &entry, epoch) {
@@ -734,7 +734,7 @@ impl Gateway {
         self.after_fill(key, &entry, kind == FillKind::Stored, fleet)
             .await;
         Ok(Fill {
-            entry: Arc::new(entry),
+            entry,
             kind,
             pieces: None,
             hold: reply.hold,
