@@ -1,10 +1,11 @@
-//! Collapsing concurrent identical misses into one upstream call.
+//! The in-process [`FillLock`]: concurrent identical misses collapsed into one upstream call.
 //!
 //! Not moka's `get_with`: when the future that initialises an entry is dropped (the client
-//! hung up) its waiters can stall (design.md). Here the first caller for a key becomes the
-//! leader and gets a [`Flight`] to move into its own spawned task; everyone (leader included)
-//! waits on a `watch` channel with their own deadline. The flight's drop guard removes the
-//! map entry whether it completed, failed or panicked, so no key can stay stuck.
+//! hung up) its waiters can stall (design.md). Here the first caller for a key gets the
+//! write permit, a [`Flight`] to move into its own spawned task; everyone (the writer
+//! included, through [`Flight::reader`]) waits on a `watch` channel with their own deadline.
+//! The flight's drop guard removes the map entry whether it completed, failed or panicked,
+//! so no key can stay stuck.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::fill_lock::{FillLock, Locked, ReadOutcome, WaitError};
 use super::key::KeyId;
 
 type Map<T> = HashMap<KeyId, watch::Receiver<Option<T>>>;
@@ -19,6 +21,15 @@ type Map<T> = HashMap<KeyId, watch::Receiver<Option<T>>>;
 /// In-flight fills by key.
 pub struct Coalescer<T> {
     inflight: Arc<Mutex<Map<T>>>,
+}
+
+/// Another handle on the same fills (for a task that releases a permit).
+impl<T> Clone for Coalescer<T> {
+    fn clone(&self) -> Self {
+        Coalescer {
+            inflight: self.inflight.clone(),
+        }
+    }
 }
 
 impl<T> Default for Coalescer<T> {
@@ -29,22 +40,20 @@ impl<T> Default for Coalescer<T> {
     }
 }
 
-/// The caller's part in a fill.
-pub enum Role<T> {
-    /// Start the fill: move the flight into a task and call [`Flight::complete`].
-    Leader(Flight<T>, Waiter<T>),
-    /// A fill for this key is already running.
-    Follower(Waiter<T>),
-}
-
-/// The right and duty to complete one fill.
+/// The right and duty to complete one fill: the in-process write permit.
 pub struct Flight<T> {
     key: KeyId,
     tx: watch::Sender<Option<T>>,
     inflight: Arc<Mutex<Map<T>>>,
 }
 
-/// Waits for a fill's result.
+impl<T> std::fmt::Debug for Flight<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Flight").field("key", &self.key).finish()
+    }
+}
+
+/// Waits for a fill's result: the in-process reader.
 pub struct Waiter<T>(watch::Receiver<Option<T>>);
 
 fn lock<T>(m: &Mutex<Map<T>>) -> MutexGuard<'_, Map<T>> {
@@ -52,21 +61,20 @@ fn lock<T>(m: &Mutex<Map<T>>) -> MutexGuard<'_, Map<T>> {
 }
 
 impl<T: Clone> Coalescer<T> {
-    pub fn join(&self, key: KeyId) -> Role<T> {
+    /// [`FillLock::lock`] without awaiting: in process the answer is at hand, so code that
+    /// cannot wait (the read stage) takes the lock too. Never [`Locked::Unavailable`].
+    pub fn lock_now(&self, key: KeyId) -> Locked<Flight<T>, Waiter<T>> {
         let mut map = lock(&self.inflight);
         if let Some(rx) = map.get(&key) {
-            return Role::Follower(Waiter(rx.clone()));
+            return Locked::Read(Waiter(rx.clone()));
         }
         let (tx, rx) = watch::channel(None);
-        map.insert(key, rx.clone());
-        Role::Leader(
-            Flight {
-                key,
-                tx,
-                inflight: self.inflight.clone(),
-            },
-            Waiter(rx),
-        )
+        map.insert(key, rx);
+        Locked::Write(Flight {
+            key,
+            tx,
+            inflight: self.inflight.clone(),
+        })
     }
 
     /// Fills currently running (for tests and debugging).
@@ -76,8 +84,14 @@ impl<T: Clone> Coalescer<T> {
 }
 
 impl<T> Flight<T> {
+    /// A reader of this fill, for the writer's own request: it waits like any other, while
+    /// the fill runs in a task a client hanging up cannot cancel.
+    pub fn reader(&self) -> Waiter<T> {
+        Waiter(self.tx.subscribe())
+    }
+
     /// Hands the result to every waiter; the drop that follows frees the key.
-    pub fn complete(self, value: T) {
+    fn complete(self, value: T) {
         self.tx.send_replace(Some(value));
     }
 }
@@ -95,15 +109,6 @@ impl<T> Drop for Flight<T> {
     }
 }
 
-/// Why a waiter got no result.
-#[derive(Debug, PartialEq, Eq)]
-pub enum WaitError {
-    /// The deadline passed first.
-    TimedOut,
-    /// The fill ended without a result (its task panicked or was aborted).
-    Abandoned,
-}
-
 impl<T: Clone> Waiter<T> {
     /// Waits on a channel that another mechanism (a union fill) completes.
     pub(super) fn new(rx: watch::Receiver<Option<T>>) -> Self {
@@ -119,54 +124,111 @@ impl<T: Clone> Waiter<T> {
     }
 }
 
+impl<T: Clone + Send + Sync> FillLock for Coalescer<T> {
+    type Key = KeyId;
+    type Value = T;
+    type Permit = Flight<T>;
+    type Reader = Waiter<T>;
+
+    async fn lock(&self, key: &KeyId) -> Locked<Flight<T>, Waiter<T>> {
+        self.lock_now(*key)
+    }
+
+    /// Never [`ReadOutcome::TookOver`]: a dropped flight leaves its readers `Abandoned`.
+    async fn wait(&self, reader: Waiter<T>, deadline: Duration) -> ReadOutcome<T, Flight<T>> {
+        match reader.wait(deadline).await {
+            Ok(v) => ReadOutcome::Done(v),
+            Err(e) => ReadOutcome::GaveUp(e),
+        }
+    }
+
+    async fn release(&self, permit: Flight<T>, value: T) {
+        permit.complete(value);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn one_leader_many_followers_and_the_key_is_freed() {
+    async fn one_writer_many_readers_and_the_key_is_freed() {
         let c: Coalescer<u32> = Coalescer::default();
-        let Role::Leader(flight, lead_wait) = c.join(KeyId(7)) else {
-            panic!("first caller leads")
+        let Locked::Write(permit) = c.lock(&KeyId(7)).await else {
+            panic!("the first caller writes")
         };
-        let followers: Vec<_> = (0..10)
-            .map(|_| match c.join(KeyId(7)) {
-                Role::Follower(w) => w,
-                Role::Leader(..) => panic!("second caller follows"),
+        let readers: Vec<_> = (0..10)
+            .map(|_| match c.lock_now(KeyId(7)) {
+                Locked::Read(r) => r,
+                _ => panic!("later callers read"),
             })
             .collect();
-        // The leader's own waiter going away changes nothing for the followers.
-        drop(lead_wait);
+        // The writer's own reader going away changes nothing for the others.
+        drop(permit.reader());
+        let writer = c.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            flight.complete(42);
+            writer.release(permit, 42).await;
         });
-        for w in followers {
-            assert_eq!(w.wait(Duration::from_secs(5)).await, Ok(42));
+        for r in readers {
+            let outcome = c.wait(r, Duration::from_secs(5)).await;
+            assert!(matches!(outcome, ReadOutcome::Done(42)), "{outcome:?}");
         }
         assert_eq!(c.in_flight(), 0);
-        assert!(matches!(c.join(KeyId(7)), Role::Leader(..)));
+        assert!(matches!(c.lock_now(KeyId(7)), Locked::Write(_)));
     }
 
     #[tokio::test]
-    async fn abandoned_and_slow_fills_do_not_hang_waiters() {
+    async fn a_dropped_permit_frees_the_key_and_its_readers_see_it_abandoned() {
         let c: Coalescer<u32> = Coalescer::default();
-        let Role::Leader(flight, w) = c.join(KeyId(1)) else {
+        let Locked::Write(permit) = c.lock_now(KeyId(1)) else {
             panic!()
         };
-        drop(flight);
-        assert_eq!(
-            w.wait(Duration::from_secs(5)).await,
-            Err(WaitError::Abandoned)
-        );
+        let (mine, Locked::Read(theirs)) = (permit.reader(), c.lock_now(KeyId(1))) else {
+            panic!()
+        };
+        drop(permit);
         assert_eq!(c.in_flight(), 0);
+        for r in [mine, theirs] {
+            let outcome = c.wait(r, Duration::from_secs(5)).await;
+            assert!(
+                matches!(outcome, ReadOutcome::GaveUp(WaitError::Abandoned)),
+                "{outcome:?}"
+            );
+        }
+    }
 
-        let Role::Leader(_flight, w) = c.join(KeyId(2)) else {
+    #[tokio::test]
+    async fn a_slow_fill_times_its_readers_out() {
+        let c: Coalescer<u32> = Coalescer::default();
+        let Locked::Write(_permit) = c.lock_now(KeyId(2)) else {
             panic!()
         };
-        assert_eq!(
-            w.wait(Duration::from_millis(20)).await,
-            Err(WaitError::TimedOut)
+        let Locked::Read(r) = c.lock_now(KeyId(2)) else {
+            panic!()
+        };
+        let outcome = c.wait(r, Duration::from_millis(20)).await;
+        assert!(
+            matches!(outcome, ReadOutcome::GaveUp(WaitError::TimedOut)),
+            "{outcome:?}"
         );
+        assert_eq!(c.in_flight(), 1, "the fill still runs");
+    }
+
+    #[tokio::test]
+    async fn an_old_permit_never_frees_a_newer_fill_of_its_key() {
+        let c: Coalescer<u32> = Coalescer::default();
+        let Locked::Write(old) = c.lock_now(KeyId(3)) else {
+            panic!()
+        };
+        // The old flight's entry gone while it lives on: its drop must spare a successor's.
+        lock(&c.inflight).clear();
+        let Locked::Write(new) = c.lock_now(KeyId(3)) else {
+            panic!("the key was free")
+        };
+        drop(old);
+        assert!(matches!(c.lock_now(KeyId(3)), Locked::Read(_)));
+        drop(new);
+        assert_eq!(c.in_flight(), 0);
     }
 }

@@ -256,6 +256,11 @@ impl Entry {
         }
     }
 
+    /// Fresh by its TTL alone, no stale grace: what may answer from the Redis tier.
+    pub fn is_fresh(&self) -> bool {
+        self.freshness(Instant::now(), Duration::ZERO, Duration::ZERO) == Freshness::Fresh
+    }
+
     /// Whether a stale copy may stand in for a failed refresh.
     pub fn usable_on_error(&self, now: Instant, sie: Duration) -> bool {
         self.age(now) < self.ttl + sie

@@ -145,7 +145,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::cache::coalesce::WaitError;
+    use crate::cache::fill_lock::WaitError;
 
     type Sums = Gatherings<Vec<u32>, u32>;
 

@@ -1,17 +1,18 @@
 //! The read cache: keys ([`key`]), TTL rules and client directives ([`policy`]), entries and
-//! their freshness ([`entry`]), the in-process tier ([`l1`]), collapsing of concurrent misses
-//! ([`coalesce`]), node index and write epochs ([`invalidate`]), `ids=` reassembly ([`ids`])
-//! and batch reads from per-operation entries ([`batch`]); what the cache did for a request,
-//! as `Cache-Status`, `X-Cache` and metric label ([`status`]). The request-path glue that
-//! calls Graph lives in `proxy::cached`.
+//! their freshness ([`entry`]), the in-process tier ([`l1`]), who fills a missed key
+//! ([`fill_lock`]; in process: [`coalesce`]), node index and write epochs ([`invalidate`]),
+//! `ids=` reassembly ([`ids`]) and batch reads from per-operation entries ([`batch`]); what
+//! the cache did for a request, as `Cache-Status`, `X-Cache` and metric label ([`status`]).
+//! The request-path glue that calls Graph lives in `proxy::cached`.
 //!
-//! With `[redis] url`, the shared pieces join in: the Redis tier ([`l2`]), fill leases across
-//! replicas ([`lease`]) and the invalidation bus ([`bus`]).
+//! With `[redis] url`, the shared pieces join in: the Redis tier ([`l2`]), the fill lock
+//! across replicas ([`lease`]) and the invalidation bus ([`bus`]).
 
 pub mod batch;
 pub mod bus;
 pub mod coalesce;
 pub mod entry;
+pub mod fill_lock;
 pub mod gather;
 pub mod ids;
 pub mod invalidate;

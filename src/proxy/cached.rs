@@ -13,8 +13,9 @@ use http_body_util::Full;
 
 use super::fleet::FleetStart;
 use super::{Call, Gateway};
-use crate::cache::coalesce::{Flight, Role, WaitError};
+use crate::cache::coalesce::Flight;
 use crate::cache::entry::{Entry, Freshness, DEFAULT_CONTENT_TYPE};
+use crate::cache::fill_lock::{FillLock, Locked, ReadOutcome, WaitError};
 use crate::cache::gather::{Lead, Part};
 use crate::cache::key::{self, CacheKey};
 use crate::cache::policy::{request_directive, Directive};
@@ -171,14 +172,14 @@ impl Gateway {
                         self.cache.count(CacheResult::Stale);
                         self.metrics.cache.served_stale(StaleReason::Revalidate);
                         // One refresh: if one is already running for this key, join nothing.
-                        if let Role::Leader(flight, _) = self.cache.flights.join(key.id) {
+                        if let Locked::Write(permit) = self.cache.flights.lock_now(key.id) {
                             let job = Job {
                                 key: key.clone(),
                                 ttl,
                                 stale: Some(e.clone()),
                                 shared: true,
                             };
-                            self.spawn_fill(flight, call.clone(), version, job);
+                            self.spawn_fill(permit, call.clone(), version, job);
                         }
                         let status = CacheStatus::StaleWhileRevalidate {
                             ttl: e.ttl_left_s(now),
@@ -310,7 +311,7 @@ impl Gateway {
         {
             Ok(result) => result?,
             Err(e @ WaitError::TimedOut) => return Err(self.fill_wait_failed(e)),
-            Err(WaitError::Abandoned) => {
+            Err(WaitError::Abandoned | WaitError::Unavailable) => {
                 self.metrics.cache.union_fallbacks.inc();
                 return self.fill_alone(call, version, key, ttl, caller).await;
             }
@@ -461,7 +462,7 @@ impl Gateway {
         let fills = match waiter.wait(self.fill_deadline() + window).await {
             Ok(result) => result?,
             Err(e @ WaitError::TimedOut) => return Err(self.fill_wait_failed(e)),
-            Err(WaitError::Abandoned) => Arc::default(),
+            Err(WaitError::Abandoned | WaitError::Unavailable) => Arc::default(),
         };
         match fills.iter().find(|(n, _)| *n == node) {
             Some((_, fill)) => Ok(fill.clone()),
@@ -584,9 +585,9 @@ impl Gateway {
         .await
     }
 
-    /// Joins the fill running for `id`, or leads it: `fill` then runs in a task of its own
-    /// (a leader whose client hangs up cancels nothing). Everyone waits within the fill
-    /// deadline. Returns the fill and whether another request led it.
+    /// Takes `id`'s in-process fill lock. The writer runs `fill` in a task of its own (a
+    /// writer whose client hangs up cancels nothing) and waits for it like the readers do,
+    /// within the fill deadline. Returns the fill and whether another request wrote it.
     pub(super) async fn coalesced<F>(
         &self,
         id: key::KeyId,
@@ -595,20 +596,26 @@ impl Gateway {
     where
         F: Future<Output = FillResult> + Send + 'static,
     {
-        let (waiter, collapsed) = match self.cache.flights.join(id) {
-            Role::Leader(flight, waiter) => {
-                let fill = fill();
-                tokio::spawn(async move { flight.complete(fill.await) });
-                (waiter, false)
+        let flights = &self.cache.flights;
+        let (reader, collapsed) = match flights.lock(&id).await {
+            Locked::Write(permit) => {
+                let reader = permit.reader();
+                let (flights, fill) = (flights.clone(), fill());
+                tokio::spawn(async move { flights.release(permit, fill.await).await });
+                (reader, false)
             }
-            Role::Follower(waiter) => {
+            Locked::Read(reader) => {
                 self.metrics.cache.coalesced.inc();
-                (waiter, true)
+                (reader, true)
             }
+            // Never in process (there is no store to lose); what it means: fill unlocked.
+            Locked::Unavailable => return fill().await.map(|f| (f, false)),
         };
-        match waiter.wait(self.fill_deadline()).await {
-            Ok(result) => result.map(|f| (f, collapsed)),
-            Err(e) => Err(self.fill_wait_failed(e)),
+        match flights.wait(reader, self.fill_deadline()).await {
+            ReadOutcome::Done(result) => result.map(|f| (f, collapsed)),
+            ReadOutcome::GaveUp(e) => Err(self.fill_wait_failed(e)),
+            // Never in process: a flight dropped unreleased leaves its readers abandoned.
+            ReadOutcome::TookOver(_) => Err(self.fill_wait_failed(WaitError::Abandoned)),
         }
     }
 
@@ -618,7 +625,8 @@ impl Gateway {
             WaitError::TimedOut => {
                 ProxyError::UpstreamTimeout(self.fill_deadline().as_millis() as u64)
             }
-            WaitError::Abandoned => {
+            // Unavailable: only the fleet lock's readers see it, and they fill instead.
+            WaitError::Abandoned | WaitError::Unavailable => {
                 ProxyError::Internal("the upstream call for this read was abandoned".into())
             }
         }
@@ -632,7 +640,7 @@ impl Gateway {
 
     fn spawn_fill(
         self: &Arc<Self>,
-        flight: Flight<FillResult>,
+        permit: Flight<FillResult>,
         call: Call,
         version: &str,
         job: Job,
@@ -641,7 +649,7 @@ impl Gateway {
         let version = version.to_string();
         tokio::spawn(async move {
             let result = gw.fill(call, &version, job).await;
-            flight.complete(result);
+            gw.cache.flights.release(permit, result).await;
         });
     }
 
@@ -692,11 +700,11 @@ impl Gateway {
         };
         if reply.status == StatusCode::NOT_MODIFIED {
             if let Some(old) = &stale {
-                let renewed = old.renewed(ttl);
+                let renewed = Arc::new(old.renewed(ttl));
                 let stored = self.cache.store(key, &renewed, epoch);
                 self.after_fill(key, &renewed, stored, fleet).await;
                 return Ok(Fill {
-                    entry: Arc::new(renewed),
+                    entry: renewed,
                     kind: FillKind::Revalidated,
                     pieces: None,
                     hold: None,
@@ -714,7 +722,7 @@ impl Gateway {
             &self.public_url,
             &self.tokens.secrets(),
         )?;
-        let entry = Entry::new(reply.status, reply.headers, prepared, ttl);
+        let entry = Arc::new(Entry::new(reply.status, reply.headers, prepared, ttl));
         let kind = if !entry.status.is_success() {
             FillKind::Passed
         } else if self.cache.store(key, &entry, epoch) {
@@ -726,7 +734,7 @@ impl Gateway {
         self.after_fill(key, &entry, kind == FillKind::Stored, fleet)
             .await;
         Ok(Fill {
-            entry: Arc::new(entry),
+            entry,
             kind,
             pieces: None,
             hold: reply.hold,

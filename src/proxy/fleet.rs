@@ -2,18 +2,20 @@
 //! several replicas behave as one proxy.
 //!
 //! Before calling Graph for a key ([`Gateway::before_fill`]): look in the Redis tier (a fresh
-//! entry there is promoted into L1 and answers); otherwise take the key's fill lease, or, if
-//! another replica holds it, wait for that replica's entry instead of calling Graph. After
-//! the call ([`Gateway::after_fill`]): write the entry to Redis, free the lease and wake the
-//! waiters. Any Redis failure along the way means "fill locally", never an error.
+//! entry there is promoted into L1 and answers); otherwise take the key's fleet fill lock
+//! ([`FleetLock`]), or, if another replica holds it, wait for that replica's entry instead
+//! of calling Graph. After the call ([`Gateway::after_fill`]): write the entry to Redis and
+//! release the lock, which wakes the waiters. Any Redis failure along the way means "fill
+//! locally", never an error.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::Gateway;
-use crate::cache::entry::{Entry, Freshness};
+use crate::cache::entry::Entry;
+use crate::cache::fill_lock::{FillLock, Locked, ReadOutcome};
 use crate::cache::key::CacheKey;
-use crate::cache::lease::{self, Lease, LeaseTry};
+use crate::cache::lease::{FleetLock, Lease};
 use crate::cache::{Fill, FillKind, FillResult, Shared};
 use crate::error::ProxyError;
 use crate::metrics::{CacheResult, CacheTier, LeaseWait};
@@ -21,9 +23,6 @@ use crate::upstream::reply_budget::Source;
 
 /// Extra lease time beyond the upstream timeout (token minting, a short queue).
 const LEASE_MARGIN: Duration = Duration::from_secs(1);
-/// A waiter re-checks L2 and the lease at least this often, in case a notice was lost.
-const POLL_MIN: Duration = Duration::from_millis(20);
-const POLL_MAX: Duration = Duration::from_millis(200);
 
 /// How a fill starts.
 pub(super) enum FleetStart {
@@ -84,8 +83,9 @@ impl Gateway {
             lease: None,
         };
         if let Some(found) = look.entry {
-            if serve && self.fresh(&found) {
+            if serve && found.is_fresh() {
                 self.cache.count_tier(CacheTier::L2, CacheResult::Hit);
+                let found = Arc::new(found);
                 return FleetStart::Served(self.promote(key, found, FillKind::L2Hit, epoch).await);
             }
             self.cache.count_tier(CacheTier::L2, CacheResult::Stale);
@@ -98,18 +98,33 @@ impl Gateway {
         if !serve {
             return FleetStart::Fetch(fleet);
         }
-        let ttl = self.config.upstream.timeout + LEASE_MARGIN;
-        match lease::acquire(&sh.l2, key, ttl).await {
-            LeaseTry::Acquired(l) => fleet.lease = Some(l),
-            LeaseTry::Unavailable => {}
-            LeaseTry::Held => match self.wait_for_fill(sh, key, ttl, epoch).await {
-                Waited::Filled(fill) => return FleetStart::Served(fill),
-                Waited::TookOver(l, e) => {
-                    fleet.lease = Some(l);
-                    fleet.epoch = Some(e);
-                }
-                Waited::GaveUp => {}
-            },
+        let lock = self.fleet_lock(sh);
+        let reader = match lock.lock(key).await {
+            Locked::Write(lease) => {
+                fleet.lease = Some(lease);
+                return FleetStart::Fetch(fleet);
+            }
+            Locked::Read(reader) => reader,
+            Locked::Unavailable => return FleetStart::Fetch(fleet),
+        };
+        let deadline = self.config.upstream.timeout + self.config.quota.queue_timeout;
+        let outcome = lock.wait(reader, deadline).await;
+        self.metrics.cache.lease_waited(match &outcome {
+            ReadOutcome::Done(_) => LeaseWait::Filled,
+            ReadOutcome::TookOver(_) => LeaseWait::TookOver,
+            ReadOutcome::GaveUp(_) => LeaseWait::GaveUp,
+        });
+        match outcome {
+            ReadOutcome::Done(found) => {
+                self.metrics.cache.coalesced.inc();
+                return FleetStart::Served(self.promote(key, found, FillKind::Remote, epoch).await);
+            }
+            ReadOutcome::TookOver(lease) => {
+                fleet.epoch = lease.epoch.clone();
+                fleet.lease = Some(lease);
+            }
+            // Redis stopped answering or the holder is too slow: fill locally.
+            ReadOutcome::GaveUp(_) => {}
         }
         FleetStart::Fetch(fleet)
     }
@@ -135,7 +150,7 @@ impl Gateway {
                 continue;
             };
             match look.entry {
-                Some(entry) if serve && entry.status.is_success() && self.fresh(&entry) => {
+                Some(entry) if serve && entry.status.is_success() && entry.is_fresh() => {
                     self.cache.count_tier(CacheTier::L2, CacheResult::Hit);
                     self.cache.store(key, &entry, epoch);
                     out.push((Some(Arc::new(entry)), Some(look.epoch)));
@@ -156,11 +171,11 @@ impl Gateway {
     }
 
     /// After a fill's upstream call: the entry goes to Redis (if it went into L1 and no write
-    /// intervened anywhere), then the lease is freed and waiting replicas are woken.
+    /// intervened anywhere), then the lock is released and waiting replicas are woken.
     pub(super) async fn after_fill(
         &self,
         key: &CacheKey,
-        entry: &Entry,
+        entry: &Arc<Entry>,
         stored: bool,
         fleet: FleetFill,
     ) {
@@ -170,14 +185,14 @@ impl Gateway {
         if let (true, Some(epoch)) = (stored, &fleet.epoch) {
             self.cache.store_shared(key, entry, epoch).await;
         }
-        if let Some(l) = fleet.lease {
-            l.release().await;
-            sh.bus.filled(key.id).await;
+        if let Some(lease) = fleet.lease {
+            self.fleet_lock(sh).release(lease, entry.clone()).await;
         }
     }
 
-    fn fresh(&self, e: &Entry) -> bool {
-        e.freshness(Instant::now(), Duration::ZERO, Duration::ZERO) == Freshness::Fresh
+    /// The fleet's fill lock, its leases outliving an upstream call by a margin.
+    fn fleet_lock<'a>(&self, sh: &'a Shared) -> FleetLock<'a> {
+        FleetLock::new(sh, self.config.upstream.timeout + LEASE_MARGIN)
     }
 
     /// Puts an entry from Redis into L1 (unless a local write raced it) and makes it the
@@ -185,7 +200,7 @@ impl Gateway {
     async fn promote(
         &self,
         key: &CacheKey,
-        entry: Entry,
+        entry: Arc<Entry>,
         kind: FillKind,
         epoch: u64,
     ) -> FillResult {
@@ -196,65 +211,10 @@ impl Gateway {
             .reserve(entry.body_len(), Source::Cache)
             .ok_or(ProxyError::Overloaded { retry_after_s: 1 })?;
         Ok(Fill {
-            entry: Arc::new(entry),
+            entry,
             kind,
             pieces: None,
             hold: Some(Arc::new(hold)),
         })
     }
-
-    /// Waits for the replica holding `key`'s lease: its entry arriving in L2 ends the wait;
-    /// so does the lease coming free (it failed, or expired with its holder), in which case
-    /// this replica takes it over. Bounded by the fill deadline.
-    async fn wait_for_fill(
-        &self,
-        sh: &Shared,
-        key: &CacheKey,
-        lease_ttl: Duration,
-        epoch: u64,
-    ) -> Waited {
-        let metrics = &self.metrics;
-        let deadline =
-            Instant::now() + self.config.upstream.timeout + self.config.quota.queue_timeout;
-        let mut poll = POLL_MIN;
-        loop {
-            let watch = sh.bus.watch(key.id);
-            let notified = watch.notify().notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let Some(look) = sh.l2.lookup(key).await else {
-                metrics.cache.lease_waited(LeaseWait::GaveUp);
-                return Waited::GaveUp;
-            };
-            if let Some(found) = look.entry.filter(|e| self.fresh(e)) {
-                metrics.cache.lease_waited(LeaseWait::Filled);
-                self.metrics.cache.coalesced.inc();
-                return Waited::Filled(self.promote(key, found, FillKind::Remote, epoch).await);
-            }
-            match lease::acquire(&sh.l2, key, lease_ttl).await {
-                LeaseTry::Acquired(l) => {
-                    metrics.cache.lease_waited(LeaseWait::TookOver);
-                    return Waited::TookOver(l, look.epoch);
-                }
-                LeaseTry::Unavailable => {
-                    metrics.cache.lease_waited(LeaseWait::GaveUp);
-                    return Waited::GaveUp;
-                }
-                LeaseTry::Held => {}
-            }
-            if Instant::now() >= deadline {
-                metrics.cache.lease_waited(LeaseWait::GaveUp);
-                return Waited::GaveUp;
-            }
-            let _ = tokio::time::timeout(poll, notified).await;
-            poll = (poll * 2).min(POLL_MAX);
-        }
-    }
-}
-
-enum Waited {
-    Filled(FillResult),
-    /// The lease came free; we hold it now (with the epoch read just before).
-    TookOver(Lease, String),
-    GaveUp,
 }
