@@ -2,8 +2,7 @@
 //! `ids=`, batch), the client's quota [`Hints`] and the per-call facts recorded for the
 //! request log. Everything above reads this model; it depends on nothing above it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -50,12 +49,12 @@ pub struct Call {
     pub stats: Arc<CallStats>,
 }
 
-/// Per-request facts recorded while the call is forwarded, for the request log line.
+/// What the upstream phase learns about a call, for the request's record: shared by the
+/// call and the copy a fill runs with (the fill may run in a task of its own).
 #[derive(Debug, Default)]
 pub struct CallStats {
-    /// Microseconds spent waiting for quota budget, plus one (0 = never reached the
-    /// scheduler).
-    queue_us: AtomicU64,
+    /// Time waited for quota budget; `None` if the call never reached the scheduler.
+    queue_wait: Mutex<Option<Duration>>,
     /// The Page the scheduler charged, when the call went to exactly one Page.
     charged_page: OnceLock<String>,
 }
@@ -63,10 +62,7 @@ pub struct CallStats {
 impl CallStats {
     /// Time waited for quota budget, if the call reached the scheduler.
     pub fn queue_wait(&self) -> Option<Duration> {
-        match self.queue_us.load(Ordering::Relaxed) {
-            0 => None,
-            n => Some(Duration::from_micros(n - 1)),
-        }
+        *self.queue_wait.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn charged_page(&self) -> Option<&str> {
@@ -78,16 +74,10 @@ impl CallStats {
         let _ = self.charged_page.set(page.to_string());
     }
 
-    /// Adds time waited for quota budget (and marks the call as having reached the
-    /// scheduler).
+    /// Adds time waited for quota budget (each attempt of a call is admitted).
     pub fn add_queue_wait(&self, waited: Duration) {
-        let us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX / 2);
-        // First wait also sets the "reached the scheduler" bit (the +1).
-        let _ = self
-            .queue_us
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                Some(n.max(1).saturating_add(us))
-            });
+        let mut total = self.queue_wait.lock().unwrap_or_else(|e| e.into_inner());
+        *total = Some(total.unwrap_or_default().saturating_add(waited));
     }
 }
 
