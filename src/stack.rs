@@ -178,4 +178,12 @@ mod tests {
         let response = handle(&gw, get("/v21.0/1001?fields=about&access_token=reader-key")).await;
         assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
     }
+
+    /// Every layer above the stages moves their future: it holds a finished reply or one
+    /// box, never the request's state.
+    #[test]
+    fn the_future_the_outer_layers_move_is_a_reply_or_a_box() {
+        let reply = std::mem::size_of::<Response<Full<Bytes>>>();
+        assert!(std::mem::size_of::<respond::RespondFuture>() <= reply + 16);
+    }
 }
