@@ -21,6 +21,10 @@
 #      (utime+stime of the server's whole process tree from /proc, before and after,
 #      divided by the requests served); then graphgate's (and the baseline's) CPU per hit
 #      over the floor's CPU per reply and over nginx's, and its req/s over nginx's;
+#      then the same over h2c (HTTP/2 without TLS, prior knowledge) for graphgate (its own
+#      port serves both), nginx proxy_cache and the floor (`listen ... http2`), with h2load
+#      (Debian: nghttp2-client; skipped when missing or with SKIP_H2C=1), one stream per
+#      connection;
 #   2. cold-key fan-in: 500 requests for one cold key at once (examples/burst.rs): p99, the
 #      upstream calls made, and the added waiter latency (p99 minus one uncached request's
 #      latency through the same system);
@@ -35,7 +39,7 @@
 # Needs (Debian packages): nginx, varnish, wrk; plus cargo, curl, openssl, awk. Installs
 # nothing. Usage:  benches/load/compare.sh        (env: ROUNDS, HIT_SECONDS, MISS_SECONDS,
 #                                                   ENTRIES, BURST, PORT_BASE, GG_BASELINE,
-#                                                   TARGETS, SKIP_BURST, SKIP_RSS)
+#                                                   TARGETS, SKIP_BURST, SKIP_RSS, SKIP_H2C)
 #   GG_BASELINE=/tmp/old/target/release/graphgate benches/load/compare.sh
 #   TARGETS="graphgate nginx floor" SKIP_BURST=1 SKIP_RSS=1 benches/load/compare.sh
 # TARGETS picks the hit (and miss-overhead) targets among: graphgate, graphgate-baseline
@@ -56,6 +60,7 @@ PORT_BASE=${PORT_BASE:-18080}
 GG_BASELINE=${GG_BASELINE:-}
 SKIP_BURST=${SKIP_BURST:-0}
 SKIP_RSS=${SKIP_RSS:-0}
+SKIP_H2C=${SKIP_H2C:-0}
 if [ -z "${TARGETS:-}" ]; then
     TARGETS="graphgate nginx varnish floor"
     [ -z "$GG_BASELINE" ] || TARGETS+=" graphgate-baseline"
@@ -128,6 +133,8 @@ P_F_NGINX=$((PORT_BASE + 10))       # fake graphs, one per system (each counts i
 P_F_VARNISH=$((PORT_BASE + 11))
 P_F_GG=$((PORT_BASE + 12))
 P_GG_BASE=$((PORT_BASE + 13))       # baseline graphgate -> static (admin +14), with GG_BASELINE
+P_NGINX_H2=$((PORT_BASE + 15))      # nginx proxy_cache over h2c (graphgate serves h2c on its own port)
+P_FLOOR_H2=$((PORT_BASE + 16))      # the floor over h2c
 
 KEY=cmp-client-key
 FAKE_TOKEN=demo-system-user-token   # what `graphgate fake-graph` accepts
@@ -200,6 +207,25 @@ http {
             proxy_cache_lock on;
             proxy_cache_lock_timeout 30s;
             proxy_cache_lock_age 30s;
+        }
+    }
+    # The same two over h2c (HTTP/2 without TLS, prior knowledge).
+    server {
+        listen 127.0.0.1:$P_FLOOR_H2 http2;
+        location / {
+            default_type "application/json; charset=UTF-8";
+            return 200 '$BODY_NGX';
+        }
+    }
+    server {
+        listen 127.0.0.1:$P_NGINX_H2 http2;
+        location / {
+            proxy_pass http://static;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_cache gg;
+            proxy_cache_valid 200 60s;
+            proxy_ignore_headers Cache-Control Expires Set-Cookie;
         }
     }
     server {
@@ -306,7 +332,7 @@ if [ -n "$GG_BASELINE" ]; then
     GG_BASE_PID=$!; PIDS+=("$GG_BASE_PID")
     wait_port "$P_GG_BASE"
 fi
-for p in $P_STATIC $P_NGINX $P_VARNISH $P_GG $P_FLOOR $P_NGINX_SLOW $P_VARNISH_SLOW $P_GG_SLOW $P_F_NGINX $P_F_VARNISH $P_F_GG; do
+for p in $P_STATIC $P_NGINX $P_VARNISH $P_GG $P_FLOOR $P_NGINX_H2 $P_FLOOR_H2 $P_NGINX_SLOW $P_VARNISH_SLOW $P_GG_SLOW $P_F_NGINX $P_F_VARNISH $P_F_GG; do
     wait_port "$p"
 done
 
@@ -433,6 +459,45 @@ for s in "${HIT_TARGETS[@]}"; do
     CPU_US[$s]=$(awk -v t="${CPU[$s]}" -v k="$TICK" -v r="${REQS[$s]}" 'BEGIN{printf "%.1f", t / k * 1e6 / r}')
 done
 
+# h2c hits: h2load, 64 connections, one stream at a time each (as wrk's HTTP/1.1), the same
+# alternating rounds; latency percentiles from h2load's per-request log.
+declare -A H2_RPS H2_P50 H2_P99 H2_CPU_US
+H2LOAD=$(find_cmd h2load)
+if [ "$SKIP_H2C" = 1 ] || [ -z "$H2LOAD" ]; then
+    echo "h2c hits: skipped ($([ -z "$H2LOAD" ] && echo "h2load not installed: apt-get install nghttp2-client" || echo SKIP_H2C=1))" >&2
+    SKIP_H2C=1
+else
+    declare -A H2_URL=([graphgate]=$URL_G [nginx]="http://127.0.0.1:$P_NGINX_H2$NODE_PATH&access_token=$KEY" [floor]="http://127.0.0.1:$P_FLOOR_H2$NODE_PATH&access_token=$KEY")
+    declare -A H2_CPU H2_REQS H2_RPS_SUM H2_P50_SUM
+    H2_TARGETS=()
+    for s in nginx graphgate floor; do if selected "$s"; then H2_TARGETS+=("$s"); fi; done
+    for s in "${H2_TARGETS[@]}"; do H2_CPU[$s]=0; H2_REQS[$s]=0; H2_RPS_SUM[$s]=0; H2_P50_SUM[$s]=0; H2_P99[$s]=0; done
+    echo "h2c hits: $ROUNDS rounds x ${HIT_SECONDS}s per target (${H2_TARGETS[*]}), $CONNS connections" >&2
+    for round in $(seq 1 "$ROUNDS"); do
+        for s in "${H2_TARGETS[@]}"; do
+            before=$(cpu_ticks "${PID_OF[$s]}")
+            out=$("$H2LOAD" -c $CONNS -t 2 -m 1 -D "$HIT_SECONDS" --log-file="$WORK/h2.log" "${H2_URL[$s]}" 2>&1)
+            after=$(cpu_ticks "${PID_OF[$s]}")
+            rps=$(echo "$out" | sed -n 's/^finished in [0-9.]*s, \([0-9.]*\) req\/s.*/\1/p')
+            ok=$(echo "$out" | sed -n 's/^requests: .* \([0-9]*\) succeeded.*/\1/p')
+            codes=$(echo "$out" | sed -n 's/^status codes: \([0-9]*\) 2xx.*/\1/p')
+            [ "${ok:-0}" = "${codes:-x}" ] || echo "  $s: not every h2c request got a 2xx ($out)" >&2
+            read -r p50 p99 < <(awk '{print $3}' "$WORK/h2.log" | sort -n | awk '{v[NR] = $1} END {printf "%.3f %.3f\n", v[int(NR * 0.5)] / 1000, v[int(NR * 0.99)] / 1000}')
+            echo "  round $round $s: $rps req/s p50 ${p50} ms p99 ${p99} ms cpu $((after - before)) ticks / $ok req" >&2
+            H2_RPS_SUM[$s]=$(awk -v a="${H2_RPS_SUM[$s]}" -v b="$rps" 'BEGIN{print a + b}')
+            H2_P50_SUM[$s]=$(awk -v a="${H2_P50_SUM[$s]}" -v b="$p50" 'BEGIN{print a + b}')
+            H2_P99[$s]=$(awk -v a="${H2_P99[$s]}" -v b="$p99" 'BEGIN{print (b > a ? b : a)}')
+            H2_CPU[$s]=$((H2_CPU[$s] + after - before))
+            H2_REQS[$s]=$((H2_REQS[$s] + ok))
+        done
+    done
+    for s in "${H2_TARGETS[@]}"; do
+        H2_RPS[$s]=$(awk -v a="${H2_RPS_SUM[$s]}" -v n="$ROUNDS" 'BEGIN{printf "%.0f", a / n}')
+        H2_P50[$s]=$(awk -v a="${H2_P50_SUM[$s]}" -v n="$ROUNDS" 'BEGIN{printf "%.3f", a / n}')
+        H2_CPU_US[$s]=$(awk -v t="${H2_CPU[$s]}" -v k="$TICK" -v r="${H2_REQS[$s]}" 'BEGIN{printf "%.1f", t / k * 1e6 / r}')
+    done
+fi
+
 declare -A FAN_P99 SINGLE CALLS ADDED
 if [ "$SKIP_BURST" = 1 ]; then
     echo "2/4 cold-key fan-in: skipped (SKIP_BURST=1)" >&2
@@ -544,6 +609,12 @@ if [ "$SKIP_BURST" != 1 ]; then
     row "fan-in: upstream calls" CALLS
 fi
 row "miss overhead vs direct (p50), us" MISS_OVER
+if [ "$SKIP_H2C" != 1 ]; then
+    row "h2c hits, req/s (64 conns, 1 stream each)" H2_RPS
+    row "h2c hit p50, ms" H2_P50
+    row "h2c hit p99, ms (worst round)" H2_P99
+    row "h2c server CPU per hit, us" H2_CPU_US
+fi
 echo
 for g in "${GGS[@]}"; do
     echo "$g: CPU per hit / floor CPU per reply $(ratio "${CPU_US[$g]:--}" "${CPU_US[floor]:--}"); CPU per hit / nginx proxy_cache's $(ratio "${CPU_US[$g]:--}" "${CPU_US[nginx]:--}"); hit req/s / nginx proxy_cache's $(ratio "${RPS[$g]:--}" "${RPS[nginx]:--}")"
