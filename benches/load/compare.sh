@@ -25,6 +25,8 @@
 #      port serves both), nginx proxy_cache and the floor (`listen ... http2`), with h2load
 #      (Debian: nghttp2-client; skipped when missing or with SKIP_H2C=1), one stream per
 #      connection;
+#      with IDLE_CONNS="1000 10000": the hits again (one run each, graphgate and nginx) while
+#      examples/idle_conns holds that many more idle keep-alive connections open;
 #   2. cold-key fan-in: 500 requests for one cold key at once (examples/burst.rs): p99, the
 #      upstream calls made, and the added waiter latency (p99 minus one uncached request's
 #      latency through the same system);
@@ -39,7 +41,8 @@
 # Needs (Debian packages): nginx, varnish, wrk; plus cargo, curl, openssl, awk. Installs
 # nothing. Usage:  benches/load/compare.sh        (env: ROUNDS, HIT_SECONDS, MISS_SECONDS,
 #                                                   ENTRIES, BURST, PORT_BASE, GG_BASELINE,
-#                                                   TARGETS, SKIP_BURST, SKIP_RSS, SKIP_H2C)
+#                                                   TARGETS, SKIP_BURST, SKIP_RSS, SKIP_H2C,
+#                                                   IDLE_CONNS)
 #   GG_BASELINE=/tmp/old/target/release/graphgate benches/load/compare.sh
 #   TARGETS="graphgate nginx floor" SKIP_BURST=1 SKIP_RSS=1 benches/load/compare.sh
 # TARGETS picks the hit (and miss-overhead) targets among: graphgate, graphgate-baseline
@@ -61,6 +64,7 @@ GG_BASELINE=${GG_BASELINE:-}
 SKIP_BURST=${SKIP_BURST:-0}
 SKIP_RSS=${SKIP_RSS:-0}
 SKIP_H2C=${SKIP_H2C:-0}
+IDLE_CONNS=${IDLE_CONNS:-}
 if [ -z "${TARGETS:-}" ]; then
     TARGETS="graphgate nginx varnish floor"
     [ -z "$GG_BASELINE" ] || TARGETS+=" graphgate-baseline"
@@ -76,6 +80,8 @@ done
 [ ${#TARGET_LIST[@]} -gt 0 ] || { echo "compare.sh: TARGETS is empty" >&2; exit 1; }
 selected() { case " ${TARGET_LIST[*]} " in *" $1 "*) return 0 ;; esac; return 1; }
 CONNS=64
+# Room for IDLE_CONNS connections (each holder socket and each server socket).
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 # --- requirements -------------------------------------------------------------------------
 find_cmd() { command -v "$1" 2>/dev/null || { [ -x "/usr/sbin/$1" ] && echo "/usr/sbin/$1"; } || true; }
@@ -100,9 +106,10 @@ fi
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 echo "building graphgate and the burst client (release)..." >&2
-(cd "$ROOT" && cargo build --release --quiet --bin graphgate --example burst)
+(cd "$ROOT" && cargo build --release --quiet --bin graphgate --example burst --example idle_conns)
 GG="$TARGET/release/graphgate"
 BURST_BIN="$TARGET/release/examples/burst"
+IDLE_BIN="$TARGET/release/examples/idle_conns"
 
 WORK=$(mktemp -d /tmp/gg-compare.XXXXXX)
 chmod 755 "$WORK"   # Varnish's worker process runs as its own user and must reach its -n dir
@@ -164,7 +171,8 @@ worker_processes 2;
 user root;
 pid $WORK/nginx.pid;
 error_log $WORK/logs/nginx-error.log warn;
-events { worker_connections 4096; }
+worker_rlimit_nofile 65536;
+events { worker_connections 20000; }
 http {
     access_log off;
     keepalive_requests 1000000;
@@ -459,6 +467,35 @@ for s in "${HIT_TARGETS[@]}"; do
     CPU_US[$s]=$(awk -v t="${CPU[$s]}" -v k="$TICK" -v r="${REQS[$s]}" 'BEGIN{printf "%.1f", t / k * 1e6 / r}')
 done
 
+# The connection scale curve: hits (wrk, 64 connections, one run of HIT_SECONDS) while
+# examples/idle_conns holds N more keep-alive connections open and idle on the same server.
+declare -A IDLE_ROW
+IDLE_LIST=()
+if [ -n "$IDLE_CONNS" ]; then
+    read -ra IDLE_LIST <<<"${IDLE_CONNS//,/ }"
+    IDLE_TARGETS=()
+    for s in graphgate nginx; do if selected "$s"; then IDLE_TARGETS+=("$s"); fi; done
+    echo "idle connections: hits while ${IDLE_LIST[*]} idle keep-alive connections are held (${IDLE_TARGETS[*]})" >&2
+    for n in "${IDLE_LIST[@]}"; do
+        for s in "${IDLE_TARGETS[@]}"; do
+            "$IDLE_BIN" "${URL_OF[$s]}" "$n" >"$WORK/idle.out" 2>&1 &
+            holder=$!; PIDS+=("$holder")
+            for _ in $(seq 1 600); do grep -q '^ready' "$WORK/idle.out" && break; sleep 0.1; done
+            held=$(sed -n 's/^ready //p' "$WORK/idle.out")
+            before=$(cpu_ticks "${PID_OF[$s]}")
+            read -r rps p50 p99 req bad < <(wrk_run "${URL_OF[$s]}" "$HIT_SECONDS" $CONNS 2)
+            after=$(cpu_ticks "${PID_OF[$s]}")
+            kill -INT "$holder" 2>/dev/null || true
+            wait "$holder" 2>/dev/null || true
+            [ "$bad" = 0 ] || echo "  $s: $bad non-2xx replies" >&2
+            cpu=$(awk -v t="$((after - before))" -v k="$TICK" -v r="$req" 'BEGIN{printf "%.1f", t / k * 1e6 / r}')
+            echo "  $s with ${held:-0}/$n idle: $rps req/s p50 $p50 ms p99 $p99 ms cpu $cpu us/hit" >&2
+            IDLE_ROW[$n,$s]="$(printf '%.0f' "$rps") | $p50 | $p99 | $cpu | ${held:-0}"
+            sleep 1
+        done
+    done
+fi
+
 # h2c hits: h2load, 64 connections, one stream at a time each (as wrk's HTTP/1.1), the same
 # alternating rounds; latency percentiles from h2load's per-request log.
 declare -A H2_RPS H2_P50 H2_P99 H2_CPU_US
@@ -620,6 +657,15 @@ for g in "${GGS[@]}"; do
     echo "$g: CPU per hit / floor CPU per reply $(ratio "${CPU_US[$g]:--}" "${CPU_US[floor]:--}"); CPU per hit / nginx proxy_cache's $(ratio "${CPU_US[$g]:--}" "${CPU_US[nginx]:--}"); hit req/s / nginx proxy_cache's $(ratio "${RPS[$g]:--}" "${RPS[nginx]:--}")"
 done
 echo "direct to the static upstream, unique keys, 1 connection: p50 ${MISS_DIRECT} ms"
+if [ ${#IDLE_LIST[@]} -gt 0 ]; then
+    echo
+    echo "hits (wrk -c$CONNS, ${HIT_SECONDS}s) while N idle keep-alive connections are held:"
+    echo "| idle connections | target | req/s | p50, ms | p99, ms | CPU per hit, us | held |"
+    echo "|---|---|---|---|---|---|---|"
+    for n in "${IDLE_LIST[@]}"; do
+        for s in "${IDLE_TARGETS[@]}"; do echo "| $n | $s | ${IDLE_ROW[$n,$s]} |"; done
+    done
+fi
 if [ "$SKIP_RSS" != 1 ]; then
     echo "graphgate memory: $entries1 cached entries of a ${BODY_BYTES} B body ($((entries1 * BODY_BYTES / 1048576)) MiB of payload):"
     echo "  RSS $((rss1 / 1024)) MiB = ${RSS_RATIO}x the payload; growth while filling: $PER_ENTRY B per entry = ${PER_ENTRY_RATIO}x"
