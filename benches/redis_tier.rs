@@ -12,6 +12,9 @@
 //! another key prefix, so L2 hits are measured both ways, and the bytes per entry in Redis
 //! (`STRLEN` of the stored values) are printed for each case.
 //!
+//! The scale curve by reply size: L1 and L2 hits for replies of 1 KB, 10 KB and 100 KB (a
+//! feed page of varied posts, put into Redis and replica A's L1 directly).
+//!
 //! Run: `cargo bench --bench redis_tier`.
 
 use std::net::TcpListener as StdListener;
@@ -19,10 +22,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use fake_graph::FakeGraph;
+use graphgate::cache::entry::Entry;
+use graphgate::cache::key;
 use graphgate::config::Config;
+use graphgate::proxy::parse_call;
 use graphgate::proxy::Gateway;
+use graphgate::rewrite::PreparedBody;
 use graphgate::server::{self, Running};
 
 mod common;
@@ -194,6 +202,7 @@ fn tiers(c: &mut Criterion) {
         });
     }
     group.finish();
+    value_sizes(c, &rt, &ga, &gb);
     assert_eq!(
         graph.stats().requests,
         upstream_before,
@@ -205,6 +214,108 @@ fn tiers(c: &mut Criterion) {
         }
     });
     graph.shutdown();
+}
+
+/// A Graph-like feed page of at least `bytes` bytes: posts with varied ids, words and times,
+/// so it compresses about as real replies do.
+fn feed_of(bytes: usize) -> String {
+    const WORDS: &[&str] = &[
+        "coffee", "roast", "today", "opening", "weekend", "new", "menu", "thanks", "everyone",
+        "visit", "our", "shop", "beans", "from", "Ethiopia", "and", "Colombia", "morning",
+        "special", "price", "join", "us", "for", "tasting", "at", "the", "market", "on",
+        "Saturday", "link", "below", "photos", "team", "harvest", "season",
+    ];
+    let mut rng = fastrand::Rng::with_seed(7);
+    let mut out = String::from(r#"{"data":["#);
+    let mut i = 0;
+    while out.len() < bytes {
+        if i > 0 {
+            out.push(',');
+        }
+        let words: Vec<&str> = (0..rng.usize(8..40))
+            .map(|_| WORDS[rng.usize(..WORDS.len())])
+            .collect();
+        out.push_str(&format!(
+            r#"{{"id":"1001_{}","message":"{}","created_time":"2026-12-{:02}T{:02}:{:02}:00+0000"}}"#,
+            rng.u64(10_000_000..99_999_999),
+            words.join(" "),
+            rng.u8(1..29),
+            rng.u8(0..24),
+            rng.u8(0..60)
+        ));
+        i += 1;
+    }
+    out.push_str("]}");
+    out
+}
+
+/// Puts `body` under the key a read of `path` looks up: in Redis (through replica `a`) and
+/// in `a`'s L1.
+async fn put(a: &Arc<Gateway>, path: &str, body: String) {
+    let uri: http::Uri = path.parse().expect("uri");
+    let call = parse_call(
+        &http::Method::GET,
+        &uri,
+        &http::HeaderMap::new(),
+        Bytes::new(),
+    )
+    .expect("parses");
+    let identity = a.tokens.identity_for(call.page());
+    let version = call.path.version.as_deref().expect("versioned");
+    let k = key::build(version, &call.path.segments, &call.params, &identity).expect("key");
+    let entry = Entry::new(
+        http::StatusCode::OK,
+        vec![(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json; charset=UTF-8"),
+        )],
+        PreparedBody::plain(Bytes::from(body)),
+        Duration::from_secs(3600),
+    );
+    let shared = a.cache.shared().expect("replica a has Redis");
+    let look = shared.l2.lookup(&k).await.expect("Redis answers");
+    assert!(
+        a.cache.store_shared(&k, &entry, &look.epoch).await,
+        "in Redis"
+    );
+    assert!(a.cache.store(&k, &entry, a.cache.epoch(&k)), "in L1");
+}
+
+/// The scale curve of the Redis tier: an L2 hit (on `b`, whose L1 holds nothing) and an L1
+/// hit (on `a`) as the reply grows from 1 KB to 100 KB.
+fn value_sizes(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    a: &Arc<Gateway>,
+    b: &Arc<Gateway>,
+) {
+    let sizes = [1_000, 10_000, 100_000];
+    let path = |size: usize| format!("/v21.0/1001_{size}/comments?fields=id,message,created_time");
+    rt.block_on(async {
+        for size in sizes {
+            put(a, &path(size), feed_of(size)).await;
+            let resp = graphgate::stack::handle(b, common::get(&path(size))).await;
+            assert_eq!(resp.status(), 200);
+            assert!(
+                resp.headers()["cache-status"]
+                    .to_str()
+                    .is_ok_and(|s| s.contains("hit")),
+                "{size} B: answered from Redis"
+            );
+        }
+    });
+    let mut group = c.benchmark_group("hit by reply size");
+    group.throughput(Throughput::Elements(1));
+    for size in sizes {
+        let p = path(size);
+        group.bench_function(format!("L1 {size} B"), |bch| {
+            bch.to_async(rt).iter(|| hit(a, &p))
+        });
+        group.bench_function(format!("L2 {size} B"), |bch| {
+            bch.to_async(rt).iter(|| hit(b, &p))
+        });
+    }
+    group.finish();
 }
 
 criterion_group!(benches, tiers);
