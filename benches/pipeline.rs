@@ -46,6 +46,17 @@ fn l1_hit(c: &mut Criterion) {
         b.to_async(&rt)
             .iter(|| async { graphgate::stack::handle(&gw, common::get(HIT_URL)).await })
     });
+    // As a served connection runs them: the stages built once, cloned for each request.
+    let stages = graphgate::stack::stages(graphgate::stack::GatewayHandle::new(&gw));
+    g.bench_function("stages built once", |b| {
+        b.to_async(&rt).iter(|| {
+            let request = common::get(HIT_URL);
+            let context =
+                graphgate::tracecontext::RequestContext::from_headers(request.headers(), None);
+            let traced = graphgate::stack::trace::Traced { request, context };
+            tower::ServiceExt::oneshot(stages.clone(), traced)
+        })
+    });
     for level in ["warn", "info"] {
         // The production subscriber (fmt, env filter) writing to a sink: `info` formats the
         // per-request line, `warn` filters it out.
