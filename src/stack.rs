@@ -46,14 +46,14 @@ pub mod trace;
 pub mod upstream;
 pub mod webhook;
 
-use admit::AdmitLayer;
-use limits::LimitsLayer;
-use parse::ParseLayer;
-use read_through::ReadThroughLayer;
-use respond::RespondLayer;
+use admit::Admit;
+use limits::Limits;
+use parse::Parse;
+use read_through::ReadThrough;
+use respond::Respond;
 use shed::ShedLayer;
 use trace::{TraceLayer, Traced};
-use webhook::WebhookLayer;
+use webhook::WebhookRoute;
 
 /// The gateway as the stages hold it: a handle of the connection's own, so cloning the
 /// stack per request touches a count no other worker writes (the gateway's own count would
@@ -124,13 +124,13 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     ServiceBuilder::new()
-        .layer(RespondLayer::new(gateway.clone()))
-        .layer(WebhookLayer::new(gateway.clone()))
-        .layer(LimitsLayer::new(gateway.clone()))
-        .layer(ParseLayer)
-        .layer(AdmitLayer::new(gateway.clone()))
-        .layer(ReadThroughLayer::new(gateway.clone()))
-        .service(upstream::Upstream::new(gateway))
+        .layer_fn(|inner| Respond::new(inner, gateway.clone()))
+        .layer_fn(|inner| WebhookRoute::new(inner, gateway.clone()))
+        .layer_fn(|inner| Limits::new(inner, gateway.clone()))
+        .layer_fn(Parse::new)
+        .layer_fn(|inner| Admit::new(inner, gateway.clone()))
+        .layer_fn(|inner| ReadThrough::new(inner, gateway.clone()))
+        .service(upstream::Upstream::new(gateway.clone()))
 }
 
 /// Answers one request that came without a socket (benches, in-process use): a new trace,

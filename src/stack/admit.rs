@@ -5,36 +5,23 @@
 
 use std::task::{Context, Poll};
 
-use tower::{Layer, Service};
+use tower::Service;
 
 use super::stage::{Stage, Staged};
 use super::GatewayHandle;
 use crate::proxy::{Admitted, Answer, Parsed};
 
 #[derive(Clone)]
-pub struct AdmitLayer(GatewayHandle);
-
-impl AdmitLayer {
-    pub fn new(gateway: GatewayHandle) -> AdmitLayer {
-        AdmitLayer(gateway)
-    }
-}
-
-impl<S> Layer<S> for AdmitLayer {
-    type Service = Admit<S>;
-
-    fn layer(&self, inner: S) -> Admit<S> {
-        Admit {
-            inner,
-            gateway: self.0.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
 pub struct Admit<S> {
     inner: S,
     gateway: GatewayHandle,
+}
+
+impl<S> Admit<S> {
+    /// This stage in front of `inner`.
+    pub fn new(inner: S, gateway: GatewayHandle) -> Admit<S> {
+        Admit { inner, gateway }
+    }
 }
 
 impl<S: Stage<Admitted>> Service<Parsed> for Admit<S> {
@@ -67,9 +54,12 @@ mod tests {
     #[tokio::test]
     async fn admission_refuses_unknown_keys_other_pages_and_token_fields() {
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let admit = AdmitLayer::new(gateway()).layer(recorder(seen.clone(), |a: &Admitted| {
-            (a.client.name.clone(), a.key.clone())
-        }));
+        let admit = Admit::new(
+            recorder(seen.clone(), |a: &Admitted| {
+                (a.client.name.clone(), a.key.clone())
+            }),
+            gateway(),
+        );
         let answer = admit.clone().oneshot(parsed(READ)).await.unwrap();
         assert!(passed_on(&answer));
         assert_eq!(

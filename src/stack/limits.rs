@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::Request;
-use tower::{Layer, Service};
+use tower::Service;
 
 use super::stage::{Stage, Staged};
 use super::trace::Traced;
@@ -15,29 +15,16 @@ use crate::metrics::Route;
 use crate::proxy::Answer;
 
 #[derive(Clone)]
-pub struct LimitsLayer(GatewayHandle);
-
-impl LimitsLayer {
-    pub fn new(gateway: GatewayHandle) -> LimitsLayer {
-        LimitsLayer(gateway)
-    }
-}
-
-impl<S> Layer<S> for LimitsLayer {
-    type Service = Limits<S>;
-
-    fn layer(&self, inner: S) -> Limits<S> {
-        Limits {
-            inner,
-            gateway: self.0.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
 pub struct Limits<S> {
     inner: S,
     gateway: GatewayHandle,
+}
+
+impl<S> Limits<S> {
+    /// This stage in front of `inner`.
+    pub fn new(inner: S, gateway: GatewayHandle) -> Limits<S> {
+        Limits { inner, gateway }
+    }
 }
 
 impl<S, B> Service<Traced<B>> for Limits<S>
@@ -97,10 +84,10 @@ mod tests {
     async fn heads_over_the_limit_and_draining_are_refused_and_bodies_read_whole() {
         let gw = gateway();
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let limits = LimitsLayer::new(gw.clone())
-            .layer(recorder(seen.clone(), |t: &Traced<Bytes>| {
-                t.request.body().clone()
-            }));
+        let limits = Limits::new(
+            recorder(seen.clone(), |t: &Traced<Bytes>| t.request.body().clone()),
+            gw.clone(),
+        );
 
         let big = "x".repeat(64 * 1024);
         let answer = limits

@@ -5,28 +5,23 @@
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use tower::{Layer, Service};
+use tower::Service;
 
 use super::stage::{Stage, Staged};
 use super::trace::Traced;
 use crate::metrics::Route;
 use crate::proxy::{parse_call, Answer, Parsed};
 
-/// Needs nothing but the request.
-#[derive(Clone, Default)]
-pub struct ParseLayer;
-
-impl<S> Layer<S> for ParseLayer {
-    type Service = Parse<S>;
-
-    fn layer(&self, inner: S) -> Parse<S> {
-        Parse { inner }
-    }
-}
-
 #[derive(Clone)]
 pub struct Parse<S> {
     inner: S,
+}
+
+impl<S> Parse<S> {
+    /// This stage in front of `inner`; it needs nothing but the request.
+    pub fn new(inner: S) -> Parse<S> {
+        Parse { inner }
+    }
 }
 
 impl<S: Stage<Parsed>> Service<Traced<Bytes>> for Parse<S> {
@@ -67,7 +62,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_becomes_a_call_with_its_trace_and_malformed_ones_are_refused() {
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let parse = ParseLayer.layer(recorder(seen.clone(), |p: &Parsed| {
+        let parse = Parse::new(recorder(seen.clone(), |p: &Parsed| {
             (
                 p.call.path.node().map(str::to_string),
                 p.route,

@@ -6,36 +6,23 @@
 
 use std::task::{Context, Poll};
 
-use tower::{Layer, Service};
+use tower::Service;
 
 use super::stage::{Stage, Staged};
 use super::GatewayHandle;
 use crate::proxy::{Admitted, Answer, ReadStart};
 
 #[derive(Clone)]
-pub struct ReadThroughLayer(GatewayHandle);
-
-impl ReadThroughLayer {
-    pub fn new(gateway: GatewayHandle) -> ReadThroughLayer {
-        ReadThroughLayer(gateway)
-    }
-}
-
-impl<S> Layer<S> for ReadThroughLayer {
-    type Service = ReadThrough<S>;
-
-    fn layer(&self, inner: S) -> ReadThrough<S> {
-        ReadThrough {
-            inner,
-            gateway: self.0.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
 pub struct ReadThrough<S> {
     inner: S,
     gateway: GatewayHandle,
+}
+
+impl<S> ReadThrough<S> {
+    /// This stage in front of `inner`.
+    pub fn new(inner: S, gateway: GatewayHandle) -> ReadThrough<S> {
+        ReadThrough { inner, gateway }
+    }
 }
 
 impl<S: Stage<Admitted>> Service<Admitted> for ReadThrough<S> {
@@ -76,8 +63,10 @@ mod tests {
     async fn a_stored_entry_is_answered_at_once_and_uncacheable_calls_pass_on() {
         let gw = gateway();
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let read = ReadThroughLayer::new(gw.clone())
-            .layer(recorder(seen.clone(), |a: &Admitted| a.call.method));
+        let read = ReadThrough::new(
+            recorder(seen.clone(), |a: &Admitted| a.call.method),
+            gw.clone(),
+        );
         let call = |path: &str, headers: &[(&str, &str)]| {
             let mut stage = read.clone();
             let a = admitted(&gw, path, headers);

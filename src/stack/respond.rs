@@ -12,7 +12,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::{header, HeaderName, Request, Response};
 use http_body_util::Full;
-use tower::{Layer, Service};
+use tower::Service;
 
 use super::stage::{Stage, Staged};
 use super::trace::Traced;
@@ -27,29 +27,16 @@ pub const X_GRAPHGATE_TRACE_ID: HeaderName = HeaderName::from_static("x-graphgat
 const MAX_LOGGED_USER_AGENT: usize = 256;
 
 #[derive(Clone)]
-pub struct RespondLayer(GatewayHandle);
-
-impl RespondLayer {
-    pub fn new(gateway: GatewayHandle) -> RespondLayer {
-        RespondLayer(gateway)
-    }
-}
-
-impl<S> Layer<S> for RespondLayer {
-    type Service = Respond<S>;
-
-    fn layer(&self, inner: S) -> Respond<S> {
-        Respond {
-            inner,
-            gateway: self.0.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
 pub struct Respond<S> {
     inner: S,
     gateway: GatewayHandle,
+}
+
+impl<S> Respond<S> {
+    /// This stage in front of `inner`.
+    pub fn new(inner: S, gateway: GatewayHandle) -> Respond<S> {
+        Respond { inner, gateway }
+    }
 }
 
 /// What finishing a request needs besides its answer.
@@ -291,7 +278,7 @@ mod tests {
         let gw = gateway();
         let seen = Arc::new(Mutex::new(Vec::new()));
         for later in [false, true] {
-            let respond = RespondLayer::new(gw.clone()).layer(answering(later));
+            let respond = Respond::new(answering(later), gw.clone());
             let response = respond
                 .oneshot(traced(
                     Request::get("/nowhere")

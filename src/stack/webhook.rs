@@ -5,7 +5,7 @@
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use tower::{Layer, Service};
+use tower::Service;
 
 use super::stage::{Stage, Staged};
 use super::trace::Traced;
@@ -13,29 +13,16 @@ use super::GatewayHandle;
 use crate::proxy::Answer;
 
 #[derive(Clone)]
-pub struct WebhookLayer(GatewayHandle);
-
-impl WebhookLayer {
-    pub fn new(gateway: GatewayHandle) -> WebhookLayer {
-        WebhookLayer(gateway)
-    }
-}
-
-impl<S> Layer<S> for WebhookLayer {
-    type Service = WebhookRoute<S>;
-
-    fn layer(&self, inner: S) -> WebhookRoute<S> {
-        WebhookRoute {
-            inner,
-            gateway: self.0.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
 pub struct WebhookRoute<S> {
     inner: S,
     gateway: GatewayHandle,
+}
+
+impl<S> WebhookRoute<S> {
+    /// This stage in front of `inner`.
+    pub fn new(inner: S, gateway: GatewayHandle) -> WebhookRoute<S> {
+        WebhookRoute { inner, gateway }
+    }
 }
 
 impl<S, B> Service<Traced<B>> for WebhookRoute<S>
