@@ -10,16 +10,12 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use graphgate::cache::entry::Entry;
-use graphgate::cache::key;
 use graphgate::metrics::Metrics;
-use graphgate::proxy::{parse_call, Gateway};
-use graphgate::rewrite::PreparedBody;
-use http::StatusCode;
+use graphgate::proxy::Gateway;
 
 const BODY: &str = r#"{"id":"1001_0000000","message":"A post of a Page with a short message that says what happened today, and a link to read more about it on the web.","created_time":"2026-12-05T09:00:00+0000"}"#;
 
@@ -30,26 +26,8 @@ fn path(i: usize) -> String {
 
 /// Stores post `i`'s entry under the key a read of [`path`] looks up.
 fn store(gw: &Gateway, i: usize, body: &Bytes) {
-    let uri: http::Uri = path(i).parse().expect("uri");
-    let call = parse_call(
-        &http::Method::GET,
-        &uri,
-        &http::HeaderMap::new(),
-        Bytes::new(),
-    )
-    .expect("parses");
-    let identity = gw.tokens.identity_for(call.page());
-    let version = call.path.version.as_deref().expect("versioned");
-    let k = key::build(version, &call.path.segments, &call.params, &identity).expect("key");
-    let entry = Entry::new(
-        StatusCode::OK,
-        vec![(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/json; charset=UTF-8"),
-        )],
-        PreparedBody::plain(body.clone()),
-        Duration::from_secs(3600),
-    );
+    let k = common::key_for(gw, &path(i));
+    let entry = common::entry(body.clone());
     assert!(gw.cache.store(&k, &entry, gw.cache.epoch(&k)), "stored");
 }
 

@@ -25,12 +25,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use fake_graph::FakeGraph;
-use graphgate::cache::entry::Entry;
-use graphgate::cache::key;
 use graphgate::config::Config;
-use graphgate::proxy::parse_call;
 use graphgate::proxy::Gateway;
-use graphgate::rewrite::PreparedBody;
 use graphgate::server::{self, Running};
 
 mod common;
@@ -252,26 +248,8 @@ fn feed_of(bytes: usize) -> String {
 /// Puts `body` under the key a read of `path` looks up: in Redis (through replica `a`) and
 /// in `a`'s L1.
 async fn put(a: &Arc<Gateway>, path: &str, body: String) {
-    let uri: http::Uri = path.parse().expect("uri");
-    let call = parse_call(
-        &http::Method::GET,
-        &uri,
-        &http::HeaderMap::new(),
-        Bytes::new(),
-    )
-    .expect("parses");
-    let identity = a.tokens.identity_for(call.page());
-    let version = call.path.version.as_deref().expect("versioned");
-    let k = key::build(version, &call.path.segments, &call.params, &identity).expect("key");
-    let entry = Entry::new(
-        http::StatusCode::OK,
-        vec![(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/json; charset=UTF-8"),
-        )],
-        PreparedBody::plain(Bytes::from(body)),
-        Duration::from_secs(3600),
-    );
+    let k = common::key_for(a, path);
+    let entry = common::entry(Bytes::from(body));
     let shared = a.cache.shared().expect("replica a has Redis");
     let look = shared.l2.lookup(&k).await.expect("Redis answers");
     assert!(

@@ -5,11 +5,16 @@
 
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use fake_graph::FakeGraph;
+use graphgate::cache::entry::Entry;
+use graphgate::cache::key::{self, CacheKey};
 use graphgate::config::Config;
 use graphgate::metrics::Metrics;
-use graphgate::proxy::Gateway;
+use graphgate::proxy::{parse_call, Gateway};
+use graphgate::rewrite::PreparedBody;
 use graphgate::testkit::{Credentials, TestClient};
 use http::Request;
 use http_body_util::Full;
@@ -107,4 +112,33 @@ pub fn compare_node() -> Bytes {
     }
     body.push_str("\"}");
     Bytes::from(body)
+}
+
+/// The cache key a GET of `path` (with a version) looks up on `gw`, for benches that store
+/// entries directly instead of filling them through Graph.
+pub fn key_for(gw: &Gateway, path: &str) -> CacheKey {
+    let uri: http::Uri = path.parse().expect("uri");
+    let call = parse_call(
+        &http::Method::GET,
+        &uri,
+        &http::HeaderMap::new(),
+        Bytes::new(),
+    )
+    .expect("parses");
+    let identity = gw.tokens.identity_for(call.page());
+    let version = call.path.version.as_deref().expect("versioned");
+    key::build(version, &call.path.segments, &call.params, &identity).expect("key")
+}
+
+/// A 200 reply of `body` with Graph's content type, fresh for an hour.
+pub fn entry(body: Bytes) -> Entry {
+    Entry::new(
+        http::StatusCode::OK,
+        vec![(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json; charset=UTF-8"),
+        )],
+        PreparedBody::plain(body),
+        Duration::from_secs(3600),
+    )
 }
