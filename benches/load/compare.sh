@@ -441,31 +441,41 @@ for s in "${HIT_TARGETS[@]}"; do
     esac
 done
 
-declare -A RPS P50 P99 CPU REQS
-for s in "${HIT_TARGETS[@]}"; do RPS[$s]=0; P50[$s]=0; P99[$s]=0; CPU[$s]=0; REQS[$s]=0; done
+# Alternating rounds of hits: `runner` (wrk_run or h2_run: "rps p50 p99 requests non2xx")
+# against each target in turn; the averages (req/s, p50), the worst p99 and the CPU per hit
+# go into the arrays <prefix>RPS, <prefix>P50, <prefix>P99 and <prefix>CPU_US.
+hit_rounds() { # runner prefix urls-array targets...
+    local runner=$1
+    local -n rps_avg=${2}RPS p50_avg=${2}P50 p99_max=${2}P99 cpu_us=${2}CPU_US urls=$3
+    shift 3
+    local -A ticks=() reqs=()
+    local round s before after rps p50 p99 req bad
+    for s in "$@"; do rps_avg[$s]=0; p50_avg[$s]=0; p99_max[$s]=0; ticks[$s]=0; reqs[$s]=0; done
+    for round in $(seq 1 "$ROUNDS"); do
+        for s in "$@"; do
+            before=$(cpu_ticks "${PID_OF[$s]}")
+            read -r rps p50 p99 req bad < <("$runner" "${urls[$s]}" "$HIT_SECONDS" $CONNS 2)
+            after=$(cpu_ticks "${PID_OF[$s]}")
+            [ "$bad" = 0 ] || echo "  $s: $bad non-2xx replies" >&2
+            echo "  round $round $s: $rps req/s p50 ${p50} ms p99 ${p99} ms cpu $((after - before)) ticks / $req req" >&2
+            rps_avg[$s]=$(awk -v a="${rps_avg[$s]}" -v b="$rps" 'BEGIN{print a + b}')
+            p50_avg[$s]=$(awk -v a="${p50_avg[$s]}" -v b="$p50" 'BEGIN{print a + b}')
+            p99_max[$s]=$(awk -v a="${p99_max[$s]}" -v b="$p99" 'BEGIN{print (b > a ? b : a)}')
+            ticks[$s]=$((ticks[$s] + after - before))
+            reqs[$s]=$((reqs[$s] + req))
+        done
+    done
+    for s in "$@"; do
+        rps_avg[$s]=$(awk -v a="${rps_avg[$s]}" -v n="$ROUNDS" 'BEGIN{printf "%.0f", a / n}')
+        p50_avg[$s]=$(awk -v a="${p50_avg[$s]}" -v n="$ROUNDS" 'BEGIN{printf "%.3f", a / n}')
+        cpu_us[$s]=$(awk -v t="${ticks[$s]}" -v k="$TICK" -v r="${reqs[$s]}" 'BEGIN{printf "%.1f", t / k * 1e6 / r}')
+    done
+}
 
+declare -A RPS P50 P99 CPU_US
 echo "load before the run: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 echo "1/4 cache hits: $ROUNDS rounds x ${HIT_SECONDS}s per target (${HIT_TARGETS[*]}), $CONNS connections" >&2
-for round in $(seq 1 "$ROUNDS"); do
-    for s in "${HIT_TARGETS[@]}"; do
-        before=$(cpu_ticks "${PID_OF[$s]}")
-        read -r rps p50 p99 req bad < <(wrk_run "${URL_OF[$s]}" "$HIT_SECONDS" $CONNS 2)
-        after=$(cpu_ticks "${PID_OF[$s]}")
-        [ "$bad" = 0 ] || echo "  $s: $bad non-2xx replies" >&2
-        echo "  round $round $s: $rps req/s p50 ${p50} ms p99 ${p99} ms cpu $((after - before)) ticks / $req req" >&2
-        RPS[$s]=$(awk -v a="${RPS[$s]}" -v b="$rps" 'BEGIN{print a + b}')
-        P50[$s]=$(awk -v a="${P50[$s]}" -v b="$p50" 'BEGIN{print a + b}')
-        P99[$s]=$(awk -v a="${P99[$s]}" -v b="$p99" 'BEGIN{print (b > a ? b : a)}')
-        CPU[$s]=$((CPU[$s] + after - before))
-        REQS[$s]=$((REQS[$s] + req))
-    done
-done
-declare -A CPU_US
-for s in "${HIT_TARGETS[@]}"; do
-    RPS[$s]=$(awk -v a="${RPS[$s]}" -v n="$ROUNDS" 'BEGIN{printf "%.0f", a / n}')
-    P50[$s]=$(awk -v a="${P50[$s]}" -v n="$ROUNDS" 'BEGIN{printf "%.3f", a / n}')
-    CPU_US[$s]=$(awk -v t="${CPU[$s]}" -v k="$TICK" -v r="${REQS[$s]}" 'BEGIN{printf "%.1f", t / k * 1e6 / r}')
-done
+hit_rounds wrk_run "" URL_OF "${HIT_TARGETS[@]}"
 
 # The connection scale curve: hits (wrk, 64 connections, one run of HIT_SECONDS) while
 # examples/idle_conns holds N more keep-alive connections open and idle on the same server.
@@ -496,8 +506,17 @@ if [ -n "$IDLE_CONNS" ]; then
     done
 fi
 
-# h2c hits: h2load, 64 connections, one stream at a time each (as wrk's HTTP/1.1), the same
-# alternating rounds; latency percentiles from h2load's per-request log.
+# h2c hits: h2load, 64 connections, one stream at a time each (as wrk's HTTP/1.1); latency
+# percentiles from its per-request log. Same summary as wrk_run.
+h2_run() { # url seconds connections threads
+    local out rps ok codes
+    out=$("$H2LOAD" -c "$3" -t "$4" -m 1 -D "$2" --log-file="$WORK/h2.log" "$1" 2>&1)
+    rps=$(echo "$out" | sed -n 's/^finished in [0-9.]*s, \([0-9.]*\) req\/s.*/\1/p')
+    ok=$(echo "$out" | sed -n 's/^requests: .* \([0-9]*\) succeeded.*/\1/p')
+    codes=$(echo "$out" | sed -n 's/^status codes: \([0-9]*\) 2xx.*/\1/p')
+    awk '{print $3}' "$WORK/h2.log" | sort -n | awk -v rps="$rps" -v ok="${ok:-0}" -v codes="${codes:-0}" \
+        '{v[NR] = $1} END {printf "%s %.3f %.3f %s %s\n", rps, v[int(NR * 0.5)] / 1000, v[int(NR * 0.99)] / 1000, ok, ok - codes}'
+}
 declare -A H2_RPS H2_P50 H2_P99 H2_CPU_US
 H2LOAD=$(find_cmd h2load)
 if [ "$SKIP_H2C" = 1 ] || [ -z "$H2LOAD" ]; then
@@ -505,34 +524,10 @@ if [ "$SKIP_H2C" = 1 ] || [ -z "$H2LOAD" ]; then
     SKIP_H2C=1
 else
     declare -A H2_URL=([graphgate]=$URL_G [nginx]="http://127.0.0.1:$P_NGINX_H2$NODE_PATH&access_token=$KEY" [floor]="http://127.0.0.1:$P_FLOOR_H2$NODE_PATH&access_token=$KEY")
-    declare -A H2_CPU H2_REQS H2_RPS_SUM H2_P50_SUM
     H2_TARGETS=()
     for s in nginx graphgate floor; do if selected "$s"; then H2_TARGETS+=("$s"); fi; done
-    for s in "${H2_TARGETS[@]}"; do H2_CPU[$s]=0; H2_REQS[$s]=0; H2_RPS_SUM[$s]=0; H2_P50_SUM[$s]=0; H2_P99[$s]=0; done
     echo "h2c hits: $ROUNDS rounds x ${HIT_SECONDS}s per target (${H2_TARGETS[*]}), $CONNS connections" >&2
-    for round in $(seq 1 "$ROUNDS"); do
-        for s in "${H2_TARGETS[@]}"; do
-            before=$(cpu_ticks "${PID_OF[$s]}")
-            out=$("$H2LOAD" -c $CONNS -t 2 -m 1 -D "$HIT_SECONDS" --log-file="$WORK/h2.log" "${H2_URL[$s]}" 2>&1)
-            after=$(cpu_ticks "${PID_OF[$s]}")
-            rps=$(echo "$out" | sed -n 's/^finished in [0-9.]*s, \([0-9.]*\) req\/s.*/\1/p')
-            ok=$(echo "$out" | sed -n 's/^requests: .* \([0-9]*\) succeeded.*/\1/p')
-            codes=$(echo "$out" | sed -n 's/^status codes: \([0-9]*\) 2xx.*/\1/p')
-            [ "${ok:-0}" = "${codes:-x}" ] || echo "  $s: not every h2c request got a 2xx ($out)" >&2
-            read -r p50 p99 < <(awk '{print $3}' "$WORK/h2.log" | sort -n | awk '{v[NR] = $1} END {printf "%.3f %.3f\n", v[int(NR * 0.5)] / 1000, v[int(NR * 0.99)] / 1000}')
-            echo "  round $round $s: $rps req/s p50 ${p50} ms p99 ${p99} ms cpu $((after - before)) ticks / $ok req" >&2
-            H2_RPS_SUM[$s]=$(awk -v a="${H2_RPS_SUM[$s]}" -v b="$rps" 'BEGIN{print a + b}')
-            H2_P50_SUM[$s]=$(awk -v a="${H2_P50_SUM[$s]}" -v b="$p50" 'BEGIN{print a + b}')
-            H2_P99[$s]=$(awk -v a="${H2_P99[$s]}" -v b="$p99" 'BEGIN{print (b > a ? b : a)}')
-            H2_CPU[$s]=$((H2_CPU[$s] + after - before))
-            H2_REQS[$s]=$((H2_REQS[$s] + ok))
-        done
-    done
-    for s in "${H2_TARGETS[@]}"; do
-        H2_RPS[$s]=$(awk -v a="${H2_RPS_SUM[$s]}" -v n="$ROUNDS" 'BEGIN{printf "%.0f", a / n}')
-        H2_P50[$s]=$(awk -v a="${H2_P50_SUM[$s]}" -v n="$ROUNDS" 'BEGIN{printf "%.3f", a / n}')
-        H2_CPU_US[$s]=$(awk -v t="${H2_CPU[$s]}" -v k="$TICK" -v r="${H2_REQS[$s]}" 'BEGIN{printf "%.1f", t / k * 1e6 / r}')
-    done
+    hit_rounds h2_run H2_ H2_URL "${H2_TARGETS[@]}"
 fi
 
 declare -A FAN_P99 SINGLE CALLS ADDED
