@@ -16,7 +16,9 @@
 #[path = "../benches/common/mod.rs"]
 mod common;
 
-use tower::ServiceExt;
+use std::task::{Context, Waker};
+
+use tower::Service;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -40,14 +42,16 @@ fn main() {
         let req = || common::get("/v21.0/1001?fields=id,name,about,fan_count,category");
         let warm = graphgate::stack::handle(&gw, req()).await;
         assert_eq!(warm.status(), 200);
-        let stack = graphgate::stack::public(&gw, None);
+        let mut stack = graphgate::stack::public(&gw, None);
         let mut hits = 0;
         for _ in 0..n {
             let r = if direct {
                 graphgate::stack::handle(&gw, req()).await
             } else {
-                let r = stack.clone().oneshot(req()).await;
-                r.unwrap_or_else(|e| match e {})
+                // As the server calls it: the connection's stack, always ready.
+                let ready = stack.poll_ready(&mut Context::from_waker(Waker::noop()));
+                debug_assert!(ready.is_ready());
+                stack.call(req()).await.unwrap_or_else(|e| match e {})
             };
             if r.headers().get("x-cache").is_some_and(|v| v == "HIT") {
                 hits += 1;

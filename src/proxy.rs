@@ -469,7 +469,7 @@ fn check_key_stays(key: &str, call: &Call) -> Result<(), ProxyError> {
         || call
             .trace
             .as_ref()
-            .is_some_and(|t| holds(t.request_id().as_bytes()));
+            .is_some_and(|t| holds(t.request_id_bytes()));
     let in_params = call
         .params
         .iter()

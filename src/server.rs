@@ -24,12 +24,15 @@
 //! [`Running::reload`] applies a new configuration without a restart (clients, TLS
 //! certificates); see its docs for what needs a restart.
 
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -44,7 +47,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
-use tower::ServiceExt;
+use tower::Service;
 
 use crate::admin;
 use crate::auth::PeerCertificate;
@@ -555,6 +558,23 @@ impl<T> Activity<T> {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A request's reply, with its connection marked busy until the reply is done.
+    struct WhileBusy<F, T> {
+        #[pin]
+        reply: F,
+        _busy: Busy<T>,
+    }
+}
+
+impl<F: Future, T> Future for WhileBusy<F, T> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.project().reply.poll(cx)
+    }
+}
+
 impl<T> Drop for Busy<T> {
     fn drop(&mut self) {
         let ms = u64::try_from(self.0.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -626,6 +646,9 @@ async fn serve_http<I>(
 {
     let activity = Activity::new(());
     let stack = stack::public::<Incoming>(&shared.gateway, Some(peer));
+    // The connection's stack, taken for each call and put back: hyper calls the service of a
+    // connection one request at a time, so the stages' handles are not cloned per request.
+    let idle = Cell::new(Some(stack.clone()));
     let service = {
         let activity = activity.clone();
         service_fn(move |mut req: Request<Incoming>| {
@@ -633,12 +656,15 @@ async fn serve_http<I>(
                 req.extensions_mut().insert(c.clone());
             }
             let busy = activity.enter();
-            let stack = stack.clone();
-            async move {
-                let response = stack.oneshot(req).await;
-                drop(busy);
-                response
-            }
+            let mut stack = idle.take().unwrap_or_else(|| stack.clone());
+            // No stage holds a request back in `poll_ready` (shedding answers in `call`; a
+            // test in `stack` keeps it so), so readiness is asked once without a waker instead
+            // of through `oneshot`, whose state would move the request and the stack again.
+            let ready = stack.poll_ready(&mut Context::from_waker(Waker::noop()));
+            debug_assert!(ready.is_ready());
+            let reply = stack.call(req);
+            idle.set(Some(stack));
+            WhileBusy { reply, _busy: busy }
         })
     };
     let conn = shared.builder.serve_connection(io, service);

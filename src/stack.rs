@@ -140,7 +140,7 @@ where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let context = RequestContext::from_headers(request.headers(), None);
+    let context = Arc::new(RequestContext::from_headers(request.headers(), None));
     match stages(GatewayHandle::new(gateway))
         .oneshot(Traced { request, context })
         .await
@@ -177,6 +177,26 @@ mod tests {
         // A miss goes to the upstream, which is not there: Graph-style 502, not a panic.
         let response = handle(&gw, get("/v21.0/1001?fields=about&access_token=reader-key")).await;
         assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    }
+
+    /// The server calls the stack without waiting for readiness (see `server.rs`): no stage
+    /// may hold a request back in `poll_ready`, even with the in-flight limit reached (a
+    /// request beyond it is answered 503 in `call`).
+    #[tokio::test]
+    async fn the_public_stack_is_ready_at_once_even_when_full() {
+        use std::task::{Context, Waker};
+        let gw = gateway();
+        let full: Vec<_> = (0..gw.config.server.max_in_flight)
+            .map_while(|_| {
+                crate::proxy::InFlight::admit(gw.in_flight_counter().clone(), usize::MAX)
+            })
+            .collect();
+        let mut stack = public::<Full<Bytes>>(&gw, None);
+        let ready = stack.poll_ready(&mut Context::from_waker(Waker::noop()));
+        assert!(matches!(ready, std::task::Poll::Ready(Ok(()))));
+        let response = stack.call(get(READ)).await.unwrap_or_else(|e| match e {});
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        drop(full);
     }
 
     /// Every layer above the stages moves their future: it holds a finished reply or one

@@ -35,10 +35,10 @@ impl TraceContext {
     /// A new trace with a random id (the client sent none, or an invalid one).
     pub fn new_root() -> TraceContext {
         let mut trace_id = [0; 32];
-        let (hi, lo) = (fastrand::u64(..), fastrand::u64(..));
-        hex_u64(hi, &mut trace_id[..16]);
         // All zeros is invalid; one in 2^128.
-        hex_u64(if hi == 0 { lo.max(1) } else { lo }, &mut trace_id[16..]);
+        let id = fastrand::u128(..).max(1);
+        hex_u64((id >> 64) as u64, &mut trace_id[..16]);
+        hex_u64(id as u64, &mut trace_id[16..]);
         TraceContext {
             trace_id,
             span_id: new_span_id(),
@@ -98,8 +98,7 @@ impl TraceContext {
         v.push(b'-');
         v.extend_from_slice(&self.span_id);
         v.push(b'-');
-        v.push(HEX[usize::from(self.flags >> 4)]);
-        v.push(HEX[usize::from(self.flags & 0xf)]);
+        v.extend_from_slice(&HEX_PAIRS[usize::from(self.flags)]);
         HeaderValue::from_maybe_shared(bytes::Bytes::from(v))
             .unwrap_or(HeaderValue::from_static(""))
     }
@@ -149,15 +148,23 @@ fn new_span_id() -> [u8; 16] {
     id
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
+/// Two lower-case hex digits for each byte value.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut pairs = [[0; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        pairs[i] = [HEX[i >> 4], HEX[i & 0xf]];
+        i += 1;
+    }
+    pairs
+};
 
-/// `v` as 16 lower-case hex digits into `out` (16 bytes). By hand: `format!` costs a few
-/// hundred instructions on every request.
+/// `v` as 16 lower-case hex digits into `out` (16 bytes). By hand, a byte at a time from a
+/// table: `format!` costs a few hundred instructions on every request.
 fn hex_u64(v: u64, out: &mut [u8]) {
-    for (i, pair) in out.chunks_exact_mut(2).enumerate() {
-        let byte = (v >> (56 - 8 * i)) as u8;
-        pair[0] = HEX[usize::from(byte >> 4)];
-        pair[1] = HEX[usize::from(byte & 0xf)];
+    for (pair, byte) in out.chunks_exact_mut(2).zip(v.to_be_bytes()) {
+        pair.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
     }
 }
 
@@ -225,6 +232,14 @@ impl RequestContext {
             // Checked to be visible ASCII.
             Some(v) => v.to_str().unwrap_or(""),
             None => self.trace.trace_id(),
+        }
+    }
+
+    /// [`RequestContext::request_id`] as bytes, without checking them again.
+    pub fn request_id_bytes(&self) -> &[u8] {
+        match &self.client_request_id {
+            Some(v) => v.as_bytes(),
+            None => &self.trace.trace_id,
         }
     }
 

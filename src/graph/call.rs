@@ -44,7 +44,7 @@ pub struct Call {
     pub quota_hints: Hints,
     /// The trace and request id passed on to Graph (`traceparent`, `X-Request-Id`); set
     /// after parsing, added to the upstream request only when it is built.
-    pub trace: Option<RequestContext>,
+    pub trace: Option<Arc<RequestContext>>,
     /// What the upstream phase learned for the request log; shared with a fill's copy.
     pub stats: Arc<CallStats>,
 }

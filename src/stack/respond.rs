@@ -6,6 +6,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -41,7 +42,7 @@ impl<S> Respond<S> {
 
 /// What finishing a request needs besides its answer.
 struct Finish {
-    context: RequestContext,
+    context: Arc<RequestContext>,
     method: RequestMethod,
     line: Option<RequestLine>,
     started: Instant,

@@ -49,7 +49,7 @@ pub fn gateway() -> GatewayHandle {
 }
 
 pub fn traced<B>(request: Request<B>) -> Traced<B> {
-    let context = RequestContext::from_headers(request.headers(), None);
+    let context = Arc::new(RequestContext::from_headers(request.headers(), None));
     Traced { request, context }
 }
 

@@ -20,7 +20,9 @@ use crate::tracecontext::{client_addr, RequestContext, X_REQUEST_ID};
 /// A request with its trace context: what the services inside the trace layer take.
 pub struct Traced<B> {
     pub request: Request<B>,
-    pub context: RequestContext,
+    /// Shared: the respond stage and the call to Graph read it too, and a request moves
+    /// through every stage (a pointer moves cheaper than the context).
+    pub context: Arc<RequestContext>,
 }
 
 /// Made per connection: the TCP peer is the connection's.
@@ -79,7 +81,7 @@ where
                 s.trusted_proxies.iter().any(|n| n.contains(ip))
             })
         });
-        let context = RequestContext::from_headers(request.headers(), addr);
+        let context = Arc::new(RequestContext::from_headers(request.headers(), addr));
         let span = tracing::info_span!(
             "request",
             trace_id = context.trace.trace_id(),
@@ -145,7 +147,7 @@ mod tests {
         Future = impl Future<Output = Result<Response<String>, Infallible>>,
     > + Clone {
         service_fn(|t: Traced<()>| async move {
-            let c = t.context;
+            let c = &t.context;
             let addr = c.client_addr.map_or("-".into(), |a| a.to_string());
             Ok(Response::new(format!("{} {addr}", c.trace.trace_id())))
         })
