@@ -31,6 +31,7 @@ fi
 
 WORK=$(mktemp -d)
 OUT=${OUT:-$WORK}
+mkdir -p "$OUT"
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -60,7 +61,8 @@ EOF
 
 wait_for() { # url
     for _ in $(seq 1 300); do curl -s -o /dev/null "$1" && return 0; sleep 0.2; done
-    echo "hit_instructions.sh: nothing answers at $1" >&2
+    echo "hit_instructions.sh: nothing answers at $1; logs:" >&2
+    tail -n 5 "$WORK"/*.log >&2 || true
     exit 1
 }
 
@@ -80,10 +82,10 @@ for bin in "$@"; do
     wait_for "$URL"
     h2load --h1 -n "$WARM" -c 16 "$URL" | grep -q "$WARM succeeded" || { echo "warm-up failed" >&2; exit 1; }
     curl -s -D - -o /dev/null "$URL" | grep -qi '^x-cache: HIT' || { echo "$bin: not a cache hit" >&2; exit 1; }
-    callgrind_control -z "$vg" >/dev/null
+    callgrind_control -z "$vg" >/dev/null 2>&1
     h2load --h1 -n "$HITS" -c 16 "$URL" >"$WORK/h2load.out"
     grep -q "$HITS succeeded" "$WORK/h2load.out" || { cat "$WORK/h2load.out" >&2; exit 1; }
-    callgrind_control -d "$vg" >/dev/null
+    callgrind_control -d "$vg" >/dev/null 2>&1
     sleep 1
     kill -INT "$vg"
     wait "$vg" || true

@@ -374,14 +374,16 @@ impl Gateway {
         let gw = self.clone();
         let version = version.to_string();
         let window = self.cache.union_window;
-        tokio::spawn(async move {
+        // Boxed: a task's future is moved a few times on the way into the runtime, and this
+        // one is kilobytes.
+        tokio::spawn(Box::pin(async move {
             if !window.is_zero() {
                 tokio::time::sleep(window).await;
             }
             let fields = lead.close();
             let result = gw.union_fill(call, &version, ttl, &fields).await;
             lead.complete(result.map(|fill| (fields, fill)));
-        });
+        }));
     }
 
     /// The upstream call for a union of fields: the leader's own call when no one else's
@@ -601,7 +603,10 @@ impl Gateway {
             Locked::Write(permit) => {
                 let reader = permit.reader();
                 let (flights, fill) = (flights.clone(), fill());
-                tokio::spawn(async move { flights.release(permit, fill.await).await });
+                // Boxed, as in `spawn_union_fill`: a fill's future is kilobytes.
+                tokio::spawn(Box::pin(async move {
+                    flights.release(permit, fill.await).await
+                }));
                 (reader, false)
             }
             Locked::Read(reader) => {
@@ -609,7 +614,8 @@ impl Gateway {
                 (reader, true)
             }
             // Never in process (there is no store to lose); what it means: fill unlocked.
-            Locked::Unavailable => return fill().await.map(|f| (f, false)),
+            // Boxed: inline, the fill's whole state would be part of every caller's future.
+            Locked::Unavailable => return Box::pin(fill()).await.map(|f| (f, false)),
         };
         match flights.wait(reader, self.fill_deadline()).await {
             ReadOutcome::Done(result) => result.map(|f| (f, collapsed)),
