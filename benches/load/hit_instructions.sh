@@ -10,14 +10,25 @@
 # connections), dumps the counters and prints instructions per hit. The dump is kept in
 # $OUT (default: a temporary directory) for `callgrind_annotate`.
 #
+# With MISSES=1, counts a cache miss instead: every request a new key (h2load -i with unique
+# URLs, one connection), the simulated Graph answering each; WARM misses first. SET="a.b=c"
+# passes `--set a.b=c` to graphgate (e.g. SET=cache.project_fields=false).
+#
 # Needs: valgrind (callgrind_control), h2load (Debian: nghttp2-client), curl.
 # Usage: benches/load/hit_instructions.sh [path/to/graphgate ...]   (default: the release
-#        build, built if missing; env: HITS, WARM, PORT_BASE, OUT)
+#        build, built if missing; env: HITS, WARM, MISSES, SET, PORT_BASE, OUT)
 #   benches/load/hit_instructions.sh target/release/graphgate /tmp/old/target/release/graphgate
 set -euo pipefail
 
-HITS=${HITS:-10000}
-WARM=${WARM:-2000}
+MISSES=${MISSES:-0}
+if [ "$MISSES" = 1 ]; then
+    HITS=${HITS:-4000}
+    WARM=${WARM:-1000}
+else
+    HITS=${HITS:-10000}
+    WARM=${WARM:-2000}
+fi
+SET=${SET:-}
 PORT_BASE=${PORT_BASE:-19300}
 cd "$(dirname "$0")/../.."
 
@@ -51,6 +62,10 @@ url = "http://127.0.0.1:$P_GRAPH"
 [credentials]
 system_user_token = "demo-system-user-token"
 app_secret = "demo-app-secret"
+# Budgets far above the run's calls: misses must reach Graph, not wait for quota.
+[quota]
+page_calls = 1000000000
+app_calls = 1000000000
 [log]
 level = "warn"
 [[clients]]
@@ -66,29 +81,47 @@ wait_for() { # url
     exit 1
 }
 
-"$1" fake-graph --listen "127.0.0.1:$P_GRAPH" >"$WORK/graph.log" 2>&1 &
+"$1" fake-graph --listen "127.0.0.1:$P_GRAPH" --page-calls 1000000000 >"$WORK/graph.log" 2>&1 &
 PIDS+=($!)
 wait_for "http://127.0.0.1:$P_GRAPH/"
 URL="http://127.0.0.1:$P_GG/v21.0/1001?fields=id,name,about,category,fan_count&access_token=$KEY"
 
+SET_ARGS=()
+[ -z "$SET" ] || SET_ARGS=(--set "$SET")
+what=hit whats=hits
+[ "$MISSES" = 1 ] && what=miss whats=misses
 n=0
 for bin in "$@"; do
     n=$((n + 1))
     file="$OUT/callgrind.$n"
     valgrind --tool=callgrind --callgrind-out-file="$file" "$bin" serve --config "$WORK/gg.toml" \
-        >"$WORK/gg.log" 2>&1 &
+        "${SET_ARGS[@]}" >"$WORK/gg.log" 2>&1 &
     vg=$!
     PIDS+=("$vg")
     wait_for "$URL"
-    h2load --h1 -n "$WARM" -c 16 "$URL" | grep -q "$WARM succeeded" || { echo "warm-up failed" >&2; exit 1; }
-    curl -s -D - -o /dev/null "$URL" | grep -qi '^x-cache: HIT' || { echo "$bin: not a cache hit" >&2; exit 1; }
+    if [ "$MISSES" = 1 ]; then
+        # Keys no run has asked for: this binary's number and the time.
+        for i in $(seq 1 "$WARM"); do echo "$URL&k=w$n-$i-$(date +%s)"; done >"$WORK/warm.txt"
+        for i in $(seq 1 "$HITS"); do echo "$URL&k=m$n-$i-$(date +%s)"; done >"$WORK/measured.txt"
+        load=(-c 1 -i)
+        warm_arg=("$WORK/warm.txt")
+        measured_arg=("$WORK/measured.txt")
+    else
+        load=(-c 16)
+        warm_arg=("$URL")
+        measured_arg=("$URL")
+    fi
+    h2load --h1 -n "$WARM" "${load[@]}" "${warm_arg[@]}" | grep -q "$WARM succeeded" || { echo "warm-up failed" >&2; exit 1; }
+    if [ "$MISSES" != 1 ]; then
+        curl -s -D - -o /dev/null "$URL" | grep -qi '^x-cache: HIT' || { echo "$bin: not a cache hit" >&2; exit 1; }
+    fi
     callgrind_control -z "$vg" >/dev/null 2>&1
-    h2load --h1 -n "$HITS" -c 16 "$URL" >"$WORK/h2load.out"
+    h2load --h1 -n "$HITS" "${load[@]}" "${measured_arg[@]}" >"$WORK/h2load.out"
     grep -q "$HITS succeeded" "$WORK/h2load.out" || { cat "$WORK/h2load.out" >&2; exit 1; }
     callgrind_control -d "$vg" >/dev/null 2>&1
     sleep 1
     kill -INT "$vg"
     wait "$vg" || true
     ir=$(callgrind_annotate "$file.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
-    echo "$bin: $((ir / HITS)) instructions per hit ($HITS hits; callgrind dump $file.1)"
+    echo "$bin${SET:+ (--set $SET)}: $((ir / HITS)) instructions per $what ($HITS $whats; callgrind dump $file.1)"
 done
