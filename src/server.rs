@@ -646,8 +646,9 @@ async fn serve_http<I>(
 {
     let activity = Activity::new(());
     let stack = stack::public::<Incoming>(&shared.gateway, Some(peer));
-    // The connection's stack, taken for each call and put back: hyper calls the service of a
-    // connection one request at a time, so the stages' handles are not cloned per request.
+    // The connection's stack, taken for each call and put back once `call` returns: hyper
+    // calls a connection's service from that connection's task, one request (or HTTP/2
+    // stream) after another, so the stages' handles are not cloned per request.
     let idle = Cell::new(Some(stack.clone()));
     let service = {
         let activity = activity.clone();
