@@ -17,7 +17,6 @@ use graphgate::quota::Scheduler;
 use graphgate::upstream::Reply;
 use http::StatusCode;
 use tokio::runtime::Runtime;
-use tower::Service;
 
 fn current_thread() -> Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -58,10 +57,7 @@ fn l1_hit(c: &mut Criterion) {
                 None,
             ));
             let traced = graphgate::stack::trace::Traced { request, context };
-            let waker = std::task::Waker::noop();
-            let ready = stages.poll_ready(&mut std::task::Context::from_waker(waker));
-            debug_assert!(ready.is_ready());
-            stages.call(traced)
+            graphgate::stack::call_ready(&mut stages, traced)
         })
     });
     for level in ["warn", "info"] {

@@ -16,10 +16,6 @@
 #[path = "../benches/common/mod.rs"]
 mod common;
 
-use std::task::{Context, Waker};
-
-use tower::Service;
-
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let n: usize = args.first().map_or(10_000, |s| s.parse().expect("count"));
@@ -49,9 +45,8 @@ fn main() {
                 graphgate::stack::handle(&gw, req()).await
             } else {
                 // As the server calls it: the connection's stack, always ready.
-                let ready = stack.poll_ready(&mut Context::from_waker(Waker::noop()));
-                debug_assert!(ready.is_ready());
-                stack.call(req()).await.unwrap_or_else(|e| match e {})
+                let r = graphgate::stack::call_ready(&mut stack, req()).await;
+                r.unwrap_or_else(|e| match e {})
             };
             if r.headers().get("x-cache").is_some_and(|v| v == "HIT") {
                 hits += 1;

@@ -32,7 +32,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -47,7 +47,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
-use tower::Service;
 
 use crate::admin;
 use crate::auth::PeerCertificate;
@@ -658,12 +657,7 @@ async fn serve_http<I>(
             }
             let busy = activity.enter();
             let mut stack = idle.take().unwrap_or_else(|| stack.clone());
-            // No stage holds a request back in `poll_ready` (shedding answers in `call`; a
-            // test in `stack` keeps it so), so readiness is asked once without a waker instead
-            // of through `oneshot`, whose state would move the request and the stack again.
-            let ready = stack.poll_ready(&mut Context::from_waker(Waker::noop()));
-            debug_assert!(ready.is_ready());
-            let reply = stack.call(req);
+            let reply = stack::call_ready(&mut stack, req);
             idle.set(Some(stack));
             WhileBusy { reply, _busy: busy }
         })

@@ -194,17 +194,20 @@ http {
             return 200 '$BODY_NGX';
         }
     }
-    # The floor: the same body and Content-Type from memory, no proxy, no cache.
+    # The floor: the same body and Content-Type from memory, no proxy, no cache; also over
+    # h2c (HTTP/2 without TLS, prior knowledge) on its own port.
     server {
         listen 127.0.0.1:$P_FLOOR;
+        listen 127.0.0.1:$P_FLOOR_H2 http2;
         location / {
             default_type "application/json; charset=UTF-8";
             return 200 '$BODY_NGX';
         }
     }
-    # nginx as the cache in front of it.
+    # nginx as the cache in front of it; also over h2c on its own port.
     server {
         listen 127.0.0.1:$P_NGINX;
+        listen 127.0.0.1:$P_NGINX_H2 http2;
         location / {
             proxy_pass http://static;
             proxy_http_version 1.1;
@@ -215,25 +218,6 @@ http {
             proxy_cache_lock on;
             proxy_cache_lock_timeout 30s;
             proxy_cache_lock_age 30s;
-        }
-    }
-    # The same two over h2c (HTTP/2 without TLS, prior knowledge).
-    server {
-        listen 127.0.0.1:$P_FLOOR_H2 http2;
-        location / {
-            default_type "application/json; charset=UTF-8";
-            return 200 '$BODY_NGX';
-        }
-    }
-    server {
-        listen 127.0.0.1:$P_NGINX_H2 http2;
-        location / {
-            proxy_pass http://static;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_cache gg;
-            proxy_cache_valid 200 60s;
-            proxy_ignore_headers Cache-Control Expires Set-Cookie;
         }
     }
     server {
