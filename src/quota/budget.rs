@@ -15,9 +15,12 @@
 //!
 //! **Estimated limit.** `page_calls` is a starting guess. Meta reports whole percentages, so
 //! a reading `p` with `c` of our calls counted says `limit > 100·c ÷ (p + 1)` (whatever other
-//! apps used) and, if nobody else used the Page, `limit ≤ 100·c ÷ (p − ½)`. Readings contradicting
-//! the guess from above lower the limit to the proven lower bound; with `learn_limits` a lower
-//! bound above the guess raises it. Small readings bound little, so they leave the guess alone.
+//! apps used) and, if nobody else used the Page, `limit ≤ 100·c ÷ (p − ½)`. Once a whole
+//! [`Group`] of calls in flight together is answered, its highest reading counted all of them.
+//! Readings contradicting the guess from above lower the limit to the proven lower bound when
+//! the bounds agree ([`TIGHT_BOUNDS`]); with `learn_limits` a lower bound above the guess
+//! raises it. Small readings bound little, so they leave the guess alone; a group's lower bound
+//! above the upper bounds shows other apps use the Page, and upper bounds are dropped.
 //!
 //! **Counting what Meta counts.** Meta counts a call when it arrives, up to a round trip after
 //! we sent it, and replies may arrive in any order. So a call leaves our window half a recent
@@ -47,6 +50,12 @@ use crate::graph::usage::Usage;
 const MAX_RECHECK: Duration = Duration::from_millis(250);
 /// Consecutive throttles double the pause up to this many times.
 const MAX_DOUBLINGS: u32 = 8;
+/// Readings lower the limit below the guess only when their bounds agree within this factor
+/// (`upper ≤ TIGHT_BOUNDS × lower`). Wide bounds mean most of our calls were still in flight
+/// when the readings were taken (a burst), or other apps use the Page (the upper bound
+/// assumes nobody does); the lower bound would then count each call as many times its
+/// share and hold a Page that has most of its budget left.
+const TIGHT_BOUNDS: f64 = 2.0;
 /// Meta's regain times beyond this are not believed.
 const MAX_REGAIN: Duration = Duration::from_secs(24 * 3600);
 
@@ -114,6 +123,9 @@ struct BoundsLog {
     current: Bounds,
     previous: Bounds,
     since: Instant,
+    /// When a group's lower bound last exceeded the upper bounds: other apps use the Page,
+    /// so for a window upper bounds (which assume nobody does) are not taken.
+    others_seen: Option<Instant>,
 }
 
 const NO_BOUNDS: Bounds = Bounds {
@@ -271,9 +283,27 @@ pub struct Budget {
     in_flight: u32,
     last_admit: Option<Instant>,
     seq: u64,
+    group: Group,
     /// A recent round trip to Meta (rises at once, falls slowly): how much later than our
     /// dispatch Meta may have counted a call.
     round_trip: Duration,
+}
+
+/// Our calls in flight together: from one dispatched while none was, until the last of them
+/// is answered. Meta counted each of them before answering it, so the one it answered last
+/// saw all of them counted, and the highest reading among them bounds the limit from below
+/// with every call of the group counted, whoever else uses the Page. (A single reading from
+/// a burst counts only the calls answered before its own was sent: for calls sent together,
+/// none.)
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+struct Group {
+    started: Option<Instant>,
+    /// Units dispatched in the group.
+    sent: u32,
+    /// Units whose reply brought an unthrottled reading.
+    read: u32,
+    /// The highest reading among them, in percent.
+    max_pct: f64,
 }
 
 /// The pause Meta asked for, when it named one.
@@ -298,6 +328,7 @@ impl Budget {
             in_flight: 0,
             last_admit: None,
             seq: 0,
+            group: Group::default(),
             round_trip: Duration::ZERO,
         }
     }
@@ -332,7 +363,9 @@ impl Budget {
     pub fn limit(&self, now: Instant) -> (f64, LimitSource) {
         let guess = f64::from(self.limits.guess.max(1));
         match self.bounds(now) {
-            Some(b) if guess > b.upper => (b.lower.max(1.0), LimitSource::Lowered),
+            Some(b) if guess > b.upper && b.upper <= TIGHT_BOUNDS * b.lower => {
+                (b.lower.max(1.0), LimitSource::Lowered)
+            }
             Some(b) if guess < b.lower && self.limits.learn => (b.lower, LimitSource::Learned),
             _ => (guess, LimitSource::Configured),
         }
@@ -483,6 +516,13 @@ impl Budget {
     pub fn dispatched(&mut self, units: u32, now: Instant, probe: bool) -> Ticket {
         let units = units.max(1);
         self.seq += 1;
+        if self.in_flight == 0 {
+            self.group = Group {
+                started: Some(now),
+                ..Group::default()
+            };
+        }
+        self.group.sent = self.group.sent.saturating_add(units);
         self.window.record(units, now);
         let ours = self.window.surely_counted(now).max(units);
         // For learning the limit, which must never come out high, this call may take a whole
@@ -530,12 +570,73 @@ impl Budget {
     /// Takes back a call that never went out.
     pub fn refund(&mut self, ticket: &Ticket) {
         self.window.unrecord(ticket.units, ticket.at);
+        if self.group.started.is_some_and(|s| ticket.at >= s) {
+            self.group.sent = self.group.sent.saturating_sub(ticket.units);
+        }
         self.end(ticket);
     }
 
     /// Learns from a reply. `ticket` is the call that brought it; `None` for a reading about
-    /// this bucket that came with another bucket's call.
-    pub fn observe(&mut self, ticket: Option<&Ticket>, obs: &Observation, now: Instant) {
+    /// this bucket that came with another bucket's call. Returns the lower bound of the limit
+    /// a whole group of calls proved (see [`Group`]), for the fleet's state.
+    pub fn observe(
+        &mut self,
+        ticket: Option<&Ticket>,
+        obs: &Observation,
+        now: Instant,
+    ) -> Option<f64> {
+        let group_lower = ticket.and_then(|t| self.group_reply(t, obs, now));
+        if let Some(lower) = group_lower {
+            self.learn_group_lower(lower, now);
+        }
+        self.observe_reading(ticket, obs, now);
+        group_lower
+    }
+
+    /// Counts a reply in its group; for the group's last reply, when every call of the group
+    /// brought a reading and the group is younger than a window (none of its calls left
+    /// Meta's window before the last was counted), the lower bound it proves.
+    fn group_reply(&mut self, t: &Ticket, obs: &Observation, now: Instant) -> Option<f64> {
+        let g = &mut self.group;
+        let started = g.started.filter(|&s| t.at >= s)?;
+        if let (Some(usage), false) = (obs.usage, obs.throttled) {
+            g.read = g.read.saturating_add(t.units);
+            g.max_pct = g.max_pct.max(usage.max());
+        }
+        let last = self.in_flight <= t.units;
+        let young =
+            now.saturating_duration_since(started) + self.window.margin() < self.limits.window;
+        if !last || !young || g.read < g.sent || g.sent == 0 || !g.max_pct.is_finite() {
+            return None;
+        }
+        g.started = None;
+        // Every call of ours was answered, so counted, before Meta answered the group's
+        // last: all of them still in its window count, not only the group's.
+        let counted = self.window.surely_counted(now).max(g.sent);
+        Some(100.0 * f64::from(counted) / (g.max_pct.floor() + 1.0))
+    }
+
+    /// A lower bound no other app's usage can fake: one above the upper bounds proves they
+    /// assumed wrongly that nobody else uses the Page, so they are dropped.
+    fn learn_group_lower(&mut self, lower: f64, now: Instant) {
+        let window = self.limits.window;
+        let mut log = self.bounds.unwrap_or(BoundsLog {
+            current: NO_BOUNDS,
+            previous: NO_BOUNDS,
+            since: now,
+            others_seen: None,
+        });
+        log.roll(now, window);
+        if lower > log.current.merge(log.previous).upper {
+            log.current.upper = f64::INFINITY;
+            log.previous.upper = f64::INFINITY;
+            log.others_seen = Some(now);
+        }
+        log.current.lower = log.current.lower.max(lower);
+        self.bounds = Some(log);
+    }
+
+    fn observe_reading(&mut self, ticket: Option<&Ticket>, obs: &Observation, now: Instant) {
         let count = self.window.count(now);
         let (at, ours, ours_low) = match ticket {
             // A reply slower than the round trip `ours_low` allowed for: its call may have
@@ -671,6 +772,7 @@ impl Budget {
                 current: NO_BOUNDS,
                 previous: NO_BOUNDS,
                 since: now,
+                others_seen: None,
             },
         };
         let held = log.current.merge(log.previous);
@@ -679,7 +781,10 @@ impl Budget {
         // above what the Page has shown means one of our calls was counted that Meta had not
         // yet (slow to arrive): a limit must never be learned too high.
         let lower = lower.min(held.upper);
-        let upper = if upper >= held.lower {
+        let others = log
+            .others_seen
+            .is_some_and(|t| now.saturating_duration_since(t) < window);
+        let upper = if upper >= held.lower && !others {
             upper
         } else {
             f64::INFINITY

@@ -905,15 +905,16 @@ impl Inner {
 
     /// Applies what a reply said to one bucket, locally and (with Redis) for the fleet.
     fn observe(&self, b: &Arc<Bucket>, held: Option<&Held>, obs: &Observation, now: Instant) {
-        {
+        let group_lower = {
             let mut st = b.lock();
-            st.budget.observe(held.map(|h| &h.ticket), obs, now);
+            let group_lower = st.budget.observe(held.map(|h| &h.ticket), obs, now);
             // The head waiter's verdict may have changed: the pump decides again.
             st.hold = None;
             if obs.throttled {
                 st.fleet = None;
             }
-        }
+            group_lower
+        };
         b.wake.notify_one();
         if let Some(s) = self.shared.clone().filter(|s| s.is_up()) {
             // A call decided locally (Redis was away) has no fleet ticket: its reading is
@@ -921,7 +922,7 @@ impl Inner {
             let fleet = held.and_then(|h| h.fleet);
             let rtt = held.map(|h| now.saturating_duration_since(h.ticket.at));
             let (key, params, obs) = (b.key.clone(), b.params, *obs);
-            spawn(async move { s.observe(&key, fleet, rtt, &obs, params).await });
+            spawn(async move { s.observe(&key, fleet, rtt, &obs, group_lower, params).await });
         }
     }
 

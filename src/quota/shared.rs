@@ -43,7 +43,7 @@ local key = KEYS[1]
 local tt = redis.call('TIME')
 local now = tonumber(tt[1]) * 1000000 + tonumber(tt[2])
 local SLOTS = 128
-local FIELDS = {'t','o','rp','ro','ra','rr','rsyn','bl1','bu1','bl0','bu0','bs','pu','pa','n','pr','px','ps','la','seq','fl','fx','mg'}
+local FIELDS = {'t','o','rp','ro','ra','rr','rsyn','bl1','bu1','bl0','bu0','bs','bo','pu','pa','n','pr','px','ps','la','seq','fl','fx','mg'}
 
 local function load()
   local v = redis.call('HMGET', key, unpack(FIELDS))
@@ -345,7 +345,8 @@ local regain = tonumber(ARGV[9])
 local throttled = tonumber(ARGV[10]) == 1
 local answered = tonumber(ARGV[11]) == 1
 local rtt = tonumber(ARGV[13])
-local P = params(14)
+local group_lower = tonumber(ARGV[14])
+local P = params(15)
 local S = load()
 if rtt > 0 then
   -- The margin follows the fleet's round trips: up at once, down slowly.
@@ -361,15 +362,27 @@ if has_ticket then
 end
 if t_blind > 0 then S.fl = math.max(S.fl - t_blind, 0) end
 if not has_usage then pct = 0 end
+-- A whole group's lower bound (budget.rs: Group) no other app's usage can fake: one above
+-- the upper bounds proves they wrongly assumed nobody else uses the Page; for a window
+-- upper bounds are not taken (bo: when others were seen).
+local others = S.bo ~= nil and S.bo > 0 and now - S.bo < P.W
+if group_lower > 0 then
+  roll(S, P)
+  if S.bs == nil then S.bl1 = 0; S.bu1 = -1; S.bl0 = 0; S.bu0 = -1; S.bs = now end
+  local up = min_upper(S.bu1, S.bu0)
+  if up >= 0 and group_lower > up then S.bu1 = -1; S.bu0 = -1; S.bo = now; others = true end
+  S.bl1 = math.max(S.bl1 or 0, group_lower)
+end
 if has_usage then
   if ours_low > 0 then
     local p = math.floor(pct)
     local lower = 100 * ours_low / (p + 1)
     local upper = -1
-    if p >= 1 then upper = 100 * math.max(count, ours) / (p - 0.5) end
+    if p >= 1 and not others then upper = 100 * math.max(count, ours) / (p - 0.5) end
     local lo, up = bounds(S, P)
     if lo == nil or throttled then
       S.bl1 = lower; S.bu1 = upper; S.bl0 = 0; S.bu0 = -1; S.bs = now
+      if throttled then S.bo = 0 end
     else
       -- Upper bounds assume nobody else uses the Page: one below what the Page has shown says
       -- someone does, and is ignored. A lower bound above it means a call of ours counted
@@ -715,13 +728,16 @@ impl SharedBudgets {
         })
     }
 
-    /// Writes what a reply said: the reading, the learned bounds, a pause, a probe's verdict.
+    /// Writes what a reply said: the reading, the learned bounds, a pause, a probe's verdict;
+    /// `group_lower`: the lower bound of the limit this replica's last group of calls proved
+    /// (see [`super::budget::Budget::observe`]).
     pub async fn observe(
         &self,
         key: &BucketKey,
         ticket: Option<FleetTicket>,
         round_trip: Option<Duration>,
         obs: &Observation,
+        group_lower: Option<f64>,
         params: FleetParams,
     ) {
         let k = self.key(key);
@@ -754,7 +770,8 @@ impl SharedBudgets {
                     .arg(u8::from(throttled))
                     .arg(u8::from(answered))
                     .arg(t.ours_low)
-                    .arg(rtt);
+                    .arg(rtt)
+                    .arg(group_lower.unwrap_or(0.0));
                 params.args(&mut inv);
                 inv.invoke_async::<i64>(&mut c).await
             })

@@ -270,6 +270,60 @@ async fn two_hundred_concurrent_gets_at_one_percent_usage_are_all_sent_at_once()
     stop(s).await;
 }
 
+/// `n` distinct GETs of Page 1001 at once (numbers from `first`): how many were answered 200
+/// and how many got graphgate's 429.
+async fn burst_of(s: &Arc<Stack>, first: u32, n: u32) -> (usize, usize) {
+    let mut set = JoinSet::new();
+    for k in first..first + n {
+        let s = s.clone();
+        set.spawn(async move { s.get(&distinct("1001", k)).await });
+    }
+    let mut replies = Vec::new();
+    while let Some(r) = set.join_next().await {
+        replies.push(r.expect("request task"));
+    }
+    assert_ok_or_429(&replies)
+}
+
+#[tokio::test]
+async fn bursts_while_other_apps_use_a_few_percent_of_the_page_all_go_at_once() {
+    let s = default_stack(Duration::from_millis(50)).await;
+    assert_eq!(s.get(&distinct("1001", 0)).await.status, StatusCode::OK);
+    // Other apps take 5 % of the Page after our first call. Each burst's readings show more
+    // usage than its own calls; none of them may lower the limit to a few dozen calls (which
+    // held the Page for the rest of the hour).
+    s.graph.set_other_usage("1001", 240);
+    for round in 0..3 {
+        let (ok, limited) = burst_of(&s, 1000 * (round + 1), 200).await;
+        assert_eq!((ok, limited), (200, 0), "burst {round}");
+    }
+    let row = page_row(&admin_pages(&s).await, "1001").clone();
+    assert_eq!(row["state"], "open", "{row}");
+    stop(s).await;
+}
+
+#[tokio::test]
+async fn a_page_other_apps_already_use_is_paced_only_until_a_burst_settles_the_limit() {
+    let s = default_stack(Duration::from_millis(50)).await;
+    // Other apps hold 5 % before our first call, whose reading alone looks like a limit of
+    // about twenty calls: the next bursts are paced until their readings tell the two apart.
+    s.graph.set_other_usage("1001", 240);
+    assert_eq!(s.get(&distinct("1001", 0)).await.status, StatusCode::OK);
+    let mut paced = 0;
+    for round in 1.. {
+        let (ok, limited) = burst_of(&s, 1000 * round, 200).await;
+        assert!(ok >= 1, "burst {round}: nothing went");
+        if limited == 0 {
+            break;
+        }
+        paced += 1;
+        assert!(paced <= 3, "burst {round}: {limited} of 200 still refused");
+    }
+    assert_eq!(burst_of(&s, 9000, 200).await, (200, 0));
+    assert_eq!(s.graph.stats().throttled, 0);
+    stop(s).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn page_calls_equal_to_the_true_limit_use_nearly_all_of_it_under_overload_without_throttles()
 {

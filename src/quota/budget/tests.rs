@@ -251,6 +251,83 @@ fn at_low_usage_calls_go_at_once_sequential_or_in_a_burst() {
 }
 
 #[test]
+fn bursts_while_other_apps_use_the_page_do_not_lock_it() {
+    // Other apps hold 4 %, then half of the Page's budget. The 200 calls of a burst are in
+    // flight together, so no single reading they bring back counts them (each counts only
+    // the calls answered before its own was sent); the readings of the whole group do.
+    let reply = |(usage, throttled)| Observation {
+        usage: Some(usage),
+        throttled,
+        answered: true,
+        ..Observation::default()
+    };
+    // Sends `n` calls at `now` (all must go at once unless `may_hold`), answers them a round
+    // trip later; returns the time after and how many went.
+    let burst = |b: &mut Budget, meta: &mut Meta, now: Instant, n: usize, may_hold: bool| {
+        let mut tickets = Vec::new();
+        for i in 0..n {
+            match b.try_admit(1, now) {
+                Ok(t) => tickets.push(t),
+                Err(_) if may_hold => break,
+                Err(h) => panic!("call {i} of {n} held: {h:?}"),
+            }
+        }
+        let readings: Vec<_> = tickets
+            .iter()
+            .map(|_| meta.call(now + ROUND_TRIP / 2))
+            .collect();
+        let now = now + ROUND_TRIP;
+        for (t, r) in tickets.iter().zip(readings) {
+            b.observe(Some(t), &reply(r), now);
+            b.finish(t, now);
+        }
+        (now, tickets.len())
+    };
+    for other in [200, 2400] {
+        let l = limits(4800, 3600, false);
+        let t0 = Instant::now();
+
+        // A few percent from others arrive after our first call: every burst goes at once.
+        // (Half the Page arriving with our burst would look like a limit of a few hundred
+        // calls: that is paced, as it must be.)
+        if other <= 200 {
+            let mut b = Budget::new(l, t0);
+            let mut meta = Meta::new(4800, l.window);
+            let (mut now, _) = burst(&mut b, &mut meta, t0, 1, false);
+            meta.other = other;
+            for _ in 0..3 {
+                now = burst(&mut b, &mut meta, now, 200, false).0;
+            }
+            let est = b.estimate(now);
+            assert!(est.usage_pct < 70.0, "other {other}: {est:?}");
+        }
+
+        // Others are there before our first call, whose reading alone cannot tell a Page
+        // used by others from a limit a hundred times lower: the next bursts are paced (part
+        // goes at once) until their groups' readings settle it, within a few round trips.
+        let mut b = Budget::new(l, t0);
+        let mut meta = Meta::new(4800, l.window);
+        meta.other = other;
+        let (mut now, _) = burst(&mut b, &mut meta, t0, 1, false);
+        let mut paced = 0;
+        loop {
+            let went;
+            (now, went) = burst(&mut b, &mut meta, now, 200, true);
+            assert!(went >= 1, "other {other}");
+            if went == 200 {
+                break;
+            }
+            paced += 1;
+            assert!(paced <= 3, "other {other}: {:?}", b.estimate(now));
+        }
+        now = burst(&mut b, &mut meta, now, 200, false).0;
+        let est = b.estimate(now);
+        assert!(est.usage_pct < 70.0, "other {other}: {est:?}");
+        assert_eq!(meta.throttled_per_window(t0, 1), [0], "other {other}");
+    }
+}
+
+#[test]
 fn before_the_first_reading_only_the_blind_allowance_goes() {
     let t0 = Instant::now();
     let mut b = Budget::new(limits(600, 20, false), t0);
