@@ -83,6 +83,16 @@ pub(super) struct Caller<'a> {
     budget: &'a ReplyBudget,
 }
 
+/// Where the writer of a fill runs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Writer {
+    /// In a task of its own: the caller is a request, and a client that hangs up must not
+    /// cancel a fill other requests wait for.
+    Spawned,
+    /// In the caller, already a task of its own (a union or merge fill): no second task.
+    Here,
+}
+
 /// Where the body a reply is built from comes from, for the reply budget.
 pub(super) enum Origin {
     /// A cached entry, shared by every reader.
@@ -269,7 +279,9 @@ impl Gateway {
             stale: found,
             shared: directive == Directive::Normal,
         };
-        let (fill, collapsed) = self.fill_coalesced(call, version, job).await?;
+        let (fill, collapsed) = self
+            .fill_coalesced(call, version, job, Writer::Spawned)
+            .await?;
         let upstream_ms = Some(started.elapsed().as_millis());
         self.served_from_fill(&fill, &caller, fwd, collapsed, upstream_ms)
     }
@@ -296,7 +308,7 @@ impl Gateway {
         let fits = |u: &Fields| union_fits(call, u, max_url);
         let (waiter, collapsed) = match union::join(&self.cache.unions, base, &want, fits) {
             Part::Lead(lead, waiter) => {
-                self.spawn_union_fill(lead, call.clone(), version, ttl);
+                self.spawn_union_fill(lead, call.clone(), version, key.clone(), ttl);
                 (waiter, false)
             }
             Part::Joined(waiter) => {
@@ -369,6 +381,7 @@ impl Gateway {
         lead: Lead<Fields, UnionResult>,
         call: Call,
         version: &str,
+        key: CacheKey,
         ttl: Duration,
     ) {
         let gw = self.clone();
@@ -381,29 +394,32 @@ impl Gateway {
                 tokio::time::sleep(window).await;
             }
             let fields = lead.close();
-            let result = gw.union_fill(call, &version, ttl, &fields).await;
+            let result = gw.union_fill(call, &version, key, ttl, &fields).await;
             lead.complete(result.map(|fill| (fields, fill)));
         }));
     }
 
-    /// The upstream call for a union of fields: the leader's own call when no one else's
-    /// fields were added (counted as a union fill otherwise), else the same read for the union (stored under its own key, so
-    /// later subsets are projected from it).
+    /// The upstream call for a union of fields: the leader's own call (under its own `key`)
+    /// when no one else's fields were added, else the same read for the union (counted as a
+    /// union fill, and stored under its own key, so later subsets are projected from it).
     async fn union_fill(
         self: &Arc<Self>,
         mut call: Call,
         version: &str,
+        key: CacheKey,
         ttl: Duration,
         fields: &Fields,
     ) -> FillResult {
         let own = projectable(&call).map(|f| f.normalized());
-        if own.as_ref() != Some(fields) {
+        let key = if own.as_ref() == Some(fields) {
+            key
+        } else {
             call.params.set("fields", fields.canonical());
             self.metrics.cache.union_fills.inc();
-        }
-        let identity = self.tokens.identity_for(call.page());
-        let key = key::build(version, &call.path.segments, &call.params, &identity)
-            .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
+            let identity = self.tokens.identity_for(call.page());
+            key::build(version, &call.path.segments, &call.params, &identity)
+                .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?
+        };
         let job = Job {
             key,
             ttl,
@@ -428,7 +444,7 @@ impl Gateway {
             self.tokens.identity_for(call.page()) == identity,
         ) else {
             return self
-                .fill_coalesced(&call, version, job)
+                .fill_coalesced(&call, version, job, Writer::Here)
                 .await
                 .map(|(f, _)| f);
         };
@@ -444,7 +460,7 @@ impl Gateway {
                     tokio::time::sleep(window).await;
                     let nodes = lead.close();
                     let result = if nodes.len() == 1 {
-                        let fill = gw.fill_coalesced(&call, &version, job).await;
+                        let fill = gw.fill_coalesced(&call, &version, job, Writer::Here).await;
                         fill.map(|(f, _)| Arc::new(vec![(nodes[0].clone(), f)]))
                     } else {
                         gw.merged_fill(call, &version, nodes, job.ttl).await
@@ -456,7 +472,7 @@ impl Gateway {
             Part::Joined(waiter) => waiter,
             Part::Alone => {
                 return self
-                    .fill_coalesced(&call, version, job)
+                    .fill_coalesced(&call, version, job, Writer::Here)
                     .await
                     .map(|(f, _)| f)
             }
@@ -470,7 +486,7 @@ impl Gateway {
             Some((_, fill)) => Ok(fill.clone()),
             // Graph rejected the merged call (one bad id fails it all) or left this node out.
             None => self
-                .fill_coalesced(&call, version, job)
+                .fill_coalesced(&call, version, job, Writer::Here)
                 .await
                 .map(|(f, _)| f),
         }
@@ -567,7 +583,9 @@ impl Gateway {
             stale: None,
             shared: true,
         };
-        let (fill, collapsed) = self.fill_coalesced(call, version, job).await?;
+        let (fill, collapsed) = self
+            .fill_coalesced(call, version, job, Writer::Spawned)
+            .await?;
         let upstream_ms = Some(started.elapsed().as_millis());
         self.served_from_fill(&fill, caller, Forward::Miss, collapsed, upstream_ms)
     }
@@ -578,21 +596,23 @@ impl Gateway {
         call: &Call,
         version: &str,
         job: Job,
+        writer: Writer,
     ) -> Result<(Fill, bool), ProxyError> {
         let gw = self.clone();
         let (call, version) = (call.clone(), version.to_string());
-        self.coalesced(job.key.id, move || async move {
+        self.coalesced(job.key.id, writer, move || async move {
             gw.fill(call, &version, job).await
         })
         .await
     }
 
-    /// Takes `id`'s in-process fill lock. The writer runs `fill` in a task of its own (a
-    /// writer whose client hangs up cancels nothing) and waits for it like the readers do,
-    /// within the fill deadline. Returns the fill and whether another request wrote it.
+    /// Takes `id`'s in-process fill lock. The writer runs `fill` as `writer` says and waits
+    /// for it like the readers do, within the fill deadline. Returns the fill and whether
+    /// another request wrote it.
     pub(super) async fn coalesced<F>(
         &self,
         id: key::KeyId,
+        writer: Writer,
         fill: impl FnOnce() -> F,
     ) -> Result<(Fill, bool), ProxyError>
     where
@@ -600,6 +620,12 @@ impl Gateway {
     {
         let flights = &self.cache.flights;
         let (reader, collapsed) = match flights.lock(&id).await {
+            Locked::Write(permit) if writer == Writer::Here => {
+                let reader = permit.reader();
+                let value = Box::pin(fill()).await;
+                flights.release(permit, value).await;
+                (reader, false)
+            }
             Locked::Write(permit) => {
                 let reader = permit.reader();
                 let (flights, fill) = (flights.clone(), fill());

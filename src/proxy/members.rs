@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 
-use super::cached::{assembled_entry, member_fields, reply_from, Caller, Origin, Served};
+use super::cached::{assembled_entry, member_fields, reply_from, Caller, Origin, Served, Writer};
 use super::{Call, Gateway};
 use crate::cache::entry::{Entry, Freshness};
 use crate::cache::key::{self, CacheKey, KeyId};
@@ -368,7 +368,7 @@ impl Gateway {
             .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
         let gw = self.clone();
         let version = version.to_string();
-        self.coalesced(sub_key.id, move || async move {
+        self.coalesced(sub_key.id, Writer::Spawned, move || async move {
             gw.fill_ids(sub, &version, nodes).await
         })
         .await
