@@ -219,6 +219,15 @@ async fn low_usage(quick: bool) {
         .await;
         let (pv, pd) = (percentile(&mut via, 0.5), percentile(&mut dir, 0.5));
         println!(
+            "    burst of {n}, {label}: p10/p90/max through {:.2}/{:.2}/{:.2} ms, direct {:.2}/{:.2}/{:.2} ms",
+            ms(percentile(&mut via, 0.1)),
+            ms(percentile(&mut via, 0.9)),
+            ms(percentile(&mut via, 1.0)),
+            ms(percentile(&mut dir, 0.1)),
+            ms(percentile(&mut dir, 0.9)),
+            ms(percentile(&mut dir, 1.0)),
+        );
+        println!(
             "    burst of {n}, {label}: p50 through {:.2} ms, direct {:.2} ms, added {:.2} ms; 429 through graphgate: {limited}",
             ms(pv),
             ms(pd),

@@ -6,6 +6,10 @@
 //! (behind a barrier) and the clock for each starts just before its write. Requests carry
 //! `Connection: close` and a reply is read to EOF.
 //!
+//! A `{i}` in the URL becomes the request's number (0..N) and a `{j}` its number modulo 60
+//! plus one (the simulated Graph's nodes of a Page are `{page}_1` to `{page}_60`), so the N
+//! requests are for N different keys: the "distinct reads at once" client.
+//!
 //! ```text
 //! cargo run --release --example burst -- URL [N=500] [TIMEOUT_S=30]
 //! ```
@@ -40,9 +44,14 @@ async fn main() {
         .map_or(500, |s| s.parse().expect("N is a number"));
     let timeout = Duration::from_secs(args.get(2).map_or(30, |s| s.parse().expect("seconds")));
     let (host, path) = parse_url(url);
-    let request = Arc::new(format!(
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: graphgate-burst\r\nAccept: */*\r\nConnection: close\r\n\r\n"
-    ));
+    let request = |i: usize| {
+        let path = path
+            .replace("{i}", &i.to_string())
+            .replace("{j}", &(i % 60 + 1).to_string());
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: graphgate-burst\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+        )
+    };
     let mut streams = Vec::with_capacity(n);
     for _ in 0..n {
         let s = TcpStream::connect(&host).await.expect("connect");
@@ -51,8 +60,8 @@ async fn main() {
     }
     let barrier = Arc::new(Barrier::new(n));
     let mut tasks = Vec::with_capacity(n);
-    for mut s in streams {
-        let (barrier, request) = (barrier.clone(), request.clone());
+    for (i, mut s) in streams.into_iter().enumerate() {
+        let (barrier, request) = (barrier.clone(), request(i));
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
             let started = Instant::now();

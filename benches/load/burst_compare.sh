@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# N distinct reads at once (default 200), each a cache miss, side by side: straight to the
+# simulated Graph API, through nginx as a plain reverse proxy (proxy_pass with a keep-alive
+# upstream pool, no cache), and through graphgate with its default [quota] and cache. What a
+# proxy hop itself adds to a burst of misses on this machine, next to what graphgate adds.
+#
+# Starts on 127.0.0.1: `graphgate fake-graph` (LATENCY_MS per reply, Page limit 4800 per
+# hour), nginx (two workers) and graphgate in front of it. Each round sends one burst per
+# target with examples/burst.rs (connections opened first, every request written at once,
+# `{i}` in the URL makes N different keys); the first round also fills the proxies'
+# upstream pools. Prints each burst's percentiles and, per target, the median p50 of the
+# rounds after the first (of an even count, the lower of the middle two).
+#
+# The three targets share the simulated Graph's Page 1001, as other apps would: after a few
+# rounds the Page is half used and graphgate's quota steward starts pacing (429 with
+# Retry-After), as it is meant to. Keep ROUNDS small (default 4).
+#
+# Needs: nginx (Debian: nginx-light), openssl, curl.
+# Usage: benches/load/burst_compare.sh   (env: N, ROUNDS, LATENCY_MS, PORT_BASE)
+set -euo pipefail
+
+N=${N:-200}
+ROUNDS=${ROUNDS:-4}
+LATENCY_MS=${LATENCY_MS:-50}
+PORT_BASE=${PORT_BASE:-19500}
+cd "$(dirname "$0")/../.."
+
+for c in nginx openssl curl; do
+    command -v "$c" >/dev/null || { echo "burst_compare.sh: missing $c (Debian: nginx-light, openssl, curl)" >&2; exit 1; }
+done
+TARGET=${CARGO_TARGET_DIR:-target}
+cargo build --release --quiet --bin graphgate --example burst
+GG="$TARGET/release/graphgate"
+BURST="$TARGET/release/examples/burst"
+
+WORK=$(mktemp -d /tmp/gg-burst.XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+P_GRAPH=$PORT_BASE
+P_GG=$((PORT_BASE + 1))      # admin +2
+P_NGINX=$((PORT_BASE + 3))
+KEY=burst-client-key
+TOKEN=demo-system-user-token   # what `graphgate fake-graph` accepts
+PROOF=$(printf '%s' "$TOKEN" | openssl dgst -sha256 -hmac demo-app-secret | awk '{print $NF}')
+
+cat >"$WORK/gg.toml" <<EOF
+[server]
+listen = "127.0.0.1:$P_GG"
+admin_listen = "127.0.0.1:$((P_GG + 1))"
+[upstream]
+url = "http://127.0.0.1:$P_GRAPH"
+[credentials]
+system_user_token = "$TOKEN"
+app_secret = "demo-app-secret"
+[log]
+level = "warn"
+[[clients]]
+name = "burst"
+key = "$KEY"
+pages = ["*"]
+EOF
+
+mkdir -p "$WORK/tmp" "$WORK/logs"
+cat >"$WORK/nginx.conf" <<EOF
+daemon off;
+master_process on;
+worker_processes 2;
+user root;
+pid $WORK/nginx.pid;
+error_log $WORK/logs/nginx-error.log warn;
+worker_rlimit_nofile 65536;
+events { worker_connections 20000; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/tmp/body;
+    proxy_temp_path $WORK/tmp/proxy;
+    fastcgi_temp_path $WORK/tmp/fcgi;
+    uwsgi_temp_path $WORK/tmp/uwsgi;
+    scgi_temp_path $WORK/tmp/scgi;
+    upstream graph { server 127.0.0.1:$P_GRAPH; keepalive 512; }
+    server {
+        listen 127.0.0.1:$P_NGINX;
+        location / {
+            proxy_pass http://graph;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+
+wait_for() { # url
+    for _ in $(seq 1 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done
+    echo "burst_compare.sh: nothing answers at $1" >&2
+    exit 1
+}
+
+"$GG" fake-graph --listen "127.0.0.1:$P_GRAPH" --latency-ms "$LATENCY_MS" \
+    --page-calls 4800 --page-window-s 3600 >"$WORK/graph.log" 2>&1 &
+PIDS+=($!)
+"$GG" serve --config "$WORK/gg.toml" >"$WORK/gg.log" 2>&1 &
+PIDS+=($!)
+nginx -c "$WORK/nginx.conf" >"$WORK/nginx.out" 2>&1 &
+PIDS+=($!)
+wait_for "http://127.0.0.1:$P_GRAPH/"
+wait_for "http://127.0.0.1:$((P_GG + 1))/healthz"
+wait_for "http://127.0.0.1:$P_NGINX/"
+
+url() { # target round
+    local q="fields=id&n={i}&r=$1$2"
+    case $1 in
+        direct) echo "http://127.0.0.1:$P_GRAPH/v21.0/1001_{j}?$q&access_token=$TOKEN&appsecret_proof=$PROOF" ;;
+        nginx) echo "http://127.0.0.1:$P_NGINX/v21.0/1001_{j}?$q&access_token=$TOKEN&appsecret_proof=$PROOF" ;;
+        graphgate) echo "http://127.0.0.1:$P_GG/v21.0/1001_{j}?$q&access_token=$KEY" ;;
+    esac
+}
+
+declare -A P50S
+echo "$N distinct reads at once, simulated Graph at ${LATENCY_MS} ms; round 1 also opens the upstream pools"
+for r in $(seq 1 "$ROUNDS"); do
+    for t in direct nginx graphgate; do
+        line=$("$BURST" "$(url "$t" "$r")" "$N")
+        echo "  round $r $t: $line"
+        if [ "$r" -gt 1 ]; then
+            p50=${line#*p50_ms=}
+            P50S[$t]="${P50S[$t]:-} ${p50%% *}"
+        fi
+    done
+done
+median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {if (NR) print a[int((NR+1)/2)]; else print "-"}'; }
+if [ "$ROUNDS" -gt 1 ]; then
+    d=$(echo "${P50S[direct]}" | median)
+    for t in direct nginx graphgate; do
+        m=$(echo "${P50S[$t]}" | median)
+        echo "median p50 (rounds 2-$ROUNDS) $t: $m ms, added over direct: $(awk -v a="$m" -v b="$d" 'BEGIN {printf "%.1f", a - b}') ms"
+    done
+fi
