@@ -727,6 +727,55 @@ async fn two_replicas_under_overload_share_one_budget_and_use_nearly_all_of_it()
     }
 }
 
+/// The fleet's state in Redis learns from whole groups of calls too: bursts through both
+/// replicas while other apps use a few percent of the Page all go at once (the readings of a
+/// burst in flight once lowered the fleet's limit to a few dozen calls and held the Page).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_through_two_replicas_while_other_apps_use_the_page_all_go_at_once() {
+    let redis = RedisServer::start();
+    let graph = FakeGraphConfig {
+        page_calls_limit: 4800,
+        page_window: Duration::from_secs(3600),
+        latency: Duration::from_millis(50),
+        ..graph_config()
+    };
+    let f = Arc::new(Fleet::start(&redis, graph, "").await);
+    f.graph.set_omit_zero_usage(true);
+    let first = f.get(&f.a, "/1001_1?fields=id&n=0").await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text());
+    f.graph.set_other_usage("1001", 240);
+    for round in 1..=3u32 {
+        let mut set = JoinSet::new();
+        for k in 0..200u32 {
+            let f = f.clone();
+            set.spawn(async move {
+                let via = if k % 2 == 0 { &f.a } else { &f.b };
+                f.get(
+                    via,
+                    &format!("/1001_{}?fields=id&n={}", k % 60 + 1, round * 1000 + k),
+                )
+                .await
+            });
+        }
+        let mut limited = 0;
+        while let Some(r) = set.join_next().await {
+            let r = r.expect("request task");
+            assert!(
+                r.status == StatusCode::OK || r.status == StatusCode::TOO_MANY_REQUESTS,
+                "{}: {}",
+                r.status,
+                r.text()
+            );
+            limited += usize::from(r.status == StatusCode::TOO_MANY_REQUESTS);
+        }
+        assert_eq!(limited, 0, "burst {round}");
+    }
+    assert_eq!(f.graph.stats().throttled, 0);
+    if let Ok(f) = Arc::try_unwrap(f) {
+        f.stop().await;
+    }
+}
+
 /// With `learn_limits`, a limit learned from the readings of both replicas' calls is the
 /// fleet's: page_calls ten times too low does not hold the fleet back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
