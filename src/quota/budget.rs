@@ -143,6 +143,16 @@ impl Bounds {
 }
 
 impl BoundsLog {
+    /// No bounds yet, from `now`.
+    fn new(now: Instant) -> BoundsLog {
+        BoundsLog {
+            current: NO_BOUNDS,
+            previous: NO_BOUNDS,
+            since: now,
+            others_seen: None,
+        }
+    }
+
     /// Moves the periods on to `now`.
     fn roll(&mut self, now: Instant, window: Duration) {
         let age = now.saturating_duration_since(self.since);
@@ -620,12 +630,7 @@ impl Budget {
     /// assumed wrongly that nobody else uses the Page, so they are dropped.
     fn learn_group_lower(&mut self, lower: f64, now: Instant) {
         let window = self.limits.window;
-        let mut log = self.bounds.unwrap_or(BoundsLog {
-            current: NO_BOUNDS,
-            previous: NO_BOUNDS,
-            since: now,
-            others_seen: None,
-        });
+        let mut log = self.bounds.unwrap_or(BoundsLog::new(now));
         log.roll(now, window);
         if lower > log.current.merge(log.previous).upper {
             log.current.upper = f64::INFINITY;
@@ -768,12 +773,7 @@ impl Budget {
             }
             // None yet, or at the limit (the bounds may be stale: the limit went down): start
             // again from this reading.
-            None => BoundsLog {
-                current: NO_BOUNDS,
-                previous: NO_BOUNDS,
-                since: now,
-                others_seen: None,
-            },
+            None => BoundsLog::new(now),
         };
         let held = log.current.merge(log.previous);
         // Upper bounds assume nobody else uses the Page: one below what the Page has shown

@@ -103,11 +103,15 @@ end
 
 -- Limit bounds over the readings of the current period and the one before (a window each):
 -- lower (0: none) and upper (-1: none).
+local function clear_bounds(S)
+  S.bl1 = 0; S.bu1 = -1; S.bl0 = 0; S.bu0 = -1; S.bs = now
+end
+
 local function roll(S, P)
   if S.bs == nil then return end
   local age = now - S.bs
   if age >= 2 * P.W then
-    S.bl1 = 0; S.bu1 = -1; S.bl0 = 0; S.bu0 = -1; S.bs = now
+    clear_bounds(S)
   elseif age >= P.W then
     S.bl0 = S.bl1; S.bu0 = S.bu1; S.bl1 = 0; S.bu1 = -1; S.bs = now
   end
@@ -368,7 +372,7 @@ if not has_usage then pct = 0 end
 local others = S.bo ~= nil and S.bo > 0 and now - S.bo < P.W
 if group_lower > 0 then
   roll(S, P)
-  if S.bs == nil then S.bl1 = 0; S.bu1 = -1; S.bl0 = 0; S.bu0 = -1; S.bs = now end
+  if S.bs == nil then clear_bounds(S) end
   local up = min_upper(S.bu1, S.bu0)
   if up >= 0 and group_lower > up then S.bu1 = -1; S.bu0 = -1; S.bo = now; others = true end
   S.bl1 = math.max(S.bl1 or 0, group_lower)
