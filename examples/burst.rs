@@ -13,7 +13,7 @@
 //! ```text
 //! cargo run --release --example burst -- URL [N=500] [TIMEOUT_S=30]
 //! ```
-//! Output (one line, for scripts): `n=500 ok=500 p50_ms=201.3 p90_ms=... p99_ms=... max_ms=...`
+//! Output (one line, for scripts): `n=500 ok=500 p50_ms=201.3 p90_ms=... p99_ms=... max_ms=... min_ms=... p10_ms=...`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -95,10 +95,12 @@ async fn main() {
         lat[i].as_secs_f64() * 1000.0
     };
     println!(
-        "n={n} ok={ok} p50_ms={:.1} p90_ms={:.1} p99_ms={:.1} max_ms={:.1}",
+        "n={n} ok={ok} p50_ms={:.1} p90_ms={:.1} p99_ms={:.1} max_ms={:.1} min_ms={:.1} p10_ms={:.1}",
         pct(0.50),
         pct(0.90),
         pct(0.99),
-        pct(1.0)
+        pct(1.0),
+        pct(0.0),
+        pct(0.10)
     );
 }
