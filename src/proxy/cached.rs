@@ -188,6 +188,7 @@ impl Gateway {
                                 ttl,
                                 stale: Some(e.clone()),
                                 shared: true,
+                                base: None,
                             };
                             self.spawn_fill(permit, call.clone(), version, job);
                         }
@@ -278,6 +279,7 @@ impl Gateway {
             ttl,
             stale: found,
             shared: directive == Directive::Normal,
+            base: None,
         };
         let (fill, collapsed) = self
             .fill_coalesced(call, version, job, Writer::Spawned)
@@ -308,7 +310,11 @@ impl Gateway {
         let fits = |u: &Fields| union_fits(call, u, max_url);
         let (waiter, collapsed) = match union::join(&self.cache.unions, base, &want, fits) {
             Part::Lead(lead, waiter) => {
-                self.spawn_union_fill(lead, call.clone(), version, key.clone(), ttl);
+                let node = NodeKeys {
+                    key: key.clone(),
+                    base,
+                };
+                self.spawn_union_fill(lead, call.clone(), version, node, ttl);
                 (waiter, false)
             }
             Part::Joined(waiter) => {
@@ -381,7 +387,7 @@ impl Gateway {
         lead: Lead<Fields, UnionResult>,
         call: Call,
         version: &str,
-        key: CacheKey,
+        node: NodeKeys,
         ttl: Duration,
     ) {
         let gw = self.clone();
@@ -394,7 +400,7 @@ impl Gateway {
                 tokio::time::sleep(window).await;
             }
             let fields = lead.close();
-            let result = gw.union_fill(call, &version, key, ttl, &fields).await;
+            let result = gw.union_fill(call, &version, node, ttl, &fields).await;
             lead.complete(result.map(|fill| (fields, fill)));
         }));
     }
@@ -406,13 +412,13 @@ impl Gateway {
         self: &Arc<Self>,
         mut call: Call,
         version: &str,
-        key: CacheKey,
+        node: NodeKeys,
         ttl: Duration,
         fields: &Fields,
     ) -> FillResult {
         let own = projectable(&call).map(|f| f.normalized());
         let key = if own.as_ref() == Some(fields) {
-            key
+            node.key
         } else {
             call.params.set("fields", fields.canonical());
             self.metrics.cache.union_fills.inc();
@@ -425,6 +431,7 @@ impl Gateway {
             ttl,
             stale: None,
             shared: true,
+            base: Some(node.base),
         };
         self.fill_node(call, version, job).await
     }
@@ -582,6 +589,7 @@ impl Gateway {
             ttl,
             stale: None,
             shared: true,
+            base: None,
         };
         let (fill, collapsed) = self
             .fill_coalesced(call, version, job, Writer::Spawned)
@@ -695,6 +703,7 @@ impl Gateway {
             ttl,
             mut stale,
             shared,
+            base,
         } = job;
         let key = &key;
         let epoch = self.cache.epoch(key);
@@ -758,7 +767,7 @@ impl Gateway {
         let kind = if !entry.status.is_success() {
             FillKind::Passed
         } else if self.cache.store(key, &entry, epoch) {
-            self.note_projectable(&call, version, key, &entry);
+            self.note_projectable(&call, version, key, base, &entry);
             FillKind::Stored
         } else {
             FillKind::Fetched
@@ -775,15 +784,25 @@ impl Gateway {
 
     /// Notes a stored node reply in the projection index, and learns from it whether Graph
     /// adds `id` to replies that did not ask for it.
-    fn note_projectable(&self, call: &Call, version: &str, key: &CacheKey, entry: &Entry) {
+    fn note_projectable(
+        &self,
+        call: &Call,
+        version: &str,
+        key: &CacheKey,
+        base: Option<key::KeyId>,
+        entry: &Entry,
+    ) {
         let Some(fields) = projectable(call) else {
             return;
         };
         if let Ok(body) = entry.body() {
             self.cache.projections.id_habit.learn(&fields, &body.bytes);
         }
-        let identity = self.tokens.identity_for(call.page());
-        if let Some(base) = key::base_of(version, &call.path.segments, &call.params, &identity) {
+        let base = base.or_else(|| {
+            let identity = self.tokens.identity_for(call.page());
+            key::base_of(version, &call.path.segments, &call.params, &identity)
+        });
+        if let Some(base) = base {
             self.cache.projections.record(base, fields, key.id);
         }
     }
@@ -951,6 +970,15 @@ pub(super) struct Job {
     pub ttl: Duration,
     pub stale: Option<Arc<Entry>>,
     pub shared: bool,
+    /// The node read's key without its fields ([`key::base_of`]), when the read already
+    /// built it: the fill notes its reply under it for projection without building it again.
+    pub base: Option<key::KeyId>,
+}
+
+/// A node read's own key and its key without fields.
+struct NodeKeys {
+    key: CacheKey,
+    base: key::KeyId,
 }
 
 /// A reply merged from several sources (`ids=`, batch) has no single ETag.
