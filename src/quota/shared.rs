@@ -43,6 +43,9 @@ local key = KEYS[1]
 local tt = redis.call('TIME')
 local now = tonumber(tt[1]) * 1000000 + tonumber(tt[2])
 local SLOTS = 128
+-- Readings lower the limit below the guess only when their bounds agree within this factor
+-- (budget.rs: TIGHT_BOUNDS): wide bounds mean a burst was in flight or other apps use the Page.
+local TIGHT_BOUNDS = 2
 local FIELDS = {'t','o','rp','ro','ra','rr','rsyn','bl1','bu1','bl0','bu0','bs','bo','pu','pa','n','pr','px','ps','la','seq','fl','fx','mg'}
 
 local function load()
@@ -134,7 +137,7 @@ local function limit(S, P)
   local g = P.guess
   local lower, upper = bounds(S, P)
   if lower ~= nil then
-    if upper >= 0 and g > upper then return math.max(lower, 1), 1 end
+    if upper >= 0 and g > upper and upper <= TIGHT_BOUNDS * lower then return math.max(lower, 1), 1 end
     if g < lower and P.learn then return lower, 2 end
   end
   return g, 0

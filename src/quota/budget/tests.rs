@@ -475,3 +475,106 @@ fn predicted_wait_follows_the_window() {
     assert_eq!(b.try_admit(1, t0).unwrap_err().reason, Reason::Full);
     assert!(b.try_admit(1, t0 + w).is_ok());
 }
+
+#[test]
+fn calls_answered_one_by_one_while_other_apps_use_the_page_do_not_lock_it() {
+    // Other apps hold 5 % of a Page of 4800; our calls go one after another (or a burst
+    // trickles out on a busy machine), each answered before the next is sent.
+    let reply = |(usage, throttled)| Observation {
+        usage: Some(usage),
+        throttled,
+        answered: true,
+        ..Observation::default()
+    };
+    for others_first in [false, true] {
+        let l = limits(4800, 3600, false);
+        let t0 = Instant::now();
+        let mut b = Budget::new(l, t0);
+        let mut meta = Meta::new(4800, l.window);
+        if others_first {
+            meta.other = 240;
+        }
+        let mut now = t0;
+        for i in 0..40 {
+            let t = b.try_admit(1, now).unwrap_or_else(|h| {
+                panic!(
+                    "others first {others_first}: call {i} held: {h:?} {:?}",
+                    b.estimate(now)
+                )
+            });
+            let r = meta.call(now + ROUND_TRIP / 2);
+            now += ROUND_TRIP;
+            // As Meta: no usage header at 0 %.
+            let obs = if r.0.max() < 1.0 {
+                Observation {
+                    answered: true,
+                    ..Observation::default()
+                }
+            } else {
+                reply(r)
+            };
+            b.observe(Some(&t), &obs, now);
+            b.finish(&t, now);
+            meta.other = 240;
+        }
+        let est = b.estimate(now);
+        assert!(est.usage_pct < 20.0, "others first {others_first}: {est:?}");
+        // Then a burst: 200 more calls are 4 % of the Page; all go at once.
+        for i in 0..200 {
+            if let Err(h) = b.try_admit(1, now) {
+                panic!(
+                    "others first {others_first}: burst call {i} held: {h:?} {:?}",
+                    b.estimate(now)
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_burst_that_trickles_out_while_other_apps_use_the_page_does_not_lock_it() {
+    let reply = |(usage, throttled)| Observation {
+        usage: Some(usage),
+        throttled,
+        answered: true,
+        ..Observation::default()
+    };
+    for step in [1usize, 5, 10, 25] {
+        let l = limits(4800, 3600, false);
+        let t0 = Instant::now();
+        let mut b = Budget::new(l, t0);
+        let mut meta = Meta::new(4800, l.window);
+        // Our first call, then others at 5 %.
+        let t = b.try_admit(1, t0).unwrap();
+        let r = meta.call(t0 + ROUND_TRIP / 2);
+        let mut now = t0 + ROUND_TRIP;
+        b.observe(Some(&t), &reply(r), now);
+        b.finish(&t, now);
+        meta.other = 240;
+        for round in 0..3 {
+            let mut pending: Vec<(Instant, _, _)> = Vec::new();
+            let mut sent = 0;
+            while sent < 200 || !pending.is_empty() {
+                // Replies due by now.
+                pending.sort_by_key(|p| p.0);
+                while pending.first().is_some_and(|p| p.0 <= now) {
+                    let (_, t, r) = pending.remove(0);
+                    b.observe(Some(&t), &reply(r), now);
+                    b.finish(&t, now);
+                }
+                for _ in 0..step.min(200 - sent) {
+                    let t = b.try_admit(1, now).unwrap_or_else(|h| {
+                        panic!(
+                            "step {step} round {round}: call {sent} held: {h:?} {:?}",
+                            b.estimate(now)
+                        )
+                    });
+                    let r = meta.call(now + ROUND_TRIP / 2);
+                    pending.push((now + ROUND_TRIP, t, r));
+                    sent += 1;
+                }
+                now += Duration::from_millis(10);
+            }
+        }
+    }
+}
