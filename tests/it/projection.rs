@@ -3,6 +3,8 @@
 //! returns for F; anything that cannot be proven (a missing field, different modifiers,
 //! another version or parameter) goes to Graph.
 
+use std::time::{Duration, Instant};
+
 use bytes::Bytes;
 use http::{Method, StatusCode};
 
@@ -500,5 +502,58 @@ async fn an_ids_member_waits_for_a_node_read_in_flight_that_covers_it() {
         ids.json(),
         from_graph(&s, "/v21.0/?ids=1001_1,1001_2&fields=id,message").await
     );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_leader_whose_client_hangs_up_still_fills_for_the_reads_that_joined_it() {
+    let s = Stack::start().await;
+    learn_id_habit(&s).await;
+    let node = "1001_7";
+    let before = s.graph.stats().requests;
+    s.graph.set_latency(Duration::from_millis(800));
+    // The leader: a raw connection, so the test can hang it up mid-call.
+    let mut leader = tokio::net::TcpStream::connect(s.gw.addr).await.unwrap();
+    let head = format!(
+        "GET {} HTTP/1.1\r\nhost: x\r\n\r\n",
+        q(&format!("/v21.0/{node}?fields=id,message"))
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut leader, head.as_bytes())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.graph.stats().requests == before {
+        assert!(
+            Instant::now() < deadline,
+            "the leader's call never reached Graph"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A read for fewer fields joins the call in flight.
+    let url = format!(
+        "{}{}",
+        s.gw.url(),
+        q(&format!("/v21.0/{node}?fields=message"))
+    );
+    let secrets = s.secrets();
+    let joiner = tokio::spawn(async move {
+        send(&client(), Method::GET, &url, &[], Bytes::new(), &secrets).await
+    });
+    while counter(&s, "graphgate_cache_coalesced_total").await < 1.0 {
+        assert!(Instant::now() < deadline, "the second read never joined");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(leader);
+    let r = joiner.await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    s.graph.set_latency(Duration::ZERO);
+    assert_eq!(
+        r.json(),
+        from_graph(&s, &format!("/v21.0/{node}?fields=message")).await
+    );
+    // One call for both (the comparison above went past the cache), and its reply is stored.
+    assert_eq!(fields_sent(&s, node), ["id,message", "message"]);
+    let r = s.get(&q(&format!("/v21.0/{node}?fields=id,message"))).await;
+    assert_eq!(r.header("x-cache"), Some("HIT"), "{:?}", r.headers);
     s.stop().await;
 }
