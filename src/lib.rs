@@ -8,6 +8,7 @@
 //! metrics. With the `demo` feature, `testkit` starts the simulated Graph API (the
 //! `fake-graph` crate) with graphgate in front of it, for the demo, tests and benches.
 pub mod admin;
+pub mod allocator;
 pub mod auth;
 pub mod cache;
 pub mod config;
