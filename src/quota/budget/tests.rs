@@ -79,6 +79,16 @@ impl Meta {
     }
 }
 
+/// What the budget learns from a call Meta answered with `meta.call`'s reading.
+fn reply((usage, throttled): (Usage, bool)) -> Observation {
+    Observation {
+        usage: Some(usage),
+        throttled,
+        answered: true,
+        ..Observation::default()
+    }
+}
+
 fn limits(guess: u32, window_s: u64, learn: bool) -> Limits {
     Limits {
         guess,
@@ -232,15 +242,9 @@ fn at_low_usage_calls_go_at_once_sequential_or_in_a_burst() {
     // Sequential: each call waits for its reply, never for the budget.
     for _ in 0..200 {
         let t = b.try_admit(1, now).expect("sequential calls go at once");
-        let (usage, throttled) = meta.call(now + ROUND_TRIP / 2);
+        let r = meta.call(now + ROUND_TRIP / 2);
         now += ROUND_TRIP;
-        let obs = Observation {
-            usage: Some(usage),
-            throttled,
-            answered: true,
-            ..Observation::default()
-        };
-        b.observe(Some(&t), &obs, now);
+        b.observe(Some(&t), &reply(r), now);
         b.finish(&t, now);
     }
     // 200 at the same instant at ~4 % usage: all go, no in-flight cap.
@@ -255,12 +259,6 @@ fn bursts_while_other_apps_use_the_page_do_not_lock_it() {
     // Other apps hold 4 %, then half of the Page's budget. The 200 calls of a burst are in
     // flight together, so no single reading they bring back counts them (each counts only
     // the calls answered before its own was sent); the readings of the whole group do.
-    let reply = |(usage, throttled)| Observation {
-        usage: Some(usage),
-        throttled,
-        answered: true,
-        ..Observation::default()
-    };
     // Sends `n` calls at `now` (all must go at once unless `may_hold`), answers them a round
     // trip later; returns the time after and how many went.
     let burst = |b: &mut Budget, meta: &mut Meta, now: Instant, n: usize, may_hold: bool| {
@@ -480,12 +478,6 @@ fn predicted_wait_follows_the_window() {
 fn calls_answered_one_by_one_while_other_apps_use_the_page_do_not_lock_it() {
     // Other apps hold 5 % of a Page of 4800; our calls go one after another (or a burst
     // trickles out on a busy machine), each answered before the next is sent.
-    let reply = |(usage, throttled)| Observation {
-        usage: Some(usage),
-        throttled,
-        answered: true,
-        ..Observation::default()
-    };
     for others_first in [false, true] {
         let l = limits(4800, 3600, false);
         let t0 = Instant::now();
@@ -533,12 +525,6 @@ fn calls_answered_one_by_one_while_other_apps_use_the_page_do_not_lock_it() {
 
 #[test]
 fn a_burst_that_trickles_out_while_other_apps_use_the_page_does_not_lock_it() {
-    let reply = |(usage, throttled)| Observation {
-        usage: Some(usage),
-        throttled,
-        answered: true,
-        ..Observation::default()
-    };
     for step in [1usize, 5, 10, 25] {
         let l = limits(4800, 3600, false);
         let t0 = Instant::now();
@@ -552,13 +538,15 @@ fn a_burst_that_trickles_out_while_other_apps_use_the_page_does_not_lock_it() {
         b.finish(&t, now);
         meta.other = 240;
         for round in 0..3 {
-            let mut pending: Vec<(Instant, _, _)> = Vec::new();
+            // A fixed round trip: replies come back in the order the calls went.
+            let mut pending = VecDeque::new();
             let mut sent = 0;
             while sent < 200 || !pending.is_empty() {
-                // Replies due by now.
-                pending.sort_by_key(|p| p.0);
-                while pending.first().is_some_and(|p| p.0 <= now) {
-                    let (_, t, r) = pending.remove(0);
+                while pending
+                    .front()
+                    .is_some_and(|p: &(Instant, _, _)| p.0 <= now)
+                {
+                    let (_, t, r) = pending.pop_front().expect("front");
                     b.observe(Some(&t), &reply(r), now);
                     b.finish(&t, now);
                 }
@@ -570,7 +558,7 @@ fn a_burst_that_trickles_out_while_other_apps_use_the_page_does_not_lock_it() {
                         )
                     });
                     let r = meta.call(now + ROUND_TRIP / 2);
-                    pending.push((now + ROUND_TRIP, t, r));
+                    pending.push_back((now + ROUND_TRIP, t, r));
                     sent += 1;
                 }
                 now += Duration::from_millis(10);
