@@ -334,11 +334,11 @@ impl Drop for Admission {
             st.budget.finish(&h.ticket, Instant::now());
             drop(st);
             if !h.concluded.load(Ordering::Relaxed) {
+                // The fleet learns that the call is over: it leaves the fleet's group, and a
+                // probe or blind call frees its slot.
                 if let (Some(f), Some(s)) = (h.fleet, self.inner.shared.clone()) {
-                    if f.probe || f.blind {
-                        let (key, params) = (h.bucket.key.clone(), h.bucket.params);
-                        spawn(async move { s.finish_without_verdict(&key, f, params).await });
-                    }
+                    let (key, params) = (h.bucket.key.clone(), h.bucket.params);
+                    spawn(async move { s.finish_without_verdict(&key, f, params).await });
                 }
             }
             h.bucket.wake.notify_one();

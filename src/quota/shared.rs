@@ -5,6 +5,10 @@
 //! the clock: N replicas together admit no more than one would, and the replicas' own clocks
 //! never matter. Each reply's reading (and any throttle) is written back by a second script.
 //!
+//! The group of calls in flight together (see [`super::budget`]) is the fleet's too: every
+//! call that ends, with a reply or without (failed, cancelled, never sent), tells the scripts,
+//! so a burst spread over several replicas proves as much about the limit as one replica's.
+//!
 //! Queues, priorities and fairness stay local; only the decision moves to Redis.
 //!
 //! Keys: `{prefix}{page:ID}:q` (or `{prefix}{app}:q`): one hash, one Redis Cluster slot per
@@ -46,7 +50,7 @@ local SLOTS = 128
 -- Readings lower the limit below the guess only when their bounds agree within this factor
 -- (budget.rs: TIGHT_BOUNDS): wide bounds mean a burst was in flight or other apps use the Page.
 local TIGHT_BOUNDS = 2
-local FIELDS = {'t','o','rp','ro','ra','rr','rsyn','bl1','bu1','bl0','bu0','bs','bo','pu','pa','n','pr','px','ps','la','seq','fl','fx','mg'}
+local FIELDS = {'t','o','rp','ro','ra','rr','rsyn','bl1','bu1','bl0','bu0','bs','bo','pu','pa','n','pr','px','ps','la','seq','fl','fx','mg','gs','gi','gn','gr','gp','gl','gz'}
 
 local function load()
   local v = redis.call('HMGET', key, unpack(FIELDS))
@@ -54,6 +58,7 @@ local function load()
   for i, f in ipairs(FIELDS) do S[f] = tonumber(v[i]) end
   S.t = S.t or 0; S.n = S.n or 0; S.pr = S.pr or 0; S.seq = S.seq or 0; S.fl = S.fl or 0
   S.mg = S.mg or 0
+  S.gs = S.gs or 0; S.gi = S.gi or 0; S.gn = S.gn or 0; S.gr = S.gr or 0; S.gp = S.gp or 0
   return S
 end
 
@@ -206,6 +211,49 @@ local function sum_slots(S, a, b)
   return total
 end
 
+-- The fleet's group (budget.rs: Group): its calls in flight together, from one granted while
+-- none was until the last of them ends. gs: start (0: none), gi: units in flight, gn: sent,
+-- gr: read (an unthrottled reading came back), gp: the highest reading, gl: the last grant
+-- or end, gz: 1 when it started while calls of an abandoned group could still be in flight.
+-- A call is the group's when it was granted at or after gs.
+local function in_group(S, at)
+  return S.gs > 0 and at >= S.gs
+end
+
+-- A call ended without a reading (`uncount`: it never went out).
+local function leave_group(S, at, units, uncount)
+  if units <= 0 or not in_group(S, at) then return end
+  S.gi = math.max(S.gi - units, 0)
+  if uncount then S.gn = math.max(S.gn - units, 0) end
+  S.gl = now
+end
+
+-- A call's reply: for the group's last, when every call of the group brought a reading and
+-- the group is younger than a window, the lower bound of the limit it proves (else 0): Meta
+-- counted every one of our calls before it answered the last, whoever else uses the Page.
+local function group_reply(S, P, at, units, pct, read)
+  if units <= 0 or not in_group(S, at) then return 0 end
+  S.gi = math.max(S.gi - units, 0)
+  S.gl = now
+  if read then
+    S.gr = S.gr + units
+    if pct > S.gp then S.gp = pct end
+  end
+  if S.gi > 0 then return 0 end
+  local lower = 0
+  if S.gr >= S.gn and S.gn > 0 and now - S.gs + S.mg < P.W then
+    local counted = S.gn
+    if S.gz ~= 1 then
+      -- No call of ours was in flight when the group started: all of them in the window count.
+      local gone = sum_slots(S, S.o, math.floor((now + S.mg - P.W) / P.slot))
+      counted = math.max(S.t - gone, S.gn)
+    end
+    lower = 100 * counted / (math.floor(S.gp) + 1)
+  end
+  S.gs = 0
+  return lower
+end
+
 local function time_until_room(S, P, units, decay)
   local L = limit(S, P)
   local cl = count_limit(L, P)
@@ -264,15 +312,30 @@ local units = math.max(tonumber(ARGV[1]), 1)
 local P = params(2)
 -- A probe (or blind call) whose verdict never reaches Redis stops holding the bucket after a
 -- few round trips (at least a second, at most the configured TTL); set once S is loaded.
-local probe_ttl = tonumber(ARGV[7])
+local group_ttl = tonumber(ARGV[7])
+local probe_ttl = group_ttl
 local S = load()
 probe_ttl = math.min(math.max(8 * S.mg, 1000000), tonumber(ARGV[7]))
 expire(S, P)
 local est, L = estimate(S, P)
 local recheck = math.min(math.max(P.slot, 10000), 250000)
 
+local function join_group()
+  -- A group whose calls stopped ending (a replica gone, a reading never written back) is
+  -- given up; calls of it may still be in flight, so the next one counts only its own.
+  local stale = S.gi > 0 and (now - S.gl > group_ttl or now - S.gs >= P.W)
+  if S.gs <= 0 or S.gi <= 0 or stale then
+    S.gs = now; S.gi = 0; S.gn = 0; S.gr = 0; S.gp = 0
+    if stale then S.gz = 1 else S.gz = 0 end
+  end
+  S.gi = S.gi + units
+  S.gn = S.gn + units
+  S.gl = now
+end
+
 local function grant(probe)
   S.seq = S.seq + 1
+  join_group()
   local idx = math.floor(now / P.slot)
   redis.call('HINCRBY', key, 's' .. idx, units)
   if S.o == nil or S.t <= 0 then S.o = idx end
@@ -341,7 +404,8 @@ return hold(room_at - now, 5)
 
 /// ARGV: has ticket, ticket ours, ticket seq, ticket at µs, ticket probe, ticket blind
 /// units, has usage, usage %, regain µs, throttled, answered, ticket ours_low, round trip µs
-/// (0: none measured), then the bucket's parameters. Returns the pause left in µs.
+/// (0: none measured), the replica's group lower bound (0: none), ticket units, then the
+/// bucket's parameters. Returns the pause left in µs.
 const OBSERVE: &str = r"
 local has_ticket = tonumber(ARGV[1]) == 1
 local t_probe = tonumber(ARGV[5]) == 1
@@ -353,7 +417,8 @@ local throttled = tonumber(ARGV[10]) == 1
 local answered = tonumber(ARGV[11]) == 1
 local rtt = tonumber(ARGV[13])
 local group_lower = tonumber(ARGV[14])
-local P = params(15)
+local t_units = tonumber(ARGV[15])
+local P = params(16)
 local S = load()
 if rtt > 0 then
   -- The margin follows the fleet's round trips: up at once, down slowly.
@@ -369,6 +434,11 @@ if has_ticket then
 end
 if t_blind > 0 then S.fl = math.max(S.fl - t_blind, 0) end
 if not has_usage then pct = 0 end
+if has_ticket then
+  -- The fleet's own group proves more than a replica's (it counts every replica's calls).
+  local fleet_lower = group_reply(S, P, at, t_units, pct, has_usage and not throttled)
+  if fleet_lower > group_lower then group_lower = fleet_lower end
+end
 -- A whole group's lower bound (budget.rs: Group) no other app's usage can fake: one above
 -- the upper bounds proves they wrongly assumed nobody else uses the Page; for a window
 -- upper bounds are not taken (bo: when others were seen).
@@ -476,6 +546,7 @@ if uncount then
 end
 if blind > 0 then S.fl = math.max(S.fl - blind, 0) end
 if probe and S.pr == 2 and S.ps == seq then S.pr = 1 end
+leave_group(S, at, units, uncount)
 save(S, P)
 return 1
 ";
@@ -778,7 +849,8 @@ impl SharedBudgets {
                     .arg(u8::from(answered))
                     .arg(t.ours_low)
                     .arg(rtt)
-                    .arg(group_lower.unwrap_or(0.0));
+                    .arg(group_lower.unwrap_or(0.0))
+                    .arg(t.units);
                 params.args(&mut inv);
                 inv.invoke_async::<i64>(&mut c).await
             })
@@ -814,7 +886,8 @@ impl SharedBudgets {
         self.finish_call(key, t, params, true).await;
     }
 
-    /// A probe or blind call ended without a reply to learn from.
+    /// A call ended without a reply to learn from (it leaves the fleet's group; a probe or
+    /// blind call also frees its slot).
     pub async fn finish_without_verdict(
         &self,
         key: &BucketKey,

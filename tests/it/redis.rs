@@ -770,6 +770,83 @@ async fn bursts_through_two_replicas_while_other_apps_use_the_page_all_go_at_onc
     }
 }
 
+/// The fleet's state follows its own groups of calls in flight together, whichever replica
+/// sent them, so it learns as much from a burst as one replica would (each replica's group
+/// counts only its own calls, which proves half as much). Driven on the shared budgets
+/// directly, with no replica passing a group bound of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleets_own_groups_of_calls_bound_the_limit() {
+    use graphgate::graph::usage::Usage;
+    use graphgate::metrics::Metrics;
+    use graphgate::quota::budget::{Limits, Observation};
+    use graphgate::quota::shared::{FleetParams, SharedBudgets};
+    use graphgate::quota::BucketKey;
+    use graphgate::redis_conn::RedisConn;
+
+    let redis = RedisServer::start();
+    let toml = gateway_toml("http://127.0.0.1:9", &redis_toml(&redis, ""));
+    let cfg = Config::from_toml(&toml, |_| None).expect("valid config");
+    let conn = RedisConn::new(&cfg.redis, Arc::new(Metrics::new())).expect("redis link");
+    conn.start().await;
+    let fleet = SharedBudgets::new(conn, None);
+    let params = FleetParams::from(Limits {
+        guess: 4800,
+        window: Duration::from_secs(3600),
+        headroom_pct: 2.0,
+        threshold_pct: 60.0,
+        learn: false,
+    });
+    let reply = |pct: f64| Observation {
+        usage: Some(Usage {
+            call_count: pct,
+            ..Usage::default()
+        }),
+        answered: true,
+        ..Observation::default()
+    };
+    let rtt = Some(Duration::from_millis(50));
+    // Sends `n` calls together and answers each at the usage Meta shows once they all
+    // arrived: `pct(calls of ours so far)`.
+    let burst = |key: BucketKey, n: u32, pct: fn(u32) -> f64, sent: u32| {
+        let fleet = fleet.clone();
+        async move {
+            let mut tickets = Vec::new();
+            for _ in 0..n {
+                let d = fleet.admit(&key, 1, params).await.expect("Redis decides");
+                assert!(d.granted, "{d:?}");
+                tickets.push(d.ticket);
+            }
+            for t in tickets {
+                let obs = reply(pct(sent + n));
+                fleet.observe(&key, Some(t), rtt, &obs, None, params).await;
+            }
+        }
+    };
+    let limit = |key: BucketKey| {
+        let fleet = fleet.clone();
+        async move { fleet.peek(&key, params).await.expect("Redis answers").limit }
+    };
+
+    // A Page whose true limit is 100: twenty calls in flight together, all answered at 20 %,
+    // prove a limit above 100·20/21 (a single reading proves nothing: Meta may have answered
+    // it before counting the others); 20 % says at most 100·20/19.5 with nobody else on the
+    // Page. The bounds agree, so the guess (4800) comes down.
+    let alone = BucketKey::Page("2001".into());
+    burst(alone.clone(), 20, |ours| f64::from(ours * 100 / 100), 0).await;
+    let learned = limit(alone).await;
+    assert!((95.0..=96.0).contains(&learned), "{learned}");
+
+    // A Page with a limit of 4800 where other apps have used 240 calls (5 %): ten calls at
+    // 5 % look like a Page of ~200 with nobody else on it, but the next ten, still at 5 %,
+    // prove a limit above 100·20/6 = 333: other apps use the Page, and the guess stands.
+    let shared_page = BucketKey::Page("2002".into());
+    let busy = |ours: u32| f64::from((240 + ours) * 100 / 4800);
+    burst(shared_page.clone(), 10, busy, 0).await;
+    burst(shared_page.clone(), 10, busy, 10).await;
+    let kept = limit(shared_page).await;
+    assert_eq!(kept, 4800.0);
+}
+
 /// With `learn_limits`, a limit learned from the readings of both replicas' calls is the
 /// fleet's: page_calls ten times too low does not hold the fleet back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
