@@ -99,42 +99,11 @@ fn paging_rewrite(c: &mut Criterion) {
     g.finish();
 }
 
-/// About 1 KB of feed with varied words, ids and times: compresses less than compare.sh's node.
-fn varied_feed() -> Bytes {
-    const WORDS: &[&str] = &[
-        "opening", "weekend", "roast", "Ethiopia", "limited", "batch", "thanks", "everyone",
-        "market", "Saturday", "new", "menu", "oat", "latte", "pastry", "team", "hiring", "barista",
-        "closed", "holiday", "order", "online", "pickup", "winter", "blend",
-    ];
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
-    let posts: Vec<String> = (0..5)
-        .map(|_| {
-            let msg: Vec<&str> = (0..18).map(|_| WORDS[next() as usize % WORDS.len()]).collect();
-            format!(
-                r#"{{"id":"1001_{}","message":"{}","created_time":"2026-{:02}-{:02}T{:02}:{:02}:00+0000"}}"#,
-                next() % 10_000_000_000,
-                msg.join(" "),
-                next() % 12 + 1,
-                next() % 28 + 1,
-                next() % 24,
-                next() % 60
-            )
-        })
-        .collect();
-    Bytes::from(format!(r#"{{"data":[{}]}}"#, posts.join(",")))
-}
-
 fn cached_bodies(c: &mut Criterion) {
     let mut g = c.benchmark_group("cached body");
     for (name, body) in [
         ("1 KB node", common::compare_node()),
-        ("varied feed", varied_feed()),
+        ("varied feed", common::varied_feed()),
     ] {
         let entry = Entry::new(
             http::StatusCode::OK,

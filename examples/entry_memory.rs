@@ -1,7 +1,8 @@
 //! Memory per cached entry, without sockets: stores N entries of a 1 KB body straight into
 //! the in-process cache (as a fill would: body sliced from a larger read buffer, Graph's
 //! usual headers) and prints RSS growth per entry. Uses the binary's allocator (mimalloc).
-//! The body is compare.sh's; `GG_BODY_FILE=path` stores that file's bytes instead, and
+//! The body is compare.sh's; `GG_BODY=varied` stores a 1 KB feed of varied words, ids and
+//! times instead (it compresses less), `GG_BODY_FILE=path` that file's bytes, and
 //! `GG_NO_COMPRESS=1` turns `[cache] compress` off.
 //!
 //! ```text
@@ -91,9 +92,11 @@ fn main() {
         let cache = Cache::new(&cfg, Arc::new(Metrics::new()));
         // The body compare.sh serves (1024 B of Graph-like JSON), or GG_BODY_FILE's bytes,
         // placed inside a larger read buffer as hyper hands it over.
-        let body = std::env::var_os("GG_BODY_FILE")
-            .map(|f| std::fs::read(f).expect("GG_BODY_FILE"))
-            .unwrap_or_else(|| common::compare_node().to_vec());
+        let body = match (std::env::var_os("GG_BODY_FILE"), std::env::var("GG_BODY")) {
+            (Some(f), _) => std::fs::read(f).expect("GG_BODY_FILE"),
+            (None, Ok(b)) if b == "varied" => common::varied_feed().to_vec(),
+            _ => common::compare_node().to_vec(),
+        };
         let body_len = body.len();
         let mut read_buffer = vec![b' '; 100];
         read_buffer.extend_from_slice(&body);

@@ -283,8 +283,8 @@ struct Shared {
 /// reading a request, answering it from the cache and writing the reply never hands work to
 /// another thread (on the hit path the multi-threaded scheduler's wake-ups and task stealing
 /// cost more CPU than the request itself). Tasks a request spawns (cache fills, HTTP/2
-/// streams, upstream connections) run on its worker. Accepted connections are dealt
-/// round-robin.
+/// streams) run on its worker, and each worker has its own pool of upstream connections.
+/// Accepted connections are dealt round-robin.
 ///
 /// The threads stop when the [`Workers`] value is dropped (after the drain in [`serve`], or
 /// when the runtime that owns `serve` goes away); their runtimes drop what is still running.
@@ -308,6 +308,7 @@ impl Workers {
             std::thread::Builder::new()
                 .name(format!("graphgate-worker-{i}"))
                 .spawn(move || {
+                    crate::upstream::use_pool_slot(i + 1);
                     runtime.block_on(async move {
                         // Err: the sender is gone, i.e. the server has stopped.
                         while exit_rx.changed().await.is_ok() {}

@@ -103,8 +103,59 @@ pub struct UpstreamRequest {
     pub files: Vec<FilePart>,
 }
 
+type Pool = HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Connection pools kept apart per thread (slot 0 for threads that are not workers).
+const POOL_SLOTS: usize = 65;
+
+thread_local! {
+    /// This thread's pool slot, set once by a worker thread (see [`use_pool_slot`]).
+    static POOL_SLOT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Makes the calling thread take its upstream connections from pool `slot` (workers are
+/// numbered from 1; slots wrap past [`POOL_SLOTS`]).
+pub fn use_pool_slot(slot: usize) {
+    POOL_SLOT.with(|s| s.set(slot % POOL_SLOTS));
+}
+
+/// One pool of connections to Graph per worker thread, as nginx's workers keep theirs: a
+/// call goes out on a connection that its own worker's runtime drives, so neither the request
+/// nor its reply is handed to another thread (a shared pool gave a worker the other's
+/// connections about half the time, each hand-over a cross-thread wake-up both ways).
+struct Pools {
+    connector: HttpsConnector<HttpConnector>,
+    pools: Box<[std::sync::OnceLock<Pool>]>,
+}
+
+impl Pools {
+    fn new(connector: HttpsConnector<HttpConnector>) -> Pools {
+        Pools {
+            connector,
+            pools: (0..POOL_SLOTS)
+                .map(|_| std::sync::OnceLock::new())
+                .collect(),
+        }
+    }
+
+    /// The calling thread's pool.
+    fn get(&self) -> &Pool {
+        let slot = POOL_SLOT
+            .with(std::cell::Cell::get)
+            .min(self.pools.len() - 1);
+        self.pools[slot].get_or_init(|| {
+            HyperClient::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(60))
+                .pool_max_idle_per_host(256)
+                .build(self.connector.clone())
+        })
+    }
+}
+
 pub struct Upstream {
-    client: HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    pools: Pools,
     base: String,
     timeout: Duration,
     max_get_url_bytes: usize,
@@ -184,14 +235,8 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = HyperClient::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .build(https);
         Ok(Upstream {
-            client,
+            pools: Pools::new(https),
             base: cfg.url.clone(),
             timeout: cfg.timeout,
             max_get_url_bytes: cfg.max_get_url_bytes,
@@ -355,7 +400,7 @@ impl Upstream {
     }
 
     async fn exchange(&self, req: Request<Full<Bytes>>) -> Result<Reply, Failed> {
-        let resp = self.client.request(req).await.map_err(|e| {
+        let resp = self.pools.get().request(req).await.map_err(|e| {
             if never_processed(&e) {
                 Failed {
                     error: ProxyError::UpstreamBadResponse(describe_error(&e)),

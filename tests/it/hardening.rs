@@ -1114,7 +1114,8 @@ async fn graph_over_tls_is_spoken_to_in_http2_with_the_ca_of_upstream_ca_file() 
     let pki = TestPki::new();
     let graph = tls_graph(&pki).await;
     assert!(graph.url().starts_with("https://127.0.0.1:"));
-    let gw = gateway_trusting(&graph.url(), &pki, "").await;
+    // One worker: with two, each worker's calls go on a connection of its own.
+    let gw = gateway_trusting(&graph.url(), &pki, "[server]\nworkers = 1").await;
     for _ in 0..3 {
         let r = get_via(
             &gw,
@@ -1134,6 +1135,28 @@ async fn graph_over_tls_is_spoken_to_in_http2_with_the_ca_of_upstream_ca_file() 
     assert!(seen.iter().all(|r| r.version == "HTTP/2.0"), "{seen:?}");
     // One pooled HTTP/2 connection carries both calls.
     assert_eq!(graph.stats().connections, 1);
+    gw.shutdown().await;
+    graph.shutdown();
+}
+
+/// Each worker keeps its own pool of upstream connections, as nginx's workers do: a call goes
+/// out on a connection its own thread drives. Reads on new client connections are dealt to
+/// the two workers in turn, so one after another they open one HTTP/2 connection per worker.
+#[tokio::test]
+async fn each_worker_calls_graph_on_connections_of_its_own() {
+    let pki = TestPki::new();
+    let graph = tls_graph(&pki).await;
+    let gw = gateway_trusting(&graph.url(), &pki, "[server]\nworkers = 2").await;
+    for i in 1..=6 {
+        let r = get_via(
+            &gw,
+            &format!("/1001_{i}?fields=id&access_token={ADMIN_KEY}"),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    }
+    assert_eq!(graph.requests().len(), 6);
+    assert_eq!(graph.stats().connections, 2);
     gw.shutdown().await;
     graph.shutdown();
 }
