@@ -1,6 +1,6 @@
 //! Memory per cached entry, without sockets: stores N entries of a 1 KB body straight into
-//! the in-process cache (as a fill would: body sliced from a larger read buffer, Graph's
-//! usual headers) and prints RSS growth per entry. Uses the binary's allocator (mimalloc).
+//! the in-process cache (as a fill would: body sliced from a larger read buffer, the headers
+//! Graph sends: five of them are replayed) and prints RSS growth per entry. Uses the binary's allocator (mimalloc).
 //! The body is compare.sh's; `GG_BODY=varied` stores a 1 KB feed of varied words, ids and
 //! times instead (it compresses less), `GG_BODY_FILE=path` that file's bytes, and
 //! `GG_NO_COMPRESS=1` turns `[cache] compress` off.
@@ -114,6 +114,18 @@ fn main() {
             (
                 HeaderName::from_static("x-fb-trace-id"),
                 HeaderValue::from_static("AbCdEfGhIjK"),
+            ),
+            (
+                HeaderName::from_static("x-fb-request-id"),
+                HeaderValue::from_static("A1b2C3d4E5f6G7h8I9j0K1l"),
+            ),
+            (
+                HeaderName::from_static("x-fb-rev"),
+                HeaderValue::from_static("1019734581"),
+            ),
+            (
+                http::header::ETAG,
+                HeaderValue::from_static("\"4e0e2bd1c5f6b3a0f3b8d1c2a9e7f6d5b4c3a291\""),
             ),
             (
                 HeaderName::from_static("x-business-use-case-usage"),

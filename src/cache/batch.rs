@@ -40,7 +40,8 @@ pub fn element(entry: &Entry, include_headers: bool) -> Option<PreparedBody> {
     let mut headers = vec![
         serde_json::json!({"name": "Content-Type", "value": "text/javascript; charset=UTF-8"}),
     ];
-    if let Some(etag) = entry.etag().and_then(|v| v.to_str().ok()) {
+    let etag = entry.etag();
+    if let Some(etag) = etag.as_ref().and_then(|v| v.to_str().ok()) {
         headers.push(serde_json::json!({"name": "ETag", "value": etag}));
     }
     let mut obj = serde_json::Map::new();

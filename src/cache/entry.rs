@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, StatusCode};
 
+pub use super::reply_headers::ReplyHeaders;
 use crate::error::ProxyError;
-use crate::graph::headers;
 use crate::rewrite::PreparedBody;
 
 /// Graph's content type for JSON; served when an entry stores none.
@@ -37,7 +37,7 @@ impl Clone for HitCount {
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub status: StatusCode,
-    pub headers: Arc<[(HeaderName, HeaderValue)]>,
+    pub headers: ReplyHeaders,
     /// The body as served, or LZ4-compressed when `plain_len` is set: read it through
     /// [`Entry::body`].
     body: PreparedBody,
@@ -155,29 +155,30 @@ impl Entry {
         })
     }
 
-    /// A copy fit for storing: only the replayable headers, and the body and those header
-    /// values copied into one exact-size buffer they all slice. Bytes from the upstream
-    /// client are slices of hyper's read buffer (8 KB and more), and one slice kept alive
-    /// pins the whole buffer: a cached 1 KB reply held several times its size. One buffer
-    /// instead of one per value also saves an allocation per header.
+    /// A copy fit for storing: only the replayable headers, and the body and those headers
+    /// (packed, see [`ReplyHeaders`]) copied into one exact-size buffer. Bytes from the
+    /// upstream client are slices of hyper's read buffer (8 KB and more), and one slice kept
+    /// alive pins the whole buffer: a cached 1 KB reply held several times its size. One
+    /// buffer instead of a header table and a value per header also saves their allocations.
     /// Costs one memcpy per fill.
     ///
     /// With `compress`, a body of [`COMPRESS_MIN_BYTES`] or more is kept LZ4-compressed when
     /// that saves at least an eighth of it (Graph-like JSON shrank 1.8-4.2× in our samples).
     pub fn for_storage(&self, compress: bool) -> Entry {
-        // Names from the static list: no allocation for the non-standard ones either.
-        let kept: Vec<_> = self
-            .headers
-            .iter()
-            .filter_map(|(n, v)| {
-                // The default content type is added when serving: not stored per entry.
-                if n == header::CONTENT_TYPE && v == DEFAULT_CONTENT_TYPE {
-                    return None;
-                }
-                let name = headers::STORED.iter().find(|s| **s == n.as_str())?;
-                Some((HeaderName::from_static(name), v))
-            })
-            .collect();
+        let owned;
+        let all: &[(HeaderName, HeaderValue)] = match &self.headers {
+            ReplyHeaders::Table(t) => t,
+            packed => {
+                owned = packed.to_vec();
+                &owned
+            }
+        };
+        // The default content type is added when serving: not stored per entry.
+        let kept_refs = || {
+            all.iter()
+                .filter(|(n, v)| !(n == header::CONTENT_TYPE && v == DEFAULT_CONTENT_TYPE))
+                .map(|(n, v)| (n, v))
+        };
         let plain = &self.body.bytes;
         let compressed = match u32::try_from(plain.len()) {
             Ok(len)
@@ -192,30 +193,12 @@ impl Entry {
             Some((c, len)) => (c, Some(*len)),
             None => (plain, self.plain_len),
         };
-        let mut blob = bytes::BytesMut::with_capacity(
-            body.len() + kept.iter().map(|(_, v)| v.len()).sum::<usize>(),
-        );
+        let mut blob =
+            bytes::BytesMut::with_capacity(body.len() + ReplyHeaders::packed_len(kept_refs()));
         blob.extend_from_slice(body);
-        let mut spans = Vec::with_capacity(kept.len());
-        for (_, v) in &kept {
-            let at = blob.len();
-            blob.extend_from_slice(v.as_bytes());
-            spans.push(at..blob.len());
-        }
-        let blob = blob.freeze();
-        let headers: Vec<(HeaderName, HeaderValue)> = kept
-            .into_iter()
-            .zip(spans)
-            .map(|((name, v), span)| {
-                // The bytes were a valid header value a moment ago; the fallback never runs.
-                let mut own =
-                    HeaderValue::from_maybe_shared(blob.slice(span)).unwrap_or_else(|_| v.clone());
-                own.set_sensitive(v.is_sensitive());
-                (name, own)
-            })
-            .collect();
+        let (blob, headers) = ReplyHeaders::pack_into(blob, kept_refs());
         Entry {
-            headers: headers.into(),
+            headers,
             body: PreparedBody {
                 bytes: blob.slice(..body.len()),
                 key_marker: self.body.key_marker,
@@ -268,11 +251,7 @@ impl Entry {
 
     /// Bytes this entry holds (its body as stored), for the byte-bounded cache.
     pub fn weight(&self) -> u32 {
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + 32)
-            .sum();
+        let headers = self.headers.held_bytes();
         let total = self.body.bytes.len()
             + headers
             + self.readable.len() * 2
@@ -283,16 +262,16 @@ impl Entry {
     }
 
     /// The entry's validator, if Graph sent one.
-    pub fn etag(&self) -> Option<&HeaderValue> {
-        self.headers
-            .iter()
-            .find(|(n, _)| *n == header::ETAG)
-            .map(|(_, v)| v)
+    pub fn etag(&self) -> Option<HeaderValue> {
+        self.headers.get(&header::ETAG)
     }
 
     /// Does the client's `If-None-Match` match this entry's ETag (weak comparison)?
     pub fn matches_if_none_match(&self, inm: Option<&HeaderValue>) -> bool {
-        let (Some(inm), Some(etag)) = (inm, self.etag()) else {
+        let Some(inm) = inm else {
+            return false;
+        };
+        let Some(etag) = self.etag() else {
             return false;
         };
         let (Ok(inm), Ok(etag)) = (inm.to_str(), etag.to_str()) else {

@@ -515,7 +515,7 @@ mod tests {
         let d = decode(&v, &k).expect("decodes");
         assert_eq!(d.status, e.status);
         assert_eq!(d.body().ok(), e.body().ok());
-        assert_eq!(&*d.headers, &*e.headers);
+        assert_eq!(d.headers.to_vec(), e.headers.to_vec());
         assert_eq!(d.etag(), e.etag());
         assert_eq!(d.ttl, e.ttl);
         assert!(d.has_edge);

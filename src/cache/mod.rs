@@ -23,6 +23,7 @@ pub mod lease;
 pub mod merge;
 pub mod policy;
 pub mod projection;
+pub mod reply_headers;
 pub mod status;
 pub mod union;
 

@@ -40,6 +40,17 @@ pub const STORED: &[&str] = &[
     "last-modified",
 ];
 
+/// [`STORED`] as header names, in the same order (a stored entry refers to them by index).
+pub static STORED_NAMES: [http::HeaderName; 7] = [
+    http::HeaderName::from_static("content-type"),
+    http::HeaderName::from_static("facebook-api-version"),
+    http::HeaderName::from_static("x-fb-trace-id"),
+    http::HeaderName::from_static("x-fb-request-id"),
+    http::HeaderName::from_static("x-fb-rev"),
+    http::HeaderName::from_static("etag"),
+    http::HeaderName::from_static("last-modified"),
+];
+
 /// Headers an `ids=` member's own entry keeps from the `ids=` reply it was cut from: only
 /// what describes the content (the reply's ETag and trace ids are the whole reply's).
 pub const MEMBER_STORED: &[&str] = &["content-type", "facebook-api-version"];
@@ -47,12 +58,11 @@ pub const MEMBER_STORED: &[&str] = &["content-type", "facebook-api-version"];
 /// The [`MEMBER_STORED`] headers among `headers`: what an entry cut from another reply
 /// (an `ids=` member, a projection, a union's part) keeps of that reply's headers.
 pub fn member_stored(
-    headers: &[(http::HeaderName, http::HeaderValue)],
+    headers: impl IntoIterator<Item = (http::HeaderName, http::HeaderValue)>,
 ) -> Vec<(http::HeaderName, http::HeaderValue)> {
     headers
-        .iter()
+        .into_iter()
         .filter(|(n, _)| MEMBER_STORED.contains(&n.as_str()))
-        .cloned()
         .collect()
 }
 
@@ -89,6 +99,8 @@ mod tests {
         for name in STORED {
             assert!(PASSED_RESPONSE.contains(name), "{name}");
         }
+        let names: Vec<&str> = STORED_NAMES.iter().map(|n| n.as_str()).collect();
+        assert_eq!(names, STORED);
         for name in MEMBER_STORED {
             assert!(STORED.contains(name), "{name}");
         }

@@ -14,7 +14,7 @@ use http_body_util::Full;
 use super::fleet::FleetStart;
 use super::{Call, Gateway};
 use crate::cache::coalesce::Flight;
-use crate::cache::entry::{Entry, Freshness, DEFAULT_CONTENT_TYPE};
+use crate::cache::entry::{Entry, Freshness, ReplyHeaders, DEFAULT_CONTENT_TYPE};
 use crate::cache::fill_lock::{FillLock, Locked, ReadOutcome, WaitError};
 use crate::cache::gather::{Lead, Part};
 use crate::cache::key::{self, CacheKey};
@@ -353,7 +353,7 @@ impl Gateway {
             self.metrics.cache.union_fallbacks.inc();
             return self.fill_alone(call, version, key, ttl, caller).await;
         };
-        let kept = headers::member_stored(&fill.entry.headers);
+        let kept = headers::member_stored(fill.entry.headers.iter());
         let mut entry = Entry::new(status, kept, cut, ttl);
         entry.stored_at = fill.entry.stored_at;
         let storable = matches!(
@@ -556,7 +556,7 @@ impl Gateway {
         let (Some(pieces), true) = (&fill.pieces, fill.entry.status.is_success()) else {
             return Ok(Arc::new(fills));
         };
-        let kept = headers::member_stored(&fill.entry.headers);
+        let kept = headers::member_stored(fill.entry.headers.iter());
         for (node, _, _) in fetch {
             if let Some((_, body)) = pieces.iter().find(|(id, _)| *id == node) {
                 let entry = Entry::new(StatusCode::OK, kept.clone(), body.clone(), ttl);
@@ -713,7 +713,7 @@ impl Gateway {
         };
         // The client's own validator is answered from our entry; upstream we validate ours.
         call.forwarded.retain(|(n, _)| *n != header::IF_NONE_MATCH);
-        if let Some(tag) = stale.as_ref().and_then(|e| e.etag().cloned()) {
+        if let Some(tag) = stale.as_ref().and_then(|e| e.etag()) {
             call.forwarded.push((header::IF_NONE_MATCH, tag));
         }
         let sie = self.cache.policy.stale_if_error;
@@ -860,7 +860,7 @@ impl Gateway {
                 continue;
             };
             // Only what describes the content: the stored reply's ETag is for its own bytes.
-            let kept = headers::member_stored(&stored.headers);
+            let kept = headers::member_stored(stored.headers.iter());
             let mut entry = Entry::new(stored.status, kept, cut, stored.ttl);
             entry.stored_at = stored.stored_at;
             if !self.cache.store(key, &entry, epoch) {
@@ -982,15 +982,8 @@ struct NodeKeys {
 }
 
 /// A reply merged from several sources (`ids=`, batch) has no single ETag.
-pub(super) fn assembled_entry(
-    headers: Arc<[(HeaderName, HeaderValue)]>,
-    body: PreparedBody,
-) -> Entry {
-    let headers: Vec<_> = headers
-        .iter()
-        .filter(|(n, _)| *n != header::ETAG)
-        .cloned()
-        .collect();
+pub(super) fn assembled_entry(headers: ReplyHeaders, body: PreparedBody) -> Entry {
+    let headers: Vec<_> = headers.iter().filter(|(n, _)| *n != header::ETAG).collect();
     Entry::new(StatusCode::OK, headers, body, Duration::ZERO)
 }
 
@@ -1060,7 +1053,7 @@ pub(super) fn reply_from(
     *response.headers_mut() = HeaderMap::with_capacity(entry.headers.len() + 6);
     let h = response.headers_mut();
     for (n, v) in entry.headers.iter() {
-        h.append(n.clone(), v.clone());
+        h.append(n, v);
     }
     if !h.contains_key(header::CONTENT_TYPE) {
         h.insert(

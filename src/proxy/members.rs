@@ -398,7 +398,7 @@ impl Gateway {
         } else {
             None
         };
-        let node_headers = headers::member_stored(&reply.headers);
+        let node_headers = headers::member_stored(reply.headers.iter().cloned());
         if let Some(pieces) = &pieces {
             for ((m, l2_epoch), epoch) in nodes.iter().zip(epochs) {
                 let Some(node) = m.key.node.as_deref() else {

@@ -1,0 +1,280 @@
+//! The headers a cache entry replays, in the form that costs least to hold.
+//!
+//! A reply just fetched keeps its headers as a table. A stored entry keeps them in its body's
+//! buffer, after the body: the values, then per header its name (an index into
+//! [`headers::STORED_NAMES`]) and its value's length, then the count. That is 3 bytes per
+//! header and no allocation, against a table of 72 bytes per header in an allocation of its
+//! own (a Graph reply replays five: ~380 bytes per cached entry). Reading them back makes
+//! each value a slice of the buffer, as cloning a table's value would; the bytes are not
+//! checked again on every hit (they were copied from valid values).
+
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderName, HeaderValue};
+
+use crate::graph::headers;
+
+/// Bytes per header in the packed table: name index, value length (u16, big-endian).
+const RECORD: usize = 3;
+
+#[derive(Debug, Clone)]
+pub enum ReplyHeaders {
+    /// As fetched: any headers.
+    Table(Arc<[(HeaderName, HeaderValue)]>),
+    /// As stored: only [`headers::STORED_NAMES`], packed (see the module doc); made by
+    /// [`ReplyHeaders::pack_into`] only.
+    Packed(Packed),
+}
+
+/// Packed headers, their values copied from valid `HeaderValue`s (the field is private: no
+/// other bytes can pose as them).
+#[derive(Debug, Clone)]
+pub struct Packed(Bytes);
+
+impl Default for ReplyHeaders {
+    fn default() -> Self {
+        ReplyHeaders::Table(Arc::new([]))
+    }
+}
+
+impl From<Vec<(HeaderName, HeaderValue)>> for ReplyHeaders {
+    fn from(v: Vec<(HeaderName, HeaderValue)>) -> Self {
+        ReplyHeaders::Table(v.into())
+    }
+}
+
+impl ReplyHeaders {
+    /// Appends `kept` packed (names among [`headers::STORED_NAMES`], values of at most
+    /// 64 KiB; others are left out) to `buf`, after what it holds (the body), and freezes it:
+    /// the whole buffer, and the headers as a slice of it.
+    pub fn pack_into<'a>(
+        mut buf: BytesMut,
+        kept: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+    ) -> (Bytes, ReplyHeaders) {
+        let start = buf.len();
+        let mut records: Vec<(u8, u16)> = Vec::new();
+        for (name, value) in kept.take(usize::from(u8::MAX)) {
+            if let Some(record) = record(name, value) {
+                buf.extend_from_slice(value.as_bytes());
+                records.push(record);
+            }
+        }
+        for (index, len) in &records {
+            buf.put_u8(*index);
+            buf.put_u16(*len);
+        }
+        buf.put_u8(records.len() as u8);
+        let all = buf.freeze();
+        let headers = ReplyHeaders::Packed(Packed(all.slice(start..)));
+        (all, headers)
+    }
+
+    /// Bytes [`ReplyHeaders::pack_into`] appends for `kept`.
+    pub fn packed_len<'a>(kept: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>) -> usize {
+        1 + kept
+            .take(usize::from(u8::MAX))
+            .filter(|(n, v)| record(n, v).is_some())
+            .map(|(_, v)| v.len() + RECORD)
+            .sum::<usize>()
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            ReplyHeaders::Table(t) => t.len(),
+            ReplyHeaders::Packed(Packed(b)) => b.last().map_or(0, |&n| usize::from(n)),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The headers in order, each value a shared slice (no copy).
+    pub fn iter(&self) -> Iter<'_> {
+        match self {
+            ReplyHeaders::Table(t) => Iter::Table(t.iter()),
+            ReplyHeaders::Packed(Packed(b)) => {
+                let count = self.len();
+                // A table that does not fit the buffer yields nothing (never built so).
+                let table = b.len().checked_sub(1 + RECORD * count);
+                Iter::Packed {
+                    buf: b,
+                    table: table.unwrap_or(0),
+                    count: if table.is_some() { count } else { 0 },
+                    next: 0,
+                    at: 0,
+                }
+            }
+        }
+    }
+
+    /// The first value of `name`.
+    pub fn get(&self, name: &HeaderName) -> Option<HeaderValue> {
+        let mut it = self.iter();
+        if let Iter::Packed { .. } = it {
+            // Only the wanted value is made (the others are skipped by their lengths).
+            let wanted = headers::STORED_NAMES.iter().position(|n| n == name)?;
+            return it.find_packed(wanted);
+        }
+        it.find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    pub fn to_vec(&self) -> Vec<(HeaderName, HeaderValue)> {
+        self.iter().collect()
+    }
+
+    /// Bytes held for these headers beyond the entry itself (for the cache's weigher).
+    pub fn held_bytes(&self) -> usize {
+        match self {
+            ReplyHeaders::Table(t) => t.iter().map(|(n, v)| n.as_str().len() + v.len() + 32).sum(),
+            ReplyHeaders::Packed(Packed(b)) => b.len(),
+        }
+    }
+}
+
+/// A value from the packed values, without checking its bytes again: a hit makes five of
+/// them, and checking was a third of the headers' cost per hit.
+fn value_of(bytes: Bytes) -> HeaderValue {
+    // SAFETY: `bytes` lies within the values region of a table `pack_into` made (the readers
+    // stop at a length reaching past it), whose bytes were copied from valid `HeaderValue`s;
+    // validity is a rule on each byte, so any part of the region is a valid value.
+    unsafe { HeaderValue::from_maybe_shared_unchecked(bytes) }
+}
+
+/// A header's record in the packed table, if it can be packed.
+fn record(name: &HeaderName, value: &HeaderValue) -> Option<(u8, u16)> {
+    let index = headers::STORED_NAMES.iter().position(|n| n == name)?;
+    Some((u8::try_from(index).ok()?, u16::try_from(value.len()).ok()?))
+}
+
+/// Iterator over [`ReplyHeaders`], yielding owned names and values.
+pub enum Iter<'a> {
+    Table(std::slice::Iter<'a, (HeaderName, HeaderValue)>),
+    Packed {
+        buf: &'a Bytes,
+        /// Where the records start.
+        table: usize,
+        count: usize,
+        next: usize,
+        /// Where the next value starts.
+        at: usize,
+    },
+}
+
+impl Iter<'_> {
+    /// The value of the next packed header whose name has index `wanted`.
+    fn find_packed(&mut self, wanted: usize) -> Option<HeaderValue> {
+        let Iter::Packed {
+            buf,
+            table,
+            count,
+            next,
+            at,
+        } = self
+        else {
+            return None;
+        };
+        while *next < *count {
+            let record = *table + RECORD * *next;
+            *next += 1;
+            let &[index, hi, lo] = buf.get(record..record + RECORD)? else {
+                return None;
+            };
+            let end = *at + usize::from(u16::from_be_bytes([hi, lo]));
+            if end > *table {
+                return None;
+            }
+            let start = std::mem::replace(at, end);
+            if usize::from(index) == wanted {
+                return Some(value_of(buf.slice(start..end)));
+            }
+        }
+        None
+    }
+}
+
+impl Iterator for Iter<'_> {
+    type Item = (HeaderName, HeaderValue);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            Iter::Table(it) => it.next().cloned(),
+            Iter::Packed {
+                buf,
+                table,
+                count,
+                next,
+                at,
+            } => loop {
+                if *next >= *count {
+                    return None;
+                }
+                let record = *table + RECORD * *next;
+                *next += 1;
+                let &[index, hi, lo] = buf.get(record..record + RECORD)? else {
+                    return None;
+                };
+                let end = *at + usize::from(u16::from_be_bytes([hi, lo]));
+                if end > *table {
+                    *next = *count;
+                    return None;
+                }
+                let start = std::mem::replace(at, end);
+                if let Some(name) = headers::STORED_NAMES.get(usize::from(index)) {
+                    return Some((name.clone(), value_of(buf.slice(start..end))));
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(name: &'static str, value: &'static str) -> (HeaderName, HeaderValue) {
+        (
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        )
+    }
+
+    #[test]
+    fn packed_headers_read_back_as_they_were_minus_names_not_stored() {
+        let given = vec![
+            h("facebook-api-version", "v21.0"),
+            h("x-app-usage", "{\"call_count\":1}"),
+            h("etag", "\"abc\""),
+            h("x-fb-trace-id", ""),
+        ];
+        let buf = BytesMut::from(&b"body"[..]);
+        let (all, packed) = ReplyHeaders::pack_into(buf, given.iter().map(|(n, v)| (n, v)));
+        assert_eq!(packed.len(), 3);
+        let expected: Vec<_> = given
+            .into_iter()
+            .filter(|(n, _)| n != "x-app-usage")
+            .collect();
+        assert_eq!(packed.to_vec(), expected);
+        assert_eq!(
+            packed.get(&http::header::ETAG),
+            Some(HeaderValue::from_static("\"abc\""))
+        );
+        assert_eq!(packed.get(&http::header::LAST_MODIFIED), None);
+        assert_eq!(&all[..4], b"body");
+    }
+
+    #[test]
+    fn a_packed_length_is_what_pack_into_appends() {
+        let given = [
+            h("etag", "\"1\""),
+            h("x-fb-rev", "1234"),
+            h("x-app-usage", "{}"),
+        ];
+        let (all, _) = ReplyHeaders::pack_into(BytesMut::new(), given.iter().map(|(n, v)| (n, v)));
+        assert_eq!(
+            all.len(),
+            ReplyHeaders::packed_len(given.iter().map(|(n, v)| (n, v)))
+        );
+    }
+}
