@@ -339,7 +339,10 @@ mod tests {
         // The body, the packed ETag (5 bytes, its 3-byte record, the count) and the overhead.
         assert_eq!(stored.weight() as usize, 2 + 5 + 3 + 1 + ENTRY_OVERHEAD);
         // Stored again (a renewal): the packed headers are kept.
-        assert_eq!(stored.for_storage(true).headers.to_vec(), stored.headers.to_vec());
+        assert_eq!(
+            stored.for_storage(true).headers.to_vec(),
+            stored.headers.to_vec()
+        );
         // Too short to be worth compressing.
         assert!(!stored.is_compressed());
     }

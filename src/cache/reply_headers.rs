@@ -113,9 +113,11 @@ impl ReplyHeaders {
     pub fn get(&self, name: &HeaderName) -> Option<HeaderValue> {
         let mut it = self.iter();
         if let Iter::Packed { .. } = it {
-            // Only the wanted value is made (the others are skipped by their lengths).
+            // Names are compared as indices: no name is cloned for the headers skipped.
             let wanted = headers::STORED_NAMES.iter().position(|n| n == name)?;
-            return it.find_packed(wanted);
+            return std::iter::from_fn(|| it.next_packed())
+                .find(|(index, _)| *index == wanted)
+                .map(|(_, v)| v);
         }
         it.find(|(n, _)| n == name).map(|(_, v)| v)
     }
@@ -163,8 +165,9 @@ pub enum Iter<'a> {
 }
 
 impl Iter<'_> {
-    /// The value of the next packed header whose name has index `wanted`.
-    fn find_packed(&mut self, wanted: usize) -> Option<HeaderValue> {
+    /// The next packed header: its name's index and its value. `None` at the end (or at a
+    /// record reaching past the buffer, which ends the iteration).
+    fn next_packed(&mut self) -> Option<(usize, HeaderValue)> {
         let Iter::Packed {
             buf,
             table,
@@ -175,22 +178,21 @@ impl Iter<'_> {
         else {
             return None;
         };
-        while *next < *count {
-            let record = *table + RECORD * *next;
-            *next += 1;
-            let &[index, hi, lo] = buf.get(record..record + RECORD)? else {
-                return None;
-            };
-            let end = *at + usize::from(u16::from_be_bytes([hi, lo]));
-            if end > *table {
-                return None;
-            }
-            let start = std::mem::replace(at, end);
-            if usize::from(index) == wanted {
-                return Some(value_of(buf.slice(start..end)));
-            }
+        if *next >= *count {
+            return None;
         }
-        None
+        let record = *table + RECORD * *next;
+        *next += 1;
+        let (index, end) = match buf.get(record..record + RECORD) {
+            Some(&[index, hi, lo]) => (index, *at + usize::from(u16::from_be_bytes([hi, lo]))),
+            _ => (0, usize::MAX),
+        };
+        if end > *table {
+            *next = *count;
+            return None;
+        }
+        let start = std::mem::replace(at, end);
+        Some((usize::from(index), value_of(buf.slice(start..end))))
     }
 }
 
@@ -198,33 +200,14 @@ impl Iterator for Iter<'_> {
     type Item = (HeaderName, HeaderValue);
 
     fn next(&mut self) -> Option<Self::Item> {
-        match self {
-            Iter::Table(it) => it.next().cloned(),
-            Iter::Packed {
-                buf,
-                table,
-                count,
-                next,
-                at,
-            } => loop {
-                if *next >= *count {
-                    return None;
-                }
-                let record = *table + RECORD * *next;
-                *next += 1;
-                let &[index, hi, lo] = buf.get(record..record + RECORD)? else {
-                    return None;
-                };
-                let end = *at + usize::from(u16::from_be_bytes([hi, lo]));
-                if end > *table {
-                    *next = *count;
-                    return None;
-                }
-                let start = std::mem::replace(at, end);
-                if let Some(name) = headers::STORED_NAMES.get(usize::from(index)) {
-                    return Some((name.clone(), value_of(buf.slice(start..end))));
-                }
-            },
+        if let Iter::Table(it) = self {
+            return it.next().cloned();
+        }
+        loop {
+            let (index, value) = self.next_packed()?;
+            if let Some(name) = headers::STORED_NAMES.get(index) {
+                return Some((name.clone(), value));
+            }
         }
     }
 }

@@ -640,8 +640,10 @@ async fn the_deadline_header_and_max_queue_depth_give_429_with_retry_after() {
 
 #[tokio::test]
 async fn interactive_calls_overtake_queued_batch_calls_of_the_same_page() {
+    // One worker, so one pool of upstream connections: the call admitted first also reaches
+    // Graph first (with a pool per worker, the other worker might first have to connect).
     let extra = format!(
-        "[quota]\npage_calls = 2\npage_window_s = 2\n[[clients]]\nname = \"admin\"\nkey = \"{ADMIN_KEY}\"\npages = [\"*\"]\nwrite = true\n\
+        "[server]\nworkers = 1\n[quota]\npage_calls = 2\npage_window_s = 2\n[[clients]]\nname = \"admin\"\nkey = \"{ADMIN_KEY}\"\npages = [\"*\"]\nwrite = true\n\
          [[clients]]\nname = \"reader\"\nkey = \"{READER_KEY}\"\npages = [\"1001\"]\npriority = \"batch\"\n"
     );
     let s = stack(graph(10, WINDOW), &extra).await;
