@@ -2,7 +2,7 @@
 //!
 //! A reply just fetched keeps its headers as a table. A stored entry keeps them in its body's
 //! buffer, after the body: the values, then per header its name (an index into
-//! [`headers::STORED_NAMES`]) and its value's length, then the count. That is 3 bytes per
+//! [`headers::STORED`]) and its value's length, then the count. That is 3 bytes per
 //! header and no allocation, against a table of 72 bytes per header in an allocation of its
 //! own (a Graph reply replays five: ~380 bytes per cached entry). Reading them back makes
 //! each value a slice of the buffer, as cloning a table's value would; the bytes are not
@@ -22,7 +22,7 @@ const RECORD: usize = 3;
 pub enum ReplyHeaders {
     /// As fetched: any headers.
     Table(Arc<[(HeaderName, HeaderValue)]>),
-    /// As stored: only [`headers::STORED_NAMES`], packed (see the module doc); made by
+    /// As stored: only [`headers::STORED`], packed (see the module doc); made by
     /// [`ReplyHeaders::pack_into`] only.
     Packed(Packed),
 }
@@ -45,7 +45,7 @@ impl From<Vec<(HeaderName, HeaderValue)>> for ReplyHeaders {
 }
 
 impl ReplyHeaders {
-    /// Appends `kept` packed (names among [`headers::STORED_NAMES`], values of at most
+    /// Appends `kept` packed (names among [`headers::STORED`], values of at most
     /// 64 KiB; others are left out) to `buf`, after what it holds (the body), and freezes it:
     /// the whole buffer, and the headers as a slice of it.
     pub fn pack_into<'a>(
@@ -93,18 +93,18 @@ impl ReplyHeaders {
     /// The headers in order, each value a shared slice (no copy).
     pub fn iter(&self) -> Iter<'_> {
         match self {
-            ReplyHeaders::Table(t) => Iter::Table(t.iter()),
+            ReplyHeaders::Table(t) => Iter(Cursor::Table(t.iter())),
             ReplyHeaders::Packed(Packed(b)) => {
                 let count = self.len();
                 // A table that does not fit the buffer yields nothing (never built so).
                 let table = b.len().checked_sub(1 + RECORD * count);
-                Iter::Packed {
+                Iter(Cursor::Packed {
                     buf: b,
                     table: table.unwrap_or(0),
                     count: if table.is_some() { count } else { 0 },
                     next: 0,
                     at: 0,
-                }
+                })
             }
         }
     }
@@ -112,9 +112,9 @@ impl ReplyHeaders {
     /// The first value of `name`.
     pub fn get(&self, name: &HeaderName) -> Option<HeaderValue> {
         let mut it = self.iter();
-        if let Iter::Packed { .. } = it {
+        if let Cursor::Packed { .. } = it.0 {
             // Names are compared as indices: no name is cloned for the headers skipped.
-            let wanted = headers::STORED_NAMES.iter().position(|n| n == name)?;
+            let wanted = headers::STORED.iter().position(|n| n == name)?;
             return std::iter::from_fn(|| it.next_packed())
                 .find(|(index, _)| *index == wanted)
                 .map(|(_, v)| v);
@@ -146,12 +146,15 @@ fn value_of(bytes: Bytes) -> HeaderValue {
 
 /// A header's record in the packed table, if it can be packed.
 fn record(name: &HeaderName, value: &HeaderValue) -> Option<(u8, u16)> {
-    let index = headers::STORED_NAMES.iter().position(|n| n == name)?;
+    let index = headers::STORED.iter().position(|n| n == name)?;
     Some((u8::try_from(index).ok()?, u16::try_from(value.len()).ok()?))
 }
 
-/// Iterator over [`ReplyHeaders`], yielding owned names and values.
-pub enum Iter<'a> {
+/// Iterator over [`ReplyHeaders`], yielding owned names and values. Opaque: a packed cursor
+/// is only ever made over bytes [`ReplyHeaders::pack_into`] wrote (see [`value_of`]).
+pub struct Iter<'a>(Cursor<'a>);
+
+enum Cursor<'a> {
     Table(std::slice::Iter<'a, (HeaderName, HeaderValue)>),
     Packed {
         buf: &'a Bytes,
@@ -168,13 +171,13 @@ impl Iter<'_> {
     /// The next packed header: its name's index and its value. `None` at the end (or at a
     /// record reaching past the buffer, which ends the iteration).
     fn next_packed(&mut self) -> Option<(usize, HeaderValue)> {
-        let Iter::Packed {
+        let Cursor::Packed {
             buf,
             table,
             count,
             next,
             at,
-        } = self
+        } = &mut self.0
         else {
             return None;
         };
@@ -200,12 +203,12 @@ impl Iterator for Iter<'_> {
     type Item = (HeaderName, HeaderValue);
 
     fn next(&mut self) -> Option<Self::Item> {
-        if let Iter::Table(it) = self {
+        if let Cursor::Table(it) = &mut self.0 {
             return it.next().cloned();
         }
         loop {
             let (index, value) = self.next_packed()?;
-            if let Some(name) = headers::STORED_NAMES.get(index) {
+            if let Some(name) = headers::STORED.get(index) {
                 return Some((name.clone(), value));
             }
         }

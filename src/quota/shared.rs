@@ -311,11 +311,11 @@ const ADMIT: &str = r"
 local units = math.max(tonumber(ARGV[1]), 1)
 local P = params(2)
 -- A probe (or blind call) whose verdict never reaches Redis stops holding the bucket after a
--- few round trips (at least a second, at most the configured TTL); set once S is loaded.
+-- few round trips (at least a second, at most the configured TTL); a group whose calls stop
+-- ending is given up after the whole TTL.
 local group_ttl = tonumber(ARGV[7])
-local probe_ttl = group_ttl
 local S = load()
-probe_ttl = math.min(math.max(8 * S.mg, 1000000), tonumber(ARGV[7]))
+local probe_ttl = math.min(math.max(8 * S.mg, 1000000), group_ttl)
 expire(S, P)
 local est, L = estimate(S, P)
 local recheck = math.min(math.max(P.slot, 10000), 250000)
