@@ -15,14 +15,19 @@
 # rounds the Page is half used and graphgate's quota steward starts pacing (429 with
 # Retry-After), as it is meant to. Keep ROUNDS small (default 4).
 #
-# Needs: nginx (Debian: nginx-light), openssl, curl.
-# Usage: benches/load/burst_compare.sh   (env: N, ROUNDS, LATENCY_MS, PORT_BASE)
+# PIN=1 gives the proxies a core of their own: nginx and graphgate run on CPU 1, the
+# simulated Graph and the burst client on CPU 0 (taskset). Unpinned, all of them share both
+# cores, and a proxy's added latency is mostly its CPU time taken from the others.
+#
+# Needs: nginx (Debian: nginx-light), openssl, curl; taskset (util-linux) for PIN=1.
+# Usage: benches/load/burst_compare.sh   (env: N, ROUNDS, LATENCY_MS, PORT_BASE, PIN)
 set -euo pipefail
 
 N=${N:-200}
 ROUNDS=${ROUNDS:-4}
 LATENCY_MS=${LATENCY_MS:-50}
 PORT_BASE=${PORT_BASE:-19500}
+PIN=${PIN:-0}
 cd "$(dirname "$0")/../.."
 
 for c in nginx openssl curl; do
@@ -32,6 +37,10 @@ TARGET=${CARGO_TARGET_DIR:-target}
 cargo build --release --quiet --bin graphgate --example burst
 GG="$TARGET/release/graphgate"
 BURST="$TARGET/release/examples/burst"
+ON_PROXY_CPU=() ON_OTHER_CPU=()
+if [ "$PIN" = 1 ]; then
+    ON_PROXY_CPU=(taskset -c 1) ON_OTHER_CPU=(taskset -c 0)
+fi
 
 WORK=$(mktemp -d /tmp/gg-burst.XXXXXX)
 PIDS=()
@@ -100,12 +109,12 @@ wait_for() { # url
     exit 1
 }
 
-"$GG" fake-graph --listen "127.0.0.1:$P_GRAPH" --latency-ms "$LATENCY_MS" \
+"${ON_OTHER_CPU[@]}" "$GG" fake-graph --listen "127.0.0.1:$P_GRAPH" --latency-ms "$LATENCY_MS" \
     --page-calls 4800 --page-window-s 3600 >"$WORK/graph.log" 2>&1 &
 PIDS+=($!)
-"$GG" serve --config "$WORK/gg.toml" >"$WORK/gg.log" 2>&1 &
+"${ON_PROXY_CPU[@]}" "$GG" serve --config "$WORK/gg.toml" >"$WORK/gg.log" 2>&1 &
 PIDS+=($!)
-nginx -c "$WORK/nginx.conf" >"$WORK/nginx.out" 2>&1 &
+"${ON_PROXY_CPU[@]}" nginx -c "$WORK/nginx.conf" >"$WORK/nginx.out" 2>&1 &
 PIDS+=($!)
 wait_for "http://127.0.0.1:$P_GRAPH/"
 wait_for "http://127.0.0.1:$((P_GG + 1))/healthz"
@@ -124,7 +133,7 @@ declare -A P50S
 echo "$N distinct reads at once, simulated Graph at ${LATENCY_MS} ms; round 1 also opens the upstream pools"
 for r in $(seq 1 "$ROUNDS"); do
     for t in direct nginx graphgate; do
-        line=$("$BURST" "$(url "$t" "$r")" "$N")
+        line=$("${ON_OTHER_CPU[@]}" "$BURST" "$(url "$t" "$r")" "$N")
         echo "  round $r $t: $line"
         if [ "$r" -gt 1 ]; then
             p50=${line#*p50_ms=}

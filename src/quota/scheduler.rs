@@ -69,6 +69,33 @@ struct FleetView {
     limit: f64,
     count: u32,
     paused_until: Option<Instant>,
+    /// From a hold: when the fleet's oldest counted calls start leaving the window.
+    releases_at: Option<Instant>,
+}
+
+impl FleetView {
+    /// How long `needed` units would wait by the fleet's last answer, as
+    /// [`Budget::predicted_wait`] reckons for one replica; `None` where the Page has no room
+    /// for them (the wait then depends on which calls leave when, which only the budget
+    /// models).
+    fn predicted_wait(&self, limits: &Limits, needed: u32, now: Instant) -> Option<Duration> {
+        if let Some(p) = self.paused_until.filter(|&p| p > now) {
+            return Some(p - now);
+        }
+        let per_call = 100.0 / self.limit.max(1e-3);
+        let ceiling = limits.ceiling_pct();
+        if self.usage_pct + per_call * f64::from(needed.max(1) - 1) >= ceiling {
+            return None;
+        }
+        if self.usage_pct < limits.threshold_pct() {
+            return Some(Duration::ZERO);
+        }
+        let room = ((ceiling - self.usage_pct) / per_call).max(1.0);
+        let horizon = self
+            .releases_at
+            .map_or(limits.window, |t| t.saturating_duration_since(now));
+        Some(horizon.div_f64(room).saturating_mul(needed))
+    }
 }
 
 struct State {
@@ -885,6 +912,7 @@ impl Inner {
             limit: d.limit,
             count: d.count,
             paused_until: (!d.paused.is_zero()).then(|| now + d.paused),
+            releases_at: d.horizon.map(|h| now + h),
         });
         if !d.granted {
             let hold = Hold {
@@ -971,14 +999,27 @@ impl Inner {
         }
     }
 
-    /// How long a call of `units` would wait behind `ahead` units: the budget's own
-    /// estimate, the app gate's pause and the fleet's last answer, whichever is longest.
+    /// How long a call of `units` would wait behind `ahead` units: the estimate (the
+    /// fleet's while Redis is up and has answered lately, else the budget's own), the app
+    /// gate's pause and the fleet's last hold, whichever is longest. A replica's own budget
+    /// sees the other replicas' calls only as usage it cannot explain, so its estimate of a
+    /// shared Page runs long.
     fn predicted_wait(&self, st: &mut State, ahead: u32, units: u32, now: Instant) -> Duration {
-        let mut wait = st.budget.predicted_wait(ahead, units, now);
+        let redis_up = self.shared.as_ref().is_some_and(|s| s.is_up());
+        let needed = ahead.saturating_add(units.max(1));
+        let limits = st.budget.limits;
+        let fleet_wait = st
+            .fleet(now)
+            .filter(|_| redis_up)
+            .and_then(|f| f.predicted_wait(&limits, needed, now));
+        let mut wait = match fleet_wait {
+            Some(w) => w,
+            None => st.budget.predicted_wait(ahead, units, now),
+        };
         if let Some(p) = self.gate.paused_until(now) {
             wait = wait.max(p - now);
         }
-        if self.shared.as_ref().is_some_and(|s| s.is_up()) {
+        if redis_up {
             if let Some(h) = st.hold.filter(|h| h.until > now) {
                 wait = wait.max(h.until - now);
             }

@@ -306,7 +306,7 @@ end
 
 /// ARGV: units, guess, learn, headroom %, threshold %, window µs, probe TTL µs.
 /// Returns {granted, wait µs, reason, ours, seq, at µs, probe, usage ×1000, limit ×1000,
-/// calls in window, paused µs, blind, ours_low}.
+/// calls in window, paused µs, blind, ours_low, µs until the oldest calls leave (holds only)}.
 const ADMIT: &str = r"
 local units = math.max(tonumber(ARGV[1]), 1)
 local P = params(2)
@@ -359,14 +359,19 @@ local function grant(probe)
   local recent = sum_slots(S, math.floor((now - 2 * S.mg) / P.slot), idx) - units
   local ours_low = math.max(S.t - gone_late - math.max(recent, 0), units)
   save(S, P)
-  return {1, 0, 0, ours, S.seq, now, p, math.floor((est + 100 * units / L) * 1000), math.floor(L * 1000), S.t, 0, blind, ours_low}
+  return {1, 0, 0, ours, S.seq, now, p, math.floor((est + 100 * units / L) * 1000), math.floor(L * 1000), S.t, 0, blind, ours_low, 0}
 end
 
 local function hold(wait, reason)
+  -- Until the fleet's oldest counted calls start leaving the window: a replica predicts
+  -- from it how long the calls queued behind this one wait.
+  local horizon = P.W
+  local nr = first_release(S, P)
+  if nr ~= nil then horizon = math.max(nr - now, 0) end
   save(S, P)
   local paused = 0
   if S.pu ~= nil and S.pu > now then paused = S.pu - now end
-  return {0, math.floor(math.max(wait, 1000)), reason, S.t, S.seq, now, 0, math.floor(est * 1000), math.floor(L * 1000), S.t, math.floor(paused), 0, S.t}
+  return {0, math.floor(math.max(wait, 1000)), reason, S.t, S.seq, now, 0, math.floor(est * 1000), math.floor(L * 1000), S.t, math.floor(paused), 0, S.t, math.floor(horizon)}
 end
 
 if S.pu ~= nil and S.pu > now then return hold(S.pu - now, 1) end
@@ -655,6 +660,8 @@ pub struct Decision {
     pub limit: f64,
     pub count: u32,
     pub paused: Duration,
+    /// With a hold: how long until the fleet's oldest counted calls leave the window.
+    pub horizon: Option<Duration>,
 }
 
 /// One bucket's fleet-wide state, read by [`SharedBudgets::peek`].
@@ -783,7 +790,7 @@ impl SharedBudgets {
             .await?;
         let at = |i: usize| r.get(i).copied().unwrap_or(0).max(0);
         let us = |i: usize| Duration::from_micros(at(i) as u64);
-        if r.len() < 13 {
+        if r.len() < 14 {
             return None;
         }
         Some(Decision {
@@ -803,6 +810,7 @@ impl SharedBudgets {
             limit: at(8) as f64 / 1000.0,
             count: u32::try_from(at(9)).unwrap_or(u32::MAX),
             paused: us(10),
+            horizon: (at(0) != 1).then(|| us(13)),
         })
     }
 

@@ -1067,3 +1067,40 @@ async fn ids_and_batch_members_are_shared_through_redis() {
     );
     f.stop().await;
 }
+
+/// A replica that sent few of the fleet's calls must not judge the Page by its own count: its
+/// readings show the other replica's calls as usage it cannot explain. Above the slowdown
+/// threshold the fleet paces calls a second or two apart; a call on the quiet replica waits
+/// for its turn and goes, rather than being turned away with a wait only the quiet replica's
+/// own view predicts (its oldest call leaving the window, a minute away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_replica_waits_as_long_as_the_fleet_says() {
+    let redis = RedisServer::start();
+    let graph = FakeGraphConfig {
+        page_calls_limit: 100,
+        page_window: Duration::from_secs(60),
+        ..graph_config()
+    };
+    let f = Fleet::start(
+        &redis,
+        graph,
+        "[quota]\npage_calls = 100\npage_window_s = 60\n",
+    )
+    .await;
+    for n in 0..59 {
+        let r = f
+            .get(&f.b, &format!("/1001_{}?fields=id&n={n}", n % 7 + 1))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "call {n} via b: {}", r.text());
+    }
+    // The fleet is just under the threshold: the first call through a goes at once, the
+    // second one waits for the fleet's pacing (the Page has ~38 calls of room left).
+    for n in 0..2 {
+        let r = f
+            .get(&f.a, &format!("/1001_{}?fields=id&n=a{n}", n + 1))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "call {n} via a: {}", r.text());
+    }
+    assert_eq!(f.graph.stats().throttled, 0);
+    f.stop().await;
+}
