@@ -1444,3 +1444,55 @@ async fn pump(inner: Arc<Inner>, bucket: Arc<Bucket>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            guess: 100,
+            window: Duration::from_secs(60),
+            headroom_pct: 2.0,
+            threshold_pct: 60.0,
+            learn: false,
+        }
+    }
+
+    fn view(usage_pct: f64, releases_in: Option<Duration>, now: Instant) -> FleetView {
+        FleetView {
+            at: now,
+            usage_pct,
+            limit: 100.0,
+            count: 0,
+            paused_until: None,
+            releases_at: releases_in.map(|d| now + d),
+        }
+    }
+
+    #[test]
+    fn the_fleets_view_predicts_waits_from_its_own_usage_and_releases() {
+        let now = Instant::now();
+        let l = limits();
+        // Below the threshold with room: no wait.
+        let v = view(40.0, None, now);
+        assert_eq!(v.predicted_wait(&l, 5, now), Some(Duration::ZERO));
+        // Above it: what is left (38 calls) spread until the oldest calls leave (38 s).
+        let v = view(60.0, Some(Duration::from_secs(38)), now);
+        assert_eq!(v.predicted_wait(&l, 1, now), Some(Duration::from_secs(1)));
+        assert_eq!(v.predicted_wait(&l, 10, now), Some(Duration::from_secs(10)));
+        // Without a known release, the whole window.
+        let v = view(60.0, None, now);
+        let w = v.predicted_wait(&l, 1, now).expect("room left");
+        assert!(
+            w > Duration::from_millis(1570) && w < Duration::from_millis(1590),
+            "{w:?}"
+        );
+        // No room for all of them: the fleet's view cannot say; the budget decides.
+        assert_eq!(v.predicted_wait(&l, 40, now), None);
+        // A pause is waited out whatever the usage.
+        let mut v = view(99.0, None, now);
+        v.paused_until = Some(now + Duration::from_secs(7));
+        assert_eq!(v.predicted_wait(&l, 3, now), Some(Duration::from_secs(7)));
+    }
+}
