@@ -19,10 +19,10 @@ pub const DEFAULT_CONTENT_TYPE: &str = "application/json; charset=UTF-8";
 pub const COMPRESS_MIN_BYTES: usize = 256;
 
 /// What a cached entry costs besides its body, headers and readable key: the entry itself,
-/// its key's allocation, moka's per-entry nodes, the node index and allocator rounding.
-/// Measured as RSS per entry less those (`examples/entry_memory`, 300 000 entries of 1 KB:
-/// 700–765 bytes).
-pub const ENTRY_OVERHEAD: usize = 720;
+/// moka's per-entry nodes and key, the node index and allocator rounding. Measured as RSS
+/// per entry less those (`examples/entry_memory`, 300 000 and 1 000 000 entries of 1 KB:
+/// 626–648 bytes).
+pub const ENTRY_OVERHEAD: usize = 640;
 
 /// A compressed entry read this many times is stored again plain: a hot entry then costs no
 /// decompression per hit, while the long tail stays compressed.
@@ -52,8 +52,9 @@ pub struct Entry {
     hits: HitCount,
     pub stored_at: Instant,
     pub ttl: Duration,
-    /// Readable key, for prefix purge and debugging.
-    pub readable: Arc<str>,
+    /// Readable key, for prefix purge and debugging: here until stored, then packed with the
+    /// headers (see [`Entry::readable`]).
+    readable: Option<Arc<str>>,
     pub node: Option<Arc<str>>,
     pub has_edge: bool,
     /// Store generation: lets the node index tell this entry from a later one under the
@@ -88,11 +89,24 @@ impl Entry {
             hits: HitCount::default(),
             stored_at: Instant::now(),
             ttl,
-            readable: Arc::from(""),
+            readable: None,
             node: None,
             has_edge: false,
             generation: 0,
         }
+    }
+
+    /// The readable key, for prefix purge and debugging ("" if none was given).
+    pub fn readable(&self) -> &str {
+        match &self.readable {
+            Some(r) => r,
+            None => self.headers.readable().unwrap_or(""),
+        }
+    }
+
+    /// Gives an entry that is not stored (not made by [`Entry::for_storage`]) its key.
+    pub fn set_readable(&mut self, readable: Arc<str>) {
+        self.readable = Some(readable);
     }
 
     /// The body as served (before the per-client key marker is filled in). A compressed
@@ -161,8 +175,9 @@ impl Entry {
         })
     }
 
-    /// A copy fit for storing: only the replayable headers, and the body and those headers
-    /// (packed, see [`ReplyHeaders`]) copied into one exact-size buffer. Bytes from the
+    /// A copy fit for storing under the key whose readable form is `readable`: only the
+    /// replayable headers, and the body, those headers and the readable key (packed, see
+    /// [`ReplyHeaders`]) copied into one exact-size buffer. Bytes from the
     /// upstream client are slices of hyper's read buffer (8 KB and more), and one slice kept
     /// alive pins the whole buffer: a cached 1 KB reply held several times its size. One
     /// buffer instead of a header table and a value per header also saves their allocations.
@@ -170,7 +185,7 @@ impl Entry {
     ///
     /// With `compress`, a body of [`COMPRESS_MIN_BYTES`] or more is kept LZ4-compressed when
     /// that saves at least an eighth of it (Graph-like JSON shrank 1.8-4.2× in our samples).
-    pub fn for_storage(&self, compress: bool) -> Entry {
+    pub fn for_storage(&self, compress: bool, readable: &str) -> Entry {
         let owned;
         let all: &[(HeaderName, HeaderValue)] = match &self.headers {
             ReplyHeaders::Table(t) => t,
@@ -199,12 +214,15 @@ impl Entry {
             Some((c, len)) => (c, Some(*len)),
             None => (plain, self.plain_len),
         };
-        let mut blob =
-            bytes::BytesMut::with_capacity(body.len() + ReplyHeaders::packed_len(kept_refs()));
+        let mut blob = bytes::BytesMut::with_capacity(
+            body.len() + ReplyHeaders::packed_len(kept_refs(), readable),
+        );
         blob.extend_from_slice(body);
-        let (blob, headers) = ReplyHeaders::pack_into(blob, kept_refs());
+        let (blob, headers) = ReplyHeaders::pack_into(blob, kept_refs(), readable);
+        let packed_readable = headers.readable() == Some(readable);
         Entry {
             headers,
+            readable: (!packed_readable).then(|| Arc::from(readable)),
             body: PreparedBody {
                 bytes: blob.slice(..body.len()),
                 key_marker: self.body.key_marker,
@@ -261,7 +279,7 @@ impl Entry {
     pub fn weight(&self) -> u32 {
         let total = self.body.bytes.len()
             + self.headers.held_bytes()
-            + self.readable.len()
+            + self.readable.as_deref().map_or(0, str::len)
             + ENTRY_OVERHEAD;
         u32::try_from(total).unwrap_or(u32::MAX)
     }
@@ -333,16 +351,26 @@ mod tests {
         assert!(e.matches_if_none_match(Some(&HeaderValue::from_static("*"))));
         assert!(!e.matches_if_none_match(Some(&HeaderValue::from_static("\"x\""))));
         assert!(!e.matches_if_none_match(None));
-        let stored = e.for_storage(true);
+        let stored = e.for_storage(true, "v21.0/1001");
         assert_eq!(stored.headers.len(), 1);
         assert_eq!(stored.etag(), Some(HeaderValue::from_static("\"abc\"")));
-        // The body, the packed ETag (5 bytes, its 3-byte record, the count) and the overhead.
-        assert_eq!(stored.weight() as usize, 2 + 5 + 3 + 1 + ENTRY_OVERHEAD);
-        // Stored again (a renewal): the packed headers are kept.
+        assert_eq!(stored.readable(), "v21.0/1001");
+        // The body, the packed ETag (5 bytes, its 3-byte record), the readable key (10 bytes,
+        // its length, the count) and the overhead.
         assert_eq!(
-            stored.for_storage(true).headers.to_vec(),
-            stored.headers.to_vec()
+            stored.weight() as usize,
+            2 + 5 + 3 + 10 + 3 + ENTRY_OVERHEAD
         );
+        // Stored again (a renewal): the packed headers and key are kept.
+        let again = stored.for_storage(true, stored.readable());
+        assert_eq!(again.headers.to_vec(), stored.headers.to_vec());
+        assert_eq!(again.readable(), "v21.0/1001");
+        // Given a key before it is stored, an entry reports that one.
+        let mut fetched = entry(10);
+        assert_eq!(fetched.readable(), "");
+        fetched.set_readable(Arc::from("v21.0/1002"));
+        assert_eq!(fetched.readable(), "v21.0/1002");
+        assert_eq!(fetched.weight(), entry(10).weight() + 10);
         // Too short to be worth compressing.
         assert!(!stored.is_compressed());
     }
@@ -367,7 +395,7 @@ mod tests {
             })
             .collect();
         let e = with_body(json.clone(), true);
-        let stored = e.for_storage(true);
+        let stored = e.for_storage(true, "");
         assert!(stored.is_compressed());
         assert!(
             stored.weight() < e.weight() - json.len() as u32 / 2,
@@ -379,7 +407,7 @@ mod tests {
         assert!(body.key_marker.is_some());
         assert_eq!(stored.etag(), e.etag());
         // Stored again (a renewal, a promotion): still one compression, same body.
-        let again = stored.for_storage(true);
+        let again = stored.for_storage(true, "");
         assert_eq!(again.body().expect("decompresses").bytes, body.bytes);
         // Hot: the HOT_HITS-th hit says so, once; the plain copy is the same entry.
         let hot: Vec<bool> = (0..HOT_HITS + 5).map(|_| stored.became_hot()).collect();
@@ -391,7 +419,7 @@ mod tests {
         assert_eq!(plain.stored_at, stored.stored_at);
         assert_eq!(plain.generation, stored.generation);
         // Not asked to compress: kept as it is.
-        assert!(!e.for_storage(false).is_compressed());
+        assert!(!e.for_storage(false, "").is_compressed());
     }
 
     #[test]
@@ -405,7 +433,7 @@ mod tests {
                 rng as u8
             })
             .collect();
-        let stored = with_body(noise.clone(), false).for_storage(true);
+        let stored = with_body(noise.clone(), false).for_storage(true, "");
         assert!(!stored.is_compressed());
         assert_eq!(&stored.body().expect("plain").bytes[..], &noise[..]);
     }
@@ -414,7 +442,7 @@ mod tests {
     fn a_corrupt_compressed_body_is_an_error_not_a_panic() {
         let json =
             br#"{"data":[{"id":"1"},{"id":"1"},{"id":"1"},{"id":"1"},{"id":"1"}]}"#.repeat(20);
-        let mut stored = with_body(json, false).for_storage(true);
+        let mut stored = with_body(json, false).for_storage(true, "");
         assert!(stored.is_compressed());
         stored.body.bytes = stored.body.bytes.slice(..stored.body.bytes.len() / 2);
         assert!(stored.body().is_err());

@@ -106,7 +106,7 @@ impl L1 {
     pub fn keys_with_prefix(&self, prefix: &str) -> Vec<KeyId> {
         self.cache
             .iter()
-            .filter(|(_, v)| v.readable.starts_with(prefix))
+            .filter(|(_, v)| v.readable().starts_with(prefix))
             .map(|(k, _)| *k)
             .collect()
     }

@@ -322,7 +322,10 @@ pub fn encode(e: &Entry) -> Option<Vec<u8>> {
         .map(|(n, v)| 6 + n.as_str().len() + v.len())
         .sum();
     let mut out = Vec::with_capacity(
-        36 + e.readable.len() + e.node.as_deref().map_or(0, str::len) + headers + body.bytes.len(),
+        36 + e.readable().len()
+            + e.node.as_deref().map_or(0, str::len)
+            + headers
+            + body.bytes.len(),
     );
     out.push(FORMAT_VERSION);
     out.extend_from_slice(&unix_ms(e.stored_at).to_be_bytes());
@@ -342,7 +345,7 @@ pub fn encode(e: &Entry) -> Option<Vec<u8>> {
         flags |= FLAG_LZ4;
     }
     out.push(flags);
-    put(&mut out, e.readable.as_bytes());
+    put(&mut out, e.readable().as_bytes());
     if let Some(n) = &e.node {
         put(&mut out, n.as_bytes());
     }
@@ -462,7 +465,7 @@ pub fn decode(v: &[u8], key: &CacheKey) -> Option<Entry> {
         None => Entry::new(status, headers, body, ttl),
     };
     e.stored_at = instant_of(stored_ms);
-    e.readable = key.readable.clone();
+    e.set_readable(key.readable.clone());
     e.node = key.node.clone();
     e.has_edge = flags & FLAG_EDGE != 0;
     Some(e)
@@ -499,7 +502,7 @@ mod tests {
             },
             Duration::from_secs(60),
         );
-        e.readable = k.readable.clone();
+        e.set_readable(k.readable.clone());
         e.node = k.node.clone();
         e.has_edge = k.has_edge;
         e
@@ -528,16 +531,14 @@ mod tests {
             PreparedBody::plain(Bytes::from(br#"{"id":"1","name":"Page"},"#.repeat(40))),
             Duration::from_secs(60),
         );
-        let mut big = plain.for_storage(true);
+        let big = plain.for_storage(true, &k.readable);
         assert!(big.is_compressed());
-        big.readable = k.readable.clone();
         let v = encode(&big).expect("encodes");
         assert_eq!(readable_of(&v), Some(&*k.readable));
         let d = decode(&v, &k).expect("decodes");
         assert!(d.is_compressed());
         assert_eq!(d.body().ok(), plain.body().ok());
-        let mut flat = plain.for_storage(false);
-        flat.readable = k.readable.clone();
+        let flat = plain.for_storage(false, &k.readable);
         let flat = encode(&flat).expect("encodes");
         assert!(v.len() * 2 < flat.len(), "{} vs {}", v.len(), flat.len());
         // A damaged compressed body is a miss, not an error when served.

@@ -171,8 +171,7 @@ impl Cache {
             return false;
         };
         // Compressed as in L1 (the value format records it): less to move and to hold.
-        let mut stored = entry.for_storage(self.compress);
-        stored.readable = key.readable.clone();
+        let mut stored = entry.for_storage(self.compress, &key.readable);
         stored.node = key.node.clone();
         stored.has_edge = key.has_edge;
         if u64::from(stored.weight()) > self.max_bytes {
@@ -241,8 +240,7 @@ impl Cache {
         if self.epoch(key) != epoch {
             return false;
         }
-        let mut stored = entry.for_storage(self.compress);
-        stored.readable = key.readable.clone();
+        let mut stored = entry.for_storage(self.compress, &key.readable);
         stored.node = key.node.as_ref().map(|n| self.index.intern(n));
         stored.has_edge = key.has_edge;
         stored.generation = self.generation.fetch_add(1, Ordering::Relaxed);

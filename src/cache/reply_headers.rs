@@ -2,9 +2,10 @@
 //!
 //! A reply just fetched keeps its headers as a table. A stored entry keeps them in its body's
 //! buffer, after the body: the values, then per header its name (an index into
-//! [`headers::STORED`]) and its value's length, then the count. That is 3 bytes per
-//! header and no allocation, against a table of 72 bytes per header in an allocation of its
-//! own (a Graph reply replays five: ~380 bytes per cached entry). Reading them back makes
+//! [`headers::STORED`]) and its value's length, then the entry's readable key, its length
+//! and the count. That is 3 bytes per header and no allocation, against a table of 72 bytes
+//! per header in an allocation of its own (a Graph reply replays five: ~380 bytes per cached
+//! entry), and the readable key needs no allocation of its own either. Reading them back makes
 //! each value a slice of the buffer, as cloning a table's value would; the bytes are not
 //! checked again on every hit (they were copied from valid values).
 
@@ -17,6 +18,9 @@ use crate::graph::headers;
 
 /// Bytes per header in the packed table: name index, value length (u16, big-endian).
 const RECORD: usize = 3;
+
+/// Bytes after the readable key: its length (u16, big-endian) and the header count.
+const TRAILER: usize = 3;
 
 #[derive(Debug, Clone)]
 pub enum ReplyHeaders {
@@ -46,11 +50,13 @@ impl From<Vec<(HeaderName, HeaderValue)>> for ReplyHeaders {
 
 impl ReplyHeaders {
     /// Appends `kept` packed (names among [`headers::STORED`], values of at most
-    /// 64 KiB; others are left out) to `buf`, after what it holds (the body), and freezes it:
-    /// the whole buffer, and the headers as a slice of it.
+    /// 64 KiB; others are left out) and `readable` (the entry's readable key, at most 64 KiB)
+    /// to `buf`, after what it holds (the body), and freezes it: the whole buffer, and the
+    /// headers as a slice of it.
     pub fn pack_into<'a>(
         mut buf: BytesMut,
         kept: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+        readable: &str,
     ) -> (Bytes, ReplyHeaders) {
         let start = buf.len();
         let mut records: Vec<(u8, u16)> = Vec::new();
@@ -64,19 +70,27 @@ impl ReplyHeaders {
             buf.put_u8(*index);
             buf.put_u16(*len);
         }
+        let readable = packable(readable);
+        buf.extend_from_slice(readable.as_bytes());
+        buf.put_u16(readable.len() as u16);
         buf.put_u8(records.len() as u8);
         let all = buf.freeze();
         let headers = ReplyHeaders::Packed(Packed(all.slice(start..)));
         (all, headers)
     }
 
-    /// Bytes [`ReplyHeaders::pack_into`] appends for `kept`.
-    pub fn packed_len<'a>(kept: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>) -> usize {
-        1 + kept
-            .take(usize::from(u8::MAX))
-            .filter(|(n, v)| record(n, v).is_some())
-            .map(|(_, v)| v.len() + RECORD)
-            .sum::<usize>()
+    /// Bytes [`ReplyHeaders::pack_into`] appends for `kept` and `readable`.
+    pub fn packed_len<'a>(
+        kept: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+        readable: &str,
+    ) -> usize {
+        TRAILER
+            + packable(readable).len()
+            + kept
+                .take(usize::from(u8::MAX))
+                .filter(|(n, v)| record(n, v).is_some())
+                .map(|(_, v)| v.len() + RECORD)
+                .sum::<usize>()
     }
 
     pub fn len(&self) -> usize {
@@ -90,6 +104,16 @@ impl ReplyHeaders {
         self.len() == 0
     }
 
+    /// The readable key packed with the headers (`None` for a table). Not on the hit path:
+    /// purges by prefix and the Redis tier read it, so its bytes are checked here.
+    pub fn readable(&self) -> Option<&str> {
+        let ReplyHeaders::Packed(Packed(b)) = self else {
+            return None;
+        };
+        let (at, len) = readable_span(b)?;
+        std::str::from_utf8(b.get(at..at + len)?).ok()
+    }
+
     /// The headers in order, each value a shared slice (no copy).
     pub fn iter(&self) -> Iter<'_> {
         match self {
@@ -97,7 +121,7 @@ impl ReplyHeaders {
             ReplyHeaders::Packed(Packed(b)) => {
                 let count = self.len();
                 // A table that does not fit the buffer yields nothing (never built so).
-                let table = b.len().checked_sub(1 + RECORD * count);
+                let table = readable_span(b).and_then(|(at, _)| at.checked_sub(RECORD * count));
                 Iter(Cursor::Packed {
                     buf: b,
                     table: table.unwrap_or(0),
@@ -142,6 +166,25 @@ fn value_of(bytes: Bytes) -> HeaderValue {
     // stop at a length reaching past it), whose bytes were copied from valid `HeaderValue`s;
     // validity is a rule on each byte, so any part of the region is a valid value.
     unsafe { HeaderValue::from_maybe_shared_unchecked(bytes) }
+}
+
+/// The readable key as packed: all of it, or nothing if it is longer than its length field
+/// can say (no Graph URL is).
+fn packable(readable: &str) -> &str {
+    if readable.len() <= usize::from(u16::MAX) {
+        readable
+    } else {
+        ""
+    }
+}
+
+/// Where the readable key starts in packed bytes, and its length.
+fn readable_span(b: &[u8]) -> Option<(usize, usize)> {
+    let &[hi, lo, _count] = b.get(b.len().checked_sub(TRAILER)?..)? else {
+        return None;
+    };
+    let len = usize::from(u16::from_be_bytes([hi, lo]));
+    Some((b.len().checked_sub(TRAILER + len)?, len))
 }
 
 /// A header's record in the packed table, if it can be packed.
@@ -235,8 +278,13 @@ mod tests {
             h("x-fb-trace-id", ""),
         ];
         let buf = BytesMut::from(&b"body"[..]);
-        let (all, packed) = ReplyHeaders::pack_into(buf, given.iter().map(|(n, v)| (n, v)));
+        let (all, packed) = ReplyHeaders::pack_into(
+            buf,
+            given.iter().map(|(n, v)| (n, v)),
+            "system|v21.0/1001?fields=id",
+        );
         assert_eq!(packed.len(), 3);
+        assert_eq!(packed.readable(), Some("system|v21.0/1001?fields=id"));
         let expected: Vec<_> = given
             .into_iter()
             .filter(|(n, _)| n != "x-app-usage")
@@ -257,10 +305,31 @@ mod tests {
             h("x-fb-rev", "1234"),
             h("x-app-usage", "{}"),
         ];
-        let (all, _) = ReplyHeaders::pack_into(BytesMut::new(), given.iter().map(|(n, v)| (n, v)));
-        assert_eq!(
-            all.len(),
-            ReplyHeaders::packed_len(given.iter().map(|(n, v)| (n, v)))
-        );
+        for readable in ["", "v21.0/1001", &"x".repeat(70_000)] {
+            let (all, packed) = ReplyHeaders::pack_into(
+                BytesMut::new(),
+                given.iter().map(|(n, v)| (n, v)),
+                readable,
+            );
+            assert_eq!(
+                all.len(),
+                ReplyHeaders::packed_len(given.iter().map(|(n, v)| (n, v)), readable)
+            );
+            assert_eq!(packed.len(), 2);
+            assert_eq!(packed.to_vec(), given[..2].to_vec());
+            // A key too long for its length field is left out, not cut.
+            let expected = if readable.len() > 65_535 {
+                ""
+            } else {
+                readable
+            };
+            assert_eq!(packed.readable(), Some(expected));
+        }
+    }
+
+    #[test]
+    fn a_table_has_no_packed_readable_key() {
+        let table = ReplyHeaders::from(vec![h("etag", "\"1\"")]);
+        assert_eq!(table.readable(), None);
     }
 }
