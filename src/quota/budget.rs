@@ -81,6 +81,30 @@ impl Limits {
     pub fn threshold_pct(&self) -> f64 {
         self.threshold_pct.clamp(0.0, self.ceiling_pct())
     }
+
+    /// The wait for `needed` calls at `usage` percent, each call `per_call` percent, while
+    /// they fit under the ceiling: none below the threshold, else what is left spread over
+    /// `horizon` (until the oldest counted calls leave the window, or the whole window).
+    /// `None` when they do not fit (the wait then depends on which calls leave when).
+    pub fn paced_wait(
+        &self,
+        usage: f64,
+        per_call: f64,
+        needed: u32,
+        horizon: Option<Duration>,
+    ) -> Option<Duration> {
+        let ceiling = self.ceiling_pct();
+        // As `Budget::fits`: below the ceiling before the last of them.
+        if usage + per_call * f64::from(needed.max(1) - 1) >= ceiling {
+            return None;
+        }
+        if usage < self.threshold_pct() {
+            return Some(Duration::ZERO);
+        }
+        let room = ((ceiling - usage) / per_call).max(1.0);
+        let horizon = horizon.unwrap_or(self.window);
+        Some(horizon.div_f64(room).saturating_mul(needed))
+    }
 }
 
 /// The latest usage reading of a bucket.
@@ -875,18 +899,14 @@ impl Budget {
         }
         let needed = units_ahead.saturating_add(units.max(1));
         let est = self.estimate(now);
-        let per_unit = est.per_call_pct;
-        let ceiling = self.limits.ceiling_pct();
-        let fits = self.fits(est.usage_pct, per_unit, needed);
-        if est.usage_pct < self.limits.threshold_pct() && fits {
-            return Duration::ZERO;
-        }
-        if fits {
-            let room = ((ceiling - est.usage_pct) / per_unit).max(1.0);
-            let horizon = self
-                .next_release(now)
-                .map_or(self.limits.window, |t| t.saturating_duration_since(now));
-            return horizon.div_f64(room).saturating_mul(needed);
+        let horizon = self
+            .next_release(now)
+            .map(|t| t.saturating_duration_since(now));
+        if let Some(wait) = self
+            .limits
+            .paced_wait(est.usage_pct, est.per_call_pct, needed, horizon)
+        {
+            return wait;
         }
         self.time_until_room(needed, now, false)
             .saturating_duration_since(now)

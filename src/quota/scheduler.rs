@@ -82,19 +82,13 @@ impl FleetView {
         if let Some(p) = self.paused_until.filter(|&p| p > now) {
             return Some(p - now);
         }
-        let per_call = 100.0 / self.limit.max(1e-3);
-        let ceiling = limits.ceiling_pct();
-        if self.usage_pct + per_call * f64::from(needed.max(1) - 1) >= ceiling {
-            return None;
-        }
-        if self.usage_pct < limits.threshold_pct() {
-            return Some(Duration::ZERO);
-        }
-        let room = ((ceiling - self.usage_pct) / per_call).max(1.0);
-        let horizon = self
-            .releases_at
-            .map_or(limits.window, |t| t.saturating_duration_since(now));
-        Some(horizon.div_f64(room).saturating_mul(needed))
+        let horizon = self.releases_at.map(|t| t.saturating_duration_since(now));
+        limits.paced_wait(
+            self.usage_pct,
+            100.0 / self.limit.max(1e-3),
+            needed,
+            horizon,
+        )
     }
 }
 
