@@ -82,10 +82,19 @@ impl Limits {
         self.threshold_pct.clamp(0.0, self.ceiling_pct())
     }
 
+    /// Whether `units` more calls, each `per_call` percent, fit on top of `usage`: the
+    /// estimate is below the ceiling before the last of them. (Requiring room after it would
+    /// waste most of a call per window where one call is worth more than the headroom, and
+    /// lock a bucket whose limit is still being learned out of the readings that would
+    /// correct it.)
+    pub fn fits(&self, usage: f64, per_call: f64, units: u32) -> bool {
+        usage + per_call * f64::from(units.max(1) - 1) < self.ceiling_pct()
+    }
+
     /// The wait for `needed` calls at `usage` percent, each call `per_call` percent, while
-    /// they fit under the ceiling: none below the threshold, else what is left spread over
-    /// `horizon` (until the oldest counted calls leave the window, or the whole window).
-    /// `None` when they do not fit (the wait then depends on which calls leave when).
+    /// they fit: none below the threshold, else what is left spread over `horizon` (until
+    /// the oldest counted calls leave the window, or the whole window). `None` when they do
+    /// not fit (the wait then depends on which calls leave when).
     pub fn paced_wait(
         &self,
         usage: f64,
@@ -93,15 +102,13 @@ impl Limits {
         needed: u32,
         horizon: Option<Duration>,
     ) -> Option<Duration> {
-        let ceiling = self.ceiling_pct();
-        // As `Budget::fits`: below the ceiling before the last of them.
-        if usage + per_call * f64::from(needed.max(1) - 1) >= ceiling {
+        if !self.fits(usage, per_call, needed) {
             return None;
         }
         if usage < self.threshold_pct() {
             return Some(Duration::ZERO);
         }
-        let room = ((ceiling - usage) / per_call).max(1.0);
+        let room = ((self.ceiling_pct() - usage) / per_call).max(1.0);
         let horizon = horizon.unwrap_or(self.window);
         Some(horizon.div_f64(room).saturating_mul(needed))
     }
@@ -442,14 +449,6 @@ impl Budget {
         }
     }
 
-    /// Whether `units` more calls fit on top of `usage`: the estimate is below the ceiling
-    /// before the last of them. (Requiring room after it would waste most of a call per
-    /// window where one call is worth more than the headroom, and lock a bucket whose limit
-    /// is still being learned out of the readings that would correct it.)
-    fn fits(&self, usage: f64, per_call: f64, units: u32) -> bool {
-        usage + per_call * f64::from(units.max(1) - 1) < self.limits.ceiling_pct()
-    }
-
     pub fn paused_until(&self, now: Instant) -> Option<Instant> {
         self.paused_until.filter(|&t| t > now)
     }
@@ -498,7 +497,7 @@ impl Budget {
         }
         let ceiling = self.limits.ceiling_pct();
         let per_unit = est.per_call_pct;
-        let fits = self.fits(est.usage_pct, per_unit, units);
+        let fits = self.limits.fits(est.usage_pct, per_unit, units);
         if est.usage_pct < self.limits.threshold_pct() && fits {
             return Ok(false);
         }
