@@ -219,10 +219,9 @@ impl Entry {
         );
         blob.extend_from_slice(body);
         let (blob, headers) = ReplyHeaders::pack_into(blob, kept_refs(), readable);
-        let packed_readable = headers.readable() == Some(readable);
         Entry {
             headers,
-            readable: (!packed_readable).then(|| Arc::from(readable)),
+            readable: (!ReplyHeaders::packs_readable(readable)).then(|| Arc::from(readable)),
             body: PreparedBody {
                 bytes: blob.slice(..body.len()),
                 key_marker: self.body.key_marker,
@@ -436,6 +435,14 @@ mod tests {
         let stored = with_body(noise.clone(), false).for_storage(true, "");
         assert!(!stored.is_compressed());
         assert_eq!(&stored.body().expect("plain").bytes[..], &noise[..]);
+    }
+
+    #[test]
+    fn a_key_too_long_to_pack_is_kept_whole() {
+        let long = "k".repeat(70_000);
+        let stored = entry(10).for_storage(true, &long);
+        assert_eq!(stored.readable(), long);
+        assert_eq!(stored.headers.readable(), Some(""));
     }
 
     #[test]

@@ -104,6 +104,12 @@ impl ReplyHeaders {
         self.len() == 0
     }
 
+    /// Whether [`ReplyHeaders::pack_into`] packs `readable` whole (it leaves out a key
+    /// longer than its length field can say).
+    pub fn packs_readable(readable: &str) -> bool {
+        packable(readable).len() == readable.len()
+    }
+
     /// The readable key packed with the headers (`None` for a table). Not on the hit path:
     /// purges by prefix and the Redis tier read it, so its bytes are checked here.
     pub fn readable(&self) -> Option<&str> {
