@@ -1,5 +1,6 @@
 //! A cached (or just fetched) reply and its age arithmetic.
 
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,12 +22,20 @@ pub const COMPRESS_MIN_BYTES: usize = 256;
 /// What a cached entry costs besides its body, headers and readable key: the entry itself,
 /// moka's per-entry nodes and key, the node index and allocator rounding. Measured as RSS
 /// per entry less those (`examples/entry_memory`, 300 000 and 1 000 000 entries of 1 KB:
-/// 626–648 bytes).
-pub const ENTRY_OVERHEAD: usize = 640;
+/// 575–621 bytes).
+pub const ENTRY_OVERHEAD: usize = 620;
 
 /// A compressed entry read this many times is stored again plain: a hot entry then costs no
 /// decompression per hit, while the long tail stays compressed.
 pub const HOT_HITS: u32 = 16;
+
+/// The longest TTL an entry holds (~49 days, what milliseconds in a `u32` can say); a
+/// longer one is held as this.
+pub const MAX_TTL: Duration = Duration::from_millis(u32::MAX as u64);
+
+fn ttl_ms(ttl: Duration) -> u32 {
+    u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX)
+}
 
 /// Hits on a compressed entry, counted towards [`HOT_HITS`]. A copy starts again from zero.
 #[derive(Debug, Default)]
@@ -40,6 +49,10 @@ impl Clone for HitCount {
 
 /// One reply as served from the cache: the prepared body (with the client-key marker,
 /// finalized per client) and the headers worth replaying.
+///
+/// Kept small (144 bytes, a test holds it there): with its `Arc` it fills mimalloc's
+/// 160-byte class, one per cached entry. Hence the TTL in milliseconds and the readable key
+/// packed with the headers rather than fields of their own.
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub status: StatusCode,
@@ -47,14 +60,12 @@ pub struct Entry {
     /// The body as served, or LZ4-compressed when `plain_len` is set: read it through
     /// [`Entry::body`].
     body: PreparedBody,
-    /// The body's length before compression, for a compressed body.
-    plain_len: Option<u32>,
+    /// The body's length before compression, for a compressed body (never empty).
+    plain_len: Option<NonZeroU32>,
     hits: HitCount,
     pub stored_at: Instant,
-    pub ttl: Duration,
-    /// Readable key, for prefix purge and debugging: here until stored, then packed with the
-    /// headers (see [`Entry::readable`]).
-    readable: Option<Arc<str>>,
+    /// Time to live in milliseconds (at most [`MAX_TTL`]): read it through [`Entry::ttl`].
+    ttl_ms: u32,
     pub node: Option<Arc<str>>,
     pub has_edge: bool,
     /// Store generation: lets the node index tell this entry from a later one under the
@@ -88,25 +99,22 @@ impl Entry {
             plain_len: None,
             hits: HitCount::default(),
             stored_at: Instant::now(),
-            ttl,
-            readable: None,
+            ttl_ms: ttl_ms(ttl),
             node: None,
             has_edge: false,
             generation: 0,
         }
     }
 
-    /// The readable key, for prefix purge and debugging ("" if none was given).
+    /// The readable key, for prefix purge and the Redis tier: packed by
+    /// [`Entry::for_storage`] ("" for an entry not made by it, which no one asks).
     pub fn readable(&self) -> &str {
-        match &self.readable {
-            Some(r) => r,
-            None => self.headers.readable().unwrap_or(""),
-        }
+        self.headers.readable().unwrap_or("")
     }
 
-    /// Gives an entry that is not stored (not made by [`Entry::for_storage`]) its key.
-    pub fn set_readable(&mut self, readable: Arc<str>) {
-        self.readable = Some(readable);
+    /// How long the entry is fresh after `stored_at`.
+    pub fn ttl(&self) -> Duration {
+        Duration::from_millis(u64::from(self.ttl_ms))
     }
 
     /// The body as served (before the per-client key marker is filled in). A compressed
@@ -115,9 +123,10 @@ impl Entry {
         let Some(len) = self.plain_len else {
             return Ok(self.body.clone());
         };
-        let plain = lz4_flex::block::decompress(&self.body.bytes, len as usize)
+        let len = len.get() as usize;
+        let plain = lz4_flex::block::decompress(&self.body.bytes, len)
             .ok()
-            .filter(|b| b.len() == len as usize)
+            .filter(|b| b.len() == len)
             .ok_or_else(|| ProxyError::Internal("a cached body did not decompress".into()))?;
         Ok(PreparedBody {
             bytes: Bytes::from(plain),
@@ -128,7 +137,7 @@ impl Entry {
     /// The body as held (LZ4-compressed when the second value, its plain length, is set):
     /// the Redis tier stores it as it is.
     pub fn stored_body(&self) -> (&PreparedBody, Option<u32>) {
-        (&self.body, self.plain_len)
+        (&self.body, self.plain_len.map(NonZeroU32::get))
     }
 
     /// An entry whose body is held LZ4-compressed, `plain_len` bytes plain. `None` when the
@@ -141,14 +150,14 @@ impl Entry {
         ttl: Duration,
     ) -> Option<Entry> {
         let mut e = Entry::new(status, headers, body, ttl);
-        e.plain_len = Some(plain_len);
+        e.plain_len = Some(NonZeroU32::new(plain_len)?);
         e.body().is_ok().then_some(e)
     }
 
     /// Length of the body as served (before the per-client key marker is filled in).
     pub fn body_len(&self) -> usize {
         self.plain_len
-            .map_or(self.body.bytes.len(), |len| len as usize)
+            .map_or(self.body.bytes.len(), |len| len.get() as usize)
     }
 
     /// Whether serving the body means a copy per client (the key marker filled in).
@@ -201,8 +210,8 @@ impl Entry {
                 .map(|(n, v)| (n, v))
         };
         let plain = &self.body.bytes;
-        let compressed = match u32::try_from(plain.len()) {
-            Ok(len)
+        let compressed = match u32::try_from(plain.len()).ok().and_then(NonZeroU32::new) {
+            Some(len)
                 if compress && self.plain_len.is_none() && plain.len() >= COMPRESS_MIN_BYTES =>
             {
                 let c = lz4_flex::block::compress(plain);
@@ -221,7 +230,6 @@ impl Entry {
         let (blob, headers) = ReplyHeaders::pack_into(blob, kept_refs(), readable);
         Entry {
             headers,
-            readable: (!ReplyHeaders::packs_readable(readable)).then(|| Arc::from(readable)),
             body: PreparedBody {
                 bytes: blob.slice(..body.len()),
                 key_marker: self.body.key_marker,
@@ -235,7 +243,7 @@ impl Entry {
     pub fn renewed(&self, ttl: Duration) -> Entry {
         Entry {
             stored_at: Instant::now(),
-            ttl,
+            ttl_ms: ttl_ms(ttl),
             ..self.clone()
         }
     }
@@ -246,16 +254,16 @@ impl Entry {
 
     /// Seconds of freshness left; negative once stale (RFC 9211 `ttl`).
     pub fn ttl_left_s(&self, now: Instant) -> i64 {
-        self.ttl.as_secs() as i64 - self.age(now).as_secs() as i64
+        self.ttl().as_secs() as i64 - self.age(now).as_secs() as i64
     }
 
     pub fn freshness(&self, now: Instant, swr: Duration, sie: Duration) -> Freshness {
-        let age = self.age(now);
-        if age < self.ttl {
+        let (age, ttl) = (self.age(now), self.ttl());
+        if age < ttl {
             Freshness::Fresh
-        } else if age < self.ttl + swr {
+        } else if age < ttl + swr {
             Freshness::StaleRevalidate
-        } else if age < self.ttl + sie {
+        } else if age < ttl + sie {
             Freshness::StaleIfError
         } else {
             Freshness::Expired
@@ -269,17 +277,14 @@ impl Entry {
 
     /// Whether a stale copy may stand in for a failed refresh.
     pub fn usable_on_error(&self, now: Instant, sie: Duration) -> bool {
-        self.age(now) < self.ttl + sie
+        self.age(now) < self.ttl() + sie
     }
 
     /// Memory this entry costs once cached, for the byte-bounded cache: what it holds (body
     /// as stored, headers, readable key) and [`ENTRY_OVERHEAD`], so `cache.max_bytes` bounds
     /// the process's memory rather than the payload alone.
     pub fn weight(&self) -> u32 {
-        let total = self.body.bytes.len()
-            + self.headers.held_bytes()
-            + self.readable.as_deref().map_or(0, str::len)
-            + ENTRY_OVERHEAD;
+        let total = self.body.bytes.len() + self.headers.held_bytes() + ENTRY_OVERHEAD;
         u32::try_from(total).unwrap_or(u32::MAX)
     }
 
@@ -355,21 +360,15 @@ mod tests {
         assert_eq!(stored.etag(), Some(HeaderValue::from_static("\"abc\"")));
         assert_eq!(stored.readable(), "v21.0/1001");
         // The body, the packed ETag (5 bytes, its 3-byte record), the readable key (10 bytes,
-        // its length, the count) and the overhead.
+        // its 4-byte length, the count) and the overhead.
         assert_eq!(
             stored.weight() as usize,
-            2 + 5 + 3 + 10 + 3 + ENTRY_OVERHEAD
+            2 + 5 + 3 + 10 + 5 + ENTRY_OVERHEAD
         );
         // Stored again (a renewal): the packed headers and key are kept.
         let again = stored.for_storage(true, stored.readable());
         assert_eq!(again.headers.to_vec(), stored.headers.to_vec());
         assert_eq!(again.readable(), "v21.0/1001");
-        // Given a key before it is stored, an entry reports that one.
-        let mut fetched = entry(10);
-        assert_eq!(fetched.readable(), "");
-        fetched.set_readable(Arc::from("v21.0/1002"));
-        assert_eq!(fetched.readable(), "v21.0/1002");
-        assert_eq!(fetched.weight(), entry(10).weight() + 10);
         // Too short to be worth compressing.
         assert!(!stored.is_compressed());
     }
@@ -438,11 +437,32 @@ mod tests {
     }
 
     #[test]
-    fn a_key_too_long_to_pack_is_kept_whole() {
+    fn a_long_key_is_packed_whole() {
         let long = "k".repeat(70_000);
         let stored = entry(10).for_storage(true, &long);
         assert_eq!(stored.readable(), long);
-        assert_eq!(stored.headers.readable(), Some(""));
+    }
+
+    /// With its `Arc`'s two counts an entry must fit mimalloc's 160-byte class: one more
+    /// field and every cached entry costs 32 bytes more (the next class is 192).
+    #[test]
+    fn an_entry_fits_the_160_byte_class() {
+        assert!(
+            std::mem::size_of::<Entry>() + 16 <= 160,
+            "{}",
+            std::mem::size_of::<Entry>()
+        );
+    }
+
+    #[test]
+    fn a_ttl_beyond_what_milliseconds_in_u32_say_is_held_as_the_longest() {
+        let e = entry(u64::from(u32::MAX));
+        assert_eq!(e.ttl(), MAX_TTL);
+        assert_eq!(entry(10).ttl(), Duration::from_secs(10));
+        assert_eq!(
+            e.renewed(Duration::from_millis(1500)).ttl(),
+            Duration::from_millis(1500)
+        );
     }
 
     #[test]

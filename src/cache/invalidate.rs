@@ -10,15 +10,47 @@ use super::key::KeyId;
 /// Epoch buckets: nodes hash into these. A collision only costs a skipped store.
 const EPOCH_BUCKETS: usize = 1024;
 
-#[derive(Debug, Clone, Copy)]
-struct Member {
-    generation: u64,
-    has_edge: bool,
+/// A key as the index holds it: its two halves, so a slot is 24 bytes (a `u128` would be
+/// aligned to 16 and pad the slot to 32; there is one slot per cached entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Slot(u64, u64);
+
+impl From<KeyId> for Slot {
+    fn from(k: KeyId) -> Slot {
+        Slot((k.0 >> 64) as u64, k.0 as u64)
+    }
 }
+
+impl From<Slot> for KeyId {
+    fn from(s: Slot) -> KeyId {
+        KeyId(u128::from(s.0) << 64 | u128::from(s.1))
+    }
+}
+
+/// An indexed entry's store generation and whether it is an edge's, in one word.
+#[derive(Debug, Clone, Copy)]
+struct Member(u64);
+
+impl Member {
+    fn new(generation: u64, has_edge: bool) -> Member {
+        Member(generation << 1 | u64::from(has_edge))
+    }
+
+    /// The generation as given, less its top bit (2^63 stores do not wrap).
+    fn generation(self) -> u64 {
+        self.0 >> 1
+    }
+
+    fn has_edge(self) -> bool {
+        self.0 & 1 == 1
+    }
+}
+
+type Members = HashMap<Slot, Member>;
 
 /// Secondary index node → keys of live entries, plus write epochs.
 pub struct NodeIndex {
-    by_node: Mutex<HashMap<Arc<str>, HashMap<KeyId, Member>>>,
+    by_node: Mutex<HashMap<Arc<str>, Members>>,
     epochs: Box<[AtomicU64]>,
 }
 
@@ -34,7 +66,7 @@ impl Default for NodeIndex {
 impl NodeIndex {
     /// The map lock; a panic while holding it cannot leave it inconsistent in a way that
     /// matters more than a missed invalidation, so poisoning is ignored.
-    fn map(&self) -> MutexGuard<'_, HashMap<Arc<str>, HashMap<KeyId, Member>>> {
+    fn map(&self) -> MutexGuard<'_, HashMap<Arc<str>, Members>> {
         self.by_node.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -48,13 +80,10 @@ impl NodeIndex {
     }
 
     pub fn add(&self, node: &Arc<str>, key: KeyId, generation: u64, has_edge: bool) {
-        self.map().entry(node.clone()).or_default().insert(
-            key,
-            Member {
-                generation,
-                has_edge,
-            },
-        );
+        self.map()
+            .entry(node.clone())
+            .or_default()
+            .insert(key.into(), Member::new(generation, has_edge));
     }
 
     /// Forgets `key` under `node` if it still refers to the entry of `generation` (a newer
@@ -62,8 +91,10 @@ impl NodeIndex {
     pub fn remove(&self, node: &str, key: KeyId, generation: u64) {
         let mut map = self.map();
         if let Some(keys) = map.get_mut(node) {
-            if keys.get(&key).is_some_and(|m| m.generation == generation) {
-                keys.remove(&key);
+            let slot = Slot::from(key);
+            let same = Member::new(generation, false).generation();
+            if keys.get(&slot).is_some_and(|m| m.generation() == same) {
+                keys.remove(&slot);
             }
             if keys.is_empty() {
                 map.remove(node);
@@ -79,11 +110,11 @@ impl NodeIndex {
         };
         let taken: Vec<KeyId> = keys
             .iter()
-            .filter(|(_, m)| !edges_only || m.has_edge)
-            .map(|(k, _)| *k)
+            .filter(|(_, m)| !edges_only || m.has_edge())
+            .map(|(k, _)| KeyId::from(*k))
             .collect();
         for k in &taken {
-            keys.remove(k);
+            keys.remove(&Slot::from(*k));
         }
         if keys.is_empty() {
             map.remove(node);
@@ -119,6 +150,12 @@ impl NodeIndex {
 mod tests {
     use super::*;
 
+    /// One slot per cached entry: 24 bytes, not the 32 a `u128` key would pad it to.
+    #[test]
+    fn an_index_slot_is_24_bytes() {
+        assert_eq!(std::mem::size_of::<(Slot, Member)>(), 24);
+    }
+
     #[test]
     fn index_tracks_generations_and_edges() {
         let idx = NodeIndex::default();
@@ -131,6 +168,11 @@ mod tests {
         assert_eq!(idx.take("1001", true), vec![KeyId(2)]);
         assert_eq!(idx.take("1001", false), vec![KeyId(1)]);
         assert!(idx.take("1001", false).is_empty());
+        // Keys keep both halves; generations beyond 32 bits are told apart.
+        let big = KeyId(u128::MAX - 7);
+        idx.add(&n, big, 1 << 40, true);
+        idx.remove("1001", big, 1 << 41);
+        assert_eq!(idx.take("1001", true), vec![big]);
         let e = idx.epoch("1001");
         idx.bump("1001");
         assert_ne!(idx.epoch("1001"), e);

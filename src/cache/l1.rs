@@ -25,7 +25,7 @@ impl EntryExpiry {
     /// What is left of the entry's lifetime: an entry from Redis, or one stored again plain,
     /// is older than its insertion.
     fn left(&self, v: &Entry, at: Instant) -> Duration {
-        (v.ttl + self.stale_window).saturating_sub(v.age(at))
+        (v.ttl() + self.stale_window).saturating_sub(v.age(at))
     }
 }
 

@@ -144,7 +144,7 @@ impl L2 {
         epoch: &str,
         stale_window: Duration,
     ) -> bool {
-        let left = (entry.ttl + stale_window).saturating_sub(entry.age(Instant::now()));
+        let left = (entry.ttl() + stale_window).saturating_sub(entry.age(Instant::now()));
         let px = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
         if px == 0 {
             return false;
@@ -329,7 +329,7 @@ pub fn encode(e: &Entry) -> Option<Vec<u8>> {
     );
     out.push(FORMAT_VERSION);
     out.extend_from_slice(&unix_ms(e.stored_at).to_be_bytes());
-    out.extend_from_slice(&(e.ttl.as_millis() as u64).to_be_bytes());
+    out.extend_from_slice(&(e.ttl().as_millis() as u64).to_be_bytes());
     out.extend_from_slice(&e.status.as_u16().to_be_bytes());
     let mut flags = 0;
     if body.key_marker.is_some() {
@@ -465,7 +465,6 @@ pub fn decode(v: &[u8], key: &CacheKey) -> Option<Entry> {
         None => Entry::new(status, headers, body, ttl),
     };
     e.stored_at = instant_of(stored_ms);
-    e.set_readable(key.readable.clone());
     e.node = key.node.clone();
     e.has_edge = flags & FLAG_EDGE != 0;
     Some(e)
@@ -486,8 +485,9 @@ mod tests {
         .unwrap()
     }
 
+    /// An entry in storage form (what the tier is given) under `k`.
     fn entry(k: &CacheKey) -> Entry {
-        let mut e = Entry::new(
+        let fetched = Entry::new(
             StatusCode::OK,
             vec![
                 (http::header::ETAG, HeaderValue::from_static("\"abc\"")),
@@ -502,7 +502,7 @@ mod tests {
             },
             Duration::from_secs(60),
         );
-        e.set_readable(k.readable.clone());
+        let mut e = fetched.for_storage(false, &k.readable);
         e.node = k.node.clone();
         e.has_edge = k.has_edge;
         e
@@ -520,7 +520,7 @@ mod tests {
         assert_eq!(d.body().ok(), e.body().ok());
         assert_eq!(d.headers.to_vec(), e.headers.to_vec());
         assert_eq!(d.etag(), e.etag());
-        assert_eq!(d.ttl, e.ttl);
+        assert_eq!(d.ttl(), e.ttl());
         assert!(d.has_edge);
         assert!(d.age(Instant::now()) < Duration::from_secs(2));
 

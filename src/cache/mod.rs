@@ -41,7 +41,7 @@ use crate::upstream::reply_budget::Reservation;
 
 use bus::{Bus, Invalidation};
 use coalesce::Coalescer;
-use entry::Entry;
+use entry::{Entry, ReplyHeaders};
 use invalidate::NodeIndex;
 use key::{CacheKey, KeyId};
 use l1::L1;
@@ -237,7 +237,9 @@ impl Cache {
     /// Stores `entry` under `key` unless a write to its node (or a purge) happened since
     /// `epoch`. Returns whether it is in the cache.
     pub fn store(&self, key: &CacheKey, entry: &Entry, epoch: u64) -> bool {
-        if self.epoch(key) != epoch {
+        // A stored entry carries its whole key, or purges by prefix would miss it (its length
+        // field says up to 4 GiB, far beyond any request let in).
+        if self.epoch(key) != epoch || !ReplyHeaders::packs_readable(&key.readable) {
             return false;
         }
         let mut stored = entry.for_storage(self.compress, &key.readable);

@@ -861,7 +861,7 @@ impl Gateway {
             };
             // Only what describes the content: the stored reply's ETag is for its own bytes.
             let kept = headers::member_stored(stored.headers.iter());
-            let mut entry = Entry::new(stored.status, kept, cut, stored.ttl);
+            let mut entry = Entry::new(stored.status, kept, cut, stored.ttl());
             entry.stored_at = stored.stored_at;
             if !self.cache.store(key, &entry, epoch) {
                 return Ok(None);
