@@ -7,7 +7,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use graphgate::cache::entry::Entry;
 use graphgate::cache::key;
-use graphgate::graph::fields::canonicalize;
+use graphgate::graph::fields::{canonicalize, Fields};
 use graphgate::graph::request::Params;
 use graphgate::graph::usage::{parse_app_usage, parse_buc_usage};
 use graphgate::proxy::parse_call;
@@ -33,6 +33,16 @@ fn request_parsing(c: &mut Criterion) {
     let fields = "name,id,about,fan_count,feed.limit(5){message,created_time,comments.limit(3){from,message}},id";
     c.bench_function("fields canonicalise (nested, 9 fields)", |b| {
         b.iter(|| canonicalize(black_box(fields)).expect("valid"))
+    });
+    // What a miss normalizes (up to three times: the fill's key, the union gathering, the
+    // served reply's check): a flat list, as most reads send, and a nested one.
+    let flat = Fields::parse("id,name,about,category,fan_count").expect("valid");
+    c.bench_function("fields normalize (flat, 5 names)", |b| {
+        b.iter(|| black_box(&flat).normalized())
+    });
+    let nested = Fields::parse(fields).expect("valid");
+    c.bench_function("fields normalize (nested, 9 fields)", |b| {
+        b.iter(|| black_box(&nested).normalized())
     });
     // The cache key of a parsed call: filter, canonicalise `fields`, sort, serialise, SHA-256.
     let params = Params::parse(
