@@ -9,6 +9,7 @@ use http::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::*;
+use graphgate::testkit::{self, Credentials};
 
 #[tokio::test]
 async fn reads_go_upstream_with_the_system_token_and_proof_never_the_key() {
@@ -596,6 +597,47 @@ async fn shutdown_drains_in_flight_requests() {
     );
     stopping.await.unwrap();
     graph.shutdown();
+}
+
+/// Every worker listens on the public address itself (SO_REUSEPORT): connections opened one
+/// after another are all served, and the address still cannot be taken by a second graphgate
+/// or be shared with another program.
+#[tokio::test]
+async fn every_worker_accepts_and_a_held_port_is_refused() {
+    let s = Stack::start_with(graph_config(), "[server]\nworkers = 3\n").await;
+    for i in 0..24 {
+        let mut conn = tokio::net::TcpStream::connect(s.gw.addr).await.unwrap();
+        let head = format!(
+            "GET /v21.0/1001?fields=id&n={i}&access_token={ADMIN_KEY} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let mut reply = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut reply))
+            .await
+            .expect("reply within 10 s")
+            .unwrap();
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(reply.starts_with("HTTP/1.1 200"), "connection {i}: {reply}");
+    }
+
+    let second = format!("[server]\nlisten = \"{}\"\nworkers = 3\n", s.gw.addr);
+    let err = testkit::Stack::start(&Credentials::standard(), graph_config(), &second)
+        .await
+        .err()
+        .expect("a second graphgate on the same address does not start");
+    assert!(
+        err.contains("cannot listen on") && err.contains("server.listen"),
+        "{err}"
+    );
+
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let held = format!("[server]\nlisten = \"{}\"\n", other.local_addr().unwrap());
+    let err = testkit::Stack::start(&Credentials::standard(), graph_config(), &held)
+        .await
+        .err()
+        .expect("graphgate does not start on a port another program listens on");
+    assert!(err.contains("cannot listen on"), "{err}");
+    s.stop().await;
 }
 
 #[tokio::test]
