@@ -1,6 +1,6 @@
 //! Criterion benches for the per-request hot paths that need no sockets: request parsing,
 //! fields canonicalisation, cache key building, paging-link rewrite of a 100 KB feed page,
-//! usage-header parsing, and storing/reading a cached body LZ4-compressed.
+//! encoding an upstream query, usage-header parsing, and storing/reading a cached body LZ4-compressed.
 //! See benches/README.md for what each measures and the figures on the project machine.
 
 use bytes::Bytes;
@@ -153,9 +153,24 @@ fn usage_headers(c: &mut Criterion) {
     });
 }
 
+/// The query of an upstream read as it is sent: the fields, the injected system-user token
+/// and appsecret_proof (a miss encodes it once).
+fn upstream_query(c: &mut Criterion) {
+    let params = Params::parse(&format!(
+        "fields=id,name,about,fan_count&limit=25&access_token={}&appsecret_proof={}",
+        "EAAB".repeat(48),
+        "3f".repeat(32)
+    ))
+    .expect("valid query");
+    c.bench_function("upstream query encode (fields, token, proof)", |b| {
+        b.iter(|| black_box(&params).encode())
+    });
+}
+
 criterion_group!(
     benches,
     request_parsing,
+    upstream_query,
     paging_rewrite,
     cached_bodies,
     usage_headers
