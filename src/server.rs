@@ -18,9 +18,8 @@
 //!   [`crate::stack::public`], which every public request goes through).
 //!
 //! Public connections are served by `server.workers` threads, each with its own
-//! single-threaded runtime and its own listening socket on `server.listen` (see
-//! [`Workers`]); the admin listener and background tasks stay on the runtime that called
-//! [`start`].
+//! single-threaded runtime (see [`Workers`]); accepting, the admin listener and background
+//! tasks stay on the runtime that called [`start`].
 //!
 //! [`Running::reload`] applies a new configuration without a restart (clients, TLS
 //! certificates); see its docs for what needs a restart.
@@ -193,9 +192,9 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
 /// Binds both listeners and starts serving. A `server.listen` port of 0 picks a free port;
 /// without an explicit `public_url` the bound address is used.
 pub async fn start(config: Config) -> io::Result<Running> {
-    let listeners = bind_public(config.server.listen, config.server.workers.max(1))?;
+    let listener = bind(config.server.listen, "server.listen").await?;
     let admin_listener = bind(config.server.admin_listen, "server.admin_listen").await?;
-    let addr = listeners[0].local_addr()?;
+    let addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     let tls = match &config.server.tls {
         Some(t) => Some(Arc::new(
@@ -221,6 +220,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
         t.watch_files(gateway.metrics.clone());
     }
     let (stop, stop_rx) = watch::channel(false);
+    let workers = Workers::start(server_cfg.workers)?;
     let shared = Arc::new(Shared {
         builder: builder(&server_cfg),
         gateway: gateway.clone(),
@@ -230,8 +230,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
         stop: stop_rx,
         cfg: server_cfg,
     });
-    let workers = Workers::start(listeners, &shared)?;
-    let task = tokio::spawn(serve(admin_listener, shared, workers));
+    let task = tokio::spawn(serve(listener, admin_listener, shared, workers));
     tracing::info!(%addr, %admin_addr, public_url = gateway.public_url(), "graphgate listening");
     Ok(Running {
         addr,
@@ -241,44 +240,6 @@ pub async fn start(config: Config) -> io::Result<Running> {
         stop,
         task,
     })
-}
-
-/// The public listening sockets, one per worker, all on `addr` with `SO_REUSEPORT` so the
-/// kernel spreads new connections across the workers (nginx's `reuseport`) and each worker
-/// accepts its own: no hand-off between threads per connection. The address is first bound
-/// once without `SO_REUSEPORT`, so a port that another process holds is still refused
-/// rather than shared. Port 0 picks a free port for all of them.
-fn bind_public(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
-    let named = |e: io::Error| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot listen on {addr} (server.listen): {e}"),
-        )
-    };
-    let socket = |reuse_port: bool| -> io::Result<tokio::net::TcpSocket> {
-        let s = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        s.set_reuseaddr(true)?;
-        s.set_reuseport(reuse_port)?;
-        Ok(s)
-    };
-    let mut bound = addr;
-    if addr.port() != 0 {
-        // Dropped at once: it never listened, so the port is free again.
-        socket(false)?.bind(addr).map_err(named)?;
-    }
-    let mut listeners = Vec::with_capacity(count);
-    for _ in 0..count {
-        let s = socket(true)?;
-        s.bind(bound).map_err(named)?;
-        let listener = s.listen(1024).map_err(named)?.into_std()?;
-        bound = listener.local_addr()?;
-        listeners.push(listener);
-    }
-    Ok(listeners)
 }
 
 /// Binds `addr`; an error names the address and the key it came from (a port clash is the
@@ -318,70 +279,81 @@ struct Shared {
 }
 
 /// Threads that serve public connections, each running a single-threaded tokio runtime, like
-/// nginx's worker processes: each worker accepts on its own listening socket (see
-/// [`bind_public`]) and a connection lives on that thread from accept to close, so reading a
-/// request, answering it from the cache and writing the reply never hands work to another
-/// thread (on the hit path the multi-threaded scheduler's wake-ups and task stealing cost more
-/// CPU than the request itself; handing each accepted connection to a worker cost a wake-up
-/// and a re-registration per connection). Tasks a request spawns (cache fills, HTTP/2
+/// nginx's worker processes: a connection lives on one thread from accept to close, so
+/// reading a request, answering it from the cache and writing the reply never hands work to
+/// another thread (on the hit path the multi-threaded scheduler's wake-ups and task stealing
+/// cost more CPU than the request itself). Tasks a request spawns (cache fills, HTTP/2
 /// streams) run on its worker, and each worker has its own pool of upstream connections.
+/// Accepted connections are dealt round-robin.
 ///
-/// A worker stops accepting when the server stops (its listener closes); the threads end when
-/// the [`Workers`] value is dropped (after the drain in [`serve`], or when the runtime that
-/// owns `serve` goes away), and their runtimes drop what is still running.
+/// The threads stop when the [`Workers`] value is dropped (after the drain in [`serve`], or
+/// when the runtime that owns `serve` goes away); their runtimes drop what is still running.
 struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    next: AtomicUsize,
     /// Dropping it closes the channel every worker thread waits on.
     _exit: watch::Sender<()>,
-    /// Closes when every worker has closed its listener.
-    listening: tokio::sync::mpsc::Receiver<()>,
 }
 
 impl Workers {
-    fn start(listeners: Vec<std::net::TcpListener>, shared: &Arc<Shared>) -> io::Result<Workers> {
+    fn start(count: usize) -> io::Result<Workers> {
         let (exit, exit_rx) = watch::channel(());
-        let (listening_tx, listening) = tokio::sync::mpsc::channel(1);
-        for (i, listener) in listeners.into_iter().enumerate() {
+        let mut handles = Vec::with_capacity(count);
+        for i in 0..count.max(1) {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let listener = {
-                let _on_worker = runtime.enter();
-                TcpListener::from_std(listener)?
-            };
-            let shared = shared.clone();
-            let listening = listening_tx.clone();
+            handles.push(runtime.handle().clone());
             let mut exit_rx = exit_rx.clone();
             std::thread::Builder::new()
                 .name(format!("graphgate-worker-{i}"))
                 .spawn(move || {
                     crate::upstream::use_pool_slot(i + 1);
                     runtime.block_on(async move {
-                        accept(listener, shared).await;
-                        drop(listening);
                         // Err: the sender is gone, i.e. the server has stopped.
                         while exit_rx.changed().await.is_ok() {}
                     });
                 })?;
         }
         Ok(Workers {
+            handles,
+            next: AtomicUsize::new(0),
             _exit: exit,
-            listening,
         })
     }
 
-    /// Returns once every worker has closed its listener (after the stop signal).
-    async fn stopped_accepting(&mut self) {
-        while self.listening.recv().await.is_some() {}
+    /// Hands an accepted connection to the next worker. The socket moves to that worker's
+    /// event loop (it was registered with the accepting runtime's).
+    fn serve(
+        &self,
+        shared: Arc<Shared>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let Ok(stream) = stream.into_std() else {
+            return;
+        };
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        self.handles[i].spawn(async move {
+            if let Ok(stream) = TcpStream::from_std(stream) {
+                serve_public(shared, stream, peer, permit).await;
+            }
+        });
     }
 }
 
-/// A worker's accept loop: serves each connection on this worker until the server stops.
-/// Returning drops (closes) the listener.
-async fn accept(listener: TcpListener, shared: Arc<Shared>) {
+async fn serve(
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    shared: Arc<Shared>,
+    workers: Workers,
+) {
+    let gateway = shared.gateway.clone();
+    let cfg = shared.cfg.clone();
     let mut stop = shared.stop.clone();
-    if *stop.borrow_and_update() {
-        return;
-    }
+    // Admin connections outlive the public stop: /readyz answers 503 through the drain.
+    let (admin_stop, admin_stop_rx) = watch::channel(false);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -392,31 +364,17 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>) {
                 };
                 let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
                     // At the connection limit: close at once rather than let it wait unserved.
-                    shared.gateway.metrics.server.refused(Listener::Public);
+                    gateway.metrics.server.refused(Listener::Public);
                     drop(stream);
                     continue;
                 };
-                tokio::spawn(serve_public(shared.clone(), stream, peer, permit));
+                workers.serve(shared.clone(), stream, peer, permit);
             }
-            _ = stop.changed() => break,
-        }
-    }
-}
-
-async fn serve(admin_listener: TcpListener, shared: Arc<Shared>, mut workers: Workers) {
-    let gateway = shared.gateway.clone();
-    let cfg = shared.cfg.clone();
-    let mut stop = shared.stop.clone();
-    // Admin connections outlive the public stop: /readyz answers 503 through the drain.
-    let (admin_stop, admin_stop_rx) = watch::channel(false);
-    loop {
-        tokio::select! {
             accepted = admin_listener.accept() => accept_admin(&shared, accepted, &admin_stop_rx).await,
-            // The workers close their listeners on the same signal.
             _ = stop.changed() => break,
         }
     }
-    workers.stopped_accepting().await;
+    drop(listener);
     gateway.set_draining();
     // Every open public connection holds a permit: having them all back means all closed.
     let all = u32::try_from(cfg.max_connections).unwrap_or(u32::MAX);
