@@ -390,8 +390,8 @@ impl Workers {
 /// connections over the workers' sockets by a hash of their addresses, which leaves a few
 /// long-lived connections unevenly spread (12 % fewer hits with 64); handing every
 /// connection to a worker instead costs a wake-up and a second registration each. Here a
-/// worker keeps a connection it accepted while no other worker holds fewer, so about three
-/// in four stay where they were accepted.
+/// worker keeps a connection it accepted while no other worker holds fewer (with two
+/// workers and connections arriving at random, three in four stay).
 struct Dealer {
     handles: Vec<tokio::runtime::Handle>,
     /// Open connections per worker.
