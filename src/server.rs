@@ -249,12 +249,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
 /// process (or another graphgate) holds is refused rather than shared. Port 0 picks a free
 /// port for all of them.
 fn bind_public(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
-    let named = |e: io::Error| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot listen on {addr} (server.listen): {e}"),
-        )
-    };
+    let named = |e| cannot_listen(addr, "server.listen", e);
     let socket = |reuse_port: bool| -> io::Result<tokio::net::TcpSocket> {
         let s = if addr.is_ipv4() {
             tokio::net::TcpSocket::new_v4()?
@@ -281,12 +276,17 @@ fn bind_public(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpLi
     Ok(listeners)
 }
 
-/// Binds `addr`; an error names the address and the key it came from (a port clash is the
-/// usual start-up failure, and "address in use" alone does not say which).
+/// Binds `addr` (the admin listener).
 async fn bind(addr: SocketAddr, key: &str) -> io::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr} ({key}): {e}")))
+        .map_err(|e| cannot_listen(addr, key, e))
+}
+
+/// A bind error that names the address and the key it came from (a port clash is the usual
+/// start-up failure, and "address in use" alone does not say which).
+fn cannot_listen(addr: SocketAddr, key: &str, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("cannot listen on {addr} ({key}): {e}"))
 }
 
 fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {

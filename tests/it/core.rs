@@ -599,11 +599,11 @@ async fn shutdown_drains_in_flight_requests() {
     graph.shutdown();
 }
 
-/// Connections opened one after another are all served, whichever worker they are dealt to,
-/// and the public address can be neither taken by a second graphgate nor shared with
-/// another program (no `SO_REUSEPORT` sharing by accident).
+/// With several workers, connections opened one after another are all served, and the
+/// public address can be neither taken by a second graphgate nor shared with another
+/// program (no `SO_REUSEPORT` sharing by accident).
 #[tokio::test]
-async fn connections_are_served_by_every_worker_and_a_held_port_is_refused() {
+async fn new_connections_are_all_served_and_a_held_port_is_refused() {
     let s = Stack::start_with(graph_config(), "[server]\nworkers = 3\n").await;
     for i in 0..24 {
         let mut conn = tokio::net::TcpStream::connect(s.gw.addr).await.unwrap();
