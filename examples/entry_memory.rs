@@ -3,7 +3,9 @@
 //! Graph sends: five of them are replayed) and prints RSS growth per entry. Uses the binary's allocator (mimalloc).
 //! The body is compare.sh's; `GG_BODY=varied` stores a 1 KB feed of varied words, ids and
 //! times instead (it compresses less), `GG_BODY_FILE=path` that file's bytes, and
-//! `GG_NO_COMPRESS=1` turns `[cache] compress` off.
+//! `GG_NO_COMPRESS=1` turns `[cache] compress` off. Every entry is a read of node `1001`
+//! unless `GG_NODES=distinct` gives each its own node (the node index then holds one node
+//! per entry).
 //!
 //! ```text
 //! cargo run --release --example entry_memory -- 300000
@@ -132,12 +134,16 @@ fn main() {
                 HeaderValue::from_static("{\"1001\":[{\"type\":\"pages\",\"call_count\":1}]}"),
             ),
         ];
-        let segs = vec!["1001".to_string()];
+        let distinct_nodes = std::env::var("GG_NODES").is_ok_and(|v| v == "distinct");
+        let mut segs = vec!["1001".to_string()];
         let before = rss_kb();
         let (b0, a0) = (LIVE_BYTES.load(Ordering::Relaxed), LIVE_ALLOCS.load(Ordering::Relaxed));
         for i in 0..n {
             let q = format!("fields=id,name,about,category,fan_count,link,description&k={i}");
             let params = Params::parse(&q).expect("params");
+            if distinct_nodes {
+                segs[0] = format!("{}", 100_000_000_000u64 + i as u64);
+            }
             let k = key::build("v21.0", &segs, &params, "system").expect("key");
             let e = Entry::new(
                 StatusCode::OK,

@@ -19,6 +19,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use memchr::memmem;
 use serde_json::Value;
+use std::num::NonZeroU64;
 
 use crate::error::ProxyError;
 
@@ -28,47 +29,58 @@ const REDACTED: &str = "[redacted]";
 /// exact.
 pub const MARKER_LEN: usize = 22;
 
-/// Stands for the caller's key in one prepared body.
+/// Stands for the caller's key in one prepared body. Held as its 64-bit value (never zero)
+/// and spelled `__gg` + 16 hex digits + `__` where it is written or searched: a cached entry
+/// carries one, so 8 bytes rather than 22.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub struct KeyMarker([u8; MARKER_LEN]);
+pub struct KeyMarker(NonZeroU64);
 
 impl std::fmt::Debug for KeyMarker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+        f.write_str(&self.to_string())
     }
 }
+
+impl std::fmt::Display for KeyMarker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Spelled from ASCII only.
+        f.write_str(std::str::from_utf8(&self.as_bytes()).unwrap_or("__gg________________"))
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
 
 impl KeyMarker {
     /// A fresh marker. Unpredictability is not what makes it safe (occurrences are counted,
     /// see [`prepare`]), only what keeps a count mismatch from ever happening.
     pub fn random() -> KeyMarker {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let r = fastrand::u64(1..);
+        KeyMarker(NonZeroU64::new(r).unwrap_or(NonZeroU64::MIN))
+    }
+
+    /// A marker read back from storage, if it has the marker's shape (all-zero digits,
+    /// which [`KeyMarker::random`] never makes, are refused).
+    pub fn from_bytes(b: &[u8]) -> Option<KeyMarker> {
+        let m: &[u8; MARKER_LEN] = b.try_into().ok()?;
+        if !(m.starts_with(b"__gg") && m.ends_with(b"__")) {
+            return None;
+        }
+        let mut r = 0u64;
+        for (i, c) in m[4..MARKER_LEN - 2].iter().enumerate() {
+            let digit = HEX.iter().position(|h| h == c)? as u64;
+            r |= digit << (i * 4);
+        }
+        NonZeroU64::new(r).map(KeyMarker)
+    }
+
+    /// The marker as written into a body: the lowest hex digit first.
+    pub fn as_bytes(&self) -> [u8; MARKER_LEN] {
         let mut m = *b"__gg0000000000000000__";
-        let r = fastrand::u64(..);
+        let r = self.0.get();
         for i in 0..16 {
             m[4 + i] = HEX[((r >> (i * 4)) & 0xf) as usize];
         }
-        KeyMarker(m)
-    }
-
-    /// A marker read back from storage, if it has the marker's shape.
-    pub fn from_bytes(b: &[u8]) -> Option<KeyMarker> {
-        let m: [u8; MARKER_LEN] = b.try_into().ok()?;
-        let shaped = m.starts_with(b"__gg")
-            && m.ends_with(b"__")
-            && m[4..MARKER_LEN - 2]
-                .iter()
-                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c));
-        shaped.then_some(KeyMarker(m))
-    }
-
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-
-    pub fn as_str(&self) -> &str {
-        // Built from ASCII only (checked in `from_bytes`).
-        std::str::from_utf8(&self.0).unwrap_or("__gg________________")
+        m
     }
 }
 
@@ -93,7 +105,7 @@ impl PreparedBody {
     pub fn part(&self, bytes: Bytes) -> PreparedBody {
         let key_marker = self
             .key_marker
-            .filter(|m| memmem::find(&bytes, m.as_bytes()).is_some());
+            .filter(|m| memmem::find(&bytes, &m.as_bytes()).is_some());
         PreparedBody { bytes, key_marker }
     }
 }
@@ -112,14 +124,14 @@ pub fn join_bodies(
     let common = KeyMarker::random();
     if parts
         .iter()
-        .any(|p| memmem::find(&p.bytes, common.as_bytes()).is_some())
+        .any(|p| memmem::find(&p.bytes, &common.as_bytes()).is_some())
     {
         return Err(unsafe_reply());
     }
     let bytes: Vec<Bytes> = parts
         .iter()
         .map(|p| match p.key_marker {
-            Some(m) => replace_all(&p.bytes, m.as_bytes(), common.as_bytes()),
+            Some(m) => replace_all(&p.bytes, &m.as_bytes(), &common.as_bytes()),
             None => p.bytes.clone(),
         })
         .collect();
@@ -245,7 +257,7 @@ fn prepare_marked(
         prepared.bytes = scrub(prepared.bytes, secrets);
         // Exactly the links rewritten hold the marker; anything else (a marker spelled in
         // Graph data, through escapes) would be filled with a client's key.
-        let found = memmem::find_iter(&prepared.bytes, marker.as_bytes()).count();
+        let found = memmem::find_iter(&prepared.bytes, &marker.as_bytes()).count();
         if found != rw.links {
             return Err(unsafe_reply());
         }
@@ -261,7 +273,7 @@ pub fn finalize(body: &PreparedBody, client_key: &str) -> Bytes {
         return body.bytes.clone();
     };
     let key: String = form_urlencoded::byte_serialize(client_key.as_bytes()).collect();
-    replace_all(&body.bytes, marker.as_bytes(), key.as_bytes())
+    replace_all(&body.bytes, &marker.as_bytes(), key.as_bytes())
 }
 
 /// Reply headers as clients may see them: a `Location` loses its `access_token` and
@@ -556,7 +568,7 @@ pub fn rewrite_link(link: &str, public_url: &str, marker: KeyMarker) -> Option<(
             match k.as_ref() {
                 "appsecret_proof" => {}
                 "access_token" if !keyed => {
-                    out.append_pair("access_token", marker.as_str());
+                    out.append_pair("access_token", &marker.to_string());
                     keyed = true;
                     any = true;
                 }
@@ -580,6 +592,31 @@ pub fn rewrite_link(link: &str, public_url: &str, marker: KeyMarker) -> Option<(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A marker reads back from its spelling, and only marker-shaped bytes read as one.
+        #[test]
+        fn prop_a_marker_reads_back_from_its_spelling(r in 1u64.., junk in proptest::collection::vec(any::<u8>(), 0..30)) {
+            let m = KeyMarker(NonZeroU64::new(r).unwrap());
+            let spelled = m.as_bytes();
+            prop_assert_eq!(KeyMarker::from_bytes(&spelled), Some(m));
+            prop_assert_eq!(m.to_string().into_bytes(), spelled.to_vec());
+            if let Some(read) = KeyMarker::from_bytes(&junk) {
+                prop_assert_eq!(&read.as_bytes()[..], &junk[..]);
+            }
+        }
+    }
+
+    #[test]
+    fn markers_spell_as_before_and_zero_is_refused() {
+        let m = KeyMarker::from_bytes(b"__gg0123456789abcdef__").unwrap();
+        assert_eq!(&m.as_bytes(), b"__gg0123456789abcdef__");
+        assert_eq!(KeyMarker::from_bytes(b"__gg0000000000000000__"), None);
+        assert_eq!(KeyMarker::from_bytes(b"__gg0123456789abcdeF__"), None);
+        assert_eq!(KeyMarker::from_bytes(b"__gg0123456789abcdef_"), None);
+        assert_ne!(KeyMarker::random(), KeyMarker::random());
+    }
 
     const PUBLIC: &str = "http://gw.internal:8080";
 
@@ -599,10 +636,7 @@ mod tests {
         assert!(keyed);
         assert_eq!(
             l,
-            format!(
-                "{PUBLIC}/v21.0/1001/feed?access_token={}&limit=2&after=QVFI",
-                m.as_str()
-            )
+            format!("{PUBLIC}/v21.0/1001/feed?access_token={m}&limit=2&after=QVFI")
         );
     }
 
@@ -699,16 +733,13 @@ mod tests {
     fn a_body_that_spells_its_own_marker_fails_closed() {
         let m = KeyMarker::from_bytes(b"__gg0123456789abcdef__").unwrap();
         let link = r#""paging":{"next":"https://graph.facebook.com/1/feed?access_token=T"}"#;
-        for planted in [
-            m.as_str().to_string(),
-            m.as_str().replacen('_', r"\u005f", 1),
-        ] {
+        for planted in [m.to_string(), m.to_string().replacen('_', r"\u005f", 1)] {
             let body = format!(r#"{{"message":"{planted}",{link}}}"#);
             let out = prepare_marked(Bytes::from(body), false, PUBLIC, &secrets(&[]), m);
             assert!(out.is_err(), "{planted}");
         }
         // The same body with another marker is fine.
-        let body = format!(r#"{{"message":"{}",{link}}}"#, m.as_str());
+        let body = format!(r#"{{"message":"{}",{link}}}"#, m);
         assert!(prepare(Bytes::from(body), false, PUBLIC, &secrets(&[])).is_ok());
     }
 

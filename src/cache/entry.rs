@@ -2,12 +2,13 @@
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, StatusCode};
 
+use super::invalidate::NodeSlot;
 pub use super::reply_headers::ReplyHeaders;
 use crate::error::ProxyError;
 use crate::rewrite::PreparedBody;
@@ -21,9 +22,10 @@ pub const COMPRESS_MIN_BYTES: usize = 256;
 
 /// What a cached entry costs besides its body, headers and readable key: the entry itself,
 /// moka's per-entry nodes and key, the node index and allocator rounding. Measured as RSS
-/// per entry less those (`examples/entry_memory`, 300 000 and 1 000 000 entries of 1 KB:
-/// 575–621 bytes).
-pub const ENTRY_OVERHEAD: usize = 620;
+/// per entry less those (`examples/entry_memory`, 300 000 and 1 000 000 entries of 1 KB):
+/// 588–676 bytes when each entry is a read of its own node (most caches), 500–540 when all
+/// are reads of one node. The larger, so `cache.max_bytes` is not exceeded.
+pub const ENTRY_OVERHEAD: usize = 680;
 
 /// A compressed entry read this many times is stored again plain: a hot entry then costs no
 /// decompression per hit, while the long tail stays compressed.
@@ -35,6 +37,42 @@ pub const MAX_TTL: Duration = Duration::from_millis(u32::MAX as u64);
 
 fn ttl_ms(ttl: Duration) -> u32 {
     u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX)
+}
+
+/// When an entry was stored, in 8 bytes where an `Instant` takes 16: nanoseconds from a
+/// process-wide anchor, negative for an entry older than the process (from the Redis tier).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp(i64);
+
+fn anchor() -> Instant {
+    static ANCHOR: OnceLock<Instant> = OnceLock::new();
+    *ANCHOR.get_or_init(Instant::now)
+}
+
+impl Stamp {
+    pub fn now() -> Stamp {
+        Stamp::at(Instant::now())
+    }
+
+    /// `at` to the nanosecond (clamped ~292 years either side of the anchor).
+    pub fn at(at: Instant) -> Stamp {
+        let anchor = anchor();
+        let nanos = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+        match at.checked_duration_since(anchor) {
+            Some(after) => Stamp(nanos(after)),
+            None => Stamp(-nanos(anchor.saturating_duration_since(at))),
+        }
+    }
+
+    pub fn instant(self) -> Instant {
+        let anchor = anchor();
+        let d = Duration::from_nanos(self.0.unsigned_abs());
+        if self.0 >= 0 {
+            anchor + d
+        } else {
+            anchor.checked_sub(d).unwrap_or(anchor)
+        }
+    }
 }
 
 /// Hits on a compressed entry, counted towards [`HOT_HITS`]. A copy starts again from zero.
@@ -50,9 +88,10 @@ impl Clone for HitCount {
 /// One reply as served from the cache: the prepared body (with the client-key marker,
 /// finalized per client) and the headers worth replaying.
 ///
-/// Kept small (144 bytes, a test holds it there): with its `Arc` it fills mimalloc's
-/// 160-byte class, one per cached entry. Hence the TTL in milliseconds and the readable key
-/// packed with the headers rather than fields of their own.
+/// Kept small (112 bytes, a test holds it there): with its `Arc` it fills mimalloc's
+/// 128-byte class, one per cached entry. Hence the TTL in milliseconds, the store time as a
+/// [`Stamp`], the marker as its 64-bit value and the readable key packed with the headers
+/// rather than fields of their own.
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub status: StatusCode,
@@ -63,14 +102,12 @@ pub struct Entry {
     /// The body's length before compression, for a compressed body (never empty).
     plain_len: Option<NonZeroU32>,
     hits: HitCount,
-    pub stored_at: Instant,
+    pub stored_at: Stamp,
     /// Time to live in milliseconds (at most [`MAX_TTL`]): read it through [`Entry::ttl`].
     ttl_ms: u32,
-    pub node: Option<Arc<str>>,
+    /// Where the entry's key is in the node index (set when stored in the in-process tier).
+    pub index_slot: Option<NodeSlot>,
     pub has_edge: bool,
-    /// Store generation: lets the node index tell this entry from a later one under the
-    /// same key (eviction notices arrive late).
-    pub generation: u64,
 }
 
 /// Where an entry stands at a given moment.
@@ -98,11 +135,10 @@ impl Entry {
             body,
             plain_len: None,
             hits: HitCount::default(),
-            stored_at: Instant::now(),
+            stored_at: Stamp::now(),
             ttl_ms: ttl_ms(ttl),
-            node: None,
+            index_slot: None,
             has_edge: false,
-            generation: 0,
         }
     }
 
@@ -242,14 +278,14 @@ impl Entry {
     /// The same content, fresh again (after a 304 from Graph).
     pub fn renewed(&self, ttl: Duration) -> Entry {
         Entry {
-            stored_at: Instant::now(),
+            stored_at: Stamp::now(),
             ttl_ms: ttl_ms(ttl),
             ..self.clone()
         }
     }
 
     pub fn age(&self, now: Instant) -> Duration {
-        now.saturating_duration_since(self.stored_at)
+        now.saturating_duration_since(self.stored_at.instant())
     }
 
     /// Seconds of freshness left; negative once stale (RFC 9211 `ttl`).
@@ -334,7 +370,7 @@ mod tests {
     fn freshness_windows() {
         let e = entry(10);
         let s = Duration::from_secs;
-        let t0 = e.stored_at;
+        let t0 = e.stored_at.instant();
         assert_eq!(e.freshness(t0 + s(5), s(5), s(20)), Freshness::Fresh);
         assert_eq!(
             e.freshness(t0 + s(12), s(5), s(20)),
@@ -415,7 +451,6 @@ mod tests {
         assert!(!plain.is_compressed() && !plain.became_hot());
         assert_eq!(plain.body().expect("plain"), body);
         assert_eq!(plain.stored_at, stored.stored_at);
-        assert_eq!(plain.generation, stored.generation);
         // Not asked to compress: kept as it is.
         assert!(!e.for_storage(false, "").is_compressed());
     }
@@ -443,12 +478,12 @@ mod tests {
         assert_eq!(stored.readable(), long);
     }
 
-    /// With its `Arc`'s two counts an entry must fit mimalloc's 160-byte class: one more
-    /// field and every cached entry costs 32 bytes more (the next class is 192).
+    /// With its `Arc`'s two counts an entry must fit mimalloc's 128-byte class: one more
+    /// field and every cached entry costs 32 bytes more (the next class is 160).
     #[test]
-    fn an_entry_fits_the_160_byte_class() {
+    fn an_entry_fits_the_128_byte_class() {
         assert!(
-            std::mem::size_of::<Entry>() + 16 <= 160,
+            std::mem::size_of::<Entry>() + 16 <= 128,
             "{}",
             std::mem::size_of::<Entry>()
         );

@@ -1,17 +1,19 @@
 //! Which entries belong to which node, so a write can drop exactly those, and per-node
 //! epochs so a fill that raced a write does not store what the write made stale.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, RandomState};
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
 use super::key::KeyId;
 
 /// Epoch buckets: nodes hash into these. A collision only costs a skipped store.
 const EPOCH_BUCKETS: usize = 1024;
 
-/// A key as the index holds it: its two halves, so a slot is 24 bytes (a `u128` would be
-/// aligned to 16 and pad the slot to 32; there is one slot per cached entry).
+/// A key as the index holds it: its two halves, so a member is 16 bytes with no padding
+/// (a `u128` is aligned to 16; there is one member per cached entry).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Slot(u64, u64);
 
@@ -27,30 +29,67 @@ impl From<Slot> for KeyId {
     }
 }
 
-/// An indexed entry's store generation and whether it is an edge's, in one word.
-#[derive(Debug, Clone, Copy)]
-struct Member(u64);
+/// The keys under one node. Most nodes have one cached entry, which needs no set (an
+/// allocation of ~100 bytes) of its own.
+#[derive(Debug)]
+enum Members {
+    One(Slot),
+    /// Boxed so that a node with one key takes 24 bytes, not a set's 48.
+    #[allow(clippy::box_collection)]
+    Many(Box<HashSet<Slot>>),
+}
 
-impl Member {
-    fn new(generation: u64, has_edge: bool) -> Member {
-        Member(generation << 1 | u64::from(has_edge))
+impl Members {
+    fn insert(&mut self, key: Slot) {
+        match self {
+            Members::One(one) if *one == key => {}
+            Members::One(one) => *self = Members::Many(Box::new(HashSet::from([*one, key]))),
+            Members::Many(set) => {
+                set.insert(key);
+            }
+        }
     }
 
-    /// The generation as given, less its top bit (2^63 stores do not wrap).
-    fn generation(self) -> u64 {
-        self.0 >> 1
+    fn contains(&self, key: &Slot) -> bool {
+        match self {
+            Members::One(one) => one == key,
+            Members::Many(set) => set.contains(key),
+        }
     }
 
-    fn has_edge(self) -> bool {
-        self.0 & 1 == 1
+    /// Removes `key` (which the caller found here); true when no key is left.
+    fn remove(&mut self, key: &Slot) -> bool {
+        match self {
+            Members::One(_) => true,
+            Members::Many(set) => {
+                set.remove(key);
+                set.is_empty()
+            }
+        }
+    }
+
+    fn drain_into(self, out: &mut Vec<KeyId>) {
+        match self {
+            Members::One(one) => out.push(one.into()),
+            Members::Many(set) => out.extend(set.into_iter().map(KeyId::from)),
+        }
     }
 }
 
-type Members = HashMap<Slot, Member>;
+/// Where an entry's key sits in the [`NodeIndex`]: a keyed hash of its node, and whether the
+/// entry is one of the node's edges (`/PAGEID/feed`: a write to a post drops only its Page's
+/// edges). 8 bytes in each cached entry, where the node's id would take 16 and an allocation
+/// per node. Two nodes whose hashes collide (about 2^-62 a pair, and unpredictable: the key is
+/// random per process) share their keys, so a write to one also drops the other's entries:
+/// a refill, never a stale read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NodeSlot(NonZeroU64);
 
 /// Secondary index node → keys of live entries, plus write epochs.
 pub struct NodeIndex {
-    by_node: Mutex<HashMap<Arc<str>, Members>>,
+    by_node: Mutex<HashMap<NodeSlot, Members>>,
+    /// Hashes node ids into [`NodeSlot`]s.
+    hasher: RandomState,
     epochs: Box<[AtomicU64]>,
 }
 
@@ -58,6 +97,7 @@ impl Default for NodeIndex {
     fn default() -> Self {
         NodeIndex {
             by_node: Mutex::new(HashMap::new()),
+            hasher: RandomState::new(),
             epochs: (0..EPOCH_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
         }
     }
@@ -66,38 +106,41 @@ impl Default for NodeIndex {
 impl NodeIndex {
     /// The map lock; a panic while holding it cannot leave it inconsistent in a way that
     /// matters more than a missed invalidation, so poisoning is ignored.
-    fn map(&self) -> MutexGuard<'_, HashMap<Arc<str>, Members>> {
+    fn map(&self) -> MutexGuard<'_, HashMap<NodeSlot, Members>> {
         self.by_node.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The index's own copy of `node` when it has one, so the many entries of one node
-    /// share a single allocation for its id.
-    pub fn intern(&self, node: &Arc<str>) -> Arc<str> {
-        match self.map().get_key_value(&**node) {
-            Some((k, _)) => k.clone(),
-            None => node.clone(),
-        }
+    /// The slot of `node`'s own entries, or of its edges'.
+    pub fn slot(&self, node: &str, edge: bool) -> NodeSlot {
+        // Bit 0 says edge; bit 1 is set so the value is never zero.
+        let h = self.hasher.hash_one(node) & !3 | 2 | u64::from(edge);
+        NodeSlot(NonZeroU64::new(h).unwrap_or(NonZeroU64::MIN))
     }
 
-    pub fn add(&self, node: &Arc<str>, key: KeyId, generation: u64, has_edge: bool) {
+    /// Indexes `key` in `slot`. Call it after the entry is in the cache (see
+    /// [`NodeIndex::remove_unless`]).
+    pub fn add(&self, slot: NodeSlot, key: KeyId) {
         self.map()
-            .entry(node.clone())
-            .or_default()
-            .insert(key.into(), Member::new(generation, has_edge));
+            .entry(slot)
+            .and_modify(|members| members.insert(key.into()))
+            .or_insert(Members::One(key.into()));
     }
 
-    /// Forgets `key` under `node` if it still refers to the entry of `generation` (a newer
-    /// entry under the same key stays indexed).
-    pub fn remove(&self, node: &str, key: KeyId, generation: u64) {
+    /// Forgets `key` in `slot` unless `still_cached(key)`: an eviction notice can arrive
+    /// after the same key was stored again, and that newer entry must stay indexed. Checked
+    /// under the index lock, and [`NodeIndex::add`] runs after the cache insert, so either
+    /// the check sees the newer entry or its `add` comes after this removal.
+    pub fn remove_unless(
+        &self,
+        slot: NodeSlot,
+        key: KeyId,
+        still_cached: impl FnOnce(KeyId) -> bool,
+    ) {
         let mut map = self.map();
-        if let Some(keys) = map.get_mut(node) {
-            let slot = Slot::from(key);
-            let same = Member::new(generation, false).generation();
-            if keys.get(&slot).is_some_and(|m| m.generation() == same) {
-                keys.remove(&slot);
-            }
-            if keys.is_empty() {
-                map.remove(node);
+        if let Some(keys) = map.get_mut(&slot) {
+            let member = Slot::from(key);
+            if keys.contains(&member) && !still_cached(key) && keys.remove(&member) {
+                map.remove(&slot);
             }
         }
     }
@@ -105,19 +148,12 @@ impl NodeIndex {
     /// Takes the keys of `node` (only its edges when `edges_only`) out of the index.
     pub fn take(&self, node: &str, edges_only: bool) -> Vec<KeyId> {
         let mut map = self.map();
-        let Some(keys) = map.get_mut(node) else {
-            return Vec::new();
-        };
-        let taken: Vec<KeyId> = keys
-            .iter()
-            .filter(|(_, m)| !edges_only || m.has_edge())
-            .map(|(k, _)| KeyId::from(*k))
-            .collect();
-        for k in &taken {
-            keys.remove(&Slot::from(*k));
-        }
-        if keys.is_empty() {
-            map.remove(node);
+        let mut taken: Vec<KeyId> = Vec::new();
+        let sides: &[bool] = if edges_only { &[true] } else { &[true, false] };
+        for &edge in sides {
+            if let Some(keys) = map.remove(&self.slot(node, edge)) {
+                keys.drain_into(&mut taken);
+            }
         }
         taken
     }
@@ -150,31 +186,59 @@ impl NodeIndex {
 mod tests {
     use super::*;
 
-    /// One slot per cached entry: 24 bytes, not the 32 a `u128` key would pad it to.
+    /// One member per cached entry: 16 bytes, not the 32 a `u128` key and a word of
+    /// state would take; a node with one entry takes 32 bytes in the map and nothing else.
     #[test]
-    fn an_index_slot_is_24_bytes() {
-        assert_eq!(std::mem::size_of::<(Slot, Member)>(), 24);
+    fn an_index_member_is_16_bytes_and_a_node_32() {
+        assert_eq!(std::mem::size_of::<Slot>(), 16);
+        assert_eq!(std::mem::size_of::<(NodeSlot, Members)>(), 32);
+        assert_eq!(std::mem::size_of::<Option<NodeSlot>>(), 8);
     }
 
     #[test]
-    fn index_tracks_generations_and_edges() {
+    fn index_keeps_edges_apart_and_keys_still_cached() {
         let idx = NodeIndex::default();
-        let n: Arc<str> = Arc::from("1001");
-        idx.add(&n, KeyId(1), 1, false);
-        idx.add(&n, KeyId(2), 2, true);
-        // A late notice about an older generation does not drop the live entry.
-        idx.add(&n, KeyId(1), 3, false);
-        idx.remove("1001", KeyId(1), 1);
+        let (own, edge) = (idx.slot("1001", false), idx.slot("1001", true));
+        assert_ne!(own, edge);
+        assert_eq!(own, idx.slot("1001", false));
+        assert_ne!(own, idx.slot("1002", false));
+        idx.add(own, KeyId(1));
+        idx.add(edge, KeyId(2));
+        // A late notice about a key stored again does not drop it; otherwise it goes.
+        idx.remove_unless(own, KeyId(1), |_| true);
+        idx.remove_unless(own, KeyId(2), |_| false);
         assert_eq!(idx.take("1001", true), vec![KeyId(2)]);
         assert_eq!(idx.take("1001", false), vec![KeyId(1)]);
         assert!(idx.take("1001", false).is_empty());
-        // Keys keep both halves; generations beyond 32 bits are told apart.
+        // Keys keep both halves.
         let big = KeyId(u128::MAX - 7);
-        idx.add(&n, big, 1 << 40, true);
-        idx.remove("1001", big, 1 << 41);
-        assert_eq!(idx.take("1001", true), vec![big]);
+        idx.add(edge, big);
+        idx.add(own, KeyId(3));
+        idx.remove_unless(own, KeyId(3), |_| false);
+        assert_eq!(idx.take("1001", false), vec![big]);
         let e = idx.epoch("1001");
         idx.bump("1001");
         assert_ne!(idx.epoch("1001"), e);
+    }
+
+    /// Members grow from one to a set and shrink back out of the map as keys go.
+    #[test]
+    fn a_node_goes_from_one_key_to_many_and_out() {
+        let idx = NodeIndex::default();
+        let own = idx.slot("1001", false);
+        idx.add(own, KeyId(1));
+        idx.add(own, KeyId(1));
+        idx.remove_unless(own, KeyId(2), |_| false);
+        assert_eq!(idx.take("1001", false), vec![KeyId(1)]);
+        for k in 1..=3 {
+            idx.add(own, KeyId(k));
+        }
+        for k in 1..=3 {
+            idx.remove_unless(own, KeyId(k), |_| false);
+        }
+        assert!(idx.map().is_empty());
+        idx.add(own, KeyId(4));
+        idx.remove_unless(own, KeyId(4), |_| false);
+        assert!(idx.map().is_empty());
     }
 }

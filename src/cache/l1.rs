@@ -4,7 +4,7 @@
 //! lifetime (TTL + the longer stale window) through moka's `Expiry`, so stale copies stay
 //! available for stale-while-revalidate and stale-if-error and then go away by themselves.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use moka::notification::RemovalCause;
@@ -45,8 +45,13 @@ impl Expiry<KeyId, Arc<Entry>> for EntryExpiry {
     }
 }
 
+type Entries = Moka<KeyId, Arc<Entry>>;
+
 pub struct L1 {
-    cache: Moka<KeyId, Arc<Entry>>,
+    cache: Entries,
+    /// The same cache, for its own eviction listener (which asks whether a key was stored
+    /// again). Emptied on drop: the listener holding the cache would otherwise keep it alive.
+    for_listener: Arc<Mutex<Option<Entries>>>,
 }
 
 impl L1 {
@@ -56,6 +61,8 @@ impl L1 {
         index: Arc<NodeIndex>,
         metrics: Arc<Metrics>,
     ) -> L1 {
+        let for_listener: Arc<Mutex<Option<Entries>>> = Arc::default();
+        let listener_cache = for_listener.clone();
         let cache = Moka::builder()
             .max_capacity(max_bytes)
             .weigher(|_k: &KeyId, v: &Arc<Entry>| v.weight())
@@ -68,15 +75,22 @@ impl L1 {
                     RemovalCause::Replaced => Eviction::Replaced,
                 };
                 metrics.cache.evicted(CacheTier::L1, why);
-                // A replaced entry's key is still live (indexed under the new generation).
+                // A replaced entry's key is still live (the new entry is indexed).
                 if cause != RemovalCause::Replaced {
-                    if let Some(node) = &v.node {
-                        index.remove(node, *k, v.generation);
+                    if let Some(slot) = v.index_slot {
+                        let cache = listener_cache.lock().unwrap_or_else(|e| e.into_inner());
+                        index.remove_unless(slot, *k, |k| {
+                            cache.as_ref().is_some_and(|c| c.contains_key(&k))
+                        });
                     }
                 }
             })
             .build();
-        L1 { cache }
+        *for_listener.lock().unwrap_or_else(|e| e.into_inner()) = Some(cache.clone());
+        L1 {
+            cache,
+            for_listener,
+        }
     }
 
     pub fn get(&self, key: KeyId) -> Option<Arc<Entry>> {
@@ -122,5 +136,71 @@ impl L1 {
     pub fn settle(&self) -> (u64, u64) {
         self.cache.run_pending_tasks();
         (self.cache.entry_count(), self.cache.weighted_size())
+    }
+}
+
+impl Drop for L1 {
+    fn drop(&mut self) {
+        self.for_listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::invalidate::NodeSlot;
+    use crate::rewrite::PreparedBody;
+    use bytes::Bytes;
+    use http::StatusCode;
+
+    fn l1(index: Arc<NodeIndex>) -> L1 {
+        L1::new(
+            1 << 20,
+            Duration::from_secs(60),
+            index,
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    fn entry(slot: NodeSlot) -> Arc<Entry> {
+        let mut e = Entry::new(
+            StatusCode::OK,
+            Vec::new(),
+            PreparedBody::plain(Bytes::from_static(b"{}")),
+            Duration::from_secs(60),
+        );
+        e.index_slot = Some(slot);
+        Arc::new(e)
+    }
+
+    /// The listener's handle on the cache does not keep the cache (and every entry) alive.
+    #[test]
+    fn dropping_the_tier_frees_its_entries() {
+        let index = Arc::new(NodeIndex::default());
+        let cache = l1(index.clone());
+        let e = entry(index.slot("1001", false));
+        cache.insert(KeyId(1), e.clone());
+        assert_eq!(Arc::strong_count(&e), 2);
+        drop(cache);
+        assert_eq!(Arc::strong_count(&e), 1);
+    }
+
+    /// A removal notice forgets the key, unless the key was stored again (or replaced).
+    #[test]
+    fn a_removed_key_leaves_the_index_and_a_replaced_one_stays() {
+        let index = Arc::new(NodeIndex::default());
+        let cache = l1(index.clone());
+        let slot = index.slot("1001", false);
+        for k in [1, 2] {
+            cache.insert(KeyId(k), entry(slot));
+            index.add(slot, KeyId(k));
+        }
+        cache.insert(KeyId(2), entry(slot));
+        assert!(cache.remove(KeyId(1)));
+        cache.settle();
+        assert_eq!(index.take("1001", false), vec![KeyId(2)]);
     }
 }

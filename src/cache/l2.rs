@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 use redis::Script;
 
-use super::entry::Entry;
+use super::entry::{Entry, Stamp};
 use super::key::{CacheKey, KeyId};
 use crate::metrics::RedisOp;
 use crate::redis_conn::RedisConn;
@@ -150,7 +150,7 @@ impl L2 {
             return false;
         }
         let t = tag(self.conn.prefix(), key.node.as_deref());
-        let Some(value) = encode(entry) else {
+        let Some(value) = encode(entry, key.node.as_deref()) else {
             return false;
         };
         let set = if key.has_edge { "ke" } else { "kn" };
@@ -314,7 +314,7 @@ const FLAG_LZ4: u8 = 8;
 /// The body goes as the entry holds it: compressed when the in-process tier compresses
 /// (`[cache] compress`, bodies of 256 bytes and more that shrink by an eighth), so a shared
 /// hit moves and stores the smaller form and is kept compressed in L1 as it arrives.
-pub fn encode(e: &Entry) -> Option<Vec<u8>> {
+pub fn encode(e: &Entry, node: Option<&str>) -> Option<Vec<u8>> {
     let (body, plain_len) = e.stored_body();
     let headers: usize = e
         .headers
@@ -322,13 +322,10 @@ pub fn encode(e: &Entry) -> Option<Vec<u8>> {
         .map(|(n, v)| 6 + n.as_str().len() + v.len())
         .sum();
     let mut out = Vec::with_capacity(
-        36 + e.readable().len()
-            + e.node.as_deref().map_or(0, str::len)
-            + headers
-            + body.bytes.len(),
+        36 + e.readable().len() + node.map_or(0, str::len) + headers + body.bytes.len(),
     );
     out.push(FORMAT_VERSION);
-    out.extend_from_slice(&unix_ms(e.stored_at).to_be_bytes());
+    out.extend_from_slice(&unix_ms(e.stored_at.instant()).to_be_bytes());
     out.extend_from_slice(&(e.ttl().as_millis() as u64).to_be_bytes());
     out.extend_from_slice(&e.status.as_u16().to_be_bytes());
     let mut flags = 0;
@@ -338,7 +335,7 @@ pub fn encode(e: &Entry) -> Option<Vec<u8>> {
     if e.has_edge {
         flags |= FLAG_EDGE;
     }
-    if e.node.is_some() {
+    if node.is_some() {
         flags |= FLAG_NODE;
     }
     if plain_len.is_some() {
@@ -346,7 +343,7 @@ pub fn encode(e: &Entry) -> Option<Vec<u8>> {
     }
     out.push(flags);
     put(&mut out, e.readable().as_bytes());
-    if let Some(n) = &e.node {
+    if let Some(n) = node {
         put(&mut out, n.as_bytes());
     }
     let count = u16::try_from(e.headers.len()).unwrap_or(u16::MAX);
@@ -358,7 +355,7 @@ pub fn encode(e: &Entry) -> Option<Vec<u8>> {
         put(&mut out, v.as_bytes());
     }
     if let Some(m) = &body.key_marker {
-        out.extend_from_slice(m.as_bytes());
+        out.extend_from_slice(&m.as_bytes());
     }
     if let Some(len) = plain_len {
         out.extend_from_slice(&len.to_be_bytes());
@@ -464,8 +461,7 @@ pub fn decode(v: &[u8], key: &CacheKey) -> Option<Entry> {
         Some(len) => Entry::with_compressed_body(status, headers, body, len, ttl)?,
         None => Entry::new(status, headers, body, ttl),
     };
-    e.stored_at = instant_of(stored_ms);
-    e.node = key.node.clone();
+    e.stored_at = Stamp::at(instant_of(stored_ms));
     e.has_edge = flags & FLAG_EDGE != 0;
     Some(e)
 }
@@ -503,7 +499,6 @@ mod tests {
             Duration::from_secs(60),
         );
         let mut e = fetched.for_storage(false, &k.readable);
-        e.node = k.node.clone();
         e.has_edge = k.has_edge;
         e
     }
@@ -512,7 +507,7 @@ mod tests {
     fn round_trip_keeps_what_a_reply_needs() {
         let k = key();
         let e = entry(&k);
-        let v = encode(&e).expect("encodes");
+        let v = encode(&e, k.node.as_deref()).expect("encodes");
         assert_eq!(v[0], FORMAT_VERSION);
         assert_eq!(readable_of(&v), Some(&*k.readable));
         let d = decode(&v, &k).expect("decodes");
@@ -533,13 +528,13 @@ mod tests {
         );
         let big = plain.for_storage(true, &k.readable);
         assert!(big.is_compressed());
-        let v = encode(&big).expect("encodes");
+        let v = encode(&big, k.node.as_deref()).expect("encodes");
         assert_eq!(readable_of(&v), Some(&*k.readable));
         let d = decode(&v, &k).expect("decodes");
         assert!(d.is_compressed());
         assert_eq!(d.body().ok(), plain.body().ok());
         let flat = plain.for_storage(false, &k.readable);
-        let flat = encode(&flat).expect("encodes");
+        let flat = encode(&flat, k.node.as_deref()).expect("encodes");
         assert!(v.len() * 2 < flat.len(), "{} vs {}", v.len(), flat.len());
         // A damaged compressed body is a miss, not an error when served.
         let mut bad = v.clone();
@@ -556,7 +551,7 @@ mod tests {
     #[test]
     fn unknown_versions_truncation_and_foreign_keys_are_misses() {
         let k = key();
-        let v = encode(&entry(&k)).expect("encodes");
+        let v = encode(&entry(&k), k.node.as_deref()).expect("encodes");
         let mut other = v.clone();
         other[0] = FORMAT_VERSION + 1;
         assert!(decode(&other, &k).is_none());

@@ -86,7 +86,6 @@ pub struct Cache {
     l1: L1,
     index: Arc<NodeIndex>,
     pub flights: Coalescer<FillResult>,
-    generation: AtomicU64,
     /// Bumped by purge-all; part of every node's epoch.
     global_epoch: AtomicU64,
     max_bytes: u64,
@@ -131,7 +130,6 @@ impl Cache {
             l1,
             index,
             flights: Coalescer::default(),
-            generation: AtomicU64::new(1),
             global_epoch: AtomicU64::new(0),
             max_bytes: cfg.max_bytes,
             compress: cfg.compress,
@@ -172,7 +170,6 @@ impl Cache {
         };
         // Compressed as in L1 (the value format records it): less to move and to hold.
         let mut stored = entry.for_storage(self.compress, &key.readable);
-        stored.node = key.node.clone();
         stored.has_edge = key.has_edge;
         if u64::from(stored.weight()) > self.max_bytes {
             return false;
@@ -243,16 +240,18 @@ impl Cache {
             return false;
         }
         let mut stored = entry.for_storage(self.compress, &key.readable);
-        stored.node = key.node.as_ref().map(|n| self.index.intern(n));
+        let slot = key
+            .node
+            .as_deref()
+            .map(|n| self.index.slot(n, key.has_edge));
+        stored.index_slot = slot;
         stored.has_edge = key.has_edge;
-        stored.generation = self.generation.fetch_add(1, Ordering::Relaxed);
         if u64::from(stored.weight()) > self.max_bytes {
             return false;
         }
-        let generation = stored.generation;
         self.l1.insert(key.id, Arc::new(stored));
-        if let Some(node) = &key.node {
-            self.index.add(node, key.id, generation, key.has_edge);
+        if let Some(slot) = slot {
+            self.index.add(slot, key.id);
         }
         // A write that bumped the epoch after our first check may have swept the index
         // before we were in it: undo, rather than keep what it made stale.
