@@ -49,6 +49,16 @@ fn anchor() -> Instant {
     *ANCHOR.get_or_init(Instant::now)
 }
 
+/// Signed nanoseconds from the anchor to `at`.
+fn nanos_from_anchor(at: Instant) -> i64 {
+    let anchor = anchor();
+    let nanos = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+    match at.checked_duration_since(anchor) {
+        Some(after) => nanos(after),
+        None => -nanos(anchor.saturating_duration_since(at)),
+    }
+}
+
 impl Stamp {
     pub fn now() -> Stamp {
         Stamp::at(Instant::now())
@@ -56,12 +66,14 @@ impl Stamp {
 
     /// `at` to the nanosecond (clamped ~292 years either side of the anchor).
     pub fn at(at: Instant) -> Stamp {
-        let anchor = anchor();
-        let nanos = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
-        match at.checked_duration_since(anchor) {
-            Some(after) => Stamp(nanos(after)),
-            None => Stamp(-nanos(anchor.saturating_duration_since(at))),
-        }
+        Stamp(nanos_from_anchor(at))
+    }
+
+    /// Time from this stamp to `now` (zero if `now` is earlier). One clock subtraction: a
+    /// hit asks for an entry's age up to three times.
+    pub fn until(self, now: Instant) -> Duration {
+        let age = nanos_from_anchor(now).saturating_sub(self.0);
+        Duration::from_nanos(u64::try_from(age).unwrap_or(0))
     }
 
     pub fn instant(self) -> Instant {
@@ -285,7 +297,7 @@ impl Entry {
     }
 
     pub fn age(&self, now: Instant) -> Duration {
-        now.saturating_duration_since(self.stored_at.instant())
+        self.stored_at.until(now)
     }
 
     /// Seconds of freshness left; negative once stale (RFC 9211 `ttl`).
@@ -364,6 +376,21 @@ mod tests {
             PreparedBody::plain(Bytes::from_static(b"{}")),
             Duration::from_secs(ttl),
         )
+    }
+
+    /// Stamps before and after the anchor come back as the instants they were made from,
+    /// and ages are measured from them.
+    #[test]
+    fn stamps_keep_instants_on_both_sides_of_the_anchor() {
+        let now = Instant::now();
+        let s = Duration::from_secs;
+        for at in [now, now + s(5), now.checked_sub(s(3600)).unwrap_or(now)] {
+            let stamp = Stamp::at(at);
+            assert_eq!(stamp.instant(), at);
+            assert_eq!(stamp.until(at + s(7)), s(7));
+            assert_eq!(stamp.until(at), Duration::ZERO);
+        }
+        assert_eq!(Stamp::at(now + s(9)).until(now), Duration::ZERO);
     }
 
     #[test]
