@@ -20,11 +20,11 @@ const WINDOW: Duration = Duration::from_secs(2);
 /// long enough that what a loaded machine shifts (calls sent late, a window measured late,
 /// calls leaving graphgate's count half a long round trip late) is a small part of it, at a
 /// request rate such a machine keeps up with.
-const LONG_WINDOW: Duration = Duration::from_secs(10);
+pub const LONG_WINDOW: Duration = Duration::from_secs(10);
 /// The settings of those tests: `quota` keys, a 6 s queue deadline, an upstream
 /// timeout (not what they are about) well above what a loaded machine takes to answer, and
 /// within the test client's 20 s.
-fn long_window_toml(quota: &str) -> String {
+pub fn long_window_toml(quota: &str) -> String {
     format!(
         "[quota]\n{quota}page_window_s = 10\nqueue_timeout_ms = 6000\n\
          [upstream]\ntimeout_ms = 10000\n"
@@ -432,9 +432,11 @@ async fn without_learn_limits_page_calls_stays_the_ceiling() {
 
 #[tokio::test]
 async fn usage_of_other_apps_on_the_page_counts_as_consumed() {
+    // A window far longer than the 1.5 s deadline: on a loaded machine the flood could
+    // otherwise straddle two of Graph's windows, and the second has room again.
     let s = stack(
-        graph(20, WINDOW),
-        "[quota]\npage_calls = 20\npage_window_s = 2\nqueue_timeout_ms = 1500\n",
+        graph(20, LONG_WINDOW),
+        "[quota]\npage_calls = 20\npage_window_s = 10\nqueue_timeout_ms = 1500\n",
     )
     .await;
     // Other apps hold 15 of the Page's 20 calls.
