@@ -4,8 +4,8 @@
 //! The body is compare.sh's; `GG_BODY=varied` stores a 1 KB feed of varied words, ids and
 //! times instead (it compresses less), `GG_BODY_FILE=path` that file's bytes, and
 //! `GG_NO_COMPRESS=1` turns `[cache] compress` off. Every entry is a read of node `1001`
-//! unless `GG_NODES=distinct` gives each its own node (the node index then holds one node
-//! per entry).
+//! unless `GG_NODES=distinct` gives each its own node, a 15-digit id as Graph's Page ids
+//! (the node index then holds one node per entry).
 //!
 //! ```text
 //! cargo run --release --example entry_memory -- 300000
@@ -142,7 +142,7 @@ fn main() {
             let q = format!("fields=id,name,about,category,fan_count,link,description&k={i}");
             let params = Params::parse(&q).expect("params");
             if distinct_nodes {
-                segs[0] = format!("{}", 100_000_000_000u64 + i as u64);
+                segs[0] = format!("{}", 104_000_000_000_000u64 + i as u64);
             }
             let k = key::build("v21.0", &segs, &params, "system").expect("key");
             let e = Entry::new(

@@ -23,7 +23,7 @@ pub const COMPRESS_MIN_BYTES: usize = 256;
 /// What a cached entry costs besides its body, headers and readable key: the entry itself,
 /// moka's per-entry nodes and key, the node index and allocator rounding. Measured as RSS
 /// per entry less those (`examples/entry_memory`, 300 000 and 1 000 000 entries of 1 KB):
-/// 588–676 bytes when each entry is a read of its own node (most caches), 500–540 when all
+/// 585–676 bytes when each entry is a read of its own node (most caches), 500–540 when all
 /// are reads of one node. The larger, so `cache.max_bytes` is not exceeded.
 pub const ENTRY_OVERHEAD: usize = 680;
 
