@@ -223,7 +223,7 @@ impl Entry {
         self.is_compressed() && self.hits.0.fetch_add(1, Ordering::Relaxed) + 1 == HOT_HITS
     }
 
-    /// The same entry (same generation and freshness) with its body plain.
+    /// The same entry (same freshness and index slot) with its body plain.
     pub fn decompressed(&self) -> Result<Entry, ProxyError> {
         Ok(Entry {
             body: self.body()?,
