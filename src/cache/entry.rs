@@ -25,7 +25,8 @@ pub const COMPRESS_MIN_BYTES: usize = 256;
 /// per entry less those (`examples/entry_memory`, 300 000 and 1 000 000 entries of 1 KB):
 /// 585–676 bytes when each entry is a read of its own node (most caches), 500–540 when all
 /// are reads of one node. The larger, so either kind stays within `cache.max_bytes` (a body
-/// whose buffer just misses an allocator size class can still cost up to ~10 % more).
+/// whose buffer just misses an allocator size class can still cost up to ~10 % more, by the
+/// classes' spacing: reasoned, not measured).
 pub const ENTRY_OVERHEAD: usize = 680;
 
 /// A compressed entry read this many times is stored again plain: a hot entry then costs no
