@@ -13,7 +13,9 @@
 //!
 //! `cargo bench --bench quota_load` runs it all (about five minutes) and prints a report;
 //! under `cargo test` (no `--bench` argument) it runs a short smoke version. See
-//! benches/README.md for the figures on the project machine.
+//! benches/README.md for the figures on the project machine. `QUOTA_UPSTREAM=tls` serves the
+//! simulated Graph over TLS (HTTP/2 by ALPN, as graph.facebook.com), for graphgate and for
+//! the direct calls alike; the calls to graphgate stay plain HTTP/1.1.
 
 mod common;
 
@@ -38,12 +40,73 @@ use tokio::task::JoinSet;
 
 const LATENCY: Duration = Duration::from_millis(50);
 
-type Http = Client<HttpConnector, Full<Bytes>>;
+type Http = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
+/// The bench's own CA and the simulated Graph's certificate, with `QUOTA_UPSTREAM=tls`.
+struct UpstreamTls {
+    ca_pem: String,
+    ca_file: std::path::PathBuf,
+    cert_pem: String,
+    key_pem: String,
+}
+
+fn upstream_tls() -> Option<&'static UpstreamTls> {
+    static TLS: std::sync::OnceLock<Option<UpstreamTls>> = std::sync::OnceLock::new();
+    TLS.get_or_init(|| {
+        if std::env::var("QUOTA_UPSTREAM").ok()? != "tls" {
+            return None;
+        }
+        // Asked for TLS: a failure here stops the bench rather than measuring plain HTTP.
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        let ca_key = rcgen::KeyPair::generate().expect("CA key");
+        let ca = rcgen::CertifiedIssuer::self_signed(ca, ca_key).expect("CA");
+        let mut leaf =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("leaf params");
+        leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let key = rcgen::KeyPair::generate().expect("leaf key");
+        let cert = leaf.signed_by(&key, &ca).expect("leaf certificate");
+        let ca_file =
+            std::env::temp_dir().join(format!("quota-load-ca-{}.pem", std::process::id()));
+        std::fs::write(&ca_file, ca.pem()).expect("CA file");
+        Some(UpstreamTls {
+            ca_pem: ca.pem(),
+            ca_file,
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    })
+    .as_ref()
+}
+
+/// The bench's client: plain HTTP, and HTTPS (HTTP/2 or HTTP/1.1 by ALPN) trusting the
+/// bench's CA for direct calls to a TLS Graph.
 fn http() -> Http {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(tls) = upstream_tls() {
+        for c in CertificateDer::pem_slice_iter(tls.ca_pem.as_bytes()) {
+            roots.add(c.expect("CA pem")).expect("CA cert");
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .build();
     Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(512)
-        .build_http()
+        .build(connector)
 }
 
 /// GET `url`: status and time to the whole body.
@@ -68,6 +131,10 @@ async fn fake_graph(limit: u32, window: Duration) -> FakeGraph {
         page_window: window,
         app_calls_limit: u32::MAX / 2,
         latency: LATENCY,
+        tls: upstream_tls().map(|t| fake_graph::FakeGraphTls {
+            cert_pem: t.cert_pem.clone(),
+            key_pem: t.key_pem.clone(),
+        }),
         ..common::credentials().graph_config()
     };
     let g = FakeGraph::start(cfg, "127.0.0.1:0".parse().expect("addr"))
@@ -84,6 +151,9 @@ async fn gateway(graph: &FakeGraph, quota: &str, redis: Option<&str>) -> Running
     let redis = redis.map_or(String::new(), |url| {
         format!("[redis]\nurl = \"{url}\"\ntimeout_ms = 250\nkey_prefix = \"bench:\"\n")
     });
+    let ca_file = upstream_tls().map_or(String::new(), |t| {
+        format!("ca_file = \"{}\"", t.ca_file.display())
+    });
     // Not common::config: the quota here is the bench's subject, defaults unless given.
     let extra = format!(
         r#"
@@ -92,6 +162,7 @@ max_in_flight = 100000
 max_connections = 100000
 [upstream]
 timeout_ms = 10000
+{ca_file}
 [quota]
 {quota}
 {redis}
@@ -495,4 +566,7 @@ fn main() {
             quiet_page(limit, window).await;
         }
     });
+    if let Some(tls) = upstream_tls() {
+        let _ = std::fs::remove_file(&tls.ca_file);
+    }
 }
