@@ -14,12 +14,13 @@
 //!
 //! Graph escapes `/` as `\/` inside strings, so links are rewritten in parsed JSON, not bytes.
 
+use std::num::NonZeroU64;
+
 use aho_corasick::AhoCorasick;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use memchr::memmem;
 use serde_json::Value;
-use std::num::NonZeroU64;
 
 use crate::error::ProxyError;
 
