@@ -569,7 +569,9 @@ pub fn rewrite_link(link: &str, public_url: &str, marker: KeyMarker) -> Option<(
             match k.as_ref() {
                 "appsecret_proof" => {}
                 "access_token" if !keyed => {
-                    out.append_pair("access_token", &marker.to_string());
+                    let spelled = marker.as_bytes();
+                    // Spelled from ASCII only.
+                    out.append_pair("access_token", std::str::from_utf8(&spelled).unwrap_or(""));
                     keyed = true;
                     any = true;
                 }
