@@ -38,7 +38,7 @@ pub struct KeyMarker(NonZeroU64);
 
 impl std::fmt::Debug for KeyMarker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.to_string())
+        std::fmt::Display::fmt(self, f)
     }
 }
 

@@ -102,7 +102,7 @@ impl Clone for HitCount {
 /// One reply as served from the cache: the prepared body (with the client-key marker,
 /// finalized per client) and the headers worth replaying.
 ///
-/// Kept small (112 bytes, a test holds it there): with its `Arc` it fills mimalloc's
+/// Kept small (104 bytes; a test holds it within): with its `Arc` it fits mimalloc's
 /// 128-byte class, one per cached entry. Hence the TTL in milliseconds, the store time as a
 /// [`Stamp`], the marker as its 64-bit value and the readable key packed with the headers
 /// rather than fields of their own.
@@ -121,7 +121,6 @@ pub struct Entry {
     ttl_ms: u32,
     /// Where the entry's key is in the node index (set when stored in the in-process tier).
     pub index_slot: Option<NodeSlot>,
-    pub has_edge: bool,
 }
 
 /// Where an entry stands at a given moment.
@@ -152,7 +151,6 @@ impl Entry {
             stored_at: Stamp::now(),
             ttl_ms: ttl_ms(ttl),
             index_slot: None,
-            has_edge: false,
         }
     }
 

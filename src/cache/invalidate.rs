@@ -57,10 +57,10 @@ impl Members {
         }
     }
 
-    /// Removes `key` (which the caller found here); true when no key is left.
+    /// Removes `key`; true when no key is left.
     fn remove(&mut self, key: &Slot) -> bool {
         match self {
-            Members::One(_) => true,
+            Members::One(one) => one == key,
             Members::Many(set) => {
                 set.remove(key);
                 set.is_empty()

@@ -150,7 +150,7 @@ impl L2 {
             return false;
         }
         let t = tag(self.conn.prefix(), key.node.as_deref());
-        let Some(value) = encode(entry, key.node.as_deref()) else {
+        let Some(value) = encode(entry, key) else {
             return false;
         };
         let set = if key.has_edge { "ke" } else { "kn" };
@@ -313,8 +313,10 @@ const FLAG_LZ4: u8 = 8;
 /// The readable key sits early so a purge by prefix reads it without decoding the rest.
 /// The body goes as the entry holds it: compressed when the in-process tier compresses
 /// (`[cache] compress`, bodies of 256 bytes and more that shrink by an eighth), so a shared
-/// hit moves and stores the smaller form and is kept compressed in L1 as it arrives.
-pub fn encode(e: &Entry, node: Option<&str>) -> Option<Vec<u8>> {
+/// hit moves and stores the smaller form and is kept compressed in L1 as it arrives. The node
+/// and edge flag come from `key`, as [`decode`] checks the readable key against it.
+pub fn encode(e: &Entry, key: &CacheKey) -> Option<Vec<u8>> {
+    let node = key.node.as_deref();
     let (body, plain_len) = e.stored_body();
     let headers: usize = e
         .headers
@@ -332,7 +334,7 @@ pub fn encode(e: &Entry, node: Option<&str>) -> Option<Vec<u8>> {
     if body.key_marker.is_some() {
         flags |= FLAG_PLACEHOLDER;
     }
-    if e.has_edge {
+    if key.has_edge {
         flags |= FLAG_EDGE;
     }
     if node.is_some() {
@@ -462,7 +464,6 @@ pub fn decode(v: &[u8], key: &CacheKey) -> Option<Entry> {
         None => Entry::new(status, headers, body, ttl),
     };
     e.stored_at = Stamp::at(instant_of(stored_ms));
-    e.has_edge = flags & FLAG_EDGE != 0;
     Some(e)
 }
 
@@ -498,16 +499,14 @@ mod tests {
             },
             Duration::from_secs(60),
         );
-        let mut e = fetched.for_storage(false, &k.readable);
-        e.has_edge = k.has_edge;
-        e
+        fetched.for_storage(false, &k.readable)
     }
 
     #[test]
     fn round_trip_keeps_what_a_reply_needs() {
         let k = key();
         let e = entry(&k);
-        let v = encode(&e, k.node.as_deref()).expect("encodes");
+        let v = encode(&e, &k).expect("encodes");
         assert_eq!(v[0], FORMAT_VERSION);
         assert_eq!(readable_of(&v), Some(&*k.readable));
         let d = decode(&v, &k).expect("decodes");
@@ -516,7 +515,8 @@ mod tests {
         assert_eq!(d.headers.to_vec(), e.headers.to_vec());
         assert_eq!(d.etag(), e.etag());
         assert_eq!(d.ttl(), e.ttl());
-        assert!(d.has_edge);
+        // The edge flag goes into the value (byte 19, after version, time, TTL and status).
+        assert_ne!(v[19] & FLAG_EDGE, 0);
         assert!(d.age(Instant::now()) < Duration::from_secs(2));
 
         // An entry held compressed goes to Redis compressed, and comes back so.
@@ -528,13 +528,13 @@ mod tests {
         );
         let big = plain.for_storage(true, &k.readable);
         assert!(big.is_compressed());
-        let v = encode(&big, k.node.as_deref()).expect("encodes");
+        let v = encode(&big, &k).expect("encodes");
         assert_eq!(readable_of(&v), Some(&*k.readable));
         let d = decode(&v, &k).expect("decodes");
         assert!(d.is_compressed());
         assert_eq!(d.body().ok(), plain.body().ok());
         let flat = plain.for_storage(false, &k.readable);
-        let flat = encode(&flat, k.node.as_deref()).expect("encodes");
+        let flat = encode(&flat, &k).expect("encodes");
         assert!(v.len() * 2 < flat.len(), "{} vs {}", v.len(), flat.len());
         // A damaged compressed body is a miss, not an error when served.
         let mut bad = v.clone();
@@ -551,7 +551,7 @@ mod tests {
     #[test]
     fn unknown_versions_truncation_and_foreign_keys_are_misses() {
         let k = key();
-        let v = encode(&entry(&k), k.node.as_deref()).expect("encodes");
+        let v = encode(&entry(&k), &k).expect("encodes");
         let mut other = v.clone();
         other[0] = FORMAT_VERSION + 1;
         assert!(decode(&other, &k).is_none());

@@ -169,8 +169,7 @@ impl Cache {
             return false;
         };
         // Compressed as in L1 (the value format records it): less to move and to hold.
-        let mut stored = entry.for_storage(self.compress, &key.readable);
-        stored.has_edge = key.has_edge;
+        let stored = entry.for_storage(self.compress, &key.readable);
         if u64::from(stored.weight()) > self.max_bytes {
             return false;
         }
@@ -245,7 +244,6 @@ impl Cache {
             .as_deref()
             .map(|n| self.index.slot(n, key.has_edge));
         stored.index_slot = slot;
-        stored.has_edge = key.has_edge;
         if u64::from(stored.weight()) > self.max_bytes {
             return false;
         }
