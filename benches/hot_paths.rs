@@ -6,7 +6,8 @@
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use graphgate::cache::entry::Entry;
-use graphgate::cache::key;
+use graphgate::cache::key::{self, KeyId};
+use graphgate::cache::projection::ProjectionIndex;
 use graphgate::graph::fields::{canonicalize, Fields};
 use graphgate::graph::request::Params;
 use graphgate::graph::usage::{parse_app_usage, parse_buc_usage};
@@ -167,12 +168,53 @@ fn upstream_query(c: &mut Criterion) {
     });
 }
 
+/// The projection index on a miss: every stored node reply is recorded under its base (the
+/// read without `fields`), and a read whose key misses asks which stored reply covers it.
+/// Measured full, as a long-running replica's index is: every record of a new base evicts one.
+fn projection_index(c: &mut Criterion) {
+    let index = ProjectionIndex::default();
+    let fields = Fields::parse("id,name,about,category,fan_count").expect("valid");
+    let want = Fields::parse("id,name").expect("valid");
+    let mut n: u128 = 0;
+    let mut next = || {
+        n += 1;
+        // Keys are digests: spread the bits as a digest would.
+        KeyId(n.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835))
+    };
+    for _ in 0..300_000 {
+        let base = next();
+        index.record(base, fields.clone(), next());
+    }
+    let mut g = c.benchmark_group("projection index");
+    g.bench_function("record a new base (index full)", |b| {
+        b.iter_batched(
+            || (next(), next()),
+            |(base, key)| index.record(base, fields.clone(), key),
+            BatchSize::SmallInput,
+        )
+    });
+    let known = next();
+    index.record(known, fields.clone(), next());
+    g.bench_function("covering, base known", |b| {
+        b.iter(|| index.covering(black_box(known), &want))
+    });
+    g.bench_function("covering, base unknown", |b| {
+        b.iter_batched(
+            &mut next,
+            |base| index.covering(base, &want),
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     request_parsing,
     upstream_query,
     paging_rewrite,
     cached_bodies,
-    usage_headers
+    usage_headers,
+    projection_index
 );
 criterion_main!(benches);

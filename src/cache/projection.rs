@@ -10,13 +10,15 @@
 //! it is learned from replies ([`IdHabit`]), and until it is known a projection that would
 //! have to guess is not made.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use bytes::{BufMut, BytesMut};
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
+use super::entry::Entry;
 use super::key::KeyId;
 use crate::graph::fields::{Field, Fields};
 use crate::rewrite::PreparedBody;
@@ -110,6 +112,17 @@ impl IdHabit {
         }
     }
 
+    /// [`IdHabit::learn`] from a stored entry, reading (and decompressing) its body only
+    /// while the habit is still unknown: after the first reply that tells, never.
+    pub fn learn_from_entry(&self, fields: &Fields, entry: &Entry) {
+        if self.get().is_some() {
+            return;
+        }
+        if let Ok(body) = entry.body() {
+            self.learn(fields, &body.bytes);
+        }
+    }
+
     fn get(&self) -> Option<bool> {
         match self.0.load(Ordering::Relaxed) {
             APPENDS => Some(true),
@@ -125,8 +138,10 @@ fn wants_id(fields: &Fields) -> bool {
 
 /// Node reads with the same key but for `fields` (their base) that have replies stored: most
 /// bases kept, and most field lists kept per base (newest win).
-const MAX_BASES: u64 = 100_000;
+const MAX_BASES: usize = 100_000;
 const MAX_PER_BASE: usize = 8;
+/// Records and lookups of different bases rarely wait on each other.
+const SHARDS: usize = 16;
 
 /// The field lists stored under one base, oldest first, with the key each is stored as.
 type Stored = Vec<(Fields, KeyId)>;
@@ -134,26 +149,63 @@ type Stored = Vec<(Fields, KeyId)>;
 /// Which stored node replies hold which fields, by base key (the read's key without
 /// `fields`). Entries are not removed when the cache drops them: a lookup reads the cache
 /// and skips what is gone.
+///
+/// A hint, so a plain bounded map rather than a cache of its own: every miss records its
+/// base, and a second moka cache cost a miss about 5 µs (its inserts, its housekeeping and
+/// the rehashing of its table as bases come and go). A full shard drops its oldest base
+/// that no lookup found since it was last passed over (second chance, as CLOCK).
 pub struct ProjectionIndex {
-    bases: moka::sync::Cache<KeyId, Arc<Mutex<Stored>>>,
+    shards: Box<[Mutex<Shard>]>,
+    /// Most bases a shard keeps.
+    per_shard: usize,
     /// Whether the upstream adds `id` to replies (shared by every base).
     pub id_habit: IdHabit,
 }
 
+#[derive(Default)]
+struct Shard {
+    bases: HashMap<KeyId, Base>,
+    /// Every base of `bases` once, oldest record first: the eviction order.
+    order: VecDeque<KeyId>,
+}
+
+#[derive(Default)]
+struct Base {
+    stored: Stored,
+    /// A lookup found it since eviction last passed it over.
+    looked_up: bool,
+}
+
 impl Default for ProjectionIndex {
     fn default() -> Self {
-        ProjectionIndex {
-            bases: moka::sync::Cache::new(MAX_BASES),
-            id_habit: IdHabit::default(),
-        }
+        ProjectionIndex::with_capacity(MAX_BASES)
     }
 }
 
 impl ProjectionIndex {
+    /// An index of at most about `bases` bases.
+    fn with_capacity(bases: usize) -> ProjectionIndex {
+        ProjectionIndex {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            per_shard: bases.div_ceil(SHARDS).max(1),
+            id_habit: IdHabit::default(),
+        }
+    }
+
+    fn shard(&self, base: KeyId) -> std::sync::MutexGuard<'_, Shard> {
+        // A key id is a digest: its low bits are as good as any hash.
+        let shard = &self.shards[(base.0 as usize) % SHARDS];
+        shard.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Notes that the reply for `fields` under `base` is stored as `key`.
     pub fn record(&self, base: KeyId, fields: Fields, key: KeyId) {
-        let list = self.bases.get_with(base, Arc::default);
-        let mut list = list.lock().unwrap_or_else(|e| e.into_inner());
+        let mut shard = self.shard(base);
+        if !shard.bases.contains_key(&base) {
+            shard.make_room(self.per_shard);
+            shard.order.push_back(base);
+        }
+        let list = &mut shard.bases.entry(base).or_default().stored;
         list.retain(|(_, k)| *k != key);
         if list.len() >= MAX_PER_BASE {
             list.remove(0);
@@ -163,15 +215,52 @@ impl ProjectionIndex {
 
     /// The stored replies of `base` whose fields cover `want`, newest first.
     pub fn covering(&self, base: KeyId, want: &Fields) -> Vec<(Fields, KeyId)> {
-        let Some(list) = self.bases.get(&base) else {
+        let mut shard = self.shard(base);
+        let Some(found) = shard.bases.get_mut(&base) else {
             return Vec::new();
         };
-        let list = list.lock().unwrap_or_else(|e| e.into_inner());
-        list.iter()
+        found.looked_up = true;
+        found
+            .stored
+            .iter()
             .rev()
             .filter(|(have, _)| covers(have, want))
             .cloned()
             .collect()
+    }
+
+    /// How many bases the index holds.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).bases.len())
+            .sum()
+    }
+
+    /// Whether the index holds no base.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Shard {
+    /// Drops bases until one more fits under `limit`: the oldest first, a looked-up one
+    /// going to the back once instead.
+    fn make_room(&mut self, limit: usize) {
+        while self.bases.len() >= limit {
+            let Some(oldest) = self.order.pop_front() else {
+                return;
+            };
+            match self.bases.get_mut(&oldest) {
+                Some(b) if b.looked_up => {
+                    b.looked_up = false;
+                    self.order.push_back(oldest);
+                }
+                _ => {
+                    self.bases.remove(&oldest);
+                }
+            }
+        }
     }
 }
 
@@ -250,6 +339,57 @@ mod tests {
 
     fn f(s: &str) -> Fields {
         Fields::parse(s).unwrap()
+    }
+
+    /// Bases that all land in the first shard.
+    fn base(n: u128) -> KeyId {
+        KeyId(n * SHARDS as u128)
+    }
+
+    #[test]
+    fn the_index_finds_covering_lists_newest_first_and_replaces_a_key() {
+        let index = ProjectionIndex::default();
+        index.record(base(1), f("id,name"), KeyId(10));
+        index.record(base(1), f("id,name,about"), KeyId(11));
+        index.record(base(2), f("id,name,about"), KeyId(20));
+        let found: Vec<KeyId> = index
+            .covering(base(1), &f("name"))
+            .into_iter()
+            .map(|(_, k)| k)
+            .collect();
+        assert_eq!(found, [KeyId(11), KeyId(10)]);
+        assert!(index.covering(base(1), &f("fan_count")).is_empty());
+        assert!(index.covering(base(3), &f("name")).is_empty());
+        // The same key stored again with other fields replaces its old list.
+        index.record(base(1), f("id"), KeyId(11));
+        let found = index.covering(base(1), &f("about"));
+        assert!(found.is_empty(), "{found:?}");
+        for k in 0..(MAX_PER_BASE as u128 + 3) {
+            index.record(base(4), f("id,name"), KeyId(100 + k));
+        }
+        let kept = index.covering(base(4), &f("id"));
+        assert_eq!(kept.len(), MAX_PER_BASE);
+        assert_eq!(kept[0].1, KeyId(100 + MAX_PER_BASE as u128 + 2));
+    }
+
+    #[test]
+    fn the_index_stays_bounded_and_keeps_a_base_that_was_looked_up() {
+        let index = ProjectionIndex::with_capacity(SHARDS * 3);
+        for n in 1..=3 {
+            index.record(base(n), f("id,name"), KeyId(n));
+        }
+        assert_eq!(index.covering(base(1), &f("name")).len(), 1);
+        // A fourth base in the full shard: the oldest that no lookup found leaves.
+        index.record(base(4), f("id,name"), KeyId(4));
+        assert_eq!(index.len(), 3);
+        assert!(index.covering(base(2), &f("name")).is_empty());
+        for n in [1, 3, 4] {
+            assert_eq!(index.covering(base(n), &f("name")).len(), 1, "base {n}");
+        }
+        for n in 5..1_000 {
+            index.record(KeyId(n * 7919), f("id"), KeyId(n));
+        }
+        assert!(index.len() <= SHARDS * 3, "{}", index.len());
     }
 
     #[test]

@@ -795,9 +795,10 @@ impl Gateway {
         let Some(fields) = projectable(call) else {
             return;
         };
-        if let Ok(body) = entry.body() {
-            self.cache.projections.id_habit.learn(&fields, &body.bytes);
-        }
+        self.cache
+            .projections
+            .id_habit
+            .learn_from_entry(&fields, entry);
         let base = base.or_else(|| {
             let identity = self.tokens.identity_for(call.page());
             key::base_of(version, &call.path.segments, &call.params, &identity)

@@ -115,9 +115,10 @@ impl Gateway {
             return;
         }
         if let Some((fields, base)) = &m.projection {
-            if let Ok(body) = entry.body() {
-                self.cache.projections.id_habit.learn(fields, &body.bytes);
-            }
+            self.cache
+                .projections
+                .id_habit
+                .learn_from_entry(fields, entry);
             self.cache
                 .projections
                 .record(*base, fields.clone(), m.key.id);
