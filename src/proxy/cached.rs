@@ -783,7 +783,8 @@ impl Gateway {
     }
 
     /// Notes a stored node reply in the projection index, and learns from it whether Graph
-    /// adds `id` to replies that did not ask for it.
+    /// adds `id` to replies that did not ask for it. Nothing reads either with
+    /// `project_fields` off.
     fn note_projectable(
         &self,
         call: &Call,
@@ -792,6 +793,9 @@ impl Gateway {
         base: Option<key::KeyId>,
         entry: &Entry,
     ) {
+        if !self.cache.project_fields {
+            return;
+        }
         let Some(fields) = projectable(call) else {
             return;
         };
