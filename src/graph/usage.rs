@@ -28,42 +28,198 @@ impl Usage {
     }
 }
 
-/// Reads a usage number: a JSON integer or float, or a string holding one. Negative and
-/// non-finite values are not percentages, so they count as garbage.
-fn number(v: &Value) -> Option<f64> {
-    let n = match v {
-        Value::Number(n) => n.as_f64()?,
-        Value::String(s) => s.trim().parse::<f64>().ok()?,
-        _ => return None,
-    };
-    (n.is_finite() && n >= 0.0).then_some(n)
+/// A usage value as sent, read without building a `serde_json::Value`: Meta's usage headers
+/// are parsed on every upstream reply.
+#[derive(Debug, Clone, PartialEq)]
+enum Loose {
+    Number(f64),
+    Text(String),
+    Null,
+    /// A bool, array or object: never a usage number.
+    Other,
 }
 
-/// Reads an optional key: absent or `null` is `Some(None)`, present but not a number is `None`.
-fn optional_number(obj: &serde_json::Map<String, Value>, key: &str) -> Option<Option<f64>> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Some(None),
-        Some(v) => number(v).map(Some),
+impl Loose {
+    /// A usage number: a JSON integer or float, or a string holding one. Negative and
+    /// non-finite values are not percentages, so they count as garbage.
+    fn number(&self) -> Option<f64> {
+        let n = match self {
+            Loose::Number(n) => *n,
+            Loose::Text(s) => s.trim().parse::<f64>().ok()?,
+            Loose::Null | Loose::Other => return None,
+        };
+        (n.is_finite() && n >= 0.0).then_some(n)
     }
 }
 
-/// Reads the three usage keys of an object; missing keys are 0, unreadable ones make it `None`.
-fn usage_from_object(obj: &serde_json::Map<String, Value>) -> Option<Usage> {
-    Some(Usage {
-        call_count: optional_number(obj, "call_count")?.unwrap_or(0.0),
-        total_time: optional_number(obj, "total_time")?.unwrap_or(0.0),
-        total_cputime: optional_number(obj, "total_cputime")?.unwrap_or(0.0),
-    })
+impl<'de> Deserialize<'de> for Loose {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Loose, D::Error> {
+        struct LooseVisitor;
+        impl<'de> Visitor<'de> for LooseVisitor {
+            type Value = Loose;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Loose, E> {
+                Ok(Loose::Number(v as f64))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Loose, E> {
+                Ok(Loose::Number(v as f64))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Loose, E> {
+                Ok(Loose::Number(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Loose, E> {
+                Ok(Loose::Text(v.to_owned()))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Loose, E> {
+                Ok(Loose::Null)
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Loose, E> {
+                Ok(Loose::Other)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Loose, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Loose::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Loose, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Loose::Other)
+            }
+        }
+        d.deserialize_any(LooseVisitor)
+    }
+}
+
+/// The members of a usage object that matter, each as its last occurrence (as a JSON object
+/// read into a map keeps it); `None` when absent.
+#[derive(Debug, Default)]
+struct UsageObject {
+    kind: Option<Loose>,
+    call_count: Option<Loose>,
+    total_time: Option<Loose>,
+    total_cputime: Option<Loose>,
+    regain: Option<Loose>,
+}
+
+impl UsageObject {
+    /// Reads the object's members after its opening brace; other members are skipped.
+    fn read<'de, A: MapAccess<'de>>(mut map: A) -> Result<UsageObject, A::Error> {
+        let mut o = UsageObject::default();
+        while let Some(name) = map.next_key::<MemberName>()? {
+            let slot = match name {
+                MemberName::Type => &mut o.kind,
+                MemberName::CallCount => &mut o.call_count,
+                MemberName::TotalTime => &mut o.total_time,
+                MemberName::TotalCputime => &mut o.total_cputime,
+                MemberName::Regain => &mut o.regain,
+                MemberName::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+            };
+            *slot = Some(map.next_value::<Loose>()?);
+        }
+        Ok(o)
+    }
+
+    /// The three usage numbers; missing (or `null`) ones are 0, an unreadable one makes it
+    /// `None`.
+    fn usage(&self) -> Option<Usage> {
+        let read = |v: &Option<Loose>| match v {
+            None | Some(Loose::Null) => Some(0.0),
+            Some(v) => v.number(),
+        };
+        Some(Usage {
+            call_count: read(&self.call_count)?,
+            total_time: read(&self.total_time)?,
+            total_cputime: read(&self.total_cputime)?,
+        })
+    }
+}
+
+/// The member names a usage object is read by.
+enum MemberName {
+    Type,
+    CallCount,
+    TotalTime,
+    TotalCputime,
+    Regain,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for MemberName {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<MemberName, D::Error> {
+        struct NameVisitor;
+        impl Visitor<'_> for NameVisitor {
+            type Value = MemberName;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<MemberName, E> {
+                Ok(match v {
+                    "type" => MemberName::Type,
+                    "call_count" => MemberName::CallCount,
+                    "total_time" => MemberName::TotalTime,
+                    "total_cputime" => MemberName::TotalCputime,
+                    "estimated_time_to_regain_access" => MemberName::Regain,
+                    _ => MemberName::Other,
+                })
+            }
+        }
+        d.deserialize_str(NameVisitor)
+    }
+}
+
+/// A JSON value that is a usage object, or `None` for any other value (consumed).
+struct MaybeUsageObject(Option<UsageObject>);
+
+impl<'de> Deserialize<'de> for MaybeUsageObject {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<MaybeUsageObject, D::Error> {
+        struct ObjectVisitor;
+        impl<'de> Visitor<'de> for ObjectVisitor {
+            type Value = MaybeUsageObject;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a usage object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<MaybeUsageObject, A::Error> {
+                UsageObject::read(map).map(|o| MaybeUsageObject(Some(o)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<MaybeUsageObject, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(MaybeUsageObject(None))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<MaybeUsageObject, E> {
+                Ok(MaybeUsageObject(None))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<MaybeUsageObject, E> {
+                Ok(MaybeUsageObject(None))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<MaybeUsageObject, E> {
+                Ok(MaybeUsageObject(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<MaybeUsageObject, E> {
+                Ok(MaybeUsageObject(None))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<MaybeUsageObject, E> {
+                Ok(MaybeUsageObject(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<MaybeUsageObject, E> {
+                Ok(MaybeUsageObject(None))
+            }
+        }
+        d.deserialize_any(ObjectVisitor)
+    }
 }
 
 /// Parses `X-App-Usage` or `X-Page-Usage`, e.g.
 /// `{"call_count":28,"total_time":25,"total_cputime":25}`. Missing keys count as 0; anything
 /// that is not a JSON object, or has a non-numeric usage value, gives `None`.
 pub fn parse_app_usage(v: &str) -> Option<Usage> {
-    match serde_json::from_str::<Value>(v).ok()? {
-        Value::Object(obj) => usage_from_object(&obj),
-        _ => None,
-    }
+    serde_json::from_str::<MaybeUsageObject>(v).ok()?.0?.usage()
 }
 
 /// One entry of `X-Business-Use-Case-Usage`.
@@ -113,15 +269,13 @@ impl<'de> Visitor<'de> for BucSeed<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while let Some(business_id) = map.next_key::<String>()? {
-            match map.next_value::<Value>()? {
-                Value::Array(entries) => {
-                    for entry in &entries {
-                        self.0.extend(buc_entry(&business_id, entry));
-                    }
-                }
-                entry @ Value::Object(_) => self.0.extend(buc_entry(&business_id, &entry)),
-                _ => {}
-            }
+            // A business id's entries count only once its whole value has been read.
+            let BucEntries(entries) = map.next_value()?;
+            self.0.extend(
+                entries
+                    .iter()
+                    .filter_map(|entry| buc_entry(&business_id, entry)),
+            );
         }
         Ok(())
     }
@@ -151,21 +305,65 @@ impl<'de> Visitor<'de> for BucSeed<'_> {
     }
 }
 
+/// The entries under one business id: an array of them, or a bare object; anything else
+/// (and any array element that is not an object) holds none.
+struct BucEntries(Vec<UsageObject>);
+
+impl<'de> Deserialize<'de> for BucEntries {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<BucEntries, D::Error> {
+        struct EntriesVisitor;
+        impl<'de> Visitor<'de> for EntriesVisitor {
+            type Value = BucEntries;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an array of usage objects")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<BucEntries, A::Error> {
+                let mut out = Vec::new();
+                while let Some(MaybeUsageObject(entry)) = seq.next_element()? {
+                    out.extend(entry);
+                }
+                Ok(BucEntries(out))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<BucEntries, A::Error> {
+                Ok(BucEntries(vec![UsageObject::read(map)?]))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<BucEntries, E> {
+                Ok(BucEntries(Vec::new()))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<BucEntries, E> {
+                Ok(BucEntries(Vec::new()))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<BucEntries, E> {
+                Ok(BucEntries(Vec::new()))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<BucEntries, E> {
+                Ok(BucEntries(Vec::new()))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<BucEntries, E> {
+                Ok(BucEntries(Vec::new()))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<BucEntries, E> {
+                Ok(BucEntries(Vec::new()))
+            }
+        }
+        d.deserialize_any(EntriesVisitor)
+    }
+}
+
 /// One BUC entry. The usage numbers must be readable (they drive throttling); a missing
 /// `type` becomes `""`, and an unreadable regain time becomes `None` rather than losing the
 /// usage that came with it.
-fn buc_entry(business_id: &str, entry: &Value) -> Option<BucUsage> {
-    let obj = entry.as_object()?;
-    let kind = match obj.get("type") {
-        None | Some(Value::Null) => String::new(),
-        Some(Value::String(s)) => s.clone(),
+fn buc_entry(business_id: &str, entry: &UsageObject) -> Option<BucUsage> {
+    let kind = match &entry.kind {
+        None | Some(Loose::Null) => String::new(),
+        Some(Loose::Text(s)) => s.clone(),
         Some(_) => return None,
     };
     Some(BucUsage {
         business_id: business_id.to_owned(),
         kind,
-        usage: usage_from_object(obj)?,
-        regain_access_minutes: obj.get("estimated_time_to_regain_access").and_then(number),
+        usage: entry.usage()?,
+        regain_access_minutes: entry.regain.as_ref().and_then(Loose::number),
     })
 }
 
@@ -539,6 +737,27 @@ mod tests {
         assert_eq!(got[0].business_id, "1");
     }
 
+    /// Where the streaming parsers differ from reading the text into a `serde_json::Value`
+    /// first: a number too large for an f64 (which serde_json refuses to build) in a member
+    /// they skip no longer spoils the whole header.
+    #[test]
+    fn a_number_beyond_f64_spoils_only_a_member_that_is_read() {
+        let skipped = r#"{"1001":[{"type":"pages","call_count":5,"ads_api_access_tier":1e400}]}"#;
+        let got = parse_buc_usage(skipped);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].usage.call_count, 5.0);
+        assert!(reference::parse_buc_usage(skipped).is_empty());
+        assert_eq!(
+            parse_app_usage(r#"{"call_count":5,"other":1e400}"#),
+            Some(u(5.0, 0.0, 0.0))
+        );
+        // Read where it matters, it is the syntax error it always was: what came before stays.
+        let read = r#"{"1":[{"call_count":1}],"2":[{"call_count":1e400}]}"#;
+        assert_eq!(parse_buc_usage(read), reference::parse_buc_usage(read));
+        assert_eq!(parse_buc_usage(read).len(), 1);
+        assert_eq!(parse_app_usage(r#"{"call_count":1e400}"#), None);
+    }
+
     #[test]
     fn error_body_auth() {
         let body = br#"{"error":{"message":"Error validating access token: Session has expired","type":"OAuthException","code":190,"error_subcode":463,"error_user_title":"t","error_user_msg":"m","fbtrace_id":"AbCdEf"}}"#;
@@ -677,7 +896,171 @@ mod tests {
         assert_eq!(ThrottleScope::Page.label(), "page");
     }
 
+    /// The parsers as first written, through `serde_json::Value`: the reference the streaming
+    /// parsers are checked against.
+    mod reference {
+        use super::super::{BucUsage, Usage};
+        use serde_json::Value;
+
+        fn number(v: &Value) -> Option<f64> {
+            let n = match v {
+                Value::Number(n) => n.as_f64()?,
+                Value::String(s) => s.trim().parse::<f64>().ok()?,
+                _ => return None,
+            };
+            (n.is_finite() && n >= 0.0).then_some(n)
+        }
+
+        fn optional_number(obj: &serde_json::Map<String, Value>, key: &str) -> Option<Option<f64>> {
+            match obj.get(key) {
+                None | Some(Value::Null) => Some(None),
+                Some(v) => number(v).map(Some),
+            }
+        }
+
+        fn usage_from_object(obj: &serde_json::Map<String, Value>) -> Option<Usage> {
+            Some(Usage {
+                call_count: optional_number(obj, "call_count")?.unwrap_or(0.0),
+                total_time: optional_number(obj, "total_time")?.unwrap_or(0.0),
+                total_cputime: optional_number(obj, "total_cputime")?.unwrap_or(0.0),
+            })
+        }
+
+        pub fn parse_app_usage(v: &str) -> Option<Usage> {
+            match serde_json::from_str::<Value>(v).ok()? {
+                Value::Object(obj) => usage_from_object(&obj),
+                _ => None,
+            }
+        }
+
+        fn buc_entry(business_id: &str, entry: &Value) -> Option<BucUsage> {
+            let obj = entry.as_object()?;
+            let kind = match obj.get("type") {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(s)) => s.clone(),
+                Some(_) => return None,
+            };
+            Some(BucUsage {
+                business_id: business_id.to_owned(),
+                kind,
+                usage: usage_from_object(obj)?,
+                regain_access_minutes: obj.get("estimated_time_to_regain_access").and_then(number),
+            })
+        }
+
+        /// Reads `{"id": value, ...}` one member at a time (a repeated id keeps every
+        /// value), so that what came before a syntax error is kept.
+        pub fn parse_buc_usage(v: &str) -> Vec<BucUsage> {
+            use serde::de::{Deserializer as _, MapAccess, Visitor};
+            struct Members<'a>(&'a mut Vec<BucUsage>);
+            impl<'de> Visitor<'de> for Members<'_> {
+                type Value = ();
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("an object")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+                    while let Some(id) = map.next_key::<String>()? {
+                        match map.next_value::<Value>()? {
+                            Value::Array(entries) => {
+                                for e in &entries {
+                                    self.0.extend(buc_entry(&id, e));
+                                }
+                            }
+                            e @ Value::Object(_) => self.0.extend(buc_entry(&id, &e)),
+                            _ => {}
+                        }
+                    }
+                    Ok(())
+                }
+            }
+            let mut out = Vec::new();
+            let mut de = serde_json::Deserializer::from_str(v);
+            let _ = (&mut de).deserialize_map(Members(&mut out));
+            out
+        }
+    }
+
+    /// JSON text for a usage member value: numbers, numeric and other strings, null, bools,
+    /// arrays and objects. (Not numbers beyond f64: see
+    /// `a_number_beyond_f64_spoils_only_a_member_that_is_read`.)
+    fn usage_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            (0u32..300).prop_map(|n| n.to_string()),
+            (-50i32..0).prop_map(|n| n.to_string()),
+            (0.0f64..300.0).prop_map(|n| format!("{n}")),
+            (0u32..300).prop_map(|n| format!("\" {n} \"")),
+            Just("\"lots\"".to_string()),
+            Just("\"-3\"".to_string()),
+            Just("\"inf\"".to_string()),
+            Just("\"pages\"".to_string()),
+            Just("null".to_string()),
+            Just("true".to_string()),
+            Just("[1,\"2\"]".to_string()),
+            Just("{\"call_count\":1}".to_string()),
+        ]
+    }
+
+    /// A usage object's text: known members (one spelled with an escape), unknown ones and
+    /// repeats, in any order.
+    fn usage_object() -> impl Strategy<Value = String> {
+        let name = prop_oneof![
+            Just("type"),
+            Just("call_count"),
+            Just("total_time"),
+            Just("total_cputime"),
+            Just("estimated_time_to_regain_access"),
+            Just("call\\u005fcount"),
+            Just("ads_api_access_tier"),
+        ];
+        prop::collection::vec((name, usage_value()), 0..7).prop_map(|members| {
+            let inner: Vec<String> = members
+                .iter()
+                .map(|(n, v)| format!("\"{n}\":{v}"))
+                .collect();
+            format!("{{{}}}", inner.join(","))
+        })
+    }
+
+    /// A whole `X-Business-Use-Case-Usage` text: ids (some repeated) with arrays of entries
+    /// (some not objects), bare objects or scalars.
+    fn buc_text() -> impl Strategy<Value = String> {
+        let element = prop_oneof![
+            4 => usage_object(),
+            1 => usage_value(),
+        ];
+        let value = prop_oneof![
+            4 => prop::collection::vec(element, 0..4).prop_map(|e| format!("[{}]", e.join(","))),
+            2 => usage_object(),
+            1 => usage_value(),
+        ];
+        let id = prop_oneof![Just("1001".to_string()), "[0-9]{1,4}"];
+        prop::collection::vec((id, value), 0..5).prop_map(|members| {
+            let inner: Vec<String> = members
+                .iter()
+                .map(|(id, v)| format!("\"{id}\":{v}"))
+                .collect();
+            format!("{{{}}}", inner.join(","))
+        })
+    }
+
     proptest! {
+        #[test]
+        fn prop_buc_reads_as_the_value_based_parser(text in buc_text(), cut in 0usize..400) {
+            prop_assert_eq!(parse_buc_usage(&text), reference::parse_buc_usage(&text), "{}", text);
+            // What comes before a syntax error (a truncated header) too.
+            let mut end = cut.min(text.len());
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            let prefix = &text[..end];
+            prop_assert_eq!(parse_buc_usage(prefix), reference::parse_buc_usage(prefix), "{}", prefix);
+        }
+
+        #[test]
+        fn prop_app_usage_reads_as_the_value_based_parser(text in prop_oneof![usage_object(), usage_value(), buc_text()]) {
+            prop_assert_eq!(parse_app_usage(&text), reference::parse_app_usage(&text), "{}", text);
+        }
+
         #[test]
         fn prop_parsers_never_panic_on_strings(s in "\\PC{0,80}") {
             let _ = parse_app_usage(&s);
