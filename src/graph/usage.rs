@@ -28,6 +28,30 @@ impl Usage {
     }
 }
 
+/// A visitor's answer to any JSON scalar (bool, number, string, null): `$value`.
+macro_rules! scalars_are {
+    ($value:expr) => {
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+    };
+}
+
 /// A usage value as sent, read without building a `serde_json::Value`: Meta's usage headers
 /// are parsed on every upstream reply.
 #[derive(Debug, Clone, PartialEq)]
@@ -192,24 +216,7 @@ impl<'de> Deserialize<'de> for MaybeUsageObject {
                 while seq.next_element::<IgnoredAny>()?.is_some() {}
                 Ok(MaybeUsageObject(None))
             }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<MaybeUsageObject, E> {
-                Ok(MaybeUsageObject(None))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<MaybeUsageObject, E> {
-                Ok(MaybeUsageObject(None))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<MaybeUsageObject, E> {
-                Ok(MaybeUsageObject(None))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<MaybeUsageObject, E> {
-                Ok(MaybeUsageObject(None))
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<MaybeUsageObject, E> {
-                Ok(MaybeUsageObject(None))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<MaybeUsageObject, E> {
-                Ok(MaybeUsageObject(None))
-            }
+            scalars_are!(MaybeUsageObject(None));
         }
         d.deserialize_any(ObjectVisitor)
     }
@@ -285,24 +292,7 @@ impl<'de> Visitor<'de> for BucSeed<'_> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
         Ok(())
     }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        Ok(())
-    }
+    scalars_are!(());
 }
 
 /// The entries under one business id: an array of them, or a bare object; anything else
@@ -327,24 +317,7 @@ impl<'de> Deserialize<'de> for BucEntries {
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<BucEntries, A::Error> {
                 Ok(BucEntries(vec![UsageObject::read(map)?]))
             }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<BucEntries, E> {
-                Ok(BucEntries(Vec::new()))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<BucEntries, E> {
-                Ok(BucEntries(Vec::new()))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<BucEntries, E> {
-                Ok(BucEntries(Vec::new()))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<BucEntries, E> {
-                Ok(BucEntries(Vec::new()))
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<BucEntries, E> {
-                Ok(BucEntries(Vec::new()))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<BucEntries, E> {
-                Ok(BucEntries(Vec::new()))
-            }
+            scalars_are!(BucEntries(Vec::new()));
         }
         d.deserialize_any(EntriesVisitor)
     }
