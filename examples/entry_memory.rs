@@ -87,6 +87,7 @@ fn main() {
             stale_if_error: Duration::from_secs(600),
             compress: std::env::var_os("GG_NO_COMPRESS").is_none(),
             project_fields: true,
+            recall_hits: true,
             union_window: Duration::ZERO,
             merge_window: Duration::ZERO,
             rules: Vec::new(),

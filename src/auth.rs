@@ -11,6 +11,7 @@
 //! a lookup is one atomic load, no lock.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -53,7 +54,12 @@ impl Client {
 struct Clients {
     by_digest: HashMap<KeyDigest, Arc<Client>>,
     by_subject: HashMap<String, Arc<Client>>,
+    /// Which set this is: every set built gets a new number (see [`ClientRegistry::generation`]).
+    generation: u64,
 }
+
+/// The number of the next client set built.
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
 
 /// Every known client; replaced as a whole on reload.
 #[derive(Debug, Default)]
@@ -63,7 +69,10 @@ pub struct ClientRegistry {
 
 impl Clients {
     fn new(clients: &[ClientConfig]) -> Clients {
-        let mut out = Clients::default();
+        let mut out = Clients {
+            generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
+            ..Clients::default()
+        };
         for c in clients {
             let client = Arc::new(Client {
                 name: c.name.clone(),
@@ -93,6 +102,12 @@ impl ClientRegistry {
     /// keep the `Arc<Client>` they hold; later lookups see only the new set.
     pub fn replace(&self, clients: &[ClientConfig]) {
         self.current.store(Arc::new(Clients::new(clients)));
+    }
+
+    /// The number of the current client set: it changes whenever a reload swaps the set,
+    /// so whatever was worked out from the clients (`crate::stack::recall`) knows it is stale.
+    pub fn generation(&self) -> u64 {
+        self.current.load().generation
     }
 
     /// Finds the client for a presented key (by its digest; see the module docs on timing).

@@ -18,6 +18,7 @@ mod cached;
 mod exchange;
 mod fleet;
 mod members;
+mod recall;
 mod webhook;
 
 use crate::auth::{self, Client, ClientRegistry};
@@ -34,8 +35,9 @@ use crate::rewrite;
 use crate::tokens::{Injected, Tokens};
 use crate::upstream::{Reply, Upstream, UpstreamRequest};
 use crate::webhooks::Webhooks;
-pub(crate) use cached::ReadStart;
+pub(crate) use cached::{ReadStart, Served};
 pub use exchange::{Admitted, Answer, Parsed, Record};
+pub use recall::{Recall, RecallKey};
 
 pub use crate::graph::call::{parse_call, Call, CallStats};
 
@@ -88,6 +90,8 @@ pub struct Gateway {
     pub quota: Scheduler,
     pub metrics: Arc<Metrics>,
     pub cache: Cache,
+    /// What parse and admission made of the hits each worker served (`[cache] recall_hits`).
+    pub recall: Option<Recall>,
     /// The Meta Webhooks endpoint, when configured.
     webhooks: Option<Webhooks>,
     draining: AtomicBool,
@@ -124,6 +128,7 @@ impl Gateway {
             quota: Scheduler::with_redis(&config.quota, metrics.clone(), redis, &config.redis),
             public_url,
             cache,
+            recall: config.cache.recall_hits.then(Recall::default),
             metrics,
             draining: AtomicBool::new(false),
             in_flight: Arc::default(),
@@ -170,7 +175,9 @@ impl Gateway {
                     Err(e) => a.reject(e),
                 }
             }
-            ReadStart::Served(s) => a.answer(s.response, s.cache, s.upstream_ms),
+            ReadStart::Served(s) | ReadStart::Hit(s, _) => {
+                a.answer(s.response, s.cache, s.upstream_ms)
+            }
             ReadStart::Uncached => self.upstream(a).await,
         }
     }
@@ -525,11 +532,15 @@ pub(crate) fn log_page(call: &Call) -> Option<String> {
     if !tracing::enabled!(tracing::Level::INFO) {
         return None;
     }
+    named_page(call).map(str::to_string)
+}
+
+/// The Page a request log line names, whether or not the line is written.
+pub(crate) fn named_page(call: &Call) -> Option<&str> {
     call.stats
         .charged_page()
         .or(call.quota_hints.page.as_deref())
         .or_else(|| call.page())
-        .map(str::to_string)
 }
 
 /// The node a request log line names. `None` when the line will not be written.

@@ -10,13 +10,15 @@
 //!    log line, from the request's record.
 //! 4. [`webhook`]: the Meta Webhooks endpoint, when configured; every other request goes on.
 //! 5. [`limits`]: draining, head size, the body read within its size and time limits.
-//! 6. [`parse`]: the request as Graph reads it (a `Call`).
-//! 7. [`admit`]: authenticate the client, authorize everything the call asks for.
-//! 8. [`read_through`]: cache lookup (a hit is answered here), coalesced fills for misses.
-//! 9. [`upstream`]: token, per-Page quota admission, the call to Graph with retry and
-//!    breaker, learning from usage headers, invalidation after writes.
+//! 6. [`recall`]: a request this worker served from the cache before, byte for byte, is
+//!    answered from what parse and admission made of it then, while its entry is fresh.
+//! 7. [`parse`]: the request as Graph reads it (a `Call`).
+//! 8. [`admit`]: authenticate the client, authorize everything the call asks for.
+//! 9. [`read_through`]: cache lookup (a hit is answered here), coalesced fills for misses.
+//! 10. [`upstream`]: token, per-Page quota admission, the call to Graph with retry and
+//!     breaker, learning from usage headers, invalidation after writes.
 //!
-//! Stages 4–9 answer with a [`stage::Staged`]: a hit is answered without allocating a
+//! Stages 4–10 answer with a [`stage::Staged`]: a hit is answered without allocating a
 //! future; what has to wait is boxed once. The state they share is the gateway
 //! ([`crate::proxy::Gateway`]): configuration, clients, tokens, cache, quota, upstream.
 
@@ -38,6 +40,7 @@ pub mod admit;
 pub mod limits;
 pub mod parse;
 pub mod read_through;
+pub mod recall;
 pub mod respond;
 pub mod shed;
 pub mod stage;
@@ -51,6 +54,7 @@ use admit::Admit;
 use limits::Limits;
 use parse::Parse;
 use read_through::ReadThrough;
+use recall::RecallStage;
 use respond::Respond;
 use shed::ShedLayer;
 use trace::{TraceLayer, Traced};
@@ -128,6 +132,7 @@ where
         .layer_fn(|inner| Respond::new(inner, gateway.clone()))
         .layer_fn(|inner| WebhookRoute::new(inner, gateway.clone()))
         .layer_fn(|inner| Limits::new(inner, gateway.clone()))
+        .layer_fn(|inner| RecallStage::new(inner, gateway.clone()))
         .layer_fn(Parse::new)
         .layer_fn(|inner| Admit::new(inner, gateway.clone()))
         .layer_fn(|inner| ReadThrough::new(inner, gateway.clone()))

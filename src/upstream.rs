@@ -113,6 +113,15 @@ thread_local! {
     static POOL_SLOT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
+/// The calling thread's worker slot: 1 and up on a worker thread, 0 elsewhere (what other
+/// per-worker state, such as `crate::stack::recall`, indexes by). Below [`WORKER_SLOTS`].
+pub(crate) fn worker_slot() -> usize {
+    POOL_SLOT.with(std::cell::Cell::get)
+}
+
+/// How many worker slots there are.
+pub(crate) const WORKER_SLOTS: usize = POOL_SLOTS;
+
 /// Makes the calling thread take its upstream connections from pool `slot` (workers are
 /// numbered from 1; slots wrap past [`POOL_SLOTS`]).
 pub fn use_pool_slot(slot: usize) {

@@ -127,6 +127,7 @@ mod tests {
             stale_if_error: Duration::from_secs(600),
             compress: true,
             project_fields: true,
+            recall_hits: true,
             union_window: Duration::ZERO,
             merge_window: Duration::ZERO,
             rules: rules

@@ -15,6 +15,7 @@ pub(super) struct RawCache {
     stale_if_error_s: u64,
     compress: bool,
     project_fields: bool,
+    recall_hits: bool,
     union_window_ms: u64,
     merge_window_ms: u64,
     rules: Vec<RawCacheRule>,
@@ -29,6 +30,7 @@ impl Default for RawCache {
             stale_if_error_s: 600,
             compress: true,
             project_fields: true,
+            recall_hits: true,
             union_window_ms: 0,
             merge_window_ms: 0,
             rules: Vec::new(),
@@ -65,6 +67,9 @@ pub struct CacheConfig {
     /// Answer a node read for some fields from a stored reply for more of them
     /// (`[cache] project_fields`, default on).
     pub project_fields: bool,
+    /// Each worker remembers what parse and admission made of the hits it served, and
+    /// answers the same request bytes again from that (`[cache] recall_hits`, default on).
+    pub recall_hits: bool,
     /// How long the first miss for a node gathers other misses' fields into its call
     /// (`[cache] union_window_ms`, default 0: only calls already in flight are shared).
     pub union_window: Duration,
@@ -107,6 +112,7 @@ impl RawCache {
             stale_if_error: Duration::from_secs(self.stale_if_error_s),
             compress: self.compress,
             project_fields: self.project_fields,
+            recall_hits: self.recall_hits,
             union_window: Duration::from_millis(self.union_window_ms),
             merge_window: Duration::from_millis(self.merge_window_ms),
             rules,

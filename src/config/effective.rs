@@ -161,6 +161,7 @@ pub fn to_toml(c: &Config) -> String {
         ("stale_if_error_s", Some(secs(ca.stale_if_error))),
         ("compress", Some(Value::Boolean(ca.compress))),
         ("project_fields", Some(Value::Boolean(ca.project_fields))),
+        ("recall_hits", Some(Value::Boolean(ca.recall_hits))),
         (
             "union_window_ms",
             Some(int(ca.union_window.as_millis() as u64)),

@@ -39,7 +39,9 @@ const FILL_MARGIN: Duration = Duration::from_secs(1);
 
 /// Where a read stands after [`Gateway::start_read`].
 pub(crate) enum ReadStart {
-    /// Answered from the in-process cache.
+    /// A fresh entry in the in-process cache answered it; the key it was stored under.
+    Hit(Served, CacheKey),
+    /// Answered from the in-process cache (an entry served stale while one refresh runs).
     Served(Served),
     /// Not cacheable: the call goes upstream uncached.
     Uncached,
@@ -164,19 +166,8 @@ impl Gateway {
                     self.cache.policy.stale_if_error,
                 ) {
                     Freshness::Fresh => {
-                        self.cache.count(CacheResult::Hit);
-                        let status = CacheStatus::Hit {
-                            ttl: e.ttl_left_s(now),
-                        };
-                        let response = reply_from(e, &caller, status, Some(now), Origin::Cached)?;
-                        if e.became_hot() {
-                            self.cache.store_plain(&key, e);
-                        }
-                        return Ok(ReadStart::Served(Served {
-                            response,
-                            cache: status.result(),
-                            upstream_ms: None,
-                        }));
+                        let served = self.fresh_reply(&key, e, &caller, now)?;
+                        return Ok(ReadStart::Hit(served, key));
                     }
                     Freshness::StaleRevalidate => {
                         self.cache.count(CacheResult::Stale);
@@ -213,6 +204,60 @@ impl Gateway {
             identity,
             now,
         })))
+    }
+
+    /// A fresh entry's reply, counted as a hit; the entry moves to the fast shard when it
+    /// became hot.
+    fn fresh_reply(
+        &self,
+        key: &CacheKey,
+        e: &Arc<Entry>,
+        caller: &Caller,
+        now: Instant,
+    ) -> Result<Served, ProxyError> {
+        self.cache.count(CacheResult::Hit);
+        let status = CacheStatus::Hit {
+            ttl: e.ttl_left_s(now),
+        };
+        let response = reply_from(e, caller, status, Some(now), Origin::Cached)?;
+        if e.became_hot() {
+            self.cache.store_plain(key, e);
+        }
+        Ok(Served {
+            response,
+            cache: status.result(),
+            upstream_ms: None,
+        })
+    }
+
+    /// The hit [`Gateway::start_read`] would answer for a read whose cache key is already
+    /// known (`crate::stack::recall`): the fresh entry under `key`, unless the request's
+    /// cache directives ask for more. `None`: take the whole read path.
+    pub(crate) fn recalled_hit(
+        &self,
+        key: &CacheKey,
+        headers: &HeaderMap,
+        client_key: &str,
+    ) -> Option<Result<Served, ProxyError>> {
+        if request_directive(headers) != Directive::Normal {
+            return None;
+        }
+        let e = self.cache.get(key)?;
+        let now = Instant::now();
+        let fresh = e.freshness(
+            now,
+            self.cache.policy.stale_while_revalidate,
+            self.cache.policy.stale_if_error,
+        );
+        if !matches!(fresh, Freshness::Fresh) {
+            return None;
+        }
+        let caller = Caller {
+            key: client_key,
+            if_none_match: headers.get(header::IF_NONE_MATCH),
+            budget: self.upstream.reply_budget(),
+        };
+        Some(self.fresh_reply(key, &e, &caller, now))
     }
 
     /// The rest of a read [`Gateway::start_read`] could not answer: member reads (`ids=`,

@@ -39,6 +39,12 @@ impl<S: Stage<Admitted>> Service<Admitted> for ReadThrough<S> {
         let version = gw.version_of(&a.call);
         match gw.start_read(&a.call, version, &a.parts.headers, &a.key) {
             Err(e) => Staged::now(a.reject(e)),
+            Ok(ReadStart::Hit(s, key)) => {
+                if let Some(recall) = &gw.recall {
+                    recall.remember(&a, key);
+                }
+                Staged::now(a.answer(s.response, s.cache, s.upstream_ms))
+            }
             Ok(ReadStart::Served(s)) => Staged::now(a.answer(s.response, s.cache, s.upstream_ms)),
             Ok(ReadStart::Uncached) => self.inner.call(a),
             Ok(pending) => Staged::later(gw.owned().after_lookup(a, pending)),

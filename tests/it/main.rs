@@ -18,6 +18,7 @@ mod layering;
 mod observability;
 mod projection;
 mod quota;
+mod recall;
 mod redis;
 mod redis_topologies;
 mod security;
