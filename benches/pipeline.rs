@@ -30,7 +30,9 @@ const UPSTREAM_LATENCY: Duration = Duration::from_millis(20);
 const HIT_URL: &str = "/v21.0/1001?fields=id,name,about,fan_count,category";
 
 /// One L1 hit through the whole pipeline: limits, parse, authenticate, authorize, key,
-/// lookup, reply headers, metrics, request log.
+/// lookup, reply headers, metrics, request log; from the second request of the same bytes
+/// on, the recall stage answers it without parse, admission and key (`[cache] recall_hits`),
+/// and the last bench turns that off.
 fn l1_hit(c: &mut Criterion) {
     let rt = current_thread();
     let graph = rt.block_on(common::fake_graph());
@@ -58,6 +60,31 @@ fn l1_hit(c: &mut Criterion) {
             ));
             let traced = graphgate::stack::trace::Traced { request, context };
             graphgate::stack::call_ready(&mut stages, traced)
+        })
+    });
+    // The same with `[cache] recall_hits = false`: every hit parsed, admitted and keyed again
+    // (the stages above recall it from the first hit on).
+    let full = Arc::new(
+        graphgate::proxy::Gateway::new(
+            common::config(&graph.url(), "[cache]\nrecall_hits = false\n"),
+            "http://graphgate.bench".into(),
+            Arc::new(graphgate::metrics::Metrics::new()),
+        )
+        .expect("gateway builds"),
+    );
+    for _ in 0..2 {
+        rt.block_on(graphgate::stack::handle(&full, common::get(HIT_URL)));
+    }
+    let mut full_stages = graphgate::stack::stages(graphgate::stack::GatewayHandle::new(&full));
+    g.bench_function("stages built once, recall_hits = false", |b| {
+        b.to_async(&rt).iter(|| {
+            let request = common::get(HIT_URL);
+            let context = Arc::new(graphgate::tracecontext::RequestContext::from_headers(
+                request.headers(),
+                None,
+            ));
+            let traced = graphgate::stack::trace::Traced { request, context };
+            graphgate::stack::call_ready(&mut full_stages, traced)
         })
     });
     for level in ["warn", "info"] {

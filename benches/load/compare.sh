@@ -9,6 +9,10 @@
 #   - the floor: nginx answering the same body with the same Content-Type straight from
 #     memory (`return 200 '...'`, no proxy, no cache), the least a server can do per reply
 #     (checked byte for byte against the upstream's reply before measuring);
+#   - the hyper floor: examples/hyper_floor, graphgate's server layout (a current-thread
+#     runtime per worker, SO_REUSEPORT, hyper-util's auto builder, mimalloc) answering the
+#     same body from memory: what hyper and tokio cost per reply, so a hit's CPU splits into
+#     theirs and what graphgate adds;
 #   - with GG_BASELINE=/path/to/graphgate (a build of an older commit): a second graphgate,
 #     the same config, on its own port in front of the same upstream, measured as the
 #     target "graphgate-baseline" in the same hit rounds and miss-overhead run, so before
@@ -46,8 +50,8 @@
 #   GG_BASELINE=/tmp/old/target/release/graphgate benches/load/compare.sh
 #   TARGETS="graphgate nginx floor" SKIP_BURST=1 SKIP_RSS=1 benches/load/compare.sh
 # TARGETS picks the hit (and miss-overhead) targets among: graphgate, graphgate-baseline
-# (needs GG_BASELINE), nginx, varnish, floor; default all (the baseline when GG_BASELINE is
-# set); they run in that order within a round whatever the order given. SKIP_BURST=1 skips
+# (needs GG_BASELINE), nginx, varnish, floor, hyper-floor; default all (the baseline when
+# GG_BASELINE is set); they run in that order within a round whatever the order given. SKIP_BURST=1 skips
 # the fan-in (and its rows), SKIP_RSS=1 the RSS phase (filling 1 M entries takes minutes);
 # targets not run print "-".
 # The table reads its arrays by name (row), which shellcheck does not follow:
@@ -66,15 +70,15 @@ SKIP_RSS=${SKIP_RSS:-0}
 SKIP_H2C=${SKIP_H2C:-0}
 IDLE_CONNS=${IDLE_CONNS:-}
 if [ -z "${TARGETS:-}" ]; then
-    TARGETS="graphgate nginx varnish floor"
+    TARGETS="graphgate nginx varnish floor hyper-floor"
     [ -z "$GG_BASELINE" ] || TARGETS+=" graphgate-baseline"
 fi
 read -ra TARGET_LIST <<<"$TARGETS"
 for t in "${TARGET_LIST[@]}"; do
     case $t in
-        graphgate | nginx | varnish | floor) ;;
+        graphgate | nginx | varnish | floor | hyper-floor) ;;
         graphgate-baseline) [ -n "$GG_BASELINE" ] || { echo "compare.sh: TARGETS names graphgate-baseline but GG_BASELINE is not set" >&2; exit 1; } ;;
-        *) echo "compare.sh: unknown target '$t' in TARGETS (graphgate, graphgate-baseline, nginx, varnish, floor)" >&2; exit 1 ;;
+        *) echo "compare.sh: unknown target '$t' in TARGETS (graphgate, graphgate-baseline, nginx, varnish, floor, hyper-floor)" >&2; exit 1 ;;
     esac
 done
 [ ${#TARGET_LIST[@]} -gt 0 ] || { echo "compare.sh: TARGETS is empty" >&2; exit 1; }
@@ -106,10 +110,11 @@ fi
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 echo "building graphgate and the burst client (release)..." >&2
-(cd "$ROOT" && cargo build --release --quiet --bin graphgate --example burst --example idle_conns)
+(cd "$ROOT" && cargo build --release --quiet --bin graphgate --example burst --example idle_conns --example hyper_floor)
 GG="$TARGET/release/graphgate"
 BURST_BIN="$TARGET/release/examples/burst"
 IDLE_BIN="$TARGET/release/examples/idle_conns"
+HYPER_FLOOR_BIN="$TARGET/release/examples/hyper_floor"
 
 WORK=$(mktemp -d /tmp/gg-compare.XXXXXX)
 chmod 755 "$WORK"   # Varnish's worker process runs as its own user and must reach its -n dir
@@ -142,6 +147,7 @@ P_F_GG=$((PORT_BASE + 12))
 P_GG_BASE=$((PORT_BASE + 13))       # baseline graphgate -> static (admin +14), with GG_BASELINE
 P_NGINX_H2=$((PORT_BASE + 15))      # nginx proxy_cache over h2c (graphgate serves h2c on its own port)
 P_FLOOR_H2=$((PORT_BASE + 16))      # the floor over h2c
+P_HYPER_FLOOR=$((PORT_BASE + 17))   # examples/hyper_floor with the same body (h1 and h2c)
 
 KEY=cmp-client-key
 FAKE_TOKEN=demo-system-user-token   # what `graphgate fake-graph` accepts
@@ -318,13 +324,16 @@ F_VARNISH_PID=$(start_fake "$P_F_VARNISH" "$WORK/logs/f-varnish.log"); PIDS+=("$
 F_GG_PID=$(start_fake "$P_F_GG" "$WORK/logs/f-gg.log"); PIDS+=("$F_GG_PID")
 "$GG" --config "$WORK/gg-slow.toml" serve >"$WORK/logs/gg-slow.out" 2>&1 &
 GG_SLOW_PID=$!; PIDS+=("$GG_SLOW_PID")
+printf '%s' "$BODY" >"$WORK/body.json"
+"$HYPER_FLOOR_BIN" "127.0.0.1:$P_HYPER_FLOOR" "$WORK/body.json" 2 >"$WORK/logs/hyper-floor.out" 2>&1 &
+HYPER_FLOOR_PID=$!; PIDS+=("$HYPER_FLOOR_PID")
 GG_BASE_PID=
 if [ -n "$GG_BASELINE" ]; then
     "$GG_BASELINE" --config "$WORK/gg-baseline.toml" serve >"$WORK/logs/gg-baseline.out" 2>&1 &
     GG_BASE_PID=$!; PIDS+=("$GG_BASE_PID")
     wait_port "$P_GG_BASE"
 fi
-for p in $P_STATIC $P_NGINX $P_VARNISH $P_GG $P_FLOOR $P_NGINX_H2 $P_FLOOR_H2 $P_NGINX_SLOW $P_VARNISH_SLOW $P_GG_SLOW $P_F_NGINX $P_F_VARNISH $P_F_GG; do
+for p in $P_STATIC $P_NGINX $P_VARNISH $P_GG $P_FLOOR $P_HYPER_FLOOR $P_NGINX_H2 $P_FLOOR_H2 $P_NGINX_SLOW $P_VARNISH_SLOW $P_GG_SLOW $P_F_NGINX $P_F_VARNISH $P_F_GG; do
     wait_port "$p"
 done
 
@@ -387,6 +396,7 @@ URL_V="http://127.0.0.1:$P_VARNISH$NODE_PATH&access_token=$KEY"
 URL_G="http://127.0.0.1:$P_GG$NODE_PATH&access_token=$KEY"
 URL_F="http://127.0.0.1:$P_FLOOR$NODE_PATH&access_token=$KEY"
 URL_B="http://127.0.0.1:$P_GG_BASE$NODE_PATH&access_token=$KEY"
+URL_H="http://127.0.0.1:$P_HYPER_FLOOR$NODE_PATH&access_token=$KEY"
 URL_DIRECT="http://127.0.0.1:$P_STATIC$NODE_PATH&access_token=$KEY"
 
 # The floor must send what the upstream sends: the same body, byte for byte, and the same
@@ -403,20 +413,26 @@ if [ "$(ctype "$WORK/direct.h")" != "$(ctype "$WORK/floor.h")" ] || [ -z "$(ctyp
     echo "compare.sh: Content-Type differs: upstream '$(ctype "$WORK/direct.h")', floor '$(ctype "$WORK/floor.h")'" >&2
     exit 1
 fi
+curl -sf -D "$WORK/hyper-floor.h" -o "$WORK/hyper-floor.body" "$URL_H"
+if ! cmp -s "$WORK/direct.body" "$WORK/hyper-floor.body" ||
+    [ "$(ctype "$WORK/direct.h" | tr '[:upper:]' '[:lower:]')" != "$(ctype "$WORK/hyper-floor.h" | tr '[:upper:]' '[:lower:]')" ]; then
+    echo "compare.sh: the hyper floor's reply differs from the upstream's" >&2
+    exit 1
+fi
 
 # The floor shares the nginx master with the proxy_cache server; only one of them is
 # loaded at a time, so the tree's CPU is the loaded one's.
-declare -A PID_OF=([nginx]=$NGINX_PID [varnish]=$VARNISH_PID [graphgate]=$GG_PID [floor]=$NGINX_PID)
-declare -A URL_OF=([nginx]=$URL_N [varnish]=$URL_V [graphgate]=$URL_G [floor]=$URL_F)
+declare -A PID_OF=([nginx]=$NGINX_PID [varnish]=$VARNISH_PID [graphgate]=$GG_PID [floor]=$NGINX_PID [hyper-floor]=$HYPER_FLOOR_PID)
+declare -A URL_OF=([nginx]=$URL_N [varnish]=$URL_V [graphgate]=$URL_G [floor]=$URL_F [hyper-floor]=$URL_H)
 if [ -n "$GG_BASELINE" ]; then
     PID_OF[graphgate-baseline]=$GG_BASE_PID; URL_OF[graphgate-baseline]=$URL_B
 fi
 HIT_TARGETS=()    # those of TARGETS, in this order
-for s in nginx varnish graphgate graphgate-baseline floor; do
+for s in nginx varnish graphgate graphgate-baseline floor hyper-floor; do
     if selected "$s"; then HIT_TARGETS+=("$s"); fi
 done
-MISS_TARGETS=()   # the hit targets that are caches (not the floor)
-for s in "${HIT_TARGETS[@]}"; do [ "$s" = floor ] || MISS_TARGETS+=("$s"); done
+MISS_TARGETS=()   # the hit targets that are caches (not the floors)
+for s in "${HIT_TARGETS[@]}"; do case $s in floor | hyper-floor) ;; *) MISS_TARGETS+=("$s") ;; esac; done
 
 for s in "${HIT_TARGETS[@]}"; do
     for _ in 1 2 3; do curl -sf -o /dev/null "${URL_OF[$s]}"; done
@@ -510,9 +526,9 @@ if [ "$SKIP_H2C" = 1 ] || [ -z "$H2LOAD" ]; then
     echo "h2c hits: skipped ($([ -z "$H2LOAD" ] && echo "h2load not installed: apt-get install nghttp2-client" || echo SKIP_H2C=1))" >&2
     SKIP_H2C=1
 else
-    declare -A H2_URL=([graphgate]=$URL_G [nginx]="http://127.0.0.1:$P_NGINX_H2$NODE_PATH&access_token=$KEY" [floor]="http://127.0.0.1:$P_FLOOR_H2$NODE_PATH&access_token=$KEY")
+    declare -A H2_URL=([graphgate]=$URL_G [nginx]="http://127.0.0.1:$P_NGINX_H2$NODE_PATH&access_token=$KEY" [floor]="http://127.0.0.1:$P_FLOOR_H2$NODE_PATH&access_token=$KEY" [hyper-floor]=$URL_H)
     H2_TARGETS=()
-    for s in nginx graphgate floor; do if selected "$s"; then H2_TARGETS+=("$s"); fi; done
+    for s in nginx graphgate floor hyper-floor; do if selected "$s"; then H2_TARGETS+=("$s"); fi; done
     echo "h2c hits: $ROUNDS rounds x ${HIT_SECONDS}s per target (${H2_TARGETS[*]}), $CONNS connections" >&2
     hit_rounds h2_run H2_ H2_URL "${H2_TARGETS[@]}"
 fi
@@ -585,15 +601,15 @@ fi
 # --- the table ---------------------------------------------------------------------------------
 # a / b to two places; "-" when either is not a number or b is 0.
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ n = "^-?[0-9]+([.][0-9]*)?$"; if (a !~ n || b !~ n || b + 0 == 0) print "-"; else printf "%.2f", a / b }'; }
-COLS=(graphgate nginx varnish floor)
+COLS=(graphgate nginx varnish floor hyper-floor)
 GGS=()   # the graphgates the summary lines are for
 for g in graphgate graphgate-baseline; do if selected "$g"; then GGS+=("$g"); fi; done
 RATIO_HEADS=("gg/nginx" "gg/Varnish")
 if [ -n "$GG_BASELINE" ]; then
-    COLS=(graphgate graphgate-baseline nginx varnish floor)
+    COLS=(graphgate graphgate-baseline nginx varnish floor hyper-floor)
     RATIO_HEADS+=("gg/baseline")
 fi
-declare -A HEAD=([graphgate]=graphgate [graphgate-baseline]=gg-baseline [nginx]=nginx [varnish]=Varnish [floor]="nginx floor")
+declare -A HEAD=([graphgate]=graphgate [graphgate-baseline]=gg-baseline [nginx]=nginx [varnish]=Varnish [floor]="nginx floor" [hyper-floor]="hyper floor")
 row() { # label array-name: one value per column from the array ("-" where unmeasured)
     local -n v=$2
     local c
@@ -607,6 +623,7 @@ echo
 echo "graphgate vs nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///') proxy_cache vs Varnish $("$VARNISHD" -V 2>&1 | head -1 | sed 's/.*varnish-\([0-9.]*\).*/\1/'), loopback, $(nproc) cores; load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "body ${BODY_BYTES} B; hits: wrk -t2 -c$CONNS, ${ROUNDS}x${HIT_SECONDS}s per target alternating; fan-in: $BURST at once, 200 ms upstream"
 echo "nginx floor: the same body and Content-Type by nginx \`return 200\` from memory (no proxy, no cache)"
+echo "hyper floor: the same body from memory by examples/hyper_floor (graphgate's server layout, no stack, no cache)"
 [ -z "$GG_BASELINE" ] || echo "gg-baseline: $GG_BASELINE, same config, hits and miss overhead only"
 echo
 printf '| %-44s |' "measure"
@@ -636,7 +653,7 @@ if [ "$SKIP_H2C" != 1 ]; then
 fi
 echo
 for g in "${GGS[@]}"; do
-    echo "$g: CPU per hit / floor CPU per reply $(ratio "${CPU_US[$g]:--}" "${CPU_US[floor]:--}"); CPU per hit / nginx proxy_cache's $(ratio "${CPU_US[$g]:--}" "${CPU_US[nginx]:--}"); hit req/s / nginx proxy_cache's $(ratio "${RPS[$g]:--}" "${RPS[nginx]:--}")"
+    echo "$g: CPU per hit / floor CPU per reply $(ratio "${CPU_US[$g]:--}" "${CPU_US[floor]:--}"); / hyper floor's $(ratio "${CPU_US[$g]:--}" "${CPU_US[hyper-floor]:--}"); CPU per hit / nginx proxy_cache's $(ratio "${CPU_US[$g]:--}" "${CPU_US[nginx]:--}"); hit req/s / nginx proxy_cache's $(ratio "${RPS[$g]:--}" "${RPS[nginx]:--}")"
 done
 echo "direct to the static upstream, unique keys, 1 connection: p50 ${MISS_DIRECT} ms"
 if [ ${#IDLE_LIST[@]} -gt 0 ]; then
