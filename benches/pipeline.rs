@@ -29,6 +29,16 @@ const UPSTREAM_LATENCY: Duration = Duration::from_millis(20);
 
 const HIT_URL: &str = "/v21.0/1001?fields=id,name,about,fan_count,category";
 
+/// The hit request as the trace layer hands it to the stages.
+fn traced_hit() -> graphgate::stack::trace::Traced<http_body_util::Full<Bytes>> {
+    let request = common::get(HIT_URL);
+    let context = Arc::new(graphgate::tracecontext::RequestContext::from_headers(
+        request.headers(),
+        None,
+    ));
+    graphgate::stack::trace::Traced { request, context }
+}
+
 /// One L1 hit through the whole pipeline: limits, parse, authenticate, authorize, key,
 /// lookup, reply headers, metrics, request log; from the second request of the same bytes
 /// on, the recall stage answers it without parse, admission and key (`[cache] recall_hits`),
@@ -52,15 +62,8 @@ fn l1_hit(c: &mut Criterion) {
     // (they are always ready).
     let mut stages = graphgate::stack::stages(graphgate::stack::GatewayHandle::new(&gw));
     g.bench_function("stages built once", |b| {
-        b.to_async(&rt).iter(|| {
-            let request = common::get(HIT_URL);
-            let context = Arc::new(graphgate::tracecontext::RequestContext::from_headers(
-                request.headers(),
-                None,
-            ));
-            let traced = graphgate::stack::trace::Traced { request, context };
-            graphgate::stack::call_ready(&mut stages, traced)
-        })
+        b.to_async(&rt)
+            .iter(|| graphgate::stack::call_ready(&mut stages, traced_hit()))
     });
     // The same with `[cache] recall_hits = false`: every hit parsed, admitted and keyed again
     // (the stages above recall it from the first hit on).
@@ -77,15 +80,8 @@ fn l1_hit(c: &mut Criterion) {
     }
     let mut full_stages = graphgate::stack::stages(graphgate::stack::GatewayHandle::new(&full));
     g.bench_function("stages built once, recall_hits = false", |b| {
-        b.to_async(&rt).iter(|| {
-            let request = common::get(HIT_URL);
-            let context = Arc::new(graphgate::tracecontext::RequestContext::from_headers(
-                request.headers(),
-                None,
-            ));
-            let traced = graphgate::stack::trace::Traced { request, context };
-            graphgate::stack::call_ready(&mut full_stages, traced)
-        })
+        b.to_async(&rt)
+            .iter(|| graphgate::stack::call_ready(&mut full_stages, traced_hit()))
     });
     for level in ["warn", "info"] {
         // The production subscriber (fmt, env filter) writing to a sink: `info` formats the
