@@ -4,7 +4,8 @@
 //! no key lookup, no authorization, no key digest. On by default (`[cache] recall_hits`).
 //!
 //! Why this is the same answer: for a request that qualifies, parse and admission read
-//! nothing but the method, the URI, the `Authorization` values and the client set. So a
+//! nothing but the method, the URI, the `Authorization` values, the client set and settings
+//! only a restart changes (the default version, the token identity, the cache rules). So a
 //! request qualifies only when it is a GET without a body or a client certificate, and every
 //! header it carries is one those stages do not read or one the hit path reads afresh
 //! ([`IGNORED`]); its remembered bytes are its URI and its `Authorization` values, and an
