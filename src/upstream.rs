@@ -149,9 +149,7 @@ impl Pools {
 
     /// The calling thread's pool.
     fn get(&self) -> &Pool {
-        let slot = POOL_SLOT
-            .with(std::cell::Cell::get)
-            .min(self.pools.len() - 1);
+        let slot = worker_slot().min(self.pools.len() - 1);
         self.pools[slot].get_or_init(|| {
             HyperClient::builder(TokioExecutor::new())
                 .timer(TokioTimer::new())

@@ -155,11 +155,7 @@ impl Gateway {
         let now = Instant::now();
         if directive == Directive::Normal {
             if let Some(e) = &found {
-                let caller = Caller {
-                    key: client_key,
-                    if_none_match: headers.get(header::IF_NONE_MATCH),
-                    budget: self.upstream.reply_budget(),
-                };
+                let caller = self.caller(headers, client_key);
                 match e.freshness(
                     now,
                     self.cache.policy.stale_while_revalidate,
@@ -204,6 +200,15 @@ impl Gateway {
             identity,
             now,
         })))
+    }
+
+    /// What the reply builder needs about the client sending `headers` with `client_key`.
+    fn caller<'a>(&'a self, headers: &'a HeaderMap, client_key: &'a str) -> Caller<'a> {
+        Caller {
+            key: client_key,
+            if_none_match: headers.get(header::IF_NONE_MATCH),
+            budget: self.upstream.reply_budget(),
+        }
     }
 
     /// A fresh entry's reply, counted as a hit; the entry moves to the fast shard when it
@@ -252,11 +257,7 @@ impl Gateway {
         if !matches!(fresh, Freshness::Fresh) {
             return None;
         }
-        let caller = Caller {
-            key: client_key,
-            if_none_match: headers.get(header::IF_NONE_MATCH),
-            budget: self.upstream.reply_budget(),
-        };
+        let caller = self.caller(headers, client_key);
         Some(self.fresh_reply(key, &e, &caller, now))
     }
 
@@ -270,11 +271,7 @@ impl Gateway {
         client_key: &str,
         pending: PendingRead,
     ) -> Result<Served, ProxyError> {
-        let caller = Caller {
-            key: client_key,
-            if_none_match: headers.get(header::IF_NONE_MATCH),
-            budget: self.upstream.reply_budget(),
-        };
+        let caller = self.caller(headers, client_key);
         let NodeRead {
             key,
             ttl,

@@ -39,7 +39,7 @@ const MAX_RECALLED: usize = 4096;
 /// `If-None-Match`), ones the trace layer has already read, and `Authorization`, whose
 /// values are part of the remembered bytes. A request with any other header takes the
 /// whole path every time.
-pub static IGNORED: [HeaderName; 19] = [
+static IGNORED: [HeaderName; 19] = [
     header::HOST,
     header::USER_AGENT,
     header::ACCEPT,
