@@ -1,5 +1,5 @@
 //! The least a hyper server does per reply on this machine: graphgate's server layout (one
-//! current-thread tokio runtime per worker thread, each accepting on its own `SO_REUSEPORT`
+//! one-thread tokio runtime per worker, each accepting on its own `SO_REUSEPORT`
 //! socket, hyper-util's auto builder with the same HTTP/1.1 timer, mimalloc) answering every
 //! request with one fixed body from memory: no stack, no cache, no parsing beyond hyper's.
 //! benches/load/compare.sh runs it as the target "hyper floor" beside nginx's `return 200`
@@ -56,10 +56,13 @@ fn main() -> std::io::Result<()> {
 
 /// One worker: accepts on its own socket and serves each connection on its own runtime.
 fn serve(addr: SocketAddr, body: Bytes) -> std::io::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // As graphgate's workers: the multi-threaded scheduler with one thread, which does the
+    // work while this one waits.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
+    let worker = runtime.spawn(async move {
         let socket = tokio::net::TcpSocket::new_v4()?;
         socket.set_reuseaddr(true)?;
         socket.set_reuseport(true)?;
@@ -84,5 +87,8 @@ fn serve(addr: SocketAddr, body: Bytes) -> std::io::Result<()> {
                     .await;
             });
         }
-    })
+    });
+    runtime
+        .block_on(worker)
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }

@@ -44,9 +44,29 @@ pub fn build(
     params: &Params,
     identity: &str,
 ) -> Result<CacheKey, FieldsError> {
+    let (readable, path_len) = key_text(version, segments, params, identity, false)?;
+    let rule_path = readable[version.len()..version.len() + path_len].to_string();
+    Ok(CacheKey {
+        id: id_of(&readable),
+        readable: Arc::from(readable),
+        node: segments.first().map(|s| Arc::from(s.as_str())),
+        has_edge: segments.len() > 1,
+        rule_path,
+    })
+}
+
+/// A key's readable text, `{version}{/segments}?{sorted params}#{identity}` (the path `/`
+/// for the root), and the length of its path part. With `without_fields`, every `fields` parameter is left out.
+fn key_text(
+    version: &str,
+    segments: &[String],
+    params: &Params,
+    identity: &str,
+    without_fields: bool,
+) -> Result<(String, usize), FieldsError> {
     let mut pairs: Vec<(&str, std::borrow::Cow<'_, str>)> = Vec::with_capacity(params.len());
     for (k, v) in params.iter() {
-        if IGNORED_PARAMS.contains(&k) {
+        if IGNORED_PARAMS.contains(&k) || (without_fields && k == "fields") {
             continue;
         }
         let v = if k == "fields" {
@@ -60,17 +80,16 @@ pub fn build(
     // may read only the first or last of them.
     pairs.sort_by(|a, b| a.0.cmp(b.0));
 
-    let mut rule_path = String::with_capacity(32);
-    for s in segments {
-        rule_path.push('/');
-        rule_path.push_str(s);
-    }
-    if rule_path.is_empty() {
-        rule_path.push('/');
-    }
-    let mut readable = String::with_capacity(version.len() + rule_path.len() + 64);
+    let mut readable = String::with_capacity(version.len() + 96);
     readable.push_str(version);
-    readable.push_str(&rule_path);
+    for s in segments {
+        readable.push('/');
+        readable.push_str(s);
+    }
+    if segments.is_empty() {
+        readable.push('/');
+    }
+    let path_len = readable.len() - version.len();
     if !pairs.is_empty() {
         readable.push('?');
         let start = readable.len();
@@ -82,17 +101,15 @@ pub fn build(
     }
     readable.push('#');
     readable.push_str(identity);
+    Ok((readable, path_len))
+}
 
+/// The id of a key's readable text: the first 128 bits of its SHA-256.
+fn id_of(readable: &str) -> KeyId {
     let digest = Sha256::digest(readable.as_bytes());
     let mut first = [0u8; 16];
     first.copy_from_slice(&digest[..16]);
-    Ok(CacheKey {
-        id: KeyId(u128::from_be_bytes(first)),
-        readable: Arc::from(readable),
-        node: segments.first().map(|s| Arc::from(s.as_str())),
-        has_edge: segments.len() > 1,
-        rule_path,
-    })
+    KeyId(u128::from_be_bytes(first))
 }
 
 /// The key of the same read without `fields` (the base that reads for different fields of
@@ -104,9 +121,9 @@ pub fn base_of(
     identity: &str,
 ) -> Option<KeyId> {
     params.get("fields")?;
-    let mut rest = params.clone();
-    rest.remove("fields");
-    build(version, segments, &rest, identity).ok().map(|k| k.id)
+    key_text(version, segments, params, identity, true)
+        .ok()
+        .map(|(readable, _)| id_of(&readable))
 }
 
 #[cfg(test)]
@@ -159,7 +176,34 @@ mod tests {
         assert!(build("v21.0", &["1".to_string()], &p, "system").is_err());
     }
 
+    #[test]
+    fn the_root_path_is_a_slash() {
+        let p = Params::parse("ids=1,2&fields=id").unwrap();
+        let k = build("v21.0", &[], &p, "system").unwrap();
+        assert_eq!(k.rule_path, "/");
+        assert_eq!(&*k.readable, "v21.0/?fields=id&ids=1%2C2#system");
+        assert_eq!(k.node, None);
+    }
+
     proptest! {
+        /// The base of a read is the key of the same read with every `fields` left out,
+        /// whatever the other parameters, their order and the path.
+        #[test]
+        fn prop_base_is_the_key_without_fields(
+            pairs in prop::collection::vec(("(fields|limit|ids|[a-z]{1,4})", "[a-z0-9,]{0,6}"), 0..6),
+            segments in prop::collection::vec("[0-9]{1,4}", 0..3),
+        ) {
+            let mut params = Params::new();
+            for (k, v) in &pairs { params.push(k.clone(), v.clone()); }
+            let mut rest = params.clone();
+            rest.remove("fields");
+            let expected = match params.get("fields") {
+                Some(_) => build("v21.0", &segments, &rest, "system").ok().map(|k| k.id),
+                None => None,
+            };
+            prop_assert_eq!(base_of("v21.0", &segments, &params, "system"), expected);
+        }
+
         /// Parameter order never changes the key (names distinct, so no repeated-parameter
         /// order is involved).
         #[test]

@@ -324,7 +324,7 @@ impl Gateway {
             base: None,
         };
         let (fill, collapsed) = self
-            .fill_coalesced(call, version, job, Writer::Spawned)
+            .fill_coalesced(call.clone(), version, job, Writer::Spawned)
             .await?;
         let upstream_ms = Some(started.elapsed().as_millis());
         self.served_from_fill(&fill, &caller, fwd, collapsed, upstream_ms)
@@ -493,7 +493,7 @@ impl Gateway {
             self.tokens.identity_for(call.page()) == identity,
         ) else {
             return self
-                .fill_coalesced(&call, version, job, Writer::Here)
+                .fill_coalesced(call, version, job, Writer::Here)
                 .await
                 .map(|(f, _)| f);
         };
@@ -509,7 +509,7 @@ impl Gateway {
                     tokio::time::sleep(window).await;
                     let nodes = lead.close();
                     let result = if nodes.len() == 1 {
-                        let fill = gw.fill_coalesced(&call, &version, job, Writer::Here).await;
+                        let fill = gw.fill_coalesced(call, &version, job, Writer::Here).await;
                         fill.map(|(f, _)| Arc::new(vec![(nodes[0].clone(), f)]))
                     } else {
                         gw.merged_fill(call, &version, nodes, job.ttl).await
@@ -521,7 +521,7 @@ impl Gateway {
             Part::Joined(waiter) => waiter,
             Part::Alone => {
                 return self
-                    .fill_coalesced(&call, version, job, Writer::Here)
+                    .fill_coalesced(call, version, job, Writer::Here)
                     .await
                     .map(|(f, _)| f)
             }
@@ -535,7 +535,7 @@ impl Gateway {
             Some((_, fill)) => Ok(fill.clone()),
             // Graph rejected the merged call (one bad id fails it all) or left this node out.
             None => self
-                .fill_coalesced(&call, version, job, Writer::Here)
+                .fill_coalesced(call, version, job, Writer::Here)
                 .await
                 .map(|(f, _)| f),
         }
@@ -634,7 +634,7 @@ impl Gateway {
             base: None,
         };
         let (fill, collapsed) = self
-            .fill_coalesced(call, version, job, Writer::Spawned)
+            .fill_coalesced(call.clone(), version, job, Writer::Spawned)
             .await?;
         let upstream_ms = Some(started.elapsed().as_millis());
         self.served_from_fill(&fill, caller, Forward::Miss, collapsed, upstream_ms)
@@ -643,13 +643,13 @@ impl Gateway {
     /// Joins (or leads) the fill for `key` and waits for it within the fill deadline.
     async fn fill_coalesced(
         self: &Arc<Self>,
-        call: &Call,
+        call: Call,
         version: &str,
         job: Job,
         writer: Writer,
     ) -> Result<(Fill, bool), ProxyError> {
         let gw = self.clone();
-        let (call, version) = (call.clone(), version.to_string());
+        let version = version.to_string();
         self.coalesced(job.key.id, writer, move || async move {
             gw.fill(call, &version, job).await
         })
