@@ -9,7 +9,7 @@
 #   - the floor: nginx answering the same body with the same Content-Type straight from
 #     memory (`return 200 '...'`, no proxy, no cache), the least a server can do per reply
 #     (checked byte for byte against the upstream's reply before measuring);
-#   - the hyper floor: examples/hyper_floor, graphgate's server layout (a current-thread
+#   - the hyper floor: examples/hyper_floor, graphgate's server layout (a one-thread
 #     runtime per worker, SO_REUSEPORT, hyper-util's auto builder, mimalloc) answering the
 #     same body from memory: what hyper and tokio cost per reply, so a hit's CPU splits into
 #     theirs and what graphgate adds;
