@@ -29,6 +29,8 @@ LATENCY_MS=${LATENCY_MS:-50}
 PORT_BASE=${PORT_BASE:-19500}
 PIN=${PIN:-0}
 cd "$(dirname "$0")/../.."
+# shellcheck source=benches/load/proxy_rig.sh
+. benches/load/proxy_rig.sh
 
 for c in nginx openssl curl; do
     command -v "$c" >/dev/null || { echo "burst_compare.sh: missing $c (Debian: nginx-light, openssl, curl)" >&2; exit 1; }
@@ -57,57 +59,8 @@ KEY=burst-client-key
 TOKEN=demo-system-user-token   # what `graphgate fake-graph` accepts
 PROOF=$(printf '%s' "$TOKEN" | openssl dgst -sha256 -hmac demo-app-secret | awk '{print $NF}')
 
-cat >"$WORK/gg.toml" <<EOF
-[server]
-listen = "127.0.0.1:$P_GG"
-admin_listen = "127.0.0.1:$((P_GG + 1))"
-[upstream]
-url = "http://127.0.0.1:$P_GRAPH"
-[credentials]
-system_user_token = "$TOKEN"
-app_secret = "demo-app-secret"
-[log]
-level = "warn"
-[[clients]]
-name = "burst"
-key = "$KEY"
-pages = ["*"]
-EOF
-
-mkdir -p "$WORK/tmp" "$WORK/logs"
-cat >"$WORK/nginx.conf" <<EOF
-daemon off;
-master_process on;
-worker_processes 2;
-user root;
-pid $WORK/nginx.pid;
-error_log $WORK/logs/nginx-error.log warn;
-worker_rlimit_nofile 65536;
-events { worker_connections 20000; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/tmp/body;
-    proxy_temp_path $WORK/tmp/proxy;
-    fastcgi_temp_path $WORK/tmp/fcgi;
-    uwsgi_temp_path $WORK/tmp/uwsgi;
-    scgi_temp_path $WORK/tmp/scgi;
-    upstream graph { server 127.0.0.1:$P_GRAPH; keepalive 512; }
-    server {
-        listen 127.0.0.1:$P_NGINX;
-        location / {
-            proxy_pass http://graph;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-EOF
-
-wait_for() { # url
-    for _ in $(seq 1 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done
-    echo "burst_compare.sh: nothing answers at $1" >&2
-    exit 1
-}
+write_graphgate_conf "$WORK/gg.toml" "$P_GG" "$P_GRAPH" "$KEY"
+write_nginx_proxy_conf "$WORK" "$P_NGINX" "$P_GRAPH"
 
 "${ON_OTHER_CPU[@]}" "$GG" fake-graph --listen "127.0.0.1:$P_GRAPH" --latency-ms "$LATENCY_MS" \
     --page-calls 4800 --page-window-s 3600 >"$WORK/graph.log" 2>&1 &
