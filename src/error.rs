@@ -251,18 +251,62 @@ pub fn rate_limit_pair(
     t: u64,
 ) -> Vec<(HeaderName, HeaderValue)> {
     let mut out = Vec::with_capacity(2);
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{name}\";q={q};w={w}")) {
+    if let Some(v) = rate_limit_value(name, [(b'q', q.into()), (b'w', w)]) {
         out.push((HeaderName::from_static("ratelimit-policy"), v));
     }
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{name}\";r={r};t={t}")) {
+    if let Some(v) = rate_limit_value(name, [(b'r', r.into()), (b't', t)]) {
         out.push((HeaderName::from_static("ratelimit"), v));
     }
     out
 }
 
+/// `"{name}";{k}={v};{k}={v}`, written straight into the value's buffer: every upstream reply
+/// carries two of these, and the formatting machinery cost more than the rest of the headers.
+fn rate_limit_value(name: &str, params: [(u8, u64); 2]) -> Option<HeaderValue> {
+    let mut out = Vec::with_capacity(name.len() + 52);
+    out.push(b'"');
+    out.extend_from_slice(name.as_bytes());
+    out.push(b'"');
+    for (key, value) in params {
+        out.extend_from_slice(&[b';', key, b'=']);
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        let mut rest = value;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (rest % 10) as u8;
+            rest /= 10;
+            if rest == 0 {
+                break;
+            }
+        }
+        out.extend_from_slice(&digits[at..]);
+    }
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(out)).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// The pair reads exactly as the draft's `"name";q=..;w=..` and `"name";r=..;t=..`.
+        #[test]
+        fn rate_limit_pair_is_the_drafts_text(
+            name in "[a-z_0-9]{1,12}",
+            q in proptest::prelude::any::<u32>(),
+            w in proptest::prelude::any::<u64>(),
+            r in proptest::prelude::any::<u32>(),
+            t in proptest::prelude::any::<u64>(),
+        ) {
+            let pair = rate_limit_pair(&name, q, w, r, t);
+            proptest::prop_assert_eq!(pair.len(), 2);
+            proptest::prop_assert_eq!(pair[0].0.as_str(), "ratelimit-policy");
+            proptest::prop_assert_eq!(pair[0].1.to_str().unwrap(), format!("\"{name}\";q={q};w={w}"));
+            proptest::prop_assert_eq!(pair[1].0.as_str(), "ratelimit");
+            proptest::prop_assert_eq!(pair[1].1.to_str().unwrap(), format!("\"{name}\";r={r};t={t}"));
+        }
+    }
 
     #[test]
     fn body_is_graph_shaped() {

@@ -348,6 +348,7 @@ impl Gateway {
     ) -> Result<Served, ProxyError> {
         let started = Instant::now();
         let epoch = self.cache.epoch(&key);
+        let own = want.normalized();
         let max_url = self.config.upstream.max_get_url_bytes;
         let fits = |u: &Fields| union_fits(call, u, max_url);
         let (waiter, collapsed) = match union::join(&self.cache.unions, base, &want, fits) {
@@ -355,6 +356,7 @@ impl Gateway {
                 let node = NodeKeys {
                     key: key.clone(),
                     base,
+                    fields: own.clone(),
                 };
                 self.spawn_union_fill(lead, call.clone(), version, node, ttl);
                 (waiter, false)
@@ -377,7 +379,7 @@ impl Gateway {
             }
         };
         let upstream_ms = Some(started.elapsed().as_millis());
-        if union == want.normalized() {
+        if union == own {
             return self.served_from_fill(&fill, caller, Forward::Miss, collapsed, upstream_ms);
         }
         let status = fill.entry.status;
@@ -458,8 +460,7 @@ impl Gateway {
         ttl: Duration,
         fields: &Fields,
     ) -> FillResult {
-        let own = projectable(&call).map(|f| f.normalized());
-        let key = if own.as_ref() == Some(fields) {
+        let key = if node.fields == *fields {
             node.key
         } else {
             call.params.set("fields", fields.canonical());
@@ -1022,10 +1023,11 @@ pub(super) struct Job {
     pub base: Option<key::KeyId>,
 }
 
-/// A node read's own key and its key without fields.
+/// A node read's own key, its key without fields, and its fields (normalized).
 struct NodeKeys {
     key: CacheKey,
     base: key::KeyId,
+    fields: Fields,
 }
 
 /// A reply merged from several sources (`ids=`, batch) has no single ETag.
