@@ -318,10 +318,10 @@ struct Shared {
 }
 
 /// Threads that serve public connections, each running a one-thread tokio runtime (see
-/// [`worker_runtime`]), like nginx's worker processes: a connection lives on one thread from accept to close, so
-/// reading a request, answering it from the cache and writing the reply never hands work to
-/// another thread (on the hit path the multi-threaded scheduler's wake-ups and task stealing
-/// cost more CPU than the request itself). Tasks a request spawns (cache fills, HTTP/2
+/// [`worker_runtime`]), like nginx's worker processes: a connection lives on one thread from
+/// accept to close, so reading a request, answering it from the cache and writing the reply
+/// never hands work to another thread (on the hit path one runtime shared by all cores, with
+/// its wake-ups and task stealing, cost more CPU than the request itself). Tasks a request spawns (cache fills, HTTP/2
 /// streams) run on its worker, and each worker has its own pool of upstream connections.
 ///
 /// Each worker accepts on its own listening socket (see [`bind_public`]) and keeps what it
