@@ -29,8 +29,8 @@ LATENCY_MS=${LATENCY_MS:-50}
 PORT_BASE=${PORT_BASE:-19500}
 PIN=${PIN:-0}
 cd "$(dirname "$0")/../.."
-# shellcheck source=benches/load/proxy_rig.sh
-. benches/load/proxy_rig.sh
+# shellcheck source=benches/load/rig.sh
+. benches/load/rig.sh
 
 for c in nginx openssl curl; do
     command -v "$c" >/dev/null || { echo "burst_compare.sh: missing $c (Debian: nginx-light, openssl, curl)" >&2; exit 1; }
@@ -44,13 +44,7 @@ if [ "$PIN" = 1 ]; then
     ON_PROXY_CPU=(taskset -c 1) ON_OTHER_CPU=(taskset -c 0)
 fi
 
-WORK=$(mktemp -d /tmp/gg-burst.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+rig_start burst
 
 P_GRAPH=$PORT_BASE
 P_GG=$((PORT_BASE + 1))      # admin +2

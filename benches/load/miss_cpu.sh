@@ -21,8 +21,8 @@ ROUNDS=${ROUNDS:-2}
 LATENCY_MS=${LATENCY_MS:-50}
 PORT_BASE=${PORT_BASE:-19600}
 cd "$(dirname "$0")/../.."
-# shellcheck source=benches/load/proxy_rig.sh
-. benches/load/proxy_rig.sh
+# shellcheck source=benches/load/rig.sh
+. benches/load/rig.sh
 
 for c in nginx wrk openssl curl; do
     command -v "$c" >/dev/null || { echo "miss_cpu.sh: missing $c (Debian: nginx-light, wrk, openssl, curl)" >&2; exit 1; }
@@ -31,13 +31,7 @@ TARGET=${CARGO_TARGET_DIR:-target}
 cargo build --release --quiet --bin graphgate
 GG="$TARGET/release/graphgate"
 
-WORK=$(mktemp -d /tmp/gg-miss-cpu.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+rig_start miss-cpu
 
 P_GRAPH=$PORT_BASE
 P_GG=$((PORT_BASE + 1)) # admin +2

@@ -20,6 +20,8 @@ BURSTS=${BURSTS:-100}
 ROUNDS=${ROUNDS:-2}
 PORT_BASE=${PORT_BASE:-19620}
 cd "$(dirname "$0")/../.."
+# shellcheck source=benches/load/rig.sh
+. benches/load/rig.sh
 
 command -v curl >/dev/null || { echo "new_connections.sh: missing curl" >&2; exit 1; }
 TARGET=${CARGO_TARGET_DIR:-target}
@@ -27,39 +29,12 @@ cargo build --release --quiet --example burst
 [ $# -gt 0 ] || { cargo build --release --quiet --bin graphgate; set -- "$TARGET/release/graphgate"; }
 BURST="$TARGET/release/examples/burst"
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+rig_start new-connections
 
 P_GRAPH=$PORT_BASE
 P_GG=$((PORT_BASE + 1))
 KEY=new-connections-key
-cat >"$WORK/gg.toml" <<EOF
-[server]
-listen = "127.0.0.1:$P_GG"
-admin_listen = "127.0.0.1:$((P_GG + 1))"
-[upstream]
-url = "http://127.0.0.1:$P_GRAPH"
-[credentials]
-system_user_token = "demo-system-user-token"
-app_secret = "demo-app-secret"
-[log]
-level = "warn"
-[[clients]]
-name = "bursts"
-key = "$KEY"
-pages = ["*"]
-EOF
-
-wait_for() { # url
-    for _ in $(seq 1 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done
-    echo "new_connections.sh: nothing answers at $1" >&2
-    exit 1
-}
+write_graphgate_conf "$WORK/gg.toml" "$P_GG" "$P_GRAPH" "$KEY"
 
 "$1" fake-graph --listen "127.0.0.1:$P_GRAPH" --latency-ms 1 >"$WORK/graph.log" 2>&1 &
 PIDS+=($!)

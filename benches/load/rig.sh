@@ -1,7 +1,21 @@
 # shellcheck shell=bash
-# Sourced by burst_compare.sh and miss_cpu.sh: the configuration files of their common rig,
-# graphgate and nginx as a plain reverse proxy, each in front of the simulated Graph API on
-# 127.0.0.1. Not a script of its own.
+# Sourced by burst_compare.sh, miss_cpu.sh and new_connections.sh: what their rigs share, a
+# scratch directory and the processes to stop, and the configuration files of graphgate and
+# of nginx as a plain reverse proxy in front of the simulated Graph API on 127.0.0.1. Not a
+# script of its own.
+
+# Sets WORK (a new directory under /tmp named after NAME) and PIDS (empty: add what you
+# start); both are cleaned up when the calling script exits.
+rig_start() { # name
+    WORK=$(mktemp -d "/tmp/gg-$1.XXXXXX")
+    PIDS=()
+    trap rig_cleanup EXIT
+}
+
+rig_cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
 
 # graphgate's configuration: listen on PORT (admin on PORT + 1), Graph at GRAPH_PORT, one
 # client with KEY for every Page; EXTRA (TOML) is appended.
