@@ -390,7 +390,7 @@ impl Workers {
 /// writes the call); with the current-thread scheduler's plain FIFO queue a burst of misses
 /// ran each stage for every request before the next stage of any, so no call left for Graph
 /// until the whole burst had been read. In `benches/quota_load.rs` the pooled burst's added
-/// latency fell by about a third, for 2 % more CPU a hit and 3–7 % more a miss
+/// latency fell by about a third, for 2 % more CPU a hit and more kernel time a miss
 /// (benches/README.md).
 fn worker_runtime(i: usize) -> io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
