@@ -52,7 +52,7 @@ impl Client {
 /// The clients of one configuration, by key digest and by certificate subject.
 #[derive(Debug, Default)]
 struct Clients {
-    by_digest: HashMap<KeyDigest, Arc<Client>>,
+    by_digest: crate::cache::key::FastMap<KeyDigest, Arc<Client>>,
     by_subject: HashMap<String, Arc<Client>>,
     /// Which set this is: every set built gets a new number (see [`ClientRegistry::generation`]).
     generation: u64,

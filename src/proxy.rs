@@ -415,7 +415,8 @@ pub fn upstream_request(
     injected: &Injected,
     system: &Injected,
 ) -> Result<UpstreamRequest, ProxyError> {
-    let mut params = call.params.clone();
+    // Room for the token and its proof.
+    let mut params = call.params.cloned_with_room(2);
     injected.apply(&mut params);
     let method = match (call.method, call.http_method) {
         (GraphMethod::Get, _) => {

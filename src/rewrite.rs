@@ -26,6 +26,25 @@ use crate::error::ProxyError;
 
 const REDACTED: &str = "[redacted]";
 
+/// Searchers for the fixed needles every reply is scanned for, built once: building one is
+/// more work than scanning a short header value with it.
+struct Needles {
+    paging: memmem::Finder<'static>,
+    access_token: memmem::Finder<'static>,
+    escape: memmem::Finder<'static>,
+    token_start: memmem::Finder<'static>,
+}
+
+fn needles() -> &'static Needles {
+    static NEEDLES: std::sync::OnceLock<Needles> = std::sync::OnceLock::new();
+    NEEDLES.get_or_init(|| Needles {
+        paging: memmem::Finder::new(b"\"paging\""),
+        access_token: memmem::Finder::new(b"\"access_token\""),
+        escape: memmem::Finder::new(b"\\u00"),
+        token_start: memmem::Finder::new(b"EAA"),
+    })
+}
+
 /// `__gg` + 16 hex digits + `__`: URL- and JSON-safe, so a byte replace in [`finalize`] is
 /// exact.
 pub const MARKER_LEN: usize = 22;
@@ -231,10 +250,11 @@ fn prepare_marked(
 ) -> Result<PreparedBody, ProxyError> {
     // `\u00XX` escapes can spell any ASCII key (`"pag\u0069ng"`); Graph never writes them,
     // so a body holding one is parsed to be sure.
+    let n = needles();
     let needs_json = is_batch
-        || memmem::find(&body, b"\"paging\"").is_some()
-        || memmem::find(&body, b"\"access_token\"").is_some()
-        || memmem::find(&body, b"\\u00").is_some();
+        || n.paging.find(&body).is_some()
+        || n.access_token.find(&body).is_some()
+        || n.escape.find(&body).is_some();
     let mut prepared = PreparedBody::plain(body);
     if needs_json {
         let mut value =
@@ -308,7 +328,7 @@ pub fn scrub_headers(
 const TOKEN_SHAPE_MIN: usize = 24;
 
 fn token_shapes(b: &[u8]) -> impl Iterator<Item = (usize, usize)> + '_ {
-    memmem::find_iter(b, b"EAA").filter_map(move |at| {
+    needles().token_start.find_iter(b).filter_map(move |at| {
         let len = b[at..]
             .iter()
             .take_while(|c| c.is_ascii_alphanumeric())
@@ -383,7 +403,9 @@ pub fn scrub(body: Bytes, secrets: &Secrets) -> Bytes {
     let in_bytes = secrets.is_in(&body);
     // Secrets are ASCII: only `\u00XX` escapes of ASCII (never sent by Graph, which escapes
     // `/` as `\/` and non-ASCII as `\uXXXX`) or `\/`-style ones could hide one.
-    let escapes_may_hide = memmem::find_iter(&body, b"\\u00")
+    let escapes_may_hide = needles()
+        .escape
+        .find_iter(&body)
         .any(|at| body.get(at + 4).is_some_and(|b| (b'0'..=b'7').contains(b)))
         || (secrets.escapable && memchr::memchr(b'\\', &body).is_some());
     if !in_bytes && !escapes_may_hide {

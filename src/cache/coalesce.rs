@@ -7,16 +7,15 @@
 //! The flight's drop guard removes the map entry whether it completed, failed or panicked,
 //! so no key can stay stuck.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 use super::fill_lock::{FillLock, Locked, ReadOutcome, WaitError};
-use super::key::KeyId;
+use super::key::{FastMap, KeyId};
 
-type Map<T> = HashMap<KeyId, watch::Receiver<Option<T>>>;
+type Map<T> = FastMap<KeyId, watch::Receiver<Option<T>>>;
 
 /// In-flight fills by key.
 pub struct Coalescer<T> {
@@ -35,7 +34,7 @@ impl<T> Clone for Coalescer<T> {
 impl<T> Default for Coalescer<T> {
     fn default() -> Self {
         Coalescer {
-            inflight: Arc::new(Mutex::new(HashMap::new())),
+            inflight: Arc::new(Mutex::new(FastMap::default())),
         }
     }
 }

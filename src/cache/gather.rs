@@ -5,15 +5,14 @@
 //! for it. Used for field unions (one node, several field lists: [`super::union`]) and for
 //! merged node reads (one Page, several nodes: [`super::merge`]).
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
 
 use super::coalesce::Waiter;
-use super::key::KeyId;
+use super::key::{FastMap, KeyId};
 
-type Map<S, R> = HashMap<KeyId, Arc<Gathering<S, R>>>;
+type Map<S, R> = FastMap<KeyId, Arc<Gathering<S, R>>>;
 
 /// The open gatherings and the in-flight calls they led to, by group.
 pub struct Gatherings<S, R> {

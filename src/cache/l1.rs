@@ -14,7 +14,7 @@ use moka::Expiry;
 
 use super::entry::Entry;
 use super::invalidate::NodeIndex;
-use super::key::KeyId;
+use super::key::{FastHash, KeyId};
 use crate::metrics::{CacheTier, Eviction, Metrics};
 
 struct EntryExpiry {
@@ -45,7 +45,7 @@ impl Expiry<KeyId, Arc<Entry>> for EntryExpiry {
     }
 }
 
-type Entries = Moka<KeyId, Arc<Entry>>;
+type Entries = Moka<KeyId, Arc<Entry>, FastHash>;
 
 pub struct L1 {
     cache: Entries,
@@ -85,7 +85,7 @@ impl L1 {
                     }
                 }
             })
-            .build();
+            .build_with_hasher(FastHash::default());
         *for_listener.lock().unwrap_or_else(|e| e.into_inner()) = Some(cache.clone());
         L1 {
             cache,

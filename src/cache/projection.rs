@@ -10,7 +10,7 @@
 //! it is learned from replies ([`IdHabit`]), and until it is known a projection that would
 //! have to guess is not made.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 
@@ -19,7 +19,7 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 use super::entry::Entry;
-use super::key::KeyId;
+use super::key::{FastMap, KeyId};
 use crate::graph::fields::{Field, Fields};
 use crate::rewrite::PreparedBody;
 
@@ -164,7 +164,7 @@ pub struct ProjectionIndex {
 
 #[derive(Default)]
 struct Shard {
-    bases: HashMap<KeyId, Base>,
+    bases: FastMap<KeyId, Base>,
     /// Every base of `bases` once, oldest record first: the eviction order.
     order: VecDeque<KeyId>,
 }

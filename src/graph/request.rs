@@ -128,6 +128,14 @@ impl Params {
         self.0.push((name.to_string(), value.into()));
     }
 
+    /// A copy with room for `extra` more parameters, so adding them does not move the rest
+    /// (the upstream form of a call gains its token and proof).
+    pub fn cloned_with_room(&self, extra: usize) -> Params {
+        let mut out = Vec::with_capacity(self.0.len() + extra);
+        out.extend(self.0.iter().cloned());
+        Params(out)
+    }
+
     pub fn push(&mut self, name: impl Into<String>, value: impl Into<String>) {
         self.0.push((name.into(), value.into()));
     }

@@ -16,8 +16,6 @@
 //! The remembered bytes hold client keys, so they are compared without an early exit (see
 //! `crate::auth` on timing): a lookup learns nothing about other requests' bytes.
 
-use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
 
@@ -26,7 +24,7 @@ use http::{header, HeaderName, Method, Request};
 
 use super::{Admitted, Answer, Gateway, Record, Served};
 use crate::auth::{Client, PeerCertificate};
-use crate::cache::key::CacheKey;
+use crate::cache::key::{CacheKey, FastHash, FastMap};
 use crate::metrics::Route;
 use crate::upstream::{worker_slot, WORKER_SLOTS};
 
@@ -110,8 +108,8 @@ impl Recalled {
 
 /// One worker's remembered requests, by a keyed hash of their bytes.
 struct Memory {
-    by_hash: HashMap<u64, Arc<Recalled>>,
-    hasher: RandomState,
+    by_hash: FastMap<u64, Arc<Recalled>>,
+    hasher: FastHash,
 }
 
 /// Every worker's remembered requests (one [`Memory`] per worker slot, so workers do not
@@ -126,8 +124,8 @@ impl Default for Recall {
             workers: (0..WORKER_SLOTS)
                 .map(|_| {
                     Mutex::new(Memory {
-                        by_hash: HashMap::new(),
-                        hasher: RandomState::new(),
+                        by_hash: FastMap::default(),
+                        hasher: FastHash::default(),
                     })
                 })
                 .collect(),

@@ -8,11 +8,12 @@
 //! bucket too: it must not escape the cap), one in use is skipped. Each step either clears a
 //! mark or skips a bucket in use, so an insert costs O(1) amortized and never scans the map.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, RandomState};
+use std::collections::VecDeque;
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::attribution::BucketKey;
+use crate::cache::key::{FastHash, FastMap};
 
 const SHARDS: usize = 16;
 /// Candidates one insert looks at before giving up on evicting (all of them in use).
@@ -24,7 +25,7 @@ struct Slot<V> {
 }
 
 struct Shard<V> {
-    map: HashMap<BucketKey, Slot<V>>,
+    map: FastMap<BucketKey, Slot<V>>,
     /// The clock: every key once, the hand at the front.
     clock: VecDeque<BucketKey>,
 }
@@ -32,7 +33,7 @@ struct Shard<V> {
 pub struct Table<V> {
     shards: Box<[Mutex<Shard<V>>]>,
     per_shard: usize,
-    hasher: RandomState,
+    hasher: FastHash,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -46,13 +47,13 @@ impl<V> Table<V> {
             shards: (0..SHARDS)
                 .map(|_| {
                     Mutex::new(Shard {
-                        map: HashMap::new(),
+                        map: FastMap::default(),
                         clock: VecDeque::new(),
                     })
                 })
                 .collect(),
             per_shard: capacity.div_ceil(SHARDS).max(1),
-            hasher: RandomState::new(),
+            hasher: FastHash::default(),
         }
     }
 
