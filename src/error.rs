@@ -269,18 +269,7 @@ fn rate_limit_value(name: &str, params: [(u8, u64); 2]) -> Option<HeaderValue> {
     out.push(b'"');
     for (key, value) in params {
         out.extend_from_slice(&[b';', key, b'=']);
-        let mut digits = [0u8; 20];
-        let mut at = digits.len();
-        let mut rest = value;
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (rest % 10) as u8;
-            rest /= 10;
-            if rest == 0 {
-                break;
-            }
-        }
-        out.extend_from_slice(&digits[at..]);
+        out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
     }
     HeaderValue::from_maybe_shared(bytes::Bytes::from(out)).ok()
 }
