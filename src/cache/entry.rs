@@ -7,11 +7,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, StatusCode};
+use triomphe::HeaderSlice;
 
 use super::invalidate::NodeSlot;
+use super::reply_headers::{readable_in, PackedAt};
 pub use super::reply_headers::ReplyHeaders;
 use crate::error::ProxyError;
-use crate::rewrite::PreparedBody;
+use crate::rewrite::{KeyMarker, PreparedBody};
 
 /// Graph's content type for JSON; served when an entry stores none.
 pub const DEFAULT_CONTENT_TYPE: &str = "application/json; charset=UTF-8";
@@ -20,14 +22,14 @@ pub const DEFAULT_CONTENT_TYPE: &str = "application/json; charset=UTF-8";
 /// next to the entry's fixed cost.
 pub const COMPRESS_MIN_BYTES: usize = 256;
 
-/// What a cached entry costs besides its body, headers and readable key: the entry itself,
+/// What a cached entry costs besides its body, headers and readable key: its fixed fields,
 /// moka's per-entry nodes and key, the node index and allocator rounding. Measured as RSS
 /// per entry less those (`examples/entry_memory`, 300 000 and 1 000 000 entries of 1 KB):
-/// 585–676 bytes when each entry is a read of its own node (most caches), 500–540 when all
+/// 510–571 bytes when each entry is a read of its own node (most caches), 421–487 when all
 /// are reads of one node. The larger, so either kind stays within `cache.max_bytes` (a body
 /// whose buffer just misses an allocator size class can still cost up to ~10 % more, by the
 /// classes' spacing: reasoned, not measured).
-pub const ENTRY_OVERHEAD: usize = 680;
+pub const ENTRY_OVERHEAD: usize = 580;
 
 /// A compressed entry read this many times is stored again plain: a hot entry then costs no
 /// decompression per hit, while the long tail stays compressed.
@@ -89,23 +91,9 @@ impl Stamp {
     }
 }
 
-/// Hits on a compressed entry, counted towards [`HOT_HITS`]. A copy starts again from zero.
-#[derive(Debug, Default)]
-pub struct HitCount(AtomicU32);
-
-impl Clone for HitCount {
-    fn clone(&self) -> Self {
-        HitCount::default()
-    }
-}
-
 /// One reply as served from the cache: the prepared body (with the client-key marker,
-/// finalized per client) and the headers worth replaying.
-///
-/// Kept small (104 bytes; a test holds it within): with its `Arc` it fits mimalloc's
-/// 128-byte class, one per cached entry. Hence the TTL in milliseconds, the store time as a
-/// [`Stamp`], the marker as its 64-bit value and the readable key packed with the headers
-/// rather than fields of their own.
+/// finalized per client) and the headers worth replaying. The in-process tier holds it as a
+/// [`Stored`] and makes an `Entry` of it for each read.
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub status: StatusCode,
@@ -115,12 +103,106 @@ pub struct Entry {
     body: PreparedBody,
     /// The body's length before compression, for a compressed body (never empty).
     plain_len: Option<NonZeroU32>,
-    hits: HitCount,
     pub stored_at: Stamp,
     /// Time to live in milliseconds (at most [`MAX_TTL`]): read it through [`Entry::ttl`].
     ttl_ms: u32,
     /// Where the entry's key is in the node index (set when stored in the in-process tier).
     pub index_slot: Option<NodeSlot>,
+    /// What the in-process tier holds, for an entry read from it: its hit count, and what
+    /// [`crate::cache::l1::L1::replace_if_current`] compares.
+    origin: Option<Stored>,
+}
+
+/// [`Entry::pack`]'s buffer and what it says of it.
+struct PackedEntry {
+    buf: Vec<u8>,
+    headers_at: PackedAt,
+    plain_len: Option<NonZeroU32>,
+}
+
+/// A cached entry as the in-process tier holds it: its fixed fields, then the body (as
+/// stored), the packed headers and the readable key, all in one allocation. An `Arc<Entry>`
+/// and a shared buffer were three (the entry, the buffer and the buffer's shared count):
+/// ~150 bytes more per cached entry, a seventh of a 1 KB one. Cheap to clone.
+#[derive(Clone)]
+pub struct Stored(triomphe::Arc<HeaderSlice<StoredHead, [u8]>>);
+
+/// A [`Stored`] entry's fixed fields (56 bytes).
+struct StoredHead {
+    status: StatusCode,
+    plain_len: Option<NonZeroU32>,
+    headers_at: PackedAt,
+    /// Hits while compressed, counted towards [`HOT_HITS`].
+    hits: AtomicU32,
+    ttl_ms: u32,
+    stored_at: Stamp,
+    index_slot: Option<NodeSlot>,
+    key_marker: Option<KeyMarker>,
+}
+
+impl std::fmt::Debug for Stored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stored")
+            .field("status", &self.0.header.status)
+            .field("bytes", &self.0.slice.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The whole buffer, so a read's body and header values are slices of it with no copy.
+impl AsRef<[u8]> for Stored {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.slice
+    }
+}
+
+impl Stored {
+    /// The entry, for a read: its body and header values share this allocation.
+    pub fn entry(&self) -> Entry {
+        let head = &self.0.header;
+        let all = Bytes::from_owner(self.clone());
+        Entry {
+            status: head.status,
+            headers: ReplyHeaders::packed(&all, head.headers_at),
+            body: PreparedBody {
+                bytes: all.slice(..head.headers_at.start()),
+                key_marker: head.key_marker,
+            },
+            plain_len: head.plain_len,
+            stored_at: head.stored_at,
+            ttl_ms: head.ttl_ms,
+            index_slot: head.index_slot,
+            origin: Some(self.clone()),
+        }
+    }
+
+    /// The readable key packed with the headers.
+    pub fn readable(&self) -> &str {
+        let headers = self.0.slice.get(self.0.header.headers_at.start()..);
+        headers.and_then(readable_in).unwrap_or("")
+    }
+
+    pub fn index_slot(&self) -> Option<NodeSlot> {
+        self.0.header.index_slot
+    }
+
+    pub fn ttl(&self) -> Duration {
+        Duration::from_millis(u64::from(self.0.header.ttl_ms))
+    }
+
+    pub fn age(&self, now: Instant) -> Duration {
+        self.0.header.stored_at.until(now)
+    }
+
+    /// Memory this entry costs once cached, as [`Entry::weight`] counts it.
+    pub fn weight(&self) -> u32 {
+        u32::try_from(self.0.slice.len() + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
+    }
+
+    /// How many hold this allocation (the cache, reads in progress).
+    pub fn holders(&self) -> usize {
+        triomphe::Arc::count(&self.0)
+    }
 }
 
 /// Where an entry stands at a given moment.
@@ -147,10 +229,10 @@ impl Entry {
             headers: headers.into(),
             body,
             plain_len: None,
-            hits: HitCount::default(),
             stored_at: Stamp::now(),
             ttl_ms: ttl_ms(ttl),
             index_slot: None,
+            origin: None,
         }
     }
 
@@ -218,9 +300,20 @@ impl Entry {
         self.plain_len.is_some()
     }
 
-    /// Counts a hit on a compressed entry; true exactly once, on the [`HOT_HITS`]th.
+    /// Counts a hit on a compressed entry read from the in-process tier; true exactly once,
+    /// on the [`HOT_HITS`]th.
     pub fn became_hot(&self) -> bool {
-        self.is_compressed() && self.hits.0.fetch_add(1, Ordering::Relaxed) + 1 == HOT_HITS
+        self.is_compressed()
+            && self.origin.as_ref().is_some_and(|o| {
+                o.0.header.hits.fetch_add(1, Ordering::Relaxed) + 1 == HOT_HITS
+            })
+    }
+
+    /// Whether this entry was read from `stored`.
+    pub fn is_from(&self, stored: &Stored) -> bool {
+        self.origin
+            .as_ref()
+            .is_some_and(|o| triomphe::Arc::ptr_eq(&o.0, &stored.0))
     }
 
     /// The same entry (same freshness and index slot) with its body plain.
@@ -228,21 +321,56 @@ impl Entry {
         Ok(Entry {
             body: self.body()?,
             plain_len: None,
+            origin: None,
             ..self.clone()
         })
     }
 
-    /// A copy fit for storing under the key whose readable form is `readable`: only the
-    /// replayable headers, and the body, those headers and the readable key (packed, see
-    /// [`ReplyHeaders`]) copied into one exact-size buffer. Bytes from the
-    /// upstream client are slices of hyper's read buffer (8 KB and more), and one slice kept
-    /// alive pins the whole buffer: a cached 1 KB reply held several times its size. One
-    /// buffer instead of a header table and a value per header also saves their allocations.
-    /// Costs one memcpy per fill.
+    /// A copy fit for storing under the key whose readable form is `readable` (the Redis
+    /// tier stores this): only the replayable headers, and the body, those headers and the
+    /// readable key (packed, see [`ReplyHeaders`]) copied into one exact-size buffer. Bytes
+    /// from the upstream client are slices of hyper's read buffer (8 KB and more), and one
+    /// slice kept alive pins the whole buffer: a cached 1 KB reply held several times its
+    /// size. One buffer instead of a header table and a value per header also saves their
+    /// allocations. Costs one memcpy per fill.
     ///
     /// With `compress`, a body of [`COMPRESS_MIN_BYTES`] or more is kept LZ4-compressed when
     /// that saves at least an eighth of it (Graph-like JSON shrank 1.8-4.2× in our samples).
     pub fn for_storage(&self, compress: bool, readable: &str) -> Entry {
+        let packed = self.pack(compress, readable);
+        let all = Bytes::from(packed.buf);
+        Entry {
+            headers: ReplyHeaders::packed(&all, packed.headers_at),
+            body: PreparedBody {
+                bytes: all.slice(..packed.headers_at.start()),
+                key_marker: self.body.key_marker,
+            },
+            plain_len: packed.plain_len,
+            origin: None,
+            ..self.clone()
+        }
+    }
+
+    /// What the in-process tier holds for this entry, packed as [`Entry::for_storage`] packs
+    /// it, with its fixed fields in the same allocation: one allocation per cached entry.
+    pub fn stored(&self, compress: bool, readable: &str, index_slot: Option<NodeSlot>) -> Stored {
+        let packed = self.pack(compress, readable);
+        let head = StoredHead {
+            status: self.status,
+            plain_len: packed.plain_len,
+            headers_at: packed.headers_at,
+            hits: AtomicU32::new(0),
+            ttl_ms: self.ttl_ms,
+            stored_at: self.stored_at,
+            index_slot,
+            key_marker: self.body.key_marker,
+        };
+        Stored(triomphe::Arc::from_header_and_slice(head, &packed.buf))
+    }
+
+    /// The body (compressed if `compress` and worth it), then the replayable headers and
+    /// `readable`, packed into one exact-size buffer.
+    fn pack(&self, compress: bool, readable: &str) -> PackedEntry {
         let owned;
         let all: &[(HeaderName, HeaderValue)] = match &self.headers {
             ReplyHeaders::Table(t) => t,
@@ -271,19 +399,14 @@ impl Entry {
             Some((c, len)) => (c, Some(*len)),
             None => (plain, self.plain_len),
         };
-        let mut blob = bytes::BytesMut::with_capacity(
-            body.len() + ReplyHeaders::packed_len(kept_refs(), readable),
-        );
-        blob.extend_from_slice(body);
-        let (blob, headers) = ReplyHeaders::pack_into(blob, kept_refs(), readable);
-        Entry {
-            headers,
-            body: PreparedBody {
-                bytes: blob.slice(..body.len()),
-                key_marker: self.body.key_marker,
-            },
+        let mut buf =
+            Vec::with_capacity(body.len() + ReplyHeaders::packed_len(kept_refs(), readable));
+        buf.extend_from_slice(body);
+        let headers_at = ReplyHeaders::pack(&mut buf, kept_refs(), readable);
+        PackedEntry {
+            buf,
+            headers_at,
             plain_len,
-            ..self.clone()
         }
     }
 
@@ -470,12 +593,25 @@ mod tests {
         // Stored again (a renewal, a promotion): still one compression, same body.
         let again = stored.for_storage(true, "");
         assert_eq!(again.body().expect("decompresses").bytes, body.bytes);
-        // Hot: the HOT_HITS-th hit says so, once; the plain copy is the same entry.
-        let hot: Vec<bool> = (0..HOT_HITS + 5).map(|_| stored.became_hot()).collect();
+        // Not read from the in-process tier: no hits counted.
+        assert!(!stored.became_hot());
+        // Held by the in-process tier, read back whole; the HOT_HITS-th read says so, once;
+        // the plain copy is the same entry.
+        let held = e.stored(true, "v21.0/1001", None);
+        assert_eq!(held.readable(), "v21.0/1001");
+        assert_eq!(held.weight(), e.for_storage(true, "v21.0/1001").weight());
+        let read = held.entry();
+        assert!(read.is_from(&held) && !stored.is_from(&held));
+        assert_eq!(read.body().expect("decompresses"), body);
+        assert_eq!(read.headers.to_vec(), stored.headers.to_vec());
+        assert_eq!((read.stored_at, read.ttl()), (e.stored_at, e.ttl()));
+        let hot: Vec<bool> = (0..HOT_HITS + 5)
+            .map(|_| held.entry().became_hot())
+            .collect();
         assert_eq!(hot.iter().filter(|h| **h).count(), 1);
         assert!(hot[HOT_HITS as usize - 1]);
-        let plain = stored.decompressed().expect("decompresses");
-        assert!(!plain.is_compressed() && !plain.became_hot());
+        let plain = read.decompressed().expect("decompresses");
+        assert!(!plain.is_compressed() && !plain.became_hot() && !plain.is_from(&held));
         assert_eq!(plain.body().expect("plain"), body);
         assert_eq!(plain.stored_at, stored.stored_at);
         // Not asked to compress: kept as it is.
@@ -505,15 +641,40 @@ mod tests {
         assert_eq!(stored.readable(), long);
     }
 
-    /// With its `Arc`'s two counts an entry must fit mimalloc's 128-byte class: one more
-    /// field and every cached entry costs 32 bytes more (the next class is 160).
+    /// A stored entry's fixed fields and its count stay within 64 bytes: what they add to
+    /// the body's buffer (a 775-byte buffer and they stay in mimalloc's 896-byte class).
     #[test]
-    fn an_entry_fits_the_128_byte_class() {
+    fn a_stored_head_is_small() {
         assert!(
-            std::mem::size_of::<Entry>() + 16 <= 128,
+            std::mem::size_of::<StoredHead>() + 8 <= 64,
             "{}",
-            std::mem::size_of::<Entry>()
+            std::mem::size_of::<StoredHead>()
         );
+    }
+
+    /// A stored entry reads back as the entry it was made from: status, headers, body,
+    /// marker, times, index slot and readable key, and the bytes held are what
+    /// `for_storage` packs.
+    #[test]
+    fn a_stored_entry_reads_back_as_it_was() {
+        let e = with_body(b"{\"id\":\"1001\"}".to_vec(), true);
+        let slot = crate::cache::invalidate::NodeIndex::default().slot("1001", false);
+        let held = e.stored(true, "system|v21.0/1001", Some(slot));
+        let read = held.entry();
+        let packed = e.for_storage(true, "system|v21.0/1001");
+        assert_eq!(read.status, e.status);
+        assert_eq!(read.headers.to_vec(), e.headers.to_vec());
+        assert_eq!(read.body().ok(), e.body().ok());
+        assert_eq!((read.stored_at, read.ttl()), (e.stored_at, e.ttl()));
+        assert_eq!(read.index_slot, Some(slot));
+        assert_eq!(read.readable(), "system|v21.0/1001");
+        assert_eq!(held.readable(), "system|v21.0/1001");
+        assert_eq!(held.weight(), packed.weight());
+        assert_eq!(held.as_ref().len(), packed.weight() as usize - ENTRY_OVERHEAD);
+        // A read holds the allocation until it is dropped.
+        assert_eq!(held.holders(), 3);
+        drop(read);
+        assert_eq!(held.holders(), 1);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use moka::ops::compute::{CompResult, Op};
 use moka::sync::Cache as Moka;
 use moka::Expiry;
 
-use super::entry::Entry;
+use super::entry::{Entry, Stored};
 use super::invalidate::NodeIndex;
 use super::key::{FastHash, KeyId};
 use crate::metrics::{CacheTier, Eviction, Metrics};
@@ -24,20 +24,20 @@ struct EntryExpiry {
 impl EntryExpiry {
     /// What is left of the entry's lifetime: an entry from Redis, or one stored again plain,
     /// is older than its insertion.
-    fn left(&self, v: &Entry, at: Instant) -> Duration {
+    fn left(&self, v: &Stored, at: Instant) -> Duration {
         (v.ttl() + self.stale_window).saturating_sub(v.age(at))
     }
 }
 
-impl Expiry<KeyId, Arc<Entry>> for EntryExpiry {
-    fn expire_after_create(&self, _k: &KeyId, v: &Arc<Entry>, at: Instant) -> Option<Duration> {
+impl Expiry<KeyId, Stored> for EntryExpiry {
+    fn expire_after_create(&self, _k: &KeyId, v: &Stored, at: Instant) -> Option<Duration> {
         Some(self.left(v, at))
     }
 
     fn expire_after_update(
         &self,
         _k: &KeyId,
-        v: &Arc<Entry>,
+        v: &Stored,
         at: Instant,
         _left: Option<Duration>,
     ) -> Option<Duration> {
@@ -45,7 +45,7 @@ impl Expiry<KeyId, Arc<Entry>> for EntryExpiry {
     }
 }
 
-type Entries = Moka<KeyId, Arc<Entry>, FastHash>;
+type Entries = Moka<KeyId, Stored, FastHash>;
 
 pub struct L1 {
     cache: Entries,
@@ -65,9 +65,9 @@ impl L1 {
         let listener_cache = for_listener.clone();
         let cache = Moka::builder()
             .max_capacity(max_bytes)
-            .weigher(|_k: &KeyId, v: &Arc<Entry>| v.weight())
+            .weigher(|_k: &KeyId, v: &Stored| v.weight())
             .expire_after(EntryExpiry { stale_window })
-            .eviction_listener(move |k: Arc<KeyId>, v: Arc<Entry>, cause| {
+            .eviction_listener(move |k: Arc<KeyId>, v: Stored, cause| {
                 let why = match cause {
                     RemovalCause::Size => Eviction::Size,
                     RemovalCause::Expired => Eviction::Expired,
@@ -77,7 +77,7 @@ impl L1 {
                 metrics.cache.evicted(CacheTier::L1, why);
                 // A replaced entry's key is still live (the new entry is indexed).
                 if cause != RemovalCause::Replaced {
-                    if let Some(slot) = v.index_slot {
+                    if let Some(slot) = v.index_slot() {
                         let cache = listener_cache.lock().unwrap_or_else(|e| e.into_inner());
                         index.remove_unless(slot, *k, |k| {
                             cache.as_ref().is_some_and(|c| c.contains_key(&k))
@@ -94,18 +94,18 @@ impl L1 {
     }
 
     pub fn get(&self, key: KeyId) -> Option<Arc<Entry>> {
-        self.cache.get(&key)
+        self.cache.get(&key).map(|stored| Arc::new(stored.entry()))
     }
 
-    pub fn insert(&self, key: KeyId, entry: Arc<Entry>) {
+    pub fn insert(&self, key: KeyId, entry: Stored) {
         self.cache.insert(key, entry);
     }
 
     /// Puts `new` in place of `current` if `current` is still the entry under `key` (not
     /// refilled, purged or evicted since it was read); true if it did.
-    pub fn replace_if_current(&self, key: KeyId, current: &Arc<Entry>, new: Arc<Entry>) -> bool {
+    pub fn replace_if_current(&self, key: KeyId, current: &Entry, new: Stored) -> bool {
         let result = self.cache.entry(key).and_compute_with(|found| match found {
-            Some(e) if Arc::ptr_eq(e.value(), current) => Op::Put(new),
+            Some(e) if current.is_from(e.value()) => Op::Put(new),
             _ => Op::Nop,
         });
         matches!(result, CompResult::ReplacedWith(_))
@@ -165,15 +165,14 @@ mod tests {
         )
     }
 
-    fn entry(slot: NodeSlot) -> Arc<Entry> {
-        let mut e = Entry::new(
+    fn entry(slot: NodeSlot) -> Stored {
+        Entry::new(
             StatusCode::OK,
             Vec::new(),
             PreparedBody::plain(Bytes::from_static(b"{}")),
             Duration::from_secs(60),
-        );
-        e.index_slot = Some(slot);
-        Arc::new(e)
+        )
+        .stored(false, "", Some(slot))
     }
 
     /// The listener's handle on the cache does not keep the cache (and every entry) alive.
@@ -183,9 +182,9 @@ mod tests {
         let cache = l1(index.clone());
         let e = entry(index.slot("1001", false));
         cache.insert(KeyId(1), e.clone());
-        assert_eq!(Arc::strong_count(&e), 2);
+        assert_eq!(e.holders(), 2);
         drop(cache);
-        assert_eq!(Arc::strong_count(&e), 1);
+        assert_eq!(e.holders(), 1);
     }
 
     /// A removal notice forgets the key, unless the key was stored again (or replaced).

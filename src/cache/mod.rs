@@ -238,16 +238,15 @@ impl Cache {
         if self.epoch(key) != epoch || !ReplyHeaders::packs_readable(&key.readable) {
             return false;
         }
-        let mut stored = entry.for_storage(self.compress, &key.readable);
         let slot = key
             .node
             .as_deref()
             .map(|n| self.index.slot(n, key.has_edge));
-        stored.index_slot = slot;
+        let stored = entry.stored(self.compress, &key.readable, slot);
         if u64::from(stored.weight()) > self.max_bytes {
             return false;
         }
-        self.l1.insert(key.id, Arc::new(stored));
+        self.l1.insert(key.id, stored);
         if let Some(slot) = slot {
             self.index.add(slot, key.id);
         }
@@ -268,7 +267,8 @@ impl Cache {
         let Ok(plain) = hot.decompressed() else {
             return;
         };
-        if self.l1.replace_if_current(key.id, hot, Arc::new(plain)) && self.epoch(key) != epoch {
+        let plain = plain.stored(false, hot.readable(), hot.index_slot);
+        if self.l1.replace_if_current(key.id, hot, plain) && self.epoch(key) != epoch {
             self.l1.remove(key.id);
         }
     }

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use http::{HeaderName, HeaderValue};
 
 use crate::graph::headers;
@@ -27,7 +27,7 @@ pub enum ReplyHeaders {
     /// As fetched: any headers.
     Table(Arc<[(HeaderName, HeaderValue)]>),
     /// As stored: only [`headers::STORED`], packed (see the module doc); made by
-    /// [`ReplyHeaders::pack_into`] only.
+    /// [`ReplyHeaders::pack`] only.
     Packed(Packed),
 }
 
@@ -35,6 +35,21 @@ pub enum ReplyHeaders {
 /// other bytes can pose as them).
 #[derive(Debug, Clone)]
 pub struct Packed(Bytes);
+
+/// Where [`ReplyHeaders::pack`] put the headers in its buffer: only it makes one, so
+/// [`ReplyHeaders::packed`] reads back nothing but what it wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackedAt {
+    start: usize,
+    end: usize,
+}
+
+impl PackedAt {
+    /// Where the headers start: the body's length, when the body came first.
+    pub fn start(self) -> usize {
+        self.start
+    }
+}
 
 impl Default for ReplyHeaders {
     fn default() -> Self {
@@ -51,13 +66,13 @@ impl From<Vec<(HeaderName, HeaderValue)>> for ReplyHeaders {
 impl ReplyHeaders {
     /// Appends `kept` packed (names among [`headers::STORED`], values of at most
     /// 64 KiB; others are left out) and `readable` (the entry's readable key, below 4 GiB)
-    /// to `buf`, after what it holds (the body), and freezes it: the whole buffer, and the
-    /// headers as a slice of it.
-    pub fn pack_into<'a>(
-        mut buf: BytesMut,
+    /// to `buf`, after what it holds (the body). The returned mark is what
+    /// [`ReplyHeaders::packed`] reads them back with, from these same bytes.
+    pub fn pack<'a>(
+        buf: &mut Vec<u8>,
         kept: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
         readable: &str,
-    ) -> (Bytes, ReplyHeaders) {
+    ) -> PackedAt {
         let start = buf.len();
         let mut records: Vec<(u8, u16)> = Vec::new();
         for (name, value) in kept.take(usize::from(u8::MAX)) {
@@ -74,12 +89,22 @@ impl ReplyHeaders {
         buf.extend_from_slice(readable.as_bytes());
         buf.put_u32(readable.len() as u32);
         buf.put_u8(records.len() as u8);
-        let all = buf.freeze();
-        let headers = ReplyHeaders::Packed(Packed(all.slice(start..)));
-        (all, headers)
+        PackedAt {
+            start,
+            end: buf.len(),
+        }
     }
 
-    /// Bytes [`ReplyHeaders::pack_into`] appends for `kept` and `readable`.
+    /// The headers [`ReplyHeaders::pack`] appended to `all` (the same bytes, shared):
+    /// no copy. Empty headers if `all` is not as long as the buffer they were packed into.
+    pub fn packed(all: &Bytes, at: PackedAt) -> ReplyHeaders {
+        if all.len() != at.end {
+            return ReplyHeaders::default();
+        }
+        ReplyHeaders::Packed(Packed(all.slice(at.start..)))
+    }
+
+    /// Bytes [`ReplyHeaders::pack`] appends for `kept` and `readable`.
     pub fn packed_len<'a>(
         kept: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
         readable: &str,
@@ -104,7 +129,7 @@ impl ReplyHeaders {
         self.len() == 0
     }
 
-    /// Whether [`ReplyHeaders::pack_into`] packs `readable` whole (it leaves out a key
+    /// Whether [`ReplyHeaders::pack`] packs `readable` whole (it leaves out a key
     /// longer than its length field can say, 4 GiB: no request is let in that large).
     pub fn packs_readable(readable: &str) -> bool {
         packable(readable).len() == readable.len()
@@ -116,8 +141,7 @@ impl ReplyHeaders {
         let ReplyHeaders::Packed(Packed(b)) = self else {
             return None;
         };
-        let (at, len) = readable_span(b)?;
-        std::str::from_utf8(b.get(at..at + len)?).ok()
+        readable_in(b)
     }
 
     /// The headers in order, each value a shared slice (no copy).
@@ -168,7 +192,7 @@ impl ReplyHeaders {
 /// A value from the packed values, without checking its bytes again: a hit makes five of
 /// them, and checking was a third of the headers' cost per hit.
 fn value_of(bytes: Bytes) -> HeaderValue {
-    // SAFETY: `bytes` lies within the values region of a table `pack_into` made (the readers
+    // SAFETY: `bytes` lies within the values region of a table `pack` made (the readers
     // stop at a length reaching past it), whose bytes were copied from valid `HeaderValue`s;
     // validity is a rule on each byte, so any part of the region is a valid value.
     unsafe { HeaderValue::from_maybe_shared_unchecked(bytes) }
@@ -182,6 +206,12 @@ fn packable(readable: &str) -> &str {
     } else {
         ""
     }
+}
+
+/// The readable key in bytes [`ReplyHeaders::pack`] appended (checked: not on the hit path).
+pub fn readable_in(packed: &[u8]) -> Option<&str> {
+    let (at, len) = readable_span(packed)?;
+    std::str::from_utf8(packed.get(at..at + len)?).ok()
 }
 
 /// Where the readable key starts in packed bytes, and its length.
@@ -200,7 +230,7 @@ fn record(name: &HeaderName, value: &HeaderValue) -> Option<(u8, u16)> {
 }
 
 /// Iterator over [`ReplyHeaders`], yielding owned names and values. Opaque: a packed cursor
-/// is only ever made over bytes [`ReplyHeaders::pack_into`] wrote (see [`value_of`]).
+/// is only ever made over bytes [`ReplyHeaders::pack`] wrote (see [`value_of`]).
 pub struct Iter<'a>(Cursor<'a>);
 
 enum Cursor<'a> {
@@ -283,12 +313,15 @@ mod tests {
             h("etag", "\"abc\""),
             h("x-fb-trace-id", ""),
         ];
-        let buf = BytesMut::from(&b"body"[..]);
-        let (all, packed) = ReplyHeaders::pack_into(
-            buf,
+        let mut buf = b"body".to_vec();
+        let at = ReplyHeaders::pack(
+            &mut buf,
             given.iter().map(|(n, v)| (n, v)),
             "system|v21.0/1001?fields=id",
         );
+        assert_eq!(at.start(), 4);
+        let all = Bytes::from(buf);
+        let packed = ReplyHeaders::packed(&all, at);
         assert_eq!(packed.len(), 3);
         assert_eq!(packed.readable(), Some("system|v21.0/1001?fields=id"));
         let expected: Vec<_> = given
@@ -305,7 +338,7 @@ mod tests {
     }
 
     #[test]
-    fn a_packed_length_is_what_pack_into_appends() {
+    fn a_packed_length_is_what_pack_appends() {
         let given = [
             h("etag", "\"1\""),
             h("x-fb-rev", "1234"),
@@ -313,11 +346,13 @@ mod tests {
         ];
         for readable in ["", "v21.0/1001", &"x".repeat(70_000)] {
             assert!(ReplyHeaders::packs_readable(readable));
-            let (all, packed) = ReplyHeaders::pack_into(
-                BytesMut::new(),
-                given.iter().map(|(n, v)| (n, v)),
-                readable,
-            );
+            let mut buf = Vec::new();
+            let at = ReplyHeaders::pack(&mut buf, given.iter().map(|(n, v)| (n, v)), readable);
+            let all = Bytes::from(buf);
+            let packed = ReplyHeaders::packed(&all, at);
+            // Other bytes than those packed into read back as no headers.
+            let other = Bytes::from(vec![0; all.len() + 1]);
+            assert!(ReplyHeaders::packed(&other, at).is_empty());
             assert_eq!(
                 all.len(),
                 ReplyHeaders::packed_len(given.iter().map(|(n, v)| (n, v)), readable)
