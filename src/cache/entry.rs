@@ -10,8 +10,8 @@ use http::{header, HeaderName, HeaderValue, StatusCode};
 use triomphe::HeaderSlice;
 
 use super::invalidate::NodeSlot;
-use super::reply_headers::{readable_in, PackedAt};
 pub use super::reply_headers::ReplyHeaders;
+use super::reply_headers::{readable_in, PackedAt};
 use crate::error::ProxyError;
 use crate::rewrite::{KeyMarker, PreparedBody};
 
@@ -304,9 +304,10 @@ impl Entry {
     /// on the [`HOT_HITS`]th.
     pub fn became_hot(&self) -> bool {
         self.is_compressed()
-            && self.origin.as_ref().is_some_and(|o| {
-                o.0.header.hits.fetch_add(1, Ordering::Relaxed) + 1 == HOT_HITS
-            })
+            && self
+                .origin
+                .as_ref()
+                .is_some_and(|o| o.0.header.hits.fetch_add(1, Ordering::Relaxed) + 1 == HOT_HITS)
     }
 
     /// Whether this entry was read from `stored`.
@@ -670,7 +671,10 @@ mod tests {
         assert_eq!(read.readable(), "system|v21.0/1001");
         assert_eq!(held.readable(), "system|v21.0/1001");
         assert_eq!(held.weight(), packed.weight());
-        assert_eq!(held.as_ref().len(), packed.weight() as usize - ENTRY_OVERHEAD);
+        assert_eq!(
+            held.as_ref().len(),
+            packed.weight() as usize - ENTRY_OVERHEAD
+        );
         // A read holds the allocation until it is dropped.
         assert_eq!(held.holders(), 3);
         drop(read);

@@ -93,8 +93,8 @@ impl L1 {
         }
     }
 
-    pub fn get(&self, key: KeyId) -> Option<Arc<Entry>> {
-        self.cache.get(&key).map(|stored| Arc::new(stored.entry()))
+    pub fn get(&self, key: KeyId) -> Option<Entry> {
+        self.cache.get(&key).map(|stored| stored.entry())
     }
 
     pub fn insert(&self, key: KeyId, entry: Stored) {

@@ -205,12 +205,12 @@ impl Cache {
         sh.bus.invalidate(inv).await;
     }
 
-    pub fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
+    pub fn get(&self, key: &CacheKey) -> Option<Entry> {
         self.l1.get(key.id)
     }
 
     /// The entry stored under a key's digest (the projection index keeps digests).
-    pub fn get_id(&self, id: KeyId) -> Option<Arc<Entry>> {
+    pub fn get_id(&self, id: KeyId) -> Option<Entry> {
         self.l1.get(id)
     }
 
@@ -262,7 +262,7 @@ impl Cache {
     /// Stores a hot compressed entry again with its body plain (see [`entry::HOT_HITS`]), in
     /// place of the very entry that was read. A write to its node meanwhile wins: as in
     /// [`Cache::store`], the epoch is checked again after the swap.
-    pub fn store_plain(&self, key: &CacheKey, hot: &Arc<Entry>) {
+    pub fn store_plain(&self, key: &CacheKey, hot: &Entry) {
         let epoch = self.epoch(key);
         let Ok(plain) = hot.decompressed() else {
             return;

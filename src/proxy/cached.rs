@@ -173,7 +173,7 @@ impl Gateway {
                             let job = Job {
                                 key: key.clone(),
                                 ttl,
-                                stale: Some(e.clone()),
+                                stale: Some(Arc::new(e.clone())),
                                 shared: true,
                                 base: None,
                             };
@@ -195,7 +195,7 @@ impl Gateway {
         Ok(ReadStart::Pending(PendingRead::Node(NodeRead {
             key,
             ttl,
-            found,
+            found: found.map(Arc::new),
             directive,
             identity,
             now,
@@ -216,7 +216,7 @@ impl Gateway {
     fn fresh_reply(
         &self,
         key: &CacheKey,
-        e: &Arc<Entry>,
+        e: &Entry,
         caller: &Caller,
         now: Instant,
     ) -> Result<Served, ProxyError> {

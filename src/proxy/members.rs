@@ -74,10 +74,14 @@ impl Gateway {
         for m in members {
             let mut hit = None;
             if serve && !m.ttl.is_zero() {
-                hit = self.cache.get(&m.key).filter(|e| {
-                    e.status.is_success()
-                        && e.freshness(now, Duration::ZERO, Duration::ZERO) == Freshness::Fresh
-                });
+                hit = self
+                    .cache
+                    .get(&m.key)
+                    .filter(|e| {
+                        e.status.is_success()
+                            && e.freshness(now, Duration::ZERO, Duration::ZERO) == Freshness::Fresh
+                    })
+                    .map(Arc::new);
                 if let (None, Some((want, base))) = (&hit, &m.projection) {
                     hit = self.project_stored(&m.key, want, *base, now)?;
                 }
