@@ -702,3 +702,81 @@ mod tests {
         assert!(stored.body().is_err());
     }
 }
+
+#[cfg(test)]
+mod stored_props {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::cache::invalidate::NodeIndex;
+    use crate::graph::headers;
+
+    /// A header list: names among those stored and others, values of any visible ASCII.
+    fn headers_strategy() -> impl Strategy<Value = Vec<(HeaderName, HeaderValue)>> {
+        let name = prop_oneof![
+            (0..headers::STORED.len()).prop_map(|i| headers::STORED[i].clone()),
+            Just(HeaderName::from_static("x-app-usage")),
+        ];
+        let value = "[ -~]{0,80}".prop_map(|v| HeaderValue::from_str(&v).expect("visible ASCII"));
+        proptest::collection::vec((name, value), 0..8)
+    }
+
+    /// Bodies that compress (repeated words) and bodies that do not (any bytes).
+    fn body_strategy() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..1500),
+            ("[a-z\"{}:, ]{1,12}", 1..200usize).prop_map(|(w, n)| w.repeat(n).into_bytes()),
+        ]
+    }
+
+    proptest! {
+        /// Whatever an entry holds, the in-process tier reads back what `for_storage` keeps
+        /// (the Redis tier's form): status, stored headers in order, body, marker, times,
+        /// index slot and readable key, and weighs it the same.
+        #[test]
+        fn a_stored_entry_reads_back_what_for_storage_keeps(
+            status in prop_oneof![Just(200u16), Just(404), Just(500)],
+            given in headers_strategy(),
+            body in body_strategy(),
+            marker in any::<bool>(),
+            compress in any::<bool>(),
+            readable in "[ -~]{0,120}",
+            ttl_s in 0u64..100_000,
+            node in proptest::option::of("[0-9]{1,15}"),
+        ) {
+            let e = Entry::new(
+                StatusCode::from_u16(status).expect("status"),
+                given.clone(),
+                PreparedBody {
+                    bytes: Bytes::from(body),
+                    key_marker: marker.then(crate::rewrite::KeyMarker::random),
+                },
+                Duration::from_secs(ttl_s),
+            );
+            // What a stored entry replays: the stored names, in order, but the default type.
+            let expected: Vec<_> = given
+                .iter()
+                .filter(|(n, v)| {
+                    headers::STORED.contains(n)
+                        && !(n == header::CONTENT_TYPE && v == DEFAULT_CONTENT_TYPE)
+                })
+                .cloned()
+                .collect();
+            let slot = node.map(|n| NodeIndex::default().slot(&n, false));
+            let held = e.stored(compress, &readable, slot);
+            let kept = e.for_storage(compress, &readable);
+            let read = held.entry();
+            prop_assert_eq!(read.status, e.status);
+            prop_assert_eq!(read.headers.to_vec(), expected);
+            prop_assert_eq!(kept.headers.to_vec(), read.headers.to_vec());
+            prop_assert_eq!(read.body().ok(), e.body().ok());
+            prop_assert_eq!(read.is_compressed(), kept.is_compressed());
+            prop_assert_eq!((read.stored_at, read.ttl()), (e.stored_at, e.ttl()));
+            prop_assert_eq!(read.index_slot, slot);
+            prop_assert_eq!(read.readable(), readable.as_str());
+            prop_assert_eq!(held.readable(), readable.as_str());
+            prop_assert_eq!(held.weight(), kept.weight());
+            prop_assert!(read.is_from(&held));
+        }
+    }
+}
