@@ -1,6 +1,7 @@
 //! Criterion benches for the per-request hot paths that need no sockets: request parsing,
 //! fields canonicalisation, cache key building, paging-link rewrite of a 100 KB feed page,
-//! encoding an upstream query, usage-header parsing, and storing/reading a cached body LZ4-compressed.
+//! encoding an upstream query, usage-header parsing, storing/reading a cached body
+//! LZ4-compressed, and storing/reading an entry in the in-process tier.
 //! See benches/README.md for what each measures and the figures on the project machine.
 
 use bytes::Bytes;
@@ -143,6 +144,45 @@ fn cached_bodies(c: &mut Criterion) {
     g.finish();
 }
 
+/// The in-process tier's store and read of one entry (200 B body, below compression, and
+/// the five headers Graph's replies carry that are replayed): a fill's store, a hit's read of
+/// body and headers.
+fn in_process_tier(c: &mut Criterion) {
+    let gw = common::gateway("http://127.0.0.1:9");
+    let key = common::key_for(&gw, "/v21.0/1001?fields=id,name");
+    let mut entry = common::entry(Bytes::from(vec![b'x'; 200]));
+    for (name, value) in [
+        ("facebook-api-version", "v21.0"),
+        ("x-fb-trace-id", "AbCdEfGhIjK"),
+        ("x-fb-request-id", "A1b2C3d4E5f6G7h8I9j0K1l"),
+        ("x-fb-rev", "1019734581"),
+        ("etag", "\"4e0e2bd1c5f6b3a0f3b8d1c2a9e7f6d5b4c3a291\""),
+    ] {
+        let mut headers = entry.headers.to_vec();
+        headers.push((
+            http::HeaderName::from_static(name),
+            http::HeaderValue::from_static(value),
+        ));
+        entry.headers = headers.into();
+    }
+    let mut g = c.benchmark_group("in-process tier");
+    g.bench_function("store an entry (200 B, 5 headers)", |b| {
+        b.iter(|| {
+            gw.cache
+                .store(&key, black_box(&entry), gw.cache.epoch(&key))
+        })
+    });
+    assert!(gw.cache.store(&key, &entry, gw.cache.epoch(&key)));
+    g.bench_function("read an entry (body and headers)", |b| {
+        b.iter(|| {
+            let e = gw.cache.get(black_box(&key)).expect("stored");
+            let body = e.body().expect("plain");
+            (body.bytes.len(), e.headers.iter().count())
+        })
+    });
+    g.finish();
+}
+
 fn usage_headers(c: &mut Criterion) {
     let buc = r#"{"1001":[{"type":"pages","call_count":12,"total_cputime":3,"total_time":4,"estimated_time_to_regain_access":0}],"1002":[{"type":"pages","call_count":80,"total_cputime":40,"total_time":41,"estimated_time_to_regain_access":0}]}"#;
     let app = r#"{"call_count":28,"total_time":25,"total_cputime":25}"#;
@@ -214,6 +254,7 @@ criterion_group!(
     upstream_query,
     paging_rewrite,
     cached_bodies,
+    in_process_tier,
     usage_headers,
     projection_index
 );

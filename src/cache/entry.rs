@@ -108,8 +108,9 @@ pub struct Entry {
     ttl_ms: u32,
     /// Where the entry's key is in the node index (set when stored in the in-process tier).
     pub index_slot: Option<NodeSlot>,
-    /// What the in-process tier holds, for an entry read from it: its hit count, and what
-    /// [`crate::cache::l1::L1::replace_if_current`] compares.
+    /// What the in-process tier holds, for a compressed entry read from it: its hit count,
+    /// and what [`crate::cache::l1::L1::replace_if_current`] compares when the entry is
+    /// stored again plain (a plain entry never is).
     origin: Option<Stored>,
 }
 
@@ -172,7 +173,8 @@ impl Stored {
             stored_at: head.stored_at,
             ttl_ms: head.ttl_ms,
             index_slot: head.index_slot,
-            origin: Some(self.clone()),
+            // Only a compressed entry counts hits or is swapped for a plain copy.
+            origin: head.plain_len.map(|_| self.clone()),
         }
     }
 
@@ -310,7 +312,7 @@ impl Entry {
                 .is_some_and(|o| o.0.header.hits.fetch_add(1, Ordering::Relaxed) + 1 == HOT_HITS)
     }
 
-    /// Whether this entry was read from `stored`.
+    /// Whether this entry, compressed, was read from `stored` (false for a plain one).
     pub fn is_from(&self, stored: &Stored) -> bool {
         self.origin
             .as_ref()
@@ -675,8 +677,10 @@ mod tests {
             held.as_ref().len(),
             packed.weight() as usize - ENTRY_OVERHEAD
         );
-        // A read holds the allocation until it is dropped.
-        assert_eq!(held.holders(), 3);
+        // A read holds the allocation until it is dropped (through its body and headers; a
+        // plain entry keeps no other handle on it).
+        assert!(!read.is_compressed() && !read.is_from(&held));
+        assert_eq!(held.holders(), 2);
         drop(read);
         assert_eq!(held.holders(), 1);
     }
@@ -776,7 +780,7 @@ mod stored_props {
             prop_assert_eq!(read.readable(), readable.as_str());
             prop_assert_eq!(held.readable(), readable.as_str());
             prop_assert_eq!(held.weight(), kept.weight());
-            prop_assert!(read.is_from(&held));
+            prop_assert_eq!(read.is_from(&held), read.is_compressed());
         }
     }
 }
