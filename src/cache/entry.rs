@@ -25,7 +25,7 @@ pub const COMPRESS_MIN_BYTES: usize = 256;
 /// What a cached entry costs besides its body, headers and readable key: its fixed fields,
 /// moka's per-entry nodes and key, the node index and allocator rounding. Measured as RSS
 /// per entry less those (`examples/entry_memory`, 300 000 and 1 000 000 entries of 1 KB):
-/// 510–571 bytes when each entry is a read of its own node (most caches), 421–487 when all
+/// 492–571 bytes when each entry is a read of its own node (most caches), 414–489 when all
 /// are reads of one node. The larger, so either kind stays within `cache.max_bytes` (a body
 /// whose buffer just misses an allocator size class can still cost up to ~10 % more, by the
 /// classes' spacing: reasoned, not measured).
@@ -41,6 +41,17 @@ pub const MAX_TTL: Duration = Duration::from_millis(u32::MAX as u64);
 
 fn ttl_ms(ttl: Duration) -> u32 {
     u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX)
+}
+
+/// The TTL [`ttl_ms`] holds.
+fn ttl_of(ms: u32) -> Duration {
+    Duration::from_millis(u64::from(ms))
+}
+
+/// What an entry holding `held` bytes (body as stored, headers, readable key) weighs in the
+/// cache: those and [`ENTRY_OVERHEAD`].
+fn weight_of(held: usize) -> u32 {
+    u32::try_from(held + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
 }
 
 /// When an entry was stored, in 8 bytes where an `Instant` takes 16: nanoseconds from a
@@ -189,7 +200,7 @@ impl Stored {
     }
 
     pub fn ttl(&self) -> Duration {
-        Duration::from_millis(u64::from(self.0.header.ttl_ms))
+        ttl_of(self.0.header.ttl_ms)
     }
 
     pub fn age(&self, now: Instant) -> Duration {
@@ -198,7 +209,7 @@ impl Stored {
 
     /// Memory this entry costs once cached, as [`Entry::weight`] counts it.
     pub fn weight(&self) -> u32 {
-        u32::try_from(self.0.slice.len() + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
+        weight_of(self.0.slice.len())
     }
 
     /// How many hold this allocation (the cache, reads in progress).
@@ -247,7 +258,7 @@ impl Entry {
 
     /// How long the entry is fresh after `stored_at`.
     pub fn ttl(&self) -> Duration {
-        Duration::from_millis(u64::from(self.ttl_ms))
+        ttl_of(self.ttl_ms)
     }
 
     /// The body as served (before the per-client key marker is filled in). A compressed
@@ -459,8 +470,7 @@ impl Entry {
     /// as stored, headers, readable key) and [`ENTRY_OVERHEAD`], so `cache.max_bytes` bounds
     /// the process's memory rather than the payload alone.
     pub fn weight(&self) -> u32 {
-        let total = self.body.bytes.len() + self.headers.held_bytes() + ENTRY_OVERHEAD;
-        u32::try_from(total).unwrap_or(u32::MAX)
+        weight_of(self.body.bytes.len() + self.headers.held_bytes())
     }
 
     /// The entry's validator, if Graph sent one.
