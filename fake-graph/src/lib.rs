@@ -19,7 +19,8 @@ mod tls;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -607,6 +608,8 @@ where
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new());
     builder.http2().timer(TokioTimer::new());
+    let io = Lingering::new(io);
+    let linger = io.linger.clone();
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let mut closing = false;
@@ -616,10 +619,108 @@ where
             () = conn_state.go_away.notified(), if !closing => {
                 closing = true;
                 inner.goaways.fetch_add(1, Ordering::Relaxed);
+                linger.store(true, Ordering::Relaxed);
                 conn.as_mut().graceful_shutdown();
             }
             () = inner.wait_shutdown() => return,
         }
+    }
+}
+
+/// How long a gracefully closed connection keeps draining what the client still sends.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// A connection that, once closed gracefully, sends its FIN and then keeps reading (and
+/// discarding) what the client still sends for up to [`LINGER`] before the socket is
+/// closed, as nginx's `lingering_close` and Envoy's `delayed_close_timeout` do. Closing at
+/// once would answer frames that crossed the final GOAWAY with a TCP reset, and the client
+/// would see a broken pipe instead of the GOAWAY that says which streams were processed.
+struct Lingering<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> {
+    io: Option<I>,
+    /// Set when the connection starts closing gracefully; other closes stay abrupt.
+    linger: Arc<AtomicBool>,
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Lingering<I> {
+    fn new(io: I) -> Self {
+        Lingering {
+            io: Some(io),
+            linger: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn io(&mut self) -> Pin<&mut I> {
+        Pin::new(self.io.as_mut().expect("taken only on drop"))
+    }
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Drop for Lingering<I> {
+    fn drop(&mut self) {
+        let (Some(mut io), true) = (self.io.take(), self.linger.load(Ordering::Relaxed)) else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _ = io.shutdown().await;
+            let mut sink = [0u8; 4096];
+            let _ = tokio::time::timeout(LINGER, async {
+                while let Ok(n) = io.read(&mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            })
+            .await;
+        });
+    }
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncRead for Lingering<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.io().poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncWrite for Lingering<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.io().poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.io().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.as_ref().is_some_and(|io| io.is_write_vectored())
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.io().poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.io().poll_shutdown(cx)
     }
 }
 
