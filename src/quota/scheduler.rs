@@ -30,7 +30,7 @@ use super::table::Table;
 use crate::config::{Priority, QuotaConfig, RedisConfig};
 use crate::error::{rate_limit_pair, ProxyError};
 use crate::graph::usage::{
-    parse_app_usage, parse_buc_usage, ErrorClass, ReplyView, ThrottleScope, Usage,
+    parse_app_usage_shared, parse_buc_usage_shared, ErrorClass, ReplyView, ThrottleScope, Usage,
 };
 use crate::metrics::{AdmissionSource, Metrics, QueueWait, QuotaRejection};
 use crate::redis_conn::RedisConn;
@@ -575,10 +575,13 @@ impl Scheduler {
             Some(ThrottleScope::App | ThrottleScope::User | ThrottleScope::Custom)
         );
 
-        let mut per_id: HashMap<String, (Usage, Option<f64>)> = HashMap::new();
-        if let Some(h) = reply.header("x-business-use-case-usage") {
-            for e in parse_buc_usage(h) {
-                let slot = per_id.entry(e.business_id).or_default();
+        let buc = reply
+            .header("x-business-use-case-usage")
+            .map(parse_buc_usage_shared);
+        let mut per_id: HashMap<&str, (Usage, Option<f64>)> = HashMap::new();
+        if let Some(buc) = &buc {
+            for e in buc.iter() {
+                let slot = per_id.entry(e.business_id.as_str()).or_default();
                 slot.0.call_count = slot.0.call_count.max(e.usage.call_count);
                 slot.0.total_time = slot.0.total_time.max(e.usage.total_time);
                 slot.0.total_cputime = slot.0.total_cputime.max(e.usage.total_cputime);
@@ -594,14 +597,16 @@ impl Scheduler {
             }
         }
         let single_page = admission.held.len() == 1;
-        let page_usage = reply.header("x-page-usage").and_then(parse_app_usage);
-        let mut app_usage = reply.header("x-app-usage").and_then(parse_app_usage);
+        let page_usage = reply
+            .header("x-page-usage")
+            .and_then(parse_app_usage_shared);
+        let mut app_usage = reply.header("x-app-usage").and_then(parse_app_usage_shared);
         // Meta leaves the usage headers out when usage is about 0.
         let zero = success.then(Usage::default);
 
         for h in &admission.held {
             let (usage, regain, throttled) = match &h.bucket.key {
-                BucketKey::Page(p) => match per_id.remove(p) {
+                BucketKey::Page(p) => match per_id.remove(p.as_str()) {
                     Some((u, r)) => (Some(u), r, page_throttle),
                     None => (
                         page_usage.filter(|_| single_page).or(zero),
@@ -631,10 +636,10 @@ impl Scheduler {
         }
         // Readings about buckets this call was not charged to.
         for (id, (usage, regain)) in per_id {
-            if crate::graph::request::page_of_node(&id) != Some(id.as_str()) {
+            if crate::graph::request::page_of_node(id) != Some(id) {
                 continue;
             }
-            let b = inner.bucket(&BucketKey::Page(id));
+            let b = inner.bucket(&BucketKey::Page(id.to_string()));
             let obs = Observation {
                 usage: Some(usage),
                 regain_minutes: regain,
