@@ -22,15 +22,16 @@ pub type UnionResult = Result<(Fields, Fill), ProxyError>;
 /// (normalized).
 pub type Unions = Gatherings<Fields, UnionResult>;
 
-/// Joins the union call for `base` that covers `want` (or can take it, while gathering),
-/// or opens one. `fits` says whether a union still makes an acceptable upstream call.
+/// Joins the union call for `base` that covers `want` (normalized: [`Fields::normalized`])
+/// or can take it, while gathering, or opens one. `fits` says whether a union still makes an
+/// acceptable upstream call.
 pub fn join(
     unions: &Unions,
     base: KeyId,
     want: &Fields,
     fits: impl Fn(&Fields) -> bool,
 ) -> Part<Fields, UnionResult> {
-    let want = want.normalized();
+    debug_assert_eq!(*want, want.normalized(), "join takes normalized fields");
     unions.join(
         base,
         || want.clone(),
@@ -63,7 +64,7 @@ mod tests {
     use super::*;
 
     fn f(s: &str) -> Fields {
-        Fields::parse(s).unwrap()
+        Fields::parse(s).unwrap().normalized()
     }
 
     #[test]

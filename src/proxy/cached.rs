@@ -175,7 +175,7 @@ impl Gateway {
                                 ttl,
                                 stale: Some(Arc::new(e.clone())),
                                 shared: true,
-                                base: None,
+                                projection: None,
                             };
                             self.spawn_fill(permit, call.clone(), version, job);
                         }
@@ -321,7 +321,7 @@ impl Gateway {
             ttl,
             stale: found,
             shared: directive == Directive::Normal,
-            base: None,
+            projection: None,
         };
         let (fill, collapsed) = self
             .fill_coalesced(call.clone(), version, job, Writer::Spawned)
@@ -351,7 +351,7 @@ impl Gateway {
         let own = want.normalized();
         let max_url = self.config.upstream.max_get_url_bytes;
         let fits = |u: &Fields| union_fits(call, u, max_url);
-        let (waiter, collapsed) = match union::join(&self.cache.unions, base, &want, fits) {
+        let (waiter, collapsed) = match union::join(&self.cache.unions, base, &own, fits) {
             Part::Lead(lead, waiter) => {
                 let node = NodeKeys {
                     key: key.clone(),
@@ -460,21 +460,22 @@ impl Gateway {
         ttl: Duration,
         fields: &Fields,
     ) -> FillResult {
-        let key = if node.fields == *fields {
-            node.key
+        let (key, asked) = if node.fields == *fields {
+            (node.key, node.fields)
         } else {
             call.params.set("fields", fields.canonical());
             self.metrics.cache.union_fills.inc();
             let identity = self.tokens.identity_for(call.page());
-            key::build(version, &call.path.segments, &call.params, &identity)
-                .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?
+            let key = key::build(version, &call.path.segments, &call.params, &identity)
+                .map_err(|e| ProxyError::BadRequest(format!("Invalid fields: {e}.")))?;
+            (key, fields.clone())
         };
         let job = Job {
             key,
             ttl,
             stale: None,
             shared: true,
-            base: Some(node.base),
+            projection: Some((node.base, asked)),
         };
         self.fill_node(call, version, job).await
     }
@@ -632,7 +633,7 @@ impl Gateway {
             ttl,
             stale: None,
             shared: true,
-            base: None,
+            projection: None,
         };
         let (fill, collapsed) = self
             .fill_coalesced(call.clone(), version, job, Writer::Spawned)
@@ -746,7 +747,7 @@ impl Gateway {
             ttl,
             mut stale,
             shared,
-            base,
+            projection,
         } = job;
         let key = &key;
         let epoch = self.cache.epoch(key);
@@ -810,7 +811,7 @@ impl Gateway {
         let kind = if !entry.status.is_success() {
             FillKind::Passed
         } else if self.cache.store(key, &entry, epoch) {
-            self.note_projectable(&call, version, key, base, &entry);
+            self.note_projectable(&call, version, key, projection, &entry);
             FillKind::Stored
         } else {
             FillKind::Fetched
@@ -833,14 +834,20 @@ impl Gateway {
         call: &Call,
         version: &str,
         key: &CacheKey,
-        base: Option<key::KeyId>,
+        projection: Option<(key::KeyId, Fields)>,
         entry: &Entry,
     ) {
         if !self.cache.project_fields {
             return;
         }
-        let Some(fields) = projectable(call) else {
-            return;
+        let (base, fields) = match projection {
+            Some((base, fields)) => (Some(base), fields),
+            None => {
+                let Some(fields) = projectable(call) else {
+                    return;
+                };
+                (None, fields)
+            }
         };
         self.cache
             .projections
@@ -1018,9 +1025,10 @@ pub(super) struct Job {
     pub ttl: Duration,
     pub stale: Option<Arc<Entry>>,
     pub shared: bool,
-    /// The node read's key without its fields ([`key::base_of`]), when the read already
-    /// built it: the fill notes its reply under it for projection without building it again.
-    pub base: Option<key::KeyId>,
+    /// The node read's key without its fields ([`key::base_of`]) and the fields it asks
+    /// Graph for, when the read already has them: the fill notes its reply under them for
+    /// projection without building the key or parsing the fields again.
+    pub projection: Option<(key::KeyId, Fields)>,
 }
 
 /// A node read's own key, its key without fields, and its fields (normalized).
