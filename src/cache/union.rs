@@ -36,13 +36,13 @@ pub fn join(
         base,
         || want.clone(),
         |u, open| {
-            if projection::covers(u, &want) {
+            if projection::covers(u, want) {
                 return true;
             }
             if !open {
                 return false;
             }
-            match projection::union(u, &want).filter(|f| fits(f)) {
+            match projection::union(u, want).filter(|f| fits(f)) {
                 Some(f) => {
                     *u = f;
                     true
