@@ -11,7 +11,9 @@ use graphgate::cache::key::{self, KeyId};
 use graphgate::cache::projection::ProjectionIndex;
 use graphgate::graph::fields::{canonicalize, Fields};
 use graphgate::graph::request::Params;
-use graphgate::graph::usage::{parse_app_usage, parse_buc_usage};
+use graphgate::graph::usage::{
+    parse_app_usage, parse_app_usage_shared, parse_buc_usage, parse_buc_usage_shared,
+};
 use graphgate::proxy::parse_call;
 use graphgate::rewrite;
 use std::hint::black_box;
@@ -191,6 +193,25 @@ fn usage_headers(c: &mut Criterion) {
     });
     c.bench_function("parse X-App-Usage", |b| {
         b.iter(|| parse_app_usage(black_box(app)))
+    });
+    // What learning from a reply does: the worker's last parse is reused for the same bytes.
+    let other = buc.replace("\"call_count\":12", "\"call_count\":13");
+    c.bench_function(
+        "parse X-Business-Use-Case-Usage, remembered, same as the last",
+        |b| b.iter(|| parse_buc_usage_shared(black_box(buc))),
+    );
+    c.bench_function(
+        "parse X-Business-Use-Case-Usage, remembered, another each time",
+        |b| {
+            let mut flip = false;
+            b.iter(|| {
+                flip = !flip;
+                parse_buc_usage_shared(black_box(if flip { buc } else { &other }))
+            })
+        },
+    );
+    c.bench_function("parse X-App-Usage, remembered, same as the last", |b| {
+        b.iter(|| parse_app_usage_shared(black_box(app)))
     });
 }
 
