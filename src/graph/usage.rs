@@ -258,7 +258,7 @@ pub fn parse_buc_usage(v: &str) -> Vec<BucUsage> {
 
 /// The last header a thread parsed, with what it parsed to: replies in a row mostly carry
 /// the same reading (Meta's figures move in whole percents), and parsing the usage headers
-/// was about a twentieth of a cache miss's instructions.
+/// of every reply cost about 4 k of a cache miss's 169 k instructions.
 struct LastParsed<T>(Option<(Box<str>, T)>);
 
 impl<T: Clone> LastParsed<T> {
