@@ -1088,3 +1088,33 @@ mod fuzz {
         }
     }
 }
+
+/// A connection closed gracefully (`Fault::GoAway`) sends its FIN and then drains what the
+/// client still sends, as production servers' lingering close does: bytes that cross the
+/// close are read and dropped, not answered with a TCP reset (which would make a client's
+/// pending HTTP/2 write fail with a broken pipe before it reads the GOAWAY).
+#[tokio::test]
+async fn a_gracefully_closed_connection_drains_late_bytes_instead_of_resetting() {
+    let fg = start_default().await;
+    fg.set_fault(Fault::GoAway { after: 1 });
+    let mut s = TcpStream::connect(fg.addr()).await.unwrap();
+    let request = format!(
+        "GET /v21.0/1001?{} HTTP/1.1\r\nhost: graph\r\n\r\n",
+        creds(&fg, SYS)
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    // The reply, then the server's FIN.
+    let mut reply = Vec::new();
+    tokio::time::timeout(IO_TIMEOUT, s.read_to_end(&mut reply))
+        .await
+        .expect("the server closes after its reply")
+        .expect("the reply reads without a reset");
+    assert!(reply.starts_with(b"HTTP/1.1 200"), "{reply:?}");
+    // Late bytes. A socket closed outright would answer the first write with a reset and the
+    // second would fail; a draining one takes both.
+    s.write_all(b"late bytes after the close").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b"more late bytes").await.expect("no reset");
+    assert_eq!(fg.stats().goaways, 1);
+    fg.shutdown();
+}
