@@ -25,6 +25,8 @@
 //! [`Running::reload`] applies a new configuration without a restart (clients, TLS
 //! certificates); see its docs for what needs a restart.
 
+mod linger;
+
 use std::cell::Cell;
 use std::convert::Infallible;
 use std::future::Future;
@@ -600,6 +602,7 @@ async fn serve_public(
 ) {
     let first_head_by = tokio::time::Instant::now() + shared.cfg.header_read_timeout;
     let _ = stream.set_nodelay(true);
+    let stream = linger::Lingering::new(stream);
     let metrics = shared.gateway.metrics.clone();
     metrics.server.open_connections.inc();
     let _open = OpenConnection(metrics.clone());

@@ -583,3 +583,51 @@ async fn a_reply_without_a_length_is_counted_as_its_bytes_arrive() {
     assert!(budget_rejections(&m, "upstream") >= 1.0, "{m}");
     gw.shutdown().await;
 }
+
+/// A body refused as too large before it was read: the client still gets its Graph-style
+/// 413, and the rest of its upload is drained rather than answered with a reset (a lingering
+/// close, as nginx's), so it does not fail on a broken pipe before reading the reply.
+#[tokio::test]
+async fn an_oversized_upload_gets_its_413_and_can_finish_sending() {
+    let s = Stack::start().await;
+    let body_len = 3 * 1024 * 1024;
+    let mut conn = TcpStream::connect(s.gw.addr).await.unwrap();
+    let head = format!(
+        "POST /1001/feed HTTP/1.1\r\nHost: x\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {body_len}\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    // Half the body; graphgate answers once it is past the limit, and closes.
+    let chunk = vec![b'y'; 64 * 1024];
+    let chunks = body_len / chunk.len();
+    for _ in 0..chunks / 2 {
+        conn.write_all(&chunk).await.unwrap();
+    }
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&reply).contains("\"code\":100") {
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .expect("the 413 within 10 s")
+            .expect("the reply reads without a reset");
+        assert!(n > 0, "closed before the whole reply: {reply:?}");
+        reply.extend_from_slice(&buf[..n]);
+    }
+    // The rest of the upload, after the reply: a socket closed outright answers it with a
+    // reset, and a write fails; a lingering one takes it.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for _ in chunks / 2..chunks {
+        conn.write_all(&chunk)
+            .await
+            .expect("the upload is drained, not reset");
+    }
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut reply))
+        .await
+        .expect("graphgate closes the connection")
+        .expect("the end reads without a reset");
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    assert!(reply.contains("\"code\":100"), "{reply}");
+    assert_eq!(s.graph.stats().requests, 0);
+    s.stop().await;
+}

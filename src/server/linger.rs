@@ -1,0 +1,107 @@
+//! Lingering close, as nginx's `lingering_close`: a connection that ends while its client is
+//! still sending (a body refused with 413 before it was read, say) is half-closed and drained
+//! for a while before the socket is closed. Closing at once would answer the client's next
+//! bytes with a TCP reset, and the client would see a broken pipe instead of the reply it
+//! had been sent.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// How long a closed connection drains what its client still sends (nginx's
+/// `lingering_timeout` is 5 s; a client that read the reply stops sooner).
+const LINGER: Duration = Duration::from_secs(2);
+/// The most a closed connection reads and drops.
+const MAX_DRAINED: usize = 8 << 20;
+
+/// A public connection's socket; see the module doc.
+pub struct Lingering(Option<TcpStream>);
+
+impl Lingering {
+    pub fn new(stream: TcpStream) -> Lingering {
+        Lingering(Some(stream))
+    }
+
+    fn stream(&mut self) -> Pin<&mut TcpStream> {
+        Pin::new(self.0.as_mut().expect("taken only on drop"))
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let Some(stream) = self.0.take() else {
+            return;
+        };
+        // Only a client with bytes still unread needs it; any other socket closes now.
+        let Ok(socket) = stream.into_std() else {
+            return;
+        };
+        if !matches!(socket.peek(&mut [0u8; 1]), Ok(n) if n > 0) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let Ok(mut stream) = TcpStream::from_std(socket) else {
+                return;
+            };
+            let _ = stream.shutdown().await;
+            let mut sink = vec![0u8; 16 * 1024];
+            let mut drained = 0;
+            let _ = tokio::time::timeout(LINGER, async {
+                while drained < MAX_DRAINED {
+                    match stream.read(&mut sink).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => drained += n,
+                    }
+                }
+            })
+            .await;
+        });
+    }
+}
+
+impl AsyncRead for Lingering {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.stream().poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Lingering {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.stream().poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.stream().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.stream().poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.stream().poll_shutdown(cx)
+    }
+}
