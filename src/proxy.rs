@@ -376,7 +376,9 @@ pub fn authorize(
         let targets = targets(&call.params, &call.ids);
         return auth::authorize(client, call.method, call.path.node(), &targets);
     };
+    // An HTTP DELETE goes to Graph as a DELETE whatever its `method=` says.
     if call.method != GraphMethod::Post
+        || call.http_method == GraphMethod::Delete
         || call.path.node().is_some()
         || !call.ids.is_empty()
         || call.params.contains("id")

@@ -357,6 +357,29 @@ async fn a_batch_operation_is_a_write_if_any_spelling_of_its_method_is_one() {
     s.stop().await;
 }
 
+/// An HTTP DELETE carrying `batch` and `method=POST` (in any spelling) was checked as a
+/// batch of reads and went to Graph as a DELETE.
+#[tokio::test]
+async fn a_batch_sent_as_an_http_delete_is_refused() {
+    let s = stack().await;
+    let batch = r#"[{"relative_url":"1001","body":"ids=1001"}]"#;
+    for method_name in ["method", "%6Dethod"] {
+        let path = format!(
+            "/?batch={}&{method_name}=POST&access_token={READER_KEY}",
+            form_urlencoded::byte_serialize(batch.as_bytes()).collect::<String>()
+        );
+        let reply = s.request(Method::DELETE, &path, &[], Bytes::new()).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{path}: {}",
+            reply.text()
+        );
+    }
+    assert!(s.graph.requests().is_empty());
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn token_fields_are_refused_however_they_are_spelled() {
     let s = stack().await;
