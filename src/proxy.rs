@@ -376,9 +376,7 @@ pub fn authorize(
         let targets = targets(&call.params, &call.ids);
         return auth::authorize(client, call.method, call.path.node(), &targets);
     };
-    // An HTTP DELETE goes to Graph as a DELETE whatever its `method=` says.
     if call.method != GraphMethod::Post
-        || call.http_method == GraphMethod::Delete
         || call.path.node().is_some()
         || !call.ids.is_empty()
         || call.params.contains("id")
@@ -420,13 +418,17 @@ pub fn upstream_request(
     // Room for the token and its proof.
     let mut params = call.params.cloned_with_room(2);
     injected.apply(&mut params);
-    let method = match (call.method, call.http_method) {
-        (GraphMethod::Get, _) => {
+    // Graph executes exactly the method that was checked: a read goes as a GET, a write as a
+    // POST (carrying `method=DELETE` for a delete that came by another HTTP method), and only
+    // a delete that came as an HTTP DELETE goes as one. An HTTP DELETE saying `method=POST`
+    // is a POST.
+    let method = match call.method {
+        GraphMethod::Get => {
             params.remove("method");
             GraphMethod::Get
         }
-        (_, GraphMethod::Delete) => GraphMethod::Delete,
-        _ => GraphMethod::Post,
+        GraphMethod::Delete if call.http_method == GraphMethod::Delete => GraphMethod::Delete,
+        GraphMethod::Delete | GraphMethod::Post => GraphMethod::Post,
     };
     if let Some(ops) = &call.batch {
         params.set("batch", upstream_batch(ops, system)?);
