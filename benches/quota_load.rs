@@ -240,6 +240,58 @@ async fn sequential(http: &Http, gw: &Running, graph: &FakeGraph, n: u64) -> [Ve
     [via, dir]
 }
 
+/// CPU time and time spent waiting to run (ns, /proc/self/task/*/schedstat) of this
+/// process's threads since they started, summed by role: graphgate's workers, and everything
+/// else (the bench's runtime, which runs the client and the simulated Graph, and its main
+/// thread). Empty where that is not readable.
+fn thread_times() -> std::collections::BTreeMap<&'static str, (u64, u64)> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(dir.join("comm")),
+            std::fs::read_to_string(dir.join("schedstat")),
+        ) else {
+            continue;
+        };
+        let role = if comm.starts_with("graphgate-") {
+            "graphgate"
+        } else {
+            "client and Graph"
+        };
+        let mut f = stat
+            .split_whitespace()
+            .map(|v| v.parse::<u64>().unwrap_or(0));
+        let e = out.entry(role).or_insert((0, 0));
+        e.0 += f.next().unwrap_or(0);
+        e.1 += f.next().unwrap_or(0);
+    }
+    out
+}
+
+/// CPU and wait per call of each role since `before` (a [`thread_times`] reading).
+fn thread_use(before: &std::collections::BTreeMap<&'static str, (u64, u64)>, calls: u64) -> String {
+    let per_call = |ns: u64| ns as f64 / 1e3 / calls as f64;
+    thread_times()
+        .iter()
+        .filter_map(|(role, (cpu, wait))| {
+            let (c0, w0) = before.get(role).copied().unwrap_or_default();
+            let cpu = cpu.saturating_sub(c0);
+            (cpu > 0).then(|| {
+                format!(
+                    "{role} {:.1} µs CPU ({:.1} µs waiting to run)",
+                    per_call(cpu),
+                    per_call(wait.saturating_sub(w0))
+                )
+            })
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Latencies of `n` calls sent at once (each from the burst's start).
 async fn burst(http: &Http, urls: Vec<String>) -> (Vec<Duration>, u32) {
     let mut set = JoinSet::new();
@@ -267,7 +319,12 @@ async fn low_usage(quick: bool) {
         get(&http, &through(&gw, "1002", i)).await;
         get(&http, &direct(&graph, "1002", i)).await;
     }
+    let t0 = thread_times();
     let [mut via, mut dir] = sequential(&http, &gw, &graph, n).await;
+    println!(
+        "    sequential {n}, per pair of calls (one through, one direct): {}",
+        thread_use(&t0, n)
+    );
     let (pv, pd) = (percentile(&mut via, 0.5), percentile(&mut dir, 0.5));
     println!(
         "    sequential {n}: p50 through {:.2} ms, direct {:.2} ms, added {:.2} ms",
@@ -296,13 +353,24 @@ async fn low_usage(quick: bool) {
         let dir_urls = (0..n)
             .map(|i| direct(&graph, "1001", 40_000 + round * 1000 + i))
             .collect();
+        let connections_before = graph.stats().connections;
+        let (mut uses, t0) = (Vec::new(), thread_times());
         let ((mut via, limited), (mut dir, _)) = if round % 2 == 0 {
             let via = burst(&http, via_urls).await;
-            (via, burst(&http, dir_urls).await)
+            uses.push(format!("through: {}", thread_use(&t0, n)));
+            let t1 = thread_times();
+            let dir = burst(&http, dir_urls).await;
+            uses.push(format!("direct: {}", thread_use(&t1, n)));
+            (via, dir)
         } else {
             let dir = burst(&http, dir_urls).await;
-            (burst(&http, via_urls).await, dir)
+            uses.push(format!("direct: {}", thread_use(&t0, n)));
+            let t1 = thread_times();
+            let via = burst(&http, via_urls).await;
+            uses.push(format!("through: {}", thread_use(&t1, n)));
+            (via, dir)
         };
+        println!("    burst of {n}, {label}, per call: {}", uses.join("; "));
         let (pv, pd) = (percentile(&mut via, 0.5), percentile(&mut dir, 0.5));
         println!(
             "    burst of {n}, {label}: p10/p90/max through {:.2}/{:.2}/{:.2} ms, direct {:.2}/{:.2}/{:.2} ms",
@@ -314,10 +382,11 @@ async fn low_usage(quick: bool) {
             ms(percentile(&mut dir, 1.0)),
         );
         println!(
-            "    burst of {n}, {label}: p50 through {:.2} ms, direct {:.2} ms, added {:.2} ms; 429 through graphgate: {limited}",
+            "    burst of {n}, {label}: p50 through {:.2} ms, direct {:.2} ms, added {:.2} ms; 429 through graphgate: {limited}; new connections to Graph (both paths): {}",
             ms(pv),
             ms(pd),
-            ms(pv) - ms(pd)
+            ms(pv) - ms(pd),
+            graph.stats().connections - connections_before
         );
         if round > 0 {
             pooled_added.push(ms(pv) - ms(pd));
