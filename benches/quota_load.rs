@@ -154,12 +154,16 @@ async fn gateway(graph: &FakeGraph, quota: &str, redis: Option<&str>) -> Running
     let ca_file = upstream_tls().map_or(String::new(), |t| {
         format!("ca_file = \"{}\"", t.ca_file.display())
     });
+    // QUOTA_WORKER_SLICE_US overrides `server.worker_slice_us`, to compare within one build.
+    let slice = std::env::var("QUOTA_WORKER_SLICE_US")
+        .map_or(String::new(), |us| format!("worker_slice_us = {us}"));
     // Not common::config: the quota here is the bench's subject, defaults unless given.
     let extra = format!(
         r#"
 [server]
 max_in_flight = 100000
 max_connections = 100000
+{slice}
 [upstream]
 timeout_ms = 10000
 {ca_file}

@@ -26,6 +26,7 @@
 //! certificates); see its docs for what needs a restart.
 
 mod linger;
+mod slice;
 
 use std::cell::Cell;
 use std::convert::Infallible;
@@ -346,7 +347,7 @@ impl Workers {
         let (listening_tx, listening) = tokio::sync::mpsc::channel(1);
         let mut runtimes = Vec::with_capacity(listeners.len());
         for i in 0..listeners.len() {
-            runtimes.push(worker_runtime(i)?);
+            runtimes.push(worker_runtime(i, shared.cfg.worker_slice)?);
         }
         let dealer = Arc::new(Dealer {
             handles: runtimes.iter().map(|r| r.handle().clone()).collect(),
@@ -394,11 +395,18 @@ impl Workers {
 /// until the whole burst had been read. In `benches/quota_load.rs` the pooled burst's added
 /// latency fell by about a third, for 2 % more CPU a hit and more kernel time a miss
 /// (benches/README.md).
-fn worker_runtime(i: usize) -> io::Result<tokio::runtime::Runtime> {
+fn worker_runtime(i: usize, slice: Option<Duration>) -> io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name(format!("graphgate-worker-{i}"))
-        .on_thread_start(move || crate::upstream::use_pool_slot(i + 1))
+        .on_thread_start(move || {
+            crate::upstream::use_pool_slot(i + 1);
+            if let Some(slice) = slice {
+                if let Err(e) = slice::request_for_this_thread(slice) {
+                    tracing::warn!(worker = i, error = %e, "server.worker_slice_us not applied");
+                }
+            }
+        })
         .enable_all()
         .build()
 }

@@ -72,6 +72,10 @@ pub fn to_toml(c: &Config) -> String {
         ("max_in_flight", Some(int(s.max_in_flight))),
         ("body_read_timeout_ms", Some(ms(s.body_read_timeout))),
         ("workers", Some(int(s.workers))),
+        (
+            "worker_slice_us",
+            Some(int(s.worker_slice.map_or(0, |d| d.as_micros()))),
+        ),
         ("tls_cert_file", path(&tls.map(|t| t.cert_file.clone()))),
         ("tls_key_file", path(&tls.map(|t| t.key_file.clone()))),
         (

@@ -26,6 +26,7 @@ pub(super) struct RawServer {
     max_in_flight: usize,
     body_read_timeout_ms: u64,
     workers: usize,
+    worker_slice_us: u64,
     tls_cert_file: Option<String>,
     tls_key_file: Option<String>,
     tls_client_ca_file: Option<String>,
@@ -49,6 +50,7 @@ impl Default for RawServer {
             max_in_flight: 2048,
             body_read_timeout_ms: 10_000,
             workers: 0,
+            worker_slice_us: 100,
             tls_cert_file: None,
             tls_key_file: None,
             tls_client_ca_file: None,
@@ -82,6 +84,9 @@ pub struct ServerConfig {
     /// Threads serving public connections, each with its own single-threaded runtime
     /// (`server.workers`; 0 in the file means one per CPU).
     pub workers: usize,
+    /// The scheduler time slice the workers ask for (`server.worker_slice_us`; `None`: the
+    /// kernel's default); why, in the server's `slice` module.
+    pub worker_slice: Option<Duration>,
     pub tls: Option<TlsConfig>,
     /// Peers whose `X-Forwarded-For` names the client (`server.trusted_proxies`).
     pub trusted_proxies: Vec<IpNet>,
@@ -225,6 +230,16 @@ impl RawServer {
         if s.workers > 1024 {
             return Err(invalid("server.workers", "must be 0 (one per CPU) to 1024"));
         }
+        let worker_slice = match s.worker_slice_us {
+            0 => None,
+            us @ 100..=100_000 => Some(Duration::from_micros(us)),
+            _ => {
+                return Err(invalid(
+                    "server.worker_slice_us",
+                    "must be 0 (the kernel's default) or 100 to 100000",
+                ))
+            }
+        };
         let workers = match s.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -275,6 +290,7 @@ impl RawServer {
             max_in_flight: s.max_in_flight,
             body_read_timeout: Duration::from_millis(s.body_read_timeout_ms),
             workers,
+            worker_slice,
             tls,
             trusted_proxies,
         })
@@ -286,6 +302,25 @@ mod tests {
     use super::super::tests::{no_env, MIN};
     use super::*;
     use crate::config::Config;
+
+    #[test]
+    fn worker_slice_defaults_to_100_us_and_0_leaves_the_kernel_default() {
+        let c = Config::from_toml(MIN, no_env).unwrap();
+        assert_eq!(c.server.worker_slice, Some(Duration::from_micros(100)));
+        let text = format!("[server]\nworker_slice_us = 0\n{MIN}");
+        assert_eq!(
+            Config::from_toml(&text, no_env)
+                .unwrap()
+                .server
+                .worker_slice,
+            None
+        );
+        for bad in [1, 99, 100_001] {
+            let text = format!("[server]\nworker_slice_us = {bad}\n{MIN}");
+            let err = Config::from_toml(&text, no_env).unwrap_err().to_string();
+            assert!(err.contains("server.worker_slice_us"), "{err}");
+        }
+    }
 
     #[test]
     fn workers_default_to_one_per_cpu() {
