@@ -15,24 +15,15 @@ use std::time::Duration;
 /// does nothing to a thread under a real-time or deadline policy set by the operator.
 #[cfg(target_os = "linux")]
 pub fn request_for_this_thread(slice: Duration) -> io::Result<()> {
-    // The `sched_attr` sizes the kernel knows; the fields after `sched_period` (utilization
-    // clamps) are not used here.
-    let size = std::mem::size_of::<libc::sched_attr>() as u32;
-    // SAFETY: a plain-data struct for which all-zero bytes are a valid value.
-    let mut attr: libc::sched_attr = unsafe { std::mem::zeroed() };
-    // SAFETY: `attr` is a writable `sched_attr` of `size` bytes; pid 0 is the calling thread.
-    let rc = unsafe { libc::syscall(libc::SYS_sched_getattr, 0, &mut attr, size, 0) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let mut attr = this_threads_attr()?;
     if attr.sched_policy != libc::SCHED_OTHER as u32
         && attr.sched_policy != libc::SCHED_BATCH as u32
     {
         return Ok(());
     }
-    attr.size = size;
     attr.sched_runtime = u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX);
-    // SAFETY: `attr` is a valid `sched_attr` read back from the kernel with one field changed.
+    // SAFETY: `attr` is a valid `sched_attr` read back from the kernel with one field changed;
+    // pid 0 is the calling thread.
     let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr, 0) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
@@ -45,18 +36,20 @@ pub fn request_for_this_thread(_slice: Duration) -> io::Result<()> {
     Ok(())
 }
 
-/// The calling thread's slice as the kernel reports it (`sched_runtime`; 0 for the default).
-#[cfg(all(test, target_os = "linux"))]
-pub fn of_this_thread() -> io::Result<Duration> {
+/// The calling thread's scheduling attributes (policy, nice, slice), as `sched_getattr`
+/// reports them, with `size` set for passing them back.
+#[cfg(target_os = "linux")]
+fn this_threads_attr() -> io::Result<libc::sched_attr> {
     let size = std::mem::size_of::<libc::sched_attr>() as u32;
-    // SAFETY: as in `request_for_this_thread`.
+    // SAFETY: a plain-data struct for which all-zero bytes are a valid value.
     let mut attr: libc::sched_attr = unsafe { std::mem::zeroed() };
-    // SAFETY: as in `request_for_this_thread`.
+    // SAFETY: `attr` is a writable `sched_attr` of `size` bytes; pid 0 is the calling thread.
     let rc = unsafe { libc::syscall(libc::SYS_sched_getattr, 0, &mut attr, size, 0) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(Duration::from_nanos(attr.sched_runtime))
+    attr.size = size;
+    Ok(attr)
 }
 
 #[cfg(all(test, target_os = "linux"))]
@@ -81,7 +74,8 @@ mod tests {
             unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 5) };
             request_for_this_thread(Duration::from_micros(250)).expect("sched_setattr");
             if kernel_keeps_custom_slices() {
-                assert_eq!(of_this_thread().unwrap(), Duration::from_micros(250));
+                let slice = this_threads_attr().unwrap().sched_runtime;
+                assert_eq!(Duration::from_nanos(slice), Duration::from_micros(250));
             }
             // SAFETY: reads the calling thread's nice value.
             let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
