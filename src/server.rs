@@ -26,7 +26,7 @@
 //! certificates); see its docs for what needs a restart.
 
 mod linger;
-mod slice;
+pub mod slice;
 
 use std::cell::Cell;
 use std::convert::Infallible;

@@ -9,6 +9,7 @@ use http::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::*;
+use graphgate::server::slice;
 use graphgate::testkit::{self, Credentials};
 
 #[tokio::test]
@@ -640,27 +641,18 @@ async fn new_connections_are_all_served_and_a_held_port_is_refused() {
     s.stop().await;
 }
 
-/// The slice (µs) Linux gives each thread of this process named `graphgate-worke…`.
-fn worker_slices_us() -> Vec<u64> {
-    let mut out = Vec::new();
-    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if !comm.starts_with("graphgate-worke") {
-            continue;
-        }
-        let Ok(tid) = task.file_name().to_string_lossy().parse::<libc::pid_t>() else {
-            continue;
-        };
-        let size = std::mem::size_of::<libc::sched_attr>() as u32;
-        // SAFETY: all-zero bytes are a valid `sched_attr`, which the kernel fills in.
-        let mut attr: libc::sched_attr = unsafe { std::mem::zeroed() };
-        // SAFETY: `attr` is writable and `size` bytes long.
-        let rc = unsafe { libc::syscall(libc::SYS_sched_getattr, tid, &mut attr, size, 0) };
-        if rc == 0 {
-            out.push(attr.sched_runtime / 1000);
-        }
-    }
-    out
+/// The slices Linux gives this process's threads named `graphgate-worke…`.
+fn worker_slices() -> Vec<Duration> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|comm| comm.starts_with("graphgate-worke"))
+        })
+        .filter_map(|task| task.file_name().to_string_lossy().parse().ok())
+        .filter_map(|tid| slice::of_thread(tid).ok())
+        .collect()
 }
 
 /// Each worker thread runs with the scheduler slice `server.worker_slice_us` asks for, on
@@ -668,28 +660,23 @@ fn worker_slices_us() -> Vec<u64> {
 /// before).
 #[tokio::test]
 async fn workers_run_with_the_configured_scheduler_slice() {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut parts = release.trim().split(['.', '-']);
-    let version: (u32, u32) = (
-        parts.next().and_then(|p| p.parse().ok()).unwrap_or(0),
-        parts.next().and_then(|p| p.parse().ok()).unwrap_or(0),
-    );
     // 250 µs: no other test's workers (default 100 µs) are counted.
     let s = Stack::start_with(
         graph_config(),
-        "[server]
-workers = 2
-worker_slice_us = 250
-",
+        "[server]\nworkers = 2\nworker_slice_us = 250\n",
     )
     .await;
     let reply = s
         .get(&format!("/v21.0/1001?fields=id&access_token={ADMIN_KEY}"))
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    if version >= (6, 12) {
-        let ours = worker_slices_us().iter().filter(|&&us| us == 250).count();
-        assert_eq!(ours, 2, "worker slices: {:?}", worker_slices_us());
+    if slice::kernel_keeps_custom_slices() {
+        let slices = worker_slices();
+        let ours = slices
+            .iter()
+            .filter(|&&d| d == Duration::from_micros(250))
+            .count();
+        assert_eq!(ours, 2, "worker slices: {slices:?}");
     }
     s.stop().await;
 }
