@@ -23,7 +23,7 @@
 #   1. cache hits: wrk, 64 connections, ROUNDS x HIT_SECONDS per target (graphgate, nginx,
 #      Varnish and the floor, alternating): req/s, p50, p99, and server CPU per hit
 #      (utime+stime of the server's whole process tree from /proc, before and after,
-#      divided by the requests served); then graphgate's (and the baseline's) CPU per hit
+#      divided by the requests served; utime alone as its user-space part); then graphgate's (and the baseline's) CPU per hit
 #      over the floor's CPU per reply and over nginx's, and its req/s over nginx's;
 #      then the same over h2c (HTTP/2 without TLS, prior knowledge) for graphgate (its own
 #      port serves both), nginx proxy_cache and the floor (`listen ... http2`), with h2load
@@ -346,16 +346,21 @@ tree() {
 }
 # utime+stime of a process tree, in clock ticks.
 cpu_ticks() {
-    local sum=0
+    cpu_split "$1" | cut -d' ' -f1
+}
+# "utime+stime utime" of a process tree, in clock ticks.
+cpu_split() {
+    local sum=0 user=0
     for p in $(tree "$1"); do
         if [ -r "/proc/$p/stat" ]; then
             # Fields after the ")" of the command name: utime is the 12th, stime the 13th.
-            local t
-            t=$(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')
-            sum=$((sum + t))
+            local u k
+            read -r u k < <(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12, $13}')
+            sum=$((sum + u + k))
+            user=$((user + u))
         fi
     done
-    echo "$sum"
+    echo "$sum $user"
 }
 TICK=$(getconf CLK_TCK)
 
@@ -443,19 +448,21 @@ done
 
 # Alternating rounds of hits: `runner` (wrk_run or h2_run: "rps p50 p99 requests non2xx")
 # against each target in turn; the averages (req/s, p50), the worst p99 and the CPU per hit
-# go into the arrays <prefix>RPS, <prefix>P50, <prefix>P99 and <prefix>CPU_US.
+# go into the arrays <prefix>RPS, <prefix>P50, <prefix>P99, <prefix>CPU_US and, of the CPU,
+# the user-space part <prefix>USER_US.
 hit_rounds() { # runner prefix urls-array targets...
     local runner=$1
-    local -n rps_avg=${2}RPS p50_avg=${2}P50 p99_max=${2}P99 cpu_us=${2}CPU_US urls=$3
+    local -n rps_avg=${2}RPS p50_avg=${2}P50 p99_max=${2}P99 cpu_us=${2}CPU_US user_us=${2}USER_US urls=$3
     shift 3
-    local -A ticks=() reqs=()
-    local round s before after rps p50 p99 req bad
-    for s in "$@"; do rps_avg[$s]=0; p50_avg[$s]=0; p99_max[$s]=0; ticks[$s]=0; reqs[$s]=0; done
+    local -A ticks=() user=() reqs=()
+    local round s before after user_before user_after rps p50 p99 req bad
+    for s in "$@"; do rps_avg[$s]=0; p50_avg[$s]=0; p99_max[$s]=0; ticks[$s]=0; user[$s]=0; reqs[$s]=0; done
     for round in $(seq 1 "$ROUNDS"); do
         for s in "$@"; do
-            before=$(cpu_ticks "${PID_OF[$s]}")
+            read -r before user_before < <(cpu_split "${PID_OF[$s]}")
             read -r rps p50 p99 req bad < <("$runner" "${urls[$s]}" "$HIT_SECONDS" $CONNS 2)
-            after=$(cpu_ticks "${PID_OF[$s]}")
+            read -r after user_after < <(cpu_split "${PID_OF[$s]}")
+            user[$s]=$((user[$s] + user_after - user_before))
             [ "$bad" = 0 ] || echo "  $s: $bad non-2xx replies" >&2
             echo "  round $round $s: $rps req/s p50 ${p50} ms p99 ${p99} ms cpu $((after - before)) ticks / $req req" >&2
             rps_avg[$s]=$(awk -v a="${rps_avg[$s]}" -v b="$rps" 'BEGIN{print a + b}')
@@ -469,10 +476,11 @@ hit_rounds() { # runner prefix urls-array targets...
         rps_avg[$s]=$(awk -v a="${rps_avg[$s]}" -v n="$ROUNDS" 'BEGIN{printf "%.0f", a / n}')
         p50_avg[$s]=$(awk -v a="${p50_avg[$s]}" -v n="$ROUNDS" 'BEGIN{printf "%.3f", a / n}')
         cpu_us[$s]=$(awk -v t="${ticks[$s]}" -v k="$TICK" -v r="${reqs[$s]}" 'BEGIN{printf "%.1f", t / k * 1e6 / r}')
+        user_us[$s]=$(awk -v t="${user[$s]}" -v k="$TICK" -v r="${reqs[$s]}" 'BEGIN{printf "%.1f", t / k * 1e6 / r}')
     done
 }
 
-declare -A RPS P50 P99 CPU_US
+declare -A RPS P50 P99 CPU_US USER_US
 echo "load before the run: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 echo "1/4 cache hits: $ROUNDS rounds x ${HIT_SECONDS}s per target (${HIT_TARGETS[*]}), $CONNS connections" >&2
 hit_rounds wrk_run "" URL_OF "${HIT_TARGETS[@]}"
@@ -520,7 +528,7 @@ h2_run() { # url seconds connections threads
     awk '{print $3}' "$WORK/h2.log" | sort -n | awk -v rps="$rps" -v ok="${ok:-0}" -v bad="${bad:-0}" \
         '{v[NR] = $1} END {printf "%s %.3f %.3f %s %s\n", rps, v[int(NR * 0.5)] / 1000, v[int(NR * 0.99)] / 1000, ok, bad}'
 }
-declare -A H2_RPS H2_P50 H2_P99 H2_CPU_US
+declare -A H2_RPS H2_P50 H2_P99 H2_CPU_US H2_USER_US
 H2LOAD=$(find_cmd h2load)
 if [ "$SKIP_H2C" = 1 ] || [ -z "$H2LOAD" ]; then
     echo "h2c hits: skipped ($([ -z "$H2LOAD" ] && echo "h2load not installed: apt-get install nghttp2-client" || echo SKIP_H2C=1))" >&2
@@ -638,6 +646,7 @@ row "cache hits, req/s (64 conns)" RPS
 row "cache hit p50, ms" P50
 row "cache hit p99, ms (worst round)" P99
 row "server CPU per hit, us" CPU_US
+row "  of which user space, us" USER_US
 if [ "$SKIP_BURST" != 1 ]; then
     row "fan-in $BURST cold: p99, ms" FAN_P99
     row "fan-in: single uncached request, ms" SINGLE
@@ -650,6 +659,7 @@ if [ "$SKIP_H2C" != 1 ]; then
     row "h2c hit p50, ms" H2_P50
     row "h2c hit p99, ms (worst round)" H2_P99
     row "h2c server CPU per hit, us" H2_CPU_US
+    row "  of which user space, us" H2_USER_US
 fi
 echo
 for g in "${GGS[@]}"; do
