@@ -12,11 +12,12 @@
 #
 # With MISSES=1, counts a cache miss instead: every request a new key (h2load -i with unique
 # URLs, one connection), the simulated Graph answering each; WARM misses first. SET="a.b=c"
-# passes `--set a.b=c` to graphgate (e.g. SET=cache.project_fields=false).
+# passes `--set a.b=c` to graphgate (e.g. SET=cache.project_fields=false). FIELDS is the
+# read's `fields=` list (default id,name,about,category,fan_count).
 #
 # Needs: valgrind (callgrind_control), h2load (Debian: nghttp2-client), curl.
 # Usage: benches/load/hit_instructions.sh [path/to/graphgate ...]   (default: the release
-#        build, built if missing; env: HITS, WARM, MISSES, SET, PORT_BASE, OUT)
+#        build, built if missing; env: HITS, WARM, MISSES, SET, FIELDS, PORT_BASE, OUT)
 #   benches/load/hit_instructions.sh target/release/graphgate /tmp/old/target/release/graphgate
 set -euo pipefail
 
@@ -29,6 +30,7 @@ else
     WARM=${WARM:-2000}
 fi
 SET=${SET:-}
+FIELDS=${FIELDS:-id,name,about,category,fan_count}
 PORT_BASE=${PORT_BASE:-19300}
 cd "$(dirname "$0")/../.."
 
@@ -84,7 +86,7 @@ wait_for() { # url
 "$1" fake-graph --listen "127.0.0.1:$P_GRAPH" --page-calls 1000000000 >"$WORK/graph.log" 2>&1 &
 PIDS+=($!)
 wait_for "http://127.0.0.1:$P_GRAPH/"
-URL="http://127.0.0.1:$P_GG/v21.0/1001?fields=id,name,about,category,fan_count&access_token=$KEY"
+URL="http://127.0.0.1:$P_GG/v21.0/1001?fields=$FIELDS&access_token=$KEY"
 
 SET_ARGS=()
 [ -z "$SET" ] || SET_ARGS=(--set "$SET")
