@@ -31,7 +31,7 @@ pub const MAX_DEPTH: usize = 32;
 ///
 /// Never changed once built, and shared rather than copied: a miss hands its field list to
 /// the fill, the union gathering, the coalesced waiters and the store, and a copy of a list
-/// of n fields was n + 1 allocations each time.
+/// of n fields would cost n + 1 allocations each time.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Fields {
     fields: Arc<[Field]>,
