@@ -23,8 +23,9 @@
 #   1. cache hits: wrk, 64 connections, ROUNDS x HIT_SECONDS per target (graphgate, nginx,
 #      Varnish and the floor, alternating): req/s, p50, p99, and server CPU per hit
 #      (utime+stime of the server's whole process tree from /proc, before and after,
-#      divided by the requests served; utime alone as its user-space part); then graphgate's (and the baseline's) CPU per hit
-#      over the floor's CPU per reply and over nginx's, and its req/s over nginx's;
+#      divided by the requests served; utime alone as its user-space part); then
+#      graphgate's (and the baseline's) CPU per hit over the floor's CPU per reply and over
+#      nginx's, and its req/s over nginx's;
 #      then the same over h2c (HTTP/2 without TLS, prior knowledge) for graphgate (its own
 #      port serves both), nginx proxy_cache and the floor (`listen ... http2`), with h2load
 #      (Debian: nghttp2-client; skipped when missing or with SKIP_H2C=1), one stream per
@@ -462,13 +463,13 @@ hit_rounds() { # runner prefix urls-array targets...
             read -r before user_before < <(cpu_split "${PID_OF[$s]}")
             read -r rps p50 p99 req bad < <("$runner" "${urls[$s]}" "$HIT_SECONDS" $CONNS 2)
             read -r after user_after < <(cpu_split "${PID_OF[$s]}")
-            user[$s]=$((user[$s] + user_after - user_before))
             [ "$bad" = 0 ] || echo "  $s: $bad non-2xx replies" >&2
             echo "  round $round $s: $rps req/s p50 ${p50} ms p99 ${p99} ms cpu $((after - before)) ticks / $req req" >&2
             rps_avg[$s]=$(awk -v a="${rps_avg[$s]}" -v b="$rps" 'BEGIN{print a + b}')
             p50_avg[$s]=$(awk -v a="${p50_avg[$s]}" -v b="$p50" 'BEGIN{print a + b}')
             p99_max[$s]=$(awk -v a="${p99_max[$s]}" -v b="$p99" 'BEGIN{print (b > a ? b : a)}')
             ticks[$s]=$((ticks[$s] + after - before))
+            user[$s]=$((user[$s] + user_after - user_before))
             reqs[$s]=$((reqs[$s] + req))
         done
     done
