@@ -1,11 +1,12 @@
-//! Lingering close, as nginx's `lingering_close`: a connection that ends while its client is
-//! still sending (a body refused with 413 before it was read, say) is half-closed and drained
-//! for a while before the socket is closed. Closing at once would answer the client's next
+//! Lingering close, as nginx's `lingering_close`: a connection graphgate ends while its client
+//! may still be sending (a body refused with 413 before it was read, say) is half-closed and
+//! drained for a while before the socket is closed. Closing at once would answer the client's next
 //! bytes with a TCP reset, and the client would see a broken pipe instead of the reply it
 //! had been sent.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,6 +18,32 @@ use tokio::net::TcpStream;
 const LINGER: Duration = Duration::from_secs(2);
 /// The most a closed connection reads and drops.
 const MAX_DRAINED: usize = 8 << 20;
+
+/// The most sockets lingering at once; beyond it a socket closes at once (a flood of
+/// closed connections must not hold file descriptors past `max_connections`).
+const MAX_LINGERING: usize = 1024;
+
+static LINGERING: AtomicUsize = AtomicUsize::new(0);
+
+/// One of the `MAX_LINGERING` places, held by a lingering socket's drain.
+struct LingerSlot;
+
+impl LingerSlot {
+    fn take() -> Option<LingerSlot> {
+        LINGERING
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_LINGERING).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| LingerSlot)
+    }
+}
+
+impl Drop for LingerSlot {
+    fn drop(&mut self) {
+        LINGERING.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// A public connection's socket; see the module doc.
 pub struct Lingering(Option<TcpStream>);
@@ -36,17 +63,27 @@ impl Drop for Lingering {
         let Some(stream) = self.0.take() else {
             return;
         };
-        // Only a client with bytes still unread needs it; any other socket closes now.
         let Ok(socket) = stream.into_std() else {
             return;
         };
-        if !matches!(socket.peek(&mut [0u8; 1]), Ok(n) if n > 0) {
-            return;
+        // A client that has already closed its side (end of stream, nothing unread) sends
+        // nothing more: close now. Bytes waiting, or none yet, may be an upload still on its
+        // way (a body refused by its Content-Length is answered before its first byte
+        // arrives), so linger.
+        match socket.peek(&mut [0u8; 1]) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let Some(slot) = LingerSlot::take() else {
+            return;
+        };
         runtime.spawn(async move {
+            let _slot = slot;
             let Ok(mut stream) = TcpStream::from_std(socket) else {
                 return;
             };

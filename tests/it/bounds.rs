@@ -586,10 +586,23 @@ async fn a_reply_without_a_length_is_counted_as_its_bytes_arrive() {
 
 /// A body refused as too large before it was read: the client still gets its Graph-style
 /// 413, and the rest of its upload is drained rather than answered with a reset (a lingering
-/// close, as nginx's), so it does not fail on a broken pipe before reading the reply.
+/// close, as nginx's), so it does not fail on a broken pipe before reading the reply. Both
+/// orders: the reply while the upload is under way, and the reply before its first byte.
 #[tokio::test]
 async fn an_oversized_upload_gets_its_413_and_can_finish_sending() {
     let s = Stack::start().await;
+    for sent_before_reply in [0.5, 0.0] {
+        let reply = refused_upload(&s, sent_before_reply).await;
+        assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+        assert!(reply.contains("\"code\":100"), "{reply}");
+    }
+    assert_eq!(s.graph.stats().requests, 0);
+    s.stop().await;
+}
+
+/// Sends a 3 MB form upload, the given share of its body before reading the reply and the
+/// rest after it; returns everything read until graphgate closed the connection.
+async fn refused_upload(s: &Stack, sent_before_reply: f64) -> String {
     let body_len = 3 * 1024 * 1024;
     let mut conn = TcpStream::connect(s.gw.addr).await.unwrap();
     let head = format!(
@@ -597,10 +610,10 @@ async fn an_oversized_upload_gets_its_413_and_can_finish_sending() {
          Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {body_len}\r\n\r\n"
     );
     conn.write_all(head.as_bytes()).await.unwrap();
-    // Half the body; graphgate answers once it is past the limit, and closes.
     let chunk = vec![b'y'; 64 * 1024];
     let chunks = body_len / chunk.len();
-    for _ in 0..chunks / 2 {
+    let before = (chunks as f64 * sent_before_reply) as usize;
+    for _ in 0..before {
         conn.write_all(&chunk).await.unwrap();
     }
     let mut reply = Vec::new();
@@ -616,7 +629,7 @@ async fn an_oversized_upload_gets_its_413_and_can_finish_sending() {
     // The rest of the upload, after the reply: a socket closed outright answers it with a
     // reset, and a write fails; a lingering one takes it.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    for _ in chunks / 2..chunks {
+    for _ in before..chunks {
         conn.write_all(&chunk)
             .await
             .expect("the upload is drained, not reset");
@@ -625,9 +638,5 @@ async fn an_oversized_upload_gets_its_413_and_can_finish_sending() {
         .await
         .expect("graphgate closes the connection")
         .expect("the end reads without a reset");
-    let reply = String::from_utf8_lossy(&reply);
-    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
-    assert!(reply.contains("\"code\":100"), "{reply}");
-    assert_eq!(s.graph.stats().requests, 0);
-    s.stop().await;
+    String::from_utf8_lossy(&reply).into_owned()
 }
