@@ -23,25 +23,38 @@ const MAX_DRAINED: usize = 8 << 20;
 /// closed connections must not hold file descriptors past `max_connections`).
 const MAX_LINGERING: usize = 1024;
 
-static LINGERING: AtomicUsize = AtomicUsize::new(0);
+static LINGERING: LingerSlots = LingerSlots::new(MAX_LINGERING);
 
-/// One of the `MAX_LINGERING` places, held by a lingering socket's drain.
-struct LingerSlot;
+/// A count of lingering sockets, bounded.
+struct LingerSlots {
+    held: AtomicUsize,
+    max: usize,
+}
 
-impl LingerSlot {
-    fn take() -> Option<LingerSlot> {
-        LINGERING
+/// One place among the `LingerSlots`, held by a lingering socket's drain.
+struct LingerSlot(&'static LingerSlots);
+
+impl LingerSlots {
+    const fn new(max: usize) -> LingerSlots {
+        LingerSlots {
+            held: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    fn take(&'static self) -> Option<LingerSlot> {
+        self.held
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < MAX_LINGERING).then_some(n + 1)
+                (n < self.max).then_some(n + 1)
             })
             .ok()
-            .map(|_| LingerSlot)
+            .map(|_| LingerSlot(self))
     }
 }
 
 impl Drop for LingerSlot {
     fn drop(&mut self) {
-        LINGERING.fetch_sub(1, Ordering::AcqRel);
+        self.0.held.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -79,7 +92,7 @@ impl Drop for Lingering {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let Some(slot) = LingerSlot::take() else {
+        let Some(slot) = LINGERING.take() else {
             return;
         };
         runtime.spawn(async move {
@@ -140,5 +153,20 @@ impl AsyncWrite for Lingering {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.stream().poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_more_than_max_sockets_linger_and_a_finished_drain_frees_its_place() {
+        static SLOTS: LingerSlots = LingerSlots::new(3);
+        let held: Vec<LingerSlot> = (0..3).filter_map(|_| SLOTS.take()).collect();
+        assert_eq!(held.len(), 3);
+        assert!(SLOTS.take().is_none());
+        drop(held);
+        assert!(SLOTS.take().is_some());
     }
 }
