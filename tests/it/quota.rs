@@ -111,6 +111,24 @@ where
     out
 }
 
+/// Distinct reads of Page 1001 at `per_second` for `windows` long windows: the calls the
+/// simulated Graph answered in each window, and the load's replies to await.
+async fn flood_page_1001(
+    s: &Arc<Stack>,
+    per_second: f64,
+    windows: u32,
+) -> (Vec<u64>, tokio::task::JoinHandle<Vec<Reply>>) {
+    let load = {
+        let s = s.clone();
+        tokio::spawn(drive(per_second, LONG_WINDOW * windows, move |n| {
+            let s = s.clone();
+            async move { s.get(&distinct("1001", n)).await }
+        }))
+    };
+    let per_window = answered_per_window(&s.graph, LONG_WINDOW, windows).await;
+    (per_window, load)
+}
+
 /// Calls the simulated Graph answered without a throttle code.
 fn answered(g: &FakeGraph) -> u64 {
     let s = g.stats();
@@ -324,15 +342,8 @@ async fn page_calls_equal_to_the_true_limit_use_nearly_all_of_it_under_overload_
         &long_window_toml("page_calls = 100\n"),
     )
     .await;
-    let load = {
-        let s = s.clone();
-        // Three times the budget, for four windows.
-        tokio::spawn(drive(30.0, LONG_WINDOW * 4, move |n| {
-            let s = s.clone();
-            async move { s.get(&distinct("1001", n)).await }
-        }))
-    };
-    let per_window = answered_per_window(&s.graph, LONG_WINDOW, 4).await;
+    // Three times the budget, for four windows.
+    let (per_window, load) = flood_page_1001(&s, 30.0, 4).await;
     let replies = load.await.expect("load");
     let (ok, limited) = assert_ok_or_429(&replies);
     let stats = s.graph.stats();
@@ -358,15 +369,8 @@ async fn page_calls_ten_times_too_high_are_lowered_by_the_readings_without_a_fix
         &long_window_toml("page_calls = 1000\n"),
     )
     .await;
-    let load = {
-        let s = s.clone();
-        // Three times the budget, for three windows.
-        tokio::spawn(drive(30.0, LONG_WINDOW * 3, move |n| {
-            let s = s.clone();
-            async move { s.get(&distinct("1001", n)).await }
-        }))
-    };
-    let per_window = answered_per_window(&s.graph, LONG_WINDOW, 3).await;
+    // Three times the budget, for three windows.
+    let (per_window, load) = flood_page_1001(&s, 30.0, 3).await;
     let row = page_row(&admin_pages(&s).await, "1001").clone();
     let replies = load.await.expect("load");
     assert_ok_or_429(&replies);
@@ -394,15 +398,8 @@ async fn page_calls_ten_times_too_low_with_learn_limits_learn_the_limit() {
         &long_window_toml("page_calls = 6\nlearn_limits = true\n"),
     )
     .await;
-    let load = {
-        let s = s.clone();
-        // Three times the limit, for three windows.
-        tokio::spawn(drive(18.0, LONG_WINDOW * 3, move |n| {
-            let s = s.clone();
-            async move { s.get(&distinct("1001", n)).await }
-        }))
-    };
-    let per_window = answered_per_window(&s.graph, LONG_WINDOW, 3).await;
+    // Three times the limit, for three windows.
+    let (per_window, load) = flood_page_1001(&s, 18.0, 3).await;
     let row = page_row(&admin_pages(&s).await, "1001").clone();
     let replies = load.await.expect("load");
     assert_ok_or_429(&replies);
