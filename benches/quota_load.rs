@@ -513,6 +513,25 @@ async fn overloads(redis: Option<&RedisServer>, limit: u32, window: Duration, wi
         let via: Vec<&Running> = std::iter::once(&a).chain(b.as_ref()).collect();
         let (answered, throttled) = overload(&graph, &via, limit, window, windows).await;
         report(label, limit, &answered, &throttled);
+        if redis.is_some() {
+            // Admissions a replica decided alone (Redis slow or unreachable) share the budget
+            // by a fraction, not by the fleet's count: the first suspect of a throttle.
+            let (mut by_redis, mut alone) = (0.0, 0.0);
+            for r in &via {
+                let m = get_text(&http(), &format!("{}/metrics", r.admin_url())).await;
+                let sum = |source: &str| -> f64 {
+                    let series =
+                        format!("graphgate_quota_admission_decisions_total{{source=\"{source}\"}}");
+                    m.lines()
+                        .filter(|l| l.starts_with(&series))
+                        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                        .sum()
+                };
+                by_redis += sum("redis");
+                alone += sum("local");
+            }
+            println!("    {label}: admissions decided by Redis {by_redis}, without it {alone}");
+        }
         a.shutdown().await;
         if let Some(b) = b {
             b.shutdown().await;
