@@ -1,8 +1,8 @@
 //! Lingering close, as nginx's `lingering_close`: a connection graphgate ends while its client
 //! may still be sending (a body refused with 413 before it was read, say) is half-closed and
-//! drained for a while before the socket is closed. Closing at once would answer the client's next
-//! bytes with a TCP reset, and the client would see a broken pipe instead of the reply it
-//! had been sent.
+//! drained for a while before the socket is closed. Closing at once would answer the
+//! client's next bytes with a TCP reset, and the client would see a broken pipe instead of
+//! the reply it had been sent.
 
 use std::io;
 use std::pin::Pin;
