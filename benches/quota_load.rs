@@ -211,6 +211,14 @@ async fn get_text(http: &Http, url: &str) -> String {
     }
 }
 
+/// The sum of the samples of every series in a Prometheus text page that starts `prefix`.
+fn metric_sum(page: &str, prefix: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     if samples.is_empty() {
         return Duration::ZERO;
@@ -404,12 +412,7 @@ async fn low_usage(quick: bool) {
         rounds.join(" / ")
     );
     let m = get_text(&http, &format!("{}/metrics", gw.admin_url())).await;
-    let metric = |prefix: &str| -> f64 {
-        m.lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+    let metric = |prefix: &str| metric_sum(&m, prefix);
     let waits = metric("graphgate_quota_waits_total{");
     let in_admission = metric("graphgate_quota_queue_wait_seconds_sum{outcome=\"admitted\"}")
         / metric("graphgate_quota_queue_wait_seconds_count{outcome=\"admitted\"}").max(1.0);
@@ -517,18 +520,12 @@ async fn overloads(redis: Option<&RedisServer>, limit: u32, window: Duration, wi
             // Admissions a replica decided alone (Redis slow or unreachable) share the budget
             // by a fraction, not by the fleet's count: the first suspect of a throttle.
             let (mut by_redis, mut alone) = (0.0, 0.0);
+            let http = http();
             for r in &via {
-                let m = get_text(&http(), &format!("{}/metrics", r.admin_url())).await;
-                let sum = |source: &str| -> f64 {
-                    let series =
-                        format!("graphgate_quota_admission_decisions_total{{source=\"{source}\"}}");
-                    m.lines()
-                        .filter(|l| l.starts_with(&series))
-                        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                        .sum()
-                };
-                by_redis += sum("redis");
-                alone += sum("local");
+                let m = get_text(&http, &format!("{}/metrics", r.admin_url())).await;
+                let series = "graphgate_quota_admission_decisions_total{source=";
+                by_redis += metric_sum(&m, &format!("{series}\"redis\"}}"));
+                alone += metric_sum(&m, &format!("{series}\"local\"}}"));
             }
             println!("    {label}: admissions decided by Redis {by_redis}, without it {alone}");
         }
