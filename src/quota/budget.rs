@@ -56,6 +56,12 @@ const MAX_DOUBLINGS: u32 = 8;
 /// assumes nobody does); the lower bound would then count each call as many times its
 /// share and hold a Page that has most of its budget left.
 const TIGHT_BOUNDS: f64 = 2.0;
+/// A group's lower bound more than this factor above the upper bounds shows that other apps
+/// use the Page (the upper bounds assume nobody does). Closer, the bounds disagree by a few
+/// calls counted on the wrong side of a window's edge (a call slower to reach Meta than the
+/// margin allows): the upper bound stands and the lower one is cut to it, since going back to
+/// the guess on such a slip would send a flood to a Page at its limit.
+const OTHERS_MARGIN: f64 = 1.1;
 /// Meta's regain times beyond this are not believed.
 const MAX_REGAIN: Duration = Duration::from_secs(24 * 3600);
 
@@ -285,6 +291,11 @@ pub struct Ticket {
     pub ours: u32,
     /// The same without the calls that were still on their way (they may arrive after it).
     pub ours_low: u32,
+    /// Our calls in the window as it was counted at dispatch, itself included, and the
+    /// bucket's running total of dispatched units then: with what went since, the most of
+    /// ours Meta can have counted when this call arrived (see [`Budget::most_counted`]).
+    total: u32,
+    sent: u64,
     seq: u64,
     pub probe: bool,
 }
@@ -324,6 +335,9 @@ pub struct Budget {
     in_flight: u32,
     last_admit: Option<Instant>,
     seq: u64,
+    /// Units dispatched since the bucket was made (never taken back: only an upper bound
+    /// reads it).
+    sent: u64,
     group: Group,
     /// A recent round trip to Meta (rises at once, falls slowly): how much later than our
     /// dispatch Meta may have counted a call.
@@ -369,6 +383,7 @@ impl Budget {
             in_flight: 0,
             last_admit: None,
             seq: 0,
+            sent: 0,
             group: Group::default(),
             round_trip: Duration::ZERO,
         }
@@ -556,7 +571,8 @@ impl Budget {
             };
         }
         self.group.sent = self.group.sent.saturating_add(units);
-        self.window.record(units, now);
+        self.sent = self.sent.saturating_add(u64::from(units));
+        let total = self.window.record(units, now);
         let ours = self.window.surely_counted(now).max(units);
         // For learning the limit, which must never come out high, this call may take a whole
         // round trip to arrive, and calls still on their way may reach Meta after it.
@@ -575,9 +591,19 @@ impl Budget {
             at: now,
             ours,
             ours_low,
+            total,
+            sent: self.sent,
             seq: self.seq,
             probe,
         }
+    }
+
+    /// The most of our calls Meta can have counted when `t` arrived: those in the window at
+    /// its dispatch plus every unit sent since. (The window's count when the reply comes is
+    /// not that bound: calls leave it during the round trip that Meta still counted.)
+    fn most_counted(&self, t: &Ticket) -> u32 {
+        let since = u32::try_from(self.sent.saturating_sub(t.sent)).unwrap_or(u32::MAX);
+        t.total.saturating_add(since).max(t.ours)
     }
 
     /// The call is over at `now` (its reply, if any, has been observed).
@@ -649,36 +675,41 @@ impl Budget {
         Some(100.0 * f64::from(counted) / (g.max_pct.floor() + 1.0))
     }
 
-    /// A lower bound no other app's usage can fake: one above the upper bounds proves they
-    /// assumed wrongly that nobody else uses the Page, so they are dropped.
+    /// A lower bound no other app's usage can fake: one well above the upper bounds proves
+    /// they assumed wrongly that nobody else uses the Page, so they are dropped (see
+    /// [`OTHERS_MARGIN`]).
     fn learn_group_lower(&mut self, lower: f64, now: Instant) {
         let window = self.limits.window;
         let mut log = self.bounds.unwrap_or(BoundsLog::new(now));
         log.roll(now, window);
-        if lower > log.current.merge(log.previous).upper {
+        let upper = log.current.merge(log.previous).upper;
+        let lower = if lower > upper * OTHERS_MARGIN {
             log.current.upper = f64::INFINITY;
             log.previous.upper = f64::INFINITY;
             log.others_seen = Some(now);
-        }
+            lower
+        } else {
+            lower.min(upper)
+        };
         log.current.lower = log.current.lower.max(lower);
         self.bounds = Some(log);
     }
 
     fn observe_reading(&mut self, ticket: Option<&Ticket>, obs: &Observation, now: Instant) {
         let count = self.window.count(now);
-        let (at, ours, ours_low) = match ticket {
+        let (at, ours, ours_low, ours_high) = match ticket {
             // A reply slower than the round trip `ours_low` allowed for: its call may have
             // reached Meta after some of the calls counted in it had left Meta's window, so it
             // proves no lower bound (a loaded host delays replies long after Meta sent them).
             Some(t) if now.saturating_duration_since(t.at) > 2 * self.window.margin() => {
-                (t.at, t.ours, 0)
+                (t.at, t.ours, 0, self.most_counted(t))
             }
-            Some(t) => (t.at, t.ours, t.ours_low),
-            None => (now, count, count.saturating_sub(self.in_flight)),
+            Some(t) => (t.at, t.ours, t.ours_low, self.most_counted(t)),
+            None => (now, count, count.saturating_sub(self.in_flight), count),
         };
         let pct = obs.usage.map_or(0.0, |u| u.max());
         if let Some(usage) = obs.usage {
-            self.learn_bounds(ours_low, count.max(ours), pct, obs.throttled, now);
+            self.learn_bounds(ours_low, ours_high, pct, obs.throttled, now);
             let reading = Reading {
                 usage,
                 pct,

@@ -50,14 +50,17 @@ local SLOTS = 128
 -- Readings lower the limit below the guess only when their bounds agree within this factor
 -- (budget.rs: TIGHT_BOUNDS): wide bounds mean a burst was in flight or other apps use the Page.
 local TIGHT_BOUNDS = 2
-local FIELDS = {'t','o','rp','ro','ra','rr','rsyn','bl1','bu1','bl0','bu0','bs','bo','pu','pa','n','pr','px','ps','la','seq','fl','fx','mg','gs','gi','gn','gr','gp','gl','gz'}
+-- A group's lower bound this far above the upper bounds shows other apps use the Page
+-- (budget.rs: OTHERS_MARGIN); closer, the upper bound stands.
+local OTHERS_MARGIN = 1.1
+local FIELDS = {'t','o','rp','ro','ra','rr','rsyn','bl1','bu1','bl0','bu0','bs','bo','pu','pa','n','pr','px','ps','la','seq','fl','fx','mg','gs','gi','gn','gr','gp','gl','gz','su'}
 
 local function load()
   local v = redis.call('HMGET', key, unpack(FIELDS))
   local S = {}
   for i, f in ipairs(FIELDS) do S[f] = tonumber(v[i]) end
   S.t = S.t or 0; S.n = S.n or 0; S.pr = S.pr or 0; S.seq = S.seq or 0; S.fl = S.fl or 0
-  S.mg = S.mg or 0
+  S.mg = S.mg or 0; S.su = S.su or 0
   S.gs = S.gs or 0; S.gi = S.gi or 0; S.gn = S.gn or 0; S.gr = S.gr or 0; S.gp = S.gp or 0
   return S
 end
@@ -306,7 +309,8 @@ end
 
 /// ARGV: units, guess, learn, headroom %, threshold %, window µs, probe TTL µs.
 /// Returns {granted, wait µs, reason, ours, seq, at µs, probe, usage ×1000, limit ×1000,
-/// calls in window, paused µs, blind, ours_low, µs until the oldest calls leave (holds only)}.
+/// calls in window, paused µs, blind, ours_low, µs until the oldest calls leave (holds only),
+/// units the fleet sent so far (grants only)}.
 const ADMIT: &str = r"
 local units = math.max(tonumber(ARGV[1]), 1)
 local P = params(2)
@@ -347,6 +351,7 @@ local function grant(probe)
     blind = 1
   end
   S.t = S.t + units
+  S.su = S.su + units
   S.la = now
   local p = 0
   if probe then S.pr = 2; S.px = now + probe_ttl; S.ps = S.seq; p = 1 end
@@ -359,7 +364,7 @@ local function grant(probe)
   local recent = sum_slots(S, math.floor((now - 2 * S.mg) / P.slot), idx) - units
   local ours_low = math.max(S.t - gone_late - math.max(recent, 0), units)
   save(S, P)
-  return {1, 0, 0, ours, S.seq, now, p, math.floor((est + 100 * units / L) * 1000), math.floor(L * 1000), S.t, 0, blind, ours_low, 0}
+  return {1, 0, 0, ours, S.seq, now, p, math.floor((est + 100 * units / L) * 1000), math.floor(L * 1000), S.t, 0, blind, ours_low, 0, S.su}
 end
 
 local function hold(wait, reason)
@@ -409,8 +414,9 @@ return hold(room_at - now, 5)
 
 /// ARGV: has ticket, ticket ours, ticket seq, ticket at µs, ticket probe, ticket blind
 /// units, has usage, usage %, regain µs, throttled, answered, ticket ours_low, round trip µs
-/// (0: none measured), the replica's group lower bound (0: none), ticket units, then the
-/// bucket's parameters. Returns the pause left in µs.
+/// (0: none measured), the replica's group lower bound (0: none), ticket units, ticket calls in
+/// the window at its grant, ticket units the fleet had sent then, then the bucket's
+/// parameters. Returns the pause left in µs.
 const OBSERVE: &str = r"
 local has_ticket = tonumber(ARGV[1]) == 1
 local t_probe = tonumber(ARGV[5]) == 1
@@ -423,7 +429,9 @@ local answered = tonumber(ARGV[11]) == 1
 local rtt = tonumber(ARGV[13])
 local group_lower = tonumber(ARGV[14])
 local t_units = tonumber(ARGV[15])
-local P = params(16)
+local t_total = tonumber(ARGV[16])
+local t_sent = tonumber(ARGV[17])
+local P = params(18)
 local S = load()
 if rtt > 0 then
   -- The margin follows the fleet's round trips: up at once, down slowly.
@@ -434,8 +442,13 @@ end
 expire(S, P)
 local count = S.t
 local ours, ours_low, seq, at = count, count, S.seq, now
+-- The most of ours Meta can have counted when the call arrived (budget.rs: most_counted): the
+-- window at its grant plus every unit sent since, not the window now (calls leave it during the
+-- round trip that Meta still counted).
+local ours_high = count
 if has_ticket then
   ours = tonumber(ARGV[2]); seq = tonumber(ARGV[3]); at = tonumber(ARGV[4]); ours_low = tonumber(ARGV[12])
+  ours_high = math.max(t_total + math.max(S.su - t_sent, 0), ours)
 end
 if t_blind > 0 then S.fl = math.max(S.fl - t_blind, 0) end
 if not has_usage then pct = 0 end
@@ -444,15 +457,19 @@ if has_ticket then
   local fleet_lower = group_reply(S, P, at, t_units, pct, has_usage and not throttled)
   if fleet_lower > group_lower then group_lower = fleet_lower end
 end
--- A whole group's lower bound (budget.rs: Group) no other app's usage can fake: one above
+-- A whole group's lower bound (budget.rs: Group) no other app's usage can fake: one well above
 -- the upper bounds proves they wrongly assumed nobody else uses the Page; for a window
--- upper bounds are not taken (bo: when others were seen).
+-- upper bounds are not taken (bo: when others were seen). One a little above is cut to them.
 local others = S.bo ~= nil and S.bo > 0 and now - S.bo < P.W
 if group_lower > 0 then
   roll(S, P)
   if S.bs == nil then clear_bounds(S) end
   local up = min_upper(S.bu1, S.bu0)
-  if up >= 0 and group_lower > up then S.bu1 = -1; S.bu0 = -1; S.bo = now; others = true end
+  if up >= 0 and group_lower > up * OTHERS_MARGIN then
+    S.bu1 = -1; S.bu0 = -1; S.bo = now; others = true
+  elseif up >= 0 and group_lower > up then
+    group_lower = up
+  end
   S.bl1 = math.max(S.bl1 or 0, group_lower)
 end
 if has_usage then
@@ -460,7 +477,7 @@ if has_usage then
     local p = math.floor(pct)
     local lower = 100 * ours_low / (p + 1)
     local upper = -1
-    if p >= 1 and not others then upper = 100 * math.max(count, ours) / (p - 0.5) end
+    if p >= 1 and not others then upper = 100 * ours_high / (p - 0.5) end
     local lo, up = bounds(S, P)
     if lo == nil or throttled then
       S.bl1 = lower; S.bu1 = upper; S.bl0 = 0; S.bu0 = -1; S.bs = now
@@ -641,6 +658,11 @@ pub struct FleetTicket {
     pub ours: u32,
     /// The same without calls sent within the last round trip (for learning the limit).
     pub ours_low: u32,
+    /// The fleet's calls in the window with this one, and the units it had sent so far (the
+    /// most of ours Meta can have counted when this call arrived is the first plus what the
+    /// second grows by).
+    pub total: u32,
+    pub sent: u64,
     pub seq: u64,
     /// When Redis admitted it, µs of Redis' clock.
     pub at_us: u64,
@@ -803,6 +825,8 @@ impl SharedBudgets {
                 probe: at(6) == 1,
                 blind: at(11) == 1,
                 ours_low: u32::try_from(at(12)).unwrap_or(u32::MAX),
+                total: u32::try_from(at(9)).unwrap_or(u32::MAX),
+                sent: at(14) as u64,
             },
             wait: us(1),
             reason: reason_of(at(2)),
@@ -833,6 +857,8 @@ impl SharedBudgets {
             units: 0,
             ours: 0,
             ours_low: 0,
+            total: 0,
+            sent: 0,
             seq: 0,
             at_us: 0,
             probe: false,
@@ -858,7 +884,9 @@ impl SharedBudgets {
                     .arg(t.ours_low)
                     .arg(rtt)
                     .arg(group_lower.unwrap_or(0.0))
-                    .arg(t.units);
+                    .arg(t.units)
+                    .arg(t.total)
+                    .arg(t.sent);
                 params.args(&mut inv);
                 inv.invoke_async::<i64>(&mut c).await
             })

@@ -566,3 +566,83 @@ fn a_burst_that_trickles_out_while_other_apps_use_the_page_does_not_lock_it() {
         }
     }
 }
+
+#[test]
+fn an_upper_bound_counts_the_calls_that_left_our_window_during_the_round_trip() {
+    // A reading counts what Meta held when the call arrived; by the time its reply is back,
+    // calls Meta still counted then may have left our window. Counting only what is left
+    // would bound the limit below the truth and, once a group proves more, drop every bound.
+    let l = limits(4000, 10, false);
+    let t0 = Instant::now();
+    let ms = |n: u64| t0 + Duration::from_millis(n);
+    let mut b = Budget::new(l, t0);
+    let mut meta = Meta::new(400, l.window);
+    let call = |b: &mut Budget, meta: &mut Meta, at: Instant| {
+        let t = b.dispatched(1, at, false);
+        let r = meta.call(at + ROUND_TRIP / 2);
+        (t, r, at + ROUND_TRIP)
+    };
+    let answer = |b: &mut Budget, (t, r, at): (Ticket, (Usage, bool), Instant)| {
+        b.observe(Some(&t), &reply(r), at);
+        b.finish(&t, at);
+    };
+    // One call first (the round trip is learned), then three late in the first sub-bucket.
+    let first = call(&mut b, &mut meta, t0);
+    answer(&mut b, first);
+    let three: Vec<_> = (0..3).map(|_| call(&mut b, &mut meta, ms(60))).collect();
+    for c in three {
+        answer(&mut b, c);
+    }
+    // 380 more over the window, about two in flight at a time.
+    let mut pending = VecDeque::new();
+    for i in 0..380 {
+        let at = ms(200 + 24 * i);
+        while pending
+            .front()
+            .is_some_and(|(_, _, end): &(Ticket, _, Instant)| *end <= at)
+        {
+            answer(&mut b, pending.pop_front().expect("front"));
+        }
+        pending.push_back(call(&mut b, &mut meta, at));
+    }
+    for c in pending {
+        answer(&mut b, c);
+    }
+    // Meta still holds the three when this call arrives (384 calls: 96 %); they leave our
+    // window before its reply is back.
+    let last = call(&mut b, &mut meta, ms(10_056));
+    assert_eq!(last.1 .0.call_count, 96.0);
+    let end = last.2;
+    answer(&mut b, last);
+    assert_eq!(b.window.clone().count(end), 381);
+    let log = b.bounds.expect("bounds");
+    let held = log.current.merge(log.previous);
+    assert!(held.upper >= 400.0, "{held:?}");
+    assert!(held.lower <= 400.0, "{held:?}");
+    assert!(b.estimate(end).limit <= 400.0);
+}
+
+#[test]
+fn a_group_bound_a_little_above_the_upper_bounds_keeps_the_lowered_limit() {
+    // Bounds a few calls apart that disagree (a call slow to reach Meta counted on the wrong
+    // side of a window's edge) must not send the limit back to a guess ten times too high;
+    // a group bound far above them is other apps' usage, and the guess is back.
+    let l = limits(4000, 10, false);
+    let t0 = Instant::now();
+    let mut b = Budget::new(l, t0);
+    let mut log = BoundsLog::new(t0);
+    log.current = Bounds {
+        lower: 396.0,
+        upper: 400.5,
+    };
+    b.bounds = Some(log);
+    assert_eq!(b.limit(t0), (396.0, LimitSource::Lowered));
+
+    b.learn_group_lower(402.0, t0);
+    let (limit, source) = b.limit(t0);
+    assert_eq!(source, LimitSource::Lowered);
+    assert!((396.0..=400.5).contains(&limit), "{limit}");
+
+    b.learn_group_lower(600.0, t0);
+    assert_eq!(b.limit(t0), (4000.0, LimitSource::Configured));
+}
