@@ -38,8 +38,9 @@
 //! resumes when it comes back unthrottled. A reading at 100 % without a throttle code only
 //! makes the bucket full (a regain time in it pauses).
 //!
-//! Until the first reading of a window only a few calls (1 % of the guess) may be in flight:
-//! a guess ten times too high must not put a whole burst in front of Meta unread.
+//! Until the first reading of a window only a few calls (1 % of the guess) may be in flight,
+//! and no more go until all of those are answered ([`BlindCalls`]): a guess ten times too
+//! high must not put a whole burst in front of Meta unread.
 
 use std::time::{Duration, Instant};
 
@@ -338,6 +339,8 @@ pub struct Budget {
     /// Units dispatched since the bucket was made (never taken back: only an upper bound
     /// reads it).
     sent: u64,
+    /// The calls sent before the window's first reading, while any is out.
+    blind: Option<BlindCalls>,
     group: Group,
     /// A recent round trip to Meta (rises at once, falls slowly): how much later than our
     /// dispatch Meta may have counted a call.
@@ -360,6 +363,21 @@ struct Group {
     /// The highest reading among them, in percent.
     max_pct: f64,
 }
+
+/// The calls of a window sent before its first reading (the blind allowance). Their replies
+/// come back spread out, and the first of them counts only itself: the limit is known once
+/// they are all back (their group's readings, see [`Group`]), so until then no more go, for
+/// a few round trips at most.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct BlindCalls {
+    /// The first blind call's sequence number: later tickets from `from_seq` on are its.
+    from_seq: u64,
+    in_flight: u32,
+    until: Instant,
+}
+
+/// Longest the blind calls hold the others back, when round trips are short.
+const MIN_BLIND_HOLD: Duration = Duration::from_secs(1);
 
 /// The pause Meta asked for, when it named one.
 pub fn regain_duration(minutes: Option<f64>) -> Option<Duration> {
@@ -384,6 +402,7 @@ impl Budget {
             last_admit: None,
             seq: 0,
             sent: 0,
+            blind: None,
             group: Group::default(),
             round_trip: Duration::ZERO,
         }
@@ -501,10 +520,11 @@ impl Budget {
             Probe::Off => {}
         }
         let est = self.estimate(now);
-        if !est.has_reading
+        let blind_out = self.blind.is_some_and(|b| b.in_flight > 0 && now < b.until);
+        let blind_full = !est.has_reading
             && self.in_flight > 0
-            && self.in_flight.saturating_add(units) > self.blind_allowance()
-        {
+            && self.in_flight.saturating_add(units) > self.blind_allowance();
+        if blind_full || (est.has_reading && blind_out) {
             return Err(Hold {
                 until: recheck,
                 reason: Reason::FirstReading,
@@ -581,6 +601,21 @@ impl Budget {
             .surely_counted(now + self.window.margin())
             .saturating_sub(self.in_flight)
             .max(units);
+        if self.reading(now).is_none() {
+            let hold = (self.round_trip * 4).max(MIN_BLIND_HOLD);
+            match &mut self.blind {
+                Some(b) if b.in_flight > 0 && now < b.until => {
+                    b.in_flight = b.in_flight.saturating_add(units);
+                }
+                _ => {
+                    self.blind = Some(BlindCalls {
+                        from_seq: self.seq,
+                        in_flight: units,
+                        until: now + hold,
+                    })
+                }
+            }
+        }
         self.in_flight = self.in_flight.saturating_add(units);
         self.last_admit = Some(now);
         if probe {
@@ -620,6 +655,9 @@ impl Budget {
 
     fn end(&mut self, ticket: &Ticket) {
         self.in_flight = self.in_flight.saturating_sub(ticket.units);
+        if let Some(b) = self.blind.as_mut().filter(|b| ticket.seq >= b.from_seq) {
+            b.in_flight = b.in_flight.saturating_sub(ticket.units);
+        }
         if self.probe == Probe::InFlight(ticket.seq) {
             // No verdict (transport failure, cancelled): another call probes.
             self.probe = Probe::Due;

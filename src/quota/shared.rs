@@ -390,6 +390,10 @@ if not fresh(S, P) then
   if S.fx ~= nil and S.fx > now then fl = S.fl end
   local blind = math.max(1, math.floor(P.guess / 100))
   if fl > 0 and fl + units > blind then return hold(recheck, 3) end
+elseif S.fl > 0 and S.fx ~= nil and S.fx > now then
+  -- The window's first calls are all back before more go (budget.rs: BlindCalls): the first
+  -- reply counts only its own call, and the limit is known once their group is answered.
+  return hold(recheck, 3)
 end
 local per = 100 / L
 local last = est + per * (units - 1)

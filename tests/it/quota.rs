@@ -390,6 +390,42 @@ async fn page_calls_ten_times_too_high_are_lowered_by_the_readings_without_a_fix
     stop(s).await;
 }
 
+/// The settings of the backlog tests: `page_calls` ten times too high, a short queue deadline
+/// (the backlog is many windows long; the tests are about its first moments).
+pub const BACKLOG_TOML: &str = "[quota]\npage_calls = 1000\npage_window_s = 10\n\
+                                queue_timeout_ms = 1500\n[upstream]\ntimeout_ms = 10000\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_meeting_page_calls_ten_times_too_high_is_not_sent_into_a_throttle() {
+    // Three windows' worth of calls wait when the Page's window opens. The first calls go
+    // blind; their replies come back a few ms apart, and the first counts only its own call:
+    // letting the backlog go on it would send most of `page_calls` to a Page that takes a
+    // tenth. The rest wait until all of the first calls are back.
+    const LIMIT: u32 = 100;
+    let graph = FakeGraphConfig {
+        latency: Duration::from_millis(20),
+        ..graph(LIMIT, LONG_WINDOW)
+    };
+    let s = stack(graph, BACKLOG_TOML).await;
+    let mut set = JoinSet::new();
+    for n in 0..300 {
+        let s = s.clone();
+        set.spawn(async move {
+            s.request(Method::GET, &distinct("1001", n), &[], Bytes::new())
+                .await
+        });
+    }
+    let mut replies = Vec::new();
+    while let Some(r) = set.join_next().await {
+        replies.push(r.expect("request task"));
+    }
+    let (ok, _) = assert_ok_or_429(&replies);
+    let stats = s.graph.stats();
+    assert!(stats.throttled <= 2, "{stats:?}");
+    assert!(ok >= 30, "{ok} answered, {stats:?}");
+    stop(s).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn page_calls_ten_times_too_low_with_learn_limits_learn_the_limit() {
     const LIMIT: u32 = 60;

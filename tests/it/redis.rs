@@ -727,6 +727,42 @@ async fn two_replicas_under_overload_share_one_budget_and_use_nearly_all_of_it()
     }
 }
 
+/// The same backlog as `quota::a_backlog_meeting_page_calls_ten_times_too_high_…`, through
+/// both replicas: the fleet holds it until all of the window's first calls are back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_through_two_replicas_meeting_page_calls_far_too_high_is_not_throttled() {
+    const LIMIT: u32 = 100;
+    let redis = RedisServer::start();
+    let graph = FakeGraphConfig {
+        page_calls_limit: LIMIT,
+        page_window: Duration::from_secs(10),
+        latency: Duration::from_millis(20),
+        ..graph_config()
+    };
+    let f = Arc::new(Fleet::start(&redis, graph, crate::quota::BACKLOG_TOML).await);
+    let mut set = tokio::task::JoinSet::new();
+    for n in 0..300u32 {
+        let f = f.clone();
+        set.spawn(async move {
+            let via = if n % 2 == 0 { &f.a } else { &f.b };
+            let path = crate::quota::distinct("1001", n)
+                .replace(&format!("&access_token={ADMIN_KEY}"), "");
+            f.get(via, &path).await
+        });
+    }
+    let mut replies = Vec::new();
+    while let Some(r) = set.join_next().await {
+        replies.push(r.expect("request task"));
+    }
+    let (ok, _) = crate::quota::assert_ok_or_429(&replies);
+    let stats = f.graph.stats();
+    assert!(stats.throttled <= 2, "{stats:?}");
+    assert!(ok >= 30, "{ok} answered, {stats:?}");
+    if let Ok(f) = Arc::try_unwrap(f) {
+        f.stop().await;
+    }
+}
+
 /// The fleet's state in Redis learns from whole groups of calls too: bursts through both
 /// replicas while other apps use a few percent of the Page all go at once (the readings of a
 /// burst in flight once lowered the fleet's limit to a few dozen calls and held the Page).

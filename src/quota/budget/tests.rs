@@ -108,15 +108,55 @@ struct Reply {
 
 /// Runs a greedy client from `t0` for `windows` windows; returns the budget and Meta.
 fn overload(limits: Limits, meta: Meta, windows: u32) -> (Budget, Meta, Instant) {
+    overload_with(limits, meta, windows, Duration::ZERO)
+}
+
+/// [`overload`] where each call takes up to 10 ms more to reach Meta and its reply up to 10
+/// ms more to come back (a fixed pseudo-random sequence): calls sent together arrive, and
+/// their replies return, in any order.
+fn overload_spread(limits: Limits, meta: Meta, windows: u32) -> (Budget, Meta, Instant) {
+    overload_with(limits, meta, windows, Duration::from_millis(10))
+}
+
+fn overload_with(
+    limits: Limits,
+    meta: Meta,
+    windows: u32,
+    spread: Duration,
+) -> (Budget, Meta, Instant) {
     let t0 = Instant::now();
     let mut b = Budget::new(limits, t0);
     let mut meta = meta;
     let end = t0 + meta.window * windows;
     let mut now = t0;
-    let mut pending: VecDeque<Reply> = VecDeque::new();
+    let mut seed: u64 = 1;
+    let mut delay = || {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        spread.mul_f64((seed >> 11) as f64 / (1u64 << 53) as f64)
+    };
+    // Calls on their way to Meta (arrival, order sent, ticket, extra delay of the reply), and
+    // replies on their way back (arrival, order sent, reply), each soonest (then first sent)
+    // last.
+    let mut arriving: Vec<(Instant, u64, Ticket, Duration)> = Vec::new();
+    let mut pending: Vec<(Instant, u64, Reply)> = Vec::new();
+    let mut sent = 0u64;
     while now < end {
-        while pending.front().is_some_and(|r| r.at <= now) {
-            let r = pending.pop_front().expect("front");
+        while arriving.last().is_some_and(|a| a.0 <= now) {
+            let (at, n, ticket, back) = arriving.pop().expect("last");
+            let (usage, throttled) = meta.call(at);
+            let reply = Reply {
+                at: at + ROUND_TRIP / 2 + back,
+                ticket,
+                usage,
+                throttled,
+            };
+            pending.push((reply.at, n, reply));
+            pending.sort_by_key(|p| std::cmp::Reverse((p.0, p.1)));
+        }
+        while pending.last().is_some_and(|p| p.0 <= now) {
+            let (_, _, r) = pending.pop().expect("last");
             let obs = Observation {
                 usage: Some(r.usage),
                 regain_minutes: Some(0.0),
@@ -128,20 +168,20 @@ fn overload(limits: Limits, meta: Meta, windows: u32) -> (Budget, Meta, Instant)
         }
         match b.try_admit(1, now) {
             Ok(ticket) => {
-                let (usage, throttled) = meta.call(now + ROUND_TRIP / 2);
-                pending.push_back(Reply {
-                    at: now + ROUND_TRIP,
-                    ticket,
-                    usage,
-                    throttled,
-                });
+                let (there, back) = (delay(), delay());
+                arriving.push((now + ROUND_TRIP / 2 + there, sent, ticket, back));
+                arriving.sort_by_key(|a| std::cmp::Reverse((a.0, a.1)));
+                sent += 1;
             }
             Err(hold) => {
-                assert!(hold.until > now || pending.front().is_some_and(|r| r.at <= now));
-                let mut next = hold.until.min(end);
-                if let Some(r) = pending.front() {
-                    next = next.min(r.at);
-                }
+                let next_event = [arriving.last().map(|a| a.0), pending.last().map(|p| p.0)]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                assert!(hold.until > now || next_event.is_some_and(|t| t <= now));
+                let next = next_event
+                    .map_or(hold.until, |t| t.min(hold.until))
+                    .min(end);
                 now = next.max(now + Duration::from_micros(1));
             }
         }
@@ -327,22 +367,58 @@ fn bursts_while_other_apps_use_the_page_do_not_lock_it() {
 
 #[test]
 fn before_the_first_reading_only_the_blind_allowance_goes() {
+    // A reply without a usage header from a successful call is Meta's "about 0 %".
+    let zero = Observation {
+        usage: Some(Usage::default()),
+        answered: true,
+        ..Observation::default()
+    };
     let t0 = Instant::now();
     let mut b = Budget::new(limits(600, 20, false), t0);
     let tickets: Vec<Ticket> = (0..6).map(|_| b.try_admit(1, t0).unwrap()).collect();
     let hold = b.try_admit(1, t0).unwrap_err();
     assert_eq!(hold.reason, Reason::FirstReading);
-    // A reply without a usage header from a successful call is Meta's "about 0 %".
-    b.observe(
-        Some(&tickets[0]),
-        &Observation {
-            usage: Some(Usage::default()),
-            answered: true,
-            ..Observation::default()
-        },
-        t0 + ROUND_TRIP,
+    // The first reply counts only its own call: the others wait for the rest of the six.
+    let now = t0 + ROUND_TRIP;
+    for (i, t) in tickets.iter().enumerate() {
+        assert_eq!(
+            b.try_admit(1, now).unwrap_err().reason,
+            Reason::FirstReading,
+            "after {i} replies"
+        );
+        b.observe(Some(t), &zero, now);
+        b.finish(t, now);
+    }
+    assert!(b.try_admit(1, now).is_ok());
+
+    // A blind call that never comes back holds the others for a second at most.
+    let mut b = Budget::new(limits(600, 20, false), t0);
+    let tickets: Vec<Ticket> = (0..6).map(|_| b.try_admit(1, t0).unwrap()).collect();
+    for t in &tickets[1..] {
+        b.observe(Some(t), &zero, now);
+        b.finish(t, now);
+    }
+    assert_eq!(
+        b.try_admit(1, now).unwrap_err().reason,
+        Reason::FirstReading
     );
-    assert!(b.try_admit(1, t0 + ROUND_TRIP).is_ok());
+    assert!(b.try_admit(1, t0 + MIN_BLIND_HOLD).is_ok());
+}
+
+#[test]
+fn a_guess_ten_times_too_high_meets_a_backlog_without_a_flood() {
+    // A backlog far beyond the budget waits when the window opens, and replies come back
+    // spread over a few ms: the first of them counts only its own call, so letting the
+    // backlog go on it would put most of `page_calls` in front of a Page that takes a tenth.
+    let (_, meta, t0) = overload_spread(
+        limits(4000, 10, false),
+        Meta::new(400, Duration::from_secs(10)),
+        4,
+    );
+    let throttled = meta.throttled_per_window(t0, 4);
+    assert!(throttled.iter().all(|&n| n <= 2), "{throttled:?}");
+    let ok: u32 = meta.ok_per_window(t0, 3).iter().sum();
+    assert!(f64::from(ok) >= 0.9 * 1200.0, "{ok} of 1200");
 }
 
 #[test]
