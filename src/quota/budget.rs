@@ -370,14 +370,17 @@ struct Group {
 /// a few round trips at most.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct BlindCalls {
-    /// The first blind call's sequence number: later tickets from `from_seq` on are its.
+    /// The first blind call's sequence number: a ticket numbered from it on that ends was
+    /// one of them (no other call goes while they are out).
     from_seq: u64,
     in_flight: u32,
     until: Instant,
 }
 
-/// Longest the blind calls hold the others back, when round trips are short.
+/// How long the blind calls may hold the others back: four recent round trips, within these
+/// (the fleet's Redis script holds them as long).
 const MIN_BLIND_HOLD: Duration = Duration::from_secs(1);
+const MAX_BLIND_HOLD: Duration = Duration::from_secs(10);
 
 /// The pause Meta asked for, when it named one.
 pub fn regain_duration(minutes: Option<f64>) -> Option<Duration> {
@@ -602,7 +605,7 @@ impl Budget {
             .saturating_sub(self.in_flight)
             .max(units);
         if self.reading(now).is_none() {
-            let hold = (self.round_trip * 4).max(MIN_BLIND_HOLD);
+            let hold = (self.round_trip * 4).clamp(MIN_BLIND_HOLD, MAX_BLIND_HOLD);
             match &mut self.blind {
                 Some(b) if b.in_flight > 0 && now < b.until => {
                     b.in_flight = b.in_flight.saturating_add(units);
