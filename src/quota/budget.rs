@@ -641,7 +641,7 @@ impl Budget {
     /// not that bound: calls leave it during the round trip that Meta still counted.)
     fn most_counted(&self, t: &Ticket) -> u32 {
         let since = u32::try_from(self.sent.saturating_sub(t.sent)).unwrap_or(u32::MAX);
-        t.total.saturating_add(since).max(t.ours)
+        t.total.saturating_add(since)
     }
 
     /// The call is over at `now` (its reply, if any, has been observed).

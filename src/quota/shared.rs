@@ -385,12 +385,13 @@ if S.pr == 2 then
   S.pr = 1
 end
 if S.pr == 1 then return grant(true) end
+-- Blind calls (sent before the window's first reading) still out.
+local fl = 0
+if S.fx ~= nil and S.fx > now then fl = S.fl end
 if not fresh(S, P) then
-  local fl = 0
-  if S.fx ~= nil and S.fx > now then fl = S.fl end
   local blind = math.max(1, math.floor(P.guess / 100))
   if fl > 0 and fl + units > blind then return hold(recheck, 3) end
-elseif S.fl > 0 and S.fx ~= nil and S.fx > now then
+elseif fl > 0 then
   -- The window's first calls are all back before more go (budget.rs: BlindCalls): the first
   -- reply counts only its own call, and the limit is known once their group is answered.
   return hold(recheck, 3)
@@ -452,7 +453,7 @@ local ours, ours_low, seq, at = count, count, S.seq, now
 local ours_high = count
 if has_ticket then
   ours = tonumber(ARGV[2]); seq = tonumber(ARGV[3]); at = tonumber(ARGV[4]); ours_low = tonumber(ARGV[12])
-  ours_high = math.max(t_total + math.max(S.su - t_sent, 0), ours)
+  ours_high = t_total + math.max(S.su - t_sent, 0)
 end
 if t_blind > 0 then S.fl = math.max(S.fl - t_blind, 0) end
 if not has_usage then pct = 0 end
