@@ -437,9 +437,16 @@ impl Budget {
         self.bounds?.at(now, self.limits.window)
     }
 
-    /// The estimated limit (calls per window) and where it comes from.
+    /// The configured guess, in calls of this replica: its share of `page_calls`.
+    fn own_guess(&self) -> f64 {
+        (f64::from(self.limits.guess.max(1)) * self.share).max(1e-3)
+    }
+
+    /// The estimated limit (calls per window) and where it comes from. Counted in this
+    /// replica's calls: with a share below 1 (deciding alone while other replicas send too),
+    /// the bounds learned from its own calls, and its share of the guess.
     pub fn limit(&self, now: Instant) -> (f64, LimitSource) {
-        let guess = f64::from(self.limits.guess.max(1));
+        let guess = self.own_guess();
         match self.bounds(now) {
             Some(b) if guess > b.upper && b.upper <= TIGHT_BOUNDS * b.lower => {
                 (b.lower.max(1.0), LimitSource::Lowered)
@@ -451,13 +458,12 @@ impl Budget {
 
     /// The ceiling for the count of our own calls.
     fn count_limit(&self, limit: f64) -> f64 {
-        let guess = f64::from(self.limits.guess.max(1));
-        let base = if self.limits.learn {
+        let guess = self.own_guess();
+        if self.limits.learn {
             guess.max(limit)
         } else {
             guess
-        };
-        (base * self.share).max(1e-3)
+        }
     }
 
     /// Calls that may be in flight before the first reading of a window.
@@ -724,7 +730,7 @@ impl Budget {
         let mut log = self.bounds.unwrap_or(BoundsLog::new(now));
         log.roll(now, window);
         let upper = log.current.merge(log.previous).upper;
-        let lower = if lower > upper * OTHERS_MARGIN {
+        let lower = if lower > upper * OTHERS_MARGIN && self.share >= 1.0 {
             log.current.upper = f64::INFINITY;
             log.previous.upper = f64::INFINITY;
             log.others_seen = Some(now);

@@ -923,6 +923,9 @@ impl Inner {
         }
         let gate_probe = gate_probe && self.gate.take_probe();
         shared.count(AdmissionSource::Redis);
+        // The local budget learns from its own calls all along, in the units it will decide
+        // in if Redis goes: its share of the fleet's calls.
+        st.budget.set_share(self.local_share());
         Some(Ok(Granted {
             ticket: st.budget.dispatched(units, now, false),
             fleet: Some(d.ticket),

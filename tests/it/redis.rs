@@ -1143,3 +1143,75 @@ async fn a_quiet_replica_waits_as_long_as_the_fleet_says() {
     assert_eq!(f.graph.stats().throttled, 0);
     f.stop().await;
 }
+
+/// Redis dies in the middle of a flood with `page_calls` ten times too high: each replica
+/// goes on alone with its half, learning its limit from its own calls, and keeps using the
+/// Page without sending a flood into Meta's throttle. (The simulated steward's test,
+/// `replicas_deciding_alone_under_overload_…`, shows the flood this guards against.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_redis_in_a_flood_with_page_calls_far_too_high_does_not_throttle_the_page() {
+    const LIMIT: u32 = 100;
+    const WINDOWS: u32 = 7;
+    let window = Duration::from_secs(2);
+    let mut redis = RedisServer::start();
+    let graph = FakeGraphConfig {
+        page_calls_limit: LIMIT,
+        page_window: window,
+        ..graph_config()
+    };
+    let f = Arc::new(
+        Fleet::start(
+            &redis,
+            graph,
+            "[quota]\npage_calls = 1000\npage_window_s = 2\nqueue_timeout_ms = 3000\n",
+        )
+        .await,
+    );
+    let load = {
+        let f = f.clone();
+        tokio::spawn(crate::quota::drive(150.0, window * WINDOWS, move |n| {
+            let f = f.clone();
+            async move {
+                let via = if n % 2 == 0 { &f.a } else { &f.b };
+                let path = crate::quota::distinct("1001", n)
+                    .replace(&format!("&access_token={ADMIN_KEY}"), "");
+                f.get(via, &path).await
+            }
+        }))
+    };
+    // (answered, throttled) per window; Redis dies at the end of the third.
+    let start = tokio::time::Instant::now();
+    let mut per_window = Vec::new();
+    let mut before = f.graph.stats();
+    for k in 1..=WINDOWS {
+        tokio::time::sleep_until(start + window * k).await;
+        if k == 3 {
+            redis.kill();
+        }
+        let now = f.graph.stats();
+        let throttled = now.throttled - before.throttled;
+        per_window.push((now.calls - before.calls - throttled, throttled));
+        before = now;
+    }
+    crate::quota::assert_ok_or_429(&load.await.expect("load"));
+    let alone = &per_window[3..];
+    let throttled: u64 = alone.iter().map(|w| w.1).sum();
+    assert!(throttled <= 2 * alone.len() as u64, "{per_window:?}");
+    for (answered, _) in &per_window[1..] {
+        assert!(*answered as f64 >= 0.9 * f64::from(LIMIT), "{per_window:?}");
+    }
+    for via in [&f.a, &f.b] {
+        let m = f.metrics(via).await;
+        for source in ["redis", "local"] {
+            let decided = metric_value(
+                &m,
+                "graphgate_quota_admission_decisions_total",
+                &[&format!("source=\"{source}\"")],
+            );
+            assert!(decided > 20.0, "{source}: {decided}");
+        }
+    }
+    if let Ok(f) = Arc::try_unwrap(f) {
+        f.stop().await;
+    }
+}

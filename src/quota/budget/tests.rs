@@ -124,8 +124,29 @@ fn overload_with(
     windows: u32,
     spread: Duration,
 ) -> (Budget, Meta, Instant) {
+    let (budgets, meta, t0) = overload_replicas(limits, meta, windows, spread, 1);
+    let b = budgets.into_iter().next().expect("one replica");
+    (b, meta, t0)
+}
+
+/// [`overload_with`] through `replicas` replicas that decide alone (Redis unreachable), each
+/// with its share of the budget (`1 / replicas`), each with a greedy client; Meta counts
+/// the calls of all of them in every reading.
+fn overload_replicas(
+    limits: Limits,
+    meta: Meta,
+    windows: u32,
+    spread: Duration,
+    replicas: usize,
+) -> (Vec<Budget>, Meta, Instant) {
     let t0 = Instant::now();
-    let mut b = Budget::new(limits, t0);
+    let mut budgets: Vec<Budget> = (0..replicas)
+        .map(|_| {
+            let mut b = Budget::new(limits, t0);
+            b.set_share(1.0 / replicas as f64);
+            b
+        })
+        .collect();
     let mut meta = meta;
     let end = t0 + meta.window * windows;
     let mut now = t0;
@@ -136,15 +157,15 @@ fn overload_with(
             .wrapping_add(1_442_695_040_888_963_407);
         spread.mul_f64((seed >> 11) as f64 / (1u64 << 53) as f64)
     };
-    // Calls on their way to Meta (arrival, order sent, ticket, extra delay of the reply), and
-    // replies on their way back (arrival, order sent, reply), each soonest (then first sent)
-    // last.
-    let mut arriving: Vec<(Instant, u64, Ticket, Duration)> = Vec::new();
-    let mut pending: Vec<(Instant, u64, Reply)> = Vec::new();
+    // Calls on their way to Meta (arrival, order sent, replica, ticket, extra delay of the
+    // reply), and replies on their way back (arrival, order sent, replica, reply), each
+    // soonest (then first sent) last.
+    let mut arriving: Vec<(Instant, u64, usize, Ticket, Duration)> = Vec::new();
+    let mut pending: Vec<(Instant, u64, usize, Reply)> = Vec::new();
     let mut sent = 0u64;
     while now < end {
         while arriving.last().is_some_and(|a| a.0 <= now) {
-            let (at, n, ticket, back) = arriving.pop().expect("last");
+            let (at, n, replica, ticket, back) = arriving.pop().expect("last");
             let (usage, throttled) = meta.call(at);
             let reply = Reply {
                 at: at + ROUND_TRIP / 2 + back,
@@ -152,41 +173,45 @@ fn overload_with(
                 usage,
                 throttled,
             };
-            pending.push((reply.at, n, reply));
+            pending.push((reply.at, n, replica, reply));
             pending.sort_by_key(|p| std::cmp::Reverse((p.0, p.1)));
         }
         while pending.last().is_some_and(|p| p.0 <= now) {
-            let (_, _, r) = pending.pop().expect("last");
+            let (_, _, replica, r) = pending.pop().expect("last");
             let obs = Observation {
                 usage: Some(r.usage),
                 regain_minutes: Some(0.0),
                 throttled: r.throttled,
                 answered: true,
             };
-            b.observe(Some(&r.ticket), &obs, r.at);
-            b.finish(&r.ticket, r.at);
+            budgets[replica].observe(Some(&r.ticket), &obs, r.at);
+            budgets[replica].finish(&r.ticket, r.at);
         }
-        match b.try_admit(1, now) {
-            Ok(ticket) => {
-                let (there, back) = (delay(), delay());
-                arriving.push((now + ROUND_TRIP / 2 + there, sent, ticket, back));
-                arriving.sort_by_key(|a| std::cmp::Reverse((a.0, a.1)));
-                sent += 1;
+        let mut admitted = false;
+        let mut until = end;
+        for (replica, b) in budgets.iter_mut().enumerate() {
+            match b.try_admit(1, now) {
+                Ok(ticket) => {
+                    let (there, back) = (delay(), delay());
+                    arriving.push((now + ROUND_TRIP / 2 + there, sent, replica, ticket, back));
+                    arriving.sort_by_key(|a| std::cmp::Reverse((a.0, a.1)));
+                    sent += 1;
+                    admitted = true;
+                }
+                Err(hold) => until = until.min(hold.until),
             }
-            Err(hold) => {
-                let next_event = [arriving.last().map(|a| a.0), pending.last().map(|p| p.0)]
-                    .into_iter()
-                    .flatten()
-                    .min();
-                assert!(hold.until > now || next_event.is_some_and(|t| t <= now));
-                let next = next_event
-                    .map_or(hold.until, |t| t.min(hold.until))
-                    .min(end);
-                now = next.max(now + Duration::from_micros(1));
-            }
+        }
+        if !admitted {
+            let next_event = [arriving.last().map(|a| a.0), pending.last().map(|p| p.0)]
+                .into_iter()
+                .flatten()
+                .min();
+            assert!(until > now || next_event.is_some_and(|t| t <= now));
+            let next = next_event.map_or(until, |t| t.min(until)).min(end);
+            now = next.max(now + Duration::from_micros(1));
         }
     }
-    (b, meta, t0)
+    (budgets, meta, t0)
 }
 
 #[test]
@@ -725,4 +750,45 @@ fn a_group_bound_a_little_above_the_upper_bounds_keeps_the_lowered_limit() {
 
     b.learn_group_lower(600.0, t0);
     assert_eq!(b.limit(t0), (4000.0, LimitSource::Configured));
+}
+
+#[test]
+fn replicas_deciding_alone_under_overload_are_not_throttled_and_use_most_of_the_budget() {
+    // Redis unreachable: each replica counts only its own calls against its share, while
+    // every reading counts the others' calls too. Its bounds are learned from its own calls,
+    // so they are bounds on its share, the units it decides in. (Compared with the whole
+    // Page's guess they read as other apps' usage: the limit went back to a guess ten times
+    // too high, and the replicas flooded the Page with hundreds of throttled calls.)
+    for (guess, learn, replicas, spread_ms) in [
+        (400, false, 2, 10),
+        (400, false, 3, 10),
+        (4000, false, 2, 0),
+        (4000, false, 2, 10),
+        (4000, false, 2, 30),
+        (4000, false, 3, 0),
+        (4000, false, 3, 10),
+        (4000, false, 3, 30),
+        (4000, false, 5, 10),
+        (40, true, 2, 10),
+        (40, true, 3, 10),
+    ] {
+        let (_, meta, t0) = overload_replicas(
+            limits(guess, 10, learn),
+            Meta::new(400, Duration::from_secs(10)),
+            6,
+            Duration::from_millis(spread_ms),
+            replicas,
+        );
+        let case = format!("guess {guess}, learn {learn}, {replicas} replicas, {spread_ms} ms");
+        let throttled = meta.throttled_per_window(t0, 6);
+        let ok = meta.ok_per_window(t0, 6);
+        let most = 2 * replicas as u32;
+        assert!(
+            throttled.iter().all(|&n| n <= most),
+            "{case}: {throttled:?}"
+        );
+        for n in &ok[1..] {
+            assert!(f64::from(*n) >= 0.9 * 400.0, "{case}: {ok:?}");
+        }
+    }
 }
