@@ -63,6 +63,10 @@ const TIGHT_BOUNDS: f64 = 2.0;
 /// margin allows): the upper bound stands and the lower one is cut to it, since going back to
 /// the guess on such a slip would send a flood to a Page at its limit.
 const OTHERS_MARGIN: f64 = 1.1;
+
+/// How many points a group of our calls must move the Page's usage for the move to bound
+/// the limit (see [`Budget::learn_slope`]): fewer are mostly the readings' rounding.
+const MIN_SLOPE_PCT: f64 = 5.0;
 /// Meta's regain times beyond this are not believed.
 const MAX_REGAIN: Duration = Duration::from_secs(24 * 3600);
 
@@ -133,6 +137,8 @@ pub struct Reading {
     /// Our calls in the window when that call went, itself included: the fewest of ours the
     /// reading can contain.
     pub ours: u32,
+    /// The most of ours it can contain (see [`Budget::most_counted`]).
+    most: u32,
     /// When it arrived. A reading from a call sent before then overlapped it in flight.
     received: Instant,
     /// Stands in for a throttle code that came without one: 100 % until a probe says more.
@@ -151,6 +157,9 @@ impl Reading {
 struct Bounds {
     lower: f64,
     upper: f64,
+    /// The highest lower bound a group of our calls proved from how far it moved the
+    /// Page's usage (0: none; see [`Budget::learn_slope`]).
+    slope: f64,
 }
 
 /// Limit bounds over a sliding stretch of time: the readings of the current period and of the
@@ -169,6 +178,7 @@ struct BoundsLog {
 const NO_BOUNDS: Bounds = Bounds {
     lower: 0.0,
     upper: f64::INFINITY,
+    slope: 0.0,
 };
 
 impl Bounds {
@@ -176,6 +186,7 @@ impl Bounds {
         Bounds {
             lower: self.lower.max(other.lower),
             upper: self.upper.min(other.upper),
+            slope: self.slope.max(other.slope),
         }
     }
 }
@@ -362,6 +373,9 @@ struct Group {
     read: u32,
     /// The highest reading among them, in percent.
     max_pct: f64,
+    /// The reading in force when the group started, as (percent, the most of our calls it
+    /// can have counted).
+    base: Option<(f64, u32)>,
 }
 
 /// The calls of a window sent before its first reading (the blind allowance). Their replies
@@ -452,6 +466,11 @@ impl Budget {
                 (b.lower.max(1.0), LimitSource::Lowered)
             }
             Some(b) if guess < b.lower && self.limits.learn => (b.lower, LimitSource::Learned),
+            // Our own calls moved the usage as a limit under half the guess would: the guess
+            // is far too high, whoever else uses the Page.
+            Some(b) if guess > TIGHT_BOUNDS * b.slope && b.slope > 0.0 => {
+                (b.slope.max(b.lower), LimitSource::Lowered)
+            }
             _ => (guess, LimitSource::Configured),
         }
     }
@@ -594,8 +613,13 @@ impl Budget {
         let units = units.max(1);
         self.seq += 1;
         if self.in_flight == 0 {
+            let base = self
+                .reading(now)
+                .filter(|r| !r.synthetic)
+                .map(|r| (r.pct, r.most));
             self.group = Group {
                 started: Some(now),
+                base,
                 ..Group::default()
             };
         }
@@ -719,7 +743,28 @@ impl Budget {
         // Every call of ours was answered, so counted, before Meta answered the group's
         // last: all of them still in its window count, not only the group's.
         let counted = self.window.surely_counted(now).max(g.sent);
-        Some(100.0 * f64::from(counted) / (g.max_pct.floor() + 1.0))
+        let (max_pct, base) = (g.max_pct, g.base);
+        if let Some((base_pct, base_ours)) = base {
+            let moved = max_pct.floor() - base_pct.floor();
+            if moved >= MIN_SLOPE_PCT && counted > base_ours {
+                self.learn_slope(100.0 * f64::from(counted - base_ours) / (moved + 1.0), now);
+            }
+        }
+        Some(100.0 * f64::from(counted) / (max_pct.floor() + 1.0))
+    }
+
+    /// A lower bound from how far a group of our calls moved the Page's usage: from the
+    /// reading in force when it started (`p₀`, counting at most `c₀` of our calls) to its
+    /// highest (`p₁`, all `c₁` of ours in the window counted), the limit is at least
+    /// `100·(c₁ − c₀) ÷ (p₁ − p₀ + 1)` unless other apps' usage fell meanwhile. Unlike the
+    /// other bounds it holds with other apps on the Page, which is where it matters: there
+    /// the upper bounds are not taken, and without it the limit went back to `page_calls`.
+    fn learn_slope(&mut self, slope: f64, now: Instant) {
+        let window = self.limits.window;
+        let mut log = self.bounds.unwrap_or(BoundsLog::new(now));
+        log.roll(now, window);
+        log.current.slope = log.current.slope.max(slope);
+        self.bounds = Some(log);
     }
 
     /// A lower bound no other app's usage can fake: one well above the upper bounds proves
@@ -763,6 +808,7 @@ impl Budget {
                 regain: regain_duration(obs.regain_minutes),
                 at,
                 ours,
+                most: ours_high,
                 received: now,
                 synthetic: false,
             };
@@ -802,6 +848,7 @@ impl Budget {
                     regain: None,
                     at: now,
                     ours: count,
+                    most: count,
                     received: now,
                     synthetic: true,
                 });
@@ -890,7 +937,11 @@ impl Budget {
         } else {
             f64::INFINITY
         };
-        log.current = log.current.merge(Bounds { lower, upper });
+        log.current = log.current.merge(Bounds {
+            lower,
+            upper,
+            slope: 0.0,
+        });
         self.bounds = Some(log);
     }
 

@@ -53,7 +53,10 @@ local TIGHT_BOUNDS = 2
 -- A group's lower bound this far above the upper bounds shows other apps use the Page
 -- (budget.rs: OTHERS_MARGIN); closer, the upper bound stands.
 local OTHERS_MARGIN = 1.1
-local FIELDS = {'t','o','rp','ro','ra','rr','rsyn','bl1','bu1','bl0','bu0','bs','bo','pu','pa','n','pr','px','ps','la','seq','fl','fx','mg','gs','gi','gn','gr','gp','gl','gz','su'}
+-- Points a group of calls must move the usage for the move to bound the limit
+-- (budget.rs: MIN_SLOPE_PCT).
+local MIN_SLOPE_PCT = 5
+local FIELDS = {'t','o','rp','ro','ra','rr','rsyn','bl1','bu1','bl0','bu0','bq1','bq0','bs','bo','pu','pa','n','pr','px','ps','la','seq','fl','fx','mg','gs','gi','gn','gr','gp','gl','gz','gb','gc','su','rh'}
 
 local function load()
   local v = redis.call('HMGET', key, unpack(FIELDS))
@@ -113,9 +116,10 @@ local function fresh(S, P)
 end
 
 -- Limit bounds over the readings of the current period and the one before (a window each):
--- lower (0: none) and upper (-1: none).
+-- lower (0: none), upper (-1: none) and the lower bound from how far a group moved the usage
+-- (bq, 0: none; budget.rs: learn_slope).
 local function clear_bounds(S)
-  S.bl1 = 0; S.bu1 = -1; S.bl0 = 0; S.bu0 = -1; S.bs = now
+  S.bl1 = 0; S.bu1 = -1; S.bl0 = 0; S.bu0 = -1; S.bq1 = 0; S.bq0 = 0; S.bs = now
 end
 
 local function roll(S, P)
@@ -124,7 +128,8 @@ local function roll(S, P)
   if age >= 2 * P.W then
     clear_bounds(S)
   elseif age >= P.W then
-    S.bl0 = S.bl1; S.bu0 = S.bu1; S.bl1 = 0; S.bu1 = -1; S.bs = now
+    S.bl0 = S.bl1; S.bu0 = S.bu1; S.bq0 = S.bq1 or 0; S.bl1 = 0; S.bu1 = -1; S.bq1 = 0
+    S.bs = now
   end
 end
 
@@ -137,16 +142,18 @@ end
 local function bounds(S, P)
   roll(S, P)
   local lower = math.max(S.bl1 or 0, S.bl0 or 0)
-  if lower <= 0 then return nil, nil end
-  return lower, min_upper(S.bu1, S.bu0)
+  if lower <= 0 then return nil, nil, 0 end
+  return lower, min_upper(S.bu1, S.bu0), math.max(S.bq1 or 0, S.bq0 or 0)
 end
 
 local function limit(S, P)
   local g = P.guess
-  local lower, upper = bounds(S, P)
+  local lower, upper, slope = bounds(S, P)
   if lower ~= nil then
     if upper >= 0 and g > upper and upper <= TIGHT_BOUNDS * lower then return math.max(lower, 1), 1 end
     if g < lower and P.learn then return lower, 2 end
+    -- The fleet's calls moved the usage as a limit under half the guess would.
+    if slope > 0 and g > TIGHT_BOUNDS * slope then return math.max(slope, lower, 1), 1 end
   end
   return g, 0
 end
@@ -252,6 +259,13 @@ local function group_reply(S, P, at, units, pct, read)
       counted = math.max(S.t - gone, S.gn)
     end
     lower = 100 * counted / (math.floor(S.gp) + 1)
+    -- How far the group moved the usage from the reading in force when it started.
+    local moved = math.floor(S.gp) - math.floor(S.gb or -1)
+    if S.gz ~= 1 and (S.gb or -1) >= 0 and moved >= MIN_SLOPE_PCT and counted > (S.gc or 0) then
+      roll(S, P)
+      if S.bs == nil then clear_bounds(S) end
+      S.bq1 = math.max(S.bq1 or 0, 100 * (counted - (S.gc or 0)) / (moved + 1))
+    end
   end
   S.gs = 0
   return lower
@@ -331,6 +345,9 @@ local function join_group()
   if S.gs <= 0 or S.gi <= 0 or stale then
     S.gs = now; S.gi = 0; S.gn = 0; S.gr = 0; S.gp = 0
     if stale then S.gz = 1 else S.gz = 0 end
+    -- The reading in force (and the most of ours it can have counted): where the group's
+    -- move of the usage starts.
+    if fresh(S, P) and S.rsyn ~= 1 then S.gb = S.rp; S.gc = S.rh or S.ro else S.gb = -1; S.gc = 0 end
   end
   S.gi = S.gi + units
   S.gn = S.gn + units
@@ -485,7 +502,7 @@ if has_usage then
     if p >= 1 and not others then upper = 100 * ours_high / (p - 0.5) end
     local lo, up = bounds(S, P)
     if lo == nil or throttled then
-      S.bl1 = lower; S.bu1 = upper; S.bl0 = 0; S.bu0 = -1; S.bs = now
+      S.bl1 = lower; S.bu1 = upper; S.bl0 = 0; S.bu0 = -1; S.bq1 = 0; S.bq0 = 0; S.bs = now
       if throttled then S.bo = 0 end
     else
       -- Upper bounds assume nobody else uses the Page: one below what the Page has shown says
@@ -502,7 +519,7 @@ if has_usage then
   local L = limit(S, P)
   if (not fresh(S, P)) or S.rr == nil or at >= S.rr
       or pct - 100 * ours / L >= S.rp - 100 * S.ro / L then
-    S.rp = pct; S.ro = ours; S.ra = at; S.rr = now; S.rsyn = 0
+    S.rp = pct; S.ro = ours; S.rh = ours_high; S.ra = at; S.rr = now; S.rsyn = 0
   end
 end
 if (not throttled) and pct >= 100 then
@@ -521,7 +538,7 @@ elseif throttled then
   end
   if esc then S.n = S.n + 1 end
   if throttled and pct < 100 then
-    S.rp = 100; S.ro = count; S.ra = now; S.rr = now; S.rsyn = 1
+    S.rp = 100; S.ro = count; S.rh = count; S.ra = now; S.rr = now; S.rsyn = 1
   end
   local pause
   if regain > 0 then

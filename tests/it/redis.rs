@@ -731,6 +731,19 @@ async fn two_replicas_under_overload_share_one_budget_and_use_nearly_all_of_it()
 /// both replicas: the fleet holds it until all of the window's first calls are back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_through_two_replicas_meeting_page_calls_far_too_high_is_not_throttled() {
+    backlog_through_two_replicas(0).await;
+}
+
+/// The same on a Page other apps use (20 of its 100 calls): the fleet's groups bound the
+/// limit by how far they moved the usage, and the limit stays down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_through_two_replicas_on_a_page_other_apps_use_is_not_throttled() {
+    backlog_through_two_replicas(20).await;
+}
+
+/// 300 calls at once through both replicas to a Page that takes 100 per 10 s (`others` of
+/// them other apps'), with `page_calls` ten times too high: at most 2 throttled, 30 answered.
+async fn backlog_through_two_replicas(others: u64) {
     const LIMIT: u32 = 100;
     let redis = RedisServer::start();
     let graph = FakeGraphConfig {
@@ -740,6 +753,7 @@ async fn a_backlog_through_two_replicas_meeting_page_calls_far_too_high_is_not_t
         ..graph_config()
     };
     let f = Arc::new(Fleet::start(&redis, graph, crate::quota::BACKLOG_TOML).await);
+    f.graph.set_other_usage("1001", others);
     let mut set = tokio::task::JoinSet::new();
     for n in 0..300u32 {
         let f = f.clone();
@@ -825,13 +839,14 @@ async fn the_fleets_own_groups_of_calls_bound_the_limit() {
     let conn = RedisConn::new(&cfg.redis, Arc::new(Metrics::new())).expect("redis link");
     conn.start().await;
     let fleet = SharedBudgets::new(conn, None);
-    let params = FleetParams::from(Limits {
+    let limits = Limits {
         guess: 4800,
         window: Duration::from_secs(3600),
         headroom_pct: 2.0,
         threshold_pct: 60.0,
         learn: false,
-    });
+    };
+    let params = FleetParams::from(limits);
     let reply = |pct: f64| Observation {
         usage: Some(Usage {
             call_count: pct,
@@ -843,7 +858,7 @@ async fn the_fleets_own_groups_of_calls_bound_the_limit() {
     let rtt = Some(Duration::from_millis(50));
     // Sends `n` calls together and answers each at the usage Meta shows once they all
     // arrived: `pct(calls of ours so far)`.
-    let burst = |key: BucketKey, n: u32, pct: fn(u32) -> f64, sent: u32| {
+    let burst = |key: BucketKey, n: u32, pct: fn(u32) -> f64, sent: u32, params: FleetParams| {
         let fleet = fleet.clone();
         async move {
             let mut tickets = Vec::new();
@@ -858,7 +873,7 @@ async fn the_fleets_own_groups_of_calls_bound_the_limit() {
             }
         }
     };
-    let limit = |key: BucketKey| {
+    let limit = |key: BucketKey, params: FleetParams| {
         let fleet = fleet.clone();
         async move { fleet.peek(&key, params).await.expect("Redis answers").limit }
     };
@@ -868,8 +883,15 @@ async fn the_fleets_own_groups_of_calls_bound_the_limit() {
     // it before counting the others); 20 % says at most 100·20/19.5 with nobody else on the
     // Page. The bounds agree, so the guess (4800) comes down.
     let alone = BucketKey::Page("2001".into());
-    burst(alone.clone(), 20, |ours| f64::from(ours * 100 / 100), 0).await;
-    let learned = limit(alone).await;
+    burst(
+        alone.clone(),
+        20,
+        |ours| f64::from(ours * 100 / 100),
+        0,
+        params,
+    )
+    .await;
+    let learned = limit(alone, params).await;
     assert!((95.0..=96.0).contains(&learned), "{learned}");
 
     // A Page with a limit of 4800 where other apps have used 240 calls (5 %): ten calls at
@@ -877,10 +899,28 @@ async fn the_fleets_own_groups_of_calls_bound_the_limit() {
     // prove a limit above 100·20/6 = 333: other apps use the Page, and the guess stands.
     let shared_page = BucketKey::Page("2002".into());
     let busy = |ours: u32| f64::from((240 + ours) * 100 / 4800);
-    burst(shared_page.clone(), 10, busy, 0).await;
-    burst(shared_page.clone(), 10, busy, 10).await;
-    let kept = limit(shared_page).await;
+    burst(shared_page.clone(), 10, busy, 0, params).await;
+    burst(shared_page.clone(), 10, busy, 10, params).await;
+    let kept = limit(shared_page, params).await;
     assert_eq!(kept, 4800.0);
+
+    // A Page whose true limit is 400, where other apps keep 80 calls (20 %); no slowdown
+    // below 98 %, so both groups go at once. Forty calls at 30 % look like a limit of about
+    // 130 with nobody else on the Page; the next 36, at 39 %, prove a limit above
+    // 100·76/40 = 190, far above the first upper bound, so the upper bounds go. But from the
+    // reading in force when they started (30 %, at most 40 of ours) they moved the usage 9
+    // points: the limit is above 100·36/10 = 360, and the guess, more than twice that, is far
+    // too high. The limit stays down.
+    let eager = FleetParams::from(Limits {
+        threshold_pct: 98.0,
+        ..limits
+    });
+    let crowded = BucketKey::Page("2003".into());
+    let crowded_usage = |ours: u32| f64::from((80 + ours) * 100 / 400);
+    burst(crowded.clone(), 40, crowded_usage, 0, eager).await;
+    burst(crowded.clone(), 36, crowded_usage, 40, eager).await;
+    let lowered = limit(crowded, eager).await;
+    assert!((360.0..=400.0).contains(&lowered), "{lowered}");
 }
 
 /// With `learn_limits`, a limit learned from the readings of both replicas' calls is the

@@ -739,6 +739,7 @@ fn a_group_bound_a_little_above_the_upper_bounds_keeps_the_lowered_limit() {
     log.current = Bounds {
         lower: 396.0,
         upper: 400.5,
+        slope: 0.0,
     };
     b.bounds = Some(log);
     assert_eq!(b.limit(t0), (396.0, LimitSource::Lowered));
@@ -789,6 +790,43 @@ fn replicas_deciding_alone_under_overload_are_not_throttled_and_use_most_of_the_
         );
         for n in &ok[1..] {
             assert!(f64::from(*n) >= 0.9 * 400.0, "{case}: {ok:?}");
+        }
+    }
+}
+
+#[test]
+fn other_apps_on_a_page_whose_guess_is_far_too_high_let_no_flood_through() {
+    // Other apps' usage makes a group's lower bound exceed the upper bounds (which assume
+    // nobody else uses the Page), and those are dropped. With nothing else the limit went
+    // back to the guess, and the next round trip sent hundreds of calls into the throttle
+    // (135 to 660 in the first window here). How far our own calls moved the usage keeps it
+    // down.
+    for (guess, other, spread_ms) in [
+        (4000, 20, 10),
+        (4000, 40, 10),
+        (4000, 80, 0),
+        (4000, 80, 10),
+        (4000, 120, 30),
+        (4000, 200, 10),
+        (1000, 80, 10),
+    ] {
+        let mut meta = Meta::new(400, Duration::from_secs(10));
+        meta.other = other;
+        let (_, meta, t0) = overload_with(
+            limits(guess, 10, false),
+            meta,
+            6,
+            Duration::from_millis(spread_ms),
+        );
+        let case = format!("guess {guess}, other apps {other}, {spread_ms} ms");
+        let throttled = meta.throttled_per_window(t0, 6);
+        assert!(throttled.iter().all(|&n| n <= 2), "{case}: {throttled:?}");
+        let ok = meta.ok_per_window(t0, 6);
+        for n in &ok[1..] {
+            assert!(
+                f64::from(*n) >= 0.9 * f64::from(400 - other),
+                "{case}: {ok:?}"
+            );
         }
     }
 }
