@@ -6,8 +6,9 @@
 //! - low usage with the default `[quota]`: 200 sequential distinct GETs and a 200-call burst,
 //!   each through graphgate and directly to the simulated Graph; added p50 and 429s;
 //! - three times the budget on one Page for four windows, with `page_calls` right, ten times
-//!   too high, and ten times too low with `learn_limits`: calls answered per window as a share
-//!   of the true budget, and calls Graph throttled;
+//!   too high, ten times too low with `learn_limits`, and ten times too high on a Page other
+//!   apps use a fifth of: calls answered per window as a share of the true budget (of what
+//!   the other apps leave), and calls Graph throttled;
 //! - the same through two replicas sharing Redis;
 //! - a quiet Page's latency (p50, p99) alone and while another Page floods.
 //!
@@ -491,18 +492,26 @@ fn report(label: &str, limit: u32, answered: &[u64], throttled: &[u64]) {
     );
 }
 
-/// `[quota]` for one case: (label, page_calls, learn_limits).
-fn cases(limit: u32) -> [(&'static str, u32, bool); 3] {
+/// One case: (label, page_calls, learn_limits, calls of other apps always in the Page's
+/// window).
+fn cases(limit: u32) -> [(&'static str, u32, bool, u32); 4] {
     [
-        ("page_calls right", limit, false),
-        ("page_calls 10x too high", limit * 10, false),
-        ("page_calls 10x too low, learn_limits", limit / 10, true),
+        ("page_calls right", limit, false, 0),
+        ("page_calls 10x too high", limit * 10, false, 0),
+        ("page_calls 10x too low, learn_limits", limit / 10, true, 0),
+        (
+            "page_calls 10x too high, other apps using 20 %",
+            limit * 10,
+            false,
+            limit / 5,
+        ),
     ]
 }
 
 async fn overloads(redis: Option<&RedisServer>, limit: u32, window: Duration, windows: u32) {
-    for (label, page_calls, learn) in cases(limit) {
+    for (label, page_calls, learn, others) in cases(limit) {
         let graph = fake_graph(limit, window).await;
+        graph.set_other_usage("1001", u64::from(others));
         let quota = format!(
             "page_calls = {page_calls}\npage_window_s = {}\nqueue_timeout_ms = 3000\nmax_queue_depth = 100000\nlearn_limits = {learn}\n",
             window.as_secs()
@@ -515,7 +524,8 @@ async fn overloads(redis: Option<&RedisServer>, limit: u32, window: Duration, wi
         };
         let via: Vec<&Running> = std::iter::once(&a).chain(b.as_ref()).collect();
         let (answered, throttled) = overload(&graph, &via, limit, window, windows).await;
-        report(label, limit, &answered, &throttled);
+        // With other apps on the Page, the share of what they leave.
+        report(label, limit - others, &answered, &throttled);
         if redis.is_some() {
             // Admissions a replica decided alone (Redis slow or unreachable) share the budget
             // by a fraction, not by the fleet's count: the first suspect of a throttle.

@@ -67,6 +67,7 @@ const OTHERS_MARGIN: f64 = 1.1;
 /// How many points a group of our calls must move the Page's usage for the move to bound
 /// the limit (see [`Budget::learn_slope`]): fewer are mostly the readings' rounding.
 const MIN_SLOPE_PCT: f64 = 5.0;
+
 /// Meta's regain times beyond this are not believed.
 const MAX_REGAIN: Duration = Duration::from_secs(24 * 3600);
 
@@ -757,8 +758,9 @@ impl Budget {
     /// reading in force when it started (`p₀`, counting at most `c₀` of our calls) to its
     /// highest (`p₁`, all `c₁` of ours in the window counted), the limit is at least
     /// `100·(c₁ − c₀) ÷ (p₁ − p₀ + 1)` unless other apps' usage fell meanwhile. Unlike the
-    /// other bounds it holds with other apps on the Page, which is where it matters: there
-    /// the upper bounds are not taken, and without it the limit went back to `page_calls`.
+    /// upper bounds it holds with other apps on the Page, and unlike the lower bounds it is
+    /// not diluted by their usage: there the upper bounds are not taken, and without it the
+    /// limit would go back to `page_calls`.
     fn learn_slope(&mut self, slope: f64, now: Instant) {
         let window = self.limits.window;
         let mut log = self.bounds.unwrap_or(BoundsLog::new(now));
