@@ -667,38 +667,54 @@ async fn a_full_redis_costs_sharing_never_a_reply() {
     f.stop().await;
 }
 
+/// The window of the simulated Graph in the fleet's flood tests.
+const FLOOD_WINDOW: Duration = Duration::from_secs(2);
+
+/// Two replicas sharing a Redis in front of a Graph that takes 100 calls per
+/// [`FLOOD_WINDOW`] on Page 1001, with `page_calls` as given, and distinct reads of that
+/// Page sent through them in turn at 150 a second for `windows` windows: the Redis, the
+/// replicas, and the load's replies to await.
+async fn flood_two_replicas(
+    page_calls: u32,
+    windows: u32,
+) -> (RedisServer, Arc<Fleet>, tokio::task::JoinHandle<Vec<Reply>>) {
+    let redis = RedisServer::start();
+    let graph = FakeGraphConfig {
+        page_calls_limit: 100,
+        page_window: FLOOD_WINDOW,
+        ..graph_config()
+    };
+    let quota = format!(
+        "[quota]\npage_calls = {page_calls}\npage_window_s = {}\nqueue_timeout_ms = 3000\n",
+        FLOOD_WINDOW.as_secs()
+    );
+    let f = Arc::new(Fleet::start(&redis, graph, &quota).await);
+    let load = {
+        let f = f.clone();
+        tokio::spawn(crate::quota::drive(
+            150.0,
+            FLOOD_WINDOW * windows,
+            move |n| {
+                let f = f.clone();
+                async move {
+                    let via = if n % 2 == 0 { &f.a } else { &f.b };
+                    let path = crate::quota::distinct("1001", n)
+                        .replace(&format!("&access_token={ADMIN_KEY}"), "");
+                    f.get(via, &path).await
+                }
+            },
+        ))
+    };
+    (redis, f, load)
+}
+
 /// Three times the budget through two replicas for four windows: together they keep to
 /// one budget (nothing throttled) and use nearly all of it, as one replica would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_under_overload_share_one_budget_and_use_nearly_all_of_it() {
     const LIMIT: u32 = 100;
-    let window = Duration::from_secs(2);
-    let redis = RedisServer::start();
-    let graph = FakeGraphConfig {
-        page_calls_limit: LIMIT,
-        page_window: window,
-        ..graph_config()
-    };
-    let f = Arc::new(
-        Fleet::start(
-            &redis,
-            graph,
-            "[quota]\npage_calls = 100\npage_window_s = 2\nqueue_timeout_ms = 3000\n",
-        )
-        .await,
-    );
-    let load = {
-        let f = f.clone();
-        tokio::spawn(crate::quota::drive(150.0, window * 4, move |n| {
-            let f = f.clone();
-            async move {
-                let via = if n % 2 == 0 { &f.a } else { &f.b };
-                let path = crate::quota::distinct("1001", n)
-                    .replace(&format!("&access_token={ADMIN_KEY}"), "");
-                f.get(via, &path).await
-            }
-        }))
-    };
+    let window = FLOOD_WINDOW;
+    let (_redis, f, load) = flood_two_replicas(LIMIT, 4).await;
     let per_window = crate::quota::answered_per_window(&f.graph, window, 4).await;
     for r in load.await.expect("load") {
         assert!(
@@ -1192,33 +1208,8 @@ async fn a_quiet_replica_waits_as_long_as_the_fleet_says() {
 async fn losing_redis_in_a_flood_with_page_calls_far_too_high_does_not_throttle_the_page() {
     const LIMIT: u32 = 100;
     const WINDOWS: u32 = 7;
-    let window = Duration::from_secs(2);
-    let mut redis = RedisServer::start();
-    let graph = FakeGraphConfig {
-        page_calls_limit: LIMIT,
-        page_window: window,
-        ..graph_config()
-    };
-    let f = Arc::new(
-        Fleet::start(
-            &redis,
-            graph,
-            "[quota]\npage_calls = 1000\npage_window_s = 2\nqueue_timeout_ms = 3000\n",
-        )
-        .await,
-    );
-    let load = {
-        let f = f.clone();
-        tokio::spawn(crate::quota::drive(150.0, window * WINDOWS, move |n| {
-            let f = f.clone();
-            async move {
-                let via = if n % 2 == 0 { &f.a } else { &f.b };
-                let path = crate::quota::distinct("1001", n)
-                    .replace(&format!("&access_token={ADMIN_KEY}"), "");
-                f.get(via, &path).await
-            }
-        }))
-    };
+    let window = FLOOD_WINDOW;
+    let (mut redis, f, load) = flood_two_replicas(LIMIT * 10, WINDOWS).await;
     // (answered, throttled) per window; Redis dies at the end of the third.
     let start = tokio::time::Instant::now();
     let mut per_window = Vec::new();
