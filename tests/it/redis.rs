@@ -152,6 +152,18 @@ impl Fleet {
         .await
     }
 
+    /// The `n`th distinct read of Page 1001, through A for an even `n` and B for an odd one.
+    pub async fn get_distinct(&self, n: u32) -> Reply {
+        let via = if n.is_multiple_of(2) {
+            &self.a
+        } else {
+            &self.b
+        };
+        let path =
+            crate::quota::distinct("1001", n).replace(&format!("&access_token={ADMIN_KEY}"), "");
+        self.get(via, &path).await
+    }
+
     pub async fn post(&self, via: &Running, path: &str, form: &str) -> Reply {
         let url = format!("{}{path}", via.url());
         send(
@@ -696,12 +708,7 @@ async fn flood_two_replicas(
             FLOOD_WINDOW * windows,
             move |n| {
                 let f = f.clone();
-                async move {
-                    let via = if n % 2 == 0 { &f.a } else { &f.b };
-                    let path = crate::quota::distinct("1001", n)
-                        .replace(&format!("&access_token={ADMIN_KEY}"), "");
-                    f.get(via, &path).await
-                }
+                async move { f.get_distinct(n).await }
             },
         ))
     };
@@ -773,12 +780,7 @@ async fn backlog_through_two_replicas(others: u64) {
     let mut set = tokio::task::JoinSet::new();
     for n in 0..300u32 {
         let f = f.clone();
-        set.spawn(async move {
-            let via = if n % 2 == 0 { &f.a } else { &f.b };
-            let path = crate::quota::distinct("1001", n)
-                .replace(&format!("&access_token={ADMIN_KEY}"), "");
-            f.get(via, &path).await
-        });
+        set.spawn(async move { f.get_distinct(n).await });
     }
     let mut replies = Vec::new();
     while let Some(r) = set.join_next().await {
@@ -966,12 +968,7 @@ async fn the_fleet_learns_a_limit_above_page_calls_with_learn_limits() {
         // Three times the limit, for three windows.
         tokio::spawn(crate::quota::drive(18.0, window * 3, move |n| {
             let f = f.clone();
-            async move {
-                let via = if n % 2 == 0 { &f.a } else { &f.b };
-                let path = crate::quota::distinct("1001", n)
-                    .replace(&format!("&access_token={ADMIN_KEY}"), "");
-                f.get(via, &path).await
-            }
+            async move { f.get_distinct(n).await }
         }))
     };
     let per_window = crate::quota::answered_per_window(&f.graph, window, 3).await;
