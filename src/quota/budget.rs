@@ -68,6 +68,10 @@ const OTHERS_MARGIN: f64 = 1.1;
 /// the limit (see [`Budget::learn_slope`]): fewer are mostly the readings' rounding.
 const MIN_SLOPE_PCT: f64 = 5.0;
 
+/// The reading a group's move starts from is at most a window over this old: other apps'
+/// calls leaving the window meanwhile would shrink the move.
+const MAX_BASE_AGE_DIVISOR: u32 = 20;
+
 /// Meta's regain times beyond this are not believed.
 const MAX_REGAIN: Duration = Duration::from_secs(24 * 3600);
 
@@ -374,8 +378,10 @@ struct Group {
     read: u32,
     /// The highest reading among them, in percent.
     max_pct: f64,
-    /// The reading in force when the group started, as (percent, the most of our calls it
-    /// can have counted).
+    /// The highest `call_count` among them, in percent.
+    max_calls: f64,
+    /// The reading in force when the group started, as (its `call_count`, the most of our
+    /// calls it can have counted); only a recent one led by `call_count`.
     base: Option<(f64, u32)>,
 }
 
@@ -435,6 +441,12 @@ impl Budget {
         };
     }
 
+    /// The share of the configured ceiling this replica uses on its own (see
+    /// [`Budget::set_share`]).
+    pub fn share(&self) -> f64 {
+        self.share
+    }
+
     fn recheck(&self) -> Duration {
         self.window
             .slot()
@@ -469,7 +481,7 @@ impl Budget {
             Some(b) if guess < b.lower && self.limits.learn => (b.lower, LimitSource::Learned),
             // Our own calls moved the usage as a limit under half the guess would: the guess
             // is far too high, whoever else uses the Page.
-            Some(b) if guess > TIGHT_BOUNDS * b.slope && b.slope > 0.0 => {
+            Some(b) if guess > TIGHT_BOUNDS * b.slope && b.slope > 0.0 && b.lower < guess => {
                 (b.slope.max(b.lower), LimitSource::Lowered)
             }
             _ => (guess, LimitSource::Configured),
@@ -614,10 +626,15 @@ impl Budget {
         let units = units.max(1);
         self.seq += 1;
         if self.in_flight == 0 {
+            let window = self.limits.window;
             let base = self
                 .reading(now)
-                .filter(|r| !r.synthetic)
-                .map(|r| (r.pct, r.most));
+                .filter(|r| {
+                    !r.synthetic
+                        && r.usage.call_count >= r.pct
+                        && now.saturating_duration_since(r.at) <= window / MAX_BASE_AGE_DIVISOR
+                })
+                .map(|r| (r.usage.call_count, r.most));
             self.group = Group {
                 started: Some(now),
                 base,
@@ -733,6 +750,7 @@ impl Budget {
         if let (Some(usage), false) = (obs.usage, obs.throttled) {
             g.read = g.read.saturating_add(t.units);
             g.max_pct = g.max_pct.max(usage.max());
+            g.max_calls = g.max_calls.max(usage.call_count);
         }
         let last = self.in_flight <= t.units;
         let young =
@@ -744,11 +762,13 @@ impl Budget {
         // Every call of ours was answered, so counted, before Meta answered the group's
         // last: all of them still in its window count, not only the group's.
         let counted = self.window.surely_counted(now).max(g.sent);
-        let (max_pct, base) = (g.max_pct, g.base);
-        if let Some((base_pct, base_ours)) = base {
-            let moved = max_pct.floor() - base_pct.floor();
-            if moved >= MIN_SLOPE_PCT && counted > base_ours {
-                self.learn_slope(100.0 * f64::from(counted - base_ours) / (moved + 1.0), now);
+        let (max_pct, max_calls, base) = (g.max_pct, g.max_calls, g.base);
+        if let Some((base_calls, base_ours)) = base {
+            // `call_count` led at both ends, so its move is the one that binds; readings may
+            // be rounded, so the true move is below `moved + 1.5`.
+            let moved = max_calls.floor() - base_calls.floor();
+            if max_calls >= max_pct && moved >= MIN_SLOPE_PCT && counted > base_ours {
+                self.learn_slope(100.0 * f64::from(counted - base_ours) / (moved + 1.5), now);
             }
         }
         Some(100.0 * f64::from(counted) / (max_pct.floor() + 1.0))
@@ -757,7 +777,8 @@ impl Budget {
     /// A lower bound from how far a group of our calls moved the Page's usage: from the
     /// reading in force when it started (`p₀`, counting at most `c₀` of our calls) to its
     /// highest (`p₁`, all `c₁` of ours in the window counted), the limit is at least
-    /// `100·(c₁ − c₀) ÷ (p₁ − p₀ + 1)` unless other apps' usage fell meanwhile. Unlike the
+    /// `100·(c₁ − c₀) ÷ (p₁ − p₀ + 1.5)` unless other apps' usage fell meanwhile (hence a
+    /// recent `p₀` only, and `call_count` leading at both ends). Unlike the
     /// upper bounds it holds with other apps on the Page, and unlike the lower bounds it is
     /// not diluted by their usage: there the upper bounds are not taken, and without it the
     /// limit would go back to `page_calls`.

@@ -708,7 +708,7 @@ impl Scheduler {
             let ceiling = st.budget.limits.ceiling_pct();
             let (usage, limit) = match st.fleet(now) {
                 Some(f) => (f.usage_pct, f.limit),
-                None => (est.usage_pct, est.limit),
+                None => (est.usage_pct, self.inner.shown_limit(&st.budget, est.limit)),
             };
             let q = ((limit * ceiling / 100.0).floor() as u32).max(1);
             let paused = st.budget.paused_until(now).is_some()
@@ -854,6 +854,18 @@ impl Inner {
         self.shared.as_ref().map_or(1.0, |s| s.local_share())
     }
 
+    /// A bucket's estimated limit as headers, errors and gauges show it. The budget counts in
+    /// this replica's share of the calls; while Redis decides (and its view of the bucket has
+    /// lapsed) the Page's limit is that over the share, and while this replica decides alone
+    /// it is its share.
+    fn shown_limit(&self, budget: &Budget, limit: f64) -> f64 {
+        if self.shared.as_ref().is_some_and(|s| s.is_up()) {
+            limit / budget.share()
+        } else {
+            limit
+        }
+    }
+
     /// Decides locally for a call of `units`, the app gate included.
     fn try_local(
         &self,
@@ -990,7 +1002,9 @@ impl Inner {
         let now = Instant::now();
         let est = st.budget.estimate(now);
         let limits = st.budget.limits;
-        let limit = st.fleet(now).map_or(est.limit, |f| f.limit);
+        let limit = st
+            .fleet(now)
+            .map_or(self.shown_limit(&st.budget, est.limit), |f| f.limit);
         ProxyError::Throttled {
             page: key.to_string(),
             retry_after_s: ceil_secs(wait),
@@ -1269,7 +1283,11 @@ impl Inner {
             let fleet = st.fleet(now);
             let (usage, limit, count) = match fleet {
                 Some(f) => (f.usage_pct, f.limit, f.count),
-                None => (est.usage_pct, est.limit, est.calls_in_window),
+                None => (
+                    est.usage_pct,
+                    self.shown_limit(&st.budget, est.limit),
+                    est.calls_in_window,
+                ),
             };
             let reading = st.budget.reading(now);
             let is_paused = st.budget.paused_until(now).is_some()

@@ -56,7 +56,10 @@ local OTHERS_MARGIN = 1.1
 -- Points a group of calls must move the usage for the move to bound the limit
 -- (budget.rs: MIN_SLOPE_PCT).
 local MIN_SLOPE_PCT = 5
-local FIELDS = {'t','o','rp','ro','ra','rr','rsyn','bl1','bu1','bl0','bu0','bq1','bq0','bs','bo','pu','pa','n','pr','px','ps','la','seq','fl','fx','mg','gs','gi','gn','gr','gp','gl','gz','gb','gc','su','rh'}
+-- The reading a group's move starts from is at most a window over this old
+-- (budget.rs: MAX_BASE_AGE_DIVISOR).
+local MAX_BASE_AGE_DIVISOR = 20
+local FIELDS = {'t','o','rp','ro','ra','rr','rsyn','bl1','bu1','bl0','bu0','bq1','bq0','bs','bo','pu','pa','n','pr','px','ps','la','seq','fl','fx','mg','gs','gi','gn','gr','gp','gl','gz','gb','gc','gq','su','rh','rc'}
 
 local function load()
   local v = redis.call('HMGET', key, unpack(FIELDS))
@@ -153,7 +156,7 @@ local function limit(S, P)
     if upper >= 0 and g > upper and upper <= TIGHT_BOUNDS * lower then return math.max(lower, 1), 1 end
     if g < lower and P.learn then return lower, 2 end
     -- The fleet's calls moved the usage as a limit under half the guess would.
-    if slope > 0 and g > TIGHT_BOUNDS * slope then return math.max(slope, lower, 1), 1 end
+    if slope > 0 and g > TIGHT_BOUNDS * slope and lower < g then return math.max(slope, lower, 1), 1 end
   end
   return g, 0
 end
@@ -241,13 +244,14 @@ end
 -- A call's reply: for the group's last, when every call of the group brought a reading and
 -- the group is younger than a window, the lower bound of the limit it proves (else 0): Meta
 -- counted every one of our calls before it answered the last, whoever else uses the Page.
-local function group_reply(S, P, at, units, pct, read)
+local function group_reply(S, P, at, units, pct, calls, read)
   if units <= 0 or not in_group(S, at) then return 0 end
   S.gi = math.max(S.gi - units, 0)
   S.gl = now
   if read then
     S.gr = S.gr + units
     if pct > S.gp then S.gp = pct end
+    if calls > (S.gq or 0) then S.gq = calls end
   end
   if S.gi > 0 then return 0 end
   local lower = 0
@@ -259,12 +263,15 @@ local function group_reply(S, P, at, units, pct, read)
       counted = math.max(S.t - gone, S.gn)
     end
     lower = 100 * counted / (math.floor(S.gp) + 1)
-    -- How far the group moved the usage from the reading in force when it started.
-    local moved = math.floor(S.gp) - math.floor(S.gb or -1)
-    if S.gz ~= 1 and (S.gb or -1) >= 0 and moved >= MIN_SLOPE_PCT and counted > (S.gc or 0) then
+    -- How far the group moved call_count from the reading in force when it started
+    -- (call_count leading at both ends; rounded readings: the true move is below moved + 1.5).
+    local gq = S.gq or 0
+    local moved = math.floor(gq) - math.floor(S.gb or -1)
+    if S.gz ~= 1 and (S.gb or -1) >= 0 and gq >= S.gp and moved >= MIN_SLOPE_PCT
+        and counted > (S.gc or 0) then
       roll(S, P)
       if S.bs == nil then clear_bounds(S) end
-      S.bq1 = math.max(S.bq1 or 0, 100 * (counted - (S.gc or 0)) / (moved + 1))
+      S.bq1 = math.max(S.bq1 or 0, 100 * (counted - (S.gc or 0)) / (moved + 1.5))
     end
   end
   S.gs = 0
@@ -343,11 +350,16 @@ local function join_group()
   -- given up; calls of it may still be in flight, so the next one counts only its own.
   local stale = S.gi > 0 and (now - S.gl > group_ttl or now - S.gs >= P.W)
   if S.gs <= 0 or S.gi <= 0 or stale then
-    S.gs = now; S.gi = 0; S.gn = 0; S.gr = 0; S.gp = 0
+    S.gs = now; S.gi = 0; S.gn = 0; S.gr = 0; S.gp = 0; S.gq = 0
     if stale then S.gz = 1 else S.gz = 0 end
-    -- The reading in force (and the most of ours it can have counted): where the group's
-    -- move of the usage starts.
-    if fresh(S, P) and S.rsyn ~= 1 then S.gb = S.rp; S.gc = S.rh or S.ro else S.gb = -1; S.gc = 0 end
+    -- The reading in force (its call_count, the most of ours it can have counted): where the
+    -- group's move starts; only a recent one led by call_count.
+    if fresh(S, P) and S.rsyn ~= 1 and S.rh ~= nil and S.rc ~= nil and S.rc >= S.rp
+        and now - S.ra <= P.W / MAX_BASE_AGE_DIVISOR then
+      S.gb = S.rc; S.gc = S.rh
+    else
+      S.gb = -1; S.gc = 0
+    end
   end
   S.gi = S.gi + units
   S.gn = S.gn + units
@@ -437,8 +449,8 @@ return hold(room_at - now, 5)
 /// ARGV: has ticket, ticket ours, ticket seq, ticket at µs, ticket probe, ticket blind
 /// units, has usage, usage %, regain µs, throttled, answered, ticket ours_low, round trip µs
 /// (0: none measured), the replica's group lower bound (0: none), ticket units, ticket calls in
-/// the window at its grant, ticket units the fleet had sent then, then the bucket's
-/// parameters. Returns the pause left in µs.
+/// the window at its grant, ticket units the fleet had sent then, the reading's call_count %,
+/// then the bucket's parameters. Returns the pause left in µs.
 const OBSERVE: &str = r"
 local has_ticket = tonumber(ARGV[1]) == 1
 local t_probe = tonumber(ARGV[5]) == 1
@@ -453,7 +465,8 @@ local group_lower = tonumber(ARGV[14])
 local t_units = tonumber(ARGV[15])
 local t_total = tonumber(ARGV[16])
 local t_sent = tonumber(ARGV[17])
-local P = params(18)
+local calls = tonumber(ARGV[18])
+local P = params(19)
 local S = load()
 if rtt > 0 then
   -- The margin follows the fleet's round trips: up at once, down slowly.
@@ -476,7 +489,7 @@ if t_blind > 0 then S.fl = math.max(S.fl - t_blind, 0) end
 if not has_usage then pct = 0 end
 if has_ticket then
   -- The fleet's own group proves more than a replica's (it counts every replica's calls).
-  local fleet_lower = group_reply(S, P, at, t_units, pct, has_usage and not throttled)
+  local fleet_lower = group_reply(S, P, at, t_units, pct, calls, has_usage and not throttled)
   if fleet_lower > group_lower then group_lower = fleet_lower end
 end
 -- A whole group's lower bound (budget.rs: Group) no other app's usage can fake: one well above
@@ -519,7 +532,7 @@ if has_usage then
   local L = limit(S, P)
   if (not fresh(S, P)) or S.rr == nil or at >= S.rr
       or pct - 100 * ours / L >= S.rp - 100 * S.ro / L then
-    S.rp = pct; S.ro = ours; S.rh = ours_high; S.ra = at; S.rr = now; S.rsyn = 0
+    S.rp = pct; S.rc = calls; S.ro = ours; S.rh = ours_high; S.ra = at; S.rr = now; S.rsyn = 0
   end
 end
 if (not throttled) and pct >= 100 then
@@ -538,7 +551,7 @@ elseif throttled then
   end
   if esc then S.n = S.n + 1 end
   if throttled and pct < 100 then
-    S.rp = 100; S.ro = count; S.rh = count; S.ra = now; S.rr = now; S.rsyn = 1
+    S.rp = 100; S.rc = 0; S.ro = count; S.rh = count; S.ra = now; S.rr = now; S.rsyn = 1
   end
   local pause
   if regain > 0 then
@@ -888,6 +901,7 @@ impl SharedBudgets {
         });
         let regain = regain_duration(obs.regain_minutes).map_or(0, micros);
         let pct = obs.usage.map_or(0.0, |u| u.max());
+        let calls = obs.usage.map_or(0.0, |u| u.call_count);
         let (has_usage, throttled, answered) = (obs.usage.is_some(), obs.throttled, obs.answered);
         self.conn
             .run(RedisOp::Observe, |mut c| async move {
@@ -908,7 +922,8 @@ impl SharedBudgets {
                     .arg(group_lower.unwrap_or(0.0))
                     .arg(t.units)
                     .arg(t.total)
-                    .arg(t.sent);
+                    .arg(t.sent)
+                    .arg(calls);
                 params.args(&mut inv);
                 inv.invoke_async::<i64>(&mut c).await
             })

@@ -401,7 +401,7 @@ async fn a_backlog_meeting_page_calls_ten_times_too_high_is_not_sent_into_a_thro
     // blind; their replies come back a few ms apart, and the first counts only its own call:
     // letting the backlog go on it would send most of `page_calls` to a Page that takes a
     // tenth. The rest wait until all of the first calls are back.
-    backlog_meeting_page_calls_ten_times_too_high(0).await;
+    backlog_meeting_page_calls_ten_times_too_high(0, 30).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -410,12 +410,13 @@ async fn a_backlog_on_a_page_other_apps_use_is_not_sent_into_a_throttle() {
     // bounds exceed the upper bounds, which assume nobody else uses the Page, and those are
     // dropped; the limit used to go back to `page_calls` and the backlog went (142 of 300
     // throttled). How far the first groups moved the usage keeps the limit down.
-    backlog_meeting_page_calls_ten_times_too_high(20).await;
+    backlog_meeting_page_calls_ten_times_too_high(20, 15).await;
 }
 
 /// 300 calls at once to a Page that takes 100 per 10 s (`others` of them other apps'),
-/// with `page_calls` ten times too high: at most 2 throttled, 30 answered.
-async fn backlog_meeting_page_calls_ten_times_too_high(others: u64) {
+/// with `page_calls` ten times too high: at most 2 throttled, at least `answered` answered
+/// within the 1.5 s deadline.
+async fn backlog_meeting_page_calls_ten_times_too_high(others: u64, answered: usize) {
     const LIMIT: u32 = 100;
     let graph = FakeGraphConfig {
         latency: Duration::from_millis(20),
@@ -426,7 +427,7 @@ async fn backlog_meeting_page_calls_ten_times_too_high(others: u64) {
     let (ok, _) = burst_of(&s, 0, 300).await;
     let stats = s.graph.stats();
     assert!(stats.throttled <= 2, "{stats:?}");
-    assert!(ok >= 30, "{ok} answered, {stats:?}");
+    assert!(ok >= answered, "{ok} answered, {stats:?}");
     stop(s).await;
 }
 

@@ -754,19 +754,20 @@ async fn two_replicas_under_overload_share_one_budget_and_use_nearly_all_of_it()
 /// both replicas: the fleet holds it until all of the window's first calls are back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_through_two_replicas_meeting_page_calls_far_too_high_is_not_throttled() {
-    backlog_through_two_replicas(0).await;
+    backlog_through_two_replicas(0, 30).await;
 }
 
 /// The same on a Page other apps use (20 of its 100 calls): the fleet's groups bound the
 /// limit by how far they moved the usage, and the limit stays down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_through_two_replicas_on_a_page_other_apps_use_is_not_throttled() {
-    backlog_through_two_replicas(20).await;
+    backlog_through_two_replicas(20, 15).await;
 }
 
 /// 300 calls at once through both replicas to a Page that takes 100 per 10 s (`others` of
-/// them other apps'), with `page_calls` ten times too high: at most 2 throttled, 30 answered.
-async fn backlog_through_two_replicas(others: u64) {
+/// them other apps'), with `page_calls` ten times too high: at most 2 throttled, at least
+/// `answered` answered within the 1.5 s deadline.
+async fn backlog_through_two_replicas(others: u64, answered: usize) {
     const LIMIT: u32 = 100;
     let redis = RedisServer::start();
     let graph = FakeGraphConfig {
@@ -789,7 +790,7 @@ async fn backlog_through_two_replicas(others: u64) {
     let (ok, _) = crate::quota::assert_ok_or_429(&replies);
     let stats = f.graph.stats();
     assert!(stats.throttled <= 2, "{stats:?}");
-    assert!(ok >= 30, "{ok} answered, {stats:?}");
+    assert!(ok >= answered, "{ok} answered, {stats:?}");
     if let Ok(f) = Arc::try_unwrap(f) {
         f.stop().await;
     }
@@ -927,8 +928,8 @@ async fn the_fleets_own_groups_of_calls_bound_the_limit() {
     // 130 with nobody else on the Page; the next 36, at 39 %, prove a limit above
     // 100·76/40 = 190, far above the first upper bound, so the upper bounds go. But from the
     // reading in force when they started (30 %, at most 40 of ours) they moved the usage 9
-    // points: the limit is above 100·36/10 = 360, and the guess, more than twice that, is far
-    // too high. The limit stays down.
+    // points (less than 10.5 with rounding): the limit is above 100·36/10.5 = 343, and the
+    // guess, more than twice that, is far too high. The limit stays down.
     let eager = FleetParams::from(Limits {
         threshold_pct: 98.0,
         ..limits
@@ -938,7 +939,7 @@ async fn the_fleets_own_groups_of_calls_bound_the_limit() {
     burst(crowded.clone(), 40, crowded_usage, 0, eager).await;
     burst(crowded.clone(), 36, crowded_usage, 40, eager).await;
     let lowered = limit(crowded, eager).await;
-    assert!((360.0..=400.0).contains(&lowered), "{lowered}");
+    assert!((340.0..=400.0).contains(&lowered), "{lowered}");
 }
 
 /// With `learn_limits`, a limit learned from the readings of both replicas' calls is the
