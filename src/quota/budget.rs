@@ -783,20 +783,23 @@ impl Budget {
     /// not diluted by their usage: there the upper bounds are not taken, and without it the
     /// limit would go back to `page_calls`.
     fn learn_slope(&mut self, slope: f64, now: Instant) {
-        let window = self.limits.window;
-        let mut log = self.bounds.unwrap_or(BoundsLog::new(now));
-        log.roll(now, window);
+        let mut log = self.bounds_at(now);
         log.current.slope = log.current.slope.max(slope);
         self.bounds = Some(log);
+    }
+
+    /// The bounds learned so far, rolled to `now` (a new log if none yet).
+    fn bounds_at(&self, now: Instant) -> BoundsLog {
+        let mut log = self.bounds.unwrap_or(BoundsLog::new(now));
+        log.roll(now, self.limits.window);
+        log
     }
 
     /// A lower bound no other app's usage can fake: one well above the upper bounds proves
     /// they assumed wrongly that nobody else uses the Page, so they are dropped (see
     /// [`OTHERS_MARGIN`]).
     fn learn_group_lower(&mut self, lower: f64, now: Instant) {
-        let window = self.limits.window;
-        let mut log = self.bounds.unwrap_or(BoundsLog::new(now));
-        log.roll(now, window);
+        let mut log = self.bounds_at(now);
         let upper = log.current.merge(log.previous).upper;
         let lower = if lower > upper * OTHERS_MARGIN && self.share >= 1.0 {
             log.current.upper = f64::INFINITY;
@@ -936,15 +939,12 @@ impl Budget {
         } else {
             f64::INFINITY
         };
-        let window = self.limits.window;
-        let mut log = match self.bounds.filter(|_| !at_limit) {
-            Some(mut log) => {
-                log.roll(now, window);
-                log
-            }
-            // None yet, or at the limit (the bounds may be stale: the limit went down): start
-            // again from this reading.
-            None => BoundsLog::new(now),
+        // At the limit the bounds may be stale (the limit went down): start again from this
+        // reading.
+        let mut log = if at_limit {
+            BoundsLog::new(now)
+        } else {
+            self.bounds_at(now)
         };
         let held = log.current.merge(log.previous);
         // Upper bounds assume nobody else uses the Page: one below what the Page has shown
@@ -954,7 +954,7 @@ impl Budget {
         let lower = lower.min(held.upper);
         let others = log
             .others_seen
-            .is_some_and(|t| now.saturating_duration_since(t) < window);
+            .is_some_and(|t| now.saturating_duration_since(t) < self.limits.window);
         let upper = if upper >= held.lower && !others {
             upper
         } else {
