@@ -144,6 +144,15 @@ impl ReplyHeaders {
         readable_in(b)
     }
 
+    /// The packed bytes (the headers and the readable key) of stored headers: equal bytes
+    /// replay equal headers. `None` for a table.
+    pub fn packed_bytes(&self) -> Option<&[u8]> {
+        match self {
+            ReplyHeaders::Table(_) => None,
+            ReplyHeaders::Packed(Packed(b)) => Some(b),
+        }
+    }
+
     /// The headers in order, each value a shared slice (no copy).
     pub fn iter(&self) -> Iter<'_> {
         match self {

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use http::{header, HeaderName, Method, Request};
 
+use super::cached::KeptHead;
 use super::{Admitted, Answer, Gateway, Record, Served};
 use crate::auth::{Client, PeerCertificate};
 use crate::cache::key::{CacheKey, FastHash, FastMap};
@@ -80,6 +81,8 @@ struct Recalled {
     /// What the access log names (`crate::proxy` `log_page`, `log_node`).
     page: Option<String>,
     node: Option<String>,
+    /// The headers its replies start with, for the entry last served.
+    head: KeptHead,
 }
 
 impl Recalled {
@@ -161,6 +164,7 @@ impl Recall {
             cache_key,
             page: super::named_page(&a.call).map(str::to_string),
             node: a.call.path.node().map(str::to_string),
+            head: KeptHead::default(),
         });
         let Ok(mut memory) = self.memory().lock() else {
             return;
@@ -236,7 +240,9 @@ impl Gateway {
         }
         let generation = self.clients.generation();
         if let Some(r) = recall.find(bytes, generation) {
-            if let Some(served) = self.recalled_hit(&r.cache_key, request.headers(), &r.key) {
+            if let Some(served) =
+                self.recalled_hit(&r.cache_key, request.headers(), &r.key, &r.head)
+            {
                 return Some(r.answer(served));
             }
         }

@@ -291,3 +291,63 @@ async fn a_write_ends_the_recalled_hits_of_its_node() {
     assert_eq!(s.get(&read).await.header("x-cache"), Some("HIT"));
     s.stop().await;
 }
+
+/// A recalled hit replays the headers of the entry it is served from, also when another
+/// request for the same cache key has replaced the entry since the hit was remembered.
+#[tokio::test]
+async fn a_recalled_hit_replays_the_headers_of_the_entry_served() {
+    let s = Stack::start_with(graph(), EXTRA).await;
+    let read = format!("/v21.0/1001_60?fields=message&access_token={READER_KEY}");
+    let bearer = format!("Bearer {READER_KEY}");
+    let same_key = [("authorization", bearer.as_str())];
+    let replayed = |r: &Reply| -> Vec<Option<String>> {
+        [
+            "x-fb-trace-id",
+            "etag",
+            "facebook-api-version",
+            "content-type",
+        ]
+        .iter()
+        .map(|n| r.header(n).map(str::to_string))
+        .collect()
+    };
+    let first = s.get(&read).await;
+    assert_eq!(first.header("x-cache"), Some("MISS"));
+    assert!(first.header("x-fb-trace-id").is_some() && first.header("etag").is_some());
+    for _ in 0..3 {
+        let r = s.get(&read).await;
+        assert_eq!(r.header("x-cache"), Some("HIT"));
+        assert_eq!(replayed(&r), replayed(&first));
+    }
+    assert!(s.gw.gateway.recall.as_ref().is_some_and(|r| !r.is_empty()));
+    // The same read under other request bytes replaces the entry: the write empties it,
+    // this read fills it again from a new reply.
+    let w = s
+        .post_form(
+            "/v21.0/1001_60",
+            &format!("message=edited&access_token={ADMIN_KEY}"),
+        )
+        .await;
+    assert_eq!(w.status, StatusCode::OK, "{}", w.text());
+    let refilled = s
+        .request(
+            Method::GET,
+            "/v21.0/1001_60?fields=message",
+            &same_key,
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(refilled.header("x-cache"), Some("MISS"));
+    assert_ne!(
+        refilled.header("x-fb-trace-id"),
+        first.header("x-fb-trace-id")
+    );
+    assert_ne!(refilled.header("etag"), first.header("etag"));
+    for _ in 0..3 {
+        let r = s.get(&read).await;
+        assert_eq!(r.header("x-cache"), Some("HIT"));
+        assert_eq!(r.json()["message"], "edited");
+        assert_eq!(replayed(&r), replayed(&refilled));
+    }
+    s.stop().await;
+}
