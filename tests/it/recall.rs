@@ -268,6 +268,17 @@ async fn a_reload_that_removes_a_client_ends_its_recalled_hits() {
     s.stop().await;
 }
 
+/// Writes `message=edited` to post 1001_60 (which empties its cached reads).
+async fn edit_post(s: &Stack) {
+    let w = s
+        .post_form(
+            "/v21.0/1001_60",
+            &format!("message=edited&access_token={ADMIN_KEY}"),
+        )
+        .await;
+    assert_eq!(w.status, StatusCode::OK, "{}", w.text());
+}
+
 /// A write to the node makes its recalled entry stale: the next read goes to Graph and sees
 /// the write.
 #[tokio::test]
@@ -278,13 +289,7 @@ async fn a_write_ends_the_recalled_hits_of_its_node() {
     for _ in 0..3 {
         assert_eq!(s.get(&read).await.header("x-cache"), Some("HIT"));
     }
-    let w = s
-        .post_form(
-            "/v21.0/1001_60",
-            &format!("message=edited&access_token={ADMIN_KEY}"),
-        )
-        .await;
-    assert_eq!(w.status, StatusCode::OK, "{}", w.text());
+    edit_post(&s).await;
     let r = s.get(&read).await;
     assert_eq!(r.header("x-cache"), Some("MISS"));
     assert_eq!(r.json()["message"], "edited");
@@ -322,13 +327,7 @@ async fn a_recalled_hit_replays_the_headers_of_the_entry_served() {
     assert!(s.gw.gateway.recall.as_ref().is_some_and(|r| !r.is_empty()));
     // The same read under other request bytes replaces the entry: the write empties it,
     // this read fills it again from a new reply.
-    let w = s
-        .post_form(
-            "/v21.0/1001_60",
-            &format!("message=edited&access_token={ADMIN_KEY}"),
-        )
-        .await;
-    assert_eq!(w.status, StatusCode::OK, "{}", w.text());
+    edit_post(&s).await;
     let refilled = s
         .request(
             Method::GET,
