@@ -704,12 +704,8 @@ impl Scheduler {
                 continue;
             };
             let mut st = b.lock();
-            let est = st.budget.estimate(now);
             let ceiling = st.budget.limits.ceiling_pct();
-            let (usage, limit) = match st.fleet(now) {
-                Some(f) => (f.usage_pct, f.limit),
-                None => (est.usage_pct, self.inner.shown_limit(&st.budget, est.limit)),
-            };
+            let (usage, limit, _) = self.inner.shown(&mut st, now);
             let q = ((limit * ceiling / 100.0).floor() as u32).max(1);
             let paused = st.budget.paused_until(now).is_some()
                 || self.inner.gate.paused_until(now).is_some();
@@ -854,16 +850,22 @@ impl Inner {
         self.shared.as_ref().map_or(1.0, |s| s.local_share())
     }
 
-    /// A bucket's estimated limit as headers, errors and gauges show it. The budget counts in
-    /// this replica's share of the calls; while Redis decides (and its view of the bucket has
-    /// lapsed) the Page's limit is that over the share, and while this replica decides alone
-    /// it is its share.
-    fn shown_limit(&self, budget: &Budget, limit: f64) -> f64 {
-        if self.shared.as_ref().is_some_and(|s| s.is_up()) {
-            limit / budget.share()
-        } else {
-            limit
+    /// A bucket's usage (percent), limit and calls in the window as headers, errors and
+    /// gauges show them: the fleet's while its view is recent, else the budget's. The budget
+    /// counts in this replica's share of the calls; while Redis decides (and its view of the
+    /// bucket has lapsed) the Page's limit is the budget's over the share, and while this
+    /// replica decides alone it is its share.
+    fn shown(&self, st: &mut State, now: Instant) -> (f64, f64, u32) {
+        let est = st.budget.estimate(now);
+        if let Some(f) = st.fleet(now) {
+            return (f.usage_pct, f.limit, f.count);
         }
+        let limit = if self.shared.as_ref().is_some_and(|s| s.is_up()) {
+            est.limit / st.budget.share()
+        } else {
+            est.limit
+        };
+        (est.usage_pct, limit, est.calls_in_window)
     }
 
     /// Decides locally for a call of `units`, the app gate included.
@@ -999,12 +1001,8 @@ impl Inner {
         } else {
             QuotaRejection::QueueTimeout
         });
-        let now = Instant::now();
-        let est = st.budget.estimate(now);
         let limits = st.budget.limits;
-        let limit = st
-            .fleet(now)
-            .map_or(self.shown_limit(&st.budget, est.limit), |f| f.limit);
+        let (_, limit, _) = self.shown(st, Instant::now());
         ProxyError::Throttled {
             page: key.to_string(),
             retry_after_s: ceil_secs(wait),
@@ -1279,16 +1277,8 @@ impl Inner {
                 top += 1;
             }
             let mut st = b.lock();
-            let est = st.budget.estimate(now);
             let fleet = st.fleet(now);
-            let (usage, limit, count) = match fleet {
-                Some(f) => (f.usage_pct, f.limit, f.count),
-                None => (
-                    est.usage_pct,
-                    self.shown_limit(&st.budget, est.limit),
-                    est.calls_in_window,
-                ),
-            };
+            let (usage, limit, count) = self.shown(&mut st, now);
             let reading = st.budget.reading(now);
             let is_paused = st.budget.paused_until(now).is_some()
                 || fleet.and_then(|f| f.paused_until).is_some();
