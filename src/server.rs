@@ -296,9 +296,10 @@ fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     // hyper refuses heads beyond its buffer with a bare 431; heads between our limit and
     // that get a Graph-style 431 from the proxy.
+    // Head deadlines are kept by [`Limits`] for the whole connection: hyper's own would arm
+    // and disarm a timer for every request head.
     b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_read_timeout)
+        .header_read_timeout(None)
         .max_buf_size((cfg.max_header_bytes * 2).max(16 * 1024));
     b.http2()
         .timer(TokioTimer::new())
@@ -571,7 +572,7 @@ async fn accept_admin(
         let service = {
             let activity = activity.clone();
             service_fn(move |req: Request<Incoming>| {
-                let busy = activity.enter();
+                let busy = activity.enter(req.version());
                 async move {
                     Ok::<Response<Full<Bytes>>, Infallible>(admin::handle(&busy.0.ctx, req).await)
                 }
@@ -584,6 +585,7 @@ async fn accept_admin(
             listener: Listener::Admin,
             first_head_by,
             idle: shared.cfg.idle_timeout,
+            head: shared.cfg.header_read_timeout,
             stop,
             metrics: &shared.gateway.metrics,
         };
@@ -651,6 +653,8 @@ struct Activity<T> {
     last_ms: AtomicU64,
     /// A request head has arrived.
     started: AtomicBool,
+    /// The first request came over HTTP/2 (whose streams have no head deadline after it).
+    http2: AtomicBool,
 }
 
 /// Marks a connection busy while a request is handled.
@@ -664,15 +668,30 @@ impl<T> Activity<T> {
             busy: AtomicUsize::new(0),
             last_ms: AtomicU64::new(0),
             started: AtomicBool::new(false),
+            http2: AtomicBool::new(false),
         })
     }
 
-    fn enter(self: &Arc<Self>) -> Busy<T> {
+    /// Marks a request of `version` in flight until the returned guard drops.
+    fn enter(self: &Arc<Self>, version: http::Version) -> Busy<T> {
         self.busy.fetch_add(1, Ordering::SeqCst);
         if !self.started.load(Ordering::Relaxed) {
+            self.http2
+                .store(version == http::Version::HTTP_2, Ordering::SeqCst);
             self.started.store(true, Ordering::SeqCst);
         }
         Busy(self.clone())
+    }
+
+    /// How long the connection may go without a request in flight: `idle`, and for HTTP/1
+    /// no longer than `head` either (the next head is due within the header read timeout
+    /// of the last reply, as the first is of accepting).
+    fn idle_limit(&self, idle: Duration, head: Duration) -> Duration {
+        if !self.started() || self.http2.load(Ordering::SeqCst) {
+            idle
+        } else {
+            idle.min(head)
+        }
     }
 
     fn started(&self) -> bool {
@@ -733,14 +752,17 @@ struct Limits<'a> {
     /// bytes to tell HTTP/1 from HTTP/2, with no timer; nor HTTP/2 at all.
     first_head_by: tokio::time::Instant,
     idle: Duration,
+    /// `server.header_read_timeout_ms`: on HTTP/1, the longest wait for each later head.
+    head: Duration,
     stop: watch::Receiver<bool>,
     metrics: &'a Metrics,
 }
 
 impl Limits<'_> {
-    /// Drives `conn` until the client closes it, no request head arrives in time (closed
-    /// at once: nothing was asked, nothing is lost), it idles out, or `stop` is set (both
-    /// of which close it gracefully: in-flight requests finish).
+    /// Drives `conn` until the client closes it, no first request head arrives in time
+    /// (closed at once: nothing was asked, nothing is lost), it idles out (for HTTP/1 also:
+    /// its next head is not in by the header read timeout), or `stop` is set (both of which
+    /// close it gracefully: in-flight requests finish).
     async fn watch<C: GracefulConnection, T>(mut self, conn: C, activity: &Activity<T>) {
         tokio::pin!(conn);
         let mut closing = *self.stop.borrow();
@@ -749,7 +771,8 @@ impl Limits<'_> {
         }
         let h = &self.metrics.server;
         loop {
-            let idle_at = activity.deadline(self.idle);
+            // Woken by the shorter of the two limits; the check uses the connection's own.
+            let idle_at = activity.deadline(self.idle.min(self.head));
             tokio::select! {
                 _ = conn.as_mut() => break,
                 _ = self.stop.changed(), if !closing => {
@@ -763,7 +786,7 @@ impl Limits<'_> {
                     }
                 }
                 _ = tokio::time::sleep_until(idle_at), if !closing => {
-                    if activity.is_idle_for(self.idle) {
+                    if activity.is_idle_for(activity.idle_limit(self.idle, self.head)) {
                         h.idle_closed(self.listener);
                         conn.as_mut().graceful_shutdown();
                         closing = true;
@@ -797,7 +820,7 @@ async fn serve_http<I>(
             if let Some(c) = &cert {
                 req.extensions_mut().insert(c.clone());
             }
-            let busy = activity.enter();
+            let busy = activity.enter(req.version());
             let mut stack = idle.take().unwrap_or_else(|| stack.clone());
             let reply = stack::call_ready(&mut stack, req);
             idle.set(Some(stack));
@@ -809,6 +832,7 @@ async fn serve_http<I>(
         listener: Listener::Public,
         first_head_by,
         idle: shared.cfg.idle_timeout,
+        head: shared.cfg.header_read_timeout,
         stop: shared.stop.clone(),
         metrics: &shared.gateway.metrics,
     };

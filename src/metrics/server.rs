@@ -53,7 +53,9 @@ pub struct ServerMetrics {
     /// Connections closed at once because `server.max_connections` (public listener) or
     /// `server.admin_max_connections` (admin listener) were open, by listener.
     pub connections_refused: IntCounterVec,
-    /// Connections closed after `server.idle_timeout_ms` without a request, by listener.
+    /// Connections closed after `server.idle_timeout_ms` without a request, or on HTTP/1
+    /// when the next head did not arrive within `server.header_read_timeout_ms` of the last
+    /// reply, by listener.
     pub connections_idle_closed: IntCounterVec,
     /// Connections closed because no request head arrived within
     /// `server.header_read_timeout_ms` of accepting them, by listener.
@@ -121,7 +123,7 @@ impl ServerMetrics {
             connections_idle_closed: counter_vec(
                 r,
                 "graphgate_connections_idle_closed_total",
-                "Connections closed after server.idle_timeout_ms without a request, by listener.",
+                "Connections closed after server.idle_timeout_ms without a request (HTTP/1: or server.header_read_timeout_ms after the last reply without the next head), by listener.",
                 &["listener"],
             ),
             connections_head_timeout: counter_vec(
