@@ -1,7 +1,8 @@
 //! The least a hyper server does per reply on this machine: graphgate's server layout (one
-//! one-thread tokio runtime per worker, each accepting on its own `SO_REUSEPORT`
-//! socket, hyper-util's auto builder with the same HTTP/1.1 timer, mimalloc) answering every
-//! request with one fixed body from memory: no stack, no cache, no parsing beyond hyper's.
+//! one-thread tokio runtime per worker, each accepting on its own `SO_REUSEPORT` socket,
+//! hyper-util's auto builder with hyper's per-request head timer off, mimalloc) answering
+//! every request with one fixed body from memory: no stack, no cache, no parsing beyond
+//! hyper's.
 //! benches/load/compare.sh runs it as the target "hyper floor" beside nginx's `return 200`
 //! floor, so a hit's CPU splits into what hyper and tokio cost and what graphgate adds.
 //!
@@ -21,7 +22,7 @@ use http::{header, Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 
 #[global_allocator]
@@ -69,7 +70,7 @@ fn serve(addr: SocketAddr, body: Bytes) -> std::io::Result<()> {
         socket.bind(addr)?;
         let listener = socket.listen(1024)?;
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new());
+        builder.http1().header_read_timeout(None);
         loop {
             let (stream, _) = listener.accept().await?;
             let _ = stream.set_nodelay(true);

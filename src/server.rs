@@ -26,6 +26,7 @@
 //! certificates); see its docs for what needs a restart.
 
 mod linger;
+mod on_wake;
 pub mod slice;
 
 use std::cell::Cell;
@@ -59,6 +60,7 @@ use crate::metrics::{ConfigReload, Listener, Metrics};
 use crate::proxy::Gateway;
 use crate::stack;
 use crate::tls;
+use on_wake::OnWake;
 
 /// A running graphgate: both listeners bound, serving until [`Running::shutdown`].
 pub struct Running {
@@ -773,19 +775,35 @@ impl Limits<'_> {
         loop {
             // Woken by the shorter of the two limits; the check uses the connection's own.
             let idle_at = activity.deadline(self.idle.min(self.head));
-            tokio::select! {
+            let stop = &mut self.stop;
+            let deadlines = OnWake::new(async {
+                tokio::select! {
+                    _ = stop.changed(), if !closing => Deadline::Stop,
+                    _ = tokio::time::sleep_until(self.first_head_by), if !activity.started() => {
+                        Deadline::FirstHead
+                    }
+                    _ = tokio::time::sleep_until(idle_at), if !closing => Deadline::Idle,
+                    else => std::future::pending().await,
+                }
+            });
+            // The connection first: most wake-ups are its reads and writes.
+            let deadline = tokio::select! {
+                biased;
                 _ = conn.as_mut() => break,
-                _ = self.stop.changed(), if !closing => {
+                deadline = deadlines => deadline,
+            };
+            match deadline {
+                Deadline::Stop => {
                     conn.as_mut().graceful_shutdown();
                     closing = true;
                 }
-                _ = tokio::time::sleep_until(self.first_head_by), if !activity.started() => {
+                Deadline::FirstHead => {
                     if !activity.started() {
                         h.head_timed_out(self.listener);
                         break;
                     }
                 }
-                _ = tokio::time::sleep_until(idle_at), if !closing => {
+                Deadline::Idle => {
                     if activity.is_idle_for(activity.idle_limit(self.idle, self.head)) {
                         h.idle_closed(self.listener);
                         conn.as_mut().graceful_shutdown();
@@ -795,6 +813,13 @@ impl Limits<'_> {
             }
         }
     }
+}
+
+/// Which of a connection's deadlines came first ([`Limits::watch`]).
+enum Deadline {
+    Stop,
+    FirstHead,
+    Idle,
 }
 
 /// Serves HTTP on one public connection, within [`Limits`]: every request through the
