@@ -1119,17 +1119,25 @@ fn reply_with(
     } else {
         entry.status
     };
+    let age = age_at.map(|at| entry.age(at).as_secs());
     *response.headers_mut() = match kept {
-        Some(kept) => kept.head_for(entry),
-        None => entry_head(entry),
+        Some(kept) => kept.head_for(entry, status, age),
+        None => {
+            let mut h = entry_head(entry);
+            mark_cached(&mut h, status, age);
+            h
+        }
     };
-    let h = response.headers_mut();
+    Ok(response)
+}
+
+/// Adds what the cache did (`X-Cache`, `Cache-Status`) and the entry's `Age` in seconds.
+fn mark_cached(h: &mut HeaderMap, status: CacheStatus, age: Option<u64>) {
     h.insert(X_CACHE, status.x_cache());
     h.insert(CACHE_STATUS, status.header_value());
-    if let Some(at) = age_at {
-        h.insert(header::AGE, HeaderValue::from(entry.age(at).as_secs()));
+    if let Some(age) = age {
+        h.insert(header::AGE, HeaderValue::from(age));
     }
-    Ok(response)
 }
 
 /// The headers every reply made from `entry` starts with: its stored headers and a
@@ -1149,24 +1157,42 @@ fn entry_head(entry: &Entry) -> HeaderMap {
     h
 }
 
-/// The headers a recalled request's replies start with ([`entry_head`]), kept with the
-/// packed headers they were made from. Building them hashes every name into a new map, about
-/// a tenth of a recalled hit's instructions; a kept map is cloned while the entry's headers
-/// stay the same bytes. Its values are copies: it holds no entry's buffer.
+/// The headers a recalled request's last reply was sent with ([`entry_head`] and
+/// [`mark_cached`]), kept with the packed headers, cache status and age they were made
+/// from. Building them hashes every name into a new map and renders the status and age,
+/// about a sixth of a recalled hit's instructions; the kept map is cloned while all three
+/// stay the same (the status and age change once a second), and only the status and age are
+/// written again when those change. Its values are copies: it holds no entry's buffer.
 #[derive(Default)]
-pub(crate) struct KeptHead(std::sync::Mutex<Option<(Box<[u8]>, HeaderMap)>>);
+pub(crate) struct KeptHead(std::sync::Mutex<Option<Kept>>);
+
+/// A kept reply head and what it was made from.
+struct Kept {
+    packed: Box<[u8]>,
+    status: CacheStatus,
+    age: Option<u64>,
+    head: HeaderMap,
+}
 
 impl KeptHead {
-    fn head_for(&self, entry: &Entry) -> HeaderMap {
+    fn head_for(&self, entry: &Entry, status: CacheStatus, age: Option<u64>) -> HeaderMap {
         let (Some(packed), Ok(mut kept)) = (entry.headers.packed_bytes(), self.0.lock()) else {
-            return entry_head(entry);
+            let mut head = entry_head(entry);
+            mark_cached(&mut head, status, age);
+            return head;
         };
-        if let Some((bytes, head)) = kept.as_ref() {
-            if **bytes == *packed {
-                return head.clone();
+        if let Some(k) = kept.as_mut().filter(|k| *k.packed == *packed) {
+            if k.status != status || k.age != age {
+                if k.age.is_some() && age.is_none() {
+                    k.head.remove(header::AGE);
+                }
+                mark_cached(&mut k.head, status, age);
+                (k.status, k.age) = (status, age);
             }
+            return k.head.clone();
         }
-        let head = entry_head(entry);
+        let mut head = entry_head(entry);
+        mark_cached(&mut head, status, age);
         let mut own = HeaderMap::with_capacity(head.capacity());
         for (n, v) in &head {
             match HeaderValue::from_maybe_shared(Bytes::copy_from_slice(v.as_bytes())) {
@@ -1174,7 +1200,12 @@ impl KeptHead {
                 Err(_) => return head,
             };
         }
-        *kept = Some((packed.into(), own));
+        *kept = Some(Kept {
+            packed: packed.into(),
+            status,
+            age,
+            head: own,
+        });
         head
     }
 }

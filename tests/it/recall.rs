@@ -350,3 +350,37 @@ async fn a_recalled_hit_replays_the_headers_of_the_entry_served() {
     }
     s.stop().await;
 }
+
+/// A recalled hit tells the entry's age and remaining TTL as of the moment it is served,
+/// each header once, also after a run of hits that could reuse the last reply's head.
+#[tokio::test]
+async fn a_recalled_hit_tells_its_age_and_ttl_when_it_is_served() {
+    let s = Stack::start_with(graph(), EXTRA).await;
+    let read = format!("/v21.0/1001?fields=id,name&access_token={READER_KEY}");
+    let timing = |r: &Reply| -> (u64, u64) {
+        assert_eq!(r.header("x-cache"), Some("HIT"));
+        for name in ["age", "cache-status", "x-cache"] {
+            assert_eq!(r.headers.get_all(name).iter().count(), 1, "{name}");
+        }
+        let age = r.header("age").and_then(|a| a.parse().ok()).expect("age");
+        let status = r.header("cache-status").expect("cache-status");
+        let ttl = status
+            .split("; ")
+            .find_map(|p| p.strip_prefix("ttl="))
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("no ttl in {status}"));
+        (age, ttl)
+    };
+    assert_eq!(s.get(&read).await.header("x-cache"), Some("MISS"));
+    let mut before = (0, 0);
+    for _ in 0..4 {
+        before = timing(&s.get(&read).await);
+    }
+    assert!(s.gw.gateway.recall.as_ref().is_some_and(|r| !r.is_empty()));
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let after = timing(&s.get(&read).await);
+    assert!(after.0 >= before.0 + 2, "age {before:?} then {after:?}");
+    assert!(after.1 + 2 <= before.1, "ttl {before:?} then {after:?}");
+    assert!((3599..=3600).contains(&(after.0 + after.1)), "{after:?}");
+    s.stop().await;
+}
