@@ -98,8 +98,9 @@ impl Recalled {
                         client: Some(self.client.clone()),
                         cache: Some(s.cache),
                         upstream_ms: None,
-                        page: self.page.clone().filter(|_| logged),
-                        node: self.node.clone().filter(|_| logged),
+                        // Copied only for a log line that is written.
+                        page: logged.then(|| self.page.clone()).flatten(),
+                        node: logged.then(|| self.node.clone()).flatten(),
                         queue_wait: None,
                     },
                 }

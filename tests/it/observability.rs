@@ -968,6 +968,13 @@ async fn json_request_logs_carry_the_fields_and_no_secret_even_at_debug() {
     )
     .await;
     assert_eq!(hit.header("x-cache"), Some("HIT"));
+    // The same bytes again on the same connection: recalled (`[cache] recall_hits`).
+    let recalled = get(
+        &format!("/v21.0/1001?fields=id,name&access_token={ADMIN_KEY}"),
+        &[],
+    )
+    .await;
+    assert_eq!(recalled.header("x-cache"), Some("HIT"));
     // The key in a header instead of the query; a revoked Page token (190, re-minted).
     graph.revoke_token(&graph.page_token("1001"));
     let revoked = get(
@@ -1042,6 +1049,10 @@ async fn json_request_logs_carry_the_fields_and_no_secret_even_at_debug() {
     assert_eq!(hit_line["fields"]["page"], "1001");
     assert_eq!(hit_line["fields"]["upstream_ms"], -1);
     assert_eq!(hit_line["fields"]["queue_ms"], -1.0);
+    let recalled_line = line_for(trace_of(&recalled));
+    for (field, value) in [("cache", "hit"), ("page", "1001"), ("node", "1001")] {
+        assert_eq!(recalled_line["fields"][field], value, "{recalled_line}");
+    }
     let revoked_line = line_for(trace_of(&revoked));
     assert_eq!(revoked_line["fields"]["client"], "reader");
     assert_eq!(f["path"], "/v21.0/1001");
