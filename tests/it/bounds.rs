@@ -148,16 +148,7 @@ async fn an_http1_head_after_the_first_is_due_within_the_header_read_timeout_but
     let (mut rd, mut wr) = conn.into_split();
     let first = format!("GET /1002?fields=id&access_token={ADMIN_KEY} HTTP/1.1\r\nHost: x\r\n\r\n");
     wr.write_all(first.as_bytes()).await.unwrap();
-    let drip = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let head = b"GET /1003?fields=id HTTP/1.1\r\nHost: x\r\nX-Pad: ";
-        for b in head.iter().chain(std::iter::repeat(&b'a')) {
-            if wr.write_all(&[*b]).await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    });
+    let drip = drip_head(wr, b"GET /1003?fields=id HTTP/1.1\r\nHost: x\r\nX-Pad: ");
     let mut buf = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut buf)).await;
     drip.abort();

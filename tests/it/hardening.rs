@@ -365,17 +365,11 @@ async fn the_breaker_opens_fails_fast_and_closes_after_a_good_probe() {
 async fn a_slow_drip_request_head_is_cut_off() {
     let s = Stack::start_with(graph_config(), "[server]\nheader_read_timeout_ms = 500\n").await;
     let conn = TcpStream::connect(s.gw.addr).await.unwrap();
-    let (mut rd, mut wr) = conn.into_split();
-    // One byte every 50 ms, forever: each byte arrives well within any per-read timeout.
-    let drip = tokio::spawn(async move {
-        let head = b"GET /1001?access_token=x HTTP/1.1\r\nHost: x\r\nX-Pad: ";
-        for b in head.iter().chain(std::iter::repeat(&b'a')) {
-            if wr.write_all(&[*b]).await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    });
+    let (mut rd, wr) = conn.into_split();
+    let drip = drip_head(
+        wr,
+        b"GET /1001?access_token=x HTTP/1.1\r\nHost: x\r\nX-Pad: ",
+    );
     let mut buf = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut buf)).await;
     assert!(

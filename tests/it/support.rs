@@ -250,3 +250,20 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Writes `head` and then `a` forever, one byte every 50 ms (a slow-drip, slowloris head:
+/// each byte arrives well within any per-read timeout), until the connection is closed.
+pub fn drip_head(
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    head: &'static [u8],
+) -> tokio::task::JoinHandle<()> {
+    use tokio::io::AsyncWriteExt;
+    tokio::spawn(async move {
+        for b in head.iter().chain(std::iter::repeat(&b'a')) {
+            if wr.write_all(&[*b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
