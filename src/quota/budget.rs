@@ -388,14 +388,16 @@ struct Group {
 /// The calls of a window sent before its first reading (the blind allowance). Their replies
 /// come back spread out, and the first of them counts only itself: the limit is known once
 /// they are all back (their group's readings, see [`Group`]), so until then no more go, for
-/// a few round trips at most.
+/// a few round trips at most (as measured by then: the first reply tells how slow Graph is
+/// answering, which the first call could not know).
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct BlindCalls {
     /// The first blind call's sequence number: a ticket numbered from it on that ends was
     /// one of them (no other call goes while they are out).
     from_seq: u64,
     in_flight: u32,
-    until: Instant,
+    /// When the first of them went.
+    since: Instant,
 }
 
 /// How long the blind calls may hold the others back: four recent round trips, within these
@@ -503,6 +505,13 @@ impl Budget {
         ((f64::from(self.limits.guess) * self.share / 100.0).floor() as u32).max(1)
     }
 
+    /// Blind calls are out and still hold the others: for four round trips as known now.
+    fn blind_out(&self, now: Instant) -> bool {
+        let hold = (self.round_trip * 4).clamp(MIN_BLIND_HOLD, MAX_BLIND_HOLD);
+        self.blind
+            .is_some_and(|b| b.in_flight > 0 && now < b.since + hold)
+    }
+
     pub fn estimate(&mut self, now: Instant) -> Estimate {
         let count = self.window.count(now);
         let (limit, source) = self.limit(now);
@@ -561,7 +570,7 @@ impl Budget {
             Probe::Off => {}
         }
         let est = self.estimate(now);
-        let blind_out = self.blind.is_some_and(|b| b.in_flight > 0 && now < b.until);
+        let blind_out = self.blind_out(now);
         let blind_full = !est.has_reading
             && self.in_flight > 0
             && self.in_flight.saturating_add(units) > self.blind_allowance();
@@ -653,18 +662,16 @@ impl Budget {
             .saturating_sub(self.in_flight)
             .max(units);
         if self.reading(now).is_none() {
-            let hold = (self.round_trip * 4).clamp(MIN_BLIND_HOLD, MAX_BLIND_HOLD);
-            match &mut self.blind {
-                Some(b) if b.in_flight > 0 && now < b.until => {
+            if self.blind_out(now) {
+                if let Some(b) = self.blind.as_mut() {
                     b.in_flight = b.in_flight.saturating_add(units);
                 }
-                _ => {
-                    self.blind = Some(BlindCalls {
-                        from_seq: self.seq,
-                        in_flight: units,
-                        until: now + hold,
-                    })
-                }
+            } else {
+                self.blind = Some(BlindCalls {
+                    from_seq: self.seq,
+                    in_flight: units,
+                    since: now,
+                });
             }
         }
         self.in_flight = self.in_flight.saturating_add(units);

@@ -438,6 +438,32 @@ fn before_the_first_reading_only_the_blind_allowance_goes() {
 }
 
 #[test]
+fn blind_calls_hold_the_others_for_round_trips_measured_by_their_own_replies() {
+    let zero = Observation {
+        usage: Some(Usage::default()),
+        answered: true,
+        ..Observation::default()
+    };
+    // Graph answers in 1.2 s, past the shortest hold; the first reply says so.
+    let slow = Duration::from_millis(1200);
+    let t0 = Instant::now();
+    let mut b = Budget::new(limits(600, 20, false), t0);
+    let tickets: Vec<Ticket> = (0..6).map(|_| b.try_admit(1, t0).unwrap()).collect();
+    b.observe(Some(&tickets[0]), &zero, t0 + slow);
+    b.finish(&tickets[0], t0 + slow);
+    let later = t0 + slow + Duration::from_millis(100);
+    assert_eq!(
+        b.try_admit(1, later).unwrap_err().reason,
+        Reason::FirstReading
+    );
+    for t in &tickets[1..] {
+        b.observe(Some(t), &zero, later);
+        b.finish(t, later);
+    }
+    assert!(b.try_admit(1, later).is_ok());
+}
+
+#[test]
 fn a_guess_ten_times_too_high_meets_a_backlog_without_a_flood() {
     // A backlog far beyond the budget waits when the window opens, and replies come back
     // spread over a few ms: the first of them counts only its own call, so letting the
