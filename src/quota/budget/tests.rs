@@ -399,12 +399,8 @@ fn bursts_while_other_apps_use_the_page_do_not_lock_it() {
 
 #[test]
 fn before_the_first_reading_only_the_blind_allowance_goes() {
-    // A reply without a usage header from a successful call is Meta's "about 0 %".
-    let zero = Observation {
-        usage: Some(Usage::default()),
-        answered: true,
-        ..Observation::default()
-    };
+    // A successful reply without a usage header is Meta's "about 0 %".
+    let zero = reply((Usage::default(), false));
     let t0 = Instant::now();
     let mut b = Budget::new(limits(600, 20, false), t0);
     let tickets: Vec<Ticket> = (0..6).map(|_| b.try_admit(1, t0).unwrap()).collect();
@@ -439,11 +435,7 @@ fn before_the_first_reading_only_the_blind_allowance_goes() {
 
 #[test]
 fn blind_calls_hold_the_others_for_round_trips_measured_by_their_own_replies() {
-    let zero = Observation {
-        usage: Some(Usage::default()),
-        answered: true,
-        ..Observation::default()
-    };
+    let zero = reply((Usage::default(), false));
     // Graph answers in 1.2 s, past the shortest hold; the first reply says so.
     let slow = Duration::from_millis(1200);
     let t0 = Instant::now();
